@@ -1,0 +1,34 @@
+# Quickstart targets. The first use creates .venv and installs the pinned stack into it.
+#   make train   train the embedded default model (configs/tiny.flags) end to end
+#   make test    run the whole test suite
+# Extra flags reach the trainer through ARGS, e.g. make train ARGS="--workdir=runs/t2".
+
+PYTHON ?= python3
+VENV ?= .venv
+PIP_VERSION := 26.3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test bench wheel clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION) -c requirements/constraints.txt setuptools wheel
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python -m deepseek_tf.train --flagfile=configs/tiny.flags $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+wheel: $(STAMP)
+	$(BIN)/python -m pip wheel --no-deps -w dist .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

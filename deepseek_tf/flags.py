@@ -1,0 +1,152 @@
+"""absl flags generated from the config dataclasses, and the workdir contract.
+
+Every config field becomes a flag `--<section>.<field>` (e.g. `--model.hidden_size`),
+with the field's help text and default. Presets are absl flagfiles
+(`--flagfile=configs/tiny.flags`); flags given later on the command line win.
+
+The resolved config is saved as `<workdir>/config.json`. A later run in the same
+workdir reads it back: flags that are not given keep the saved values, and a
+given flag that contradicts the saved value is an error, except for fields marked
+`resumable` (e.g. `--train.steps`, to continue a run).
+
+Example (in an entry point):
+    define_flags()
+    def main(argv):
+        exp = resolve_experiment(FLAGS, workdir(FLAGS))
+    run(main)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Iterable
+
+from absl import app, flags
+
+from deepseek_tf import config as cfg
+
+FLAGS = flags.FLAGS
+CONFIG_FILE = "config.json"
+
+
+def _flag_name(section: str, field_name: str) -> str:
+    return f"{section}.{field_name}"
+
+
+def define_flags(sections: Iterable[str] = tuple(cfg.SECTIONS),
+                 flag_values: flags.FlagValues = FLAGS,
+                 workdir_help: str = "Run directory: config.json, checkpoints, logs, "
+                                     "TensorBoard events, plots.") -> None:
+    """Defines `--workdir` and one flag per config field of `sections`."""
+    sections = tuple(sections)
+    if "workdir" not in flag_values:
+        flags.DEFINE_string("workdir", "runs/default", workdir_help, flag_values=flag_values)
+    for section, f, t in cfg.iter_fields():
+        if section not in sections:
+            continue
+        name = _flag_name(section, f.name)
+        if name in flag_values:
+            continue
+        help_text = f.metadata["help"]
+        if f.metadata.get("resumable"):
+            help_text += " (May change when resuming.)"
+        kw = dict(flag_values=flag_values)
+        if f.metadata.get("choices"):
+            flags.DEFINE_enum(name, f.default, list(f.metadata["choices"]), help_text, **kw)
+        elif t is bool:
+            flags.DEFINE_bool(name, f.default, help_text, **kw)
+        elif t is int:
+            flags.DEFINE_integer(name, f.default, help_text, **kw)
+        elif t is float:
+            flags.DEFINE_float(name, f.default, help_text, **kw)
+        else:
+            flags.DEFINE_string(name, f.default, help_text, **kw)
+
+
+def _section_values(flag_values, section: str, only_present: bool) -> dict:
+    out = {}
+    for f in cfg.dataclasses.fields(cfg.SECTIONS[section]):
+        name = _flag_name(section, f.name)
+        if name in flag_values and (flag_values[name].present or not only_present):
+            out[f.name] = flag_values[name].value
+    return out
+
+
+def experiment_from_flags(flag_values: flags.FlagValues = FLAGS) -> cfg.Experiment:
+    """Builds (and so validates) an Experiment from flag values."""
+    return cfg.Experiment(**{
+        s: cls.from_dict(_section_values(flag_values, s, only_present=False))
+        for s, cls in cfg.SECTIONS.items()})
+
+
+def given_overrides(flag_values: flags.FlagValues = FLAGS) -> dict[str, dict]:
+    """The flags given on the command line or in a flagfile, per section."""
+    return {s: _section_values(flag_values, s, only_present=True) for s in cfg.SECTIONS}
+
+
+def reconcile(saved: cfg.Experiment, given: dict[str, dict], path: str) -> cfg.Experiment:
+    """Applies given flags to a saved config; contradictions are errors.
+
+    Args:
+      saved: the experiment read from an existing workdir.
+      given: {section: {field: value}} of the flags the user gave.
+      path: the saved config's path, for the error message.
+    """
+    sections = {}
+    for s, cls in cfg.SECTIONS.items():
+        sec = getattr(saved, s)
+        changes = {}
+        for f in cfg.dataclasses.fields(cls):
+            if f.name not in given[s]:
+                continue
+            new, old = given[s][f.name], getattr(sec, f.name)
+            if new == old or (isinstance(old, float) and float(new) == old):
+                continue
+            if not f.metadata.get("resumable"):
+                raise cfg.ConfigError(
+                    f"--{s}.{f.name}={new!r} contradicts {path}, which has {old!r}; "
+                    f"use a new --workdir, or drop the flag to continue that run.")
+            changes[f.name] = new
+        sections[s] = sec.replace(**changes) if changes else sec
+    return cfg.Experiment(**sections)
+
+
+def resolve_experiment(flag_values: flags.FlagValues = FLAGS,
+                       workdir: str | None = None) -> cfg.Experiment:
+    """The experiment of this run: flags, reconciled with `<workdir>/config.json`."""
+    exp = experiment_from_flags(flag_values)  # validates the flags even when resuming
+    if workdir:
+        path = os.path.join(workdir, CONFIG_FILE)
+        if os.path.exists(path):
+            return reconcile(cfg.Experiment.load(path), given_overrides(flag_values), path)
+    return exp
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flags parser for `app.run`: a bad flag is one line and exit status 2."""
+    try:
+        return FLAGS(argv)
+    except SystemExit as e:  # absl exits 1 after printing --help; help is not a failure
+        helps = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+        if e.code == 1 and any(a in helps for a in argv[1:]):
+            sys.exit(0)
+        raise
+    except flags.Error as e:
+        print(f"error: {e}. See --help for the valid flags.", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+    """Runs an entry point: user errors become one line on stderr and exit status 2."""
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except (cfg.ConfigError, cfg.UserError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # TF's checkpoint INFO chatter
+    app.run(wrapped, flags_parser=parse_flags)

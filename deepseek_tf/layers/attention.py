@@ -1,0 +1,102 @@
+"""Causal grouped-query attention with an explicitly built mask.
+
+The mask is causal AND same-segment, built from `segment_ids` with plain ops
+(band_part / expand_dims), not Keras' causal-mask op, so packed documents never
+attend to each other and the graph converts to TFLite with builtin ops only.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary
+
+NEG_INF = -1e9
+
+
+def attention_mask(segment_ids: tf.Tensor) -> tf.Tensor:
+    """Boolean (B, 1, T, T) mask: query i may attend key j iff j <= i and same segment.
+
+    Args:
+      segment_ids: int (B, T) document ids of a packed window.
+    """
+    t = tf.shape(segment_ids)[1]
+    causal = tf.cast(tf.linalg.band_part(tf.ones(tf.stack([t, t]), tf.int8), -1, 0), tf.bool)
+    same = tf.equal(tf.expand_dims(segment_ids, 2), tf.expand_dims(segment_ids, 1))  # (B, T, T)
+    return tf.expand_dims(tf.logical_and(same, causal), 1)                           # (B, 1, T, T)
+
+
+def masked_softmax(scores: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Softmax over the last axis in float32, with `mask` False -> excluded."""
+    scores = tf.where(mask, tf.cast(scores, tf.float32), NEG_INF)
+    return tf.nn.softmax(scores, axis=-1)
+
+
+def _dense(units: int, use_bias: bool, initializer_range: float, name: str):
+    return keras.layers.Dense(units, use_bias=use_bias, name=name,
+                              kernel_initializer=keras.initializers.RandomNormal(
+                                  stddev=initializer_range))
+
+
+@keras.saving.register_keras_serializable(package="deepseek_tf")
+class GroupedQueryAttention(keras.layers.Layer):
+    """Multi-head attention with `num_kv_heads` shared key/value heads and RoPE.
+
+    Args:
+      hidden_size: model width (input and output).
+      num_heads: query heads.
+      num_kv_heads: key/value heads; must divide `num_heads` (== num_heads: MHA).
+      head_dim: per-head width.
+      use_bias: biases on q/k/v (Qwen2); the output projection has none.
+      rope_theta: rotary frequency base.
+      initializer_range: stddev of the normal initializer.
+
+    Example:
+        >>> attn = GroupedQueryAttention(hidden_size=16, num_heads=4, num_kv_heads=2,
+        ...                              head_dim=4)
+        >>> seg = tf.ones((2, 5), tf.int32)
+        >>> attn(tf.ones((2, 5, 16)), positions=tf.zeros((2, 5), tf.int32),
+        ...      attention_mask=attention_mask(seg)).shape
+        TensorShape([2, 5, 16])
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 use_bias: bool = False, rope_theta: float = 10000.0,
+                 initializer_range: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim, self.use_bias = head_dim, use_bias
+        self.rope_theta, self.initializer_range = rope_theta, initializer_range
+        self.q_proj = _dense(num_heads * head_dim, use_bias, initializer_range, "q_proj")
+        self.k_proj = _dense(num_kv_heads * head_dim, use_bias, initializer_range, "k_proj")
+        self.v_proj = _dense(num_kv_heads * head_dim, use_bias, initializer_range, "v_proj")
+        self.o_proj = _dense(hidden_size, False, initializer_range, "o_proj")
+        self.rotary = RotaryEmbedding(head_dim, rope_theta, name="rotary")
+
+    def build(self, input_shape):
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            proj.build(input_shape)
+        self.o_proj.build(tuple(input_shape[:-1]) + (self.num_heads * self.head_dim,))
+
+    def call(self, x, positions, attention_mask):
+        b, t = tf.shape(x)[0], tf.shape(x)[1]
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = tf.reshape(self.q_proj(x), [b, t, h, d])   # (B, T, H, D)
+        k = tf.reshape(self.k_proj(x), [b, t, kv, d])  # (B, S, K, D)
+        v = tf.reshape(self.v_proj(x), [b, t, kv, d])  # (B, S, K, D)
+        cos, sin = self.rotary(positions)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = tf.reshape(q, [b, t, kv, h // kv, d])      # (B, T, K, G, D)
+        scores = tf.einsum("btkgd,bskd->bkgts", q, k) * (d ** -0.5)  # (B, K, G, T, S)
+        probs = masked_softmax(scores, tf.expand_dims(attention_mask, 1))  # (B, 1, 1, T, S)
+        out = tf.einsum("bkgts,bskd->btkgd", tf.cast(probs, v.dtype), v)
+        return self.o_proj(tf.reshape(out, [b, t, h * d]))           # (B, T, hidden)
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_size": self.hidden_size,
+                "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "use_bias": self.use_bias,
+                "rope_theta": self.rope_theta, "initializer_range": self.initializer_range}

@@ -1,0 +1,1 @@
+"""Training: optimizer, steps, checkpoints, logging and the loop (`python -m deepseek_tf.train`)."""

@@ -1,0 +1,149 @@
+"""Metrics out: one JSON line per log step, TensorBoard scalars, a progress line, loss.png.
+
+Example:
+    >>> log = MetricLogger("/tmp/run", total_steps=100)
+    >>> log.write(10, {"loss": 2.5, "lr": 1e-3}, kind="train")
+    >>> log.close()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import tensorflow as tf
+
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def truncate_log(workdir: str, last_step: int) -> None:
+    """Drops log lines past `last_step` (written after the checkpoint we resume from)."""
+    path = os.path.join(workdir, LOG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def read_log(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, LOG_FILE)
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class MetricLogger:
+    """Writes metrics to log.jsonl, TensorBoard (train/ and eval/) and stdout.
+
+    Args:
+      workdir: run directory.
+      total_steps: for the progress line's ETA.
+      enabled: False on non-chief workers (nothing is written).
+    """
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool = True, printer=print):
+        self.workdir, self.total_steps, self.enabled, self.printer = (
+            workdir, total_steps, enabled, printer)
+        self._writers = {}
+        self._t0 = time.time()
+        self._start_step = None
+
+    def _writer(self, kind: str):
+        if kind not in self._writers:
+            self._writers[kind] = tf.summary.create_file_writer(
+                os.path.join(self.workdir, "tensorboard", kind))
+        return self._writers[kind]
+
+    def write(self, step: int, metrics: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        metrics = {k: float(v) for k, v in metrics.items()}
+        with open(os.path.join(self.workdir, LOG_FILE), "a") as f:
+            f.write(json.dumps({"step": int(step), "kind": kind, "time": time.time(),
+                                **metrics}) + "\n")
+        with self._writer(kind).as_default(step=int(step)):
+            for k, v in metrics.items():
+                tf.summary.scalar(k, v)
+        self.printer(self._line(step, metrics, kind))
+
+    def _line(self, step: int, m: dict, kind: str) -> str:
+        if kind == "eval":
+            return (f"step {step:>6}/{self.total_steps} | eval loss {m['loss']:.4f} | "
+                    f"ppl {m['perplexity']:.3f} | acc {m['accuracy']:.3f}")
+        if self._start_step is None:
+            self._start_step, self._t0 = step, time.time()
+            eta = ""
+        else:
+            rate = (step - self._start_step) / max(time.time() - self._t0, 1e-9)
+            eta = f" | eta {_fmt_duration((self.total_steps - step) / max(rate, 1e-9))}"
+        parts = [f"step {step:>6}/{self.total_steps}", f"loss {m['loss']:.4f}",
+                 f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}",
+                 f"{m['tokens_per_sec']:,.0f} tok/s", f"{m['tokens_seen'] / 1e6:.2f}M tokens"]
+        return " | ".join(parts) + eta
+
+    def flush(self) -> None:
+        for w in self._writers.values():
+            w.flush()
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
+
+
+def plot_losses(workdir: str) -> str | None:
+    """Writes loss.png (train and eval loss against step) from log.jsonl."""
+    rows = read_log(workdir)
+    train = [(r["step"], r.get("loss_avg", r.get("loss"))) for r in rows
+             if r.get("kind") == "train" and "loss" in r]
+    evals = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "eval" and "loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for series, label, style in ((train, "train (mean since last log)", "-"),
+                                 (evals, "eval", "o-")):
+        if series:
+            xs, ys = zip(*[(s, v) for s, v in series if math.isfinite(v)])
+            ax.plot(xs, ys, style, label=label, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, PLOT_FILE)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,105 @@
+"""The distributed train and eval steps.
+
+Loss normalisation: every replica's micro-batch loss is its summed token loss
+divided by the number of loss tokens in the *global* batch (all replicas, all
+accumulation micro-batches). Gradients are summed over micro-batches and
+all-reduced (SUM) once per step, so accumulation and any number of replicas give
+the large-batch step. Clipping uses the global norm of the all-reduced gradients.
+
+Example:
+    >>> step_fn = make_train_step(model, optimizer, strategy, TrainConfig(), OptimConfig())
+    >>> metrics = step_fn(iterator)   # one optimizer step
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from deepseek_tf.config import OptimConfig, TrainConfig
+from deepseek_tf.model import token_losses
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+def _forward(model, batch, training):
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"],
+                   positions=batch["positions"], training=training)       # (B, T, V)
+    mask = batch["loss_mask"]
+    loss_sum = tf.reduce_sum(token_losses(logits, batch["targets"]) * mask)
+    hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), batch["targets"]),
+                   tf.float32)
+    return loss_sum, tf.reduce_sum(hits * mask)
+
+
+def make_grad_fn(model, accum_steps: int, jit_compile: bool):
+    """(batch with (A, B, T) tensors, global token count) -> (grads, loss, hits).
+
+    The compute part of the step; under `jit_compile` it is one XLA cluster.
+    """
+    variables = model.trainable_variables
+
+    def micro(batch, denom):
+        with tf.GradientTape() as tape:
+            loss_sum, hits = _forward(model, batch, training=True)
+            loss = loss_sum / denom
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]  # dense
+        return grads, loss, hits
+
+    def grad_fn(batch, denom):
+        first = {k: v[0] for k, v in batch.items()}
+        grads, loss, hits = micro(first, denom)
+        if accum_steps == 1:
+            return grads, loss, hits
+
+        def body(i, grads, loss, hits):
+            g, l, h = micro({k: v[i] for k, v in batch.items()}, denom)
+            return i + 1, [a + b for a, b in zip(grads, g)], loss + l, hits + h
+
+        _, grads, loss, hits = tf.while_loop(
+            lambda i, *_: i < accum_steps, body, (tf.constant(1), grads, loss, hits))
+        return grads, loss, hits
+
+    return tf.function(grad_fn, jit_compile=jit_compile)
+
+
+def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cfg: TrainConfig,
+                    optim_cfg: OptimConfig):
+    """Returns `step(iterator) -> dict of float32 scalars` (loss, grad_norm, accuracy, tokens)."""
+    grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.jit_compile)
+    variables = model.trainable_variables
+
+    def replica_step(batch):
+        ctx = tf.distribute.get_replica_context()
+        tokens = ctx.all_reduce(SUM, tf.reduce_sum(batch["loss_mask"]))
+        grads, loss, hits = grad_fn(batch, tf.maximum(tokens, 1.0))
+        grads = ctx.all_reduce(SUM, grads)
+        loss, hits = ctx.all_reduce(SUM, [loss, hits])
+        grad_norm = tf.linalg.global_norm(grads)
+        if optim_cfg.clip_norm > 0:
+            grads, _ = tf.clip_by_global_norm(grads, optim_cfg.clip_norm, use_norm=grad_norm)
+        optimizer.apply_gradients(zip(grads, variables))
+        return {"loss": loss, "grad_norm": grad_norm,
+                "accuracy": hits / tf.maximum(tokens, 1.0), "loss_tokens": tokens}
+
+    @tf.function
+    def step(iterator):
+        out = strategy.run(replica_step, args=(next(iterator),))
+        return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
+
+    return step
+
+
+def make_eval_step(model, strategy: tf.distribute.Strategy):
+    """Returns `step(iterator) -> (loss_sum, hits, tokens)` summed over all replicas."""
+
+    def replica_step(batch):
+        loss_sum, hits = _forward(model, batch, training=False)
+        tokens = tf.reduce_sum(batch["loss_mask"])
+        return tf.distribute.get_replica_context().all_reduce(SUM, [loss_sum, hits, tokens])
+
+    @tf.function
+    def step(iterator):
+        out = strategy.run(replica_step, args=(next(iterator),))
+        return [strategy.experimental_local_results(v)[0] for v in out]
+
+    return step

@@ -1,0 +1,47 @@
+"""deepseek_tf: DeepSeek-style LLMs in TensorFlow 2 / Keras 3.
+
+Direct dependencies are pinned here to the TensorFlow 2.20 family (see BUILD.md for
+why each is needed); `requirements/constraints.txt` pins every transitive package
+to the exact versions the test suite ran with.
+"""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "tensorflow==2.20.*",
+    "keras>=3.10,<4",
+    "tensorflow-text==2.20.*",
+    "tf-models-official==2.20.0",
+    "tensorflow-serving-api==2.20.*",
+    "datasets>=4,<6",
+    "tensorboard==2.20.*",
+    "absl-py>=1.4,<3",
+    "matplotlib>=3.8,<4",
+    "numpy>=1.26,<3",
+]
+
+EXTRAS = {
+    "dev": ["pytest>=8,<10"],
+    # Reference implementations for the parity tests; CPU torch from a local wheel.
+    "parity": ["torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4,<1"],
+}
+
+setup(
+    name="deepseek_tf",
+    version="0.1.0",
+    description="Pretrain, fine-tune, evaluate and deploy DeepSeek-style LLMs with "
+                "TensorFlow 2 / Keras 3.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["deepseek_tf", "deepseek_tf.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": [
+        "deepseek-tf-train=deepseek_tf.train.__main__:entry",
+        "deepseek-tf-prepare=deepseek_tf.prepare:entry",
+    ]},
+    classifiers=["Programming Language :: Python :: 3",
+                 "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+)

@@ -1,0 +1,24 @@
+"""Shared fixtures. TF is imported once per pytest session (it takes seconds)."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+from tests.helpers import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stdlib_data(tmp_path_factory):
+    """A small prepared slice of the embedded corpus: (DataConfig, data_dir, metadata)."""
+    from deepseek_tf.data.prepare import prepare
+
+    cfg = tiny.data_config()
+    data_dir = str(tmp_path_factory.mktemp("stdlib-data"))
+    meta = prepare(cfg, data_dir, log=lambda *_: None)
+    return cfg, data_dir, meta

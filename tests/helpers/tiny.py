@@ -1,0 +1,26 @@
+"""Tiny configs that keep the suite fast on a 2-core CPU."""
+
+from deepseek_tf.config import DataConfig, Experiment, ModelConfig, OptimConfig, TrainConfig
+
+
+def model_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return ModelConfig(**{**base, **kw})
+
+
+def data_config(**kw) -> DataConfig:
+    base = dict(seq_len=32, max_documents=40, val_size=4, shard_size_mb=0.1,
+                shuffle_buffer=64, cycle_length=2)
+    return DataConfig(**{**base, **kw})
+
+
+def experiment(data_dir: str, **sections) -> Experiment:
+    """A tiny experiment on prepared data; `sections` maps section -> overrides."""
+    return Experiment(
+        model=model_config(**sections.get("model", {})),
+        data=data_config(data_dir=data_dir, **sections.get("data", {})),
+        optim=OptimConfig(**{"learning_rate": 3e-3, "warmup_steps": 2, **sections.get("optim", {})}),
+        train=TrainConfig(**{"steps": 8, "batch_size": 4, "log_every": 2, "eval_every": 4,
+                             "eval_steps": 2, "checkpoint_every": 4,
+                             **sections.get("train", {})}))

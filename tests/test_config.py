@@ -1,0 +1,115 @@
+"""Config validation, dict round trip, flags and flagfiles, workdir reconciliation."""
+
+import dataclasses
+
+import pytest
+from absl import flags
+
+from deepseek_tf import config as cfg
+from deepseek_tf import flags as dflags
+
+
+def test_defaults_validate_and_round_trip():
+    exp = cfg.Experiment()
+    assert cfg.Experiment.from_dict(exp.to_dict()) == exp
+    assert cfg.Experiment.from_dict(__import__("json").loads(exp.to_json())) == exp
+
+
+@pytest.mark.parametrize("section,kw,needle", [
+    ("model", dict(hidden_size=100, num_attention_heads=8), "must divide"),
+    ("model", dict(num_attention_heads=8, num_key_value_heads=3), "num_key_value_heads=3"),
+    ("model", dict(hidden_size=0), "hidden_size must be > 0"),
+    ("model", dict(hidden_act="relu"), "not one of"),
+    ("model", dict(hidden_size=1.5), "wrong type"),
+    ("model", dict(tie_word_embeddings=1), "wrong type"),
+    ("data", dict(seq_len=1), "seq_len"),
+    ("data", dict(val_size=2.5), "val_size"),
+    ("optim", dict(learning_rate=0.0), "learning_rate"),
+    ("optim", dict(min_lr_ratio=2.0), "min_lr_ratio"),
+    ("train", dict(steps=0), "steps"),
+    ("train", dict(grad_accum_steps=0), "grad_accum_steps"),
+])
+def test_bad_values_raise_one_clear_line(section, kw, needle):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.SECTIONS[section](**kw)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_int_is_accepted_for_float_and_unknown_keys_raise():
+    assert cfg.OptimConfig(learning_rate=1).learning_rate == 1.0
+    with pytest.raises(cfg.ConfigError, match="unknown model config key"):
+        cfg.ModelConfig.from_dict({"hidden_sise": 3})
+    with pytest.raises(cfg.ConfigError, match="unknown config section"):
+        cfg.Experiment.from_dict({"modle": {}})
+
+
+def test_cross_section_validation():
+    with pytest.raises(cfg.ConfigError, match="max_position_embeddings"):
+        cfg.Experiment(model=cfg.ModelConfig(max_position_embeddings=64),
+                       data=cfg.DataConfig(seq_len=128))
+
+
+def test_save_load_round_trip(tmp_path):
+    exp = cfg.Experiment(train=cfg.TrainConfig(steps=7))
+    path = str(tmp_path / "config.json")
+    exp.save(path)
+    assert cfg.Experiment.load(path) == exp
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(cfg.UserError, match="cannot read config"):
+        cfg.Experiment.load(str(tmp_path / "bad.json"))
+
+
+def _fresh_flags():
+    fv = flags.FlagValues()
+    dflags.define_flags(flag_values=fv)
+    return fv
+
+
+def test_every_field_has_a_flag_with_help():
+    fv = _fresh_flags()
+    for section, f, _ in cfg.iter_fields():
+        name = f"{section}.{f.name}"
+        assert name in fv, name
+        assert fv[name].help and fv[name].default == f.default
+
+
+def test_flags_and_flagfile_round_trip(tmp_path):
+    flagfile = tmp_path / "p.flags"
+    flagfile.write_text("# comment\n--model.hidden_size=64\n--model.num_attention_heads=4\n"
+                        "--train.steps=5\n--model.tie_word_embeddings=true\n")
+    fv = _fresh_flags()
+    fv(["prog", f"--flagfile={flagfile}", "--train.steps=9", "--optim.learning_rate=0.01"])
+    exp = dflags.experiment_from_flags(fv)
+    assert exp.model.hidden_size == 64 and exp.model.tie_word_embeddings
+    assert exp.train.steps == 9  # the command line wins over the flagfile
+    assert exp.optim.learning_rate == 0.01
+    assert dflags.given_overrides(fv)["model"] == {
+        "hidden_size": 64, "num_attention_heads": 4, "tie_word_embeddings": True}
+    # A flagfile written from a config reads back to the same config.
+    lines = [f"--{s}.{k}={v}" for s, d in exp.to_dict().items() if s != "version"
+             for k, v in d.items()]
+    (tmp_path / "all.flags").write_text("\n".join(lines) + "\n")
+    fv2 = _fresh_flags()
+    fv2(["prog", f"--flagfile={tmp_path / 'all.flags'}"])
+    assert dflags.experiment_from_flags(fv2) == exp
+
+
+def test_reconcile_with_saved_workdir_config(tmp_path):
+    saved = cfg.Experiment(train=cfg.TrainConfig(steps=10))
+    given = {s: {} for s in cfg.SECTIONS}
+    assert dflags.reconcile(saved, given, "x") == saved
+    given["train"] = {"steps": 20}  # resumable: continue the run longer
+    assert dflags.reconcile(saved, given, "x").train.steps == 20
+    given["model"] = {"hidden_size": saved.model.hidden_size}  # same value: fine
+    dflags.reconcile(saved, given, "x")
+    given["model"] = {"hidden_size": 512}
+    with pytest.raises(cfg.ConfigError, match="contradicts x"):
+        dflags.reconcile(saved, given, "x")
+
+
+def test_resumable_fields_are_loop_knobs_only():
+    resumable = {f"{s}.{f.name}" for s, f, _ in cfg.iter_fields() if f.metadata["resumable"]}
+    assert "train.steps" in resumable
+    assert not any(name.startswith(("model.", "data.", "optim.")) for name in resumable)
+    assert all(dataclasses.is_dataclass(c) for c in cfg.SECTIONS.values())

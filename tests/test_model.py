@@ -1,0 +1,62 @@
+"""The causal LM: shapes, causality, packed-document isolation, tied embeddings."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deepseek_tf.model import DeepSeekCausalLM, count_params
+from tests.helpers import tiny
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DeepSeekCausalLM(tiny.model_config())
+
+
+def _tokens(shape, seed=0):
+    return tf.constant(np.random.default_rng(seed).integers(0, 256, size=shape), tf.int32)
+
+
+def test_logits_shape_and_dtype(model):
+    logits = model(_tokens((2, 9)))
+    assert logits.shape == (2, 9, 264) and logits.dtype == tf.float32
+
+
+def test_causal_future_tokens_do_not_change_past_logits(model):
+    a = _tokens((1, 12), seed=1).numpy()
+    b = a.copy()
+    b[0, 8:] = (b[0, 8:] + 5) % 256
+    la, lb = model(tf.constant(a)).numpy(), model(tf.constant(b)).numpy()
+    np.testing.assert_allclose(la[0, :8], lb[0, :8], atol=1e-6)
+    assert not np.allclose(la[0, 8:], lb[0, 8:])
+
+
+def test_packed_documents_do_not_see_each_other(model):
+    """Changing one document leaves the logits of another in the same window unchanged."""
+    tokens = _tokens((1, 16), seed=2).numpy()
+    seg = np.array([[1] * 5 + [2] * 7 + [3] * 4], np.int32)
+    pos = np.array([list(range(5)) + list(range(7)) + list(range(4))], np.int32)
+    changed = tokens.copy()
+    changed[0, :5] = (changed[0, :5] + 17) % 256     # edit document 1 only
+    run = lambda t: model(tf.constant(t), segment_ids=tf.constant(seg),
+                          positions=tf.constant(pos)).numpy()
+    base, other = run(tokens), run(changed)
+    np.testing.assert_allclose(base[0, 5:], other[0, 5:], atol=1e-6)  # documents 2 and 3
+    assert not np.allclose(base[0, :5], other[0, :5])
+    # A document packed after others equals the same document alone at positions 0..n-1.
+    alone = model(tf.constant(tokens[:, 5:12])).numpy()
+    np.testing.assert_allclose(base[0, 5:12], alone[0], atol=1e-5)
+
+
+def test_tied_embeddings_have_no_head_and_fewer_params(model):
+    tied = DeepSeekCausalLM(tiny.model_config(tie_word_embeddings=True))
+    assert tied.lm_head is None
+    cfg = tiny.model_config()
+    assert count_params(model)[0] - count_params(tied)[0] == cfg.vocab_size * cfg.hidden_size
+    assert tied(_tokens((1, 4))).shape == (1, 4, cfg.vocab_size)
+
+
+def test_model_config_round_trip(model):
+    clone = DeepSeekCausalLM.from_config(model.get_config())
+    assert clone.config == model.config
+    assert [v.shape for v in clone.weights] == [v.shape for v in model.weights]

@@ -1,0 +1,77 @@
+"""`python -m deepseek_tf.train` / `prepare` as a user runs them: help, bad input, exit codes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deepseek_tf.config import Experiment, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(*args, timeout=240):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def _error_lines(proc):
+    return [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+
+
+def test_help_explains_every_flag():
+    proc = run("deepseek_tf.train", "--help")
+    assert proc.returncode == 0
+    for name in ("--workdir", "--model.hidden_size", "--model.num_key_value_heads",
+                 "--data.seq_len", "--optim.learning_rate", "--train.grad_accum_steps",
+                 "--[no]train.jit_compile"):
+        assert name + ":" in proc.stdout, name
+    assert "May change when resuming" in proc.stdout
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--model.hidden_size=abc", "hidden_size"),
+    ("--model.num_attention_heads=7", "must divide"),
+    ("--model.hidden_act=relu", "hidden_act"),
+    ("--train.stepz=3", "stepz"),
+    ("--optim.learning_rate=-1", "learning_rate"),
+])
+def test_bad_flag_is_one_line_and_exit_2(flag, needle, tmp_path):
+    proc = run("deepseek_tf.train", f"--workdir={tmp_path / 'w'}", flag)
+    assert proc.returncode == 2, proc.stderr
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_contradicting_workdir_config_is_refused_and_untouched(tmp_path):
+    Experiment(model=ModelConfig(hidden_size=64, num_attention_heads=4)).save(
+        str(tmp_path / "config.json"))
+    before = (tmp_path / "config.json").read_bytes()
+    proc = run("deepseek_tf.train", f"--workdir={tmp_path}", "--model.hidden_size=128")
+    assert proc.returncode == 2
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "contradicts" in errors[0] and "--workdir" in errors[0]
+    assert (tmp_path / "config.json").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+def test_unreadable_data_directory_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()  # exists, but no metadata.json
+    proc = run("deepseek_tf.train", f"--workdir={tmp_path / 'w'}",
+               f"--data.data_dir={tmp_path / 'data'}")
+    assert proc.returncode == 2
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "metadata.json" in errors[0], proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_prepare_cli_writes_data(tmp_path):
+    proc = run("deepseek_tf.prepare", f"--data.data_dir={tmp_path / 'd'}",
+               "--data.max_documents=5", "--data.val_size=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "prepared 5 documents" in proc.stdout
+    assert (tmp_path / "d" / "metadata.json").exists()

@@ -1,0 +1,104 @@
+"""The training loop in-process: learning, artifacts, bitwise resume, accumulation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deepseek_tf.config import Experiment
+from deepseek_tf.train.logger import read_log
+from deepseek_tf.train.loop import train
+from tests.helpers import tiny
+
+quiet = lambda *_: None  # noqa: E731
+
+
+def _weights(workdir):
+    reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
+    return {k: reader.get_tensor(k) for k in sorted(reader.get_variable_to_shape_map())
+            if k.startswith("model/")}
+
+
+def _train_losses(workdir):
+    return [(r["step"], r["loss"]) for r in read_log(workdir) if r["kind"] == "train"]
+
+
+def test_short_run_learns_and_writes_every_artifact(stdlib_data, tmp_path):
+    _, data_dir, _ = stdlib_data
+    exp = tiny.experiment(data_dir, train={"steps": 30, "log_every": 5, "eval_every": 15})
+    wd = str(tmp_path / "run")
+    result = train(exp, wd, log=quiet)
+    losses = [l for _, l in _train_losses(wd)]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert result["eval"]["loss"] < 4.5 and np.isfinite(result["eval"]["perplexity"])
+    assert Experiment.load(os.path.join(wd, "config.json")) == exp
+    assert tf.train.latest_checkpoint(os.path.join(wd, "checkpoints")).endswith("-30")
+    events = [f for _, _, fs in os.walk(os.path.join(wd, "tensorboard")) for f in fs]
+    assert any(f.startswith("events.out.tfevents") for f in events)
+    assert os.path.getsize(os.path.join(wd, "loss.png")) > 1000
+    rows = read_log(wd)
+    train_keys = {"loss", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "accuracy"}
+    assert train_keys <= set(rows[0])
+    assert {"loss", "perplexity", "accuracy"} <= set(next(r for r in rows if r["kind"] == "eval"))
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(stdlib_data, tmp_path):
+    _, data_dir, _ = stdlib_data
+    n = 6
+    common = {"optim": {"decay_steps": 2 * n},
+              "train": {"log_every": 1, "checkpoint_every": 3, "eval_every": 0}}
+    full = tiny.experiment(data_dir, optim=common["optim"],
+                           train={**common["train"], "steps": 2 * n})
+    half = tiny.experiment(data_dir, optim=common["optim"], train={**common["train"], "steps": n})
+    a, b = str(tmp_path / "full"), str(tmp_path / "resumed")
+    train(full, a, log=quiet)
+    train(half, b, log=quiet)
+    assert _weights(a).keys() == _weights(b).keys()
+    msgs = []
+    train(full, b, log=msgs.append)  # same workdir, more steps: resumes at step n
+    assert any(f"at step {n}" in m for m in msgs)
+    wa, wb = _weights(a), _weights(b)
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    assert _train_losses(a) == _train_losses(b)
+    assert [s for s, _ in _train_losses(b)] == list(range(1, 2 * n + 1))
+
+
+def test_gradient_accumulation_equals_the_large_batch_step(stdlib_data, tmp_path):
+    _, data_dir, _ = stdlib_data
+    common = {"data": {"shuffle_buffer": 0}, "optim": {"clip_norm": 0.5}}
+    big = tiny.experiment(data_dir, **common,
+                          train={"steps": 3, "batch_size": 4, "grad_accum_steps": 1})
+    acc = tiny.experiment(data_dir, **common,
+                          train={"steps": 3, "batch_size": 2, "grad_accum_steps": 2})
+    train(big, str(tmp_path / "big"), log=quiet)
+    train(acc, str(tmp_path / "acc"), log=quiet)
+    wa, wb = _weights(str(tmp_path / "big")), _weights(str(tmp_path / "acc"))
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], atol=2e-6, rtol=1e-5, err_msg=k)
+    la = [l for _, l in _train_losses(str(tmp_path / "big"))]
+    lb = [l for _, l in _train_losses(str(tmp_path / "acc"))]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+
+
+def test_no_weight_decay_on_norms_and_embeddings(stdlib_data, tmp_path):
+    from deepseek_tf.model import DeepSeekCausalLM
+    from deepseek_tf.train.optimizer import make_optimizer
+
+    model = DeepSeekCausalLM(tiny.model_config())
+    opt = make_optimizer(tiny.experiment("x").optim, 10, model)
+    decayed = {v.path for v in model.trainable_variables if opt._use_weight_decay(v)}
+    assert decayed and all("kernel" in p for p in decayed)
+    assert not any("embed" in p or "norm" in p for p in decayed)
+
+
+def test_config_of_a_run_is_the_one_saved(stdlib_data, tmp_path):
+    _, data_dir, _ = stdlib_data
+    exp = tiny.experiment(data_dir, train={"steps": 2, "eval_every": 0})
+    train(exp, str(tmp_path), log=quiet)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["hidden_size"] == exp.model.hidden_size
+    assert saved["data"]["data_dir"] == data_dir
