@@ -28,6 +28,8 @@ from deepseek_tf import config as cfg
 
 FLAGS = flags.FLAGS
 CONFIG_FILE = "config.json"
+# Extra flag names for existing fields: --data.output_dir reads naturally for prepare.
+ALIASES = {"data.output_dir": "data.data_dir"}
 
 
 def _flag_name(section: str, field_name: str) -> str:
@@ -62,6 +64,9 @@ def define_flags(sections: Iterable[str] = tuple(cfg.SECTIONS),
             flags.DEFINE_float(name, f.default, help_text, **kw)
         else:
             flags.DEFINE_string(name, f.default, help_text, **kw)
+    for alias, original in ALIASES.items():
+        if original in flag_values and alias not in flag_values:
+            flags.DEFINE_alias(alias, original, flag_values=flag_values)
 
 
 def _section_values(flag_values, section: str, only_present: bool) -> dict:

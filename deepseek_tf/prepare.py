@@ -1,7 +1,12 @@
-"""`python -m deepseek_tf.prepare [--data.* flags]`
+"""`python -m deepseek_tf.prepare [--flagfile=...] --data.inputs=PATH[,PATH] --data.output_dir=DIR`
 
-Tokenizes a corpus into sharded TFRecords + metadata.json under --data.data_dir
-(default: <workdir>/data, the directory `train` reads).
+Reads, cleans, deduplicates and tokenizes a corpus (or instruction data with
+--data.format=alpaca|sharegpt) into sharded TFRecords + metadata.json +
+report.json + the tokenizer under --data.output_dir (alias of --data.data_dir;
+default: <workdir>/data, the directory `train` reads). Without --data.inputs it
+prepares the embedded corpus. Every flag of `train` is accepted, so one
+flagfile serves both; only --data.* and --tokenizer.* matter here. An
+interrupted run resumes when started again with the same flags.
 """
 
 import os
@@ -12,19 +17,18 @@ from absl import flags  # noqa: E402
 
 from deepseek_tf import flags as dflags  # noqa: E402
 
-dflags.define_flags(sections=("data",), workdir_help="Run directory; the data goes to "
-                    "<workdir>/data unless --data.data_dir is set.")
+dflags.define_flags(workdir_help="Run directory; the data goes to <workdir>/data unless "
+                    "--data.output_dir (= --data.data_dir) is set.")
 flags.adopt_module_key_flags(dflags)
 
 
 def main(argv):
     if len(argv) > 1:
         raise dflags.cfg.UserError(f"unexpected arguments {argv[1:]} (see --help).")
-    from deepseek_tf.config import DataConfig
-    data_cfg = DataConfig.from_dict(dflags.given_overrides(dflags.FLAGS)["data"])
-    data_dir = data_cfg.data_dir or os.path.join(dflags.FLAGS.workdir, "data")
+    exp = dflags.experiment_from_flags(dflags.FLAGS)  # validates every section
+    data_dir = exp.data.data_dir or os.path.join(dflags.FLAGS.workdir, "data")
     from deepseek_tf.data.prepare import prepare  # imports TensorFlow
-    prepare(data_cfg, data_dir)
+    prepare(exp.data, data_dir, exp.tokenizer, progress=True)
 
 
 def entry():

@@ -23,7 +23,7 @@ import tensorflow as tf
 from deepseek_tf.config import ConfigError, Experiment, UserError
 from deepseek_tf.data import pipeline, shards
 from deepseek_tf.data.prepare import prepare
-from deepseek_tf.data.tokenizer import load_tokenizer
+from deepseek_tf.data.tokenizer import copy_tokenizer, load_tokenizer
 from deepseek_tf.flags import CONFIG_FILE
 from deepseek_tf.model import DeepSeekCausalLM, count_params
 from deepseek_tf.train import checkpoint as ckpt_lib
@@ -46,13 +46,13 @@ def prepare_run(exp: Experiment, workdir: str, log=print) -> dict:
         raise UserError(f"--workdir={workdir} exists and is not a directory; choose another.")
     data_dir = data_dir_of(exp, workdir)
     if not os.path.exists(data_dir):
-        log(f"data directory {data_dir} does not exist yet: preparing the "
-            f"'{exp.data.corpus}' corpus")
-        prepare(exp.data, data_dir, log=log)
+        source = exp.data.inputs or f"the '{exp.data.corpus}' corpus"
+        log(f"data directory {data_dir} does not exist yet: preparing {source}")
+        prepare(exp.data, data_dir, exp.tokenizer, log=log)
     meta = shards.read_metadata(data_dir)
     tok = load_tokenizer(data_dir)
     if tok.vocab_size > exp.model.vocab_size:
-        raise ConfigError(f"the data's tokenizer has {tok.vocab_size} ids but "
+        raise ConfigError(f"the data's {tok.name} tokenizer has {tok.vocab_size} ids but "
                           f"--model.vocab_size={exp.model.vocab_size}; set "
                           f"--model.vocab_size >= {tok.vocab_size}.")
     if tok.fingerprint != meta["tokenizer"]["fingerprint"]:
@@ -136,6 +136,7 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     meta = prepare_run(exp, workdir, log=log)
     os.makedirs(workdir, exist_ok=True)
     exp.save(os.path.join(workdir, CONFIG_FILE))
+    copy_tokenizer(data_dir_of(exp, workdir), os.path.join(workdir, "tokenizer"))
     log(f"workdir: {workdir}")
 
     state = build_state(exp, workdir, meta)
@@ -154,6 +155,10 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
 
     train_step = make_train_step(state.model, state.optimizer, state.strategy, tcfg, exp.optim)
     eval_step = make_eval_step(state.model, state.strategy)
+    # A corrupt shard raises one error naming the file and offset, never skipped silently.
+    shard_files = shards.all_shard_paths(data_dir_of(exp, workdir), meta)
+    train_step = shards.guard_data_errors(train_step, shard_files)
+    eval_step = shards.guard_data_errors(eval_step, shard_files)
     logger = MetricLogger(workdir, tcfg.steps)
     schedule = state.optimizer._learning_rate  # the Keras schedule object
     last_train, last_eval = {}, {}

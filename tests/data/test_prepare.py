@@ -2,6 +2,7 @@
 
 import json
 import os
+import unicodedata
 
 import numpy as np
 import pytest
@@ -37,13 +38,25 @@ def test_validation_split_is_deterministic_by_name():
     assert corpus.validation_names(names, 0) == set()
 
 
+def _cleaned_stdlib(max_samples):
+    """The default cleaning, done independently: NFC, drop empty, drop exact copies."""
+    kept, seen = [], set()
+    for d in corpus.stdlib_documents(max_samples):
+        text = unicodedata.normalize("NFC", d.data.decode("utf-8"))
+        if text.strip() and text not in seen:
+            seen.add(text)
+            kept.append((d.name, text))
+    return kept
+
+
 def test_prepare_reads_back_exactly_the_tokens_written(stdlib_data):
     cfg, data_dir, meta = stdlib_data
     tok = ByteTokenizer()
-    docs = list(corpus.stdlib_documents(cfg.max_documents))
-    val = corpus.validation_names([d.name for d in docs], cfg.val_size)
-    expected = {"train": [tok.encode(d.data) for d in docs if d.name not in val],
-                "validation": [tok.encode(d.data) for d in docs if d.name in val]}
+    docs = _cleaned_stdlib(cfg.max_samples)
+    assert len(docs) < cfg.max_samples  # the slice has empty / duplicate files to remove
+    val = corpus.validation_names([name for name, _ in docs], cfg.val_size)
+    expected = {"train": [tok.encode(t) for name, t in docs if name not in val],
+                "validation": [tok.encode(t) for name, t in docs if name in val]}
     for split in shards.SPLITS:
         got = _read_split(data_dir, meta, split)
         assert len(got) == len(expected[split]) == meta["splits"][split]["documents"]
@@ -69,16 +82,16 @@ def test_interrupted_prepare_leaves_no_complete_looking_shard(tmp_path, monkeypa
     calls = {"n": 0}
     real_add = shards.ShardWriter.add
 
-    def failing_add(self, tokens):
+    def failing_add(self, tokens, loss_mask=None):
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt
-        real_add(self, tokens)
+        real_add(self, tokens, loss_mask)
 
     monkeypatch.setattr(shards.ShardWriter, "add", failing_add)
     out = str(tmp_path / "d")
     with pytest.raises(KeyboardInterrupt):
-        prepare(DataConfig(max_documents=20, shard_size_mb=0.05), out, log=lambda *_: None)
+        prepare(DataConfig(max_samples=20, shard_size_mb=0.05), out, log=lambda *_: None)
     finished = [f for f in os.listdir(out) if f.endswith(".tfrecord") and not f.startswith(".")]
     # Every file with a final name is complete: it parses to the end.
     for name in finished:
@@ -108,3 +121,57 @@ def test_read_metadata_errors(stdlib_data, tmp_path):
         shards.read_metadata(str(copy))
     m = json.loads((copy / "metadata.json").read_text())
     assert m["version"] == shards.METADATA_VERSION
+
+
+def test_interrupted_prepare_resumes_and_skips_finished_shards(tmp_path, monkeypatch):
+    cfg = DataConfig(max_samples=30, shard_size_mb=0.02, val_size=3)
+    quiet = lambda *_: None  # noqa: E731
+    reference = prepare(cfg, str(tmp_path / "ref"), log=quiet)
+    n_docs = sum(reference["splits"][s]["documents"] for s in shards.SPLITS)
+    added = []
+    real_add = shards.ShardWriter.add
+
+    def counting_add(self, tokens, loss_mask=None):
+        added.append(self.split)
+        if stop_at and len(added) == stop_at:
+            raise KeyboardInterrupt
+        real_add(self, tokens, loss_mask)
+
+    monkeypatch.setattr(shards.ShardWriter, "add", counting_add)
+    out = str(tmp_path / "d")
+    stop_at = 20
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, out, log=quiet)
+    finished = sorted(f for f in os.listdir(out) if f.endswith(".tfrecord") and f[0] != ".")
+    assert finished and not os.path.exists(os.path.join(out, shards.METADATA_FILE))
+    stamps = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in finished}
+    done_docs = sum(1 for f in finished for _ in tf.data.TFRecordDataset(os.path.join(out, f)))
+    added.clear()
+    stop_at = 0
+    msgs = []
+    meta = prepare(cfg, out, log=msgs.append)
+    assert any("resuming" in m for m in msgs)
+    # Only the documents of unfinished shards were tokenized and written again.
+    assert len(added) == n_docs - done_docs
+    assert all(os.stat(os.path.join(out, f)).st_mtime_ns == stamps[f] for f in finished)
+    for split in shards.SPLITS:
+        assert meta["splits"][split]["shards"] == reference["splits"][split]["shards"]
+    assert meta["report"]["counts"] == reference["report"]["counts"]
+    assert not os.path.exists(os.path.join(out, ".stage"))
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_metadata_has_counts_histogram_and_report(stdlib_data):
+    cfg, data_dir, meta = stdlib_data
+    train = meta["splits"]["train"]
+    hist = train["length_histogram"]
+    assert sum(hist["counts"]) == train["documents"]
+    assert len(hist["bin_edges"]) == len(hist["counts"]) + 1
+    report = json.load(open(os.path.join(data_dir, "report.json")))
+    assert report == meta["report"]
+    counts, removed = report["counts"], report["removed"]
+    assert counts["documents_in"] == cfg.max_samples
+    assert counts["documents_in"] - sum(removed.values()) == counts["documents_out"]
+    assert counts["documents_out"] == sum(meta["splits"][s]["documents"] for s in shards.SPLITS)
+    assert counts["tokens_out"] == sum(meta["splits"][s]["tokens"] for s in shards.SPLITS)
+    assert meta["kind"] == "text" and meta["features"] == ["tokens"]

@@ -10,7 +10,7 @@ def model_config(**kw) -> ModelConfig:
 
 
 def data_config(**kw) -> DataConfig:
-    base = dict(seq_len=32, max_documents=40, val_size=4, shard_size_mb=0.1,
+    base = dict(seq_len=32, max_samples=40, val_size=4, shard_size_mb=0.1,
                 shuffle_buffer=64, cycle_length=2)
     return DataConfig(**{**base, **kw})
 
