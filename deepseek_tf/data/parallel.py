@@ -1,7 +1,10 @@
 """Order-preserving parallel map over chunks, with bounded memory (`--data.num_proc`).
 
 Workers are started with `spawn` (TensorFlow's threads do not survive `fork`)
-and build their state once through `initializer`; at most `2 * num_proc`
+and build their state once through `initializer`. Spawned workers import the
+modules of `fn` and `initializer` and the caller's `__main__` module, so those
+must not import TensorFlow at the top (deepseek_tf.data.stages does not; the
+`python -m deepseek_tf.*` entry points import it lazily). At most `2 * num_proc`
 chunks are in flight, so a stream larger than memory stays a stream. With
 `num_proc=1` everything runs in this process. The output order (and so the
 prepared data) does not depend on `num_proc`.

@@ -234,7 +234,7 @@ def _shards(cfg: DataConfig, tok, data_dir: str, prog: _Progress, progress: bool
                 continue
             yield split, doc
 
-    results = ordered_map(_encode_with_splits, chunked(pending(), CHUNK), cfg.num_proc,
+    results = ordered_map(stages.encode_split_chunk, chunked(pending(), CHUNK), cfg.num_proc,
                           stages.init_encode, (data_dir, cfg))
     with _bar(progress, total=todo, desc="tokenize") as bar:
         t0, tokens = time.time(), 0
@@ -256,11 +256,6 @@ def _shards(cfg: DataConfig, tok, data_dir: str, prog: _Progress, progress: bool
             bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s",
                                 refresh=False)
     return {split: (w.close(), w.leftover) for split, w in writers.items()}
-
-
-def _encode_with_splits(chunk):
-    splits = [s for s, _ in chunk]
-    return list(zip(splits, stages.encode_chunk([d for _, d in chunk])))
 
 
 def _write_json(path: str, obj) -> None:

@@ -95,6 +95,11 @@ def encode_chunk(docs: list[dict]) -> list:
             for d in docs]
 
 
+def encode_split_chunk(chunk: list[tuple[str, dict]]) -> list[tuple]:
+    """[(split, doc)] -> [(split, encode_chunk result)]."""
+    return list(zip([s for s, _ in chunk], encode_chunk([d for _, d in chunk])))
+
+
 def training_text(doc: dict, cfg: DataConfig) -> str:
     """The text a tokenizer is trained on: the document, or the rendered conversation."""
     if "t" in doc:

@@ -83,3 +83,28 @@ def read_split(data_dir: str, meta: dict, split: str = "train"):
             ids, mask = parse(record)
             out.append((ids.numpy(), mask.numpy().astype(np.uint8)))
     return out
+
+
+HF_SPECIALS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜User｜>",
+               "<｜Assistant｜>")
+
+
+def build_hf_tokenizer(directory, texts, vocab_size: int = 400, with_config: bool = True):
+    """A byte-level BPE tokenizer.json trained with `tokenizers` (DeepSeek-style special
+    tokens), plus an HF tokenizer_config.json naming BOS / EOS; returns the directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(HF_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(texts, trainer)
+    os.makedirs(directory, exist_ok=True)
+    tk.save(os.path.join(directory, "tokenizer.json"))
+    if with_config:
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump({"bos_token": {"content": HF_SPECIALS[0]}, "eos_token": HF_SPECIALS[1],
+                       "pad_token": HF_SPECIALS[2], "model_max_length": 4096}, f)
+    return str(directory)
