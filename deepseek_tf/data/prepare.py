@@ -325,6 +325,11 @@ def prepare(cfg: DataConfig, data_dir: str, tokenizer_cfg: TokenizerConfig | Non
     written = _shards(cfg, tok, data_dir, prog, progress)
     report = Report.from_dict(stage["report"])
     splits = _summarize(written, report, cfg)
+    if report.counts["documents_out"] == 0:
+        _write_json(os.path.join(data_dir, REPORT_FILE), report.to_dict())
+        raise UserError(f"prepare produced no samples: all {report.removed['no_target']} "
+                        f"lost every target token to truncation; raise --data.cutoff_len / "
+                        f"--data.seq_len (see {os.path.join(data_dir, REPORT_FILE)}).")
     if splits["train"]["documents"] == 0:
         raise UserError("prepare produced no training documents; lower --data.val_size "
                         "or add documents.")

@@ -77,3 +77,27 @@ def test_prepare_cli_writes_data(tmp_path):
     assert re.search(r"documents in +5\n", proc.stdout), proc.stdout
     assert re.search(r"prepared \d+ documents", proc.stdout)
     assert (tmp_path / "d" / "metadata.json").exists()
+
+
+def test_two_commands_from_a_jsonl_folder_to_a_training_run(tmp_path):
+    from deepseek_tf.data.corpus import stdlib_documents
+    from tests.helpers.corpora import write_jsonl
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    texts = [d.data.decode() for d in stdlib_documents(30) if d.data.strip()]
+    write_jsonl(folder / "part-0.jsonl", [{"text": t} for t in texts[::2]])
+    write_jsonl(folder / "part-1.jsonl", [{"text": t} for t in texts[1::2]])
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    proc = run("deepseek_tf.prepare", "--flagfile=configs/tiny.flags",
+               f"--data.inputs={folder}", f"--data.output_dir={data}")
+    assert proc.returncode == 0, proc.stderr
+    assert "prepare report" in proc.stdout and "tokens out" in proc.stdout
+    proc = run("deepseek_tf.train", "--flagfile=configs/tiny.flags", f"--data.data_dir={data}",
+               f"--workdir={run_dir}", "--train.steps=2", "--train.batch_size=2",
+               "--train.eval_every=0", "--train.eval_steps=1", "--train.log_every=1",
+               "--notrain.jit_compile")
+    assert proc.returncode == 0, proc.stderr
+    assert "done: step 2" in proc.stdout
+    assert (run_dir / "tokenizer" / "tokenizer_config.json").exists()
+

@@ -102,3 +102,56 @@ def test_config_of_a_run_is_the_one_saved(stdlib_data, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model"]["hidden_size"] == exp.model.hidden_size
     assert saved["data"]["data_dir"] == data_dir
+
+
+def test_sft_run_trains_on_masked_targets_and_copies_the_tokenizer(tmp_path):
+    from deepseek_tf.data.prepare import prepare
+    from tests.helpers.corpora import write_jsonl
+
+    rows = [{"instruction": f"Repeat {w}", "output": f"{w} {w}"} for w in
+            ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta") * 3]
+    rows = [dict(r, input=str(i)) for i, r in enumerate(rows)]
+    data_dir = str(tmp_path / "data")
+    prepare(tiny.data_config(inputs=write_jsonl(tmp_path / "a.jsonl", rows), format="alpaca",
+                             template="plain", max_samples=0, seq_len=64), data_dir, log=quiet)
+    exp = tiny.experiment(data_dir, data={"format": "alpaca", "seq_len": 64},
+                          train={"steps": 4, "eval_every": 0, "eval_steps": 1})
+    wd = str(tmp_path / "run")
+    result = train(exp, wd, log=quiet)
+    assert np.isfinite(result["train"]["loss"]) and result["eval"]["tokens"] > 0
+    # Only answer tokens count: far fewer loss tokens than window tokens.
+    assert result["eval"]["tokens"] < 0.5 * exp.train.batch_size * exp.data.seq_len
+    assert sorted(os.listdir(os.path.join(wd, "tokenizer"))) == ["tokenizer_config.json"]
+
+
+def test_corrupt_shard_stops_training_with_file_and_offset(stdlib_data, tmp_path):
+    from deepseek_tf.config import UserError
+
+    _, data_dir, meta = stdlib_data
+    copy = tmp_path / "data"
+    copy.mkdir()
+    for f in os.listdir(data_dir):
+        data = bytearray(open(os.path.join(data_dir, f), "rb").read())
+        if f.startswith("train-"):
+            data[20] ^= 0xFF  # in the first record's data (which starts at byte 12)
+        (copy / f).write_bytes(bytes(data))
+    exp = tiny.experiment(str(copy), train={"steps": 2, "eval_every": 0})
+    with pytest.raises(UserError) as e:
+        train(exp, str(tmp_path / "run"), log=quiet)
+    msg = str(e.value)
+    assert "/train-0000" in msg and "corrupted at byte offset 12" in msg, msg
+
+
+def test_tokenizer_larger_than_the_model_is_a_clear_error(tmp_path):
+    from deepseek_tf.config import ConfigError, DataConfig, TokenizerConfig
+    from deepseek_tf.data.prepare import prepare
+    from tests.helpers.corpora import DOCS, write_jsonl
+
+    data_dir = str(tmp_path / "data")
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d * 20} for d in DOCS] * 3)
+    prepare(DataConfig(inputs=path, val_size=1, dedup_exact=False), data_dir,
+            TokenizerConfig(type="sentencepiece", vocab_size=400), log=quiet)
+    exp = tiny.experiment(data_dir)  # model vocab 264 < 400
+    with pytest.raises(ConfigError, match="sentencepiece tokenizer has 400 ids.*>= 400"):
+        train(exp, str(tmp_path / "run"), log=quiet)
+    assert not os.path.exists(tmp_path / "run")
