@@ -28,6 +28,15 @@ def test_defaults_validate_and_round_trip():
     ("optim", dict(min_lr_ratio=2.0), "min_lr_ratio"),
     ("train", dict(steps=0), "steps"),
     ("train", dict(grad_accum_steps=0), "grad_accum_steps"),
+    ("data", dict(dedup_threshold=1.5), "dedup_threshold"),
+    ("data", dict(drop_regex="(unclosed"), "not a valid regex"),
+    ("data", dict(seq_len=64, cutoff_len=100), "cutoff_len=100"),
+    ("data", dict(seq_len=64, stride=64), "stride"),
+    ("data", dict(min_chars=10, max_chars=5), "max_chars"),
+    ("data", dict(num_proc=0), "num_proc"),
+    ("data", dict(format="csv"), "not one of"),
+    ("tokenizer", dict(type="hf"), "--tokenizer.path"),
+    ("tokenizer", dict(type="sentencepiece", vocab_size=100), "vocab_size"),
 ])
 def test_bad_values_raise_one_clear_line(section, kw, needle):
     with pytest.raises(cfg.ConfigError) as e:
@@ -113,3 +122,21 @@ def test_resumable_fields_are_loop_knobs_only():
     assert "train.steps" in resumable
     assert not any(name.startswith(("model.", "data.", "optim.")) for name in resumable)
     assert all(dataclasses.is_dataclass(c) for c in cfg.SECTIONS.values())
+
+
+def test_data_output_dir_is_an_alias_of_data_dir():
+    fv = _fresh_flags()
+    fv(["prog", "--data.output_dir=/tmp/prepared", "--data.inputs=a.jsonl,b/"])
+    exp = dflags.experiment_from_flags(fv)
+    assert exp.data.data_dir == "/tmp/prepared"
+    assert exp.data.input_list == ("a.jsonl", "b/")
+    assert dflags.given_overrides(fv)["data"]["data_dir"] == "/tmp/prepared"
+
+
+def test_configs_saved_before_the_tokenizer_section_still_load():
+    old = cfg.Experiment().to_dict()
+    del old["tokenizer"]
+    old["data"] = {k: v for k, v in old["data"].items() if k != "max_samples"}
+    old["data"].update(tokenizer="byte", max_documents=7)
+    exp = cfg.Experiment.from_dict(old)
+    assert exp.tokenizer.type == "byte" and exp.data.max_samples == 7
