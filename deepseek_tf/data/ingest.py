@@ -10,6 +10,9 @@ Sources (`--data.inputs=PATH[,PATH...]`; directories are walked in sorted order)
     .csv / .parquet    streamed through the `datasets` csv / parquet builders
     save_to_disk dir   `datasets.load_from_disk` (memory-mapped Arrow)
 
+A file named explicitly in --data.inputs with another extension is read as plain
+text; inside directories, other files are ignored.
+
 Nothing is loaded whole except JSON arrays, so corpora larger than memory stream.
 Every record has a stable `name` (relative path + line/row: it decides the
 train/validation split) and a `where` (`path:N`, N = line for text formats and

@@ -169,7 +169,8 @@ def sliding_windows(docs: tf.data.Dataset, seq_len: int, stride: int,
     """One document per row: windows of `seq_len + 1` tokens starting every
     `seq_len - stride` tokens, so consecutive windows overlap by `stride` tokens;
     in every window but the first, the overlapping targets are masked (context
-    only), so each token is a target once. Short tails are padded."""
+    only), so each token is a target once. Positions restart at 0 in every window
+    (rotary attention is relative); short tails are padded."""
     width, step = seq_len + 1, seq_len - stride
 
     def cut(tokens, mask):

@@ -312,8 +312,9 @@ def prepare(cfg: DataConfig, data_dir: str, tokenizer_cfg: TokenizerConfig | Non
         if meta.get("settings_fingerprint") == fingerprint:
             log(f"data already prepared in {data_dir}")
             return meta
-        raise UserError(f"{data_dir} already holds data prepared with other settings; "
-                        f"choose a new --data.output_dir or remove that directory.")
+        raise UserError(f"{data_dir} already holds data prepared with other settings (or "
+                        f"from inputs changed since); choose a new --data.output_dir or "
+                        f"remove that directory.")
     prog = _Progress(data_dir, fingerprint)
     t0 = time.time()
     resumed = bool(prog["stage"]) and os.path.exists(prog.docs_path)
