@@ -135,9 +135,90 @@ class ModelConfig(_Section):
     max_position_embeddings: int = knob(2048, "Longest sequence the model is built for.")
     tie_word_embeddings: bool = knob(False, "Share the embedding matrix with the output head.")
     initializer_range: float = knob(0.02, "Stddev of the normal weight initializer.")
-    attention_bias: bool = knob(False, "Use biases on the q/k/v projections (Qwen2 style).")
-    attention_type: str = knob("gqa", "Attention kind: gqa (dense Llama/Qwen2-style "
-                               "grouped-query attention).", choices=("gqa",))
+    attention_bias: bool = knob(False, "Use biases on the q/k/v projections (Qwen2 style); "
+                                "with MLA: on q_a_proj, kv_a_proj_with_mqa and o_proj "
+                                "(DeepSeek-V2 style).")
+    attention_type: str = knob("gqa", "Attention kind: gqa (dense Llama/Qwen2-style grouped-"
+                               "query attention), mla (DeepSeek multi-head latent "
+                               "attention) or hybrid (global + sliding-window local mix "
+                               "on the hybrid_base projections).",
+                               choices=("gqa", "mla", "hybrid"))
+    # mla
+    q_lora_rank: int = knob(0, "MLA: rank of the low-rank query path (q_a_proj -> norm -> "
+                            "q_b_proj); 0 means a plain q_proj.")
+    kv_lora_rank: int = knob(64, "MLA: width of the compressed KV latent.")
+    qk_nope_head_dim: int = knob(32, "MLA: per-head query/key width without RoPE.")
+    qk_rope_head_dim: int = knob(16, "MLA: per-head query width with RoPE (and of the "
+                                 "key's shared RoPE part).")
+    v_head_dim: int = knob(32, "MLA: per-head value width.")
+    rope_interleave: bool = knob(False, "RoPE on interleaved pairs (x0, x1), (x2, x3), ... "
+                                 "(DeepSeek's checkpoint layout) instead of rotate-half.")
+    # hybrid
+    hybrid_base: str = knob("mla", "hybrid: the projections the global and local "
+                            "branches share.", choices=("mla", "gqa"))
+    sliding_window: int = knob(128, "hybrid: the local branch attends to the last "
+                               "sliding_window tokens (the query's included).")
+    hybrid_global_weight: float = knob(0.7, "hybrid: weight of the global attention output.")
+    hybrid_local_weight: float = knob(0.3, "hybrid: weight of the local attention output.")
+    # rope scaling (HF rope_parameters / rope_scaling, flattened)
+    rope_scaling_type: str = knob("none", "RoPE scaling: none, yarn (DeepSeek-V2/V3 long "
+                                  "context) or llama3 (Llama 3.1 / R1-Distill-Llama).",
+                                  choices=("none", "yarn", "llama3"))
+    rope_scaling_factor: float = knob(1.0, "RoPE scaling: context extension factor.")
+    original_max_position_embeddings: int = knob(0, "RoPE scaling: the pre-extension "
+                                                 "context length; 0 means "
+                                                 "max_position_embeddings.")
+    beta_fast: float = knob(32.0, "YaRN: rotations above which dims extrapolate.")
+    beta_slow: float = knob(1.0, "YaRN: rotations below which dims interpolate.")
+    mscale: float = knob(1.0, "YaRN: mscale of the cos/sin attention factor.")
+    mscale_all_dim: float = knob(0.0, "YaRN: mscale_all_dim; > 0 also multiplies the MLA "
+                                 "softmax scale by (0.1 * mscale_all_dim * ln(factor) + 1)^2.")
+    rope_attention_factor: float = knob(0.0, "YaRN: explicit cos/sin attention factor; 0 "
+                                        "derives it from factor, mscale, mscale_all_dim.")
+    low_freq_factor: float = knob(1.0, "llama3 RoPE scaling: low_freq_factor.")
+    high_freq_factor: float = knob(4.0, "llama3 RoPE scaling: high_freq_factor.")
+    # moe
+    n_routed_experts: int = knob(0, "DeepSeekMoE: routed experts per MoE layer; 0 = a dense "
+                                 "model (every layer a SwiGLU MLP).")
+    n_shared_experts: int = knob(0, "DeepSeekMoE: always-active shared experts (one MLP of "
+                                 "width n_shared_experts * moe_intermediate_size).")
+    num_experts_per_tok: int = knob(2, "DeepSeekMoE: routed experts per token (top-k).")
+    moe_intermediate_size: int = knob(128, "DeepSeekMoE: hidden width of each expert.")
+    scoring_func: str = knob("sigmoid", "Router affinity: sigmoid (V3) or softmax (V2).",
+                             choices=("sigmoid", "softmax"))
+    topk_method: str = knob("noaux_tc", "Expert selection: noaux_tc (V3: scores + "
+                            "e_score_correction_bias, groups ranked by the sum of their top-2), "
+                            "greedy (plain top-k) or group_limited_greedy (V2: groups ranked "
+                            "by their max score).",
+                            choices=("noaux_tc", "greedy", "group_limited_greedy"))
+    n_group: int = knob(1, "DeepSeekMoE: expert groups for group-limited routing.")
+    topk_group: int = knob(1, "DeepSeekMoE: groups a token may route to.")
+    routed_scaling_factor: float = knob(1.0, "DeepSeekMoE: multiplier of the routed "
+                                        "experts' combine weights.")
+    norm_topk_prob: bool = knob(True, "DeepSeekMoE: normalise the top-k weights to sum 1.")
+    first_k_dense_replace: int = knob(0, "DeepSeekMoE: the first k layers keep a dense MLP.")
+    moe_layer_freq: int = knob(1, "DeepSeekMoE: layer i >= first_k_dense_replace is MoE "
+                               "when i % moe_layer_freq == 0.")
+    capacity_factor: float = knob(1.25, "MoE training: expert buffer capacity = factor * "
+                                  "tokens * top_k / experts (overflow tokens are dropped and "
+                                  "counted); <= 0 = dropless (exact; dynamic shapes, so not "
+                                  "with --train.jit_compile).", resumable=True)
+    inference_capacity_factor: float = knob(0.0, "MoE outside training (eval, export, "
+                                            "generation): like capacity_factor; <= 0 = "
+                                            "dropless.", resumable=True)
+    aux_loss_alpha: float = knob(0.0, "Weight of the sequence-wise expert balance loss "
+                                 "(DeepSeek-V3: 1e-4).", resumable=True)
+    router_z_loss_coef: float = knob(0.0, "Weight of the router z-loss "
+                                     "(mean logsumexp(router logits)^2).", resumable=True)
+    bias_update_speed: float = knob(0.001, "Aux-loss-free balancing (noaux_tc): after each "
+                                    "step e_score_correction_bias += speed * sign(mean load - "
+                                    "expert load), from the global load; 0 = off.",
+                                    resumable=True)
+    # mtp
+    num_nextn_predict_layers: int = knob(0, "Multi-token prediction depth D: module k "
+                                         "predicts the token k+1 ahead (0 = off).")
+    mtp_loss_weight: float = knob(0.3, "Weight lambda of the MTP loss (averaged over the D "
+                                  "modules).", resumable=True)
 
     def __post_init__(self):
         self._coerce_and_check_types()
@@ -159,6 +240,90 @@ class ModelConfig(_Section):
         r(self.rms_norm_eps > 0, "--model.rms_norm_eps must be > 0.")
         r(self.rope_theta > 0, "--model.rope_theta must be > 0.")
         r(self.initializer_range > 0, "--model.initializer_range must be > 0.")
+        self._check_mla()
+        self._check_rope_scaling()
+        self._check_moe()
+        r(self.num_nextn_predict_layers >= 0, "--model.num_nextn_predict_layers must be >= 0.")
+        r(self.mtp_loss_weight >= 0, "--model.mtp_loss_weight must be >= 0.")
+
+    def _check_mla(self) -> None:
+        r = self._require
+        r(self.q_lora_rank >= 0, "--model.q_lora_rank must be >= 0 (0 = plain q_proj).")
+        if self.uses_mla:
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                r(getattr(self, name) > 0,
+                  f"--model.{name} must be > 0 with MLA, got {getattr(self, name)}.")
+            r(self.qk_rope_head_dim % 2 == 0,
+              f"--model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs).")
+        if self.attention_type == "hybrid":
+            r(self.sliding_window > 0, "--model.sliding_window must be > 0 for hybrid attention.")
+            r(self.hybrid_global_weight >= 0 and self.hybrid_local_weight >= 0,
+              "--model.hybrid_global_weight and --model.hybrid_local_weight must be >= 0.")
+
+    def _check_rope_scaling(self) -> None:
+        r = self._require
+        r(self.original_max_position_embeddings >= 0,
+          "--model.original_max_position_embeddings must be >= 0 (0 = max_position_embeddings).")
+        if self.rope_scaling_type != "none":
+            r(self.rope_scaling_factor >= 1.0,
+              f"--model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1 "
+              f"with --model.rope_scaling_type={self.rope_scaling_type}.")
+        if self.rope_scaling_type == "yarn":
+            r(self.beta_fast > self.beta_slow > 0,
+              "--model.beta_fast must be > --model.beta_slow > 0 for YaRN.")
+        if self.rope_scaling_type == "llama3":
+            r(self.high_freq_factor > self.low_freq_factor > 0,
+              "--model.high_freq_factor must be > --model.low_freq_factor > 0 for llama3 RoPE.")
+
+    def _check_moe(self) -> None:
+        r = self._require
+        e = self.n_routed_experts
+        r(e >= 0, "--model.n_routed_experts must be >= 0 (0 = dense).")
+        r(self.first_k_dense_replace >= 0, "--model.first_k_dense_replace must be >= 0.")
+        r(self.moe_layer_freq >= 1, "--model.moe_layer_freq must be >= 1.")
+        r(self.bias_update_speed >= 0, "--model.bias_update_speed must be >= 0.")
+        r(self.aux_loss_alpha >= 0 and self.router_z_loss_coef >= 0,
+          "--model.aux_loss_alpha and --model.router_z_loss_coef must be >= 0.")
+        if not e:
+            return
+        k, g, tg = self.num_experts_per_tok, self.n_group, self.topk_group
+        r(self.n_shared_experts >= 0, "--model.n_shared_experts must be >= 0.")
+        r(self.moe_intermediate_size > 0, "--model.moe_intermediate_size must be > 0.")
+        r(0 < k <= e, f"--model.num_experts_per_tok={k} must be in 1..n_routed_experts={e}.")
+        r(g >= 1 and e % g == 0,
+          f"--model.n_group={g} must divide --model.n_routed_experts={e}.")
+        r(1 <= tg <= g, f"--model.topk_group={tg} must be in 1..n_group={g}.")
+        if self.topk_method != "greedy":
+            r(k <= tg * (e // g),
+              f"--model.num_experts_per_tok={k} exceeds the {tg * (e // g)} experts in "
+              f"--model.topk_group={tg} groups of {e // g}.")
+        if self.topk_method == "noaux_tc" and g > 1:
+            r(e // g >= 2, f"noaux_tc ranks groups by their top-2 scores: each of the "
+                           f"--model.n_group={g} groups needs >= 2 of the {e} experts.")
+        r(self.routed_scaling_factor > 0, "--model.routed_scaling_factor must be > 0.")
+
+    @property
+    def uses_mla(self) -> bool:
+        return self.attention_type == "mla" or (
+            self.attention_type == "hybrid" and self.hybrid_base == "mla")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """True if decoder block `layer_idx` has a DeepSeekMoE feed-forward layer."""
+        return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+                and layer_idx % self.moe_layer_freq == 0)
+
+    def rope_scaling(self) -> dict | None:
+        """The RoPE scaling parameters as one plain dict (None when unscaled)."""
+        if self.rope_scaling_type == "none":
+            return None
+        return {"type": self.rope_scaling_type, "factor": self.rope_scaling_factor,
+                "original_max_position_embeddings": (self.original_max_position_embeddings
+                                                     or self.max_position_embeddings),
+                "beta_fast": self.beta_fast, "beta_slow": self.beta_slow,
+                "mscale": self.mscale, "mscale_all_dim": self.mscale_all_dim,
+                "attention_factor": self.rope_attention_factor,
+                "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor}
 
     @property
     def resolved_kv_heads(self) -> int:
@@ -447,6 +612,12 @@ class Experiment:
             raise ConfigError(
                 f"--data.seq_len={self.data.seq_len} exceeds "
                 f"--model.max_position_embeddings={self.model.max_position_embeddings}.")
+        if self.train.jit_compile and self.model.n_routed_experts and \
+                self.model.capacity_factor <= 0:
+            raise ConfigError(
+                "dropless MoE (--model.capacity_factor <= 0) has data-dependent buffer "
+                "shapes that XLA cannot compile: set --model.capacity_factor > 0 (e.g. 1.25) "
+                "or --train.jit_compile=false.")
 
     @property
     def decay_steps(self) -> int:

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from deepseek_tf.config import ModelConfig
 from deepseek_tf.layers import DecoderBlock, RMSNorm, attention_mask
+from deepseek_tf.layers.mtp import MTPModule, shift_left
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -29,8 +30,15 @@ class DeepSeekCausalLM(keras.Model):
       segment_ids: int32 (B, T) document ids of packed windows (default: one
         document per row).
       positions: int32 (B, T) positions within each document (default 0..T-1).
+      training: MoE layers use `capacity_factor` (else `inference_capacity_factor`).
+      return_aux: also return the training side outputs (see `collect_aux`).
 
-    Returns float32 logits (B, T, vocab_size).
+    Returns float32 logits (B, T, vocab_size), or (logits, aux) with `return_aux`:
+    aux has, when the config has MoE layers, float32 `expert_load` (L_moe, E) routed
+    pairs per expert, `dropped` (L_moe,) dropped pairs, `balance_loss` and `z_loss`
+    (summed over MoE layers, unweighted); with MTP, `mtp_logits`: D float32 (B, T, V)
+    tensors, entry k-1 predicting the token k+1 places ahead of each position's
+    target (`targets[:, i + k]`). MTP modules run only with `return_aux`.
     """
 
     def __init__(self, config, **kwargs):
@@ -43,6 +51,8 @@ class DeepSeekCausalLM(keras.Model):
         self.blocks = [DecoderBlock(cfg, i, name=f"layers_{i}")
                        for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, name="norm")
+        self.mtp = [MTPModule(cfg, k, name=f"mtp_{k}")
+                    for k in range(1, cfg.num_nextn_predict_layers + 1)]
         self.lm_head = None if cfg.tie_word_embeddings else keras.layers.Dense(
             cfg.vocab_size, use_bias=False, name="lm_head",
             kernel_initializer=keras.initializers.RandomNormal(stddev=cfg.initializer_range))
@@ -50,9 +60,24 @@ class DeepSeekCausalLM(keras.Model):
 
     def build_weights(self) -> None:
         """Creates every variable (a forward pass on a tiny batch)."""
-        self(tf.zeros((1, 2), tf.int32))
+        self(tf.zeros((1, 2), tf.int32), return_aux=bool(self.mtp))
 
-    def call(self, inputs, segment_ids=None, positions=None, training=False):
+    @property
+    def moe_layers(self) -> list:
+        """The DeepSeekMoE layers, in the order of `aux["expert_load"]` rows."""
+        blocks = self.blocks + [m.block for m in self.mtp]
+        return [b.mlp for b in blocks if b.is_moe]
+
+    def head(self, x):
+        """Output head (shared by MTP): (B, T, D) normed states -> float32 logits."""
+        if self.lm_head is None:
+            logits = tf.matmul(x, tf.cast(self.embed_tokens.embeddings, x.dtype), transpose_b=True)
+        else:
+            logits = self.lm_head(x)
+        return tf.cast(logits, tf.float32)                 # (B, T, V)
+
+    def call(self, inputs, segment_ids=None, positions=None, training=False,
+             return_aux=False):
         inputs = tf.convert_to_tensor(inputs)
         b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
         if segment_ids is None:
@@ -61,17 +86,38 @@ class DeepSeekCausalLM(keras.Model):
             positions = tf.broadcast_to(tf.range(t, dtype=tf.int32), [b, t])
         mask = attention_mask(segment_ids)                 # (B, 1, T, T)
         x = self.embed_tokens(inputs)                      # (B, T, D)
+        layer_aux = []
         for block in self.blocks:
-            x = block(x, positions=positions, attention_mask=mask)
-        x = self.norm(x)
-        if self.lm_head is None:
-            logits = tf.matmul(x, tf.cast(self.embed_tokens.embeddings, x.dtype), transpose_b=True)
-        else:
-            logits = self.lm_head(x)
-        return tf.cast(logits, tf.float32)                 # (B, T, V)
+            x = block(x, positions=positions, attention_mask=mask, training=training,
+                      return_aux=return_aux)
+            if return_aux:
+                x, a = x
+                layer_aux.append(a)
+        logits = self.head(self.norm(x))
+        if not return_aux:
+            return logits
+        mtp_logits = []
+        for k, module in enumerate(self.mtp, start=1):
+            x, normed, a = module(x, self.embed_tokens(shift_left(inputs, k)), positions, mask,
+                                  training=training, return_aux=True)
+            layer_aux.append(a)
+            mtp_logits.append(self.head(normed))
+        return logits, collect_aux(layer_aux, mtp_logits)
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name}
+
+
+def collect_aux(layer_aux: list[dict], mtp_logits: list) -> dict:
+    """Stacks the MoE layers' aux dicts (dense layers give {}) into the model's aux."""
+    moe = [a for a in layer_aux if a]
+    aux = {"mtp_logits": mtp_logits} if mtp_logits else {}
+    if moe:
+        aux.update(expert_load=tf.stack([a["load"] for a in moe]),
+                   dropped=tf.stack([a["dropped"] for a in moe]),
+                   balance_loss=tf.add_n([a["balance_loss"] for a in moe]),
+                   z_loss=tf.add_n([a["z_loss"] for a in moe]))
+    return aux
 
 
 def token_losses(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:

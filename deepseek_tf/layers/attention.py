@@ -1,8 +1,13 @@
-"""Causal grouped-query attention with an explicitly built mask.
+"""Causal grouped-query attention with an explicitly built mask, and the hybrid mix.
 
 The mask is causal AND same-segment, built from `segment_ids` with plain ops
 (band_part / expand_dims), not Keras' causal-mask op, so packed documents never
 attend to each other and the graph converts to TFLite with builtin ops only.
+
+Hybrid attention (`sliding_window > 0`): the same scores go through two softmaxes,
+the global one (the full mask) and a local one (the mask AND the last
+`sliding_window` tokens); the outputs are mixed `global_weight * global +
+local_weight * local` (default 0.7 / 0.3).
 """
 
 from __future__ import annotations
@@ -33,6 +38,26 @@ def masked_softmax(scores: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     return tf.nn.softmax(scores, axis=-1)
 
 
+def sliding_window_mask(t, window: int) -> tf.Tensor:
+    """Boolean (T, T): key j is within the last `window` tokens of query i (j <= i)."""
+    return tf.cast(tf.linalg.band_part(tf.ones(tf.stack([t, t]), tf.int8), window - 1, 0),
+                   tf.bool)
+
+
+def attention_probs(scores: tf.Tensor, mask: tf.Tensor, sliding_window: int = 0,
+                    global_weight: float = 1.0, local_weight: float = 0.0) -> tf.Tensor:
+    """Float32 attention probabilities (..., T, S) of `scores` under a broadcastable mask.
+
+    With `sliding_window > 0`: `global_weight * softmax(global) + local_weight *
+    softmax(local)`, the local mask also restricting keys to the last `sliding_window`.
+    """
+    probs = masked_softmax(scores, mask)
+    if sliding_window:
+        local = tf.logical_and(mask, sliding_window_mask(tf.shape(scores)[-1], sliding_window))
+        probs = global_weight * probs + local_weight * masked_softmax(scores, local)
+    return probs
+
+
 def _dense(units: int, use_bias: bool, initializer_range: float, name: str):
     return keras.layers.Dense(units, use_bias=use_bias, name=name,
                               kernel_initializer=keras.initializers.RandomNormal(
@@ -51,6 +76,10 @@ class GroupedQueryAttention(keras.layers.Layer):
       use_bias: biases on q/k/v (Qwen2); the output projection has none.
       rope_theta: rotary frequency base.
       initializer_range: stddev of the normal initializer.
+      rope_scaling: optional RoPE scaling dict (`ModelConfig.rope_scaling()`).
+      sliding_window: > 0 makes it hybrid: a local branch over the last
+        `sliding_window` tokens, mixed with the global one.
+      global_weight, local_weight: the hybrid mix (ignored without a window).
 
     Example:
         >>> attn = GroupedQueryAttention(hidden_size=16, num_heads=4, num_kv_heads=2,
@@ -63,18 +92,23 @@ class GroupedQueryAttention(keras.layers.Layer):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  use_bias: bool = False, rope_theta: float = 10000.0,
-                 initializer_range: float = 0.02, **kwargs):
+                 initializer_range: float = 0.02, rope_scaling: dict | None = None,
+                 sliding_window: int = 0, global_weight: float = 0.7,
+                 local_weight: float = 0.3, **kwargs):
         super().__init__(**kwargs)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.use_bias = head_dim, use_bias
         self.rope_theta, self.initializer_range = rope_theta, initializer_range
+        self.rope_scaling = dict(rope_scaling) if rope_scaling else None
+        self.sliding_window = sliding_window
+        self.global_weight, self.local_weight = global_weight, local_weight
         self.q_proj = _dense(num_heads * head_dim, use_bias, initializer_range, "q_proj")
         self.k_proj = _dense(num_kv_heads * head_dim, use_bias, initializer_range, "k_proj")
         self.v_proj = _dense(num_kv_heads * head_dim, use_bias, initializer_range, "v_proj")
         self.o_proj = _dense(hidden_size, False, initializer_range, "o_proj")
-        self.rotary = RotaryEmbedding(head_dim, rope_theta, name="rotary")
+        self.rotary = RotaryEmbedding(head_dim, rope_theta, self.rope_scaling, name="rotary")
 
     def build(self, input_shape):
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -91,7 +125,8 @@ class GroupedQueryAttention(keras.layers.Layer):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = tf.reshape(q, [b, t, kv, h // kv, d])      # (B, T, K, G, D)
         scores = tf.einsum("btkgd,bskd->bkgts", q, k) * (d ** -0.5)  # (B, K, G, T, S)
-        probs = masked_softmax(scores, tf.expand_dims(attention_mask, 1))  # (B, 1, 1, T, S)
+        probs = attention_probs(scores, tf.expand_dims(attention_mask, 1),  # (B, 1, 1, T, S)
+                                self.sliding_window, self.global_weight, self.local_weight)
         out = tf.einsum("bkgts,bskd->btkgd", tf.cast(probs, v.dtype), v)
         return self.o_proj(tf.reshape(out, [b, t, h * d]))           # (B, T, hidden)
 
@@ -99,4 +134,6 @@ class GroupedQueryAttention(keras.layers.Layer):
         return {**super().get_config(), "hidden_size": self.hidden_size,
                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "use_bias": self.use_bias,
-                "rope_theta": self.rope_theta, "initializer_range": self.initializer_range}
+                "rope_theta": self.rope_theta, "initializer_range": self.initializer_range,
+                "rope_scaling": self.rope_scaling, "sliding_window": self.sliding_window,
+                "global_weight": self.global_weight, "local_weight": self.local_weight}

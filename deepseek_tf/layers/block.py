@@ -6,25 +6,45 @@ import keras
 
 from deepseek_tf.config import ModelConfig
 from deepseek_tf.layers.attention import GroupedQueryAttention
+from deepseek_tf.layers.mla import MultiHeadLatentAttention
 from deepseek_tf.layers.mlp import GatedMLP
+from deepseek_tf.layers.moe import DeepSeekMoE
 from deepseek_tf.layers.norm import RMSNorm
 
 
 def make_attention(cfg: ModelConfig, layer_idx: int) -> keras.layers.Layer:
-    """The attention layer that `cfg.attention_type` selects."""
-    del layer_idx  # the hybrid local/global mix will use it
-    if cfg.attention_type == "gqa":
-        return GroupedQueryAttention(
+    """The attention layer that `cfg.attention_type` selects (hybrid: on `hybrid_base`)."""
+    del layer_idx
+    hybrid = dict(sliding_window=cfg.sliding_window, global_weight=cfg.hybrid_global_weight,
+                  local_weight=cfg.hybrid_local_weight) if cfg.attention_type == "hybrid" else {}
+    if cfg.uses_mla:
+        return MultiHeadLatentAttention(
             hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-            num_kv_heads=cfg.resolved_kv_heads, head_dim=cfg.resolved_head_dim,
-            use_bias=cfg.attention_bias, rope_theta=cfg.rope_theta,
-            initializer_range=cfg.initializer_range, name="self_attn")
-    raise ValueError(f"unknown attention_type {cfg.attention_type!r}")
+            q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+            qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+            v_head_dim=cfg.v_head_dim, use_bias=cfg.attention_bias, rope_theta=cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling(), rope_interleave=cfg.rope_interleave,
+            initializer_range=cfg.initializer_range, name="self_attn", **hybrid)
+    return GroupedQueryAttention(
+        hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.resolved_kv_heads, head_dim=cfg.resolved_head_dim,
+        use_bias=cfg.attention_bias, rope_theta=cfg.rope_theta,
+        initializer_range=cfg.initializer_range, rope_scaling=cfg.rope_scaling(),
+        name="self_attn", **hybrid)
 
 
 def make_mlp(cfg: ModelConfig, layer_idx: int) -> keras.layers.Layer:
-    """The feed-forward layer of block `layer_idx`."""
-    del layer_idx  # MoE layers will use it
+    """The feed-forward layer of block `layer_idx`: dense SwiGLU or DeepSeekMoE."""
+    if cfg.is_moe_layer(layer_idx):
+        return DeepSeekMoE(
+            hidden_size=cfg.hidden_size, num_experts=cfg.n_routed_experts,
+            top_k=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,
+            n_shared_experts=cfg.n_shared_experts, scoring_func=cfg.scoring_func,
+            topk_method=cfg.topk_method, n_group=cfg.n_group, topk_group=cfg.topk_group,
+            norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
+            capacity_factor=cfg.capacity_factor,
+            inference_capacity_factor=cfg.inference_capacity_factor,
+            activation=cfg.hidden_act, initializer_range=cfg.initializer_range, name="mlp")
     return GatedMLP(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                     activation=cfg.hidden_act, initializer_range=cfg.initializer_range,
                     name="mlp")
@@ -36,7 +56,11 @@ class DecoderBlock(keras.layers.Layer):
 
     Args:
       config: the model config (a `ModelConfig` or its dict).
-      layer_idx: index of the block in the stack.
+      layer_idx: index of the block in the stack (MTP blocks continue the count).
+
+    Call: `block(x, positions, attention_mask, training=False, return_aux=False)`;
+    with `return_aux` it returns (x, aux), aux being the MoE layer's dict (empty for
+    a dense block).
 
     Example:
         >>> cfg = ModelConfig(hidden_size=16, num_attention_heads=4, intermediate_size=32)
@@ -52,16 +76,21 @@ class DecoderBlock(keras.layers.Layer):
         self.self_attn = make_attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")
         self.mlp = make_mlp(cfg, layer_idx)
+        self.is_moe = isinstance(self.mlp, DeepSeekMoE)
 
     def build(self, input_shape):
         for layer in (self.input_layernorm, self.self_attn, self.post_attention_layernorm,
                       self.mlp):
             layer.build(input_shape)
 
-    def call(self, x, positions, attention_mask):
+    def call(self, x, positions, attention_mask, training=False, return_aux=False):
         x = x + self.self_attn(self.input_layernorm(x), positions=positions,
                                attention_mask=attention_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if not self.is_moe:
+            return (x + self.mlp(h), {}) if return_aux else x + self.mlp(h)
+        out = self.mlp(h, training=training, return_aux=return_aux)
+        return (x + out[0], out[1]) if return_aux else x + out
 
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict(),

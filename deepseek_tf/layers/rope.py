@@ -1,9 +1,78 @@
-"""Rotary position embeddings (RoPE), non-interleaved (HF `rotate_half`) layout."""
+"""Rotary position embeddings (RoPE): plain, YaRN and llama3 frequency scaling; the
+rotate-half (HF Llama) and interleaved-pair (DeepSeek checkpoint) layouts.
+
+The inverse frequencies and the cos/sin `attention_factor` follow Hugging Face's
+`modeling_rope_utils` (`_compute_yarn_parameters`, `_compute_llama3_parameters`), so
+converted checkpoints give the same logits. They are computed once in numpy float32.
+"""
 
 from __future__ import annotations
 
+import math
+
 import keras
+import numpy as np
 import tensorflow as tf
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction `0.1 * mscale * ln(scale) + 1` (1 for scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(dim: int, theta: float, s: dict) -> tuple[np.ndarray, float]:
+    factor, orig = s["factor"], s["original_max_position_embeddings"]
+    pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
+
+    def correction_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(s["beta_fast"])), 0)
+    high = min(math.ceil(correction_dim(s["beta_slow"])), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation_share = 1.0 - ramp
+    inv_freq = interpolation * (1 - extrapolation_share) + extrapolation * extrapolation_share
+    attention_factor = s.get("attention_factor") or 0.0
+    if not attention_factor:
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            attention_factor = (yarn_get_mscale(factor, s["mscale"])
+                                / yarn_get_mscale(factor, s["mscale_all_dim"]))
+        else:
+            attention_factor = yarn_get_mscale(factor)
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def _llama3(inv_freq: np.ndarray, s: dict) -> np.ndarray:
+    factor, orig = s["factor"], s["original_max_position_embeddings"]
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < orig / high) & ~(wavelen > orig / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict | None = None
+                     ) -> tuple[np.ndarray, float]:
+    """(inverse frequencies (dim/2,), cos/sin attention factor) for a RoPE config.
+
+    Args:
+      dim: the rotated width (even).
+      theta: the frequency base.
+      scaling: None, or `ModelConfig.rope_scaling()` (type yarn or llama3).
+    """
+    inv_freq = 1.0 / np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    if not scaling:
+        return inv_freq.astype(np.float32), 1.0
+    if scaling["type"] == "yarn":
+        return _yarn(dim, theta, scaling)
+    if scaling["type"] == "llama3":
+        return _llama3(inv_freq, scaling), 1.0
+    raise ValueError(f"unknown rope scaling type {scaling['type']!r}")
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -13,6 +82,7 @@ class RotaryEmbedding(keras.layers.Layer):
     Args:
       dim: the rotated width (even).
       theta: the frequency base.
+      scaling: optional RoPE scaling dict (`ModelConfig.rope_scaling()`): YaRN or llama3.
 
     Example:
         >>> cos, sin = RotaryEmbedding(dim=8)(tf.range(4)[None])
@@ -20,30 +90,47 @@ class RotaryEmbedding(keras.layers.Layer):
         TensorShape([1, 4, 8])
     """
 
-    def __init__(self, dim: int, theta: float = 10000.0, **kwargs):
+    def __init__(self, dim: int, theta: float = 10000.0, scaling: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         if dim % 2:
             raise ValueError(f"rotary dim must be even, got {dim}")
-        self.dim, self.theta = dim, theta
+        self.dim, self.theta, self.scaling = dim, theta, dict(scaling) if scaling else None
+        inv_freq, self.attention_factor = rope_frequencies(dim, theta, self.scaling)
+        self._inv_freq = inv_freq
 
     def inverse_frequencies(self) -> tf.Tensor:
-        exponents = tf.range(0, self.dim, 2, dtype=tf.float32) / float(self.dim)
-        return 1.0 / tf.pow(tf.constant(self.theta, tf.float32), exponents)  # (D/2,)
+        return tf.constant(self._inv_freq, tf.float32)  # (D/2,)
 
     def call(self, positions):
-        angles = tf.cast(positions, tf.float32)[..., None] * self.inverse_frequencies()  # (B, T, D/2)
-        angles = tf.concat([angles, angles], axis=-1)                                   # (B, T, D)
-        return tf.cos(angles), tf.sin(angles)
+        angles = tf.expand_dims(tf.cast(positions, tf.float32), -1) * self.inverse_frequencies()
+        angles = tf.concat([angles, angles], axis=-1)   # (B, T, D)
+        cos, sin = tf.cos(angles), tf.sin(angles)
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos, sin
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "theta": self.theta}
+        return {**super().get_config(), "dim": self.dim, "theta": self.theta,
+                "scaling": self.scaling}
 
 
-def apply_rotary(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) -> tf.Tensor:
-    """Rotates `x` (B, T, H, D) by position; cos/sin are (B, T, D) float32."""
+def apply_rotary(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, interleave: bool = False
+                 ) -> tf.Tensor:
+    """Rotates `x` (B, T, H, D) by position; cos/sin are (B, T, D) float32.
+
+    With `interleave`, the input's pairs are (x0, x1), (x2, x3), ... (DeepSeek's layout)
+    and the output is laid out rotate-half style, like HF's
+    `apply_rotary_pos_emb_interleave`; queries and keys get the same permutation, so
+    attention scores equal the interleaved rotation's.
+    """
     cos = tf.expand_dims(cos, 2)  # (B, T, 1, D)
     sin = tf.expand_dims(sin, 2)
     x32 = tf.cast(x, tf.float32)
-    x1, x2 = tf.split(x32, 2, axis=-1)
+    if interleave:
+        pairs = tf.reshape(x32, tf.concat([tf.shape(x32)[:-1], [x.shape[-1] // 2, 2]], 0))
+        x1, x2 = tf.unstack(pairs, axis=-1)                 # (B, T, H, D/2) even, odd
+        x32 = tf.concat([x1, x2], axis=-1)
+    else:
+        x1, x2 = tf.split(x32, 2, axis=-1)
     rotated = tf.concat([-x2, x1], axis=-1)
     return tf.cast(x32 * cos + rotated * sin, x.dtype)

@@ -1,0 +1,98 @@
+"""Hugging Face checkpoints -> deepseek_tf workdirs (`python -m deepseek_tf.convert`).
+
+`convert_hf(hf_dir, workdir, exp)` reads `config.json` and `*.safetensors` of a
+DeepseekV3 / DeepseekV2 / Llama / Qwen2 causal LM, builds the matching
+`DeepSeekCausalLM`, fills every weight (a missing, extra or misshapen tensor is an
+error naming it) and writes a workdir the trainer continues from:
+
+    <workdir>/config.json          the Experiment (model from HF, the rest from flags)
+    <workdir>/checkpoints/ckpt-0   model weights + step 0, the trainer's layout
+    <workdir>/convert.json         provenance: source, architecture, notes
+
+Example:
+    >>> convert_hf("hf/tiny-v3", "runs/tiny-v3", Experiment())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from deepseek_tf.config import Experiment, UserError
+from deepseek_tf.convert.hf_config import architecture_of, model_config_from_hf
+from deepseek_tf.convert.safetensors_io import SafetensorsDir
+
+CONVERT_FILE = "convert.json"
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}.") from e
+
+
+def _has_mtp_weights(tensors: SafetensorsDir, num_layers: int) -> bool:
+    return f"model.layers.{num_layers}.eh_proj.weight" in tensors.index
+
+
+def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict | None = None,
+               log=print) -> Experiment:
+    """Converts the HF model in `hf_dir` into a new workdir; returns its Experiment.
+
+    Args:
+      hf_dir: directory with config.json and *.safetensors.
+      workdir: output directory; must not hold a run yet.
+      exp: data / optim / train settings (its model section is replaced).
+      model_overrides: model fields that are not part of the checkpoint's shape
+        (loss weights, capacity factors, num_nextn_predict_layers when the checkpoint
+        has no MTP weights: those modules then start from random init).
+    """
+    hf = read_hf_config(hf_dir)
+    arch = architecture_of(hf)
+    cfg, notes = model_config_from_hf(hf)
+    tensors = SafetensorsDir(hf_dir)
+    mtp_in_files = _has_mtp_weights(tensors, cfg.num_hidden_layers)
+    depth = int(hf.get("num_nextn_predict_layers") or 0) if mtp_in_files else 0
+    if not mtp_in_files and hf.get("num_nextn_predict_layers"):
+        notes.append("no MTP weights in the checkpoint: converted without MTP modules")
+    overrides = dict(model_overrides or {})
+    fresh_mtp = overrides.get("num_nextn_predict_layers", depth) if not mtp_in_files else depth
+    overrides["num_nextn_predict_layers"] = fresh_mtp
+    cfg = cfg.replace(**overrides)
+    exp = Experiment(model=cfg, data=exp.data, optim=exp.optim, train=exp.train)
+    if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(
+            os.path.join(workdir, "checkpoints")):
+        raise UserError(f"--workdir={workdir} already holds a run; choose a new directory.")
+    log(f"{arch} from {hf_dir}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.attention_type} attention"
+        + (f", {cfg.n_routed_experts} routed experts" if cfg.n_routed_experts else ""))
+    for note in notes:
+        log(f"note: {note}")
+
+    import tensorflow as tf  # after every check that needs no TensorFlow
+
+    from deepseek_tf.convert.weights import load_into
+    from deepseek_tf.model import DeepSeekCausalLM, count_params
+
+    model = DeepSeekCausalLM(cfg)
+    if fresh_mtp and not mtp_in_files:
+        log(f"note: {fresh_mtp} MTP module(s) start from random initialisation")
+    load_into(model, tensors, include_mtp=mtp_in_files, log=log)
+    tensors.close()
+    trainable, total = count_params(model)
+    os.makedirs(workdir, exist_ok=True)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step),
+                                         os.path.join(workdir, "checkpoints"), max_to_keep=1,
+                                         step_counter=step)
+    path = manager.save(checkpoint_number=0)
+    exp.save(os.path.join(workdir, "config.json"))
+    with open(os.path.join(workdir, CONVERT_FILE), "w") as f:
+        json.dump({"source": os.path.abspath(hf_dir), "architecture": arch, "notes": notes,
+                   "parameters": total, "checkpoint": os.path.basename(path)}, f, indent=2)
+    log(f"wrote {path} ({total:,} parameters, {trainable:,} trainable) and "
+        f"{os.path.join(workdir, 'config.json')}")
+    return exp

@@ -1,0 +1,52 @@
+"""`python -m deepseek_tf.convert --hf_dir=DIR --workdir=OUT [--data.* --optim.* --train.*]`
+
+Converts a Hugging Face causal LM (DeepseekV3ForCausalLM, DeepseekV2ForCausalLM,
+LlamaForCausalLM, Qwen2ForCausalLM; config.json + *.safetensors, never pickle files)
+into a deepseek_tf workdir: `python -m deepseek_tf.train --workdir=OUT` then
+continues training from it. The architecture comes from config.json; data, optimizer
+and loop settings from the flags given here or to the first `train` run. Model
+flags that do not change the checkpoint's shape (loss weights, capacity factors,
+and --model.num_nextn_predict_layers to add fresh MTP modules) may be given too.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from deepseek_tf import flags as dflags  # noqa: E402
+
+dflags.define_flags(workdir_help="Output workdir (must not hold a run yet).")
+flags.DEFINE_string("hf_dir", None, "Hugging Face model directory: config.json + "
+                    "*.safetensors.")
+flags.adopt_module_key_flags(dflags)
+
+_SHAPE_FREE = ("num_nextn_predict_layers",)
+
+
+def main(argv):
+    cfg = dflags.cfg
+    if len(argv) > 1:
+        raise cfg.UserError(f"unexpected arguments {argv[1:]} (see --help).")
+    if not dflags.FLAGS.hf_dir:
+        raise cfg.UserError("--hf_dir is required: a directory with config.json and "
+                            "*.safetensors.")
+    given = dflags.given_overrides(dflags.FLAGS)
+    fields = {f.name: f for f in cfg.dataclasses.fields(cfg.ModelConfig)}
+    for name in given["model"]:
+        if not (fields[name].metadata.get("resumable") or name in _SHAPE_FREE):
+            raise cfg.ConfigError(f"--model.{name} comes from {dflags.FLAGS.hf_dir}/config.json "
+                                  f"and cannot be set here.")
+    exp = cfg.Experiment(**{s: cls.from_dict(given[s]) for s, cls in cfg.SECTIONS.items()
+                            if s != "model"})
+    from deepseek_tf.convert import convert_hf  # imports TensorFlow lazily
+    convert_hf(dflags.FLAGS.hf_dir, dflags.FLAGS.workdir, exp, model_overrides=given["model"])
+
+
+def entry():
+    dflags.run(main)
+
+
+if __name__ == "__main__":
+    entry()

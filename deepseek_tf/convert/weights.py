@@ -1,0 +1,161 @@
+"""The one-to-one map between HF tensor names and our model's variables.
+
+Each `Entry` names one HF tensor (torch layout: Linear weights are [out, in]) and
+the slice of one of our variables it fills (Dense kernels are [in, out], so
+Linear weights are transposed). HF stores experts one by one
+(`mlp.experts.{i}.{gate,up,down}_proj.weight`); we stack them: `gate_up_proj`
+[E, d, 2f] holds gate in [..., :f] and up in [..., f:], `down_proj` is [E, f, d].
+MTP modules use DeepSeek-V3's released layout: `model.layers.{L + k - 1}.{enorm,
+hnorm, eh_proj, shared_head.norm}` plus a decoder block under the same prefix.
+
+Example:
+    >>> entries = weight_entries(model)
+    >>> entries[0].name
+    'model.embed_tokens.weight'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from deepseek_tf.config import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str            # HF tensor name
+    variable: object     # our Keras variable
+    index: tuple = ()    # numpy index into the variable (() = all of it)
+    transpose: bool = False
+
+    def hf_shape(self) -> tuple[int, ...]:
+        shape = np.empty(tuple(self.variable.shape), dtype=bool)[self.index].shape
+        return shape[::-1] if self.transpose else shape
+
+
+def _linear(name: str, dense, bias: bool | None = None) -> list[Entry]:
+    out = [Entry(f"{name}.weight", dense.kernel, transpose=True)]
+    if dense.use_bias if bias is None else bias:
+        out.append(Entry(f"{name}.bias", dense.bias))
+    return out
+
+
+def _norm(name: str, norm) -> Entry:
+    return Entry(f"{name}.weight", norm.scale)
+
+
+def _mlp(prefix: str, mlp) -> list[Entry]:
+    return [e for p in ("gate_proj", "up_proj", "down_proj")
+            for e in _linear(f"{prefix}.{p}", getattr(mlp, p))]
+
+
+def _attention(prefix: str, attn) -> list[Entry]:
+    if hasattr(attn, "kv_b_proj"):  # MLA
+        names = (["q_a_proj", "q_b_proj"] if attn.q_lora_rank else ["q_proj"]) + [
+            "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+        out = [e for n in names for e in _linear(f"{prefix}.{n}", getattr(attn, n))]
+        if attn.q_lora_rank:
+            out.append(_norm(f"{prefix}.q_a_layernorm", attn.q_a_layernorm))
+        return out + [_norm(f"{prefix}.kv_a_layernorm", attn.kv_a_layernorm)]
+    return [e for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+            for e in _linear(f"{prefix}.{n}", getattr(attn, n))]
+
+
+def _moe(prefix: str, moe) -> list[Entry]:
+    f = moe.moe_intermediate_size
+    out = [Entry(f"{prefix}.gate.weight", moe.gate.kernel, transpose=True)]
+    if moe.gate.e_score_correction_bias is not None:
+        out.append(Entry(f"{prefix}.gate.e_score_correction_bias",
+                         moe.gate.e_score_correction_bias))
+    for i in range(moe.num_experts):
+        p = f"{prefix}.experts.{i}"
+        out += [Entry(f"{p}.gate_proj.weight", moe.gate_up_proj, (i, slice(None), slice(0, f)), True),
+                Entry(f"{p}.up_proj.weight", moe.gate_up_proj, (i, slice(None), slice(f, 2 * f)), True),
+                Entry(f"{p}.down_proj.weight", moe.down_proj, (i,), True)]
+    if moe.shared_experts is not None:
+        out += _mlp(f"{prefix}.shared_experts", moe.shared_experts)
+    return out
+
+
+def _block(prefix: str, block) -> list[Entry]:
+    out = [_norm(f"{prefix}.input_layernorm", block.input_layernorm),
+           _norm(f"{prefix}.post_attention_layernorm", block.post_attention_layernorm)]
+    out += _attention(f"{prefix}.self_attn", block.self_attn)
+    out += _moe(f"{prefix}.mlp", block.mlp) if block.is_moe else _mlp(f"{prefix}.mlp", block.mlp)
+    return out
+
+
+def weight_entries(model, include_mtp: bool = True) -> list[Entry]:
+    """Every HF tensor of `model` (a built DeepSeekCausalLM), in a stable order."""
+    out = [Entry("model.embed_tokens.weight", model.embed_tokens.embeddings)]
+    for i, block in enumerate(model.blocks):
+        out += _block(f"model.layers.{i}", block)
+    out.append(_norm("model.norm", model.norm))
+    if model.lm_head is not None:
+        out.append(Entry("lm_head.weight", model.lm_head.kernel, transpose=True))
+    if include_mtp:
+        for k, m in enumerate(model.mtp, start=1):
+            p = f"model.layers.{model.config.num_hidden_layers + k - 1}"
+            out += [_norm(f"{p}.enorm", m.enorm), _norm(f"{p}.hnorm", m.hnorm),
+                    Entry(f"{p}.eh_proj.weight", m.eh_proj.kernel, transpose=True),
+                    _norm(f"{p}.shared_head.norm", m.norm)]
+            out += _block(p, m.block)
+    return out
+
+
+def mtp_duplicates(model) -> set[str]:
+    """Per-module copies of the shared embedding/head in DeepSeek's MTP layout (ignored)."""
+    return {f"model.layers.{model.config.num_hidden_layers + k - 1}.{n}"
+            for k in range(1, len(model.mtp) + 1)
+            for n in ("embed_tokens.weight", "shared_head.head.weight")}
+
+
+def load_into(model, tensors, include_mtp: bool = True, log=print) -> int:
+    """Assigns HF tensors (a `SafetensorsDir`-like: names(), shape(), load()) to `model`.
+
+    Every tensor must be used and every variable filled: a missing or extra tensor or
+    a shape mismatch raises UserError naming it. Returns the number of tensors read.
+    """
+    entries = weight_entries(model, include_mtp)
+    available = set(tensors.names())
+    ignored = mtp_duplicates(model) | (
+        {"lm_head.weight"} if model.lm_head is None else set())
+    expected = {e.name for e in entries}
+    extra = sorted(available - expected - ignored)
+    if extra:
+        raise UserError(f"unexpected tensor {extra[0]} in the checkpoint"
+                        f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}: "
+                        f"it does not match this architecture/config.")
+    missing = [n for n in (e.name for e in entries) if n not in available]
+    if missing:
+        raise UserError(f"missing tensor {missing[0]}"
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} "
+                        f"in the checkpoint.")
+    buffers = {}
+    for e in entries:
+        shape = tensors.shape(e.name)
+        if tuple(shape) != e.hf_shape():
+            raise UserError(f"tensor {e.name} has shape {list(shape)} but the config "
+                            f"implies {list(e.hf_shape())}.")
+        key = id(e.variable)
+        if key not in buffers:
+            buffers[key] = (e.variable, np.zeros(tuple(e.variable.shape), np.float32))
+        a = np.asarray(tensors.load(e.name), dtype=np.float32)
+        buffers[key][1][e.index] = a.T if e.transpose else a
+    for variable, value in buffers.values():
+        variable.assign(value.astype(variable.dtype))
+    log(f"loaded {len(entries)} tensors into {len(buffers)} variables")
+    return len(entries)
+
+
+def export_tensors(model, include_mtp: bool = True) -> dict[str, np.ndarray]:
+    """HF name -> float32 numpy array for every weight of `model`."""
+    values, out = {}, {}
+    for e in weight_entries(model, include_mtp):
+        if id(e.variable) not in values:
+            values[id(e.variable)] = np.asarray(e.variable.numpy(), np.float32)
+        a = values[id(e.variable)][e.index]
+        out[e.name] = np.ascontiguousarray(a.T if e.transpose else a)
+    return out

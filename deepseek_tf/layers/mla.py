@@ -1,0 +1,143 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Queries: `q_proj(x)`, or with `q_lora_rank > 0` the low-rank path
+`q_b_proj(norm(q_a_proj(x)))`. Keys and values come from one compressed latent:
+`kv_a_proj_with_mqa(x)` gives the latent (kv_lora_rank, normalised by
+`kv_a_layernorm`) and a single shared RoPE key (qk_rope_head_dim); `kv_b_proj`
+expands the latent into per-head no-RoPE keys and values. Each head's score is
+`q_nope . k_nope + q_rope . k_rope_shared`, scaled by `(nope + rope)^-0.5` times
+YaRN's `mscale(factor, mscale_all_dim)^2` when YaRN is on.
+
+Weight names and layouts follow HF `DeepseekV3Attention`, so the converter maps
+tensors one to one. The latent norms use epsilon 1e-6 as DeepSeek's (and HF's)
+`RMSNorm(q_lora_rank)` / `RMSNorm(kv_lora_rank)` do, whatever `rms_norm_eps` is.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from deepseek_tf.layers.attention import _dense, attention_probs
+from deepseek_tf.layers.norm import RMSNorm
+from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary, yarn_get_mscale
+
+LATENT_NORM_EPS = 1e-6
+
+
+def mla_softmax_scale(qk_head_dim: int, rope_scaling: dict | None) -> float:
+    """`qk_head_dim^-0.5`, times YaRN's `mscale(factor, mscale_all_dim)^2` if set."""
+    scale = qk_head_dim ** -0.5
+    if rope_scaling and rope_scaling["type"] == "yarn" and rope_scaling.get("mscale_all_dim"):
+        m = yarn_get_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"])
+        scale *= m * m
+    return scale
+
+
+@keras.saving.register_keras_serializable(package="deepseek_tf")
+class MultiHeadLatentAttention(keras.layers.Layer):
+    """DeepSeek MLA with a decoupled shared RoPE key.
+
+    Args:
+      hidden_size: model width (input and output).
+      num_heads: attention heads.
+      q_lora_rank: rank of the query path; 0 = a plain `q_proj`.
+      kv_lora_rank: width of the compressed KV latent.
+      qk_nope_head_dim, qk_rope_head_dim, v_head_dim: per-head widths.
+      use_bias: biases on q_a_proj, kv_a_proj_with_mqa and o_proj (DeepSeek-V2 option).
+      rope_theta: rotary frequency base.
+      rope_scaling: optional RoPE scaling dict (`ModelConfig.rope_scaling()`).
+      rope_interleave: RoPE on interleaved pairs (DeepSeek checkpoint layout).
+      initializer_range: stddev of the normal initializer.
+      sliding_window, global_weight, local_weight: hybrid local/global mix (0 = off).
+
+    Example:
+        >>> mla = MultiHeadLatentAttention(hidden_size=32, num_heads=4, q_lora_rank=16,
+        ...                                kv_lora_rank=8, qk_nope_head_dim=8,
+        ...                                qk_rope_head_dim=4, v_head_dim=8)
+        >>> seg = tf.ones((2, 5), tf.int32)
+        >>> mla(tf.ones((2, 5, 32)), positions=tf.zeros((2, 5), tf.int32),
+        ...     attention_mask=attention_mask(seg)).shape
+        TensorShape([2, 5, 32])
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, q_lora_rank: int, kv_lora_rank: int,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
+                 use_bias: bool = False, rope_theta: float = 10000.0,
+                 rope_scaling: dict | None = None, rope_interleave: bool = False,
+                 initializer_range: float = 0.02, sliding_window: int = 0,
+                 global_weight: float = 0.7, local_weight: float = 0.3, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
+        self.v_head_dim, self.use_bias = v_head_dim, use_bias
+        self.rope_theta, self.rope_interleave = rope_theta, rope_interleave
+        self.rope_scaling = dict(rope_scaling) if rope_scaling else None
+        self.initializer_range = initializer_range
+        self.sliding_window, self.global_weight, self.local_weight = (
+            sliding_window, global_weight, local_weight)
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.scale = mla_softmax_scale(self.qk_head_dim, self.rope_scaling)
+        ir, h = initializer_range, num_heads
+        if q_lora_rank:
+            self.q_a_proj = _dense(q_lora_rank, use_bias, ir, "q_a_proj")
+            self.q_a_layernorm = RMSNorm(LATENT_NORM_EPS, name="q_a_layernorm")
+            self.q_b_proj = _dense(h * self.qk_head_dim, False, ir, "q_b_proj")
+        else:
+            self.q_proj = _dense(h * self.qk_head_dim, False, ir, "q_proj")
+        self.kv_a_proj_with_mqa = _dense(kv_lora_rank + qk_rope_head_dim, use_bias, ir,
+                                         "kv_a_proj_with_mqa")
+        self.kv_a_layernorm = RMSNorm(LATENT_NORM_EPS, name="kv_a_layernorm")
+        self.kv_b_proj = _dense(h * (qk_nope_head_dim + v_head_dim), False, ir, "kv_b_proj")
+        self.o_proj = _dense(hidden_size, use_bias, ir, "o_proj")
+        self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_theta, self.rope_scaling,
+                                      name="rotary")
+
+    def build(self, input_shape):
+        lead = tuple(input_shape[:-1])
+        if self.q_lora_rank:
+            self.q_a_proj.build(input_shape)
+            self.q_a_layernorm.build(lead + (self.q_lora_rank,))
+            self.q_b_proj.build(lead + (self.q_lora_rank,))
+        else:
+            self.q_proj.build(input_shape)
+        self.kv_a_proj_with_mqa.build(input_shape)
+        self.kv_a_layernorm.build(lead + (self.kv_lora_rank,))
+        self.kv_b_proj.build(lead + (self.kv_lora_rank,))
+        self.o_proj.build(lead + (self.num_heads * self.v_head_dim,))
+
+    def call(self, x, positions, attention_mask):
+        b, t = tf.shape(x)[0], tf.shape(x)[1]
+        h, nope, rope, dv = (self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
+                             self.v_head_dim)
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = tf.reshape(q, [b, t, h, nope + rope])                    # (B, T, H, nope+rope)
+        q_nope, q_rope = tf.split(q, [nope, rope], axis=-1)
+        kv_a = self.kv_a_proj_with_mqa(x)                            # (B, S, latent+rope)
+        latent, k_rope = tf.split(kv_a, [self.kv_lora_rank, rope], axis=-1)
+        kv = tf.reshape(self.kv_b_proj(self.kv_a_layernorm(latent)), [b, t, h, nope + dv])
+        k_nope, v = tf.split(kv, [nope, dv], axis=-1)                # (B, S, H, nope|dv)
+        cos, sin = self.rotary(positions)
+        q_rope = apply_rotary(q_rope, cos, sin, self.rope_interleave)              # (B, T, H, r)
+        k_rope = apply_rotary(tf.expand_dims(k_rope, 2), cos, sin, self.rope_interleave)
+        scores = (tf.einsum("bthd,bshd->bhts", q_nope, k_nope)
+                  + tf.einsum("bthd,bsd->bhts", q_rope, tf.squeeze(k_rope, 2)))  # (B, H, T, S)
+        probs = attention_probs(scores * self.scale, attention_mask, self.sliding_window,
+                                self.global_weight, self.local_weight)    # mask (B, 1, T, S)
+        out = tf.einsum("bhts,bshd->bthd", tf.cast(probs, v.dtype), v)    # (B, T, H, dv)
+        return self.o_proj(tf.reshape(out, [b, t, h * dv]))              # (B, T, hidden)
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_size": self.hidden_size,
+                "num_heads": self.num_heads, "q_lora_rank": self.q_lora_rank,
+                "kv_lora_rank": self.kv_lora_rank, "qk_nope_head_dim": self.qk_nope_head_dim,
+                "qk_rope_head_dim": self.qk_rope_head_dim, "v_head_dim": self.v_head_dim,
+                "use_bias": self.use_bias, "rope_theta": self.rope_theta,
+                "rope_scaling": self.rope_scaling, "rope_interleave": self.rope_interleave,
+                "initializer_range": self.initializer_range,
+                "sliding_window": self.sliding_window, "global_weight": self.global_weight,
+                "local_weight": self.local_weight}

@@ -1,0 +1,173 @@
+"""DeepSeekMoE: shared experts plus top-k routed experts with sparse dispatch.
+
+Sparse dispatch (compute grows with top_k, not with the number of experts):
+  1. The (token, choice) pairs are ordered choice-major (every token's first choice
+     before any second choice, so overflow drops low-ranked choices first); a cumsum
+     over their one-hot experts gives each pair its position inside its expert.
+  2. Pairs whose position is below the capacity C get the slot `expert * C +
+     position`; an index map (slot -> token) gathers tokens into static [E, C, d]
+     buffers (empty slots read a zero row).
+  3. Experts run as two batched einsums over the stacked weights [E, d, 2f] (gate
+     and up fused) and [E, f, d].
+  4. Each pair gathers its slot's output back (dropped pairs read a zero row),
+     weighted by its combine weight and summed per token.
+Capacity `C = ceil(capacity_factor * N * k / E)` (at most N). `capacity_factor <= 0`
+is dropless: C is the largest expert load of the batch (exact, but a data-dependent
+shape, so not under XLA). Dropped pairs are counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from deepseek_tf.layers.mlp import _ACTIVATIONS, GatedMLP
+from deepseek_tf.layers.router import TopkRouter, router_z_loss, sequence_balance_loss
+
+
+def expert_capacity(num_tokens, top_k: int, num_experts: int, factor: float):
+    """Buffer rows per expert: a Python int when `num_tokens` is static; None = dropless."""
+    if factor <= 0:
+        return None
+    if isinstance(num_tokens, int):
+        return max(1, min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts)))
+    c = tf.cast(tf.math.ceil(factor * tf.cast(num_tokens * top_k, tf.float32) / num_experts),
+                tf.int32)
+    return tf.maximum(1, tf.minimum(num_tokens, c))
+
+
+def dispatch_combine(x, indices, weights, gate_up, down, capacity=None, activation="silu"):
+    """Runs every token through its chosen experts with static-capacity buffers.
+
+    Args:
+      x: (N, d) tokens.
+      indices: int32 (N, k) chosen experts; weights: (N, k) combine weights.
+      gate_up: (E, d, 2f) stacked fused gate/up weights; down: (E, f, d).
+      capacity: rows per expert buffer (int or scalar tensor); None = dropless.
+      activation: "silu" or "gelu".
+
+    Returns (y (N, d), load (E,) float32 pairs routed per expert, dropped float32 pairs).
+    """
+    n = tf.shape(x)[0]
+    k, e, d = indices.shape[-1], gate_up.shape[0], x.shape[-1]
+    flat_e = tf.reshape(tf.transpose(indices), [-1])                       # (kN,) choice-major
+    onehot = tf.one_hot(flat_e, e, dtype=tf.int32)                         # (kN, E)
+    pos = tf.reduce_sum(tf.cumsum(onehot, axis=0, exclusive=True) * onehot, axis=1)  # (kN,)
+    load = tf.reduce_sum(onehot, axis=0)                                   # (E,)
+    if capacity is None:
+        capacity = tf.reduce_max(load)
+    keep = pos < capacity
+    trash = e * capacity
+    slot = tf.where(keep, flat_e * capacity + pos, trash)                  # (kN,)
+    token = tf.tile(tf.range(n), [k])                                      # (kN,)
+    index_map = tf.math.unsorted_segment_sum(tf.where(keep, token + 1, 0), slot, trash + 1)
+    index_map = index_map[:-1] - 1                                         # (E*C,) -1 = empty
+    index_map = tf.where(index_map < 0, n, index_map)
+    x_pad = tf.concat([x, tf.zeros([1, d], x.dtype)], axis=0)              # (N+1, d)
+    xe = tf.reshape(tf.gather(x_pad, index_map), [e, capacity, d])         # (E, C, d)
+    gate, up = tf.split(tf.einsum("ecd,edf->ecf", xe, gate_up), 2, axis=-1)  # (E, C, f)
+    ye = tf.einsum("ecf,efd->ecd", _ACTIVATIONS[activation](gate) * up, down)  # (E, C, d)
+    y_pad = tf.concat([tf.reshape(ye, [trash, d]), tf.zeros([1, d], ye.dtype)], axis=0)
+    yk = tf.reshape(tf.gather(y_pad, slot), [k, n, d])                     # (k, N, d)
+    w = tf.expand_dims(tf.cast(tf.transpose(weights), yk.dtype), -1)       # (k, N, 1)
+    y = tf.reduce_sum(yk * w, axis=0)                                      # (N, d)
+    dropped = tf.cast(tf.size(keep), tf.float32) - tf.reduce_sum(tf.cast(keep, tf.float32))
+    return y, tf.cast(load, tf.float32), dropped
+
+
+@keras.saving.register_keras_serializable(package="deepseek_tf")
+class DeepSeekMoE(keras.layers.Layer):
+    """Shared experts + routed experts (stacked weights) with sparse dispatch.
+
+    Args:
+      hidden_size: input and output width.
+      num_experts: routed experts E.
+      top_k: experts per token.
+      moe_intermediate_size: hidden width f of each expert.
+      n_shared_experts: shared experts (one GatedMLP of width n_shared * f); 0 = none.
+      scoring_func, topk_method, n_group, topk_group, norm_topk_prob,
+        routed_scaling_factor: routing (see `TopkRouter`).
+      capacity_factor: buffer capacity in training (<= 0 = dropless).
+      inference_capacity_factor: the same outside training.
+      activation: "silu" or "gelu".
+      initializer_range: stddev of the normal initializer.
+
+    Call: `moe(x, training=False, return_aux=False)` with x (B, T, d) returns y
+    (B, T, d), or (y, aux) where aux has float32 `load` (E,) routed pairs per
+    expert, `dropped` pairs, `balance_loss` (sequence-wise, unweighted) and
+    `z_loss`.
+
+    Example:
+        >>> moe = DeepSeekMoE(hidden_size=16, num_experts=8, top_k=2,
+        ...                   moe_intermediate_size=8, n_shared_experts=1)
+        >>> moe(tf.ones((2, 3, 16))).shape
+        TensorShape([2, 3, 16])
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int,
+                 moe_intermediate_size: int, n_shared_experts: int = 0,
+                 scoring_func: str = "sigmoid", topk_method: str = "noaux_tc",
+                 n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+                 routed_scaling_factor: float = 1.0, capacity_factor: float = 1.25,
+                 inference_capacity_factor: float = 0.0, activation: str = "silu",
+                 initializer_range: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.moe_intermediate_size, self.n_shared_experts = moe_intermediate_size, n_shared_experts
+        self.capacity_factor = capacity_factor
+        self.inference_capacity_factor = inference_capacity_factor
+        self.activation, self.initializer_range = activation, initializer_range
+        self.gate = TopkRouter(num_experts, top_k, scoring_func, topk_method, n_group,
+                               topk_group, norm_topk_prob, routed_scaling_factor,
+                               initializer_range, name="gate")
+        self.shared_experts = GatedMLP(
+            hidden_size, moe_intermediate_size * n_shared_experts, activation,
+            initializer_range, name="shared_experts") if n_shared_experts else None
+
+    def build(self, input_shape):
+        init = keras.initializers.RandomNormal(stddev=self.initializer_range)
+        e, d, f = self.num_experts, self.hidden_size, self.moe_intermediate_size
+        self.gate.build((None, d))
+        self.gate_up_proj = self.add_weight(name="gate_up_proj", shape=(e, d, 2 * f),
+                                            initializer=init)
+        self.down_proj = self.add_weight(name="down_proj", shape=(e, f, d), initializer=init)
+        if self.shared_experts is not None:
+            self.shared_experts.build(input_shape)
+
+    def call(self, x, training=False, return_aux=False):
+        b, t = tf.shape(x)[0], tf.shape(x)[1]
+        static = x.shape[0] is not None and x.shape[1] is not None
+        n = x.shape[0] * x.shape[1] if static else b * t
+        route = self.gate(tf.reshape(x, [-1, self.hidden_size]))           # (N, ...) float32
+        factor = self.capacity_factor if training else self.inference_capacity_factor
+        capacity = expert_capacity(n, self.top_k, self.num_experts, factor)
+        y, load, dropped = dispatch_combine(
+            tf.reshape(x, [-1, self.hidden_size]), route["indices"], route["weights"],
+            tf.cast(self.gate_up_proj, x.dtype), tf.cast(self.down_proj, x.dtype),
+            capacity, self.activation)
+        y = tf.reshape(y, tf.shape(x))                                     # (B, T, d)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if not return_aux:
+            return y
+        seq = lambda v: tf.reshape(v, [b, t, -1])  # noqa: E731
+        aux = {"load": load, "dropped": dropped,
+               "balance_loss": sequence_balance_loss(seq(route["scores"]), seq(route["indices"]),
+                                                     self.num_experts),
+               "z_loss": router_z_loss(route["logits"])}
+        return y, aux
+
+    def get_config(self):
+        g = self.gate
+        return {**super().get_config(), "hidden_size": self.hidden_size,
+                "num_experts": self.num_experts, "top_k": self.top_k,
+                "moe_intermediate_size": self.moe_intermediate_size,
+                "n_shared_experts": self.n_shared_experts, "scoring_func": g.scoring_func,
+                "topk_method": g.topk_method, "n_group": g.n_group, "topk_group": g.topk_group,
+                "norm_topk_prob": g.norm_topk_prob,
+                "routed_scaling_factor": g.routed_scaling_factor,
+                "capacity_factor": self.capacity_factor,
+                "inference_capacity_factor": self.inference_capacity_factor,
+                "activation": self.activation, "initializer_range": self.initializer_range}

@@ -1,0 +1,111 @@
+"""Reference logits from Hugging Face transformers (run in a subprocess: torch never
+enters the TF test process).
+
+    python hf_reference.py build OUT_DIR     # tiny random models -> OUT_DIR/<name>/ + logits
+    python hf_reference.py reload DIR...     # from_pretrained(DIR) -> DIR/reloaded.npz
+
+`build` saves each model with save_pretrained (safetensors) and writes
+OUT_DIR/reference.npz with the token batch and every model's float32 logits.
+Nothing is downloaded: the models are built from configs with a fixed seed.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import transformers
+
+SEQ, VOCAB = 20, 96
+MLA = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_attention_heads=4,
+           num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+           v_head_dim=12, moe_intermediate_size=24, max_position_embeddings=64,
+           initializer_range=0.1)
+DENSE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             initializer_range=0.1)
+
+CONFIGS = {
+    # V3: sigmoid router with a non-zero correction bias, group-limited routing, q_lora.
+    "deepseek_v3": ("DeepseekV3", dict(
+        MLA, num_hidden_layers=3, q_lora_rank=24, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True)),
+    # V2: softmax / greedy routing, no q_lora, attention biases.
+    "deepseek_v2": ("DeepseekV2", dict(
+        MLA, num_hidden_layers=2, q_lora_rank=None, n_routed_experts=6, n_shared_experts=2,
+        num_experts_per_tok=2, first_k_dense_replace=1, topk_method="greedy",
+        routed_scaling_factor=1.0, attention_bias=True)),
+    "llama": ("Llama", dict(DENSE)),
+    "qwen2": ("Qwen2", dict(DENSE, tie_word_embeddings=True)),
+    # YaRN-scaled V3 (attention factor != 1, mscale_all_dim softmax correction),
+    # rotate-half RoPE layout, greedy single-group routing.
+    "deepseek_v3_yarn": ("DeepseekV3", dict(
+        MLA, num_hidden_layers=2, q_lora_rank=24, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+        norm_topk_prob=False, rope_interleave=False, max_position_embeddings=128,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
+                             original_max_position_embeddings=16, beta_fast=32.0,
+                             beta_slow=1.0, mscale=1.0, mscale_all_dim=0.7))),
+    # R1-Distill-Llama style llama3 RoPE scaling.
+    "llama3_rope": ("Llama", dict(DENSE, max_position_embeddings=128, rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=8))),
+}
+
+
+def tokens():
+    rng = np.random.default_rng(1234)
+    return rng.integers(0, VOCAB, size=(2, SEQ)).astype(np.int64)
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def perturb(model, gen):
+    """Norm weights away from 1 and correction biases away from 0, so they matter."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=gen))
+
+
+def build(out_dir, names):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    ids = tokens()
+    result = {"tokens": ids}
+    for name in names:
+        family, kw = CONFIGS[name]
+        cfg = getattr(transformers, f"{family}Config")(**kw)
+        model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+        perturb(model, gen)
+        model.save_pretrained(os.path.join(out_dir, name))
+        result[name] = logits_of(model, ids)
+    np.savez(os.path.join(out_dir, "reference.npz"), **result)
+
+
+def reload(dirs):
+    for d in dirs:
+        ids = np.load(os.path.join(d, "tokens.npy"))
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            d, output_loading_info=True, attn_implementation="eager")
+        np.savez(os.path.join(d, "reloaded.npz"), logits=logits_of(model.eval(), ids))
+        with open(os.path.join(d, "loading_info.json"), "w") as f:
+            json.dump({k: sorted(map(str, v)) for k, v in info.items()}, f)
+
+
+if __name__ == "__main__":
+    transformers.logging.set_verbosity_error()
+    if sys.argv[1] == "build":
+        build(sys.argv[2], sys.argv[3:] or list(CONFIGS))
+    else:
+        reload(sys.argv[2:])
