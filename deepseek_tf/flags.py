@@ -117,14 +117,35 @@ def reconcile(saved: cfg.Experiment, given: dict[str, dict], path: str) -> cfg.E
     return cfg.Experiment(**sections)
 
 
+def fresh_conversion(workdir: str) -> bool:
+    """True for a workdir written by `deepseek_tf.convert` that has not trained yet
+    (its latest checkpoint is still the converted ckpt-0)."""
+    index = os.path.join(workdir, "checkpoints", "checkpoint")
+    if not os.path.exists(os.path.join(workdir, "convert.json")) or not os.path.exists(index):
+        return False
+    with open(index) as f:
+        first = f.readline()  # model_checkpoint_path: "ckpt-N"
+    return first.strip().endswith('ckpt-0"')
+
+
 def resolve_experiment(flag_values: flags.FlagValues = FLAGS,
                        workdir: str | None = None) -> cfg.Experiment:
-    """The experiment of this run: flags, reconciled with `<workdir>/config.json`."""
+    """The experiment of this run: flags, reconciled with `<workdir>/config.json`.
+
+    In a freshly converted workdir only the model section is fixed (the weights
+    define it); given data, optimizer and loop flags replace the saved values.
+    """
     exp = experiment_from_flags(flag_values)  # validates the flags even when resuming
     if workdir:
         path = os.path.join(workdir, CONFIG_FILE)
         if os.path.exists(path):
-            return reconcile(cfg.Experiment.load(path), given_overrides(flag_values), path)
+            given = given_overrides(flag_values)
+            saved = cfg.Experiment.load(path)
+            if fresh_conversion(workdir):
+                saved = cfg.Experiment(model=saved.model, **{
+                    s: getattr(saved, s).replace(**given[s]) for s in cfg.SECTIONS
+                    if s != "model"})
+            return reconcile(saved, given, path)
     return exp
 
 

@@ -62,6 +62,18 @@ class DeepSeekCausalLM(keras.Model):
         """Creates every variable (a forward pass on a tiny batch)."""
         self(tf.zeros((1, 2), tf.int32), return_aux=bool(self.mtp))
 
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # Keras 3 keeps layer lists in a TrackedList that tf.train.Checkpoint does not
+        # follow: without this, block weights reached checkpoints only through the
+        # optimizer, and non-trainable ones (router biases) not at all.
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "checkpoint":
+            for i, block in enumerate(self.blocks):
+                children.setdefault(f"layers_{i}", block)
+            for k, module in enumerate(self.mtp, start=1):
+                children.setdefault(f"mtp_{k}", module)
+        return children
+
     @property
     def moe_layers(self) -> list:
         """The DeepSeekMoE layers, in the order of `aux["expert_load"]` rows."""

@@ -3,6 +3,10 @@
 Saving goes through `tf.train.CheckpointManager`: TF writes the checkpoint's
 files first and updates the `checkpoint` index file (atomically) last, so an
 interrupted save leaves the previous checkpoint as the latest one.
+
+A checkpoint written by `python -m deepseek_tf.convert` holds only the model and
+the step (no optimizer, data or RNG state): it is restored as the initial weights
+of a fresh run.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
     path = manager.latest_checkpoint
     if not path:
         return 0
+    weights_only = not any(name.startswith("optimizer/")
+                           for name, _ in tf.train.list_variables(path))
+    if weights_only:
+        checkpoint = tf.train.Checkpoint(model=checkpoint.model, step=checkpoint.step)
     try:
         checkpoint.restore(path).assert_existing_objects_matched()
     except (tf.errors.OpError, AssertionError, ValueError) as e:
@@ -26,5 +34,8 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
                         f"model/config or is damaged: use a new --workdir, or delete that "
                         f"checkpoint to fall back to an older one.") from e
     step = int(checkpoint.step.numpy())
-    log(f"resumed from {path} at step {step}")
+    if weights_only:
+        log(f"initialised the model from {path} (weights only) at step {step}")
+    else:
+        log(f"resumed from {path} at step {step}")
     return step

@@ -84,13 +84,17 @@ class MetricLogger:
     def write(self, step: int, metrics: dict, kind: str = "train") -> None:
         if not self.enabled:
             return
-        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = {k: [float(x) for x in v] if isinstance(v, (list, tuple)) else float(v)
+                   for k, v in metrics.items()}
         with open(os.path.join(self.workdir, LOG_FILE), "a") as f:
             f.write(json.dumps({"step": int(step), "kind": kind, "time": time.time(),
                                 **metrics}) + "\n")
         with self._writer(kind).as_default(step=int(step)):
             for k, v in metrics.items():
-                tf.summary.scalar(k, v)
+                if isinstance(v, list):  # e.g. per-expert load fractions
+                    tf.summary.histogram(k, v)
+                else:
+                    tf.summary.scalar(k, v)
         self.printer(self._line(step, metrics, kind))
 
     def _line(self, step: int, m: dict, kind: str) -> str:
@@ -106,6 +110,11 @@ class MetricLogger:
         parts = [f"step {step:>6}/{self.total_steps}", f"loss {m['loss']:.4f}",
                  f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}",
                  f"{m['tokens_per_sec']:,.0f} tok/s", f"{m['tokens_seen'] / 1e6:.2f}M tokens"]
+        if "mtp_loss" in m:
+            parts.append(f"mtp {m['mtp_loss']:.4f}")
+        if "moe/load_max" in m:
+            parts.append(f"moe max/mean load {m['moe/load_max']:.2f}, "
+                         f"dropped {100 * m['moe/dropped_frac']:.1f}%")
         return " | ".join(parts) + eta
 
     def flush(self) -> None:

@@ -27,6 +27,7 @@ from deepseek_tf.data.tokenizer import copy_tokenizer, load_tokenizer
 from deepseek_tf.flags import CONFIG_FILE
 from deepseek_tf.model import DeepSeekCausalLM, count_params
 from deepseek_tf.train import checkpoint as ckpt_lib
+from deepseek_tf.train.aux_losses import log_metrics
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
 from deepseek_tf.train.optimizer import make_optimizer
 from deepseek_tf.train.step import make_eval_step, make_train_step
@@ -184,7 +185,7 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
                 "lr": float(schedule(state.optimizer.iterations - 1)),
                 "grad_norm": float(out["grad_norm"]), "accuracy": float(out["accuracy"]),
                 "tokens_per_sec": (step - step_at_log) * tokens_per_step / max(now - t_log, 1e-9),
-                "tokens_seen": step * tokens_per_step}
+                "tokens_seen": step * tokens_per_step, **log_metrics(state.model, out)}
             logger.write(step, last_train, "train")
             window_loss, window_steps, t_log, step_at_log = 0.0, 0, now, step
         if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.steps:

@@ -6,6 +6,10 @@ accumulation micro-batches). Gradients are summed over micro-batches and
 all-reduced (SUM) once per step, so accumulation and any number of replicas give
 the large-batch step. Clipping uses the global norm of the all-reduced gradients.
 
+Models with MoE layers or MTP modules also return side outputs; `aux_losses` adds
+their losses to the micro-batch loss, accumulates their stats (expert load, dropped
+tokens) with the gradients, and updates the router biases after `apply_gradients`.
+
 Example:
     >>> step_fn = make_train_step(model, optimizer, strategy, TrainConfig(), OptimConfig())
     >>> metrics = step_fn(iterator)   # one optimizer step
@@ -17,69 +21,86 @@ import tensorflow as tf
 
 from deepseek_tf.config import OptimConfig, TrainConfig
 from deepseek_tf.model import token_losses
+from deepseek_tf.train import aux_losses
 
 SUM = tf.distribute.ReduceOp.SUM
 
 
-def _forward(model, batch, training):
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                   positions=batch["positions"], training=training)       # (B, T, V)
+def _forward(model, batch, training, with_aux=False):
+    """(CE loss sum, hits) or, `with_aux`, (CE loss sum, hits, extra loss sum, stats)."""
+    out = model(batch["inputs"], segment_ids=batch["segment_ids"],
+                positions=batch["positions"], training=training, return_aux=with_aux)
+    logits = out[0] if with_aux else out                                  # (B, T, V)
     mask = batch["loss_mask"]
     loss_sum = tf.reduce_sum(token_losses(logits, batch["targets"]) * mask)
     hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), batch["targets"]),
                    tf.float32)
-    return loss_sum, tf.reduce_sum(hits * mask)
+    if not with_aux:
+        return loss_sum, tf.reduce_sum(hits * mask)
+    return (loss_sum, tf.reduce_sum(hits * mask)) + aux_losses.aux_terms(model.config, out[1],
+                                                                         batch)
 
 
 def make_grad_fn(model, accum_steps: int, jit_compile: bool):
-    """(batch with (A, B, T) tensors, global token count) -> (grads, loss, hits).
+    """(batch with (A, B, T) tensors, global token count) -> (grads, loss, hits, stats).
 
-    The compute part of the step; under `jit_compile` it is one XLA cluster.
+    The compute part of the step; under `jit_compile` it is one XLA cluster. `loss`
+    is the cross entropy; the gradients include the aux losses; `stats` are the
+    summed aux statistics ({} for a dense model without MTP).
     """
     variables = model.trainable_variables
+    with_aux = aux_losses.uses_aux(model.config)
 
     def micro(batch, denom):
         with tf.GradientTape() as tape:
-            loss_sum, hits = _forward(model, batch, training=True)
+            out = _forward(model, batch, training=True, with_aux=with_aux)
+            loss_sum, hits = out[:2]
+            extra, stats = out[2:] if with_aux else (0.0, {})
             loss = loss_sum / denom
-        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]  # dense
-        return grads, loss, hits
+            total = loss + extra / denom if with_aux else loss
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(total, variables)]  # dense
+        return grads, loss, hits, stats
 
     def grad_fn(batch, denom):
         first = {k: v[0] for k, v in batch.items()}
-        grads, loss, hits = micro(first, denom)
+        grads, loss, hits, stats = micro(first, denom)
         if accum_steps == 1:
-            return grads, loss, hits
+            return grads, loss, hits, stats
 
-        def body(i, grads, loss, hits):
-            g, l, h = micro({k: v[i] for k, v in batch.items()}, denom)
-            return i + 1, [a + b for a, b in zip(grads, g)], loss + l, hits + h
+        def body(i, grads, loss, hits, stats):
+            g, l, h, s = micro({k: v[i] for k, v in batch.items()}, denom)
+            return (i + 1, [a + b for a, b in zip(grads, g)], loss + l, hits + h,
+                    {k: stats[k] + s[k] for k in stats})
 
-        _, grads, loss, hits = tf.while_loop(
-            lambda i, *_: i < accum_steps, body, (tf.constant(1), grads, loss, hits))
-        return grads, loss, hits
+        _, grads, loss, hits, stats = tf.while_loop(
+            lambda i, *_: i < accum_steps, body, (tf.constant(1), grads, loss, hits, stats))
+        return grads, loss, hits, stats
 
     return tf.function(grad_fn, jit_compile=jit_compile)
 
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cfg: TrainConfig,
                     optim_cfg: OptimConfig):
-    """Returns `step(iterator) -> dict of float32 scalars` (loss, grad_norm, accuracy, tokens)."""
+    """Returns `step(iterator) -> dict of float32 tensors` (loss, grad_norm, accuracy, tokens,
+    and the `aux_losses.step_metrics` of MoE / MTP models)."""
     grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.jit_compile)
     variables = model.trainable_variables
 
     def replica_step(batch):
         ctx = tf.distribute.get_replica_context()
         tokens = ctx.all_reduce(SUM, tf.reduce_sum(batch["loss_mask"]))
-        grads, loss, hits = grad_fn(batch, tf.maximum(tokens, 1.0))
+        grads, loss, hits, stats = grad_fn(batch, tf.maximum(tokens, 1.0))
         grads = ctx.all_reduce(SUM, grads)
         loss, hits = ctx.all_reduce(SUM, [loss, hits])
+        stats = ctx.all_reduce(SUM, stats) if stats else {}
         grad_norm = tf.linalg.global_norm(grads)
         if optim_cfg.clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, optim_cfg.clip_norm, use_norm=grad_norm)
         optimizer.apply_gradients(zip(grads, variables))
+        aux_metrics = aux_losses.step_metrics(model, stats, tokens)  # after: updates biases
         return {"loss": loss, "grad_norm": grad_norm,
-                "accuracy": hits / tf.maximum(tokens, 1.0), "loss_tokens": tokens}
+                "accuracy": hits / tf.maximum(tokens, 1.0), "loss_tokens": tokens,
+                **aux_metrics}
 
     @tf.function
     def step(iterator):
