@@ -110,7 +110,7 @@ class DeepSeekCausalLM(keras.Model):
             return logits
         mtp_logits = []
         for k, module in enumerate(self.mtp, start=1):
-            x, normed, a = module(x, self.embed_tokens(shift_left(inputs, k)), positions, mask,
+            normed, x, a = module(x, self.embed_tokens(shift_left(inputs, k)), positions, mask,
                                   training=training, return_aux=True)
             layer_aux.append(a)
             mtp_logits.append(self.head(normed))

@@ -60,3 +60,48 @@ def test_model_config_round_trip(model):
     clone = DeepSeekCausalLM.from_config(model.get_config())
     assert clone.config == model.config
     assert [v.shape for v in clone.weights] == [v.shape for v in model.weights]
+
+
+@pytest.fixture(scope="module")
+def deepseek():
+    """MLA + MoE (dense first layer, noaux_tc groups) + MTP, dropless at inference."""
+    return DeepSeekCausalLM(tiny.model_config(
+        attention_type="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, rope_interleave=True, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16, n_group=4,
+        topk_group=2, first_k_dense_replace=1, num_nextn_predict_layers=1))
+
+
+def test_deepseek_model_is_causal_and_isolates_packed_documents(deepseek):
+    a = _tokens((1, 12), seed=3).numpy()
+    b = a.copy()
+    b[0, 8:] = (b[0, 8:] + 5) % 256
+    la, lb = deepseek(tf.constant(a)).numpy(), deepseek(tf.constant(b)).numpy()
+    np.testing.assert_allclose(la[0, :8], lb[0, :8], atol=1e-5)
+    seg = np.array([[1] * 5 + [2] * 7], np.int32)
+    pos = np.array([list(range(5)) + list(range(7))], np.int32)
+    packed = deepseek(tf.constant(a), segment_ids=tf.constant(seg), positions=tf.constant(pos))
+    alone = deepseek(tf.constant(a[:, 5:])).numpy()
+    np.testing.assert_allclose(packed.numpy()[0, 5:], alone[0], atol=1e-5)
+
+
+def test_deepseek_aux_outputs(deepseek):
+    logits, aux = deepseek(_tokens((2, 10)), training=True, return_aux=True)
+    assert logits.shape == (2, 10, 264)
+    assert aux["expert_load"].shape == (2, 8)          # layer 1 and the MTP block
+    np.testing.assert_allclose(aux["expert_load"].numpy().sum(-1), 2 * 10 * 2)
+    assert len(aux["mtp_logits"]) == 1 and aux["mtp_logits"][0].shape == (2, 10, 264)
+    assert len(deepseek.moe_layers) == 2
+
+
+def test_checkpoint_holds_every_model_variable(deepseek, tmp_path):
+    """Including the non-trainable router biases and the blocks of the layer list."""
+    path = tf.train.Checkpoint(model=deepseek).save(str(tmp_path / "ckpt"))
+    saved = set(tf.train.load_checkpoint(path).get_variable_to_shape_map())
+    saved = {k for k in saved if k.startswith("model/")}
+    assert len(saved) == len(deepseek.variables)
+    assert sum("e_score_correction_bias" in k for k in saved) == 2
+    clone = DeepSeekCausalLM.from_config(deepseek.get_config())
+    tf.train.Checkpoint(model=clone).restore(path).assert_existing_objects_matched()
+    for a, b in zip(clone.variables, deepseek.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

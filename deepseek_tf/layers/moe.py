@@ -65,11 +65,13 @@ def dispatch_combine(x, indices, weights, gate_up, down, capacity=None, activati
     index_map = tf.math.unsorted_segment_sum(tf.where(keep, token + 1, 0), slot, trash + 1)
     index_map = index_map[:-1] - 1                                         # (E*C,) -1 = empty
     index_map = tf.where(index_map < 0, n, index_map)
-    x_pad = tf.concat([x, tf.zeros([1, d], x.dtype)], axis=0)              # (N+1, d)
+    # tf.pad, not concat: concat's gradient of a gather's IndexedSlices builds a
+    # data-dependent tf.where that makes XLA evaluate the whole step at compile time.
+    x_pad = tf.pad(x, [[0, 1], [0, 0]])                                    # (N+1, d)
     xe = tf.reshape(tf.gather(x_pad, index_map), [e, capacity, d])         # (E, C, d)
     gate, up = tf.split(tf.einsum("ecd,edf->ecf", xe, gate_up), 2, axis=-1)  # (E, C, f)
     ye = tf.einsum("ecf,efd->ecd", _ACTIVATIONS[activation](gate) * up, down)  # (E, C, d)
-    y_pad = tf.concat([tf.reshape(ye, [trash, d]), tf.zeros([1, d], ye.dtype)], axis=0)
+    y_pad = tf.pad(tf.reshape(ye, [trash, d]), [[0, 1], [0, 0]])           # (E*C+1, d)
     yk = tf.reshape(tf.gather(y_pad, slot), [k, n, d])                     # (k, N, d)
     w = tf.expand_dims(tf.cast(tf.transpose(weights), yk.dtype), -1)       # (k, N, 1)
     y = tf.reduce_sum(yk * w, axis=0)                                      # (N, d)

@@ -39,7 +39,8 @@ class MTPModule(keras.layers.Layer):
       depth: k, 1-based.
 
     Call: `mtp(h_prev, next_embeddings, positions, attention_mask, training=False,
-    return_aux=False)` -> (h_k, normed h_k[, aux]); the caller applies the shared head.
+    return_aux=False)` -> (norm(h_k), h_k[, aux]): the caller applies the shared head to
+    the first and feeds the second to the next depth.
 
     Example:
         >>> cfg = ModelConfig(hidden_size=16, num_attention_heads=4, intermediate_size=32)
@@ -73,7 +74,7 @@ class MTPModule(keras.layers.Layer):
         out = self.block(x, positions=positions, attention_mask=attention_mask,
                          training=training, return_aux=True)
         h, aux = out
-        return (h, self.norm(h), aux) if return_aux else (h, self.norm(h))
+        return (self.norm(h), h, aux) if return_aux else (self.norm(h), h)
 
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict(), "depth": self.depth}

@@ -2,7 +2,8 @@
 
 `check_layer` asserts the output shape and dtype, that `get_config` round-trips
 (a layer rebuilt from its config, given the same weights, gives the same output),
-and that every trainable weight receives a gradient.
+and that every trainable weight receives a gradient. Layers that return a tuple are
+checked on its first element; layers that return a dict on `output_key`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ import numpy as np
 import tensorflow as tf
 
 
+def _first(out, output_key):
+    if isinstance(out, dict):
+        return out[output_key]
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def check_layer(layer, args: tuple, kwargs: dict | None = None, *, expected_shape,
-                expected_dtype=tf.float32, atol: float = 1e-6):
+                expected_dtype=tf.float32, atol: float = 1e-6, output_key: str | None = None):
     kwargs = kwargs or {}
     with tf.GradientTape() as tape:
         out = layer(*args, **kwargs)
-        first = out[0] if isinstance(out, (tuple, list)) else out
+        first = _first(out, output_key)
         loss = tf.reduce_sum(tf.square(tf.cast(first, tf.float32)))
     assert tuple(first.shape) == tuple(expected_shape), (first.shape, expected_shape)
     assert first.dtype == expected_dtype, first.dtype
@@ -35,6 +42,6 @@ def check_layer(layer, args: tuple, kwargs: dict | None = None, *, expected_shap
     for dst, src in zip(clone.weights, layer.weights):
         dst.assign(src)
     clone_out = clone(*args, **kwargs)
-    clone_first = clone_out[0] if isinstance(clone_out, (tuple, list)) else clone_out
+    clone_first = _first(clone_out, output_key)
     np.testing.assert_allclose(clone_first.numpy(), first.numpy(), atol=atol)
     return out

@@ -1,0 +1,125 @@
+"""`python -m deepseek_tf.params --flagfile=configs/deepseek-v3-671b.flags`
+
+Counts a model's parameters analytically from its config (nothing is allocated, and
+TensorFlow is not imported): total, active per token (a token runs the shared
+experts and `num_experts_per_tok` of the routed ones), and the MTP modules apart
+(DeepSeek quotes V3 as 671B total / 37B active without its 14B of MTP weights).
+Counts include the non-trainable router correction biases. `flops_per_token` gives
+the training FLOPs per token that `bench/train_throughput.py` divides by for MFU.
+
+Example:
+    >>> count_parameters(ModelConfig())["total"]
+    3281152
+"""
+
+from __future__ import annotations
+
+import os
+
+from deepseek_tf.config import ModelConfig
+
+
+def attention_params(c: ModelConfig) -> int:
+    d, h, b = c.hidden_size, c.num_attention_heads, c.attention_bias
+    if c.uses_mla:
+        qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank:
+            q = d * c.q_lora_rank + b * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * qk
+        else:
+            q = d * h * qk
+        kv_a = d * (c.kv_lora_rank + c.qk_rope_head_dim) + b * (c.kv_lora_rank + c.qk_rope_head_dim)
+        kv_b = c.kv_lora_rank + c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
+        return q + kv_a + kv_b + h * c.v_head_dim * d + b * d
+    hd, kv = c.resolved_head_dim, c.resolved_kv_heads
+    return d * (h + 2 * kv) * hd + b * (h + 2 * kv) * hd + h * hd * d
+
+
+def mlp_params(c: ModelConfig, layer_idx: int) -> tuple[int, int]:
+    """(total, active per token) of the feed-forward layer of block `layer_idx`."""
+    d = c.hidden_size
+    if not c.is_moe_layer(layer_idx):
+        return 3 * d * c.intermediate_size, 3 * d * c.intermediate_size
+    e, k, f = c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size
+    router = d * e + (e if c.topk_method == "noaux_tc" else 0)
+    shared = 3 * d * f * c.n_shared_experts
+    return router + shared + 3 * d * f * e, router + shared + 3 * d * f * k
+
+
+def block_params(c: ModelConfig, layer_idx: int) -> tuple[int, int]:
+    attn = attention_params(c) + 2 * c.hidden_size
+    total, active = mlp_params(c, layer_idx)
+    return attn + total, attn + active
+
+
+def count_parameters(c: ModelConfig) -> dict[str, int]:
+    """{"total", "active", "embedding", "mtp_total", "mtp_active"}; total/active exclude MTP."""
+    d, v = c.hidden_size, c.vocab_size
+    embedding = v * d
+    total = active = embedding + d + (0 if c.tie_word_embeddings else v * d)
+    for i in range(c.num_hidden_layers):
+        t, a = block_params(c, i)
+        total, active = total + t, active + a
+    mtp_t = mtp_a = 0
+    for k in range(1, c.num_nextn_predict_layers + 1):
+        t, a = block_params(c, c.num_hidden_layers + k - 1)
+        extra = 3 * d + 2 * d * d  # enorm, hnorm, shared_head.norm, eh_proj
+        mtp_t, mtp_a = mtp_t + t + extra, mtp_a + a + extra
+    return {"total": total, "active": active, "embedding": embedding,
+            "mtp_total": mtp_t, "mtp_active": mtp_a}
+
+
+def flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    """Training (forward + backward) matmul FLOPs per token: 6 x active matmul weights
+    (the embedding lookup excluded, every output head included) + attention
+    6 * T * heads * (qk width + v width) per block (PaLM's convention, no causal discount)."""
+    p = count_parameters(c)
+    d, h = c.hidden_size, c.num_attention_heads
+    head = c.vocab_size * d
+    matmul = (p["active"] - p["embedding"] - (0 if c.tie_word_embeddings else head)
+              + head * (1 + c.num_nextn_predict_layers) + p["mtp_active"])
+    qk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.uses_mla
+              else (c.resolved_head_dim, c.resolved_head_dim))
+    blocks = c.num_hidden_layers + c.num_nextn_predict_layers
+    return 6.0 * matmul + 6.0 * blocks * seq_len * h * (qk + dv)
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def report(c: ModelConfig) -> str:
+    p = count_parameters(c)
+    lines = [f"total parameters:   {p['total']:>18,}  ({_human(p['total'])})",
+             f"active per token:   {p['active']:>18,}  ({_human(p['active'])})",
+             f"embedding:          {p['embedding']:>18,}  ({_human(p['embedding'])})"]
+    if p["mtp_total"]:
+        lines.append(f"MTP modules:        {p['mtp_total']:>18,}  ({_human(p['mtp_total'])}; "
+                     f"{_human(p['mtp_active'])} active; embedding and head shared)")
+        lines.append(f"total with MTP:     {p['total'] + p['mtp_total']:>18,}  "
+                     f"({_human(p['total'] + p['mtp_total'])})")
+    return "\n".join(lines)
+
+
+def main(argv):
+    from deepseek_tf import flags as dflags
+    if len(argv) > 1:
+        raise dflags.cfg.UserError(f"unexpected arguments {argv[1:]} (see --help).")
+    exp = dflags.experiment_from_flags(dflags.FLAGS)
+    print(report(exp.model))
+
+
+def entry():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import flags
+
+    from deepseek_tf import flags as dflags
+    dflags.define_flags()
+    flags.adopt_module_key_flags(dflags)
+    dflags.run(main)
+
+
+if __name__ == "__main__":
+    entry()

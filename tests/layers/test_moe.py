@@ -1,0 +1,212 @@
+"""DeepSeekMoE: router vs numpy, sparse dispatch vs a dense reference, dropping,
+the balance loss on a hand-computed case, and the aux-loss-free bias update."""
+
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deepseek_tf.layers.moe import DeepSeekMoE, dispatch_combine, expert_capacity
+from deepseek_tf.layers.router import TopkRouter, router_z_loss, sequence_balance_loss
+from deepseek_tf.train.aux_losses import update_router_biases
+from tests.helpers.layer_checks import check_layer
+
+
+def _router_reference(x, kernel, bias, k, scoring, method, groups, topk_group, norm, scale):
+    logits = x.astype(np.float64) @ kernel
+    if scoring == "sigmoid":
+        scores = 1 / (1 + np.exp(-logits))
+    else:
+        scores = np.exp(logits - logits.max(-1, keepdims=True))
+        scores /= scores.sum(-1, keepdims=True)
+    choice = scores + (bias if method == "noaux_tc" else 0)
+    n, e = scores.shape
+    idx = np.zeros((n, k), int)
+    for t in range(n):
+        allowed = np.ones(e, bool)
+        if method != "greedy" and groups > 1:
+            g = choice[t].reshape(groups, -1)
+            gs = np.sort(g, -1)[:, -2:].sum(-1) if method == "noaux_tc" else g.max(-1)
+            keep = np.argsort(-gs)[:topk_group]
+            allowed = np.isin(np.arange(e) // (e // groups), keep)
+        c = np.where(allowed, choice[t], -np.inf)
+        idx[t] = np.argsort(-c)[:k]
+    w = np.take_along_axis(scores, idx, 1)
+    if norm:
+        w = w / w.sum(-1, keepdims=True)
+    return idx, w * scale
+
+
+@pytest.mark.parametrize("scoring,method,groups,topk_group,norm", [
+    ("sigmoid", "noaux_tc", 4, 2, True), ("softmax", "group_limited_greedy", 4, 1, False),
+    ("softmax", "greedy", 1, 1, False), ("sigmoid", "greedy", 1, 1, True)])
+def test_router_matches_numpy_reference(scoring, method, groups, topk_group, norm):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    router = TopkRouter(8, 2, scoring, method, groups, topk_group, norm, 2.5,
+                        initializer_range=0.5)
+    out = check_layer(router, (tf.constant(x),), expected_shape=(40, 2), output_key="weights")
+    bias = rng.normal(size=8).astype(np.float32) * 0.3
+    if method == "noaux_tc":
+        router.e_score_correction_bias.assign(bias)
+        out = router(tf.constant(x))
+        assert not router.e_score_correction_bias.trainable
+    else:
+        assert router.e_score_correction_bias is None
+    idx, w = _router_reference(x, router.kernel.numpy(), bias, 2, scoring, method, groups,
+                               topk_group, norm, 2.5)
+    got_idx, got_w = out["indices"].numpy(), out["weights"].numpy()
+    order = np.argsort(got_idx, 1), np.argsort(idx, 1)
+    np.testing.assert_array_equal(np.take_along_axis(got_idx, order[0], 1),
+                                  np.take_along_axis(idx, order[1], 1))
+    np.testing.assert_allclose(np.take_along_axis(got_w, order[0], 1),
+                               np.take_along_axis(w, order[1], 1), rtol=1e-5)
+
+
+def _experts_reference(moe, x, idx, w, keep=None):
+    """sum_k w_k * expert_k(x) (+ shared experts), per token, in numpy."""
+    gu, down, f = moe.gate_up_proj.numpy(), moe.down_proj.numpy(), moe.moe_intermediate_size
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    y = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            if keep is not None and not keep[n, j]:
+                continue
+            e = idx[n, j]
+            h = x[n] @ gu[e]
+            y[n] += w[n, j] * ((silu(h[:f]) * h[f:]) @ down[e])
+    if moe.shared_experts is not None:
+        y += moe.shared_experts(x[None]).numpy()[0]
+    return y
+
+
+def _moe(**kw):
+    return DeepSeekMoE(hidden_size=16, num_experts=8, top_k=2, moe_intermediate_size=8,
+                       n_shared_experts=1, n_group=4, topk_group=2, initializer_range=0.3, **kw)
+
+
+def test_dropless_moe_equals_dense_reference():
+    x = np.random.default_rng(1).normal(size=(2, 9, 16)).astype(np.float32)
+    moe = _moe(capacity_factor=1.25, inference_capacity_factor=0.0)
+    out = check_layer(moe, (tf.constant(x),), expected_shape=(2, 9, 16), atol=1e-5)
+    route = moe.gate(tf.constant(x.reshape(18, 16)))
+    ref = _experts_reference(moe, x.reshape(18, 16), route["indices"].numpy(),
+                             route["weights"].numpy())
+    np.testing.assert_allclose(out.numpy().reshape(18, 16), ref, rtol=1e-4, atol=1e-5)
+    _, aux = moe(tf.constant(x), return_aux=True)
+    assert float(aux["dropped"]) == 0.0 and float(tf.reduce_sum(aux["load"])) == 18 * 2
+
+
+def test_small_capacity_drops_later_choices_first_and_counts_them():
+    x = np.random.default_rng(2).normal(size=(1, 24, 16)).astype(np.float32)
+    moe = _moe(capacity_factor=0.5)
+    moe(tf.constant(x))
+    y, aux = moe(tf.constant(x), training=True, return_aux=True)
+    route = moe.gate(tf.constant(x[0]))
+    idx, w = route["indices"].numpy(), route["weights"].numpy()
+    cap = expert_capacity(24, 2, 8, 0.5)
+    assert cap == 3
+    keep, used = np.zeros_like(idx, bool), np.zeros(8, int)
+    for j in range(2):              # every token's first choice before any second choice
+        for n in range(24):
+            if used[idx[n, j]] < cap:
+                keep[n, j], used[idx[n, j]] = True, used[idx[n, j]] + 1
+    assert float(aux["dropped"]) == (~keep).sum() > 0
+    np.testing.assert_array_equal(aux["load"].numpy(), np.bincount(idx.ravel(), minlength=8))
+    ref = _experts_reference(moe, x[0], idx, w, keep)
+    np.testing.assert_allclose(y.numpy()[0], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch_compute_grows_with_top_k_not_experts():
+    """The expert buffers hold capacity rows per expert: E * C ~ factor * N * k."""
+    for e in (8, 64):
+        c = expert_capacity(2048, 2, e, 1.25)
+        assert e * c <= 1.25 * 2048 * 2 + e
+
+
+def test_balance_loss_hand_computed():
+    # Two tokens, four experts, top-2: token 1 picks {0, 1}, token 2 picks {1, 2}.
+    scores = tf.constant([[[0.9, 0.8, 0.1, 0.2], [0.1, 0.7, 0.6, 0.2]]])
+    idx = tf.constant([[[0, 1], [1, 2]]])
+    # f = E/(kT) * counts = [1, 2, 1, 0]; P = mean of normalised scores
+    #   = ([.45, .4, .05, .1] + [.0625, .4375, .375, .125]) / 2 = [.25625, .41875, .2125, .1125]
+    # L = 1*.25625 + 2*.41875 + 1*.2125 = 1.30625
+    assert float(sequence_balance_loss(scores, idx, 4)) == pytest.approx(1.30625, rel=1e-6)
+    balanced = tf.fill((1, 4, 4), 0.5)
+    assert float(sequence_balance_loss(balanced, tf.constant([[[0, 1], [2, 3], [0, 1], [2, 3]]]),
+                                       4)) == pytest.approx(1.0)
+    logits = tf.constant([[0.0, 0.0], [np.log(3.0), 0.0]])
+    # logsumexp: ln 2 and ln 4 -> mean of squares
+    assert float(router_z_loss(logits)) == pytest.approx((np.log(2) ** 2 + np.log(4) ** 2) / 2,
+                                                         rel=1e-6)
+
+
+def test_bias_update_moves_load_toward_balance():
+    """A router skewed toward a few experts; the sign update alone rebalances the load."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, 256, 16)).astype(np.float32)
+    x[..., 0] = 3.0                                           # a constant feature
+    x = tf.constant(x)
+    moe = _moe(capacity_factor=0.0)
+    moe(x)
+    kernel = rng.normal(size=(16, 8)).astype(np.float32) * 0.5
+    kernel[0] = 0.0
+    kernel[0, :2] = 1.0                                       # experts 0 and 1 win everywhere
+    moe.gate.kernel.assign(kernel)
+    holder = types.SimpleNamespace(moe_layers=[moe])
+
+    def imbalance():
+        load = moe(x, training=True, return_aux=True)[1]["load"]
+        return load, float(tf.reduce_max(load) / tf.reduce_mean(load))
+
+    load, before = imbalance()
+    for _ in range(150):
+        update_router_biases(holder, tf.expand_dims(load, 0), speed=0.01)
+        load, now = imbalance()
+    assert before > 3.0 and now < 1.5, (before, now)
+    bias = moe.gate.e_score_correction_bias.numpy()
+    assert bias[:2].max() < bias[2:].min()      # the overloaded experts were pushed down
+
+
+def test_moe_gradient_has_no_data_dependent_where():
+    """concat's gradient of a gather builds tf.where(cond) with a data-dependent shape,
+    which made XLA evaluate the whole train step at compile time (minutes)."""
+    moe = _moe()
+    x = tf.Variable(tf.ones((2, 8, 16)))
+    moe(x)
+
+    @tf.function
+    def grads():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(moe(x, training=True) ** 2)
+        return tape.gradient(loss, [x] + moe.trainable_variables)
+
+    ops = {op.type for op in grads.get_concrete_function().graph.get_operations()}
+    assert "Where" not in ops and "UnsortedSegmentSum" in ops
+
+
+def test_dispatch_gradients_match_dense_einsum():
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=(10, 6)).astype(np.float32))
+    idx = tf.constant(rng.integers(0, 4, size=(10, 2)).astype(np.int32))
+    idx = tf.where(idx[:, :1] == idx[:, 1:], tf.stack([idx[:, 0], (idx[:, 0] + 1) % 4], 1), idx)
+    w = tf.constant(rng.uniform(size=(10, 2)).astype(np.float32))
+    gu = tf.Variable(rng.normal(size=(4, 6, 10)).astype(np.float32))
+    dn = tf.Variable(rng.normal(size=(4, 5, 6)).astype(np.float32))
+
+    def dense():
+        h = tf.einsum("nd,edf->enf", x, gu)
+        a = tf.nn.silu(h[..., :5]) * h[..., 5:]
+        y = tf.einsum("enf,efd->end", a, dn)                          # (E, N, d)
+        mask = tf.reduce_sum(tf.one_hot(idx, 4) * w[..., None], 1)    # (N, E)
+        return tf.einsum("end,ne->nd", y, mask)
+
+    for fn in (lambda: dispatch_combine(x, idx, w, gu, dn, None)[0], dense):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(fn() ** 2)
+        g = tape.gradient(loss, [gu, dn])
+        if fn is dense:
+            for a, b in zip(g, first):
+                np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+        first = g
