@@ -93,7 +93,8 @@ def _human(n: float) -> str:
 def report(c: ModelConfig) -> str:
     p = count_parameters(c)
     lines = [f"total parameters:   {p['total']:>18,}  ({_human(p['total'])})",
-             f"active per token:   {p['active']:>18,}  ({_human(p['active'])})",
+             f"active per token:   {p['active']:>18,}  ({_human(p['active'])}; "
+             f"{_human(p['active'] - p['embedding'])} without the embedding)",
              f"embedding:          {p['embedding']:>18,}  ({_human(p['embedding'])})"]
     if p["mtp_total"]:
         lines.append(f"MTP modules:        {p['mtp_total']:>18,}  ({_human(p['mtp_total'])}; "

@@ -37,6 +37,18 @@ def test_defaults_validate_and_round_trip():
     ("data", dict(format="csv"), "not one of"),
     ("tokenizer", dict(type="hf"), "--tokenizer.path"),
     ("tokenizer", dict(type="sentencepiece", vocab_size=100), "vocab_size"),
+    ("model", dict(n_routed_experts=8, n_group=3), "n_group=3 must divide"),
+    ("model", dict(n_routed_experts=8, n_group=4, topk_group=5), "topk_group=5"),
+    ("model", dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3),
+     "num_experts_per_tok=3 exceeds the 2 experts"),
+    ("model", dict(n_routed_experts=4, n_group=4, topk_group=2, num_experts_per_tok=2),
+     "needs >= 2"),
+    ("model", dict(n_routed_experts=4, num_experts_per_tok=5), "num_experts_per_tok=5"),
+    ("model", dict(attention_type="mla", qk_rope_head_dim=5), "qk_rope_head_dim=5"),
+    ("model", dict(attention_type="mla", kv_lora_rank=0), "kv_lora_rank must be > 0"),
+    ("model", dict(rope_scaling_type="yarn", rope_scaling_factor=0.5), "rope_scaling_factor"),
+    ("model", dict(attention_type="hybrid", sliding_window=0), "sliding_window"),
+    ("model", dict(scoring_func="relu"), "not one of"),
 ])
 def test_bad_values_raise_one_clear_line(section, kw, needle):
     with pytest.raises(cfg.ConfigError) as e:

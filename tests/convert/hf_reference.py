@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import transformers
 
-SEQ, VOCAB = 20, 96
+SEQ, VOCAB = 20, 300  # the vocabulary covers the byte tokenizer: converted models train
 MLA = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_attention_heads=4,
            num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
            v_head_dim=12, moe_intermediate_size=24, max_position_embeddings=64,

@@ -1,0 +1,197 @@
+"""Parity with Hugging Face transformers, both ways.
+
+One subprocess (torch + transformers; torch never enters this process) builds tiny
+random HF models from configs, saves them with save_pretrained and dumps their
+logits; we convert each and compare. Then we export (converted models and a natively
+built one) and a second subprocess reloads the exports with from_pretrained.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deepseek_tf.config import Experiment, UserError
+from deepseek_tf.convert import convert_hf
+from deepseek_tf.convert.safetensors_io import SafetensorsDir, write_safetensors
+from deepseek_tf.export import export, load_workdir
+from deepseek_tf.model import DeepSeekCausalLM
+from tests.helpers import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REFERENCE = os.path.join(ROOT, "tests", "convert", "hf_reference.py")
+NAMES = ("deepseek_v3", "deepseek_v2", "llama", "qwen2", "deepseek_v3_yarn", "llama3_rope")
+TOL = 1e-4
+quiet = lambda *_: None  # noqa: E731
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _torch(*args):
+    proc = subprocess.run([sys.executable, REFERENCE, *args], capture_output=True, text=True,
+                          env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=_env(), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    _torch("build", str(out), *NAMES)
+    return out, dict(np.load(out / "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def converted(reference, tmp_path_factory):
+    """name -> (workdir, our float32 logits on the reference tokens)."""
+    hf_dir, ref = reference
+    exp = Experiment(data=tiny.data_config())
+    out = {}
+    for name in NAMES:
+        wd = str(tmp_path_factory.mktemp(f"wd-{name}"))
+        os.rmdir(wd)
+        convert_hf(str(hf_dir / name), wd, exp, log=quiet)
+        model, _ = load_workdir(wd)
+        out[name] = (wd, model(tf.constant(ref["tokens"], tf.int32)).numpy())
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_converted_logits_match_transformers(reference, converted, name):
+    _, ref = reference
+    diff = float(np.abs(converted[name][1] - ref[name]).max())
+    print(f"parity {name}: max-abs-diff {diff:.2e}")
+    assert ref["tokens"].shape == (2, 20) and not np.array_equal(*ref["tokens"])
+    assert diff <= TOL, diff
+
+
+def test_converted_config_keeps_the_routing_details(converted):
+    cfg = Experiment.load(os.path.join(converted["deepseek_v3"][0], "config.json")).model
+    assert (cfg.attention_type, cfg.q_lora_rank, cfg.n_group, cfg.topk_group, cfg.topk_method,
+            cfg.scoring_func, cfg.rope_interleave) == ("mla", 24, 4, 2, "noaux_tc", "sigmoid",
+                                                       True)
+    v2 = Experiment.load(os.path.join(converted["deepseek_v2"][0], "config.json")).model
+    assert (v2.q_lora_rank, v2.scoring_func, v2.topk_method, v2.attention_bias) == (
+        0, "softmax", "greedy", True)
+    model, _ = load_workdir(converted["deepseek_v3"][0])
+    assert all(float(tf.math.reduce_std(m.gate.e_score_correction_bias)) > 0
+               for m in model.moe_layers)                      # the non-zero router bias
+
+
+def _native_model():
+    """A model built here (not converted): MLA + MoE + MTP, YaRN, rotate-half RoPE."""
+    cfg = tiny.model_config(
+        attention_type="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, n_shared_experts=2,
+        num_experts_per_tok=3, moe_intermediate_size=16, n_group=4, topk_group=3,
+        routed_scaling_factor=1.5, first_k_dense_replace=1, num_nextn_predict_layers=1,
+        rope_scaling_type="yarn", rope_scaling_factor=4.0, original_max_position_embeddings=32,
+        mscale=1.0, mscale_all_dim=1.0, initializer_range=0.1, vocab_size=300)
+    model = DeepSeekCausalLM(cfg)
+    rng = np.random.default_rng(0)
+    for m in model.moe_layers:
+        m.gate.e_score_correction_bias.assign(rng.normal(size=8).astype(np.float32) * 0.2)
+    return model, Experiment(model=cfg, data=tiny.data_config())
+
+
+def test_hf_export_round_trip(reference, converted, tmp_path):
+    """transformers reloads our exports (converted ones and a native one): same logits."""
+    _, ref = reference
+    tokens = ref["tokens"]
+    ours = {}
+    for name in NAMES[:-1]:
+        model, exp = load_workdir(converted[name][0])
+        export(model, exp, "hf", str(tmp_path / name), log=quiet)
+        ours[name] = converted[name][1]
+    # The last one through the CLI.
+    proc = _cli("deepseek_tf.export", f"--workdir={converted[NAMES[-1]][0]}", "--format=hf",
+                f"--output={tmp_path / NAMES[-1]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours[NAMES[-1]] = converted[NAMES[-1]][1]
+    native, exp = _native_model()
+    export(native, exp, "hf", str(tmp_path / "native"), log=quiet)
+    ours["native"] = native(tf.constant(tokens, tf.int32)).numpy()
+    for name in ours:
+        np.save(tmp_path / name / "tokens.npy", tokens)
+    _torch("reload", *(str(tmp_path / n) for n in ours))
+    for name, logits in ours.items():
+        info = json.loads((tmp_path / name / "loading_info.json").read_text())
+        assert not info["missing_keys"] and not info["mismatched_keys"], info
+        extra = [k for k in info["unexpected_keys"] if not k.startswith("model.layers.2.")]
+        assert not extra, extra               # only the native model's MTP layer (index 2)
+        reloaded = np.load(tmp_path / name / "reloaded.npz")["logits"]
+        diff = float(np.abs(reloaded - logits).max())
+        print(f"export round trip {name}: max-abs-diff {diff:.2e}")
+        assert diff <= TOL, (name, diff)
+    hf_cfg = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert hf_cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert hf_cfg["num_nextn_predict_layers"] == 1
+
+
+def test_converted_workdir_continues_training_with_the_cli(converted, stdlib_data):
+    _, data_dir, _ = stdlib_data
+    wd = converted["qwen2"][0]
+    proc = _cli("deepseek_tf.train", f"--workdir={wd}", f"--data.data_dir={data_dir}",
+                "--data.seq_len=32", "--train.steps=2", "--train.batch_size=2",
+                "--train.eval_every=0", "--train.eval_steps=1", "--train.log_every=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "initialised the model from" in proc.stdout and "ckpt-0" in proc.stdout
+    assert tf.train.latest_checkpoint(os.path.join(wd, "checkpoints")).endswith("-2")
+    # Trained now: the data/loop flags of that run are fixed like any other run's.
+    proc = _cli("deepseek_tf.train", f"--workdir={wd}", "--data.seq_len=16")
+    assert proc.returncode == 2 and "contradicts" in proc.stderr
+
+
+def _copy_with(src, dst, drop=(), add=None, reshape=None):
+    shutil.copytree(src, dst)
+    os.remove(os.path.join(dst, "model.safetensors"))
+    t = SafetensorsDir(src)
+    tensors = {n: np.array(t.load(n)) for n in t.names() if n not in drop}
+    t.close()
+    tensors.update(add or {})
+    for n, shape in (reshape or {}).items():
+        tensors[n] = np.zeros(shape, np.float32)
+    write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
+    return dst
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(drop=["model.layers.1.mlp.experts.3.up_proj.weight"]),
+     "missing tensor model.layers.1.mlp.experts.3.up_proj.weight"),
+    (dict(add={"model.layers.0.self_attn.rotary.inv_freq": np.ones(4, np.float32)}),
+     "unexpected tensor model.layers.0.self_attn.rotary.inv_freq"),
+    (dict(reshape={"model.layers.0.self_attn.kv_b_proj.weight": (80, 15)}),
+     "tensor model.layers.0.self_attn.kv_b_proj.weight has shape [80, 15]"),
+])
+def test_bad_checkpoints_are_refused_naming_the_tensor(reference, tmp_path, change, needle):
+    hf_dir, _ = reference
+    src = _copy_with(str(hf_dir / "deepseek_v3"), str(tmp_path / "bad"), **change)
+    with pytest.raises(UserError) as e:
+        convert_hf(src, str(tmp_path / "wd"), Experiment(data=tiny.data_config()), log=quiet)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "wd" / "config.json").exists()
+
+
+def test_cli_refuses_an_unknown_architecture_in_one_line(reference, tmp_path):
+    hf_dir, _ = reference
+    bad = shutil.copytree(hf_dir / "llama", tmp_path / "gpt")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    proc = _cli("deepseek_tf.convert", f"--hf_dir={bad}", f"--workdir={tmp_path / 'wd'}")
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "unsupported architecture GPT2LMHeadModel" in errors[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "wd").exists()

@@ -1,0 +1,62 @@
+"""Analytic parameter counts: equal to the built model's, and DeepSeek's published sizes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deepseek_tf import flags as dflags
+from deepseek_tf.model import DeepSeekCausalLM, count_params
+from deepseek_tf.params import count_parameters, flops_per_token
+from tests.helpers import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MLA = dict(attention_type="mla", q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+           qk_rope_head_dim=4, v_head_dim=6)
+MOE = dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+           moe_intermediate_size=12, n_group=4, topk_group=2, first_k_dense_replace=1)
+
+
+@pytest.mark.parametrize("kw", [
+    {}, dict(attention_bias=True, tie_word_embeddings=True), dict(MLA), dict(MLA, q_lora_rank=0,
+    attention_bias=True), dict(MLA, **MOE, num_nextn_predict_layers=2),
+    dict(MOE, topk_method="greedy", scoring_func="softmax", n_group=1, topk_group=1,
+         moe_layer_freq=2, num_hidden_layers=3, first_k_dense_replace=0),
+])
+def test_analytic_count_equals_the_built_model(kw):
+    cfg = tiny.model_config(**kw)
+    p = count_parameters(cfg)
+    assert p["total"] + p["mtp_total"] == count_params(DeepSeekCausalLM(cfg))[1]
+    assert p["active"] <= p["total"] and flops_per_token(cfg, 32) > 6 * p["active"] - 1e9
+
+
+def _preset(name):
+    from absl import flags
+    fv = flags.FlagValues()
+    dflags.define_flags(flag_values=fv)
+    fv([sys.argv[0], f"--flagfile={os.path.join(ROOT, 'configs', name)}"])
+    return dflags.experiment_from_flags(fv).model
+
+
+def test_deepseek_presets_have_the_published_sizes():
+    v3 = count_parameters(_preset("deepseek-v3-671b.flags"))
+    assert abs(v3["total"] / 1e9 - 671) < 1 and abs(v3["active"] / 1e9 - 37) < 1
+    lite = count_parameters(_preset("deepseek-v2-lite.flags"))
+    assert abs(lite["total"] / 1e9 - 15.7) < 0.1
+    assert abs((lite["active"] - lite["embedding"]) / 1e9 - 2.4) < 0.1
+
+
+def test_params_cli_prints_without_allocating():
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "deepseek_tf.params",
+                           "--flagfile=configs/deepseek-v3-671b.flags"], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "671.03B" in proc.stdout and "37.55B" in proc.stdout
+    code = ("import sys\nsys.argv = ['params', '--flagfile=configs/deepseek-v3-tiny.flags']\n"
+            "import deepseek_tf.params as p\ntry:\n    p.entry()\nexcept SystemExit:\n    pass\n"
+            "print('tensorflow imported:', 'tensorflow' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120)
+    assert "1.84M" in proc.stdout and "tensorflow imported: False" in proc.stdout, proc.stdout
