@@ -44,6 +44,9 @@ setup(
     entry_points={"console_scripts": [
         "deepseek-tf-train=deepseek_tf.train.__main__:entry",
         "deepseek-tf-prepare=deepseek_tf.prepare:entry",
+        "deepseek-tf-convert=deepseek_tf.convert.__main__:entry",
+        "deepseek-tf-export=deepseek_tf.export.__main__:entry",
+        "deepseek-tf-params=deepseek_tf.params:entry",
     ]},
     classifiers=["Programming Language :: Python :: 3",
                  "Topic :: Scientific/Engineering :: Artificial Intelligence"],

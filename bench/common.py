@@ -1,0 +1,70 @@
+"""Shared benchmark helpers: synthetic batches, the real train step, the matmul peak."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from deepseek_tf.config import OptimConfig, TrainConfig  # noqa: E402
+from deepseek_tf.model import DeepSeekCausalLM  # noqa: E402
+from deepseek_tf.train.optimizer import make_optimizer  # noqa: E402
+from deepseek_tf.train.step import make_train_step  # noqa: E402
+
+
+def batches(batch: int, seq: int, vocab: int, seed: int = 0):
+    """An endless iterator of one random packed batch (as the pipeline yields, A=1)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, size=(1, batch, seq + 1)).astype(np.int32)
+    b = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+         "segment_ids": np.ones((1, batch, seq), np.int32),
+         "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy(),
+         "loss_mask": np.ones((1, batch, seq), np.float32)}
+    return iter(tf.data.Dataset.from_tensors(b).repeat())
+
+
+def time_train_step(cfg, batch: int, seq: int, jit: bool, steps: int = 8, warmup: int = 2):
+    """(median seconds per optimizer step, first-call seconds, last step outputs)."""
+    tf.keras.utils.set_random_seed(0)
+    model = DeepSeekCausalLM(cfg)
+    opt = make_optimizer(OptimConfig(), 1000, model)
+    step = make_train_step(model, opt, tf.distribute.get_strategy(),
+                           TrainConfig(batch_size=batch, jit_compile=jit), OptimConfig())
+    it = batches(batch, seq, cfg.vocab_size)
+    t0 = time.perf_counter()
+    out = step(it)
+    float(out["loss"])
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        float(step(it)["loss"])
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = step(it)
+        float(out["loss"])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), first, out
+
+
+def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
+    """Measured float32 matmul FLOP/s: the best of plain TF and XLA on n x n matmuls."""
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    best = 0.0
+    for jit in (False, True):
+        f = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)), jit_compile=jit)
+        float(f(a, b))
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                r = f(a, b)
+            float(r)
+            best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - t0))
+    return best

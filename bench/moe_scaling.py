@@ -1,0 +1,93 @@
+"""MoE sparse-dispatch scaling: training step time with 64 vs 8 routed experts at top-2,
+the same active size (target ratio <= 1.25), with and without XLA.
+
+    python bench/moe_scaling.py [--steps=8] [--tokens=2048]
+
+Two measurements:
+  layer  the DeepSeekMoE layer alone (N tokens x d 256, experts of width 128, shared
+         expert, capacity factor 1.25), forward + backward, as in PITFALLS.md;
+  model  the trainer's full step on a 2-layer MLA model whose both layers are MoE
+         (hidden 256, batch 8 x 256 tokens).
+For reference it also times the all-experts einsum (every expert on every token,
+KerasHub style), whose cost grows with the number of experts.
+"""
+
+import argparse
+import statistics
+import time
+
+import tensorflow as tf
+from common import time_train_step
+
+from deepseek_tf.config import ModelConfig
+from deepseek_tf.layers.moe import DeepSeekMoE
+
+D, F = 256, 128
+
+
+def dense_all_experts(x, layer):
+    """Every expert on every token, masked by the routing weights (the dense baseline)."""
+    route = layer.gate(x)
+    h = tf.einsum("nd,edf->enf", x, layer.gate_up_proj)
+    y = tf.einsum("enf,efd->end", tf.nn.silu(h[..., :F]) * h[..., F:], layer.down_proj)
+    mask = tf.reduce_sum(tf.one_hot(route["indices"], layer.num_experts)
+                         * route["weights"][..., None], 1)              # (N, E)
+    return tf.einsum("end,ne->nd", y, mask) + layer.shared_experts(x)
+
+
+def time_layer(experts: int, tokens: int, jit: bool, dense: bool, steps: int) -> float:
+    tf.keras.utils.set_random_seed(0)
+    layer = DeepSeekMoE(D, experts, 2, F, n_shared_experts=1, capacity_factor=1.25,
+                        n_group=1, topk_group=1)
+    x = tf.random.normal((tokens, D))
+    layer(tf.reshape(x, (1, tokens, D)))
+
+    @tf.function(jit_compile=jit)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = dense_all_experts(x, layer) if dense else layer(
+                tf.reshape(x, (1, tokens, D)), training=True)
+            loss = tf.reduce_sum(tf.square(y))
+        return loss, tape.gradient(loss, [x] + layer.trainable_variables)
+
+    float(step(x)[0])
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        float(step(x)[0])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def model_config(experts: int) -> ModelConfig:
+    return ModelConfig(vocab_size=512, hidden_size=D, num_hidden_layers=2, num_attention_heads=8,
+                       intermediate_size=768, attention_type="mla", q_lora_rank=128,
+                       kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                       n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=2,
+                       moe_intermediate_size=F, capacity_factor=1.25)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--skip_model", action="store_true")
+    args = parser.parse_args()
+    for jit in (True, False):
+        name = "XLA   " if jit else "no XLA"
+        t8, t64 = (time_layer(e, args.tokens, jit, False, args.steps) for e in (8, 64))
+        d8, d64 = (time_layer(e, args.tokens, jit, True, args.steps) for e in (8, 64))
+        print(f"{name} layer  sparse: E=8 {t8 * 1e3:7.1f} ms  E=64 {t64 * 1e3:7.1f} ms  "
+              f"ratio {t64 / t8:.2f}   | all-experts einsum: E=8 {d8 * 1e3:7.1f} ms  "
+              f"E=64 {d64 * 1e3:7.1f} ms  ratio {d64 / d8:.2f}")
+        if not args.skip_model:
+            m8, _, _ = time_train_step(model_config(8), 8, 256, jit, steps=args.steps)
+            m64, _, out = time_train_step(model_config(64), 8, 256, jit, steps=args.steps)
+            print(f"{name} model  train step: E=8 {m8 * 1e3:7.1f} ms  E=64 {m64 * 1e3:7.1f} ms  "
+                  f"ratio {m64 / m8:.2f}  (E=64 dropped "
+                  f"{100 * float(out['dropped_frac'].numpy().mean()):.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
