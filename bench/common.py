@@ -53,6 +53,23 @@ def time_train_step(cfg, batch: int, seq: int, jit: bool, steps: int = 8, warmup
     return statistics.median(times), first, out
 
 
+def time_grad_fn(cfg, batch: int, seq: int, jit: bool, steps: int = 8) -> float:
+    """Median seconds of the step's forward + backward alone (no optimizer update)."""
+    from deepseek_tf.train.step import make_grad_fn
+    tf.keras.utils.set_random_seed(0)
+    model = DeepSeekCausalLM(cfg)
+    grad_fn = make_grad_fn(model, 1, jit)
+    b = next(batches(batch, seq, cfg.vocab_size))
+    denom = tf.constant(float(batch * seq))
+    float(grad_fn(b, denom)[1])
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        float(grad_fn(b, denom)[1])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
     """Measured float32 matmul FLOP/s: the best of plain TF and XLA on n x n matmuls."""
     a = tf.random.normal((n, n))

@@ -7,7 +7,9 @@ Two measurements:
   layer  the DeepSeekMoE layer alone (N tokens x d 256, experts of width 128, shared
          expert, capacity factor 1.25), forward + backward, as in PITFALLS.md;
   model  the trainer's full step on a 2-layer MLA model whose both layers are MoE
-         (hidden 256, batch 8 x 256 tokens).
+         (hidden 256, batch 8 x 256 tokens), and its forward + backward alone: the
+         AdamW update touches every expert's weights, so it grows with the expert count
+         (at 2,048 tokens per step that update is a large share of the step).
 For reference it also times the all-experts einsum (every expert on every token,
 KerasHub style), whose cost grows with the number of experts.
 """
@@ -17,7 +19,7 @@ import statistics
 import time
 
 import tensorflow as tf
-from common import time_train_step
+from common import time_grad_fn, time_train_step
 
 from deepseek_tf.config import ModelConfig
 from deepseek_tf.layers.moe import DeepSeekMoE
@@ -87,6 +89,9 @@ def main():
             print(f"{name} model  train step: E=8 {m8 * 1e3:7.1f} ms  E=64 {m64 * 1e3:7.1f} ms  "
                   f"ratio {m64 / m8:.2f}  (E=64 dropped "
                   f"{100 * float(out['dropped_frac'].numpy().mean()):.1f}%)")
+            g8, g64 = (time_grad_fn(model_config(e), 8, 256, jit, args.steps) for e in (8, 64))
+            print(f"{name} model  fwd+bwd:    E=8 {g8 * 1e3:7.1f} ms  E=64 {g64 * 1e3:7.1f} ms  "
+                  f"ratio {g64 / g8:.2f}")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ class DeepSeekCausalLM(keras.Model):
     aux has, when the config has MoE layers, float32 `expert_load` (L_moe, E) routed
     pairs per expert, `dropped` (L_moe,) dropped pairs, `balance_loss` and `z_loss`
     (summed over MoE layers, unweighted); with MTP, `mtp_logits`: D float32 (B, T, V)
-    tensors, entry k-1 predicting the token k+1 places ahead of each position's
-    target (`targets[:, i + k]`). MTP modules run only with `return_aux`.
+    tensors, entry k-1 at position i predicting `targets[:, i + k]` (the token k+1
+    places after position i). MTP modules run only with `return_aux`.
     """
 
     def __init__(self, config, **kwargs):

@@ -74,3 +74,27 @@ def test_dropless_moe_is_refused_under_xla():
                    train=TrainConfig(jit_compile=True))
     Experiment(model=ModelConfig(n_routed_experts=4, capacity_factor=0.0))  # fine without XLA
     assert tf.__version__
+
+
+def test_moe_mtp_accumulation_equals_the_large_batch_step(stdlib_data, tmp_path):
+    """Aux stats (expert load, MTP loss sums) go through the accumulation loop like the
+    gradients: dropless routing makes two half batches equal one full batch."""
+    _, data_dir, _ = stdlib_data
+    model = {**MOE, "num_nextn_predict_layers": 1, "capacity_factor": 0.0,
+             "aux_loss_alpha": 0.0, "router_z_loss_coef": 0.0}
+    common = {"data": {"shuffle_buffer": 0}, "model": model}
+    big = tiny.experiment(data_dir, **common, train={"steps": 2, "batch_size": 4,
+                                                     "eval_every": 0, "log_every": 1})
+    acc = tiny.experiment(data_dir, **common, train={"steps": 2, "batch_size": 2,
+                                                     "grad_accum_steps": 2, "eval_every": 0,
+                                                     "log_every": 1})
+    train(big, str(tmp_path / "big"), log=quiet)
+    train(acc, str(tmp_path / "acc"), log=quiet)
+    wa, wb = _weights(str(tmp_path / "big")), _weights(str(tmp_path / "acc"))
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], atol=2e-6, rtol=1e-5, err_msg=k)
+    ra = [r for r in read_log(str(tmp_path / "big")) if r["kind"] == "train"]
+    rb = [r for r in read_log(str(tmp_path / "acc")) if r["kind"] == "train"]
+    for x, y in zip(ra, rb):
+        assert x["moe/layer1/load"] == y["moe/layer1/load"]
+        np.testing.assert_allclose(x["mtp_loss"], y["mtp_loss"], rtol=1e-5)
