@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 
-from deepseek_tf.config import Experiment, UserError
+from deepseek_tf.config import Experiment, TokenizerConfig, UserError
 from deepseek_tf.convert.hf_config import architecture_of, model_config_from_hf
 from deepseek_tf.convert.safetensors_io import SafetensorsDir
 
@@ -62,7 +62,13 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     fresh_mtp = overrides.get("num_nextn_predict_layers", depth) if not mtp_in_files else depth
     overrides["num_nextn_predict_layers"] = fresh_mtp
     cfg = cfg.replace(**overrides)
-    exp = Experiment(model=cfg, data=exp.data, optim=exp.optim, train=exp.train)
+    tokenizer = exp.tokenizer
+    if tokenizer == TokenizerConfig() and os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
+        tokenizer = TokenizerConfig(type="hf", path=os.path.abspath(hf_dir))
+        notes.append("data will be tokenized with the checkpoint's tokenizer.json "
+                     "(--tokenizer.type=hf)")
+    exp = Experiment(**{**{s: getattr(exp, s) for s in ("data", "optim", "train")},
+                        "model": cfg, "tokenizer": tokenizer})
     if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(
             os.path.join(workdir, "checkpoints")):
         raise UserError(f"--workdir={workdir} already holds a run; choose a new directory.")

@@ -44,7 +44,9 @@ def load_workdir(workdir: str, checkpoint: str = ""):
     return model, exp
 
 
-def export(model, exp: Experiment, fmt: str, output: str, log=print) -> str:
+def export(model, exp: Experiment, fmt: str, output: str, log=print,
+           workdir: str | None = None) -> str:
+    """Writes `model` in format `fmt` to `output`; `workdir` supplies the run's tokenizer."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}.")
-    return FORMATS[fmt](model, exp, output, log=log)
+    return FORMATS[fmt](model, exp, output, log=log, workdir=workdir)

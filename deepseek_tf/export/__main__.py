@@ -34,7 +34,7 @@ def main(argv):
         hf_config_from_model(Experiment.load(path).model)  # refuse before importing TF
     from deepseek_tf.export import export, load_workdir
     model, exp = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
-    export(model, exp, FLAGS.format, FLAGS.output)
+    export(model, exp, FLAGS.format, FLAGS.output, workdir=FLAGS.workdir)
 
 
 def entry():

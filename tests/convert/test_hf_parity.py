@@ -195,3 +195,18 @@ def test_cli_refuses_an_unknown_architecture_in_one_line(reference, tmp_path):
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "unsupported architecture GPT2LMHeadModel" in errors[0]
     assert "Traceback" not in proc.stderr and not (tmp_path / "wd").exists()
+
+
+def test_convert_uses_and_export_ships_the_checkpoints_tokenizer(reference, tmp_path):
+    from tests.helpers.corpora import DOCS, build_hf_tokenizer
+    hf_dir, _ = reference
+    src = shutil.copytree(hf_dir / "llama", tmp_path / "llama-tok")
+    build_hf_tokenizer(str(src), DOCS, vocab_size=280)
+    exp = convert_hf(str(src), str(tmp_path / "wd"), Experiment(data=tiny.data_config()),
+                     log=quiet)
+    assert (exp.tokenizer.type, exp.tokenizer.path) == ("hf", str(src))
+    os.makedirs(tmp_path / "wd" / "tokenizer")
+    shutil.copy(src / "tokenizer.json", tmp_path / "wd" / "tokenizer")  # as train leaves it
+    model, exp = load_workdir(str(tmp_path / "wd"))
+    export(model, exp, "hf", str(tmp_path / "out"), log=quiet, workdir=str(tmp_path / "wd"))
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
