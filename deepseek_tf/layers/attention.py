@@ -10,6 +10,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from deepseek_tf.layers.remat import stateless_dropout
 from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary
 
 NEG_INF = -1e9
@@ -51,6 +52,8 @@ class GroupedQueryAttention(keras.layers.Layer):
       use_bias: biases on q/k/v (Qwen2); the output projection has none.
       rope_theta: rotary frequency base.
       initializer_range: stddev of the normal initializer.
+      attention_dropout: dropout rate on the attention probabilities, applied only
+        when `call` gets a `dropout_seed` (stateless, so remat recomputes the same mask).
 
     Example:
         >>> attn = GroupedQueryAttention(hidden_size=16, num_heads=4, num_kv_heads=2,
@@ -63,13 +66,14 @@ class GroupedQueryAttention(keras.layers.Layer):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  use_bias: bool = False, rope_theta: float = 10000.0,
-                 initializer_range: float = 0.02, **kwargs):
+                 initializer_range: float = 0.02, attention_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.use_bias = head_dim, use_bias
         self.rope_theta, self.initializer_range = rope_theta, initializer_range
+        self.attention_dropout = attention_dropout
         self.q_proj = _dense(num_heads * head_dim, use_bias, initializer_range, "q_proj")
         self.k_proj = _dense(num_kv_heads * head_dim, use_bias, initializer_range, "k_proj")
         self.v_proj = _dense(num_kv_heads * head_dim, use_bias, initializer_range, "v_proj")
@@ -81,7 +85,7 @@ class GroupedQueryAttention(keras.layers.Layer):
             proj.build(input_shape)
         self.o_proj.build(tuple(input_shape[:-1]) + (self.num_heads * self.head_dim,))
 
-    def call(self, x, positions, attention_mask):
+    def call(self, x, positions, attention_mask, dropout_seed=None):
         b, t = tf.shape(x)[0], tf.shape(x)[1]
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = tf.reshape(self.q_proj(x), [b, t, h, d])   # (B, T, H, D)
@@ -92,6 +96,7 @@ class GroupedQueryAttention(keras.layers.Layer):
         q = tf.reshape(q, [b, t, kv, h // kv, d])      # (B, T, K, G, D)
         scores = tf.einsum("btkgd,bskd->bkgts", q, k) * (d ** -0.5)  # (B, K, G, T, S)
         probs = masked_softmax(scores, tf.expand_dims(attention_mask, 1))  # (B, 1, 1, T, S)
+        probs = stateless_dropout(probs, self.attention_dropout, dropout_seed)
         out = tf.einsum("bkgts,bskd->btkgd", tf.cast(probs, v.dtype), v)
         return self.o_proj(tf.reshape(out, [b, t, h * d]))           # (B, T, hidden)
 
@@ -99,4 +104,5 @@ class GroupedQueryAttention(keras.layers.Layer):
         return {**super().get_config(), "hidden_size": self.hidden_size,
                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "use_bias": self.use_bias,
-                "rope_theta": self.rope_theta, "initializer_range": self.initializer_range}
+                "rope_theta": self.rope_theta, "initializer_range": self.initializer_range,
+                "attention_dropout": self.attention_dropout}
