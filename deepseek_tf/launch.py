@@ -136,6 +136,7 @@ class Cluster:
             if self.pgid is None:
                 self.pgid = proc.pid
             self.procs.append(proc)
+            self.printer(f"[launch] worker {i}: pid {proc.pid}, {HOST}:{ports[i]}")
             reader = threading.Thread(target=self._read, args=(i, proc), daemon=True)
             reader.start()
             self._readers.append(reader)
@@ -184,7 +185,8 @@ class Cluster:
         """Waits for every worker; returns the launcher's exit code (see `exit_codes`).
 
         A worker failure kills the rest at once; a preempted worker (exit code 42)
-        gives the others `grace` seconds to save and exit too.
+        gives the others `grace` seconds to save and exit too. On return nothing of
+        the process group is left.
         """
         deadline = time.monotonic() + timeout if timeout else None
         grace_deadline, result = None, exit_codes.OK
@@ -221,6 +223,7 @@ class Cluster:
             self.kill()
             return exit_codes.INTERRUPTED
         finally:
+            self.kill()  # whatever the workers left behind in their group
             for reader in self._readers:
                 reader.join(timeout=5)
         if result == exit_codes.OK:

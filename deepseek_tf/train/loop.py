@@ -141,7 +141,7 @@ def weights_fingerprint(model: keras.Model) -> str:
     """sha256 (16 hex digits) of every model weight's bytes: equal iff bitwise equal."""
     h = hashlib.sha256()
     for v in model.weights:
-        h.update(v.path.encode())
+        h.update(v.path.split("/", 1)[-1].encode())  # without the model's (instance) name
         h.update(v.numpy().tobytes())
     return h.hexdigest()[:16]
 
