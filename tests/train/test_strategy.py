@@ -1,6 +1,8 @@
 """Strategy choice, cluster roles, and MirroredStrategy (2 logical CPUs) == one device."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,9 +11,10 @@ import tensorflow as tf
 from deepseek_tf.config import TrainConfig, UserError
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.logger import read_log
-from deepseek_tf.train.loop import train
+from deepseek_tf.train.loop import prepare_run, train
 from tests.helpers import tiny
 from tests.helpers.checkpoints import checkpoint_tensors
+from tests.helpers.launcher import ENV, ROOT
 
 quiet = lambda *_: None  # noqa: E731
 
@@ -84,3 +87,24 @@ def test_collectives_check_agreement_on_one_worker():
     c = strategy_lib.Collectives(tf.distribute.get_strategy())
     c.barrier()
     c.check_same(7, "step")  # one worker always agrees with itself
+
+
+def test_a_worker_waits_for_the_chiefs_data_and_says_what_to_do(tmp_path):
+    exp = tiny.experiment(str(tmp_path / "missing"), train={"collective_timeout": 0.5})
+    role = strategy_lib.Role("worker", 1, 2)
+    msgs = []
+    with pytest.raises(UserError, match="shared --workdir"):
+        prepare_run(exp, str(tmp_path / "w"), log=msgs.append, role=role)
+    assert msgs == [f"waiting for the chief to prepare {tmp_path / 'missing'}"]
+    assert not (tmp_path / "missing").exists()  # only the chief prepares
+
+
+def test_help_documents_the_new_flags_and_the_preemption_exit_code():
+    proc = subprocess.run([sys.executable, "-m", "deepseek_tf.train", "--help"], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for name in ("--train.strategy", "--train.collective_timeout", "--train.precision",
+                 "--train.initial_loss_scale", "--train.remat", "--model.attention_dropout",
+                 "--model.hidden_dropout"):
+        assert name + ":" in proc.stdout, name
+    assert "42 preempted (SIGTERM)" in proc.stdout
