@@ -112,8 +112,10 @@ class Cluster:
             available = sorted(os.sched_getaffinity(0))
             cpus = {available[(index * self.cpus_per_worker + j) % len(available)]
                     for j in range(self.cpus_per_worker)}
+        group = self.pgid or 0  # worker 0 starts a new process group; the others join it
 
         def preexec():
+            os.setpgid(0, group)
             _die_with_parent()
             if cpus:
                 os.sched_setaffinity(0, cpus)
@@ -130,9 +132,7 @@ class Cluster:
             proc = subprocess.Popen(
                 [self.python, "-m", self.module, *self.train_args], env=env, cwd=self.cwd,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, errors="replace", bufsize=1,
-                process_group=0 if self.pgid is None else self.pgid,
-                preexec_fn=self._preexec(i))
+                text=True, errors="replace", bufsize=1, preexec_fn=self._preexec(i))
             if self.pgid is None:
                 self.pgid = proc.pid
             self.procs.append(proc)
@@ -228,7 +228,7 @@ class Cluster:
                 reader.join(timeout=5)
         if result == exit_codes.OK:
             result = next((c for c in (p.returncode for p in self.procs) if c), exit_codes.OK)
-        return result
+        return 128 - result if result < 0 else result  # killed by signal N: 128 + N
 
     def preempt_on_sigterm(self) -> None:
         """Installs a SIGTERM handler that forwards the signal to every worker (they save

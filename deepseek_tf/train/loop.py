@@ -201,7 +201,8 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     `Preempted` after saving a checkpoint if any worker got SIGTERM.
     """
     workdir = os.path.abspath(workdir)
-    role = strategy_lib.cluster_role()
+    multi = strategy_lib.strategy_name(exp.train) == "multi_worker"
+    role = strategy_lib.cluster_role() if multi else strategy_lib.Role()
     meta = prepare_run(exp, workdir, log=log, role=role)
     if role.is_chief:
         os.makedirs(workdir, exist_ok=True)
