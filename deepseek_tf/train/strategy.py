@@ -140,12 +140,17 @@ def next_batch(strategy, iterator):
 
 
 class Collectives:
-    """Small host-side collectives between workers: a barrier and an agreement check."""
+    """Host-side collectives between workers: a barrier and an agreement check.
+
+    With one worker (default or MirroredStrategy) both are no-ops: there is nobody
+    to wait for or disagree with (and several MirroredStrategy objects in one process
+    would collide on collective instance keys).
+    """
 
     def __init__(self, strategy):
         import tensorflow as tf
 
-        self.strategy = strategy
+        self.active = is_multi_worker(strategy)
 
         @tf.function
         def _gather(value):  # every replica's int64 `value`, as a (replicas,) vector
@@ -161,12 +166,15 @@ class Collectives:
         """Returns when every worker has reached it."""
         import tensorflow as tf
 
-        self._gather(tf.constant(0, tf.int64)).numpy()
+        if self.active:
+            self._gather(tf.constant(0, tf.int64)).numpy()
 
     def check_same(self, value: int, what: str) -> None:
         """Raises UserError unless every worker passes the same `value`."""
         import tensorflow as tf
 
+        if not self.active:
+            return
         values = sorted(set(int(v) for v in self._gather(tf.constant(value, tf.int64)).numpy()))
         if len(values) > 1:
             raise UserError(f"workers disagree on the {what} ({values}): every worker must "
