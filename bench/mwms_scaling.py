@@ -62,7 +62,7 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="mwms-bench-")
     data_dir = os.path.join(tmp, "data")
-    prepare(DataConfig(seq_len=args.seq_len, max_documents=400, val_size=10), data_dir,
+    prepare(DataConfig(seq_len=args.seq_len, max_samples=400, val_size=10), data_dir,
             log=lambda *_: None)
     print(f"model: {args.layers} layers x {args.hidden_size}; {args.batch_size} x "
           f"{args.seq_len} tokens per replica; {args.steps} steps; XLA "
