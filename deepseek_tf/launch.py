@@ -1,4 +1,4 @@
-"""`python -m deepseek_tf.launch --num_workers=N -- <train flags>`: multi-worker training on this machine.
+"""`python -m deepseek_tf.launch --num_workers=N -- <train flags>`: N workers on this machine.
 
 Starts N `python -m deepseek_tf.train` processes on 127.0.0.1, each with the
 `TF_CONFIG` of its place in the cluster (free ports; worker 0 is the chief),

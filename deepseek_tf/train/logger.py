@@ -107,7 +107,8 @@ class MetricLogger:
                  f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}",
                  f"{m['tokens_per_sec']:,.0f} tok/s", f"{m['tokens_seen'] / 1e6:.2f}M tokens"]
         if m.get("skipped_steps"):  # mixed_float16 overflows so far, and the loss scale now
-            parts.append(f"{m['skipped_steps']:.0f} skipped (loss scale {m.get('loss_scale', 1):,.0f})")
+            parts.append(f"{m['skipped_steps']:.0f} skipped "
+                         f"(loss scale {m.get('loss_scale', 1):,.0f})")
         return " | ".join(parts) + eta
 
     def flush(self) -> None:

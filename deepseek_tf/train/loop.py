@@ -288,6 +288,7 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     plot = plot_losses(workdir) if role.is_chief else None
     if plot:
         log(f"wrote {plot}")
+    state.collectives.barrier()  # leave together: a peer that exits early looks crashed
     skipped_total = step - int(inner.iterations.numpy())
     log(f"done: step {step}, {seconds:.1f}s, {skipped_total} skipped steps; "
         f"workdir: {workdir}")
