@@ -44,6 +44,7 @@ setup(
     entry_points={"console_scripts": [
         "deepseek-tf-train=deepseek_tf.train.__main__:entry",
         "deepseek-tf-prepare=deepseek_tf.prepare:entry",
+        "deepseek-tf-launch=deepseek_tf.launch:main",
     ]},
     classifiers=["Programming Language :: Python :: 3",
                  "Topic :: Scientific/Engineering :: Artificial Intelligence"],
