@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -200,6 +201,11 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     "seconds": wall time of the loop, "skipped_steps", "weights_sha256"}. Raises
     `Preempted` after saving a checkpoint if any worker got SIGTERM.
     """
+    with contextlib.ExitStack() as cleanup:  # SIGTERM handler, temporary dirs, writers
+        return _train(exp, workdir, log, cleanup)
+
+
+def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) -> dict:
     workdir = os.path.abspath(workdir)
     multi = strategy_lib.strategy_name(exp.train) == "multi_worker"
     role = strategy_lib.cluster_role() if multi else strategy_lib.Role()
@@ -211,6 +217,7 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     log(f"workdir: {workdir}")
 
     state = build_state(exp, workdir, meta, role)
+    cleanup.callback(state.checkpoints.close)
     start = state.checkpoints.restore(log=log)
     state.collectives.check_same(start, "step to resume from")
     if role.is_chief:
@@ -234,6 +241,7 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     train_step = shards.guard_data_errors(train_step, shard_files)
     eval_step = shards.guard_data_errors(eval_step, shard_files)
     logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
+    cleanup.callback(logger.close)
     inner = getattr(state.optimizer, "inner_optimizer", state.optimizer)
     schedule = inner._learning_rate  # the Keras schedule object
     last_train, last_eval = {}, {}
@@ -244,43 +252,39 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
         log(f"already at step {start} >= --train.steps={tcfg.steps}; nothing to train")
     step = start
     watcher = _preemption_watcher(state, log)
-    try:
-        while step < tcfg.steps:
-            out = train_step(state.train_iter)
-            state.step.assign_add(1)
-            step += 1
-            loss, skipped = float(out["loss"]), float(out["skipped"]) > 0
-            _check_step(state, step, loss, skipped)
-            if not skipped:
-                window_loss, window_steps = window_loss + loss, window_steps + 1
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                now = time.time()
-                last_train = {
-                    "loss": loss, "loss_avg": window_loss / max(window_steps, 1),
-                    "lr": float(schedule(max(int(inner.iterations.numpy()) - 1, 0))),
-                    "grad_norm": float(out["grad_norm"]), "accuracy": float(out["accuracy"]),
-                    "tokens_per_sec": (step - step_at_log) * tokens_per_step
-                    / max(now - t_log, 1e-9),
-                    "tokens_seen": step * tokens_per_step,
-                    "skipped_steps": step - int(inner.iterations.numpy())}
-                if precision.is_loss_scaled(state.optimizer):
-                    last_train["loss_scale"] = precision.current_scale(state.optimizer)
-                logger.write(step, last_train, "train")
-                window_loss, window_steps, t_log, step_at_log = 0.0, 0, now, step
-            if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.steps:
-                last_eval = evaluate(state, eval_step, tcfg.eval_steps)
-                logger.write(step, last_eval, "eval")
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-                state.checkpoints.save(step)
-                logger.flush()
-            if watcher is not None:
-                watcher.after_step(step)  # raises Preempted once every worker saved
-    finally:
+    if watcher is not None:
+        cleanup.callback(watcher.close)
+    while step < tcfg.steps:
+        out = train_step(state.train_iter)
+        state.step.assign_add(1)
+        step += 1
+        loss, skipped = float(out["loss"]), float(out["skipped"]) > 0
+        _check_step(state, step, loss, skipped)
+        if not skipped:
+            window_loss, window_steps = window_loss + loss, window_steps + 1
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            now = time.time()
+            last_train = {
+                "loss": loss, "loss_avg": window_loss / max(window_steps, 1),
+                "lr": float(schedule(max(int(inner.iterations.numpy()) - 1, 0))),
+                "grad_norm": float(out["grad_norm"]), "accuracy": float(out["accuracy"]),
+                "tokens_per_sec": (step - step_at_log) * tokens_per_step / max(now - t_log, 1e-9),
+                "tokens_seen": step * tokens_per_step,
+                "skipped_steps": step - int(inner.iterations.numpy())}
+            if precision.is_loss_scaled(state.optimizer):
+                last_train["loss_scale"] = precision.current_scale(state.optimizer)
+            logger.write(step, last_train, "train")
+            window_loss, window_steps, t_log, step_at_log = 0.0, 0, now, step
+        if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.steps:
+            last_eval = evaluate(state, eval_step, tcfg.eval_steps)
+            logger.write(step, last_eval, "eval")
+        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+            state.checkpoints.save(step)
+            logger.flush()
         if watcher is not None:
-            watcher.close()
-        state.checkpoints.close()
-        logger.close()
+            watcher.after_step(step)  # raises Preempted once every worker saved
     seconds = time.time() - t_start
+    logger.close()
     fingerprint = weights_fingerprint(state.model)
     if role.num_workers > 1:  # bitwise-identical replicas, or a bug: say so loudly
         state.collectives.check_same(int(fingerprint, 16) >> 1, "final weights")
