@@ -47,6 +47,7 @@ setup(
         "deepseek-tf-convert=deepseek_tf.convert.__main__:entry",
         "deepseek-tf-export=deepseek_tf.export.__main__:entry",
         "deepseek-tf-params=deepseek_tf.params:entry",
+        "deepseek-tf-launch=deepseek_tf.launch:main",
     ]},
     classifiers=["Programming Language :: Python :: 3",
                  "Topic :: Scientific/Engineering :: Artificial Intelligence"],

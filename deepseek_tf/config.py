@@ -219,6 +219,10 @@ class ModelConfig(_Section):
                                          "predicts the token k+1 ahead (0 = off).")
     mtp_loss_weight: float = knob(0.3, "Weight lambda of the MTP loss (averaged over the D "
                                   "modules).", resumable=True)
+    # dropout (training only; stateless with explicit seeds, so remat recomputes the same masks)
+    attention_dropout: float = knob(0.0, "Dropout rate on the attention probabilities.")
+    hidden_dropout: float = knob(0.0, "Dropout rate on each attention and MLP output "
+                                 "before its residual add.")
 
     def __post_init__(self):
         self._coerce_and_check_types()
@@ -240,6 +244,9 @@ class ModelConfig(_Section):
         r(self.rms_norm_eps > 0, "--model.rms_norm_eps must be > 0.")
         r(self.rope_theta > 0, "--model.rope_theta must be > 0.")
         r(self.initializer_range > 0, "--model.initializer_range must be > 0.")
+        for name in ("attention_dropout", "hidden_dropout"):
+            r(0 <= getattr(self, name) < 1,
+              f"--model.{name} must be in [0, 1), got {getattr(self, name)}.")
         self._check_mla()
         self._check_rope_scaling()
         self._check_moe()
@@ -571,6 +578,28 @@ class TrainConfig(_Section):
     jit_compile: bool = knob(False, "Compile the train step with XLA.", resumable=True)
     deterministic: bool = knob(True, "Enable TF op determinism (bitwise reproducible "
                                "runs and resumes on CPU).", resumable=True)
+    # scale-out and memory (train/strategy.py, train/precision.py, layers/remat.py)
+    strategy: str = knob("auto", "Distribution strategy: auto = multi_worker if TF_CONFIG "
+                         "is set, mirrored if several GPUs are visible, else default (one "
+                         "device); mirrored = all local GPUs (or all logical CPUs); "
+                         "multi_worker = MultiWorkerMirroredStrategy over TF_CONFIG's cluster.",
+                         choices=("auto", "default", "mirrored", "multi_worker"),
+                         resumable=True)
+    collective_timeout: float = knob(600.0, "Seconds a worker waits for its peers in a "
+                                     "collective (all-reduce) before failing, so a lone "
+                                     "worker never hangs forever; 0 = wait forever.",
+                                     resumable=True)
+    precision: str = knob("float32", "Numerics: float32, or mixed_float16 / mixed_bfloat16 "
+                          "(float32 weights, 16-bit compute; norms, softmax and losses stay "
+                          "float32). mixed_float16 uses dynamic loss scaling and skips steps "
+                          "whose gradients overflow on any replica.",
+                          choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    initial_loss_scale: float = knob(2.0 ** 15, "Initial dynamic loss scale of mixed_float16 "
+                                     "(halved on overflow, doubled after 2000 good steps).")
+    remat: str = knob("none", "Gradient checkpointing: recompute activations in the backward "
+                      "pass per decoder block (block), or only its MLP (mlp) or attention "
+                      "(attention) sub-layer; none keeps all activations.",
+                      choices=("none", "block", "mlp", "attention"), resumable=True)
 
     def __post_init__(self):
         self._coerce_and_check_types()
@@ -580,6 +609,8 @@ class TrainConfig(_Section):
             r(getattr(self, name) > 0, f"--train.{name} must be > 0, got {getattr(self, name)}.")
         r(self.eval_every >= 0, "--train.eval_every must be >= 0 (0 = only at the end).")
         r(self.seed >= 0, "--train.seed must be >= 0.")
+        r(self.collective_timeout >= 0, "--train.collective_timeout must be >= 0 (0 = forever).")
+        r(self.initial_loss_scale >= 1, "--train.initial_loss_scale must be >= 1.")
 
     def global_batch(self, replicas: int = 1) -> int:
         """Sequences per optimizer step across all replicas."""

@@ -16,6 +16,7 @@ import tensorflow as tf
 from deepseek_tf.config import ModelConfig
 from deepseek_tf.layers import DecoderBlock, RMSNorm, attention_mask
 from deepseek_tf.layers.mtp import MTPModule, shift_left
+from deepseek_tf.layers.remat import fold_seed, maybe_remat
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -24,14 +25,20 @@ class DeepSeekCausalLM(keras.Model):
 
     Args:
       config: a `ModelConfig` (or its dict).
+      remat: gradient checkpointing, "none", "block" (recompute each decoder block in
+        the backward pass), "mlp" or "attention" (only that sub-layer). A training
+        choice, not part of `get_config`.
 
     Call args:
       inputs: int32 (B, T) token ids.
       segment_ids: int32 (B, T) document ids of packed windows (default: one
         document per row).
       positions: int32 (B, T) positions within each document (default 0..T-1).
-      training: MoE layers use `capacity_factor` (else `inference_capacity_factor`).
+      training: MoE layers use `capacity_factor` (else `inference_capacity_factor`);
+        enables dropout (`attention_dropout`, `hidden_dropout`).
       return_aux: also return the training side outputs (see `collect_aux`).
+      dropout_seed: int (2,) stateless seed of this call's dropout masks (the train
+        step passes one per step, micro-batch and replica); drawn at random if None.
 
     Returns float32 logits (B, T, vocab_size), or (logits, aux) with `return_aux`:
     aux has, when the config has MoE layers, float32 `expert_load` (L_moe, E) routed
@@ -41,14 +48,15 @@ class DeepSeekCausalLM(keras.Model):
     places after position i). MTP modules run only with `return_aux`.
     """
 
-    def __init__(self, config, **kwargs):
+    def __init__(self, config, remat: str = "none", **kwargs):
         super().__init__(**kwargs)
         self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         cfg = self.config
+        self.remat = remat
         self.embed_tokens = keras.layers.Embedding(
             cfg.vocab_size, cfg.hidden_size, name="embed_tokens",
             embeddings_initializer=keras.initializers.RandomNormal(stddev=cfg.initializer_range))
-        self.blocks = [DecoderBlock(cfg, i, name=f"layers_{i}")
+        self.blocks = [DecoderBlock(cfg, i, remat=remat, name=f"layers_{i}")
                        for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, name="norm")
         self.mtp = [MTPModule(cfg, k, name=f"mtp_{k}")
@@ -89,7 +97,7 @@ class DeepSeekCausalLM(keras.Model):
         return tf.cast(logits, tf.float32)                 # (B, T, V)
 
     def call(self, inputs, segment_ids=None, positions=None, training=False,
-             return_aux=False):
+             return_aux=False, dropout_seed=None):
         inputs = tf.convert_to_tensor(inputs)
         b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
         if segment_ids is None:
@@ -98,23 +106,35 @@ class DeepSeekCausalLM(keras.Model):
             positions = tf.broadcast_to(tf.range(t, dtype=tf.int32), [b, t])
         mask = attention_mask(segment_ids)                 # (B, 1, T, T)
         x = self.embed_tokens(inputs)                      # (B, T, D)
+        seed = self._dropout_seed(training, dropout_seed)
         layer_aux = []
-        for block in self.blocks:
-            x = block(x, positions=positions, attention_mask=mask, training=training,
-                      return_aux=return_aux)
-            if return_aux:
-                x, a = x
-                layer_aux.append(a)
+        for i, block in enumerate(self.blocks):
+            run = lambda h, block=block, s=fold_seed(seed, i): block(  # noqa: E731
+                h, positions=positions, attention_mask=mask, training=training,
+                return_aux=return_aux, dropout_seed=s)
+            out = maybe_remat(run, self.remat == "block")(x)
+            x, a = out if return_aux else (out, {})
+            layer_aux.append(a)
         logits = self.head(self.norm(x))
         if not return_aux:
             return logits
         mtp_logits = []
         for k, module in enumerate(self.mtp, start=1):
             normed, x, a = module(x, self.embed_tokens(shift_left(inputs, k)), positions, mask,
-                                  training=training, return_aux=True)
+                                  training=training, return_aux=True,
+                                  dropout_seed=fold_seed(seed, len(self.blocks) + k))
             layer_aux.append(a)
             mtp_logits.append(self.head(normed))
         return logits, collect_aux(layer_aux, mtp_logits)
+
+    def _dropout_seed(self, training, dropout_seed):
+        """The call's dropout seed, drawn outside any remat'd block when not given."""
+        cfg = self.config
+        if not training or not (cfg.attention_dropout or cfg.hidden_dropout):
+            return None
+        if dropout_seed is None:
+            return tf.random.uniform([2], maxval=2 ** 31 - 1, dtype=tf.int32)
+        return dropout_seed
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name}

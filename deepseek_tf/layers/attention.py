@@ -15,6 +15,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from deepseek_tf.layers.remat import stateless_dropout
 from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary
 
 NEG_INF = -1e9
@@ -80,6 +81,8 @@ class GroupedQueryAttention(keras.layers.Layer):
       sliding_window: > 0 makes it hybrid: a local branch over the last
         `sliding_window` tokens, mixed with the global one.
       global_weight, local_weight: the hybrid mix (ignored without a window).
+      attention_dropout: dropout rate on the attention probabilities, applied only
+        when `call` gets a `dropout_seed` (stateless, so remat recomputes the same mask).
 
     Example:
         >>> attn = GroupedQueryAttention(hidden_size=16, num_heads=4, num_kv_heads=2,
@@ -94,7 +97,7 @@ class GroupedQueryAttention(keras.layers.Layer):
                  use_bias: bool = False, rope_theta: float = 10000.0,
                  initializer_range: float = 0.02, rope_scaling: dict | None = None,
                  sliding_window: int = 0, global_weight: float = 0.7,
-                 local_weight: float = 0.3, **kwargs):
+                 local_weight: float = 0.3, attention_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
@@ -104,6 +107,7 @@ class GroupedQueryAttention(keras.layers.Layer):
         self.rope_scaling = dict(rope_scaling) if rope_scaling else None
         self.sliding_window = sliding_window
         self.global_weight, self.local_weight = global_weight, local_weight
+        self.attention_dropout = attention_dropout
         self.q_proj = _dense(num_heads * head_dim, use_bias, initializer_range, "q_proj")
         self.k_proj = _dense(num_kv_heads * head_dim, use_bias, initializer_range, "k_proj")
         self.v_proj = _dense(num_kv_heads * head_dim, use_bias, initializer_range, "v_proj")
@@ -115,7 +119,7 @@ class GroupedQueryAttention(keras.layers.Layer):
             proj.build(input_shape)
         self.o_proj.build(tuple(input_shape[:-1]) + (self.num_heads * self.head_dim,))
 
-    def call(self, x, positions, attention_mask):
+    def call(self, x, positions, attention_mask, dropout_seed=None):
         b, t = tf.shape(x)[0], tf.shape(x)[1]
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = tf.reshape(self.q_proj(x), [b, t, h, d])   # (B, T, H, D)
@@ -127,6 +131,7 @@ class GroupedQueryAttention(keras.layers.Layer):
         scores = tf.einsum("btkgd,bskd->bkgts", q, k) * (d ** -0.5)  # (B, K, G, T, S)
         probs = attention_probs(scores, tf.expand_dims(attention_mask, 1),  # (B, 1, 1, T, S)
                                 self.sliding_window, self.global_weight, self.local_weight)
+        probs = stateless_dropout(probs, self.attention_dropout, dropout_seed)
         out = tf.einsum("bkgts,bskd->btkgd", tf.cast(probs, v.dtype), v)
         return self.o_proj(tf.reshape(out, [b, t, h * d]))           # (B, T, hidden)
 
@@ -136,4 +141,5 @@ class GroupedQueryAttention(keras.layers.Layer):
                 "head_dim": self.head_dim, "use_bias": self.use_bias,
                 "rope_theta": self.rope_theta, "initializer_range": self.initializer_range,
                 "rope_scaling": self.rope_scaling, "sliding_window": self.sliding_window,
-                "global_weight": self.global_weight, "local_weight": self.local_weight}
+                "global_weight": self.global_weight, "local_weight": self.local_weight,
+                "attention_dropout": self.attention_dropout}

@@ -10,6 +10,7 @@ from deepseek_tf.layers.mla import MultiHeadLatentAttention
 from deepseek_tf.layers.mlp import GatedMLP
 from deepseek_tf.layers.moe import DeepSeekMoE
 from deepseek_tf.layers.norm import RMSNorm
+from deepseek_tf.layers.remat import REMAT_MODES, fold_seed, maybe_remat, stateless_dropout
 
 
 def make_attention(cfg: ModelConfig, layer_idx: int) -> keras.layers.Layer:
@@ -24,13 +25,14 @@ def make_attention(cfg: ModelConfig, layer_idx: int) -> keras.layers.Layer:
             qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
             v_head_dim=cfg.v_head_dim, use_bias=cfg.attention_bias, rope_theta=cfg.rope_theta,
             rope_scaling=cfg.rope_scaling(), rope_interleave=cfg.rope_interleave,
-            initializer_range=cfg.initializer_range, name="self_attn", **hybrid)
+            initializer_range=cfg.initializer_range, attention_dropout=cfg.attention_dropout,
+            name="self_attn", **hybrid)
     return GroupedQueryAttention(
         hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.resolved_kv_heads, head_dim=cfg.resolved_head_dim,
         use_bias=cfg.attention_bias, rope_theta=cfg.rope_theta,
         initializer_range=cfg.initializer_range, rope_scaling=cfg.rope_scaling(),
-        name="self_attn", **hybrid)
+        attention_dropout=cfg.attention_dropout, name="self_attn", **hybrid)
 
 
 def make_mlp(cfg: ModelConfig, layer_idx: int) -> keras.layers.Layer:
@@ -57,18 +59,24 @@ class DecoderBlock(keras.layers.Layer):
     Args:
       config: the model config (a `ModelConfig` or its dict).
       layer_idx: index of the block in the stack (MTP blocks continue the count).
+      remat: "attention" or "mlp" recomputes that sub-layer in the backward pass
+        (the model handles "block"); "none"/"block" keep the sub-layers' activations.
 
-    Call: `block(x, positions, attention_mask, training=False, return_aux=False)`;
-    with `return_aux` it returns (x, aux), aux being the MoE layer's dict (empty for
-    a dense block).
+    Call: `block(x, positions, attention_mask, training=False, return_aux=False,
+    dropout_seed=None)`; with `return_aux` it returns (x, aux), aux being the MoE
+    layer's dict (empty for a dense block). Side outputs are returned, never stored,
+    so a recomputed (remat) block stays correct.
 
     Example:
         >>> cfg = ModelConfig(hidden_size=16, num_attention_heads=4, intermediate_size=32)
         >>> block = DecoderBlock(cfg, layer_idx=0)
     """
 
-    def __init__(self, config, layer_idx: int = 0, **kwargs):
+    def __init__(self, config, layer_idx: int = 0, remat: str = "none", **kwargs):
         super().__init__(**kwargs)
+        if remat not in REMAT_MODES:
+            raise ValueError(f"remat={remat!r} is not one of {REMAT_MODES}")
+        self.remat = remat
         self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         self.layer_idx = layer_idx
         cfg = self.config
@@ -83,15 +91,27 @@ class DecoderBlock(keras.layers.Layer):
                       self.mlp):
             layer.build(input_shape)
 
-    def call(self, x, positions, attention_mask, training=False, return_aux=False):
-        x = x + self.self_attn(self.input_layernorm(x), positions=positions,
-                               attention_mask=attention_mask)
-        h = self.post_attention_layernorm(x)
-        if not self.is_moe:
-            return (x + self.mlp(h), {}) if return_aux else x + self.mlp(h)
-        out = self.mlp(h, training=training, return_aux=return_aux)
-        return (x + out[0], out[1]) if return_aux else x + out
+    def call(self, x, positions, attention_mask, training=False, return_aux=False,
+             dropout_seed=None):
+        seed = dropout_seed if training else None  # (2,) int: stateless, remat-safe
+        rate = self.config.hidden_dropout
+
+        def attn(h):
+            out = self.self_attn(self.input_layernorm(h), positions=positions,
+                                 attention_mask=attention_mask,
+                                 dropout_seed=fold_seed(seed, 0))
+            return stateless_dropout(out, rate, fold_seed(seed, 1))
+
+        def mlp(h):
+            h = self.post_attention_layernorm(h)
+            out, aux = (self.mlp(h, training=training, return_aux=True) if self.is_moe
+                        else (self.mlp(h), {}))
+            return stateless_dropout(out, rate, fold_seed(seed, 2)), aux
+
+        x = x + maybe_remat(attn, self.remat == "attention")(x)
+        out, aux = maybe_remat(mlp, self.remat == "mlp")(x)
+        return (x + out, aux) if return_aux else x + out
 
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict(),
-                "layer_idx": self.layer_idx}
+                "layer_idx": self.layer_idx, "remat": self.remat}

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from deepseek_tf.layers.attention import _dense, attention_probs
 from deepseek_tf.layers.norm import RMSNorm
+from deepseek_tf.layers.remat import stateless_dropout
 from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary, yarn_get_mscale
 
 LATENT_NORM_EPS = 1e-6
@@ -50,6 +51,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
       rope_interleave: RoPE on interleaved pairs (DeepSeek checkpoint layout).
       initializer_range: stddev of the normal initializer.
       sliding_window, global_weight, local_weight: hybrid local/global mix (0 = off).
+      attention_dropout: dropout rate on the attention probabilities, applied only
+        when `call` gets a `dropout_seed` (stateless, so remat recomputes the same mask).
 
     Example:
         >>> mla = MultiHeadLatentAttention(hidden_size=32, num_heads=4, q_lora_rank=16,
@@ -66,8 +69,10 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                  use_bias: bool = False, rope_theta: float = 10000.0,
                  rope_scaling: dict | None = None, rope_interleave: bool = False,
                  initializer_range: float = 0.02, sliding_window: int = 0,
-                 global_weight: float = 0.7, local_weight: float = 0.3, **kwargs):
+                 global_weight: float = 0.7, local_weight: float = 0.3,
+                 attention_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
+        self.attention_dropout = attention_dropout
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
@@ -107,7 +112,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         self.kv_b_proj.build(lead + (self.kv_lora_rank,))
         self.o_proj.build(lead + (self.num_heads * self.v_head_dim,))
 
-    def call(self, x, positions, attention_mask):
+    def call(self, x, positions, attention_mask, dropout_seed=None):
         b, t = tf.shape(x)[0], tf.shape(x)[1]
         h, nope, rope, dv = (self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
                              self.v_head_dim)
@@ -128,6 +133,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                   + tf.einsum("bthd,bsd->bhts", q_rope, tf.squeeze(k_rope, 2)))  # (B, H, T, S)
         probs = attention_probs(scores * self.scale, attention_mask, self.sliding_window,
                                 self.global_weight, self.local_weight)    # mask (B, 1, T, S)
+        probs = stateless_dropout(probs, self.attention_dropout, dropout_seed)
         out = tf.einsum("bhts,bshd->bthd", tf.cast(probs, v.dtype), v)    # (B, T, H, dv)
         return self.o_proj(tf.reshape(out, [b, t, h * dv]))              # (B, T, hidden)
 
@@ -140,4 +146,4 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                 "rope_scaling": self.rope_scaling, "rope_interleave": self.rope_interleave,
                 "initializer_range": self.initializer_range,
                 "sliding_window": self.sliding_window, "global_weight": self.global_weight,
-                "local_weight": self.local_weight}
+                "local_weight": self.local_weight, "attention_dropout": self.attention_dropout}

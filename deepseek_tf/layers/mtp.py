@@ -39,7 +39,7 @@ class MTPModule(keras.layers.Layer):
       depth: k, 1-based.
 
     Call: `mtp(h_prev, next_embeddings, positions, attention_mask, training=False,
-    return_aux=False)` -> (norm(h_k), h_k[, aux]): the caller applies the shared head to
+    return_aux=False, dropout_seed=None)` -> (norm(h_k), h_k[, aux]): the caller applies the shared head to
     the first and feeds the second to the next depth.
 
     Example:
@@ -69,10 +69,10 @@ class MTPModule(keras.layers.Layer):
         self.norm.build(input_shape)
 
     def call(self, h_prev, next_embeddings, positions, attention_mask, training=False,
-             return_aux=False):
+             return_aux=False, dropout_seed=None):
         x = self.eh_proj(tf.concat([self.enorm(next_embeddings), self.hnorm(h_prev)], -1))
         out = self.block(x, positions=positions, attention_mask=attention_mask,
-                         training=training, return_aux=True)
+                         training=training, return_aux=True, dropout_seed=dropout_seed)
         h, aux = out
         return (self.norm(h), h, aux) if return_aux else (self.norm(h), h)
 

@@ -27,7 +27,8 @@ class RMSNorm(keras.layers.Layer):
 
     def build(self, input_shape):
         self.scale = self.add_weight(name="scale", shape=(input_shape[-1],),
-                                     initializer="ones", dtype="float32")
+                                     initializer="ones", dtype="float32",
+                                     autocast=False)  # float32 even under mixed precision
 
     def call(self, x):
         x32 = tf.cast(x, tf.float32)                                   # (..., D)

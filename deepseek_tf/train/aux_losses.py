@@ -56,7 +56,8 @@ def aux_terms(cfg: ModelConfig, aux: dict, batch: dict) -> tuple[tf.Tensor, dict
     return extra, stats
 
 
-def update_router_biases(model, expert_load: tf.Tensor, speed: float) -> tf.Tensor:
+def update_router_biases(model, expert_load: tf.Tensor, speed: float,
+                         update=True) -> tf.Tensor:
     """Aux-loss-free balancing step from the global (L, E) load; returns bias spreads (L,)."""
     spreads = []
     for i, layer in enumerate(model.moe_layers):
@@ -66,13 +67,15 @@ def update_router_biases(model, expert_load: tf.Tensor, speed: float) -> tf.Tens
             continue
         load = expert_load[i]
         if speed > 0:
-            bias.assign_add(speed * tf.sign(tf.reduce_mean(load) - load))
+            gate = tf.cast(update, tf.float32)  # 0 on a skipped (overflowed) step
+            bias.assign_add(gate * speed * tf.sign(tf.reduce_mean(load) - load))
         spreads.append(tf.reduce_max(bias) - tf.reduce_min(bias))
     return tf.stack(spreads)
 
 
-def step_metrics(model, stats: dict, tokens: tf.Tensor) -> dict:
-    """Global metrics from all-reduced stats; updates the router biases (call once per step)."""
+def step_metrics(model, stats: dict, tokens: tf.Tensor, update=True) -> dict:
+    """Global metrics from all-reduced stats; updates the router biases (call once per step;
+    `update` False, a bool tensor on a skipped step, leaves them)."""
     out, denom = {}, tf.maximum(tokens, 1.0)
     if "mtp_loss_sum" in stats:
         out["mtp_loss"] = tf.reduce_mean(stats["mtp_loss_sum"]) / denom
@@ -82,7 +85,7 @@ def step_metrics(model, stats: dict, tokens: tf.Tensor) -> dict:
                    z_loss=stats["z_loss_sum"] / denom, expert_load=load,
                    dropped_frac=stats["dropped"] / tf.maximum(tf.reduce_sum(load, -1), 1.0),
                    bias_spread=update_router_biases(model, load,
-                                                    model.config.bias_update_speed))
+                                                    model.config.bias_update_speed, update))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint restore with clear errors.
+"""Checkpoint restore with clear errors, and a run's checkpoints across workers.
 
 Saving goes through `tf.train.CheckpointManager`: TF writes the checkpoint's
 files first and updates the `checkpoint` index file (atomically) last, so an
@@ -11,6 +11,10 @@ of a fresh run.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import tensorflow as tf
 
 from deepseek_tf.config import UserError
@@ -22,8 +26,9 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
     path = manager.latest_checkpoint
     if not path:
         return 0
-    weights_only = not any(name.startswith("optimizer/")
-                           for name, _ in tf.train.list_variables(path))
+    # A converted checkpoint (model + step only) into a run that also tracks an optimizer.
+    weights_only = hasattr(checkpoint, "optimizer") and not any(
+        name.startswith("optimizer/") for name, _ in tf.train.list_variables(path))
     if weights_only:
         checkpoint = tf.train.Checkpoint(model=checkpoint.model, step=checkpoint.step)
     try:
@@ -39,3 +44,79 @@ def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.Checkpoint
     else:
         log(f"resumed from {path} at step {step}")
     return step
+
+
+class RunCheckpoints:
+    """The checkpoints of a run, written safely by one or several workers.
+
+    - `<workdir>/checkpoints/ckpt-<step>`: model, optimizer, step, RNG, and with a
+      single worker its data-iterator position. With several workers every worker
+      saves (TF requires it); only the chief writes here, the others write into a
+      temporary directory that `close` deletes.
+    - with N > 1 workers, `<workdir>/checkpoints/data-worker-<i>/ckpt-<step>`: worker
+      i's own data-iterator position (its shard of the data), written by worker i.
+
+    A save writes the data positions first, waits for every worker (`barrier`), then
+    writes the main checkpoint, whose index file TF updates last: so a main
+    checkpoint always has the data positions of its step.
+
+    Args:
+      workdir: run directory (shared by all workers).
+      objects: trackables of the main checkpoint (must include `step`).
+      data_iterator: this worker's tf.data iterator.
+      role: this worker's `strategy.Role`.
+      keep: checkpoints to keep.
+      barrier: callable that returns when every worker called it.
+    """
+
+    def __init__(self, workdir: str, objects: dict, data_iterator, role, keep: int,
+                 barrier=lambda: None):
+        self.directory = os.path.join(workdir, "checkpoints")
+        self.multi = role.num_workers > 1
+        self.barrier, self.last_saved = barrier, None
+        extra = {} if self.multi else {"data": data_iterator}
+        self.checkpoint = tf.train.Checkpoint(**objects, **extra)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
+                                                  max_to_keep=keep)
+        self._tmp = None
+        self.writer = self.manager
+        if not role.is_chief:
+            self._tmp = tempfile.mkdtemp(prefix=f"deepseek_tf-worker{role.index}-")
+            self.writer = tf.train.CheckpointManager(self.checkpoint, self._tmp, max_to_keep=1)
+        self.data_checkpoint = self.data_manager = None
+        if self.multi:
+            self.data_checkpoint = tf.train.Checkpoint(data=data_iterator)
+            self.data_manager = tf.train.CheckpointManager(
+                self.data_checkpoint, os.path.join(self.directory, f"data-worker-{role.index}"),
+                max_to_keep=keep)
+
+    def restore(self, log=print) -> int:
+        """Restores the chief's latest checkpoint (and this worker's data position of the
+        same step); returns its step, 0 if there is none."""
+        step = restore_latest(self.checkpoint, self.manager, log=log)
+        if step and self.multi:
+            path = f"{self.data_manager.directory}/ckpt-{step}"
+            if not tf.io.gfile.exists(path + ".index"):
+                raise UserError(f"checkpoint of step {step} has no data position {path}: was "
+                                f"the run started with another number of workers? Resume "
+                                f"with the same number, or use a new --workdir.")
+            self.data_checkpoint.restore(path).assert_existing_objects_matched()
+        self.last_saved = step or None
+        return step
+
+    def save(self, step: int) -> None:
+        """Saves `step` (once: a second call for the same step does nothing). Every
+        worker must call it."""
+        if step == self.last_saved:
+            return
+        if self.data_manager is not None:
+            self.data_manager.save(checkpoint_number=step)
+            self.barrier()
+        self.writer.save(checkpoint_number=step)
+        self.last_saved = step
+
+    def close(self) -> None:
+        """Deletes a non-chief worker's temporary checkpoint directory."""
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None

@@ -115,6 +115,9 @@ class MetricLogger:
         if "moe/load_max" in m:
             parts.append(f"moe max/mean load {m['moe/load_max']:.2f}, "
                          f"dropped {100 * m['moe/dropped_frac']:.1f}%")
+        if m.get("skipped_steps"):  # mixed_float16 overflows so far, and the loss scale now
+            parts.append(f"{m['skipped_steps']:.0f} skipped "
+                         f"(loss scale {m.get('loss_scale', 1):,.0f})")
         return " | ".join(parts) + eta
 
     def flush(self) -> None:

@@ -5,6 +5,11 @@ The split follows TF Model Garden's task/runner idea as plain functions:
 `build_state` makes model, optimizer and data under the strategy scope;
 `train` runs the loop with its log / eval / checkpoint intervals.
 
+With several workers (train/strategy.py) every worker runs this same loop; only
+the chief writes config.json, log.jsonl, summaries, loss.png and the real
+checkpoints (train/checkpoint.py). SIGTERM on any worker makes all of them save
+and raise `Preempted` (train/preemption.py).
+
 Example:
     >>> result = train(Experiment(), "/tmp/run")
     >>> result["eval"]["loss"]
@@ -12,14 +17,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import math
 import os
+import threading
 import time
 
 import keras
 import tensorflow as tf
 
+from deepseek_tf import exit_codes
 from deepseek_tf.config import ConfigError, Experiment, UserError
 from deepseek_tf.data import pipeline, shards
 from deepseek_tf.data.prepare import prepare
@@ -27,9 +36,12 @@ from deepseek_tf.data.tokenizer import copy_tokenizer, load_tokenizer
 from deepseek_tf.flags import CONFIG_FILE
 from deepseek_tf.model import DeepSeekCausalLM, count_params
 from deepseek_tf.train import checkpoint as ckpt_lib
+from deepseek_tf.train import precision
+from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.aux_losses import log_metrics
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
 from deepseek_tf.train.optimizer import make_optimizer
+from deepseek_tf.train.preemption import PreemptionWatcher
 from deepseek_tf.train.step import make_eval_step, make_train_step
 
 
@@ -37,15 +49,30 @@ def data_dir_of(exp: Experiment, workdir: str) -> str:
     return exp.data.data_dir or os.path.join(workdir, "data")
 
 
-def prepare_run(exp: Experiment, workdir: str, log=print) -> dict:
+def _wait_for_data(data_dir: str, timeout: float, log) -> None:
+    """A non-chief worker waits for the chief to prepare the shared data directory."""
+    log(f"waiting for the chief to prepare {data_dir}")
+    deadline = time.time() + (timeout or float("inf"))
+    while not os.path.exists(os.path.join(data_dir, shards.METADATA_FILE)):
+        if time.time() > deadline:
+            raise UserError(f"{data_dir} did not appear within {timeout:.0f}s: workers need a "
+                            f"shared --workdir / --data.data_dir, or data prepared on every "
+                            f"machine with python -m deepseek_tf.prepare.")
+        time.sleep(1.0)
+
+
+def prepare_run(exp: Experiment, workdir: str, log=print,
+                role: strategy_lib.Role = strategy_lib.Role()) -> dict:
     """Validates the workdir and the data (preparing it if absent); returns metadata.
 
     Raises ConfigError / UserError with one clear line; writes nothing into an
-    existing workdir before everything checks out.
+    existing workdir before everything checks out. Only the chief prepares data.
     """
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} exists and is not a directory; choose another.")
     data_dir = data_dir_of(exp, workdir)
+    if not os.path.exists(data_dir) and not role.is_chief:
+        _wait_for_data(data_dir, exp.train.collective_timeout, log)
     if not os.path.exists(data_dir):
         source = exp.data.inputs or f"the '{exp.data.corpus}' corpus"
         log(f"data directory {data_dir} does not exist yet: preparing {source}")
@@ -73,47 +100,52 @@ class RunState:
     eval_ds: object
     checkpoint: tf.train.Checkpoint
     manager: tf.train.CheckpointManager
+    role: strategy_lib.Role
+    checkpoints: ckpt_lib.RunCheckpoints
+    collectives: strategy_lib.Collectives
 
 
-def make_strategy(exp: Experiment) -> tf.distribute.Strategy:
-    """The distribution strategy: the default (single device) strategy for now."""
-    del exp
-    return tf.distribute.get_strategy()
-
-
-def build_state(exp: Experiment, workdir: str, meta: dict) -> RunState:
-    """Model, optimizer, data iterators and checkpoint, built under the strategy."""
+def build_state(exp: Experiment, workdir: str, meta: dict,
+                role: strategy_lib.Role = strategy_lib.Role()) -> RunState:
+    """Model, optimizer, data iterators and checkpoints, built under the strategy."""
     tcfg = exp.train
     if tcfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(tcfg.seed)
-    strategy = make_strategy(exp)
+    strategy = strategy_lib.make_strategy(tcfg)
     data_dir = data_dir_of(exp, workdir)
-
-    def train_fn(ctx):
-        return pipeline.make_dataset(exp.data, data_dir, "train", tcfg.batch_size,
+    ctx = strategy_lib.input_context(strategy, role)  # this worker's share of the data
+    train_ds = pipeline.make_dataset(exp.data, data_dir, "train", tcfg.batch_size,
                                      seed=tcfg.seed, training=True,
                                      accum_steps=tcfg.grad_accum_steps, input_context=ctx,
                                      metadata=meta)
-
-    def eval_fn(ctx):
-        return pipeline.make_dataset(exp.data, data_dir, "validation", tcfg.batch_size,
-                                     seed=tcfg.seed, training=False, input_context=ctx,
-                                     metadata=meta)
+    eval_ds = pipeline.make_dataset(exp.data, data_dir, "validation", tcfg.batch_size,
+                                    seed=tcfg.seed, training=False, input_context=ctx,
+                                    metadata=meta)
 
     with strategy.scope():
-        model = DeepSeekCausalLM(exp.model)
-        optimizer = make_optimizer(exp.optim, exp.decay_steps, model)
+        with precision.policy_scope(tcfg.precision):
+            model = DeepSeekCausalLM(exp.model, remat=tcfg.remat)
+        optimizer = precision.wrap_optimizer(make_optimizer(exp.optim, exp.decay_steps, model),
+                                             tcfg, model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         rng = tf.random.Generator.from_seed(tcfg.seed)
-    train_iter = iter(strategy.distribute_datasets_from_function(train_fn))
-    eval_ds = strategy.distribute_datasets_from_function(eval_fn)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, rng=rng,
-                                     data=train_iter)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=tcfg.keep_checkpoints, step_counter=step)
-    return RunState(strategy, model, optimizer, step, rng, train_iter, eval_ds, checkpoint,
-                    manager)
+    train_iter = iter(train_ds)  # a plain tf.data iterator: checkpointable
+    collectives = strategy_lib.Collectives(strategy)
+    checkpoints = ckpt_lib.RunCheckpoints(
+        workdir, {"model": model, "optimizer": optimizer, "step": step, "rng": rng},
+        train_iter, role, tcfg.keep_checkpoints, barrier=collectives.barrier)
+    return RunState(strategy, model, optimizer, step, rng, train_iter, eval_ds,
+                    checkpoints.checkpoint, checkpoints.manager, role, checkpoints, collectives)
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """sha256 (16 hex digits) of every model weight's bytes: equal iff bitwise equal."""
+    h = hashlib.sha256()
+    for v in model.weights:
+        h.update(v.path.split("/", 1)[-1].encode())  # without the model's (instance) name
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def evaluate(state: RunState, eval_step, num_batches: int) -> dict:
@@ -127,22 +159,70 @@ def evaluate(state: RunState, eval_step, num_batches: int) -> dict:
             "accuracy": hits / max(tokens, 1.0), "tokens": tokens}
 
 
+def _describe(state: RunState, tcfg) -> str:
+    role, strategy = state.role, state.strategy
+    where = f"{role.name} of {role.num_workers} workers" + (" (chief)" if role.is_chief else "")
+    name = ("MultiWorkerMirroredStrategy" if strategy_lib.is_multi_worker(strategy)
+            else type(strategy).__name__.lstrip("_"))
+    return (f"strategy: {name}, {strategy.num_replicas_in_sync} replicas; "
+            f"this is {where}; precision {tcfg.precision}; remat {tcfg.remat}")
+
+
+def _check_step(state: RunState, step: int, loss: float, skipped: bool) -> None:
+    """Stops the run (keeping the last good checkpoint) on a step that cannot be skipped."""
+    keep = "The last good checkpoint is kept."
+    if not skipped:
+        if not math.isfinite(loss):
+            raise UserError(f"loss became {loss} at step {step}; lower --optim.learning_rate "
+                            f"or enable clipping. {keep}")
+        return
+    if not precision.is_loss_scaled(state.optimizer):
+        raise UserError(f"gradients became non-finite at step {step}; lower "
+                        f"--optim.learning_rate or enable clipping. {keep}")
+    scale = precision.current_scale(state.optimizer)
+    if scale < 1.0:
+        raise UserError(f"mixed_float16 gradients overflow even at loss scale {scale:g} (step "
+                        f"{step}): the model diverged; lower --optim.learning_rate or use "
+                        f"--train.precision=mixed_bfloat16. {keep}")
+
+
+def _preemption_watcher(state: RunState, log):
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal handlers can only be installed from the main thread
+    watcher = PreemptionWatcher(state.strategy, state.checkpoints.save)
+    log(f"preemption: SIGTERM to any worker saves a checkpoint on every worker, then the "
+        f"trainer exits with code {exit_codes.PREEMPTED}")
+    return watcher
+
+
 def train(exp: Experiment, workdir: str, log=print) -> dict:
     """Trains `exp` in `workdir`, resuming from its latest checkpoint if any.
 
     Returns {"step", "train": last train metrics, "eval": last eval metrics,
-    "seconds": wall time of the loop}.
+    "seconds": wall time of the loop, "skipped_steps", "weights_sha256"}. Raises
+    `Preempted` after saving a checkpoint if any worker got SIGTERM.
     """
+    with contextlib.ExitStack() as cleanup:  # SIGTERM handler, temporary dirs, writers
+        return _train(exp, workdir, log, cleanup)
+
+
+def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) -> dict:
     workdir = os.path.abspath(workdir)
-    meta = prepare_run(exp, workdir, log=log)
-    os.makedirs(workdir, exist_ok=True)
-    exp.save(os.path.join(workdir, CONFIG_FILE))
-    copy_tokenizer(data_dir_of(exp, workdir), os.path.join(workdir, "tokenizer"))
+    multi = strategy_lib.strategy_name(exp.train) == "multi_worker"
+    role = strategy_lib.cluster_role() if multi else strategy_lib.Role()
+    meta = prepare_run(exp, workdir, log=log, role=role)
+    if role.is_chief:
+        os.makedirs(workdir, exist_ok=True)
+        exp.save(os.path.join(workdir, CONFIG_FILE))
+        copy_tokenizer(data_dir_of(exp, workdir), os.path.join(workdir, "tokenizer"))
     log(f"workdir: {workdir}")
 
-    state = build_state(exp, workdir, meta)
-    start = ckpt_lib.restore_latest(state.checkpoint, state.manager, log=log)
-    truncate_log(workdir, start)
+    state = build_state(exp, workdir, meta, role)
+    cleanup.callback(state.checkpoints.close)
+    start = state.checkpoints.restore(log=log)
+    state.collectives.check_same(start, "step to resume from")
+    if role.is_chief:
+        truncate_log(workdir, start)
     trainable, total = count_params(state.model)
     log(f"trainable params: {trainable:,} || all params: {total:,} || "
         f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
@@ -150,6 +230,7 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     replicas = state.strategy.num_replicas_in_sync
     global_batch = tcfg.global_batch(replicas)
     tokens_per_step = global_batch * exp.data.seq_len
+    log(_describe(state, tcfg))
     log(f"global batch: {global_batch} sequences = {tcfg.batch_size} per replica x "
         f"{replicas} replicas x {tcfg.grad_accum_steps} accumulation steps "
         f"({tokens_per_step:,} tokens/step)")
@@ -160,8 +241,10 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     shard_files = shards.all_shard_paths(data_dir_of(exp, workdir), meta)
     train_step = shards.guard_data_errors(train_step, shard_files)
     eval_step = shards.guard_data_errors(eval_step, shard_files)
-    logger = MetricLogger(workdir, tcfg.steps)
-    schedule = state.optimizer._learning_rate  # the Keras schedule object
+    logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
+    cleanup.callback(logger.close)
+    inner = getattr(state.optimizer, "inner_optimizer", state.optimizer)
+    schedule = inner._learning_rate  # the Keras schedule object
     last_train, last_eval = {}, {}
     window_loss, window_steps = 0.0, 0
     t_log, step_at_log = time.time(), start
@@ -169,35 +252,51 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     if start >= tcfg.steps:
         log(f"already at step {start} >= --train.steps={tcfg.steps}; nothing to train")
     step = start
+    watcher = _preemption_watcher(state, log)
+    if watcher is not None:
+        cleanup.callback(watcher.close)
     while step < tcfg.steps:
         out = train_step(state.train_iter)
         state.step.assign_add(1)
         step += 1
-        loss = float(out["loss"])
-        if not math.isfinite(loss):
-            raise UserError(f"loss became {loss} at step {step}; lower --optim.learning_rate "
-                            f"or enable clipping. The last good checkpoint is kept.")
-        window_loss, window_steps = window_loss + loss, window_steps + 1
+        loss, skipped = float(out["loss"]), float(out["skipped"]) > 0
+        _check_step(state, step, loss, skipped)
+        if not skipped:
+            window_loss, window_steps = window_loss + loss, window_steps + 1
         if step % tcfg.log_every == 0 or step == tcfg.steps:
             now = time.time()
             last_train = {
-                "loss": loss, "loss_avg": window_loss / window_steps,
-                "lr": float(schedule(state.optimizer.iterations - 1)),
+                "loss": loss, "loss_avg": window_loss / max(window_steps, 1),
+                "lr": float(schedule(max(int(inner.iterations.numpy()) - 1, 0))),
                 "grad_norm": float(out["grad_norm"]), "accuracy": float(out["accuracy"]),
                 "tokens_per_sec": (step - step_at_log) * tokens_per_step / max(now - t_log, 1e-9),
-                "tokens_seen": step * tokens_per_step, **log_metrics(state.model, out)}
+                "tokens_seen": step * tokens_per_step,
+                "skipped_steps": step - int(inner.iterations.numpy()),
+                **log_metrics(state.model, out)}
+            if precision.is_loss_scaled(state.optimizer):
+                last_train["loss_scale"] = precision.current_scale(state.optimizer)
             logger.write(step, last_train, "train")
             window_loss, window_steps, t_log, step_at_log = 0.0, 0, now, step
         if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.steps:
             last_eval = evaluate(state, eval_step, tcfg.eval_steps)
             logger.write(step, last_eval, "eval")
         if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-            state.manager.save(checkpoint_number=step)
+            state.checkpoints.save(step)
             logger.flush()
+        if watcher is not None:
+            watcher.after_step(step)  # raises Preempted once every worker saved
     seconds = time.time() - t_start
     logger.close()
-    plot = plot_losses(workdir)
+    fingerprint = weights_fingerprint(state.model)
+    if role.num_workers > 1:  # bitwise-identical replicas, or a bug: say so loudly
+        state.collectives.check_same(int(fingerprint, 16) >> 1, "final weights")
+    log(f"weights sha256: {fingerprint}")
+    plot = plot_losses(workdir) if role.is_chief else None
     if plot:
         log(f"wrote {plot}")
-    log(f"done: step {step}, {seconds:.1f}s; workdir: {workdir}")
-    return {"step": step, "train": last_train, "eval": last_eval, "seconds": seconds}
+    state.collectives.barrier()  # leave together: a peer that exits early looks crashed
+    skipped_total = step - int(inner.iterations.numpy())
+    log(f"done: step {step}, {seconds:.1f}s, {skipped_total} skipped steps; "
+        f"workdir: {workdir}")
+    return {"step": step, "train": last_train, "eval": last_eval, "seconds": seconds,
+            "skipped_steps": skipped_total, "weights_sha256": fingerprint}

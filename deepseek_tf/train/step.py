@@ -10,6 +10,12 @@ Models with MoE layers or MTP modules also return side outputs; `aux_losses` add
 their losses to the micro-batch loss, accumulates their stats (expert load, dropped
 tokens) with the gradients, and updates the router biases after `apply_gradients`.
 
+Mixed precision (train/precision.py): under mixed_float16 the loss is multiplied
+by the loss scale, and the decision to skip an overflowing step is global: each
+replica's non-finite gradient count is summed across replicas before anyone
+applies anything. Dropout masks come from a stateless seed per (step, replica,
+micro-batch), so remat recomputes the same masks.
+
 Example:
     >>> step_fn = make_train_step(model, optimizer, strategy, TrainConfig(), OptimConfig())
     >>> metrics = step_fn(iterator)   # one optimizer step
@@ -20,16 +26,19 @@ from __future__ import annotations
 import tensorflow as tf
 
 from deepseek_tf.config import OptimConfig, TrainConfig
+from deepseek_tf.layers.remat import fold_seed
 from deepseek_tf.model import token_losses
-from deepseek_tf.train import aux_losses
+from deepseek_tf.train import aux_losses, precision
+from deepseek_tf.train.strategy import next_batch
 
 SUM = tf.distribute.ReduceOp.SUM
 
 
-def _forward(model, batch, training, with_aux=False):
+def _forward(model, batch, training, with_aux=False, dropout_seed=None):
     """(CE loss sum, hits) or, `with_aux`, (CE loss sum, hits, extra loss sum, stats)."""
     out = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                positions=batch["positions"], training=training, return_aux=with_aux)
+                positions=batch["positions"], training=training, return_aux=with_aux,
+                dropout_seed=dropout_seed)
     logits = out[0] if with_aux else out                                  # (B, T, V)
     mask = batch["loss_mask"]
     loss_sum = tf.reduce_sum(token_losses(logits, batch["targets"]) * mask)
@@ -42,7 +51,8 @@ def _forward(model, batch, training, with_aux=False):
 
 
 def make_grad_fn(model, accum_steps: int, jit_compile: bool):
-    """(batch with (A, B, T) tensors, global token count) -> (grads, loss, hits, stats).
+    """(batch with (A, B, T) tensors, global token count, loss scale, dropout seed)
+    -> (grads of the scaled loss, loss, hits, stats).
 
     The compute part of the step; under `jit_compile` it is one XLA cluster. `loss`
     is the cross entropy; the gradients include the aux losses; `stats` are the
@@ -51,24 +61,26 @@ def make_grad_fn(model, accum_steps: int, jit_compile: bool):
     variables = model.trainable_variables
     with_aux = aux_losses.uses_aux(model.config)
 
-    def micro(batch, denom):
+    def micro(batch, denom, scale, seed):
         with tf.GradientTape() as tape:
-            out = _forward(model, batch, training=True, with_aux=with_aux)
+            out = _forward(model, batch, training=True, with_aux=with_aux, dropout_seed=seed)
             loss_sum, hits = out[:2]
             extra, stats = out[2:] if with_aux else (0.0, {})
             loss = loss_sum / denom
             total = loss + extra / denom if with_aux else loss
-        grads = [tf.convert_to_tensor(g) for g in tape.gradient(total, variables)]  # dense
+            scaled = total * scale
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled, variables)]  # dense
         return grads, loss, hits, stats
 
-    def grad_fn(batch, denom):
+    def grad_fn(batch, denom, scale=1.0, seed=None):
         first = {k: v[0] for k, v in batch.items()}
-        grads, loss, hits, stats = micro(first, denom)
+        grads, loss, hits, stats = micro(first, denom, scale, fold_seed(seed, 0))
         if accum_steps == 1:
             return grads, loss, hits, stats
 
         def body(i, grads, loss, hits, stats):
-            g, l, h, s = micro({k: v[i] for k, v in batch.items()}, denom)
+            g, l, h, s = micro({k: v[i] for k, v in batch.items()}, denom, scale,
+                               fold_seed(seed, i))
             return (i + 1, [a + b for a, b in zip(grads, g)], loss + l, hits + h,
                     {k: stats[k] + s[k] for k in stats})
 
@@ -80,31 +92,47 @@ def make_grad_fn(model, accum_steps: int, jit_compile: bool):
 
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cfg: TrainConfig,
-                    optim_cfg: OptimConfig):
-    """Returns `step(iterator) -> dict of float32 tensors` (loss, grad_norm, accuracy, tokens,
-    and the `aux_losses.step_metrics` of MoE / MTP models)."""
+                    optim_cfg: OptimConfig, *, grad_hook=None):
+    """Returns `step(iterator) -> dict of float32 tensors` (loss, grad_norm, accuracy,
+    loss_tokens, skipped: 1 if the step was skipped because a gradient overflowed, and
+    the `aux_losses.step_metrics` of MoE / MTP models).
+
+    `grad_hook(grads, replica_id) -> grads`, if given, edits each replica's local
+    gradients before the all-reduce (tests inject faults with it).
+    """
     grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.jit_compile)
     variables = model.trainable_variables
 
     def replica_step(batch):
         ctx = tf.distribute.get_replica_context()
         tokens = ctx.all_reduce(SUM, tf.reduce_sum(batch["loss_mask"]))
-        grads, loss, hits, stats = grad_fn(batch, tf.maximum(tokens, 1.0))
+        scale = precision.loss_scale(optimizer)
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.stack([tf.constant(train_cfg.seed, tf.int64),
+                      tf.cast(optimizer.iterations, tf.int64)]), ctx.replica_id_in_sync_group)
+        grads, loss, hits, stats = grad_fn(batch, tf.maximum(tokens, 1.0), scale, seed)
+        if grad_hook is not None:
+            grads = grad_hook(grads, ctx.replica_id_in_sync_group)
+        nonfinite = precision.count_nonfinite(grads)  # this replica's, before the all-reduce
         grads = ctx.all_reduce(SUM, grads)
-        loss, hits = ctx.all_reduce(SUM, [loss, hits])
+        loss, hits, nonfinite = ctx.all_reduce(SUM, [loss, hits, nonfinite])
         stats = ctx.all_reduce(SUM, stats) if stats else {}
-        grad_norm = tf.linalg.global_norm(grads)
+        scaled_norm = tf.linalg.global_norm(grads)
+        finite = tf.logical_and(tf.equal(nonfinite, 0.0), tf.math.is_finite(scaled_norm))
+        grads = precision.poison(grads, finite)  # the same decision on every replica
         if optim_cfg.clip_norm > 0:
-            grads, _ = tf.clip_by_global_norm(grads, optim_cfg.clip_norm, use_norm=grad_norm)
-        optimizer.apply_gradients(zip(grads, variables))
-        aux_metrics = aux_losses.step_metrics(model, stats, tokens)  # after: updates biases
-        return {"loss": loss, "grad_norm": grad_norm,
+            grads, _ = tf.clip_by_global_norm(grads, optim_cfg.clip_norm * scale,
+                                              use_norm=scaled_norm)
+        optimizer.apply_gradients(zip(grads, variables))  # skipped if not finite (fp16)
+        # After the update: router biases move from the global load (not on a skipped step).
+        aux_metrics = aux_losses.step_metrics(model, stats, tokens, update=finite)
+        return {"loss": loss, "grad_norm": scaled_norm / scale,
                 "accuracy": hits / tf.maximum(tokens, 1.0), "loss_tokens": tokens,
-                **aux_metrics}
+                "skipped": 1.0 - tf.cast(finite, tf.float32), **aux_metrics}
 
     @tf.function
     def step(iterator):
-        out = strategy.run(replica_step, args=(next(iterator),))
+        out = strategy.run(replica_step, args=(next_batch(strategy, iterator),))
         return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
 
     return step
@@ -120,7 +148,7 @@ def make_eval_step(model, strategy: tf.distribute.Strategy):
 
     @tf.function
     def step(iterator):
-        out = strategy.run(replica_step, args=(next(iterator),))
+        out = strategy.run(replica_step, args=(next_batch(strategy, iterator),))
         return [strategy.experimental_local_results(v)[0] for v in out]
 
     return step
