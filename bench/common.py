@@ -30,6 +30,48 @@ def batches(batch: int, seq: int, vocab: int, seed: int = 0):
     return iter(tf.data.Dataset.from_tensors(b).repeat())
 
 
+def train_step_runner(cfg, batch: int, seq: int, jit: bool):
+    """A callable running one real optimizer step on a random batch (compiled on its
+    first call); its `.out` is the last step's outputs."""
+    tf.keras.utils.set_random_seed(0)
+    model = DeepSeekCausalLM(cfg)
+    opt = make_optimizer(OptimConfig(), 1000, model)
+    step = make_train_step(model, opt, tf.distribute.get_strategy(),
+                           TrainConfig(batch_size=batch, jit_compile=jit), OptimConfig())
+    it = batches(batch, seq, cfg.vocab_size)
+
+    def run():
+        run.out = step(it)
+        float(run.out["loss"])
+    return run
+
+
+def grad_fn_runner(cfg, batch: int, seq: int, jit: bool):
+    """A callable running the step's forward + backward alone (no optimizer update)."""
+    from deepseek_tf.train.step import make_grad_fn
+    tf.keras.utils.set_random_seed(0)
+    model = DeepSeekCausalLM(cfg)
+    grad_fn = make_grad_fn(model, 1, jit)
+    b = next(batches(batch, seq, cfg.vocab_size))
+    denom = tf.constant(float(batch * seq))
+    return lambda: float(grad_fn(b, denom)[1])
+
+
+def interleaved_medians(runners: dict, rounds: int, warmup: int = 2) -> dict:
+    """{name: median seconds}: the runners take turns, round after round, so that a
+    noisy shared machine slows them alike (ratios stay meaningful)."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def time_train_step(cfg, batch: int, seq: int, jit: bool, steps: int = 8, warmup: int = 2):
     """(median seconds per optimizer step, first-call seconds, last step outputs)."""
     tf.keras.utils.set_random_seed(0)

@@ -21,13 +21,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
 
 BATCH, SEQ_LEN = 8, 256
-# The training step is measured with the architecture issue's benchmark shape: hidden 256,
-# 4 layers, 8 heads, vocab 512, batch 8 x 256. Until MLA + MoE land this is the dense model
-# of the same width / depth / vocab (dense MLP 768).
+# The training step is measured with the architecture issue's benchmark config
+# (bench/train_throughput.py): hidden 256, 4 layers (first dense), 8 heads, MLA (q_lora
+# 128, kv_lora 64, nope 32, rope 16, v 32), dense MLP 768, 16 routed experts of width 128
+# + 1 shared, top-2, 4 groups / top-2 groups, vocab 512, batch 8 x 256.
 BENCH_MODEL = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                   num_attention_heads=8, max_position_embeddings=SEQ_LEN)
-# Issue 3's MLA + MoE config: uncomment this one line once those fields exist in ModelConfig.
-# BENCH_MODEL.update(attention_type="mla", q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128, n_group=4, topk_group=2, first_k_dense_replace=1)  # noqa: E501
+                   num_attention_heads=8, max_position_embeddings=SEQ_LEN, attention_type="mla",
+                   q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                   v_head_dim=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2,
+                   moe_intermediate_size=128, n_group=4, topk_group=2, first_k_dense_replace=1)
 
 
 def bench_prepare(out_root: str, skip_sp: bool) -> str:

@@ -1,17 +1,18 @@
 """MoE sparse-dispatch scaling: training step time with 64 vs 8 routed experts at top-2,
 the same active size (target ratio <= 1.25), with and without XLA.
 
-    python bench/moe_scaling.py [--steps=8] [--tokens=2048]
+    python bench/moe_scaling.py [--steps=12] [--tokens=2048] [--seq=256]
 
 Two measurements:
   layer  the DeepSeekMoE layer alone (N tokens x d 256, experts of width 128, shared
          expert, capacity factor 1.25), forward + backward, as in PITFALLS.md;
   model  the trainer's full step on a 2-layer MLA model whose both layers are MoE
-         (hidden 256, batch 8 x 256 tokens), and its forward + backward alone: the
+         (hidden 256, batch 8 x --seq tokens), and its forward + backward alone: the
          AdamW update touches every expert's weights, so it grows with the expert count
          (at 2,048 tokens per step that update is a large share of the step).
-For reference it also times the all-experts einsum (every expert on every token,
-KerasHub style), whose cost grows with the number of experts.
+The model runs take turns step by step (bench/common.py), so machine noise hits
+E=8 and E=64 alike. For reference it also times the all-experts einsum (every
+expert on every token, KerasHub style), whose cost grows with the number of experts.
 """
 
 import argparse
@@ -19,7 +20,7 @@ import statistics
 import time
 
 import tensorflow as tf
-from common import time_grad_fn, time_train_step
+from common import grad_fn_runner, interleaved_medians, train_step_runner
 
 from deepseek_tf.config import ModelConfig
 from deepseek_tf.layers.moe import DeepSeekMoE
@@ -72,27 +73,32 @@ def model_config(experts: int) -> ModelConfig:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12, help="timed rounds")
+    parser.add_argument("--seq", type=int, default=256, help="model: tokens per sequence")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--skip_model", action="store_true")
+    parser.add_argument("--skip_layer", action="store_true")
     args = parser.parse_args()
     for jit in (True, False):
         name = "XLA   " if jit else "no XLA"
-        t8, t64 = (time_layer(e, args.tokens, jit, False, args.steps) for e in (8, 64))
-        d8, d64 = (time_layer(e, args.tokens, jit, True, args.steps) for e in (8, 64))
-        print(f"{name} layer  sparse: E=8 {t8 * 1e3:7.1f} ms  E=64 {t64 * 1e3:7.1f} ms  "
-              f"ratio {t64 / t8:.2f}   | all-experts einsum: E=8 {d8 * 1e3:7.1f} ms  "
-              f"E=64 {d64 * 1e3:7.1f} ms  ratio {d64 / d8:.2f}")
+        if not args.skip_layer:
+            t8, t64 = (time_layer(e, args.tokens, jit, False, args.steps) for e in (8, 64))
+            d8, d64 = (time_layer(e, args.tokens, jit, True, args.steps) for e in (8, 64))
+            print(f"{name} layer  sparse: E=8 {t8 * 1e3:7.1f} ms  E=64 {t64 * 1e3:7.1f} ms  "
+                  f"ratio {t64 / t8:.2f}   | all-experts einsum: E=8 {d8 * 1e3:7.1f} ms  "
+                  f"E=64 {d64 * 1e3:7.1f} ms  ratio {d64 / d8:.2f}")
         if not args.skip_model:
-            m8, _, _ = time_train_step(model_config(8), 8, 256, jit, steps=args.steps)
-            m64, _, out = time_train_step(model_config(64), 8, 256, jit, steps=args.steps)
-            print(f"{name} model  train step: E=8 {m8 * 1e3:7.1f} ms  E=64 {m64 * 1e3:7.1f} ms  "
-                  f"ratio {m64 / m8:.2f}  (E=64 dropped "
-                  f"{100 * float(out['dropped_frac'].numpy().mean()):.1f}%)")
-            g8, g64 = (time_grad_fn(model_config(e), 8, 256, jit, args.steps) for e in (8, 64))
-            print(f"{name} model  fwd+bwd:    E=8 {g8 * 1e3:7.1f} ms  E=64 {g64 * 1e3:7.1f} ms  "
-                  f"ratio {g64 / g8:.2f}")
-
+            runners = {}
+            for e in (8, 64):
+                runners[f"step{e}"] = train_step_runner(model_config(e), 8, args.seq, jit)
+                runners[f"grad{e}"] = grad_fn_runner(model_config(e), 8, args.seq, jit)
+            t = interleaved_medians(runners, args.steps)
+            dropped = float(runners["step64"].out["dropped_frac"].numpy().mean())
+            print(f"{name} model  train step: E=8 {t['step8'] * 1e3:7.1f} ms  E=64 "
+                  f"{t['step64'] * 1e3:7.1f} ms  ratio {t['step64'] / t['step8']:.2f}  "
+                  f"(8 x {args.seq} tokens; E=64 dropped {100 * dropped:.1f}%)")
+            print(f"{name} model  fwd+bwd:    E=8 {t['grad8'] * 1e3:7.1f} ms  E=64 "
+                  f"{t['grad64'] * 1e3:7.1f} ms  ratio {t['grad64'] / t['grad8']:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -50,13 +50,15 @@ def _forward(model, batch, training, with_aux=False, dropout_seed=None):
                                                                          batch)
 
 
-def make_grad_fn(model, accum_steps: int, jit_compile: bool):
+def make_grad_fn(model, accum_steps: int, jit_compile: bool, count_nonfinite: bool = False):
     """(batch with (A, B, T) tensors, global token count, loss scale, dropout seed)
     -> (grads of the scaled loss, loss, hits, stats).
 
     The compute part of the step; under `jit_compile` it is one XLA cluster. `loss`
     is the cross entropy; the gradients include the aux losses; `stats` are the
-    summed aux statistics ({} for a dense model without MTP).
+    summed aux statistics ({} for a dense model without MTP). With `count_nonfinite`
+    stats also has `nonfinite`, the number of inf/NaN gradient values (counted inside
+    the cluster, where XLA fuses it with the gradient computation).
     """
     variables = model.trainable_variables
     with_aux = aux_losses.uses_aux(model.config)
@@ -88,7 +90,33 @@ def make_grad_fn(model, accum_steps: int, jit_compile: bool):
             lambda i, *_: i < accum_steps, body, (tf.constant(1), grads, loss, hits, stats))
         return grads, loss, hits, stats
 
-    return tf.function(grad_fn, jit_compile=jit_compile)
+    def grad_fn_counting(batch, denom, scale=1.0, seed=None):
+        grads, loss, hits, stats = grad_fn(batch, denom, scale, seed)
+        return grads, loss, hits, {**stats, "nonfinite": precision.count_nonfinite(grads)}
+
+    return tf.function(grad_fn_counting if count_nonfinite else grad_fn,
+                       jit_compile=jit_compile)
+
+
+def make_finish_fn(clip_norm: float, jit_compile: bool):
+    """(all-reduced grads, their global non-finite count, loss scale) -> (grads to apply,
+    scaled global norm, finite).
+
+    Decides the step (skipped on every replica alike if any replica overflowed),
+    and clips to `clip_norm` (of the unscaled gradients). Under `jit_compile` the
+    norm, the decision and the clipping are one XLA cluster: two passes over the
+    gradients instead of one per op.
+    """
+
+    def finish(grads, nonfinite, scale):
+        norm = tf.linalg.global_norm(grads)
+        finite = tf.logical_and(tf.equal(nonfinite, 0.0), tf.math.is_finite(norm))
+        grads = precision.poison(grads, finite)  # the same decision on every replica
+        if clip_norm > 0:
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm * scale, use_norm=norm)
+        return grads, norm, finite
+
+    return tf.function(finish, jit_compile=jit_compile)
 
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cfg: TrainConfig,
@@ -100,7 +128,10 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
     `grad_hook(grads, replica_id) -> grads`, if given, edits each replica's local
     gradients before the all-reduce (tests inject faults with it).
     """
-    grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.jit_compile)
+    # With a grad_hook the count must see the hooked gradients, so it stays outside.
+    grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.jit_compile,
+                           count_nonfinite=grad_hook is None)
+    finish = make_finish_fn(optim_cfg.clip_norm, train_cfg.jit_compile)
     variables = model.trainable_variables
 
     def replica_step(batch):
@@ -113,16 +144,13 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
         grads, loss, hits, stats = grad_fn(batch, tf.maximum(tokens, 1.0), scale, seed)
         if grad_hook is not None:
             grads = grad_hook(grads, ctx.replica_id_in_sync_group)
-        nonfinite = precision.count_nonfinite(grads)  # this replica's, before the all-reduce
+            stats = {**stats, "nonfinite": precision.count_nonfinite(grads)}
+        # stats["nonfinite"]: this replica's count, before the all-reduce.
         grads = ctx.all_reduce(SUM, grads)
-        loss, hits, nonfinite = ctx.all_reduce(SUM, [loss, hits, nonfinite])
-        stats = ctx.all_reduce(SUM, stats) if stats else {}
-        scaled_norm = tf.linalg.global_norm(grads)
-        finite = tf.logical_and(tf.equal(nonfinite, 0.0), tf.math.is_finite(scaled_norm))
-        grads = precision.poison(grads, finite)  # the same decision on every replica
-        if optim_cfg.clip_norm > 0:
-            grads, _ = tf.clip_by_global_norm(grads, optim_cfg.clip_norm * scale,
-                                              use_norm=scaled_norm)
+        loss, hits = ctx.all_reduce(SUM, [loss, hits])
+        stats = ctx.all_reduce(SUM, stats)
+        nonfinite = stats.pop("nonfinite")
+        grads, scaled_norm, finite = finish(grads, nonfinite, scale)
         optimizer.apply_gradients(zip(grads, variables))  # skipped if not finite (fp16)
         # After the update: router biases move from the global load (not on a skipped step).
         aux_metrics = aux_losses.step_metrics(model, stats, tokens, update=finite)
