@@ -74,42 +74,12 @@ def interleaved_medians(runners: dict, rounds: int, warmup: int = 2) -> dict:
 
 def time_train_step(cfg, batch: int, seq: int, jit: bool, steps: int = 8, warmup: int = 2):
     """(median seconds per optimizer step, first-call seconds, last step outputs)."""
-    tf.keras.utils.set_random_seed(0)
-    model = DeepSeekCausalLM(cfg)
-    opt = make_optimizer(OptimConfig(), 1000, model)
-    step = make_train_step(model, opt, tf.distribute.get_strategy(),
-                           TrainConfig(batch_size=batch, jit_compile=jit), OptimConfig())
-    it = batches(batch, seq, cfg.vocab_size)
+    run = train_step_runner(cfg, batch, seq, jit)
     t0 = time.perf_counter()
-    out = step(it)
-    float(out["loss"])
+    run()
     first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        float(step(it)["loss"])
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = step(it)
-        float(out["loss"])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), first, out
-
-
-def time_grad_fn(cfg, batch: int, seq: int, jit: bool, steps: int = 8) -> float:
-    """Median seconds of the step's forward + backward alone (no optimizer update)."""
-    from deepseek_tf.train.step import make_grad_fn
-    tf.keras.utils.set_random_seed(0)
-    model = DeepSeekCausalLM(cfg)
-    grad_fn = make_grad_fn(model, 1, jit)
-    b = next(batches(batch, seq, cfg.vocab_size))
-    denom = tf.constant(float(batch * seq))
-    float(grad_fn(b, denom)[1])
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        float(grad_fn(b, denom)[1])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    median = interleaved_medians({"step": run}, steps, warmup=warmup - 1)["step"]
+    return median, first, run.out
 
 
 def matmul_peak(n: int = 1024, repeats: int = 20) -> float:

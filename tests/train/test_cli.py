@@ -27,9 +27,12 @@ def test_help_explains_every_flag():
     assert proc.returncode == 0
     for name in ("--workdir", "--model.hidden_size", "--model.num_key_value_heads",
                  "--data.seq_len", "--optim.learning_rate", "--train.grad_accum_steps",
-                 "--[no]train.jit_compile"):
+                 "--[no]train.jit_compile", "--train.strategy", "--train.collective_timeout",
+                 "--train.precision", "--train.initial_loss_scale", "--train.remat",
+                 "--model.attention_dropout", "--model.hidden_dropout", "--[no]optim.fused"):
         assert name + ":" in proc.stdout, name
     assert "May change when resuming" in proc.stdout
+    assert "42 preempted (SIGTERM)" in proc.stdout
 
 
 @pytest.mark.parametrize("flag,needle", [
