@@ -17,18 +17,24 @@ def _tokens(shape, seed=0):
     return tf.constant(np.random.default_rng(seed).integers(0, 256, size=shape), tf.int32)
 
 
+def _assert_causal(model, seed, atol):
+    """Changing tokens 8.. leaves the logits of tokens 0..7 unchanged (and changes later ones)."""
+    a = _tokens((1, 12), seed=seed).numpy()
+    b = a.copy()
+    b[0, 8:] = (b[0, 8:] + 5) % 256
+    la, lb = model(tf.constant(a)).numpy(), model(tf.constant(b)).numpy()
+    np.testing.assert_allclose(la[0, :8], lb[0, :8], atol=atol)
+    assert not np.allclose(la[0, 8:], lb[0, 8:])
+    return a
+
+
 def test_logits_shape_and_dtype(model):
     logits = model(_tokens((2, 9)))
     assert logits.shape == (2, 9, 264) and logits.dtype == tf.float32
 
 
 def test_causal_future_tokens_do_not_change_past_logits(model):
-    a = _tokens((1, 12), seed=1).numpy()
-    b = a.copy()
-    b[0, 8:] = (b[0, 8:] + 5) % 256
-    la, lb = model(tf.constant(a)).numpy(), model(tf.constant(b)).numpy()
-    np.testing.assert_allclose(la[0, :8], lb[0, :8], atol=1e-6)
-    assert not np.allclose(la[0, 8:], lb[0, 8:])
+    _assert_causal(model, seed=1, atol=1e-6)
 
 
 def test_packed_documents_do_not_see_each_other(model):
@@ -73,11 +79,7 @@ def deepseek():
 
 
 def test_deepseek_model_is_causal_and_isolates_packed_documents(deepseek):
-    a = _tokens((1, 12), seed=3).numpy()
-    b = a.copy()
-    b[0, 8:] = (b[0, 8:] + 5) % 256
-    la, lb = deepseek(tf.constant(a)).numpy(), deepseek(tf.constant(b)).numpy()
-    np.testing.assert_allclose(la[0, :8], lb[0, :8], atol=1e-5)
+    a = _assert_causal(deepseek, seed=3, atol=1e-5)
     seg = np.array([[1] * 5 + [2] * 7], np.int32)
     pos = np.array([list(range(5)) + list(range(7))], np.int32)
     packed = deepseek(tf.constant(a), segment_ids=tf.constant(seg), positions=tf.constant(pos))
