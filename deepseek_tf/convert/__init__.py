@@ -31,7 +31,8 @@ def read_hf_config(hf_dir: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}.") from e
+        raise UserError(f"cannot read {path}: {e}. Point --hf_dir at a Hugging Face "
+                        f"checkpoint directory (config.json + *.safetensors).") from e
 
 
 def _has_mtp_weights(tensors: SafetensorsDir, num_layers: int) -> bool:
