@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from deepseek_tf.config import ModelConfig
 from deepseek_tf.layers import DecoderBlock, RMSNorm, attention_mask
+from deepseek_tf.layers.kv_cache import cache_masks, slot_positions
 from deepseek_tf.layers.mtp import MTPModule, shift_left
 from deepseek_tf.layers.remat import fold_seed, maybe_remat
 
@@ -126,6 +127,49 @@ class DeepSeekCausalLM(keras.Model):
             layer_aux.append(a)
             mtp_logits.append(self.head(normed))
         return logits, collect_aux(layer_aux, mtp_logits)
+
+    def init_cache(self, batch_size, max_length: int, dtype=None) -> tuple:
+        """A zero KV cache: per decoder block a pair of (B, heads, max_length, width)
+        tensors (GQA: keys, values; MLA: latent, rope key). See `layers.kv_cache`."""
+        dtype = dtype or self.compute_dtype
+        return tuple(tuple(tf.zeros(shape, dtype) for shape in
+                           block.self_attn.cache_shape(batch_size, max_length))
+                     for block in self.blocks)
+
+    def call_cached(self, inputs, cache, start, pad=None, absorb=True):
+        """Runs new tokens against a static-size KV cache (prefill or decode).
+
+        Args:
+          inputs: int32 (B, T) token ids, written into cache slots start..start+T-1.
+          cache: from `init_cache` or a previous call (its max_length is M).
+          start: int32 scalar, the first slot of `inputs`.
+          pad: int32 (B,) left-padding slots per row (prompts are left-padded; the
+            token in slot s of a row has position s - pad). Default: none.
+          absorb: MLA attends in latent space (False: expand the latent, the reference).
+
+        Returns (float32 logits (B, T, vocab_size), the updated cache). MoE layers run
+        dropless; MTP modules are not used.
+
+        Example:
+            >>> cache = model.init_cache(1, 16)
+            >>> logits, cache = model.call_cached(tf.constant([[5, 6, 7]]), cache, 0)
+            >>> logits, cache = model.call_cached(tf.constant([[8]]), cache, 3)
+        """
+        inputs = tf.convert_to_tensor(inputs, tf.int32)
+        b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
+        pad = tf.zeros([b], tf.int32) if pad is None else tf.convert_to_tensor(pad, tf.int32)
+        slots = tf.convert_to_tensor(start, tf.int32) + tf.range(t)                 # (T,)
+        max_length = tf.shape(cache[0][0])[2]
+        window = self.config.sliding_window if self.config.attention_type == "hybrid" else 0
+        mask, local_mask = cache_masks(slots, pad, max_length, window)             # (B, 1, T, M)
+        positions = slot_positions(slots, pad)                                      # (B, T)
+        x = self.embed_tokens(inputs)                                               # (B, T, D)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block.call_cached(x, positions, layer_cache, slots, mask,
+                                               local_mask, absorb=absorb)
+            new_cache.append(layer_cache)
+        return self.head(self.norm(x)), tuple(new_cache)
 
     def _dropout_seed(self, training, dropout_seed):
         """The call's dropout seed, drawn outside any remat'd block when not given."""

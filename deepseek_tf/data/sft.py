@@ -239,3 +239,11 @@ def render_text(conv: Conversation, template: Template) -> str:
     for k, (p, a) in enumerate(turns):
         items += (sep if k else []) + p + a
     return "".join(i for i in items if isinstance(i, str))
+
+
+def encode_prompt(text: str, template: Template, tok, system: str = "") -> np.ndarray:
+    """int32 ids of a one-turn chat ready for the answer: prefix, system text, the
+    user turn with the assistant header (and a reasoning template's think prompt)."""
+    head, _, turns = _segments(Conversation(system, "", (("user", text), ("assistant", ""))),
+                               template)
+    return encode_pieces(head + turns[0][0], tok)

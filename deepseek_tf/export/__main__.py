@@ -1,8 +1,14 @@
-"""`python -m deepseek_tf.export --workdir=DIR --format=hf --output=OUT`
+"""`python -m deepseek_tf.export --workdir=DIR --format=hf|saved_model --output=OUT`
 
 Exports the latest checkpoint of a training workdir (or --checkpoint) to a
-deployment format. `hf`: config.json + model.safetensors that Hugging Face
-transformers loads with `AutoModelForCausalLM.from_pretrained(OUT)`.
+deployment format.
+  hf           config.json + model.safetensors that Hugging Face transformers loads
+               with `AutoModelForCausalLM.from_pretrained(OUT)`.
+  saved_model  a SavedModel for TF Serving; write it to MODEL_BASE/NAME/VERSION
+               (e.g. models/deepseek/1). Signatures: serving_default (text in, text
+               out, optional max_new_tokens/temperature/top_k/top_p/seed per prompt),
+               generate_ids (ids in, ids out) and score (per-token log-probs).
+               The KV cache holds --max_length tokens (prompt + new tokens).
 """
 
 import os
@@ -14,10 +20,17 @@ from absl import flags  # noqa: E402
 from deepseek_tf import flags as dflags  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Training workdir to export (config.json + checkpoints/).")
-flags.DEFINE_enum("format", "hf", ["hf"], "Export format: hf = Hugging Face config.json + "
-                  "model.safetensors.")
+flags.DEFINE_enum("format", "hf", ["hf", "saved_model"], "Export format: hf = Hugging Face "
+                  "config.json + model.safetensors; saved_model = TF Serving SavedModel.")
 flags.DEFINE_string("output", None, "Output directory.")
 flags.DEFINE_string("checkpoint", "", "A checkpoint path to export instead of the latest.")
+flags.DEFINE_integer("max_length", 0, "saved_model: KV cache length in tokens (prompt + "
+                     "generated); 0 = the model's max_position_embeddings.", lower_bound=0)
+flags.DEFINE_integer("max_new_tokens", 64, "saved_model: default of the max_new_tokens input "
+                     "when a request leaves it out.", lower_bound=1)
+flags.DEFINE_enum("quantize", "none", ["none", "int8"], "saved_model: int8 stores the dense "
+                  "projections and embeddings as int8 weights (Keras quantize); MoE expert "
+                  "stacks stay float.")
 
 
 def main(argv):
@@ -34,7 +47,13 @@ def main(argv):
         hf_config_from_model(Experiment.load(path).model)  # refuse before importing TF
     from deepseek_tf.export import export, load_workdir
     model, exp = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
-    export(model, exp, FLAGS.format, FLAGS.output, workdir=FLAGS.workdir)
+    options = {}
+    if FLAGS.format == "saved_model":
+        options = dict(max_length=FLAGS.max_length, max_new_tokens=FLAGS.max_new_tokens,
+                       quantize=FLAGS.quantize)
+    elif FLAGS.quantize != "none" or FLAGS["max_length"].present:
+        raise dflags.cfg.UserError("--quantize and --max_length apply to --format=saved_model.")
+    export(model, exp, FLAGS.format, FLAGS.output, workdir=FLAGS.workdir, **options)
 
 
 def entry():

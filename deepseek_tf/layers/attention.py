@@ -15,6 +15,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from deepseek_tf.layers.kv_cache import write_slots
 from deepseek_tf.layers.remat import stateless_dropout
 from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary
 
@@ -40,22 +41,29 @@ def masked_softmax(scores: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
 
 
 def sliding_window_mask(t, window: int) -> tf.Tensor:
-    """Boolean (T, T): key j is within the last `window` tokens of query i (j <= i)."""
-    return tf.cast(tf.linalg.band_part(tf.ones(tf.stack([t, t]), tf.int8), window - 1, 0),
-                   tf.bool)
+    """Boolean (T, T): key j is within the last `window` tokens of query i (j <= i).
+
+    Built by comparing ranges, not `band_part`, which rejects a window wider than T.
+    """
+    distance = tf.expand_dims(tf.range(t), 1) - tf.expand_dims(tf.range(t), 0)  # (T, T) i - j
+    return tf.logical_and(distance >= 0, distance < window)
 
 
 def attention_probs(scores: tf.Tensor, mask: tf.Tensor, sliding_window: int = 0,
-                    global_weight: float = 1.0, local_weight: float = 0.0) -> tf.Tensor:
+                    global_weight: float = 1.0, local_weight: float = 0.0,
+                    local_mask: tf.Tensor | None = None) -> tf.Tensor:
     """Float32 attention probabilities (..., T, S) of `scores` under a broadcastable mask.
 
     With `sliding_window > 0`: `global_weight * softmax(global) + local_weight *
-    softmax(local)`, the local mask also restricting keys to the last `sliding_window`.
+    softmax(local)`, the local mask also restricting keys to the last `sliding_window`
+    (for square scores; a cached call passes its own `local_mask`).
     """
     probs = masked_softmax(scores, mask)
     if sliding_window:
-        local = tf.logical_and(mask, sliding_window_mask(tf.shape(scores)[-1], sliding_window))
-        probs = global_weight * probs + local_weight * masked_softmax(scores, local)
+        if local_mask is None:
+            local_mask = tf.logical_and(
+                mask, sliding_window_mask(tf.shape(scores)[-1], sliding_window))
+        probs = global_weight * probs + local_weight * masked_softmax(scores, local_mask)
     return probs
 
 
@@ -134,6 +142,39 @@ class GroupedQueryAttention(keras.layers.Layer):
         probs = stateless_dropout(probs, self.attention_dropout, dropout_seed)
         out = tf.einsum("bkgts,bskd->btkgd", tf.cast(probs, v.dtype), v)
         return self.o_proj(tf.reshape(out, [b, t, h * d]))           # (B, T, hidden)
+
+    def call_cached(self, x, positions, cache, slots, mask, local_mask=None):
+        """Attends `x`'s tokens, written into cache slots `slots`, to the whole cache.
+
+        Args:
+          x: (B, T, hidden) the new tokens; positions: int32 (B, T) their positions.
+          cache: (keys, values), each (B, K, M, D) (see `layers.kv_cache`).
+          slots: int32 (T,) the cache slots of the new tokens.
+          mask, local_mask: boolean (B, 1, T, M) from `kv_cache.cache_masks`.
+
+        Returns ((B, T, hidden), the updated cache).
+        """
+        b, t = tf.shape(x)[0], tf.shape(x)[1]
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = tf.reshape(self.q_proj(x), [b, t, h, d])   # (B, T, H, D)
+        k = tf.reshape(self.k_proj(x), [b, t, kv, d])  # (B, T, K, D)
+        v = tf.reshape(self.v_proj(x), [b, t, kv, d])
+        cos, sin = self.rotary(positions)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys = write_slots(cache[0], tf.transpose(k, [0, 2, 1, 3]), slots)    # (B, K, M, D)
+        values = write_slots(cache[1], tf.transpose(v, [0, 2, 1, 3]), slots)  # (B, K, M, D)
+        q = tf.reshape(q, [b, t, kv, h // kv, d])      # (B, T, K, G, D)
+        scores = tf.einsum("btkgd,bksd->bkgts", q, keys) * (d ** -0.5)  # (B, K, G, T, M)
+        local = None if local_mask is None else tf.expand_dims(local_mask, 1)
+        probs = attention_probs(scores, tf.expand_dims(mask, 1), self.sliding_window,
+                                self.global_weight, self.local_weight, local)
+        out = tf.einsum("bkgts,bksd->btkgd", tf.cast(probs, values.dtype), values)
+        return self.o_proj(tf.reshape(out, [b, t, h * d])), (keys, values)
+
+    def cache_shape(self, batch: int, max_length: int) -> tuple:
+        """Shapes of this layer's (keys, values) cache."""
+        shape = (batch, self.num_kv_heads, max_length, self.head_dim)
+        return shape, shape
 
     def get_config(self):
         return {**super().get_config(), "hidden_size": self.hidden_size,

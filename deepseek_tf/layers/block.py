@@ -112,6 +112,17 @@ class DecoderBlock(keras.layers.Layer):
         out, aux = maybe_remat(mlp, self.remat == "mlp")(x)
         return (x + out, aux) if return_aux else x + out
 
+    def call_cached(self, x, positions, cache, slots, mask, local_mask=None, absorb=True):
+        """The block on new tokens against a KV cache (inference: no dropout, MoE
+        dropless). Returns (x, updated cache); see `DeepSeekCausalLM.call_cached`."""
+        kwargs = {"absorb": absorb} if self.config.uses_mla else {}
+        out, cache = self.self_attn.call_cached(self.input_layernorm(x), positions, cache,
+                                                slots, mask, local_mask, **kwargs)
+        x = x + out
+        h = self.post_attention_layernorm(x)
+        out = self.mlp(h, capacity_factor=0.0) if self.is_moe else self.mlp(h)
+        return x + out, cache
+
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict(),
                 "layer_idx": self.layer_idx, "remat": self.remat}

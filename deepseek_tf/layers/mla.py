@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from deepseek_tf.layers.attention import _dense, attention_probs
+from deepseek_tf.layers.kv_cache import write_slots
 from deepseek_tf.layers.norm import RMSNorm
 from deepseek_tf.layers.remat import stateless_dropout
 from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary, yarn_get_mscale
@@ -112,30 +113,101 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         self.kv_b_proj.build(lead + (self.kv_lora_rank,))
         self.o_proj.build(lead + (self.num_heads * self.v_head_dim,))
 
-    def call(self, x, positions, attention_mask, dropout_seed=None):
+    def _queries(self, x, positions):
+        """Per-head queries: no-RoPE (B, T, H, nope) and rotated RoPE (B, T, H, rope) parts."""
         b, t = tf.shape(x)[0], tf.shape(x)[1]
-        h, nope, rope, dv = (self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim,
-                             self.v_head_dim)
+        nope, rope = self.qk_nope_head_dim, self.qk_rope_head_dim
         if self.q_lora_rank:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         else:
             q = self.q_proj(x)
-        q = tf.reshape(q, [b, t, h, nope + rope])                    # (B, T, H, nope+rope)
+        q = tf.reshape(q, [b, t, self.num_heads, nope + rope])       # (B, T, H, nope+rope)
         q_nope, q_rope = tf.split(q, [nope, rope], axis=-1)
-        kv_a = self.kv_a_proj_with_mqa(x)                            # (B, S, latent+rope)
-        latent, k_rope = tf.split(kv_a, [self.kv_lora_rank, rope], axis=-1)
-        kv = tf.reshape(self.kv_b_proj(self.kv_a_layernorm(latent)), [b, t, h, nope + dv])
-        k_nope, v = tf.split(kv, [nope, dv], axis=-1)                # (B, S, H, nope|dv)
         cos, sin = self.rotary(positions)
-        q_rope = apply_rotary(q_rope, cos, sin, self.rope_interleave)              # (B, T, H, r)
+        return q_nope, apply_rotary(q_rope, cos, sin, self.rope_interleave)
+
+    def _latent(self, x, positions):
+        """What MLA caches per token: the normalised latent (B, T, kv_lora_rank) and
+        the rotated shared RoPE key (B, T, rope)."""
+        kv_a = self.kv_a_proj_with_mqa(x)                            # (B, T, latent+rope)
+        latent, k_rope = tf.split(kv_a, [self.kv_lora_rank, self.qk_rope_head_dim], axis=-1)
+        cos, sin = self.rotary(positions)
         k_rope = apply_rotary(tf.expand_dims(k_rope, 2), cos, sin, self.rope_interleave)
+        return self.kv_a_layernorm(latent), tf.squeeze(k_rope, 2)
+
+    def _expand(self, latent):
+        """Latent (B, S, c) -> per-head keys (B, S, H, nope) and values (B, S, H, dv)."""
+        b, s = tf.shape(latent)[0], tf.shape(latent)[1]
+        kv = tf.reshape(self.kv_b_proj(latent),
+                        [b, s, self.num_heads, self.qk_nope_head_dim + self.v_head_dim])
+        return tf.split(kv, [self.qk_nope_head_dim, self.v_head_dim], axis=-1)
+
+    def _attend(self, q_nope, q_rope, latent, k_rope, mask, local_mask=None,
+                dropout_seed=None):
+        """The naive path: expand the latent into per-head keys/values, then attend."""
+        b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
+        k_nope, v = self._expand(latent)                             # (B, S, H, nope|dv)
         scores = (tf.einsum("bthd,bshd->bhts", q_nope, k_nope)
-                  + tf.einsum("bthd,bsd->bhts", q_rope, tf.squeeze(k_rope, 2)))  # (B, H, T, S)
-        probs = attention_probs(scores * self.scale, attention_mask, self.sliding_window,
-                                self.global_weight, self.local_weight)    # mask (B, 1, T, S)
+                  + tf.einsum("bthd,bsd->bhts", q_rope, k_rope))     # (B, H, T, S)
+        probs = attention_probs(scores * self.scale, mask, self.sliding_window,
+                                self.global_weight, self.local_weight, local_mask)
         probs = stateless_dropout(probs, self.attention_dropout, dropout_seed)
         out = tf.einsum("bhts,bshd->bthd", tf.cast(probs, v.dtype), v)    # (B, T, H, dv)
-        return self.o_proj(tf.reshape(out, [b, t, h * dv]))              # (B, T, hidden)
+        return self.o_proj(tf.reshape(out, [b, t, self.num_heads * self.v_head_dim]))
+
+    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask, local_mask=None):
+        """The absorbed path: the key up-projection folded into the query, attention
+        over the latent itself, the value up-projection applied after attention."""
+        b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
+        h, nope, dv = self.num_heads, self.qk_nope_head_dim, self.v_head_dim
+        w = tf.reshape(tf.cast(self.kv_b_proj.kernel, q_nope.dtype),
+                       [self.kv_lora_rank, h, nope + dv])            # (c, H, nope+dv)
+        w_uk, w_uv = tf.split(w, [nope, dv], axis=-1)
+        q_latent = tf.einsum("bthn,chn->bthc", q_nope, w_uk)         # (B, T, H, c)
+        scores = (tf.einsum("bthc,bsc->bhts", q_latent, latent)
+                  + tf.einsum("bthd,bsd->bhts", q_rope, k_rope))     # (B, H, T, S)
+        probs = attention_probs(scores * self.scale, mask, self.sliding_window,
+                                self.global_weight, self.local_weight, local_mask)
+        context = tf.einsum("bhts,bsc->bthc", tf.cast(probs, latent.dtype), latent)
+        out = tf.einsum("bthc,chd->bthd", context, w_uv)             # (B, T, H, dv)
+        return self.o_proj(tf.reshape(out, [b, t, h * dv]))
+
+    def call(self, x, positions, attention_mask, dropout_seed=None):
+        q_nope, q_rope = self._queries(x, positions)
+        latent, k_rope = self._latent(x, positions)
+        return self._attend(q_nope, q_rope, latent, k_rope, attention_mask,
+                            dropout_seed=dropout_seed)                # (B, T, hidden)
+
+    def call_cached(self, x, positions, cache, slots, mask, local_mask=None, absorb=True):
+        """Attends `x`'s tokens, written into cache slots `slots`, to the whole cache.
+
+        Args:
+          x: (B, T, hidden) the new tokens; positions: int32 (B, T) their positions.
+          cache: (latent (B, 1, M, kv_lora_rank), rope key (B, 1, M, qk_rope_head_dim)).
+          slots: int32 (T,) the cache slots of the new tokens.
+          mask, local_mask: boolean (B, 1, T, M) from `kv_cache.cache_masks`.
+          absorb: attend in latent space (the decode path); False expands the whole
+            cached latent into per-head keys and values first (the reference).
+
+        Returns ((B, T, hidden), the updated cache).
+        """
+        q_nope, q_rope = self._queries(x, positions)
+        latent, k_rope = self._latent(x, positions)
+        latent_cache = write_slots(cache[0], tf.expand_dims(latent, 1), slots)  # (B, 1, M, c)
+        rope_cache = write_slots(cache[1], tf.expand_dims(k_rope, 1), slots)    # (B, 1, M, r)
+        attend = self._attend_absorbed if absorb and self._absorbable() else self._attend
+        out = attend(q_nope, q_rope, tf.squeeze(latent_cache, 1), tf.squeeze(rope_cache, 1),
+                     mask, local_mask)
+        return out, (latent_cache, rope_cache)
+
+    def _absorbable(self) -> bool:
+        """Absorption reads `kv_b_proj`'s float kernel (not after int8 quantization)."""
+        return getattr(self.kv_b_proj, "quantization_mode", None) is None
+
+    def cache_shape(self, batch: int, max_length: int) -> tuple:
+        """Shapes of this layer's (latent, rope key) cache."""
+        return ((batch, 1, max_length, self.kv_lora_rank),
+                (batch, 1, max_length, self.qk_rope_head_dim))
 
     def get_config(self):
         return {**super().get_config(), "hidden_size": self.hidden_size,

@@ -96,10 +96,10 @@ class DeepSeekMoE(keras.layers.Layer):
       activation: "silu" or "gelu".
       initializer_range: stddev of the normal initializer.
 
-    Call: `moe(x, training=False, return_aux=False)` with x (B, T, d) returns y
-    (B, T, d), or (y, aux) where aux has float32 `load` (E,) routed pairs per
+    Call: `moe(x, training=False, return_aux=False, capacity_factor=None)` with x
+    (B, T, d) returns y (B, T, d), or (y, aux) where aux has float32 `load` (E,) routed pairs per
     expert, `dropped` pairs, `balance_loss` (sequence-wise, unweighted) and
-    `z_loss`.
+    `z_loss`. `capacity_factor` overrides the configured factor (0 = dropless).
 
     Example:
         >>> moe = DeepSeekMoE(hidden_size=16, num_experts=8, top_k=2,
@@ -138,12 +138,14 @@ class DeepSeekMoE(keras.layers.Layer):
         if self.shared_experts is not None:
             self.shared_experts.build(input_shape)
 
-    def call(self, x, training=False, return_aux=False):
+    def call(self, x, training=False, return_aux=False, capacity_factor=None):
         b, t = tf.shape(x)[0], tf.shape(x)[1]
         static = x.shape[0] is not None and x.shape[1] is not None
         n = x.shape[0] * x.shape[1] if static else b * t
         route = self.gate(tf.reshape(x, [-1, self.hidden_size]))           # (N, ...) float32
         factor = self.capacity_factor if training else self.inference_capacity_factor
+        if capacity_factor is not None:  # the caller's choice (cached decoding: dropless)
+            factor = capacity_factor
         capacity = expert_capacity(n, self.top_k, self.num_experts, factor)
         y, load, dropped = dispatch_combine(
             tf.reshape(x, [-1, self.hidden_size]), route["indices"], route["weights"],

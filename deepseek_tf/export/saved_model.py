@@ -1,0 +1,176 @@
+"""SavedModel for TF Serving: text and id generation plus scoring, batch-first.
+
+Signatures (every input and output has a leading batch dimension B, so TF
+Serving's request batching can merge requests):
+
+    serving_default  prompt string [B] (+ optional max_new_tokens, temperature,
+                     top_k, top_p, seed, each [B] or [1]) -> text string [B],
+                     num_tokens int32 [B]. The tokenizer runs in the graph
+                     (byte and SentencePiece); prompts are raw text after BOS.
+    generate_ids     input_ids int32 [B, T] right-padded, lengths int32 [B]
+                     (+ the same options) -> output_ids int32 [B, N],
+                     output_lengths int32 [B] (a stop token is included)
+    score            input_ids, lengths -> log_probs float32 [B, T] (entry t:
+                     log p(ids[t] | ids[:t]); 0 at t = 0 and past the length),
+                     total_log_prob float32 [B]
+
+The sampling options have defaults stored in the SignatureDef (greedy, the
+export's --max_new_tokens), so a request may leave them out; a [1] value is
+broadcast to the batch. Bad requests fail inside the graph with
+INVALID_ARGUMENT and a message that says what to change. An HF tokenizer.json
+cannot run in a TF graph: such exports keep `generate_ids` and `score` only.
+
+Example:
+    >>> export_saved_model(model, exp, "models/deepseek/1", workdir="runs/tiny")
+    >>> sm = tf.saved_model.load("models/deepseek/1")
+    >>> sm.signatures["serving_default"](prompt=tf.constant(["Once"]))["text"]
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+from deepseek_tf.config import UserError
+from deepseek_tf.generate.decode import IDS_SPECS, SAMPLING_SPECS, generate_ids, score_ids
+from deepseek_tf.generate.text import stop_ids
+
+
+def _rows(x, b):
+    """A [B] or [1] option as [B] (INVALID_ARGUMENT otherwise)."""
+    check = tf.debugging.assert_equal(
+        tf.logical_or(tf.equal(tf.shape(x)[0], b), tf.equal(tf.shape(x)[0], 1)), True,
+        message="each sampling option needs one value per prompt (or a single value)")
+    with tf.control_dependencies([check]):
+        return tf.broadcast_to(x, [b])
+
+
+class ServingModule(tf.Module):
+    """The exported module: the model's variables, the in-graph tokenizer, and the
+    signature functions (see the module docstring).
+
+    Args:
+      model: a built `DeepSeekCausalLM`.
+      tok: the run's tokenizer (Python side).
+      max_length: the static cache length (prompt + new tokens).
+      max_new_tokens: the default of the `max_new_tokens` input.
+      absorb: MLA decodes in latent space.
+    """
+
+    def __init__(self, model, tok, max_length: int, max_new_tokens: int, absorb=True):
+        super().__init__()
+        self.model = model
+        self.weights = list(model.variables)  # tracked directly (see BUILD.md, export notes)
+        self.max_length, self.absorb = int(max_length), absorb
+        self.stop_ids, self.pad_id = stop_ids(tok), int(tok.pad_id)
+        self.bos_id, self.eos_id = int(tok.bos_id), int(tok.eos_id)
+        try:
+            self.tf_tokenizer = tok.tf_tokenizer()
+        except UserError:
+            self.tf_tokenizer = None
+        default = min(int(max_new_tokens), self.max_length - 1)
+        self.defaults = dict(max_new_tokens=tf.constant([default]),
+                             temperature=tf.constant([0.0]), top_k=tf.constant([0]),
+                             top_p=tf.constant([1.0]), seed=tf.constant([0]))
+
+    def _generate(self, input_ids, lengths, options):
+        b = tf.shape(input_ids)[0]
+        rows = [_rows(options[k], b) for k in SAMPLING_SPECS]
+        return generate_ids(self.model, input_ids, lengths, *rows, max_length=self.max_length,
+                            stop_ids=self.stop_ids, pad_id=self.pad_id, absorb=self.absorb)
+
+    def generate_ids_fn(self):
+        d = self.defaults
+
+        def generate_ids_signature(input_ids, lengths, max_new_tokens=d["max_new_tokens"],
+                                   temperature=d["temperature"], top_k=d["top_k"],
+                                   top_p=d["top_p"], seed=d["seed"]):
+            ids, n = self._generate(input_ids, lengths, dict(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, seed=seed))
+            return {"output_ids": ids, "output_lengths": n}
+
+        return tf.function(generate_ids_signature, input_signature=[
+            *IDS_SPECS.values(), *SAMPLING_SPECS.values()])
+
+    def score_fn(self):
+        def score_signature(input_ids, lengths):
+            log_probs, total = score_ids(self.model, input_ids, lengths)
+            return {"log_probs": log_probs, "total_log_prob": total}
+
+        return tf.function(score_signature, input_signature=list(IDS_SPECS.values()))
+
+    def text_fn(self):
+        d, tok = self.defaults, self.tf_tokenizer
+
+        def text_signature(prompt, max_new_tokens=d["max_new_tokens"],
+                           temperature=d["temperature"], top_k=d["top_k"], top_p=d["top_p"],
+                           seed=d["seed"]):
+            ids = tf.cast(tok.tokenize(prompt), tf.int32)                     # ragged (B, None)
+            if self.bos_id >= 0:
+                bos = tf.fill([tf.shape(prompt)[0], 1], self.bos_id)
+                ids = tf.concat([tf.RaggedTensor.from_tensor(bos), ids], axis=1)
+            lengths = tf.cast(ids.row_lengths(), tf.int32)
+            check = tf.debugging.assert_greater_equal(lengths, 1, message=(
+                "a prompt is empty; send at least one character"))
+            with tf.control_dependencies([check]):
+                dense = ids.to_tensor(0)
+            out, n = self._generate(dense, lengths, dict(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, seed=seed))
+            keep = tf.sequence_mask(n, tf.shape(out)[1])
+            for special in {self.bos_id, self.eos_id, self.pad_id} - {-1}:
+                keep = tf.logical_and(keep, tf.not_equal(out, special))
+            text = tok.detokenize(tf.ragged.boolean_mask(out, keep))
+            return {"text": tf.reshape(text, [-1]), "num_tokens": n}
+
+        return tf.function(text_signature, input_signature=[
+            tf.TensorSpec([None], tf.string, name="prompt"), *SAMPLING_SPECS.values()])
+
+    def signatures(self) -> dict:
+        sigs = {"generate_ids": self.generate_ids_fn(), "score": self.score_fn()}
+        if self.tf_tokenizer is not None:
+            sigs["serving_default"] = self.text_fn()
+        else:
+            sigs["serving_default"] = sigs["generate_ids"]
+        return sigs
+
+
+def export_saved_model(model, exp, output: str, log=print, workdir: str | None = None,
+                       max_length: int = 0, max_new_tokens: int = 64, quantize: str = "none",
+                       tokenizer=None) -> str:
+    """Writes the SavedModel to `output` (e.g. MODEL_BASE/NAME/VERSION).
+
+    Args:
+      model, exp: from `load_workdir`.
+      output: the version directory to write; must not exist yet.
+      workdir: the run directory, for its tokenizer (or pass `tokenizer`).
+      max_length: cache length; 0 = the model's max_position_embeddings.
+      max_new_tokens: the signatures' default.
+      quantize: "none" or "int8" (Keras' own int8 weight quantization of the dense
+        projections and embeddings).
+    """
+    from deepseek_tf.workdir import load_run_tokenizer
+
+    if os.path.exists(os.path.join(output, "saved_model.pb")):
+        raise UserError(f"{output} already holds a SavedModel; TF Serving versions are "
+                        f"immutable: write a new version directory (e.g. .../2).")
+    max_length = max_length or exp.model.max_position_embeddings
+    if max_length < 2:
+        raise UserError(f"--max_length={max_length} leaves no room to generate; use >= 2.")
+    tok = tokenizer or load_run_tokenizer(workdir, exp)
+    if quantize == "int8":
+        model.quantize("int8")
+    elif quantize != "none":
+        raise UserError(f"--quantize={quantize!r}: choose none or int8.")
+    module = ServingModule(model, tok, max_length, max_new_tokens)
+    if module.tf_tokenizer is None:
+        log(f"note: the {tok.name} tokenizer cannot run inside a TensorFlow graph, so "
+            f"serving_default takes token ids (same as generate_ids); tokenize on the client "
+            f"(e.g. with the `tokenizers` package and this run's tokenizer.json).")
+    tf.saved_model.save(module, output, signatures=module.signatures())
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(output) for f in fs)
+    log(f"wrote SavedModel {output} ({size / 2**20:.1f} MiB; cache {max_length} tokens; "
+        f"signatures: {', '.join(sorted(module.signatures()))})")
+    return output

@@ -1,0 +1,161 @@
+"""`python -m deepseek_tf.generate --workdir=DIR --prompt="..."`
+
+Generates text with a trained (or converted) workdir's latest checkpoint, using
+the KV-cached decode loop compiled into one TensorFlow graph. A single prompt is
+streamed as it is produced, then a speed line goes to stderr. `--chat` wraps the
+prompt in the run's chat template (`--data.template` of the run, or --template)
+and stops at its end-of-turn marker. `--input_file=prompts.jsonl` (one
+{"prompt": ...} or {"instruction": ..., "input": ...} per line) with
+`--output_file=out.jsonl` generates in batches of --batch_size.
+
+Sampling: --temperature=0 is greedy; otherwise --top_k / --top_p filter and
+--seed makes the draw reproducible (same seed, same text).
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from deepseek_tf import flags as dflags  # noqa: E402
+from deepseek_tf.config import UserError  # noqa: E402
+
+flags.DEFINE_string("workdir", None, "Run directory (trained or converted) to generate with.")
+flags.DEFINE_string("checkpoint", "", "A checkpoint path to use instead of the latest.")
+flags.DEFINE_string("prompt", None, "The prompt text.")
+flags.DEFINE_string("input_file", None, "JSONL prompts: {\"prompt\": ...} or alpaca-style "
+                    "{\"instruction\", \"input\"} per line.")
+flags.DEFINE_string("output_file", None, "JSONL results of --input_file (default: stdout).")
+flags.DEFINE_bool("chat", False, "Wrap each prompt in the run's chat template and stop at "
+                  "its end-of-turn marker.")
+flags.DEFINE_string("template", "", "Chat template for --chat (default: the run's "
+                    "--data.template).")
+flags.DEFINE_string("system", "", "System text for --chat.")
+flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate per prompt.", lower_bound=1)
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", lower_bound=0.0)
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = off.", lower_bound=0)
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 = off.")
+flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same text).")
+flags.DEFINE_integer("batch_size", 8, "Prompts per batch with --input_file.", lower_bound=1)
+flags.DEFINE_integer("max_length", 0, "Cache length (prompt + new tokens); 0 = just enough "
+                     "for the longest prompt, at most the model's max_position_embeddings.",
+                     lower_bound=0)
+flags.DEFINE_bool("absorb", True, "MLA: decode in latent space (absorbed projections); "
+                  "--noabsorb expands the cached latent each step (the reference path).")
+FLAGS = flags.FLAGS
+
+
+def _read_prompts(path: str) -> list[str]:
+    prompts = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    text = rec["prompt"] if "prompt" in rec else "\n".join(
+                        s for s in (rec["instruction"], rec.get("input", "")) if s)
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise UserError(f"{path}:{n}: not a JSON object with a \"prompt\" (or "
+                                    f"\"instruction\") string ({type(e).__name__}: {e}).")
+                prompts.append(str(text))
+    except OSError as e:
+        raise UserError(f"cannot read --input_file: {e}") from e
+    if not prompts:
+        raise UserError(f"{path} holds no prompts.")
+    return prompts
+
+
+class _Streamer:
+    """Prints row 0's new text as tokens arrive (holding back half a UTF-8 character)."""
+
+    def __init__(self, tok, stops):
+        self.tok, self.stops, self.ids, self.shown, self.stopped = tok, stops, [], "", False
+        self.first = None
+
+    def __call__(self, step, tokens, done):
+        from deepseek_tf.generate.text import cut_at_stop, strip_special
+        self.first = self.first or time.perf_counter()
+        if self.stopped:
+            return
+        self.ids.append(int(tokens[0]))
+        text, self.stopped = cut_at_stop(self.tok.decode(strip_special(self.ids, self.tok)),
+                                         self.stops)
+        if text.endswith("\ufffd") and not self.stopped:
+            return
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
+    if not FLAGS.workdir:
+        raise UserError("--workdir is required (see --help).")
+    if (FLAGS.prompt is None) == (FLAGS.input_file is None):
+        raise UserError("give exactly one of --prompt or --input_file.")
+    if not 0 < FLAGS.top_p <= 1:
+        raise UserError(f"--top_p={FLAGS.top_p} must be in (0, 1].")
+    from deepseek_tf.data.templates import TEMPLATES
+    from deepseek_tf.workdir import load_experiment, load_run_tokenizer
+    exp = load_experiment(FLAGS.workdir)
+    template = None
+    if FLAGS.chat:
+        name = FLAGS.template or exp.data.template
+        if name not in TEMPLATES:
+            raise UserError(f"--template={name!r} is not one of {', '.join(TEMPLATES)}.")
+        template = TEMPLATES[name]
+    tok = load_run_tokenizer(FLAGS.workdir, exp)
+    prompts = [FLAGS.prompt] if FLAGS.prompt is not None else _read_prompts(FLAGS.input_file)
+    from deepseek_tf.generate import text as gtext
+    encoded = [gtext.prompt_ids(p, tok, template, FLAGS.system) for p in prompts]
+    longest = max(len(e) for e in encoded)
+    limit = exp.model.max_position_embeddings
+    max_length = FLAGS.max_length or min(limit, longest + FLAGS.max_new_tokens)
+    if longest + FLAGS.max_new_tokens > max_length:
+        raise UserError(f"the longest prompt has {longest} tokens; with --max_new_tokens="
+                        f"{FLAGS.max_new_tokens} that exceeds the cache of {max_length} "
+                        f"(--max_length, at most the model's max_position_embeddings={limit}); "
+                        f"shorten the prompt or lower --max_new_tokens.")
+    from deepseek_tf.generate.run import run_batches
+    from deepseek_tf.workdir import load_workdir
+    model, _ = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
+    stops = gtext.stop_strings(tok, template)
+    streamer = _Streamer(tok, stops) if FLAGS.prompt is not None else None
+    start = time.perf_counter()
+    results = run_batches(model, tok, encoded, max_length, gtext.stop_ids(tok, template), stops,
+                          FLAGS.batch_size, streamer=streamer, max_new_tokens=FLAGS.max_new_tokens,
+                          temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                          seed=FLAGS.seed, absorb=FLAGS.absorb)
+    seconds = time.perf_counter() - start
+    total = sum(r["num_tokens"] for r in results)
+    if streamer is not None:
+        print(flush=True)
+        after = time.perf_counter() - (streamer.first or start)
+        rate = (total - 1) / after if total > 1 and after > 0 else 0.0
+        print(f"[{total} tokens in {seconds:.2f} s: first token after "
+              f"{(streamer.first or start) - start:.2f} s (graph build + prefill), then "
+              f"{rate:.1f} tokens/s]", file=sys.stderr)
+        return
+    lines = [json.dumps({"prompt": p, **r}, ensure_ascii=False) for p, r in zip(prompts, results)]
+    if FLAGS.output_file:
+        with open(FLAGS.output_file, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    else:
+        print("\n".join(lines))
+    print(f"[{len(prompts)} prompts, {total} tokens in {seconds:.2f} s: "
+          f"{total / seconds:.1f} tokens/s incl. graph build]", file=sys.stderr)
+
+
+def entry():
+    dflags.run(main)
+
+
+if __name__ == "__main__":
+    entry()

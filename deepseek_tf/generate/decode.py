@@ -1,0 +1,203 @@
+"""The compiled decode loop: prefill, then one token per `tf.while_loop` step.
+
+`generate_ids` is a plain TensorFlow function of tensors, so the same graph runs
+eagerly, inside `Generator`'s `tf.function`, and as a SavedModel signature.
+
+Batching: prompts come right-padded with their lengths (the natural layout of a
+request) and are moved to the right edge (LEFT padding) for the cache: every row
+then writes the same cache slot at each step, and a row with `pad` padding slots
+gives slot `s` the position `s - pad`, so each row gets the tokens it would get
+alone. Outputs are right-padded with `pad_id`; a row's stop token is included in
+its output (as Hugging Face's `generate` does) and ends that row.
+
+Example:
+    >>> gen = Generator(model, max_length=64, stop_ids=(257,), pad_id=258)
+    >>> ids, n = gen.generate(tf.constant([[256, 72, 105]]), tf.constant([3]),
+    ...                       max_new_tokens=tf.constant([8]))
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from deepseek_tf.generate.sampling import sample_tokens
+
+#: The TensorSpecs of the sampling options (one value per row).
+SAMPLING_SPECS = {
+    "max_new_tokens": tf.TensorSpec([None], tf.int32, name="max_new_tokens"),
+    "temperature": tf.TensorSpec([None], tf.float32, name="temperature"),
+    "top_k": tf.TensorSpec([None], tf.int32, name="top_k"),
+    "top_p": tf.TensorSpec([None], tf.float32, name="top_p"),
+    "seed": tf.TensorSpec([None], tf.int32, name="seed"),
+}
+IDS_SPECS = {"input_ids": tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+             "lengths": tf.TensorSpec([None], tf.int32, name="lengths")}
+
+
+def left_align(ids: tf.Tensor, lengths: tf.Tensor, fill: int = 0) -> tf.Tensor:
+    """Right-padded (B, T) ids -> the same rows moved to the right edge."""
+    t = tf.shape(ids)[1]
+    src = tf.range(t)[tf.newaxis, :] - (t - lengths)[:, tf.newaxis]            # (B, T)
+    moved = tf.gather(ids, tf.maximum(src, 0), batch_dims=1)
+    return tf.where(src >= 0, moved, fill)
+
+
+def check_ids(ids, lengths, vocab_size: int, max_length: int | None = None) -> list:
+    """In-graph checks of a (B, T) id batch: INVALID_ARGUMENT with what to change."""
+    t = tf.shape(ids)[1]
+    checks = [
+        tf.debugging.assert_equal(tf.shape(lengths)[0], tf.shape(ids)[0], message=(
+            "lengths must have one entry per row of input_ids")),
+        tf.debugging.assert_greater_equal(lengths, 1, message=(
+            "every prompt needs at least one token (lengths >= 1)")),
+        tf.debugging.assert_less_equal(lengths, t, message=(
+            "a length exceeds the width of input_ids; send lengths <= input_ids.shape[1]")),
+        tf.debugging.assert_non_negative(ids, message="token ids must be >= 0"),
+        tf.debugging.assert_less(ids, vocab_size, message=(
+            f"token ids must be < the vocabulary size {vocab_size}")),
+    ]
+    if max_length is not None:
+        checks.append(tf.debugging.assert_less(t, max_length, message=(
+            f"the prompt is longer than the cache allows: prompts may have at most "
+            f"{max_length - 1} tokens; shorten the prompt or export with a larger "
+            f"--max_length")))
+    return checks
+
+
+def check_sampling(t, max_new_tokens, temperature, top_k, top_p, seed, max_length: int) -> list:
+    """In-graph checks of the per-row sampling options (INVALID_ARGUMENT messages)."""
+    room = max_length - t
+    return [
+        tf.debugging.assert_greater_equal(max_new_tokens, 1, message=(
+            "max_new_tokens must be >= 1")),
+        tf.debugging.assert_less_equal(max_new_tokens, room, message=(
+            f"max_new_tokens too large: prompt + max_new_tokens must fit the cache of "
+            f"{max_length} tokens; lower max_new_tokens or shorten the prompt")),
+        tf.debugging.assert_non_negative(temperature, message="temperature must be >= 0"),
+        tf.debugging.assert_non_negative(top_k, message="top_k must be >= 0 (0 = off)"),
+        tf.debugging.assert_greater(top_p, 0.0, message="top_p must be in (0, 1]"),
+        tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be in (0, 1]"),
+        *[tf.debugging.assert_equal(tf.shape(x), tf.shape(seed), message=(
+            "every sampling option needs one value per prompt"))
+          for x in (max_new_tokens, temperature, top_k, top_p)],
+    ]
+
+
+def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, top_p,
+                 seed, *, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True,
+                 streamer=None):
+    """Generates after each prompt; returns (ids (B, N) right-padded, lengths (B,)).
+
+    Args:
+      model: a `DeepSeekCausalLM`.
+      input_ids: int32 (B, T) right-padded prompts; lengths: int32 (B,).
+      max_new_tokens, temperature, top_k, top_p, seed: (B,) per-row options
+        (see `sampling.sample_tokens`).
+      max_length: the static cache length M; T + max_new_tokens must be <= M.
+      stop_ids: token ids that end a row (included in its output).
+      pad_id: fills the output after a row ended.
+      absorb: MLA decodes in latent space.
+      streamer: optional Python callable `(step, tokens (B,), done (B,))` run by
+        `tf.py_function` after each step (not for export).
+    """
+    input_ids = tf.convert_to_tensor(input_ids, tf.int32)
+    b, t = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
+    checks = check_ids(input_ids, lengths, model.config.vocab_size, max_length)
+    checks += check_sampling(t, max_new_tokens, temperature, top_k, top_p, seed, max_length)
+    with tf.control_dependencies(checks):
+        pad = t - lengths                                                      # (B,)
+    stops = tf.constant(list(stop_ids) or [-1], tf.int32)
+    logits, cache = model.call_cached(left_align(input_ids, lengths), model.init_cache(
+        b, max_length), 0, pad, absorb=absorb)
+    draw = lambda lg, i: sample_tokens(lg, temperature, top_k, top_p, seed, i)  # noqa: E731
+    limit = tf.reduce_max(max_new_tokens)
+
+    def body(i, token, done, count, cache, out):
+        emit = tf.where(done, pad_id, token)                                   # (B,)
+        out = out.write(i, emit)
+        count += tf.cast(tf.logical_not(done), tf.int32)
+        done = (done | tf.reduce_any(tf.equal(token[:, None], stops[None, :]), axis=1)
+                | (count >= max_new_tokens))
+        if streamer is not None:
+            tf.py_function(lambda *a: streamer(*[x.numpy() for x in a]) or 0,
+                           [i, emit, done], [tf.int32])
+
+        def step():
+            lg, c = model.call_cached(emit[:, None], cache, t + i, pad, absorb=absorb)
+            return draw(lg[:, 0], i + 1), c
+
+        more = tf.logical_and(i + 1 < limit, tf.logical_not(tf.reduce_all(done)))
+        token, cache = tf.cond(more, step, lambda: (token, cache))
+        return i + 1, token, done, count, cache, out
+
+    state = (tf.constant(0), draw(logits[:, -1], 0), tf.zeros([b], tf.bool),
+             tf.zeros([b], tf.int32), cache, tf.TensorArray(tf.int32, size=0, dynamic_size=True))
+    _, _, _, count, _, out = tf.while_loop(
+        lambda i, tok, done, *_: tf.logical_and(i < limit, tf.logical_not(tf.reduce_all(done))),
+        body, state)
+    return tf.transpose(out.stack()), count
+
+
+def score_ids(model, input_ids, lengths):
+    """Per-token log-probabilities (B, T) of right-padded ids: entry t is
+    log p(ids[t] | ids[:t]); 0 at t = 0 and past each row's length. Returns
+    (log_probs, total (B,))."""
+    input_ids = tf.convert_to_tensor(input_ids, tf.int32)
+    with tf.control_dependencies(check_ids(input_ids, lengths, model.config.vocab_size)):
+        logits = model(input_ids)                                              # (B, T, V)
+    logp = tf.nn.log_softmax(logits[:, :-1], axis=-1)
+    picked = tf.gather(logp, input_ids[:, 1:], batch_dims=2)                   # (B, T-1)
+    t = tf.shape(input_ids)[1]
+    valid = tf.range(1, t)[tf.newaxis, :] < lengths[:, tf.newaxis]
+    picked = tf.where(valid, picked, 0.0)
+    log_probs = tf.pad(picked, [[0, 0], [1, 0]])                               # (B, T)
+    return log_probs, tf.reduce_sum(log_probs, axis=1)
+
+
+class Generator(tf.Module):
+    """A model with a fixed cache length and stop tokens, compiled once.
+
+    Args:
+      model: a `DeepSeekCausalLM`.
+      max_length: the static cache length (prompt + new tokens).
+      stop_ids: token ids that end a row.
+      pad_id: output padding.
+      absorb: MLA decodes in latent space (False: the naive reference path).
+
+    Example:
+        >>> gen = Generator(model, max_length=64, stop_ids=(257,), pad_id=258)
+        >>> ids, n = gen.generate([[256, 72]], [2], max_new_tokens=[8])
+    """
+
+    def __init__(self, model, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True):
+        super().__init__()
+        self.model, self.max_length = model, int(max_length)
+        self.stop_ids, self.pad_id, self.absorb = tuple(int(s) for s in stop_ids), pad_id, absorb
+        self._compiled = {}
+
+    def _fn(self, streamer=None):
+        key = id(streamer)
+        if key not in self._compiled:
+            def fn(input_ids, lengths, max_new_tokens, temperature, top_k, top_p, seed):
+                return generate_ids(self.model, input_ids, lengths, max_new_tokens, temperature,
+                                    top_k, top_p, seed, max_length=self.max_length,
+                                    stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                    absorb=self.absorb, streamer=streamer)
+            self._compiled[key] = tf.function(
+                fn, input_signature=[*IDS_SPECS.values(), *SAMPLING_SPECS.values()])
+        return self._compiled[key]
+
+    def generate(self, input_ids, lengths, max_new_tokens=None, temperature=None, top_k=None,
+                 top_p=None, seed=None, streamer=None):
+        """(ids (B, N), lengths (B,)) as numpy-convertible tensors; options default to
+        greedy with 32 new tokens, and accept scalars (broadcast to the batch)."""
+        input_ids = tf.convert_to_tensor(input_ids, tf.int32)
+        b = int(input_ids.shape[0])
+
+        def row(x, default, dtype):
+            x = default if x is None else x
+            return tf.broadcast_to(tf.cast(x, dtype), [b])
+
+        args = (row(max_new_tokens, 32, tf.int32), row(temperature, 0.0, tf.float32),
+                row(top_k, 0, tf.int32), row(top_p, 1.0, tf.float32), row(seed, 0, tf.int32))
+        return self._fn(streamer)(input_ids, tf.convert_to_tensor(lengths, tf.int32), *args)

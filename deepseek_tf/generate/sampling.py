@@ -1,0 +1,81 @@
+"""Per-row token sampling: greedy, temperature, top-k, top-p, with per-row seeds.
+
+Every option is a (B,) tensor, so the requests that TF Serving batches together
+keep their own settings, and a row's draw depends only on its own seed and step:
+the same seed gives the same text whatever else is in the batch.
+
+    temperature <= 0  greedy (argmax)
+    top_k > 0         keep the k most likely tokens (0 = off)
+    top_p < 1         keep the smallest set whose probability reaches top_p
+                      (applied after top-k, as Hugging Face does)
+
+Sampling is the Gumbel-max trick on the filtered logits, with noise from
+`tf.random.stateless_uniform` seeded by (seed, step).
+
+Example:
+    >>> logits = tf.constant([[0.0, 3.0, 1.0]])
+    >>> ones = tf.ones([1])
+    >>> sample_tokens(logits, 0.0 * ones, tf.zeros([1], tf.int32), ones,
+    ...               tf.zeros([1], tf.int32), 0).numpy().tolist()
+    [1]
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+NEG_INF = -1e30
+
+
+def filter_logits(logits: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor) -> tf.Tensor:
+    """`logits` (B, V) with the tokens that top-k / top-p exclude set to -1e30.
+
+    Args:
+      logits: float32 (B, V), already divided by the temperature.
+      top_k: int32 (B,), 0 = off.
+      top_p: float32 (B,), >= 1 = off.
+    """
+    vocab = tf.shape(logits)[-1]
+    ordered = tf.sort(logits, axis=-1, direction="DESCENDING")                 # (B, V)
+    k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)                   # (B,)
+    ranks = tf.range(vocab)[tf.newaxis, :]                                     # (1, V)
+    ordered = tf.where(ranks < k[:, tf.newaxis], ordered, NEG_INF)
+    probs = tf.nn.softmax(ordered, axis=-1)
+    before = tf.cumsum(probs, axis=-1, exclusive=True)                         # mass above
+    keep = (before < top_p[:, tf.newaxis]) | (ranks == 0) | (top_p[:, tf.newaxis] >= 1.0)
+    count = tf.reduce_sum(tf.cast(keep, tf.int32), axis=-1)                    # (B,)
+    count = tf.minimum(count, k)
+    threshold = tf.gather(ordered, count - 1, batch_dims=1)                    # (B,)
+    return tf.where(logits >= threshold[:, tf.newaxis], logits, NEG_INF)
+
+
+def _row_noise(seed: tf.Tensor, step, vocab) -> tf.Tensor:
+    """Gumbel noise (B, V), row b drawn from (seed[b], step) alone."""
+    step = tf.cast(step, tf.int32)
+
+    def one(row_seed):
+        u = tf.random.stateless_uniform([vocab], seed=tf.stack([row_seed, step]),
+                                        minval=1e-20, maxval=1.0)
+        return -tf.math.log(-tf.math.log(u))
+
+    return tf.map_fn(one, seed, fn_output_signature=tf.float32)
+
+
+def sample_tokens(logits, temperature, top_k, top_p, seed, step) -> tf.Tensor:
+    """int32 (B,) next tokens from float32 logits (B, V).
+
+    Args:
+      logits: float32 (B, V) next-token logits.
+      temperature: float32 (B,); <= 0 is greedy.
+      top_k: int32 (B,); 0 = off.
+      top_p: float32 (B,); >= 1 = off.
+      seed: int32 (B,) per-row seeds.
+      step: int scalar, the index of the token being drawn.
+    """
+    logits = tf.cast(logits, tf.float32)
+    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    scaled = logits / tf.maximum(temperature, 1e-6)[:, tf.newaxis]
+    filtered = filter_logits(scaled, top_k, top_p)
+    noise = _row_noise(seed, step, tf.shape(logits)[-1])
+    drawn = tf.argmax(filtered + noise, axis=-1, output_type=tf.int32)
+    return tf.where(temperature > 0, drawn, greedy)

@@ -1,0 +1,60 @@
+"""Reading a run directory back: its config, model weights and tokenizer.
+
+A workdir is what `train` or `convert` wrote: `config.json`, `checkpoints/`, and
+`tokenizer/` (a trained run; a converted one names its tokenizer in config.json).
+Generation, export and evaluation all start here.
+
+Example:
+    >>> model, exp = load_workdir("runs/tiny")
+    >>> tok = load_run_tokenizer("runs/tiny", exp)
+"""
+
+from __future__ import annotations
+
+import os
+
+from deepseek_tf.config import Experiment, UserError
+
+
+def load_experiment(workdir: str) -> Experiment:
+    """The workdir's resolved config (`config.json`), with one clear error if missing."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"{workdir} has no config.json: not a deepseek_tf workdir "
+                        f"(train or convert into it first).")
+    return Experiment.load(path)
+
+
+def load_workdir(workdir: str, checkpoint: str = ""):
+    """(model with the latest (or given) checkpoint's weights, Experiment) of a workdir."""
+    import tensorflow as tf
+
+    from deepseek_tf.model import DeepSeekCausalLM
+
+    exp = load_experiment(workdir)
+    path = checkpoint or tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    if not path:
+        raise UserError(f"{workdir}/checkpoints holds no checkpoint.")
+    model = DeepSeekCausalLM(exp.model)
+    try:
+        tf.train.Checkpoint(model=model).restore(path).expect_partial() \
+            .assert_existing_objects_matched()
+    except (tf.errors.OpError, AssertionError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot restore {path}: {first}") from e
+    return model, exp
+
+
+def load_run_tokenizer(workdir: str, exp: Experiment):
+    """The tokenizer a run used: `<workdir>/tokenizer/`, else the one config.json names
+    (a converted HF workdir: its tokenizer.json; the byte tokenizer needs no files)."""
+    from deepseek_tf.data.tokenizer import TOKENIZER_FILE, build_tokenizer, load_tokenizer
+
+    saved = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(saved, TOKENIZER_FILE)):
+        return load_tokenizer(saved)
+    if exp.tokenizer.type == "byte" or exp.tokenizer.path:
+        return build_tokenizer(exp.tokenizer)
+    raise UserError(f"{workdir} has no tokenizer/ and config.json names no tokenizer file; "
+                    f"train in that workdir first, or convert from a directory with a "
+                    f"tokenizer.json.")
