@@ -104,8 +104,11 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
     b, t = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
     checks = check_ids(input_ids, lengths, model.config.vocab_size, max_length)
     checks += check_sampling(t, max_new_tokens, temperature, top_k, top_p, seed, max_length)
-    with tf.control_dependencies(checks):
-        pad = t - lengths                                                      # (B,)
+    with tf.control_dependencies(checks):  # nothing runs on a refused request
+        input_ids, lengths, max_new_tokens, temperature, top_k, top_p, seed = (
+            tf.identity(x) for x in (input_ids, lengths, max_new_tokens, temperature, top_k,
+                                     top_p, seed))
+    pad = t - lengths                                                          # (B,)
     stops = tf.constant(list(stop_ids) or [-1], tf.int32)
     logits, cache = model.call_cached(left_align(input_ids, lengths), model.init_cache(
         b, max_length), 0, pad, absorb=absorb)
@@ -131,7 +134,8 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
         return i + 1, token, done, count, cache, out
 
     state = (tf.constant(0), draw(logits[:, -1], 0), tf.zeros([b], tf.bool),
-             tf.zeros([b], tf.int32), cache, tf.TensorArray(tf.int32, size=0, dynamic_size=True))
+             tf.zeros([b], tf.int32), cache, tf.TensorArray(tf.int32, size=0, dynamic_size=True,
+                                                     element_shape=[None]))
     _, _, _, count, _, out = tf.while_loop(
         lambda i, tok, done, *_: tf.logical_and(i < limit, tf.logical_not(tf.reduce_all(done))),
         body, state)

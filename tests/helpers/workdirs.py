@@ -1,0 +1,50 @@
+"""Run directories made without training: a random model saved the way `train`
+saves one (config.json, checkpoints/, tokenizer/), for generation and export tests."""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+from deepseek_tf.data.tokenizer.byte import ByteTokenizer
+from deepseek_tf.model import DeepSeekCausalLM
+from tests.helpers import tiny
+
+#: Model sections of every attention kind, for the cache and export tests.
+FAMILIES = {
+    "gqa": {},
+    "hybrid": dict(attention_type="hybrid", hybrid_base="gqa", sliding_window=4),
+    "mla": dict(attention_type="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                qk_rope_head_dim=4, v_head_dim=8),
+    "hybrid_mla": dict(attention_type="hybrid", hybrid_base="mla", sliding_window=5,
+                       q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                       v_head_dim=8),
+    # DeepSeek-V3 style: MLA + a dense first layer, then MoE with a shared expert.
+    "mla_moe": dict(attention_type="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                    qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
+                    num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
+                    n_group=2, topk_group=1),
+}
+
+
+def random_model(family: str = "gqa", seed: int = 0, **overrides) -> DeepSeekCausalLM:
+    """A tiny model of `family` (see FAMILIES) with seeded random weights; larger init
+    than training's so that logits are far from uniform and argmax has clear margins."""
+    tf.keras.utils.set_random_seed(seed)
+    cfg = tiny.model_config(initializer_range=0.2, **{**FAMILIES[family], **overrides})
+    return DeepSeekCausalLM(cfg)
+
+
+def make_workdir(path: str, family: str = "gqa", seed: int = 0, **overrides):
+    """Writes a workdir holding a random `family` model; returns (path, model)."""
+    model = random_model(family, seed, **overrides)
+    exp = tiny.experiment(os.path.join(path, "data"), model=model.config.to_dict())
+    os.makedirs(path, exist_ok=True)
+    exp.save(os.path.join(path, "config.json"))
+    step = tf.Variable(0, dtype=tf.int64)
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step),
+                               os.path.join(path, "checkpoints"), max_to_keep=1).save(0)
+    ByteTokenizer().save(os.path.join(path, "tokenizer"))
+    return path, model
+
