@@ -12,8 +12,11 @@ gRPC imports tensorflow and tensorflow-serving-api (slow to import, so only when
 """
 
 import argparse
+import base64
 import http.client
 import json
+import os
+import re
 import socket
 import sys
 import urllib.error
@@ -38,9 +41,14 @@ class ServingError(Exception):
         self.exit_code = exit_code
 
 
-def one_line(text, limit=600):
-    """Whitespace (a TF error's newlines and node traces) collapsed; long text cut."""
+def one_line(text, limit=400):
+    """A server error as one line: a graph assert's own message if there is one, else the
+    text without TF's node traces and with whitespace collapsed; long text is cut."""
     text = " ".join(str(text).split())
+    failed = re.search(r"assertion failed: \[(.*?)\]", text)
+    if failed:
+        return failed.group(1)
+    text = re.sub(r"\s*\[\[\{\{.*?\}\}\]\]|\s*\[Op:[^\]]*\]", "", text).strip()
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -137,11 +145,12 @@ def predict_rest(inputs, signature="serving_default", host="127.0.0.1", port=850
                            "REST port?", SERVER_ERROR) from None
     if "outputs" in reply:  # columnar; a single output comes back bare
         out = reply["outputs"]
-        return out if isinstance(out, dict) else {"output": out}
+        out = out if isinstance(out, dict) else {"output": out}
+        return {name: _plain(value) for name, value in out.items()}
     preds = reply.get("predictions", [])
     if preds and isinstance(preds[0], dict):  # rows with several outputs: one dict per row
-        return {name: [row[name] for row in preds] for name in preds[0]}
-    return {"output": preds}
+        return {name: _plain([row[name] for row in preds]) for name in preds[0]}
+    return {"output": _plain(preds)}
 
 
 def _timeout(where, timeout):
@@ -167,6 +176,7 @@ _GRPC_CODES = {"INVALID_ARGUMENT": (BAD_INPUT, "change the request as the messag
 def predict_grpc(inputs, signature="serving_default", host="127.0.0.1", port=8500,
                  model="deepseek", version=None, label=None, timeout=30.0):
     """PredictionService.Predict; returns columnar outputs {name: list}."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep stderr to our one line
     import grpc
     import numpy as np
     import tensorflow as tf
@@ -195,8 +205,11 @@ def predict_grpc(inputs, signature="serving_default", host="127.0.0.1", port=850
 
 
 def _plain(value):
+    """Nested lists with strings decoded (TensorProto bytes, REST {"b64": ...})."""
     if isinstance(value, list):
         return [_plain(v) for v in value]
+    if isinstance(value, dict) and set(value) == {"b64"}:
+        value = base64.b64decode(value["b64"])
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
