@@ -53,13 +53,13 @@ done
 echo "== REST (curl)"
 body='{"signature_name": "serving_default", "instances": [{"prompt": "Hello", "max_new_tokens": 8,
        "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}]}'
-reply="$(curl -sf -X POST "http://127.0.0.1:$REST_PORT/v1/models/deepseek/labels/stable:predict" -d "$body")"
+reply="$(curl -sS --fail-with-body --max-time 120 -X POST "http://127.0.0.1:$REST_PORT/v1/models/deepseek/labels/stable:predict" -d "$body")"
 echo "$reply"
 "$PYTHON" -c 'import json,sys; t=json.load(sys.stdin)["predictions"][0]["text"]; sys.exit(0 if t else "error: empty text over REST")' <<<"$reply"
 
 echo "== gRPC (client.py)"
 text="$("$PYTHON" "$HERE/client.py" --protocol=grpc --grpc_port="$GRPC_PORT" --label=canary \
-        --prompt=Hello --max_new_tokens=8)"
+        --prompt=Hello --max_new_tokens=8 --timeout=120)"
 echo "$text"
 if [[ -z "$text" ]]; then echo "error: empty text over gRPC" >&2; exit 1; fi
 
