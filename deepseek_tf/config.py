@@ -603,10 +603,20 @@ class TrainConfig(_Section):
                       "pass per decoder block (block), or only its MLP (mlp) or attention "
                       "(attention) sub-layer; none keeps all activations.",
                       choices=("none", "block", "mlp", "attention"), resumable=True)
+    # recovery from non-finite / exploding steps (train/recovery.py)
+    recovery_max_trials: int = knob(3, "On a step with a non-finite loss or gradients (or a "
+                                    "loss above --train.loss_upper_bound), restore the last "
+                                    "checkpoint, skip the batches since it and go on, at most "
+                                    "this many times per run (0 = stop at once).",
+                                    resumable=True)
+    loss_upper_bound: float = knob(0.0, "A step whose loss exceeds this is treated like a "
+                                   "non-finite one (0 = off).", resumable=True)
 
     def __post_init__(self):
         self._coerce_and_check_types()
         r = self._require
+        r(self.recovery_max_trials >= 0, "--train.recovery_max_trials must be >= 0 (0 = off).")
+        r(self.loss_upper_bound >= 0, "--train.loss_upper_bound must be >= 0 (0 = off).")
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every",
                      "checkpoint_every", "keep_checkpoints", "eval_steps"):
             r(getattr(self, name) > 0, f"--train.{name} must be > 0, got {getattr(self, name)}.")

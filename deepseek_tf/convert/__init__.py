@@ -19,6 +19,7 @@ import json
 import os
 
 from deepseek_tf.config import Experiment, TokenizerConfig, UserError
+from deepseek_tf.convert.hf_checks import check_hf_config, fit_data_to_model
 from deepseek_tf.convert.hf_config import architecture_of, model_config_from_hf
 from deepseek_tf.convert.safetensors_io import SafetensorsDir
 
@@ -40,7 +41,7 @@ def _has_mtp_weights(tensors: SafetensorsDir, num_layers: int) -> bool:
 
 
 def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict | None = None,
-               log=print) -> Experiment:
+               log=print, explicit_data=()) -> Experiment:
     """Converts the HF model in `hf_dir` into a new workdir; returns its Experiment.
 
     Args:
@@ -50,9 +51,13 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
       model_overrides: model fields that are not part of the checkpoint's shape
         (loss weights, capacity factors, num_nextn_predict_layers when the checkpoint
         has no MTP weights: those modules then start from random init).
+      log: printer for progress and notes.
+      explicit_data: data fields the user set; the others adapt to the model
+        (seq_len no longer than its max_position_embeddings).
     """
     hf = read_hf_config(hf_dir)
     arch = architecture_of(hf)
+    check_hf_config(hf, arch, where=os.path.join(hf_dir, "config.json"))
     cfg, notes = model_config_from_hf(hf)
     tensors = SafetensorsDir(hf_dir)
     mtp_in_files = _has_mtp_weights(tensors, cfg.num_hidden_layers)
@@ -68,8 +73,9 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
         tokenizer = TokenizerConfig(type="hf", path=os.path.abspath(hf_dir))
         notes.append("data will be tokenized with the checkpoint's tokenizer.json "
                      "(--tokenizer.type=hf)")
-    exp = Experiment(**{**{s: getattr(exp, s) for s in ("data", "optim", "train")},
-                        "model": cfg, "tokenizer": tokenizer})
+    data = fit_data_to_model(exp.data, cfg.max_position_embeddings, explicit_data, log=log)
+    exp = Experiment(model=cfg, data=data, tokenizer=tokenizer, optim=exp.optim,
+                     train=exp.train)
     if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(
             os.path.join(workdir, "checkpoints")):
         raise UserError(f"--workdir={workdir} already holds a run; choose a new directory.")

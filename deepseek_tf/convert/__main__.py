@@ -38,10 +38,14 @@ def main(argv):
         if not (fields[name].metadata.get("resumable") or name in _SHAPE_FREE):
             raise cfg.ConfigError(f"--model.{name} comes from {dflags.FLAGS.hf_dir}/config.json "
                                   f"and cannot be set here.")
-    exp = cfg.Experiment(**{s: cls.from_dict(given[s]) for s, cls in cfg.SECTIONS.items()
-                            if s != "model"})
+    sections = {s: cls.from_dict(given[s]) for s, cls in cfg.SECTIONS.items() if s != "model"}
+    # The model section comes from config.json; this placeholder only fits any seq_len.
+    placeholder = cfg.ModelConfig(max_position_embeddings=max(
+        sections["data"].seq_len, cfg.ModelConfig().max_position_embeddings))
+    exp = cfg.Experiment(model=placeholder, **sections)
     from deepseek_tf.convert import convert_hf  # imports TensorFlow lazily
-    convert_hf(dflags.FLAGS.hf_dir, dflags.FLAGS.workdir, exp, model_overrides=given["model"])
+    convert_hf(dflags.FLAGS.hf_dir, dflags.FLAGS.workdir, exp, model_overrides=given["model"],
+               explicit_data=tuple(given["data"]))
 
 
 def entry():

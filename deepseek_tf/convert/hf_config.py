@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from deepseek_tf.config import ModelConfig, UserError
+from deepseek_tf.convert.hf_checks import check_hf_config
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "LlamaForCausalLM",
                  "Qwen2ForCausalLM")
@@ -71,17 +72,14 @@ def _rope(hf: dict) -> dict:
     return out
 
 
-def _refuse(cond: bool, msg: str) -> None:
-    if cond:
-        raise UserError(f"config.json: {msg}")
-
-
 def model_config_from_hf(hf: dict) -> tuple[ModelConfig, list[str]]:
-    """(ModelConfig, notes) for an HF config dict; notes explain choices made."""
+    """(ModelConfig, notes) for an HF config dict; notes explain choices made.
+
+    Every missing or unsupported field is one UserError (`hf_checks.check_hf_config`).
+    """
     arch = architecture_of(hf)
+    check_hf_config(hf, arch)
     act = _get(hf, "hidden_act", "silu")
-    _refuse(act not in _ACTS, f"hidden_act={act!r} is not supported (silu, gelu_pytorch_tanh).")
-    _refuse(bool(hf.get("mlp_bias")), "mlp_bias=true is not supported.")
     heads = hf["num_attention_heads"]
     kw: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -96,12 +94,7 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, list[str]]:
         head_dim = _get(hf, "head_dim", hf["hidden_size"] // heads)
         kw.update(attention_type="gqa", num_key_value_heads=_get(hf, "num_key_value_heads", heads),
                   head_dim=0 if head_dim * heads == hf["hidden_size"] else head_dim)
-        if arch == "LlamaForCausalLM":
-            _refuse(bool(hf.get("attention_bias")),
-                    "Llama attention_bias=true (biases on o_proj too) is not supported.")
-        else:
-            _refuse(bool(hf.get("use_sliding_window")),
-                    "Qwen2 use_sliding_window=true is not supported.")
+        if arch == "Qwen2ForCausalLM":
             kw["attention_bias"] = True
         return ModelConfig(**kw), notes
     kw.update(attention_type="mla", q_lora_rank=_get(hf, "q_lora_rank", 0),
@@ -128,8 +121,6 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, list[str]]:
         kw.update(rope_interleave=True)
         if experts:
             method = _get(hf, "topk_method", "greedy")
-            _refuse(method not in ("greedy", "group_limited_greedy"),
-                    f"DeepSeek-V2 topk_method={method!r} is not supported.")
             kw.update(scoring_func="softmax", topk_method=method, norm_topk_prob=False)
             if hf.get("norm_topk_prob"):
                 notes.append("norm_topk_prob ignored: transformers' DeepSeek-V2 router "

@@ -14,8 +14,9 @@ A file named explicitly in --data.inputs with another extension is read as plain
 text; inside directories, other files are ignored.
 
 Nothing is loaded whole except JSON arrays, so corpora larger than memory stream.
-Every record has a stable `name` (relative path + line/row: it decides the
-train/validation split) and a `where` (`path:N`, N = line for text formats and
+Every record has a stable `name` (relative path + line/row, or + 1-based index
+for the elements of a JSON array, so a one-line array splits like the same
+records as JSON Lines: the name decides the train/validation split) and a `where` (`path:N`, N = line for text formats and
 CSV, 1-based row for Parquet/Arrow) for the report. Malformed JSON and
 undecodable bytes become `BadInput`s; what to do with them is the caller's call.
 
@@ -195,10 +196,10 @@ def _read_json_array(src: Source, data: bytes) -> Iterator[Record | BadInput]:
         yield BadInput(f"{src.path}:{e.lineno}", "malformed_json",
                        f"malformed JSON array: {e.msg} (the whole file is skipped)")
         return
-    for line, value in items:
+    for index, (line, value) in enumerate(items, start=1):
         where = f"{src.path}:{line}"
-        if isinstance(value, dict):
-            yield Record(f"{src.name}:{line}", where, value)
+        if isinstance(value, dict):  # named by index: one line may hold every element
+            yield Record(f"{src.name}:{index}", where, value)
         else:
             yield BadInput(where, "malformed_json",
                            f"expected a JSON object, got {type(value).__name__}")

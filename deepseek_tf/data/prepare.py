@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import array
+import collections
 import glob
 import hashlib
 import json
@@ -291,6 +292,20 @@ def _summarize(written: dict, report: Report, cfg: DataConfig) -> dict:
     return splits
 
 
+def _why_no_training(prog: _Progress) -> str:
+    """Why the hash split sent every document to validation, with the fix."""
+    names = collections.Counter(doc["n"] for doc in _staged(prog))
+    total = sum(names.values())
+    (name, count), = names.most_common(1) or [("", 0)]
+    if count == total and total > 1:
+        return (f"all {total} records share one name ({name}), and the split goes by name; "
+                f"give them their own names (e.g. one JSON object per line)")
+    if count > 1:
+        return (f"{count} of {total} records share one name ({name}) and fell to "
+                f"validation together; lower --data.val_size or name records apart")
+    return "lower --data.val_size or add documents"
+
+
 def prepare(cfg: DataConfig, data_dir: str, tokenizer_cfg: TokenizerConfig | None = None,
             log=print, progress: bool | None = None) -> dict:
     """Prepares the configured corpus into `data_dir` and returns its metadata.
@@ -332,8 +347,7 @@ def prepare(cfg: DataConfig, data_dir: str, tokenizer_cfg: TokenizerConfig | Non
                         f"lost every target token to truncation; raise --data.cutoff_len / "
                         f"--data.seq_len (see {os.path.join(data_dir, REPORT_FILE)}).")
     if splits["train"]["documents"] == 0:
-        raise UserError("prepare produced no training documents; lower --data.val_size "
-                        "or add documents.")
+        raise UserError(f"prepare produced no training documents: {_why_no_training(prog)}.")
     dt = time.time() - t0
     n_docs, n_tokens = report.counts["documents_out"], report.counts["tokens_out"]
     report.info["throughput"] = {

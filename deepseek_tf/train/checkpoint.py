@@ -4,6 +4,9 @@ Saving goes through `tf.train.CheckpointManager`: TF writes the checkpoint's
 files first and updates the `checkpoint` index file (atomically) last, so an
 interrupted save leaves the previous checkpoint as the latest one.
 
+Resuming takes the newest checkpoint that reads back completely; corrupt newer
+ones are reported and kept for inspection (train/ckpt_health.py).
+
 A checkpoint written by `python -m deepseek_tf.convert` holds only the model and
 the step (no optimizer, data or RNG state): it is restored as the initial weights
 of a fresh run.
@@ -18,12 +21,14 @@ import tempfile
 import tensorflow as tf
 
 from deepseek_tf.config import UserError
+from deepseek_tf.train import ckpt_health
 
 
 def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
-                   log=print) -> int:
-    """Restores the newest checkpoint of `manager`, if any; returns its step (0 if none)."""
-    path = manager.latest_checkpoint
+                   log=print, path: str | None = None) -> int:
+    """Restores checkpoint `path` (default: the newest of `manager`), if any; returns
+    its step (0 if none)."""
+    path = path or manager.latest_checkpoint
     if not path:
         return 0
     # A converted checkpoint (model + step only) into a run that also tracks an optimizer.
@@ -74,6 +79,7 @@ class RunCheckpoints:
         self.directory = os.path.join(workdir, "checkpoints")
         self.multi = role.num_workers > 1
         self.barrier, self.last_saved = barrier, None
+        self.keep, self.is_chief = keep, role.is_chief
         extra = {} if self.multi else {"data": data_iterator}
         self.checkpoint = tf.train.Checkpoint(**objects, **extra)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
@@ -93,7 +99,8 @@ class RunCheckpoints:
     def restore(self, log=print) -> int:
         """Restores the chief's latest checkpoint (and this worker's data position of the
         same step); returns its step, 0 if there is none."""
-        step = restore_latest(self.checkpoint, self.manager, log=log)
+        step = restore_latest(self.checkpoint, self.manager, log=log,
+                              path=self._newest_intact(log))
         if step and self.multi:
             path = f"{self.data_manager.directory}/ckpt-{step}"
             if not tf.io.gfile.exists(path + ".index"):
@@ -103,6 +110,25 @@ class RunCheckpoints:
             self.data_checkpoint.restore(path).assert_existing_objects_matched()
         self.last_saved = step or None
         return step
+
+    def _newest_intact(self, log) -> str | None:
+        """The newest checkpoint that reads back; the chief moves corrupt newer ones
+        into checkpoints/corrupt/ (see train/ckpt_health.py). None if there is none."""
+        paths = list(reversed(self.manager.checkpoints))
+        path, bad = ckpt_health.newest_intact(paths)
+        if paths and path is None:
+            raise ckpt_health.no_intact_error(self.directory, bad)
+        for p, why in bad:
+            where = ckpt_health.quarantine(p) if self.is_chief else "left for the chief"
+            log(f"checkpoint {os.path.basename(p)} is corrupt ({why}); kept for inspection "
+                f"as {where}")
+        if bad and self.is_chief:
+            ckpt_health.forget(self.directory, [p for p, _ in bad])
+            # A fresh manager reads the pruned list: keep-last-N never reaches them.
+            self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
+                                                      max_to_keep=self.keep)
+            self.writer = self.manager
+        return path
 
     def save(self, step: int) -> None:
         """Saves `step` (once: a second call for the same step does nothing). Every

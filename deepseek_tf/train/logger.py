@@ -97,6 +97,20 @@ class MetricLogger:
                     tf.summary.scalar(k, v)
         self.printer(self._line(step, metrics, kind))
 
+    def write_event(self, step: int, kind: str, record: dict, line: str) -> None:
+        """Logs an event (e.g. a recovery): `record` (any JSON values) into log.jsonl,
+        its numeric values as TensorBoard scalars under `kind`, and `line` on stdout."""
+        if not self.enabled:
+            return
+        with open(os.path.join(self.workdir, LOG_FILE), "a") as f:
+            f.write(json.dumps({"step": int(step), "kind": kind, "time": time.time(),
+                                **record}) + "\n")
+        with self._writer(kind).as_default(step=int(step)):
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    tf.summary.scalar(k, float(v))
+        self.printer(line)
+
     def _line(self, step: int, m: dict, kind: str) -> str:
         if kind == "eval":
             return (f"step {step:>6}/{self.total_steps} | eval loss {m['loss']:.4f} | "

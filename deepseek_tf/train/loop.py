@@ -42,6 +42,7 @@ from deepseek_tf.train.aux_losses import log_metrics
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
 from deepseek_tf.train.optimizer import make_optimizer
 from deepseek_tf.train.preemption import PreemptionWatcher
+from deepseek_tf.train.recovery import Recovery
 from deepseek_tf.train.step import make_eval_step, make_train_step
 
 
@@ -168,24 +169,6 @@ def _describe(state: RunState, tcfg) -> str:
             f"this is {where}; precision {tcfg.precision}; remat {tcfg.remat}")
 
 
-def _check_step(state: RunState, step: int, loss: float, skipped: bool) -> None:
-    """Stops the run (keeping the last good checkpoint) on a step that cannot be skipped."""
-    keep = "The last good checkpoint is kept."
-    if not skipped:
-        if not math.isfinite(loss):
-            raise UserError(f"loss became {loss} at step {step}; lower --optim.learning_rate "
-                            f"or enable clipping. {keep}")
-        return
-    if not precision.is_loss_scaled(state.optimizer):
-        raise UserError(f"gradients became non-finite at step {step}; lower "
-                        f"--optim.learning_rate or enable clipping. {keep}")
-    scale = precision.current_scale(state.optimizer)
-    if scale < 1.0:
-        raise UserError(f"mixed_float16 gradients overflow even at loss scale {scale:g} (step "
-                        f"{step}): the model diverged; lower --optim.learning_rate or use "
-                        f"--train.precision=mixed_bfloat16. {keep}")
-
-
 def _preemption_watcher(state: RunState, log):
     if threading.current_thread() is not threading.main_thread():
         return None  # signal handlers can only be installed from the main thread
@@ -243,6 +226,7 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
     eval_step = shards.guard_data_errors(eval_step, shard_files)
     logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
     cleanup.callback(logger.close)
+    recovery = Recovery(state, tcfg, logger, workdir)  # rolls back bad steps
     inner = getattr(state.optimizer, "inner_optimizer", state.optimizer)
     schedule = inner._learning_rate  # the Keras schedule object
     last_train, last_eval = {}, {}
@@ -260,7 +244,10 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
         state.step.assign_add(1)
         step += 1
         loss, skipped = float(out["loss"]), float(out["skipped"]) > 0
-        _check_step(state, step, loss, skipped)
+        bad = recovery.problem(step, loss, skipped)
+        if bad:
+            step = recovery.roll_back(step, bad)
+            continue
         if not skipped:
             window_loss, window_steps = window_loss + loss, window_steps + 1
         if step % tcfg.log_every == 0 or step == tcfg.steps:
@@ -281,6 +268,10 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
             last_eval = evaluate(state, eval_step, tcfg.eval_steps)
             logger.write(step, last_eval, "eval")
         if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+            bad = recovery.unsaveable(step)  # a non-finite weight is never saved
+            if bad:
+                step = recovery.roll_back(step, bad)
+                continue
             state.checkpoints.save(step)
             logger.flush()
         if watcher is not None:

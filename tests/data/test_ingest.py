@@ -105,3 +105,46 @@ def test_an_empty_result_is_an_error_not_an_empty_dataset(tmp_path):
     report = json.load(open(tmp_path / "out" / "report.json"))
     assert report["removed"]["too_short"] == 2
     assert not os.path.exists(tmp_path / "out" / "metadata.json")
+
+
+def _alpaca_rows(n):
+    return [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(n)]
+
+
+def test_one_line_json_array_splits_like_the_same_records_as_json_lines(tmp_path):
+    """`json.dump(rows, f)` puts every record on line 1: records are named by index, so
+    the hash split matches JSON Lines (one record per line) record for record."""
+    rows = _alpaca_rows(60)
+    (tmp_path / "array").mkdir()
+    (tmp_path / "lines").mkdir()
+    with open(tmp_path / "array" / "rows.json", "w") as f:
+        json.dump(rows, f)
+    with open(tmp_path / "lines" / "rows.json", "w") as f:  # not `[`: read as JSON Lines
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    got = {}
+    for kind in ("array", "lines"):
+        cfg = DataConfig(inputs=str(tmp_path / kind / "rows.json"), format="alpaca",
+                         template="chatml", seq_len=64, val_size=6, shard_size_mb=64)
+        out = str(tmp_path / f"out-{kind}")
+        meta = prepare(cfg, out, log=quiet)
+        got[kind] = {s: [ids.tolist() for ids, _ in read_split(out, meta, s)]
+                     for s in ("train", "validation")}
+    assert len(got["array"]["validation"]) == 6 and len(got["array"]["train"]) == 54
+    assert got["array"] == got["lines"]
+
+
+def test_records_sharing_one_name_say_why_no_training_documents(tmp_path, monkeypatch):
+    real = ingest._read_json_array
+
+    def one_name(src, data):  # as the old reader named them: every record `file:1`
+        for item in real(src, data):
+            yield ingest.Record(f"{src.name}:1", item.where, item.value)
+
+    monkeypatch.setattr(ingest, "_read_json_array", one_name)
+    path = tmp_path / "rows.json"
+    with open(path, "w") as f:
+        json.dump(_alpaca_rows(40), f)
+    cfg = DataConfig(inputs=str(path), format="alpaca", template="chatml", seq_len=64,
+                     val_size=4, shard_size_mb=64)
+    with pytest.raises(UserError, match=r"all 40 records share one name \(rows.json:1\)"):
+        prepare(cfg, str(tmp_path / "out"), log=quiet)

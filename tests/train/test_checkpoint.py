@@ -53,3 +53,66 @@ def test_resuming_with_another_number_of_workers_is_one_clear_error(tmp_path):
     two = RunCheckpoints(str(tmp_path), _objects(), _iterator(), Role("worker", 0, 2), 3)
     with pytest.raises(UserError, match="another number of workers"):
         two.restore(log=quiet)
+
+
+def _truncate(path):
+    data = f"{path}.data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+
+
+def _files(directory):
+    return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(directory) for f in fs if f != "checkpoint"}
+
+
+def test_a_corrupt_latest_checkpoint_is_kept_aside_and_the_previous_one_restored(tmp_path):
+    objects = _objects()
+    run = RunCheckpoints(str(tmp_path), objects, _iterator(), Role(), 2)
+    for step in (1, 2, 3):
+        objects["step"].assign(step)
+        objects["w"].assign([float(step), 0.0])
+        run.save(step)
+    ckpts = tmp_path / "checkpoints"
+    _truncate(str(ckpts / "ckpt-3"))
+    corrupt = {k: v for k, v in _files(ckpts).items() if k.startswith("ckpt-3.")}
+
+    objects, msgs = _objects(), []
+    run = RunCheckpoints(str(tmp_path), objects, _iterator(), Role(), 2)
+    assert run.restore(log=msgs.append) == 2 and objects["w"].numpy().tolist() == [2.0, 0.0]
+    assert msgs[0].startswith("checkpoint ckpt-3 is corrupt (IndexError: Read less bytes "
+                              "than requested); kept for inspection as ") and len(msgs) == 2
+    for step in (3, 4, 5):  # a new ckpt-3, then keep-last-2 prunes: never the corrupt one
+        objects["step"].assign(step)
+        run.save(step)
+    files = _files(ckpts)
+    assert {k: files[f"corrupt/{k}"] for k in corrupt} == corrupt  # byte for byte
+    assert [os.path.basename(p) for p in run.manager.checkpoints] == ["ckpt-4", "ckpt-5"]
+    assert sorted(f for f in files if not f.startswith("corrupt/")) == [
+        "ckpt-4.data-00000-of-00001", "ckpt-4.index", "ckpt-5.data-00000-of-00001",
+        "ckpt-5.index"]
+
+    # Corrupt again at the same step: kept next to the first one.
+    _truncate(str(ckpts / "ckpt-5"))
+    run = RunCheckpoints(str(tmp_path), _objects(), _iterator(), Role(), 2)
+    assert run.restore(log=quiet) == 4
+    assert os.path.exists(ckpts / "corrupt" / "ckpt-5.index")
+
+
+def test_no_intact_checkpoint_is_one_error_and_nothing_is_moved(tmp_path):
+    objects = _objects()
+    run = RunCheckpoints(str(tmp_path), objects, _iterator(), Role(), 3)
+    for step in (1, 2):
+        objects["step"].assign(step)
+        run.save(step)
+    ckpts = tmp_path / "checkpoints"
+    _truncate(str(ckpts / "ckpt-2"))
+    os.remove(ckpts / "ckpt-1.data-00000-of-00001")
+    before = {**_files(ckpts), "checkpoint": (ckpts / "checkpoint").read_bytes()}
+    run = RunCheckpoints(str(tmp_path), _objects(), _iterator(), Role(), 3)
+    with pytest.raises(UserError) as e:
+        run.restore(log=quiet)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"no intact checkpoint in {ckpts}: ckpt-2 (")
+    assert "; ckpt-1 (" in msg and "Nothing was deleted" in msg
+    assert {**_files(ckpts), "checkpoint": (ckpts / "checkpoint").read_bytes()} == before

@@ -113,8 +113,9 @@ def test_overflowing_float16_run_skips_steps_and_never_checkpoints_nonfinite(std
 
 def test_float32_run_stops_on_nonfinite_gradients_before_checkpointing(stdlib_data, tmp_path,
                                                                         monkeypatch):
-    """Without loss scaling a non-finite step cannot be skipped: the run stops with one
-    clear error and keeps the last good checkpoint."""
+    """Without loss scaling and with recovery off a non-finite step stops the run with
+    one clear error and keeps the last good checkpoint (train/recovery.py rolls back
+    instead by default: tests/train/test_recovery.py)."""
     from deepseek_tf.train import loop
 
     _, data_dir, _ = stdlib_data
@@ -127,7 +128,8 @@ def test_float32_run_stops_on_nonfinite_gradients_before_checkpointing(stdlib_da
         return real(model, optimizer, *args, grad_hook=hook, **kwargs)
 
     monkeypatch.setattr(loop, "make_train_step", with_fault)
-    exp = tiny.experiment(data_dir, train={"steps": 6, "checkpoint_every": 2, "eval_every": 0})
+    exp = tiny.experiment(data_dir, train={"steps": 6, "checkpoint_every": 2, "eval_every": 0,
+                                           "recovery_max_trials": 0})
     with pytest.raises(UserError, match="gradients became non-finite at step 3"):
         train(exp, str(tmp_path), log=quiet)
     paths = all_checkpoints(str(tmp_path))
