@@ -61,7 +61,9 @@ class ServingModule(tf.Module):
     def __init__(self, model, tok, max_length: int, max_new_tokens: int, absorb=True):
         super().__init__()
         self.model = model
-        self.weights = list(model.variables)  # tracked directly (see BUILD.md, export notes)
+        # The tf.Variables themselves, not Keras' wrappers: with only those tracked, a
+        # session-based loader (TF Serving, saved_model_cli run) finds no restored value.
+        self.weights = [v.value for v in model.variables]
         self.max_length, self.absorb = int(max_length), absorb
         self.stop_ids, self.pad_id = stop_ids(tok), int(tok.pad_id)
         self.bos_id, self.eos_id = int(tok.bos_id), int(tok.eos_id)
@@ -137,6 +139,25 @@ class ServingModule(tf.Module):
         return sigs
 
 
+def quantize_int8(model) -> None:
+    """Keras' int8 weight quantization of the dense projections and the embedding.
+
+    Kept in float: MLA's `kv_b_proj` (the absorbed decode folds its kernel into the
+    query; it is small), a tied embedding (it doubles as the output head), norms,
+    routers and the stacked MoE expert weights (not Keras Dense layers).
+    """
+    import warnings
+
+    keep = {id(model.embed_tokens)} if model.lm_head is None else set()
+
+    def wanted(layer):
+        return id(layer) not in keep and layer.name != "kv_b_proj"
+
+    with warnings.catch_warnings():  # "Layer RMSNorm does not have a quantize method"
+        warnings.simplefilter("ignore")
+        model.quantize("int8", filters=wanted)
+
+
 def export_saved_model(model, exp, output: str, log=print, workdir: str | None = None,
                        max_length: int = 0, max_new_tokens: int = 64, quantize: str = "none",
                        tokenizer=None) -> str:
@@ -161,7 +182,7 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
         raise UserError(f"--max_length={max_length} leaves no room to generate; use >= 2.")
     tok = tokenizer or load_run_tokenizer(workdir, exp)
     if quantize == "int8":
-        model.quantize("int8")
+        quantize_int8(model)
     elif quantize != "none":
         raise UserError(f"--quantize={quantize!r}: choose none or int8.")
     module = ServingModule(model, tok, max_length, max_new_tokens)

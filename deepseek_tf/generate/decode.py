@@ -75,8 +75,8 @@ def check_sampling(t, max_new_tokens, temperature, top_k, top_p, seed, max_lengt
             f"{max_length} tokens; lower max_new_tokens or shorten the prompt")),
         tf.debugging.assert_non_negative(temperature, message="temperature must be >= 0"),
         tf.debugging.assert_non_negative(top_k, message="top_k must be >= 0 (0 = off)"),
-        tf.debugging.assert_greater(top_p, 0.0, message="top_p must be in (0, 1]"),
-        tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be in (0, 1]"),
+        tf.debugging.assert_greater(top_p, 0.0, message="top_p must be > 0 and <= 1"),
+        tf.debugging.assert_less_equal(top_p, 1.0, message="top_p must be > 0 and <= 1"),
         *[tf.debugging.assert_equal(tf.shape(x), tf.shape(seed), message=(
             "every sampling option needs one value per prompt"))
           for x in (max_new_tokens, temperature, top_k, top_p)],

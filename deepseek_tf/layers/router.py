@@ -115,7 +115,7 @@ def sequence_balance_loss(scores: tf.Tensor, indices: tf.Tensor, num_experts: in
       indices: int (B, T, k) chosen experts.
       num_experts: E.
     """
-    k = indices.shape[-1]
+    k = tf.cast(tf.shape(indices)[-1], tf.float32)  # static or not (graphs of any length)
     t = tf.cast(tf.shape(scores)[1], tf.float32)
     chosen = tf.reduce_sum(tf.one_hot(indices, num_experts), axis=2)          # (B, T, E)
     f = tf.reduce_sum(chosen, axis=1) * (num_experts / (k * t))                # (B, E)
