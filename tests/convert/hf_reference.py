@@ -3,6 +3,8 @@ enters the TF test process).
 
     python hf_reference.py build OUT_DIR     # tiny random models -> OUT_DIR/<name>/ + logits
     python hf_reference.py reload DIR...     # from_pretrained(DIR) -> DIR/reloaded.npz
+    python hf_reference.py generate N DIR... # greedy generate(DIR/prompts.npy rows, N new
+                                             # tokens, no EOS) -> DIR/generated.npy
 
 `build` saves each model with save_pretrained (safetensors) and writes
 OUT_DIR/reference.npz with the token batch and every model's float32 logits.
@@ -103,9 +105,27 @@ def reload(dirs):
             json.dump({k: sorted(map(str, v)) for k, v in info.items()}, f)
 
 
+def generate(n, dirs):
+    """transformers' own greedy `generate` with its KV cache, one prompt at a time."""
+    for d in dirs:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            d, attn_implementation="eager").eval()
+        model.generation_config.eos_token_id = None  # run all n steps, like our stop_ids=()
+        rows = []
+        for prompt in np.load(os.path.join(d, "prompts.npy"), allow_pickle=True):
+            ids = torch.tensor([list(prompt)])
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     pad_token_id=0, use_cache=True)
+            rows.append(out[0, ids.shape[1]:].numpy())
+        np.save(os.path.join(d, "generated.npy"), np.stack(rows))
+
+
 if __name__ == "__main__":
     transformers.logging.set_verbosity_error()
     if sys.argv[1] == "build":
         build(sys.argv[2], sys.argv[3:] or list(CONFIGS))
+    elif sys.argv[1] == "generate":
+        generate(int(sys.argv[2]), sys.argv[3:])
     else:
         reload(sys.argv[2:])

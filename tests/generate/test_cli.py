@@ -1,0 +1,111 @@
+"""`python -m deepseek_tf.generate` and `export --format=saved_model` as a user runs
+them: streamed text equal to the in-process generator, chat prompts, batches, help,
+and one clear line for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deepseek_tf.data.templates import TEMPLATES
+from deepseek_tf.data.tokenizer.byte import ByteTokenizer
+from deepseek_tf.generate import Generator
+from deepseek_tf.generate.text import prompt_ids, stop_ids
+from tests.helpers.workdirs import make_workdir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return make_workdir(str(tmp_path_factory.mktemp("gen") / "run"), "mla_moe")
+
+
+def _expected(model, ids, n, stops=(257,)):
+    tok = ByteTokenizer()
+    out, count = Generator(model, len(ids) + n, stop_ids=stops, pad_id=tok.pad_id).generate(
+        [ids], [len(ids)], max_new_tokens=n)
+    return tok.decode([t for t in out.numpy()[0, :count[0]] if t < 256])
+
+
+def test_streams_the_generated_text_and_a_speed_line(workdir):
+    path, model = workdir
+    proc = run("deepseek_tf.generate", f"--workdir={path}", "--prompt=Once upon",
+               "--max_new_tokens=24")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tok = ByteTokenizer()
+    assert proc.stdout.rstrip("\n") == _expected(model, tok.encode("Once upon", add_eos=False), 24)
+    assert "tokens/s" in proc.stderr.splitlines()[-1]
+
+
+def test_chat_wraps_the_prompt_in_the_runs_template(workdir, tmp_path):
+    path, model = workdir
+    proc = run("deepseek_tf.generate", f"--workdir={path}", "--prompt=Hi", "--chat",
+               "--template=plain", "--max_new_tokens=10", "--temperature=0.8", "--seed=3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tok, template = ByteTokenizer(), TEMPLATES["plain"]
+    ids = prompt_ids("Hi", tok, template)
+    assert tok.decode(ids[1:]) == "User: Hi\n\nAssistant: "
+    out, n = Generator(model, len(ids) + 10, stop_ids=stop_ids(tok, template),
+                       pad_id=tok.pad_id).generate([ids], [len(ids)], max_new_tokens=10,
+                                                   temperature=0.8, seed=3)
+    assert proc.stdout.rstrip("\n") == tok.decode([t for t in out.numpy()[0, :n[0]] if t < 256])
+
+
+def test_help_lists_the_sampling_flags():
+    proc = run("deepseek_tf.generate", "--help")
+    assert proc.returncode == 0
+    for name in ("--workdir", "--prompt", "--[no]chat", "--input_file", "--output_file",
+                 "--max_new_tokens", "--temperature", "--top_k", "--top_p", "--seed"):
+        assert name + ":" in proc.stdout, name
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt=x"], "--workdir is required"),
+    (["--workdir=/nonexistent", "--prompt=x"], "no config.json"),
+    (["--prompt=x", "--input_file=a.jsonl"], "exactly one of --prompt or --input_file"),
+    (["--prompt=x", "--top_p=1.5"], "--top_p=1.5 must be in (0, 1]"),
+    (["--prompt=" + "x" * 200, "--max_new_tokens=64"], "exceeds the cache"),
+    (["--prompt=x", "--chat", "--template=nope"], "--template='nope' is not one of"),
+    (["--prompt=x", "--max_new_tokens=0"], "max_new_tokens"),
+])
+def test_bad_input_gives_one_line_and_exit_2(workdir, args, needle):
+    path, _ = workdir
+    if not any(a.startswith("--workdir") for a in args) and args != ["--prompt=x"]:
+        args = [f"--workdir={path}", *args]
+    proc = run("deepseek_tf.generate", *args)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith(("error:", "FATAL"))]
+    assert proc.returncode in (1, 2) and len(errors) == 1, proc.stderr[-2000:]
+    assert needle in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_bad_prompt_file_names_the_line(workdir, tmp_path):
+    path, _ = workdir
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    proc = run("deepseek_tf.generate", f"--workdir={path}", f"--input_file={bad}")
+    assert proc.returncode == 2 and f"{bad}:2:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_saved_model_cli_and_its_errors(workdir, tmp_path):
+    path, _ = workdir
+    out = tmp_path / "models" / "deepseek" / "1"
+    proc = run("deepseek_tf.export", f"--workdir={path}", "--format=saved_model",
+               f"--output={out}", "--max_length=48")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "saved_model.pb").exists() and "signatures: generate_ids, score, " \
+        "serving_default" in proc.stdout
+    again = run("deepseek_tf.export", f"--workdir={path}", "--format=saved_model",
+                f"--output={out}")
+    assert again.returncode == 2 and "write a new version directory" in again.stderr
+    wrong = run("deepseek_tf.export", f"--workdir={path}", "--format=hf",
+                f"--output={tmp_path / 'hf'}", "--quantize=int8")
+    assert wrong.returncode == 2 and "apply to --format=saved_model" in wrong.stderr
