@@ -97,3 +97,21 @@ def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
             float(r)
             best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - t0))
     return best
+
+
+def cpu_summary() -> str:
+    """The CPU model and the flags that decide speed here (AVX2/AVX-512/BF16/AMX)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "amx_bf16", "amx_int8")
+    return f"{model}, {os.cpu_count()} cores; flags: " + " ".join(
+        w for w in wanted if w in flags)
