@@ -4,12 +4,14 @@
 
 For each model (the issue-3 benchmark config, DeepSeek-V3 style MLA + MoE; the
 tiny preset, dense GQA) with the same random weights on every side:
-  keras        `Generator` (the one-graph tf.while_loop decode)
-  saved_model  the exported `generate_ids` signature, loaded back
+  keras        `Generator` (the one-graph tf.while_loop decode), without and with
+               XLA-compiled decode steps (`_xla`)
+  saved_model  the exported `generate_ids` signature, loaded back (`_xla`: exported
+               with --jit_compile)
   hf           transformers' `generate` with its KV cache on our HF export
                (bench/hf_decode.py, a subprocess: torch never meets TensorFlow)
 Decode latency per token at prompt lengths 16 and 512 = (time of NEW_TOKENS new
-tokens - time of 1) / (NEW_TOKENS - 1), medians of three; both positions use the
+tokens - time of 1) / (NEW_TOKENS - 1), the fastest of five runs each; both positions use the
 same cache length (the cache is static, so attention cost does not grow with the
 position). Also prints the MLA cache bytes per token, latent vs the naive path's
 expanded keys and values. Greedy, batch 1, 2 threads per side.
@@ -19,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,11 +65,11 @@ def _latencies(call, new_tokens):
         def timed(n):
             call(prompt, n)  # warm (and trace) this shape
             runs = []
-            for _ in range(3):
+            for _ in range(5):
                 t0 = time.perf_counter()
                 call(prompt, n)
                 runs.append(time.perf_counter() - t0)
-            return statistics.median(runs)
+            return min(runs)  # the least disturbed run: robust on a busy machine
 
         prefill, full = timed(1), timed(new_tokens)
         out[length] = (prefill, (full - prefill) / (new_tokens - 1))
@@ -90,22 +91,18 @@ def bench_model(name, cfg, new_tokens, tmp):
     tf.keras.utils.set_random_seed(0)
     model = DeepSeekCausalLM(cfg)
     max_length = max(LENGTHS) + new_tokens
-    gen = Generator(model, max_length)
-    results = {"keras": _latencies(
-        lambda p, n: gen.generate(p, [p.shape[1]], max_new_tokens=n)[0].numpy(), new_tokens)}
-    sm_dir = os.path.join(tmp, name, "sm")
-    export_saved_model(model, None, sm_dir, log=lambda *_: None, max_length=max_length,
-                       tokenizer=ByteTokenizer())
-    sig = tf.saved_model.load(sm_dir).signatures["generate_ids"]
-
-    def saved(p, n):
-        one = lambda v, d: tf.constant([v], d)  # noqa: E731
-        return sig(input_ids=tf.constant(p), lengths=one(p.shape[1], tf.int32),
-                   max_new_tokens=one(n, tf.int32), temperature=one(0.0, tf.float32),
-                   top_k=one(0, tf.int32), top_p=one(1.0, tf.float32),
-                   seed=one(0, tf.int32))["output_ids"].numpy()
-    results["saved_model"] = _latencies(saved, new_tokens)
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(sm_dir) for f in fs)
+    results, size = {}, {}
+    for jit in (False, True):
+        suffix = "_xla" if jit else ""
+        gen = Generator(model, max_length, jit_compile=jit)
+        results["keras" + suffix] = _latencies(
+            lambda p, n: gen.generate(p, [p.shape[1]], max_new_tokens=n)[0].numpy(), new_tokens)
+        sm_dir = os.path.join(tmp, name, "sm" + suffix)
+        export_saved_model(model, None, sm_dir, log=lambda *_: None, max_length=max_length,
+                           tokenizer=ByteTokenizer(), jit_compile=jit)
+        results["saved_model" + suffix] = _latencies(_signature_call(sm_dir), new_tokens)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(sm_dir)
+                   for f in fs)
     hf_dir = os.path.join(tmp, name, "hf")
     export_hf(model, _exp(cfg), hf_dir, log=lambda *_: None)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "hf_decode.py"), hf_dir,
@@ -116,6 +113,18 @@ def bench_model(name, cfg, new_tokens, tmp):
     results["hf"] = {n: (hf[str(n)]["prefill_s"], hf[str(n)]["decode_s_per_token"])
                      for n in LENGTHS}
     return results, size, (model if cfg.uses_mla else None), hf
+
+
+def _signature_call(sm_dir):
+    sig = tf.saved_model.load(sm_dir).signatures["generate_ids"]
+
+    def call(p, n):
+        one = lambda v, d: tf.constant([v], d)  # noqa: E731
+        return sig(input_ids=tf.constant(p), lengths=one(p.shape[1], tf.int32),
+                   max_new_tokens=one(n, tf.int32), temperature=one(0.0, tf.float32),
+                   top_k=one(0, tf.int32), top_p=one(1.0, tf.float32),
+                   seed=one(0, tf.int32))["output_ids"].numpy()
+    return call
 
 
 def _exp(cfg):
@@ -144,11 +153,12 @@ def main():
                 for length, (prefill, per_token) in by_len.items():
                     print(f"{side:12} {length:5d} {prefill * 1e3:11.1f} {per_token * 1e3:9.2f} "
                           f"{1 / per_token:9.1f}")
-            for length in LENGTHS:
-                ratio = results["hf"][length][1] / results["saved_model"][length][1]
-                print(f"SavedModel decode vs transformers at {length}: {ratio:.2f}x "
-                      f"(target >= 1.5x)")
-            for side in ("keras", "saved_model"):
+            for side in ("saved_model", "saved_model_xla"):
+                for length in LENGTHS:
+                    ratio = results["hf"][length][1] / results[side][length][1]
+                    print(f"{side} decode vs transformers at {length}: {ratio:.2f}x "
+                          f"(target >= 1.5x)")
+            for side in ("keras", "keras_xla", "saved_model", "saved_model_xla"):
                 growth = results[side][512][1] / results[side][16][1]
                 print(f"{side}: latency at 512 / at 16 = {growth:.2f} (target <= 1.5)")
             if mla_model is not None:

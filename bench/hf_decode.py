@@ -2,13 +2,12 @@
 
     python bench/hf_decode.py HF_DIR NEW_TOKENS PROMPT_LEN... -> JSON on stdout
 
-Per prompt length: the median time of generate(1 token) (prefill) and of
+Per prompt length: the fastest of five timed generate(1 token) (prefill) and
 generate(NEW_TOKENS); the decode latency per token is their difference over
 NEW_TOKENS - 1. Runs in its own process so torch never meets TensorFlow.
 """
 
 import json
-import statistics
 import sys
 import time
 
@@ -29,13 +28,13 @@ def main():
 
         def timed(n):
             runs = []
-            for _ in range(4):
+            for _ in range(6):
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                    pad_token_id=0, use_cache=True)
                 runs.append(time.perf_counter() - t0)
-            return statistics.median(runs[1:])
+            return min(runs[1:])  # the least disturbed run, as bench/decode.py
 
         prefill, full = timed(1), timed(new)
         out[str(length)] = {"prefill_s": prefill, "decode_s_per_token": (full - prefill) / (new - 1)}

@@ -28,6 +28,9 @@ flags.DEFINE_integer("max_length", 0, "saved_model: KV cache length in tokens (p
                      "generated); 0 = the model's max_position_embeddings.", lower_bound=0)
 flags.DEFINE_integer("max_new_tokens", 64, "saved_model: default of the max_new_tokens input "
                      "when a request leaves it out.", lower_bound=1)
+flags.DEFINE_bool("jit_compile", False, "saved_model: XLA-compile each decode step (several "
+                  "times faster for small models); TF Serving must then run with "
+                  "--xla_cpu_compilation_enabled=true (serving/Dockerfile does).")
 flags.DEFINE_enum("quantize", "none", ["none", "int8"], "saved_model: int8 stores the dense "
                   "projections and embeddings as int8 weights (Keras quantize); MoE expert "
                   "stacks stay float.")
@@ -50,9 +53,10 @@ def main(argv):
     options = {}
     if FLAGS.format == "saved_model":
         options = dict(max_length=FLAGS.max_length, max_new_tokens=FLAGS.max_new_tokens,
-                       quantize=FLAGS.quantize)
-    elif FLAGS.quantize != "none" or FLAGS["max_length"].present:
-        raise dflags.cfg.UserError("--quantize and --max_length apply to --format=saved_model.")
+                       quantize=FLAGS.quantize, jit_compile=FLAGS.jit_compile)
+    elif FLAGS.quantize != "none" or FLAGS["max_length"].present or FLAGS.jit_compile:
+        raise dflags.cfg.UserError("--quantize, --max_length and --jit_compile apply to "
+                                   "--format=saved_model.")
     export(model, exp, FLAGS.format, FLAGS.output, workdir=FLAGS.workdir, **options)
 
 

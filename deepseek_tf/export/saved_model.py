@@ -56,10 +56,14 @@ class ServingModule(tf.Module):
       max_length: the static cache length (prompt + new tokens).
       max_new_tokens: the default of the `max_new_tokens` input.
       absorb: MLA decodes in latent space.
+      jit_compile: XLA-compiled decode steps (TF Serving then needs
+        `--xla_cpu_compilation_enabled=true`, as serving/Dockerfile sets).
     """
 
-    def __init__(self, model, tok, max_length: int, max_new_tokens: int, absorb=True):
+    def __init__(self, model, tok, max_length: int, max_new_tokens: int, absorb=True,
+                 jit_compile=False):
         super().__init__()
+        self.jit_compile = bool(jit_compile)
         self.model = model
         # The tf.Variables themselves, not Keras' wrappers: with only those tracked, a
         # session-based loader (TF Serving, saved_model_cli run) finds no restored value.
@@ -80,7 +84,8 @@ class ServingModule(tf.Module):
         b = tf.shape(input_ids)[0]
         rows = [_rows(options[k], b) for k in SAMPLING_SPECS]
         return generate_ids(self.model, input_ids, lengths, *rows, max_length=self.max_length,
-                            stop_ids=self.stop_ids, pad_id=self.pad_id, absorb=self.absorb)
+                            stop_ids=self.stop_ids, pad_id=self.pad_id, absorb=self.absorb,
+                            jit_compile=self.jit_compile)
 
     def generate_ids_fn(self):
         d = self.defaults
@@ -160,7 +165,7 @@ def quantize_int8(model) -> None:
 
 def export_saved_model(model, exp, output: str, log=print, workdir: str | None = None,
                        max_length: int = 0, max_new_tokens: int = 64, quantize: str = "none",
-                       tokenizer=None) -> str:
+                       jit_compile: bool = False, tokenizer=None) -> str:
     """Writes the SavedModel to `output` (e.g. MODEL_BASE/NAME/VERSION).
 
     Args:
@@ -171,6 +176,8 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
       max_new_tokens: the signatures' default.
       quantize: "none" or "int8" (Keras' own int8 weight quantization of the dense
         projections and embeddings).
+      jit_compile: XLA-compiled decode steps (several times faster for small models;
+        the server must allow XLA: `--xla_cpu_compilation_enabled=true`).
     """
     from deepseek_tf.workdir import load_run_tokenizer
 
@@ -185,7 +192,7 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
         quantize_int8(model)
     elif quantize != "none":
         raise UserError(f"--quantize={quantize!r}: choose none or int8.")
-    module = ServingModule(model, tok, max_length, max_new_tokens)
+    module = ServingModule(model, tok, max_length, max_new_tokens, jit_compile=jit_compile)
     if module.tf_tokenizer is None:
         log(f"note: the {tok.name} tokenizer cannot run inside a TensorFlow graph, so "
             f"serving_default takes token ids (same as generate_ids); tokenize on the client "
@@ -193,5 +200,7 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
     tf.saved_model.save(module, output, signatures=module.signatures())
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(output) for f in fs)
     log(f"wrote SavedModel {output} ({size / 2**20:.1f} MiB; cache {max_length} tokens; "
-        f"signatures: {', '.join(sorted(module.signatures()))})")
+        f"signatures: {', '.join(sorted(module.signatures()))}"
+        + ("; XLA decode: serve with --xla_cpu_compilation_enabled=true" if jit_compile else "")
+        + ")")
     return output

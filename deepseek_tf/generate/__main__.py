@@ -44,6 +44,8 @@ flags.DEFINE_integer("batch_size", 8, "Prompts per batch with --input_file.", lo
 flags.DEFINE_integer("max_length", 0, "Cache length (prompt + new tokens); 0 = just enough "
                      "for the longest prompt, at most the model's max_position_embeddings.",
                      lower_bound=0)
+flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "Compile each decode "
+                  "step with XLA; auto times a few steps both ways on this machine first.")
 flags.DEFINE_bool("absorb", True, "MLA: decode in latent space (absorbed projections); "
                   "--noabsorb expands the cached latent each step (the reference path).")
 FLAGS = flags.FLAGS
@@ -123,16 +125,18 @@ def main(argv):
                         f"{FLAGS.max_new_tokens} that exceeds the cache of {max_length} "
                         f"(--max_length, at most the model's max_position_embeddings={limit}); "
                         f"shorten the prompt or lower --max_new_tokens.")
-    from deepseek_tf.generate.run import run_batches
+    from deepseek_tf.generate.run import pick_jit, run_batches
     from deepseek_tf.workdir import load_workdir
     model, _ = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
+    jit = FLAGS.jit_compile == "true" or (FLAGS.jit_compile == "auto" and pick_jit(
+        model, max_length, FLAGS.absorb, log=lambda m: print(m, file=sys.stderr)))
     stops = gtext.stop_strings(tok, template)
     streamer = _Streamer(tok, stops) if FLAGS.prompt is not None else None
     start = time.perf_counter()
     results = run_batches(model, tok, encoded, max_length, gtext.stop_ids(tok, template), stops,
                           FLAGS.batch_size, streamer=streamer, max_new_tokens=FLAGS.max_new_tokens,
                           temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                          seed=FLAGS.seed, absorb=FLAGS.absorb)
+                          seed=FLAGS.seed, absorb=FLAGS.absorb, jit_compile=jit)
     seconds = time.perf_counter() - start
     total = sum(r["num_tokens"] for r in results)
     if streamer is not None:

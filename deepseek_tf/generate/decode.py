@@ -85,7 +85,7 @@ def check_sampling(t, max_new_tokens, temperature, top_k, top_p, seed, max_lengt
 
 def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, top_p,
                  seed, *, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True,
-                 streamer=None):
+                 jit_compile=False, streamer=None):
     """Generates after each prompt; returns (ids (B, N) right-padded, lengths (B,)).
 
     Args:
@@ -97,6 +97,8 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
       stop_ids: token ids that end a row (included in its output).
       pad_id: fills the output after a row ended.
       absorb: MLA decodes in latent space.
+      jit_compile: compile each decode step with XLA (static-shape MoE buffers); the
+        prefill stays uncompiled (any prompt length, dropless MoE by expert load).
       streamer: optional Python callable `(step, tokens (B,), done (B,))` run by
         `tf.py_function` after each step (not for export).
     """
@@ -113,6 +115,8 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
     logits, cache = model.call_cached(left_align(input_ids, lengths), model.init_cache(
         b, max_length), 0, pad, absorb=absorb)
     draw = lambda lg, i: sample_tokens(lg, temperature, top_k, top_p, seed, i)  # noqa: E731
+    decode = tf.function(lambda tok, c, s: model.call_cached(
+        tok, c, s, pad, absorb=absorb, static_moe=jit_compile), jit_compile=jit_compile)
     limit = tf.reduce_max(max_new_tokens)
 
     def body(i, token, done, count, cache, out):
@@ -126,7 +130,7 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
                            [i, emit, done], [tf.int32])
 
         def step():
-            lg, c = model.call_cached(emit[:, None], cache, t + i, pad, absorb=absorb)
+            lg, c = decode(emit[:, None], cache, t + i)
             return draw(lg[:, 0], i + 1), c
 
         more = tf.logical_and(i + 1 < limit, tf.logical_not(tf.reduce_all(done)))
@@ -167,16 +171,19 @@ class Generator(tf.Module):
       stop_ids: token ids that end a row.
       pad_id: output padding.
       absorb: MLA decodes in latent space (False: the naive reference path).
+      jit_compile: XLA-compile each decode step (see `generate_ids`).
 
     Example:
         >>> gen = Generator(model, max_length=64, stop_ids=(257,), pad_id=258)
         >>> ids, n = gen.generate([[256, 72]], [2], max_new_tokens=[8])
     """
 
-    def __init__(self, model, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True):
+    def __init__(self, model, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True,
+                 jit_compile=False):
         super().__init__()
         self.model, self.max_length = model, int(max_length)
         self.stop_ids, self.pad_id, self.absorb = tuple(int(s) for s in stop_ids), pad_id, absorb
+        self.jit_compile = bool(jit_compile)
         self._compiled = {}
 
     def _fn(self, streamer=None):
@@ -186,7 +193,8 @@ class Generator(tf.Module):
                 return generate_ids(self.model, input_ids, lengths, max_new_tokens, temperature,
                                     top_k, top_p, seed, max_length=self.max_length,
                                     stop_ids=self.stop_ids, pad_id=self.pad_id,
-                                    absorb=self.absorb, streamer=streamer)
+                                    absorb=self.absorb, jit_compile=self.jit_compile,
+                                    streamer=streamer)
             self._compiled[key] = tf.function(
                 fn, input_signature=[*IDS_SPECS.values(), *SAMPLING_SPECS.values()])
         return self._compiled[key]

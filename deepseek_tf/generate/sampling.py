@@ -74,8 +74,13 @@ def sample_tokens(logits, temperature, top_k, top_p, seed, step) -> tf.Tensor:
     """
     logits = tf.cast(logits, tf.float32)
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    scaled = logits / tf.maximum(temperature, 1e-6)[:, tf.newaxis]
-    filtered = filter_logits(scaled, top_k, top_p)
-    noise = _row_noise(seed, step, tf.shape(logits)[-1])
-    drawn = tf.argmax(filtered + noise, axis=-1, output_type=tf.int32)
-    return tf.where(temperature > 0, drawn, greedy)
+
+    def draw():
+        scaled = logits / tf.maximum(temperature, 1e-6)[:, tf.newaxis]
+        filtered = filter_logits(scaled, top_k, top_p)
+        noise = _row_noise(seed, step, tf.shape(logits)[-1])
+        drawn = tf.argmax(filtered + noise, axis=-1, output_type=tf.int32)
+        return tf.where(temperature > 0, drawn, greedy)
+
+    # An all-greedy batch skips the sort and the noise (most of a small model's step).
+    return tf.cond(tf.reduce_any(temperature > 0), draw, lambda: greedy)

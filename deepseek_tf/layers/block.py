@@ -112,7 +112,8 @@ class DecoderBlock(keras.layers.Layer):
         out, aux = maybe_remat(mlp, self.remat == "mlp")(x)
         return (x + out, aux) if return_aux else x + out
 
-    def call_cached(self, x, positions, cache, slots, mask, local_mask=None, absorb=True):
+    def call_cached(self, x, positions, cache, slots, mask, local_mask=None, absorb=True,
+                    static_moe=False):
         """The block on new tokens against a KV cache (inference: no dropout, MoE
         dropless). Returns (x, updated cache); see `DeepSeekCausalLM.call_cached`."""
         kwargs = {"absorb": absorb} if self.config.uses_mla else {}
@@ -120,7 +121,15 @@ class DecoderBlock(keras.layers.Layer):
                                                 slots, mask, local_mask, **kwargs)
         x = x + out
         h = self.post_attention_layernorm(x)
-        out = self.mlp(h, capacity_factor=0.0) if self.is_moe else self.mlp(h)
+        if self.is_moe:
+            # Dropless either way: capacity = the largest expert load (a data-dependent
+            # shape), or with `static_moe` every expert buffer holds all N tokens
+            # (factor E/k gives C = N: static, for XLA and TFLite; cheap when N is small).
+            cfg = self.config
+            factor = cfg.n_routed_experts / cfg.num_experts_per_tok if static_moe else 0.0
+            out = self.mlp(h, capacity_factor=factor)
+        else:
+            out = self.mlp(h)
         return x + out, cache
 
     def get_config(self):

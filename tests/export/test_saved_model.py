@@ -72,6 +72,24 @@ def test_greedy_tokens_equal_keras_over_32_steps(exported, family):
     assert out["output_ids"].numpy().tolist() == keras_ids.numpy().tolist()
 
 
+def test_xla_export_gives_the_same_tokens_and_runs_in_a_session(tmp_path):
+    """--jit_compile exports XLA decode steps (TF Serving needs
+    --xla_cpu_compilation_enabled=true, as serving/Dockerfile sets); the tokens are the
+    Keras generator's, also through saved_model_cli's session-based loader."""
+    workdir, model = make_workdir(str(tmp_path / "run"), "mla_moe")
+    path = str(tmp_path / "sm")
+    export(model, model_exp(workdir), "saved_model", path, log=quiet, workdir=workdir,
+           max_length=MAX_LENGTH, jit_compile=True)
+    keras_ids, _ = Generator(model, MAX_LENGTH, stop_ids=(257,), pad_id=258).generate(
+        [PROMPT], [len(PROMPT)], max_new_tokens=24)
+    out = tf.saved_model.load(path).signatures["generate_ids"](
+        input_ids=tf.constant([PROMPT]), lengths=tf.constant([len(PROMPT)]), **_options(1, n=24))
+    assert out["output_ids"].numpy().tolist() == keras_ids.numpy().tolist()
+    run = _saved_model_cli_run(path, tmp_path, PROMPT[:3], 5)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "[5]" in run.stdout
+
+
 def test_text_signature_runs_the_tokenizer_in_the_graph(exported):
     model, path = exported["gqa"]
     tok = ByteTokenizer()
@@ -111,18 +129,24 @@ def test_saved_model_cli_shows_batched_signatures_and_runs_one(exported, tmp_pat
         body = shown.stdout.split(f"signature_def['{sig}']")[1].split("signature_def[")[0]
         shapes = re.findall(r"shape: (\([^)]*\)|unknown_rank)", body)
         assert shapes and all(s.startswith("(-1") for s in shapes), (sig, shapes)
-    feeds = dict(input_ids=np.array([[256, 84, 104]], np.int32), lengths=np.array([3], np.int32),
-                 max_new_tokens=np.array([5], np.int32), temperature=np.zeros([1], np.float32),
+    run = _saved_model_cli_run(path, tmp_path, [256, 84, 104], 5)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "output_lengths" in run.stdout and "[5]" in run.stdout
+
+
+def _saved_model_cli_run(path, tmp_path, prompt, n):
+    """`saved_model_cli run` of generate_ids (a session-based loader, as TF Serving's)."""
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    feeds = dict(input_ids=np.array([prompt], np.int32), lengths=np.array([len(prompt)], np.int32),
+                 max_new_tokens=np.array([n], np.int32), temperature=np.zeros([1], np.float32),
                  top_k=np.zeros([1], np.int32), top_p=np.ones([1], np.float32),
                  seed=np.zeros([1], np.int32))
     for name, value in feeds.items():
         np.save(os.path.join(tmp_path, f"{name}.npy"), value)
     inputs = ";".join(f"{n}={os.path.join(tmp_path, n)}.npy" for n in feeds)
-    run = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
-                          "generate_ids", "--inputs", inputs], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "output_lengths" in run.stdout and "[5]" in run.stdout
+    return subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                           "generate_ids", "--inputs", inputs], capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=300)
 
 
 def test_client_over_rest_and_grpc_gets_the_keras_text(exported):
