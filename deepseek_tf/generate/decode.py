@@ -115,8 +115,10 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
     logits, cache = model.call_cached(left_align(input_ids, lengths), model.init_cache(
         b, max_length), 0, pad, absorb=absorb)
     draw = lambda lg, i: sample_tokens(lg, temperature, top_k, top_p, seed, i)  # noqa: E731
-    decode = tf.function(lambda tok, c, s: model.call_cached(
-        tok, c, s, pad, absorb=absorb, static_moe=jit_compile), jit_compile=jit_compile)
+    decode = lambda tok, c, s: model.call_cached(  # noqa: E731
+        tok, c, s, pad, absorb=absorb, static_moe=jit_compile)
+    if jit_compile:
+        decode = tf.function(decode, jit_compile=True)
     limit = tf.reduce_max(max_new_tokens)
 
     def body(i, token, done, count, cache, out):

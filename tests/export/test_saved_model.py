@@ -213,3 +213,22 @@ def test_int8_export_is_smaller_and_close(tmp_path):
         scores[mode] = out["log_probs"].numpy()
     assert sizes["int8"] < 0.5 * sizes["none"], sizes
     np.testing.assert_allclose(scores["int8"], scores["none"], rtol=0.03, atol=0.05)
+
+
+def test_hf_tokenizer_export_serves_ids_and_says_so(tmp_path):
+    """An HF tokenizer.json cannot run in a TF graph: the export says so in one note and
+    serving_default takes and returns ids (the generate_ids contract)."""
+    from deepseek_tf.data.tokenizer.hf import HFTokenizer
+    from tests.helpers.corpora import DOCS, build_hf_tokenizer
+    src = build_hf_tokenizer(str(tmp_path / "hf"), DOCS, vocab_size=300)
+    workdir, model = make_workdir(str(tmp_path / "run"), "gqa", vocab_size=320)
+    HFTokenizer.from_path(src).save(os.path.join(workdir, "tokenizer"))
+    notes = []
+    path = str(tmp_path / "sm")
+    export(model, model_exp(workdir), "saved_model", path, log=notes.append, workdir=workdir,
+           max_length=MAX_LENGTH)
+    assert any("cannot run inside a TensorFlow graph" in n and "token ids" in n for n in notes)
+    sig = tf.saved_model.load(path).signatures["serving_default"]
+    assert set(sig.structured_input_signature[1]) >= {"input_ids", "lengths"}
+    out = sig(input_ids=tf.constant([[1, 40, 41]]), lengths=tf.constant([3]), **_options(1, n=4))
+    assert out["output_lengths"].numpy().tolist() == [4]
