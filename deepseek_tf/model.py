@@ -136,7 +136,7 @@ class DeepSeekCausalLM(keras.Model):
                            block.self_attn.cache_shape(batch_size, max_length))
                      for block in self.blocks)
 
-    def call_cached(self, inputs, cache, start, pad=None, absorb=True):
+    def call_cached(self, inputs, cache, start, pad=None, absorb=True, static_moe=False):
         """Runs new tokens against a static-size KV cache (prefill or decode).
 
         Args:
@@ -146,6 +146,8 @@ class DeepSeekCausalLM(keras.Model):
           pad: int32 (B,) left-padding slots per row (prompts are left-padded; the
             token in slot s of a row has position s - pad). Default: none.
           absorb: MLA attends in latent space (False: expand the latent, the reference).
+          static_moe: MoE expert buffers hold all T*B tokens (static shapes for TFLite,
+            still dropless) instead of the batch's largest expert load.
 
         Returns (float32 logits (B, T, vocab_size), the updated cache). MoE layers run
         dropless; MTP modules are not used.
@@ -167,7 +169,8 @@ class DeepSeekCausalLM(keras.Model):
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block.call_cached(x, positions, layer_cache, slots, mask,
-                                               local_mask, absorb=absorb)
+                                               local_mask, absorb=absorb,
+                                               static_moe=static_moe)
             new_cache.append(layer_cache)
         return self.head(self.norm(x)), tuple(new_cache)
 

@@ -112,15 +112,23 @@ class DecoderBlock(keras.layers.Layer):
         out, aux = maybe_remat(mlp, self.remat == "mlp")(x)
         return (x + out, aux) if return_aux else x + out
 
-    def call_cached(self, x, positions, cache, slots, mask, local_mask=None, absorb=True):
+    def call_cached(self, x, positions, cache, slots, mask, local_mask=None, absorb=True,
+                    static_moe=False):
         """The block on new tokens against a KV cache (inference: no dropout, MoE
-        dropless). Returns (x, updated cache); see `DeepSeekCausalLM.call_cached`."""
+        dropless). `static_moe` gives every expert a buffer of all the call's tokens
+        (static shapes, still exact; for TFLite) instead of the largest load (a
+        data-dependent shape). Returns (x, updated cache); see
+        `DeepSeekCausalLM.call_cached`."""
         kwargs = {"absorb": absorb} if self.config.uses_mla else {}
         out, cache = self.self_attn.call_cached(self.input_layernorm(x), positions, cache,
                                                 slots, mask, local_mask, **kwargs)
         x = x + out
         h = self.post_attention_layernorm(x)
-        out = self.mlp(h, capacity_factor=0.0) if self.is_moe else self.mlp(h)
+        if self.is_moe:  # factor E: C = min(N, ceil(E * N * k / E)) = N tokens
+            factor = float(self.mlp.num_experts) if static_moe else 0.0
+            out = self.mlp(h, capacity_factor=factor)
+        else:
+            out = self.mlp(h)
         return x + out, cache
 
     def get_config(self):
