@@ -131,7 +131,7 @@ def convert(saved_model_dir: str, signature_keys, quantize: str = "none") -> byt
 
 def _tf_ops_in(text: str):
     import re
-    for m in re.finditer(r"'?tf\.([A-Za-z0-9_]+)'?", text):
+    for m in re.finditer(r"\btf\.([A-Z][A-Za-z0-9_]*)", text):
         yield "tf." + m.group(1)
 
 
