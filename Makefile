@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): setup.py requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION) -c requirements/constraints.txt setuptools wheel
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity]'
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity,edge]'
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -27,6 +27,10 @@ EXTRAS = {
     "dev": ["pytest>=8,<10"],
     # Reference implementations for the parity tests; CPU torch from a local wheel.
     "parity": ["torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4,<1"],
+    # Edge export: TFLite interpreter, the LiteRT-LM bundle builder, its runtime (Python
+    # API, a manylinux x86_64 wheel) and command line; versions the tests ran with.
+    "edge": ["ai-edge-litert==2.3.0", "litert-lm-builder==0.18.1", "litert-lm-api==0.18.1",
+             "litert-lm==0.18.1"],
 }
 
 setup(

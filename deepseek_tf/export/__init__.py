@@ -26,13 +26,25 @@ def _saved_model(*args, **kwargs):
     return export_saved_model(*args, **kwargs)
 
 
-FORMATS: dict[str, Callable] = {"hf": hf.export_hf, "saved_model": _saved_model}
+def _tflite(*args, **kwargs):
+    from deepseek_tf.export.tflite import export_tflite
+    return export_tflite(*args, **kwargs)
+
+
+def _litertlm(*args, **kwargs):
+    from deepseek_tf.export.litertlm import export_litertlm
+    return export_litertlm(*args, **kwargs)
+
+
+FORMATS: dict[str, Callable] = {"hf": hf.export_hf, "saved_model": _saved_model,
+                                "tflite": _tflite, "litertlm": _litertlm}
 
 
 def export(model, exp: Experiment, fmt: str, output: str, log=print,
            workdir: str | None = None, **options) -> str:
     """Writes `model` in format `fmt` to `output`; `workdir` supplies the run's tokenizer;
-    `options` are the format's own (saved_model: max_length, max_new_tokens, quantize)."""
+    `options` are the format's own (saved_model: max_length, max_new_tokens, quantize;
+    tflite / litertlm: max_length, prefill_lengths, quantize)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}.")
     return FORMATS[fmt](model, exp, output, log=log, workdir=workdir, **options)

@@ -1,4 +1,4 @@
-"""`python -m deepseek_tf.export --workdir=DIR --format=hf|saved_model --output=OUT`
+"""`python -m deepseek_tf.export --workdir=DIR --format=hf|saved_model|tflite|litertlm --output=OUT`
 
 Exports the latest checkpoint of a training workdir (or --checkpoint) to a
 deployment format.
@@ -9,6 +9,13 @@ deployment format.
                out, optional max_new_tokens/temperature/top_k/top_p/seed per prompt),
                generate_ids (ids in, ids out) and score (per-token log-probs).
                The KV cache holds --max_length tokens (prompt + new tokens).
+  tflite       a .tflite file for edge devices with `decode` and `prefill_<N>`
+               signatures over an explicit KV cache of --max_length tokens (the
+               LiteRT-LM contract; builtin ops only); run it with
+               `python -m deepseek_tf.generate --tflite=OUT`.
+  litertlm     a .litertlm bundle (that TFLite model + the run's tokenizer + LLM
+               metadata) for Google's LiteRT-LM runtime:
+               `litert-lm run OUT --no-template --prompt "..."`.
 """
 
 import os
@@ -20,20 +27,26 @@ from absl import flags  # noqa: E402
 from deepseek_tf import flags as dflags  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Training workdir to export (config.json + checkpoints/).")
-flags.DEFINE_enum("format", "hf", ["hf", "saved_model"], "Export format: hf = Hugging Face "
-                  "config.json + model.safetensors; saved_model = TF Serving SavedModel.")
+flags.DEFINE_enum("format", "hf", ["hf", "saved_model", "tflite", "litertlm"],
+                  "Export format: hf = Hugging Face config.json + model.safetensors; "
+                  "saved_model = TF Serving SavedModel; tflite = a KV-cached .tflite for "
+                  "edge devices; litertlm = a .litertlm bundle for the LiteRT-LM runtime.")
 flags.DEFINE_string("output", None, "Output directory.")
 flags.DEFINE_string("checkpoint", "", "A checkpoint path to export instead of the latest.")
-flags.DEFINE_integer("max_length", 0, "saved_model: KV cache length in tokens (prompt + "
-                     "generated); 0 = the model's max_position_embeddings.", lower_bound=0)
+flags.DEFINE_integer("max_length", 0, "saved_model/tflite/litertlm: KV cache length in tokens "
+                     "(prompt + generated); 0 = the model's max_position_embeddings (tflite/"
+                     "litertlm: at most 1024).", lower_bound=0)
+flags.DEFINE_list("prefill_lengths", ["32"], "tflite/litertlm: one prefill_<N> signature per N "
+                  "(tokens per prefill call; the runtime pads a shorter chunk).")
 flags.DEFINE_integer("max_new_tokens", 64, "saved_model: default of the max_new_tokens input "
                      "when a request leaves it out.", lower_bound=1)
 flags.DEFINE_bool("jit_compile", False, "saved_model: XLA-compile each decode step (several "
                   "times faster for small models); TF Serving must then run with "
                   "--xla_cpu_compilation_enabled=true (serving/Dockerfile does).")
-flags.DEFINE_enum("quantize", "none", ["none", "int8"], "saved_model: int8 stores the dense "
-                  "projections and embeddings as int8 weights (Keras quantize); MoE expert "
-                  "stacks stay float.")
+flags.DEFINE_enum("quantize", "none", ["none", "fp16", "int8"], "saved_model: int8 stores "
+                  "the dense projections and embeddings as int8 weights (Keras quantize); MoE "
+                  "expert stacks stay float. tflite/litertlm: fp16 = float16 weights, int8 = "
+                  "dynamic-range int8 weights (float activations).")
 
 
 def main(argv):
@@ -52,11 +65,24 @@ def main(argv):
     model, exp = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
     options = {}
     if FLAGS.format == "saved_model":
+        if FLAGS.quantize == "fp16":
+            raise dflags.cfg.UserError("--quantize=fp16 applies to tflite/litertlm; the "
+                                       "SavedModel takes none or int8.")
         options = dict(max_length=FLAGS.max_length, max_new_tokens=FLAGS.max_new_tokens,
                        quantize=FLAGS.quantize, jit_compile=FLAGS.jit_compile)
-    elif FLAGS.quantize != "none" or FLAGS["max_length"].present or FLAGS.jit_compile:
-        raise dflags.cfg.UserError("--quantize, --max_length and --jit_compile apply to "
-                                   "--format=saved_model.")
+    elif FLAGS.jit_compile:
+        raise dflags.cfg.UserError("--jit_compile applies to --format=saved_model.")
+    elif FLAGS.format in ("tflite", "litertlm"):
+        try:
+            lengths = [int(n) for n in FLAGS.prefill_lengths]
+        except ValueError:
+            raise dflags.cfg.UserError(f"--prefill_lengths={','.join(FLAGS.prefill_lengths)}: "
+                                       f"give integers, e.g. 32,128.") from None
+        options = dict(max_length=FLAGS.max_length, prefill_lengths=lengths,
+                       quantize=FLAGS.quantize)
+    elif FLAGS.quantize != "none" or FLAGS["max_length"].present:
+        raise dflags.cfg.UserError("--quantize and --max_length apply to --format=saved_model, "
+                                   "tflite and litertlm.")
     export(model, exp, FLAGS.format, FLAGS.output, workdir=FLAGS.workdir, **options)
 
 

@@ -8,6 +8,10 @@ and stops at its end-of-turn marker. `--input_file=prompts.jsonl` (one
 {"prompt": ...} or {"instruction": ..., "input": ...} per line) with
 `--output_file=out.jsonl` generates in batches of --batch_size.
 
+`--tflite=model.tflite` runs a file from `export --format=tflite` in ai-edge-litert's
+interpreter instead (the same samplers; the tokenizer and chat template come from
+--workdir, or the byte tokenizer when no workdir is given).
+
 Sampling: --temperature=0 is greedy; otherwise --top_k / --top_p filter and
 --seed makes the draw reproducible (same seed, same text).
 """
@@ -46,6 +50,10 @@ flags.DEFINE_integer("max_length", 0, "Cache length (prompt + new tokens); 0 = j
                      lower_bound=0)
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "Compile each decode "
                   "step with XLA; auto times a few steps both ways on this machine first.")
+flags.DEFINE_string("tflite", None, "Generate with this .tflite file (export --format=tflite) "
+                    "through ai-edge-litert instead of the TensorFlow model.")
+flags.DEFINE_integer("num_threads", 0, "--tflite: interpreter threads (0 = its default).",
+                     lower_bound=0)
 flags.DEFINE_bool("absorb", True, "MLA: decode in latent space (absorbed projections); "
                   "--noabsorb expands the cached latent each step (the reference path).")
 FLAGS = flags.FLAGS
@@ -98,7 +106,7 @@ class _Streamer:
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
-    if not FLAGS.workdir:
+    if not FLAGS.workdir and not FLAGS.tflite:
         raise UserError("--workdir is required (see --help).")
     if (FLAGS.prompt is None) == (FLAGS.input_file is None):
         raise UserError("give exactly one of --prompt or --input_file.")
@@ -106,6 +114,8 @@ def main(argv):
         raise UserError(f"--top_p={FLAGS.top_p} must be in (0, 1].")
     from deepseek_tf.data.templates import TEMPLATES
     from deepseek_tf.workdir import load_experiment, load_run_tokenizer
+    if FLAGS.tflite and not FLAGS.workdir:
+        return _run_tflite(None, None)
     exp = load_experiment(FLAGS.workdir)
     template = None
     if FLAGS.chat:
@@ -114,6 +124,8 @@ def main(argv):
             raise UserError(f"--template={name!r} is not one of {', '.join(TEMPLATES)}.")
         template = TEMPLATES[name]
     tok = load_run_tokenizer(FLAGS.workdir, exp)
+    if FLAGS.tflite:
+        return _run_tflite(tok, template)
     prompts = [FLAGS.prompt] if FLAGS.prompt is not None else _read_prompts(FLAGS.input_file)
     from deepseek_tf.generate import text as gtext
     encoded = [gtext.prompt_ids(p, tok, template, FLAGS.system) for p in prompts]
@@ -155,6 +167,53 @@ def main(argv):
         print("\n".join(lines))
     print(f"[{len(prompts)} prompts, {total} tokens in {seconds:.2f} s: "
           f"{total / seconds:.1f} tokens/s incl. graph build]", file=sys.stderr)
+
+
+def _run_tflite(tok, template):
+    """--tflite: one prompt at a time through the interpreter's signature runners."""
+    from deepseek_tf.generate import text as gtext
+    from deepseek_tf.generate.tflite_runner import TFLiteRunner
+    if tok is None:
+        from deepseek_tf.data.tokenizer.byte import ByteTokenizer
+        tok = ByteTokenizer()
+    if FLAGS.chat and template is None:
+        raise UserError("--chat with --tflite needs --workdir (for the run's template).")
+    if not os.path.exists(FLAGS.tflite):
+        raise UserError(f"--tflite={FLAGS.tflite}: no such file.")
+    runner = TFLiteRunner(FLAGS.tflite, FLAGS.num_threads or None)
+    prompts = [FLAGS.prompt] if FLAGS.prompt is not None else _read_prompts(FLAGS.input_file)
+    stop_ids, stops = gtext.stop_ids(tok, template), gtext.stop_strings(tok, template)
+    sampling = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                    top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, stop_ids=stop_ids)
+    lines, total, start = [], 0, time.perf_counter()
+    for prompt in prompts:
+        ids = gtext.prompt_ids(prompt, tok, template, FLAGS.system)
+        streamer = _Streamer(tok, stops) if FLAGS.prompt is not None else None
+        t0 = time.perf_counter()
+        out = runner.generate(ids, streamer=None if streamer is None else (
+            lambda step, token: streamer(step, [token], None)), **sampling)
+        seconds, total = time.perf_counter() - t0, total + len(out)
+        if streamer is not None:
+            print(flush=True)
+            after = time.perf_counter() - (streamer.first or t0)
+            rate = (len(out) - 1) / after if len(out) > 1 and after > 0 else 0.0
+            print(f"[{len(out)} tokens in {seconds:.2f} s (TFLite): first token after "
+                  f"{(streamer.first or t0) - t0:.3f} s (prefill), then {rate:.1f} tokens/s]",
+                  file=sys.stderr)
+            return
+        text, cut = gtext.cut_at_stop(tok.decode(gtext.strip_special(out, tok)), stops)
+        stopped = cut or (out and out[-1] in stop_ids)
+        lines.append(json.dumps({"prompt": prompt, "completion": text, "num_tokens": len(out),
+                                 "stop_reason": "stop" if stopped else "length"},
+                                ensure_ascii=False))
+    if FLAGS.output_file:
+        with open(FLAGS.output_file, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    else:
+        print("\n".join(lines))
+    seconds = time.perf_counter() - start
+    print(f"[{len(prompts)} prompts, {total} tokens in {seconds:.2f} s (TFLite): "
+          f"{total / seconds:.1f} tokens/s]", file=sys.stderr)
 
 
 def entry():

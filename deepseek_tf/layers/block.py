@@ -115,7 +115,10 @@ class DecoderBlock(keras.layers.Layer):
     def call_cached(self, x, positions, cache, slots, mask, local_mask=None, absorb=True,
                     static_moe=False):
         """The block on new tokens against a KV cache (inference: no dropout, MoE
-        dropless). Returns (x, updated cache); see `DeepSeekCausalLM.call_cached`."""
+        dropless). `static_moe` gives every expert a buffer of all the call's tokens
+        (static shapes, still exact; for TFLite) instead of the largest load (a
+        data-dependent shape). Returns (x, updated cache); see
+        `DeepSeekCausalLM.call_cached`."""
         kwargs = {"absorb": absorb} if self.config.uses_mla else {}
         out, cache = self.self_attn.call_cached(self.input_layernorm(x), positions, cache,
                                                 slots, mask, local_mask, **kwargs)

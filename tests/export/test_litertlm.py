@@ -1,0 +1,87 @@
+"""`.litertlm` bundles run by Google's LiteRT-LM Engine (the `litert-lm-api` wheel,
+installed by the `edge` extra): the quickstart-sized model and a DeepSeek-V3-style
+model (MLA + MoE with a shared expert) generate greedily exactly the tokens our
+SavedModel generates."""
+
+import pytest
+import tensorflow as tf
+
+from deepseek_tf.data.templates import TEMPLATES
+from deepseek_tf.data.tokenizer.byte import ByteTokenizer
+from deepseek_tf.export import export
+from deepseek_tf.export.litertlm import byte_tokenizer_json, jinja_template
+from deepseek_tf.workdir import load_experiment
+from tests.helpers.workdirs import make_workdir
+
+litert_lm = pytest.importorskip("litert_lm", reason="pip install 'deepseek_tf[edge]'")
+tokenizers = pytest.importorskip("tokenizers")
+
+CONTEXT = 128
+NEW = 40
+PROMPT = "The quick brown fox"
+#: configs/tiny.flags' model (the quickstart), with random weights.
+QUICKSTART = dict(vocab_size=320, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+MODELS = {"quickstart": ("gqa", QUICKSTART), "deepseek_v3_style": ("mla_moe", {})}
+quiet = lambda *_: None  # noqa: E731
+
+
+def test_byte_tokenizer_json_encodes_exactly_like_the_byte_tokenizer():
+    tok = ByteTokenizer()
+    hf = tokenizers.Tokenizer.from_str(byte_tokenizer_json(tok))
+    for text in ["The quick", " lead and trail ", "tab\there\r\nCRLF", "héllo 😀", "nul\x00"]:
+        ids = hf.encode(text).ids
+        assert ids == tok.encode(text, add_bos=False, add_eos=False).tolist()
+        assert hf.decode(ids) == text
+    assert [hf.token_to_id(t) for t in ("<bos>", "<eos>", "<pad>")] == [256, 257, 258]
+
+
+def test_chat_template_renders_like_ours():
+    import jinja2
+    t = TEMPLATES["chatml"]
+    text = jinja2.Template(jinja_template(t)).render(
+        messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                  {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
+        eos_token="</s>")
+    assert text == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n"
+                    "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """name -> (.litertlm path, SavedModel output ids of PROMPT)."""
+    tok = ByteTokenizer()
+    ids = tok.encode(PROMPT, add_bos=True, add_eos=False)
+    out = {}
+    for name, (family, overrides) in MODELS.items():
+        root = tmp_path_factory.mktemp(name)
+        workdir, model = make_workdir(str(root / "run"), family, **overrides)
+        exp = load_experiment(workdir)
+        path = export(model, exp, "litertlm", str(root / f"{name}.litertlm"), log=quiet,
+                      workdir=workdir, max_length=CONTEXT, prefill_lengths=(8, 32))
+        sm_dir = export(model, exp, "saved_model", str(root / "sm" / "1"), log=quiet,
+                        workdir=workdir, max_length=CONTEXT, max_new_tokens=NEW)
+        sig = tf.saved_model.load(sm_dir).signatures["generate_ids"]
+        res = sig(input_ids=tf.constant([ids]), lengths=tf.constant([len(ids)]),
+                  max_new_tokens=tf.constant([NEW]), temperature=tf.constant([0.0]),
+                  top_k=tf.constant([0]), top_p=tf.constant([1.0]), seed=tf.constant([0]))
+        n = int(res["output_lengths"][0])
+        out[name] = (path, res["output_ids"].numpy()[0, :n].tolist())
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_litert_lm_engine_generates_the_savedmodel_tokens(bundles, name):
+    path, want = bundles[name]
+    assert len(want) >= 32 and 257 not in want[:-1]
+    engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(), max_num_tokens=CONTEXT,
+                              activation_data_type=litert_lm.ActivationDataType.FLOAT32)
+    session = engine.create_session(apply_prompt_template=False, max_output_tokens=NEW)
+    session.run_prefill([PROMPT])   # the engine adds BOS and feeds prefill_32/8 + decode
+    text = session.run_decode().texts[0]
+    # Our tokens spelled by the same tokenizer.json the bundle holds (specials included),
+    # up to (not including) a stop token, which the engine does not print.
+    hf = tokenizers.Tokenizer.from_str(byte_tokenizer_json(ByteTokenizer()))
+    shown = want[:-1] if want[-1] == 257 else want
+    assert text == hf.decode(shown, skip_special_tokens=False)
