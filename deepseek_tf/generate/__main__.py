@@ -86,11 +86,25 @@ class _Streamer:
 
     def __init__(self, tok, stops):
         self.tok, self.stops, self.ids, self.shown, self.stopped = tok, stops, [], "", False
-        self.first = None
+        self.times = []  # arrival of each token
+
+    @property
+    def first(self):
+        return self.times[0] if self.times else None
+
+    def speed(self, start: float) -> str:
+        """'first token after A s, ... then R tokens/s': the rate counts from the second
+        token on, after the graph build, the prefill and any XLA compile of the step."""
+        t = self.times
+        if len(t) < 3:
+            return f"{len(t)} tokens in {time.perf_counter() - start:.2f} s"
+        return (f"{len(t)} tokens in {t[-1] - start:.2f} s: first after {t[0] - start:.2f} s, "
+                f"second after {t[1] - start:.2f} s (graph build, prefill, step compile), "
+                f"then {(len(t) - 2) / max(t[-1] - t[1], 1e-9):.1f} tokens/s")
 
     def __call__(self, step, tokens, done):
         from deepseek_tf.generate.text import cut_at_stop, strip_special
-        self.first = self.first or time.perf_counter()
+        self.times.append(time.perf_counter())
         if self.stopped:
             return
         self.ids.append(int(tokens[0]))
@@ -137,27 +151,26 @@ def main(argv):
                         f"{FLAGS.max_new_tokens} that exceeds the cache of {max_length} "
                         f"(--max_length, at most the model's max_position_embeddings={limit}); "
                         f"shorten the prompt or lower --max_new_tokens.")
-    from deepseek_tf.generate.run import pick_jit, run_batches
+    from deepseek_tf.generate.run import pick_generator, run_batches
     from deepseek_tf.workdir import load_workdir
     model, _ = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
-    jit = FLAGS.jit_compile == "true" or (FLAGS.jit_compile == "auto" and pick_jit(
-        model, max_length, FLAGS.absorb, log=lambda m: print(m, file=sys.stderr)))
+    stop_ids = gtext.stop_ids(tok, template)
+    gen = None if FLAGS.jit_compile != "auto" else pick_generator(
+        model, max_length, stop_ids, tok.pad_id, FLAGS.absorb,
+        log=lambda m: print(m, file=sys.stderr))
     stops = gtext.stop_strings(tok, template)
     streamer = _Streamer(tok, stops) if FLAGS.prompt is not None else None
     start = time.perf_counter()
-    results = run_batches(model, tok, encoded, max_length, gtext.stop_ids(tok, template), stops,
-                          FLAGS.batch_size, streamer=streamer, max_new_tokens=FLAGS.max_new_tokens,
-                          temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                          seed=FLAGS.seed, absorb=FLAGS.absorb, jit_compile=jit)
+    results = run_batches(model, tok, encoded, max_length, stop_ids, stops, FLAGS.batch_size,
+                          streamer=streamer, absorb=FLAGS.absorb,
+                          jit_compile=FLAGS.jit_compile == "true", generator=gen,
+                          max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                          top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
     seconds = time.perf_counter() - start
     total = sum(r["num_tokens"] for r in results)
     if streamer is not None:
         print(flush=True)
-        after = time.perf_counter() - (streamer.first or start)
-        rate = (total - 1) / after if total > 1 and after > 0 else 0.0
-        print(f"[{total} tokens in {seconds:.2f} s: first token after "
-              f"{(streamer.first or start) - start:.2f} s (graph build + prefill), then "
-              f"{rate:.1f} tokens/s]", file=sys.stderr)
+        print(f"[{streamer.speed(start)}]", file=sys.stderr)
         return
     lines = [json.dumps({"prompt": p, **r}, ensure_ascii=False) for p, r in zip(prompts, results)]
     if FLAGS.output_file:

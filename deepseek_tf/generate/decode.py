@@ -83,9 +83,18 @@ def check_sampling(t, max_new_tokens, temperature, top_k, top_p, seed, max_lengt
     ]
 
 
+def decode_step(model, absorb=True, jit_compile=False):
+    """`(tokens (B, 1), cache, start, pad) -> (logits, cache)`: one decode step, XLA-
+    compiled (static dropless MoE buffers) or not."""
+    def step(tokens, cache, start, pad):
+        return model.call_cached(tokens, cache, start, pad, absorb=absorb,
+                                 static_moe=jit_compile)
+    return tf.function(step, jit_compile=True) if jit_compile else step
+
+
 def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, top_p,
                  seed, *, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True,
-                 jit_compile=False, streamer=None):
+                 jit_compile=False, streamer=None, decode_fn=None):
     """Generates after each prompt; returns (ids (B, N) right-padded, lengths (B,)).
 
     Args:
@@ -101,6 +110,8 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
         prefill stays uncompiled (any prompt length, dropless MoE by expert load).
       streamer: optional Python callable `(step, tokens (B,), done (B,))` run by
         `tf.py_function` after each step (not for export).
+      decode_fn: the decode step `(tokens, cache, start, pad) -> (logits, cache)` to use
+        (a `Generator` passes one compiled function, so XLA compiles it once).
     """
     input_ids = tf.convert_to_tensor(input_ids, tf.int32)
     b, t = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
@@ -115,10 +126,7 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
     logits, cache = model.call_cached(left_align(input_ids, lengths), model.init_cache(
         b, max_length), 0, pad, absorb=absorb)
     draw = lambda lg, i: sample_tokens(lg, temperature, top_k, top_p, seed, i)  # noqa: E731
-    decode = lambda tok, c, s: model.call_cached(  # noqa: E731
-        tok, c, s, pad, absorb=absorb, static_moe=jit_compile)
-    if jit_compile:
-        decode = tf.function(decode, jit_compile=True)
+    decode = decode_fn or decode_step(model, absorb, jit_compile)
     limit = tf.reduce_max(max_new_tokens)
 
     def body(i, token, done, count, cache, out):
@@ -132,7 +140,7 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
                            [i, emit, done], [tf.int32])
 
         def step():
-            lg, c = decode(emit[:, None], cache, t + i)
+            lg, c = decode(emit[:, None], cache, t + i, pad)
             return draw(lg[:, 0], i + 1), c
 
         more = tf.logical_and(i + 1 < limit, tf.logical_not(tf.reduce_all(done)))
@@ -186,6 +194,7 @@ class Generator(tf.Module):
         self.model, self.max_length = model, int(max_length)
         self.stop_ids, self.pad_id, self.absorb = tuple(int(s) for s in stop_ids), pad_id, absorb
         self.jit_compile = bool(jit_compile)
+        self._decode = decode_step(model, absorb, self.jit_compile)  # shared by every trace
         self._compiled = {}
 
     def _fn(self, streamer=None):
@@ -196,7 +205,7 @@ class Generator(tf.Module):
                                     top_k, top_p, seed, max_length=self.max_length,
                                     stop_ids=self.stop_ids, pad_id=self.pad_id,
                                     absorb=self.absorb, jit_compile=self.jit_compile,
-                                    streamer=streamer)
+                                    streamer=streamer, decode_fn=self._decode)
             self._compiled[key] = tf.function(
                 fn, input_signature=[*IDS_SPECS.values(), *SAMPLING_SPECS.values()])
         return self._compiled[key]

@@ -33,8 +33,10 @@ def pad_right(rows: list, fill: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return ids, lengths
 
 
-def pick_jit(model, max_length: int, absorb=True, log=print) -> bool:
-    """Times a few decode steps with and without XLA on this machine; True if XLA wins.
+def pick_generator(model, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True,
+                   log=print) -> Generator:
+    """Times a few decode steps with and without XLA on this machine and returns the
+    faster `Generator` (its compiled step is reused by the real run).
 
     Small models decode several times faster with XLA (fewer, fused kernels); machines
     and model sizes differ, so this is measured, not assumed.
@@ -43,33 +45,35 @@ def pick_jit(model, max_length: int, absorb=True, log=print) -> bool:
 
     prompt = np.full((1, 4), 1, np.int32)
     steps = min(16, max_length - 4)
-    best = {}
+    gens, best = {}, {}
     for jit in (False, True):
-        gen = Generator(model, max_length, absorb=absorb, jit_compile=jit)
+        gens[jit] = Generator(model, max_length, stop_ids, pad_id, absorb=absorb,
+                              jit_compile=jit)
         times = []
         for n in (1, steps, 1, steps):  # the first pair builds the graphs
             t0 = time.perf_counter()
-            gen.generate(prompt, [4], max_new_tokens=n)[0].numpy()
+            gens[jit].generate(prompt, [4], max_new_tokens=n)[0].numpy()
             times.append(time.perf_counter() - t0)
         best[jit] = max(times[3] - times[2], 1e-9) / max(steps - 1, 1)
     choice = best[True] < best[False]
     log(f"decode steps: {best[False] * 1e3:.2f} ms without XLA, {best[True] * 1e3:.2f} ms "
         f"with XLA: using {'XLA' if choice else 'no XLA'} (--jit_compile=auto)")
-    return choice
+    return gens[choice]
 
 
 def run_batches(model, tok, prompts: list, max_length: int, stop_ids=(), stop_strings=(),
                 batch_size: int = 8, streamer=None, absorb=True, jit_compile=False,
-                **sampling) -> list[dict]:
+                generator: Generator | None = None, **sampling) -> list[dict]:
     """Generates for every prompt (int32 id arrays), `batch_size` at a time.
 
     Returns one dict per prompt: `completion` (text, cut at a stop string),
     `num_tokens` (generated, stop token included) and `stop_reason` ("stop" or
     "length"). `sampling` holds scalar `max_new_tokens`, `temperature`, `top_k`,
-    `top_p`, `seed`.
+    `top_p`, `seed`. `generator` (e.g. from `pick_generator`) replaces the one built from
+    `max_length`, `stop_ids`, `absorb` and `jit_compile`.
     """
-    gen = Generator(model, max_length, stop_ids, pad_id=tok.pad_id, absorb=absorb,
-                    jit_compile=jit_compile)
+    gen = generator or Generator(model, max_length, stop_ids, pad_id=tok.pad_id,
+                                 absorb=absorb, jit_compile=jit_compile)
     results = []
     for lo in range(0, len(prompts), batch_size):
         ids, lengths = pad_right(prompts[lo:lo + batch_size])
