@@ -2,7 +2,7 @@
 
 `maybe_remat(fn, enabled)` wraps `fn` with `keras.remat` (on TensorFlow:
 `tf.recompute_grad`): its activations are not kept for the backward pass but
-recomputed there. Two traps (see PITFALLS.md) shape how it is used:
+recomputed there. Two traps (BUILD.md, "Known traps") shape how it is used:
 
 - remat of a layer whose call takes `training=` as a keyword fails inside
   `tf.function`: wrap a closure over the positional tensor instead,

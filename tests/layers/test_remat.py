@@ -19,7 +19,7 @@ def _batch(seed=0):
 def _loss_and_grads(model, seed):
     inputs, targets = _batch()
 
-    @tf.function  # remat's known traps only show inside tf.function (PITFALLS)
+    @tf.function  # remat's known traps only show inside tf.function (BUILD.md, Known traps)
     def run(seed):
         with tf.GradientTape() as tape:
             logits = model(inputs, training=True, dropout_seed=seed)

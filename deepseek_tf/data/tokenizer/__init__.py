@@ -20,94 +20,16 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Iterable
 
-import numpy as np
-
 from deepseek_tf.config import TokenizerConfig, UserError
+from deepseek_tf.data.tokenizer.base import TOKENIZER_FILE, Tokenizer, sha256_bytes
+from deepseek_tf.data.tokenizer.byte import ByteTokenizer
 
-TOKENIZER_FILE = "tokenizer_config.json"
-
-
-class Tokenizer:
-    """Interface of every tokenizer (see `ByteTokenizer`).
-
-    `bos_id` is -1 when the tokenizer has no BOS token (documents then start
-    without one); `eos_id` and `pad_id` always exist.
-    """
-
-    name = "base"
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
-
-    def encode(self, text: str | bytes, add_bos: bool = True, add_eos: bool = True) -> np.ndarray:
-        """int32 ids of `text`, optionally framed by BOS / EOS."""
-        return self._frame(self._encode(text), add_bos, add_eos)
-
-    def encode_batch(self, texts: list, add_bos: bool = True,
-                     add_eos: bool = True) -> list[np.ndarray]:
-        return [self.encode(t, add_bos, add_eos) for t in texts]
-
-    def _encode(self, text) -> np.ndarray:
-        raise NotImplementedError
-
-    def _frame(self, ids, add_bos: bool, add_eos: bool) -> np.ndarray:
-        ids = np.asarray(ids, np.int32)
-        pre = [self.bos_id] if add_bos and self.bos_id >= 0 else []
-        post = [self.eos_id] if add_eos else []
-        if not pre and not post:
-            return ids
-        return np.concatenate([np.asarray(pre, np.int32), ids, np.asarray(post, np.int32)])
-
-    def decode(self, ids) -> str:
-        raise NotImplementedError
-
-    def spec(self) -> dict:
-        """A JSON-able description that fully determines the tokenizer."""
-        raise NotImplementedError
-
-    def files(self) -> dict[str, bytes]:
-        """Model files saved next to tokenizer_config.json (name -> content)."""
-        return {}
-
-    def extra_config(self) -> dict:
-        """Keys saved in tokenizer_config.json besides the spec (not fingerprinted)."""
-        return {}
-
-    def tf_tokenizer(self):
-        """An in-graph tokenizer with `tokenize(strings) -> RaggedTensor` and `detokenize`."""
-        raise UserError(f"the {self.name} tokenizer cannot run inside a TensorFlow graph; "
-                        f"tokenize outside the graph or use --tokenizer.type=sentencepiece.")
-
-    @property
-    def fingerprint(self) -> str:
-        blob = json.dumps(self.spec(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def save(self, directory: str) -> None:
-        """Writes the model files, then tokenizer_config.json (each atomically)."""
-        os.makedirs(directory, exist_ok=True)
-        config = {**self.spec(), "fingerprint": self.fingerprint, **self.extra_config()}
-        items = list(self.files().items())
-        items.append((TOKENIZER_FILE, (json.dumps(config, indent=2) + "\n").encode()))
-        for name, content in items:
-            path = os.path.join(directory, name)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(content)
-            os.replace(tmp, path)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-from deepseek_tf.data.tokenizer.byte import ByteTokenizer  # noqa: E402
+__all__ = ["TOKENIZER_FILE", "ByteTokenizer", "Tokenizer", "build_tokenizer",
+           "copy_tokenizer", "load_tokenizer", "make_tokenizer", "sha256_bytes"]
 
 _NO_FILES = {ByteTokenizer.name: ByteTokenizer}
 

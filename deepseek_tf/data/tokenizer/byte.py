@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepseek_tf.data.tokenizer import Tokenizer
+from deepseek_tf.data.tokenizer.base import Tokenizer
 
 
 class ByteTokenizer(Tokenizer):

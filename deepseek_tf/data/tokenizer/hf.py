@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from deepseek_tf.config import UserError
-from deepseek_tf.data.tokenizer import Tokenizer, sha256_bytes
+from deepseek_tf.data.tokenizer.base import Tokenizer, sha256_bytes
 
 
 def _token_text(value) -> str:

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from deepseek_tf.config import UserError
-from deepseek_tf.data.tokenizer import Tokenizer, sha256_bytes
+from deepseek_tf.data.tokenizer.base import Tokenizer, sha256_bytes
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
