@@ -1,12 +1,17 @@
 """One helper that every layer test goes through.
 
 `check_layer` asserts the output shape and dtype, that `get_config` round-trips
-(a layer rebuilt from its config, given the same weights, gives the same output),
-and that every trainable weight receives a gradient. Layers that return a tuple are
+through JSON (a layer rebuilt from its serialized config, given the same weights,
+gives the same output), that `get_config` names every argument of `__init__` (so a
+forgotten field fails even when the test uses its default), and that every
+trainable weight receives a gradient. Layers that return a tuple are
 checked on its first element; layers that return a dict on `output_key`.
 """
 
 from __future__ import annotations
+
+import inspect
+import json
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +40,11 @@ def check_layer(layer, args: tuple, kwargs: dict | None = None, *, expected_shap
         assert not missing, f"no gradient for {missing}"
 
     config = layer.get_config()
+    params = [n for n, p in inspect.signature(type(layer).__init__).parameters.items()
+              if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    forgotten = [n for n in params if n not in config]
+    assert not forgotten, f"get_config() of {type(layer).__name__} forgets {forgotten}"
+    config = json.loads(json.dumps(config))  # what a saved model stores
     clone = type(layer).from_config(config)
     clone(*args, **kwargs)  # build
     assert clone.get_config() == config

@@ -1,5 +1,7 @@
 """The fused AdamW update equals Keras' AdamW (the reference), on one device and mirrored."""
 
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -53,3 +55,22 @@ def test_fused_update_keeps_mirrored_replicas_identical():
     for k, (a, b) in mirrored.items():
         np.testing.assert_array_equal(a, b, err_msg=k)
         np.testing.assert_allclose(a, single[k][0], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_keras_pin_covers_the_private_members_the_fused_adamw_uses():
+    """setup.py pins Keras to one minor release because the fused AdamW overrides
+    private members; this fails when the installed Keras is not that release or when
+    one of those members is gone (then re-check the fused path against Keras')."""
+    import re
+
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "setup.py")).read()
+    pin = re.search(r'"keras==(\d+\.\d+)\.\*"', setup).group(1)
+    assert keras.__version__.startswith(pin + "."), (keras.__version__, pin)
+    opt = AdamW(learning_rate=1e-3)
+    var = keras.Variable(np.ones((2, 2), np.float32))
+    opt.build([var])
+    for name in ("_get_variable_index", "_use_weight_decay", "_apply_weight_decay",
+                 "_all_reduce_sum_gradients", "_momentums", "_velocities"):
+        assert hasattr(opt, name), name
+    assert opt._momentums[opt._get_variable_index(var)].shape == (2, 2)
