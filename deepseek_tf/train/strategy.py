@@ -101,8 +101,16 @@ def strategy_name(cfg: TrainConfig, environ=os.environ) -> str:
     return "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
 
 
+_MIRRORED: dict = {}
+
+
 def make_strategy(cfg: TrainConfig):
-    """The `tf.distribute.Strategy` of a run (create it before other TF work)."""
+    """The `tf.distribute.Strategy` of a run (create it before other TF work).
+
+    One MirroredStrategy per device set and process: a second instance would reuse the
+    first one's collective instance keys, and its all-reduces would meet the first
+    one's cached shapes ("Shape mismatch in the collective instance").
+    """
     import tensorflow as tf
 
     name = strategy_name(cfg)
@@ -110,7 +118,10 @@ def make_strategy(cfg: TrainConfig):
         return tf.distribute.get_strategy()
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        return tf.distribute.MirroredStrategy([d.name for d in devices])
+        key = tuple(d.name for d in devices)
+        if key not in _MIRRORED:
+            _MIRRORED[key] = tf.distribute.MirroredStrategy(list(key))
+        return _MIRRORED[key]
     options = tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=cfg.collective_timeout or None)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
