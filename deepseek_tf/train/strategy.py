@@ -180,6 +180,14 @@ class Collectives:
         if self.active:
             self._gather(tf.constant(0, tf.int64)).numpy()
 
+    def chief_value(self, value: int) -> int:
+        """The chief's `value` on every worker (`value` itself with one worker)."""
+        import tensorflow as tf
+
+        if not self.active:
+            return value
+        return int(self._gather(tf.constant(value, tf.int64)).numpy()[0])
+
     def check_same(self, value: int, what: str) -> None:
         """Raises UserError unless every worker passes the same `value`."""
         import tensorflow as tf
