@@ -606,6 +606,9 @@ class TrainConfig(_Section):
                           choices=("auto", "float32", "mixed_float16", "mixed_bfloat16"))
     initial_loss_scale: float = knob(2.0 ** 15, "Initial dynamic loss scale of mixed_float16 "
                                      "(halved on overflow, doubled after 2000 good steps).")
+    profile_steps: str = knob("", "Profile train steps A,B (1-based, inclusive; e.g. 5,8) "
+                              "with the TF profiler into <workdir>/tensorboard (TensorBoard's "
+                              "Profile tab); empty = off.", resumable=True)
     auto_decisions: str = knob("", "Written by the trainer: how the auto settings "
                                "(jit_compile, precision) were resolved, and why.",
                                resumable=True)
@@ -636,6 +639,11 @@ class TrainConfig(_Section):
         r(self.seed >= 0, "--train.seed must be >= 0.")
         r(self.collective_timeout >= 0, "--train.collective_timeout must be >= 0 (0 = forever).")
         r(self.initial_loss_scale >= 1, "--train.initial_loss_scale must be >= 1.")
+        prof = [p.strip() for p in self.profile_steps.split(",")] if self.profile_steps else []
+        r(not prof or (len(prof) == 2 and all(p.isdigit() for p in prof)
+                       and 1 <= int(prof[0]) <= int(prof[1])),
+          f"--train.profile_steps={self.profile_steps!r} must be two step numbers A,B with "
+          f"1 <= A <= B (e.g. 5,8), or empty.")
 
     @property
     def xla(self) -> bool:

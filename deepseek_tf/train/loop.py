@@ -43,6 +43,7 @@ from deepseek_tf.train.aux_losses import log_metrics
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
 from deepseek_tf.train.optimizer import make_optimizer
 from deepseek_tf.train.preemption import PreemptionWatcher
+from deepseek_tf.train.profile import StepProfiler
 from deepseek_tf.train.recovery import Recovery
 from deepseek_tf.train.step import make_eval_step, make_train_step
 
@@ -275,11 +276,16 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
     watcher = _preemption_watcher(state, log)
     if watcher is not None:
         cleanup.callback(watcher.close)
+    profiler = StepProfiler(tcfg.profile_steps, os.path.join(workdir, "tensorboard"),
+                            enabled=role.is_chief, log=log)
+    cleanup.callback(profiler.stop)
     while step < tcfg.steps:
+        profiler.before(step + 1)
         out = train_step(state.train_iter)
         state.step.assign_add(1)
         step += 1
         loss, skipped = float(out["loss"]), float(out["skipped"]) > 0
+        profiler.after(step)
         bad = recovery.problem(step, loss, skipped)
         if bad:
             step = recovery.roll_back(step, bad)

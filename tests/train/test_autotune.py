@@ -81,3 +81,21 @@ def test_resumed_auto_run_keeps_the_saved_choice(stdlib_data, tmp_path, monkeypa
     assert {k: again[k] for k in ("precision", "jit_compile", "auto_decisions")} == \
         {k: saved[k] for k in ("precision", "jit_compile", "auto_decisions")}
     assert any("auto settings kept from config.json" in m for m in msgs)
+
+
+def test_profile_steps_write_a_trace_into_the_tensorboard_dir(stdlib_data, tmp_path):
+    _, data_dir, _ = stdlib_data
+    msgs = []
+    train(tiny.experiment(data_dir, train={"steps": 3, "profile_steps": "2,3",
+                                           "eval_every": 0}), str(tmp_path), log=msgs.append)
+    traces = list((tmp_path / "tensorboard").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert any("profiled steps 2-3" in m for m in msgs)
+
+
+@pytest.mark.parametrize("value", ["3", "0,2", "4,2", "a,b"])
+def test_bad_profile_steps_are_refused(value):
+    from deepseek_tf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="profile_steps"):
+        TrainConfig(profile_steps=value)
