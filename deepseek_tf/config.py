@@ -596,6 +596,9 @@ class TrainConfig(_Section):
                                      "collective (all-reduce) before failing, so a lone "
                                      "worker never hangs forever; 0 = wait forever.",
                                      resumable=True)
+    gpu_memory_growth: bool = knob(True, "Let TensorFlow allocate GPU memory as needed "
+                                   "instead of all of it at start (no effect on CPU).",
+                                   resumable=True)
     precision: str = knob("float32", "Numerics: float32, or mixed_float16 / mixed_bfloat16 "
                           "(float32 weights, 16-bit compute; norms, softmax and losses stay "
                           "float32). mixed_float16 uses dynamic loss scaling and skips steps "

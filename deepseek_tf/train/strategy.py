@@ -104,6 +104,19 @@ def strategy_name(cfg: TrainConfig, environ=os.environ) -> str:
 _MIRRORED: dict = {}
 
 
+def configure_gpus(memory_growth: bool) -> None:
+    """Memory growth on every GPU (TF then allocates as needed instead of grabbing all
+    GPU memory up front, so several processes can share a GPU). A no-op without GPUs,
+    or once the GPUs are initialized (TF fixes the setting at that point)."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, memory_growth)
+        except RuntimeError:  # already initialized in this process
+            pass
+
+
 def make_strategy(cfg: TrainConfig):
     """The `tf.distribute.Strategy` of a run (create it before other TF work).
 
@@ -113,6 +126,7 @@ def make_strategy(cfg: TrainConfig):
     """
     import tensorflow as tf
 
+    configure_gpus(cfg.gpu_memory_growth)  # before anything initializes the GPUs
     name = strategy_name(cfg)
     if name == "default":
         return tf.distribute.get_strategy()
