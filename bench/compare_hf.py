@@ -12,6 +12,11 @@ alike. Only one side computes at a time (the other waits on a pipe).
 A setting whose warm step is > 8x the fastest warm step is timed once, not in the rounds
 (XLA's float16 on CPU takes minutes). Prints tokens/s per setting, each side's best, the
 ratio, the CPU flags, and what the trainer's `auto` settings would pick here.
+KNOWN ISSUE (2026-12, 2-core AMD EPYC): with the TF process alive, the torch worker's step
+ran ~18x slower (6.4 s) than the same worker driven by a process without TensorFlow
+(0.35 s float32, 0.25 s bf16 autocast), so something on the TF side keeps the cores busy
+while it waits on the pipe; until that is found, the transformers rows of one invocation
+are not trustworthy: check them against the worker alone (`TorchSide` from a plain Python).
 torch and transformers are bench/test extras (`pip install -e .[bench]`, BUILD.md).
 """
 
