@@ -30,15 +30,19 @@ def batches(batch: int, seq: int, vocab: int, seed: int = 0):
     return iter(tf.data.Dataset.from_tensors(b).repeat())
 
 
-def train_step_runner(cfg, batch: int, seq: int, jit: bool):
+def train_step_runner(cfg, batch: int, seq: int, jit: bool, precision: str = "float32",
+                      it=None):
     """A callable running one real optimizer step on a random batch (compiled on its
     first call); its `.out` is the last step's outputs."""
+    from deepseek_tf.train import precision as precision_lib
     tf.keras.utils.set_random_seed(0)
-    model = DeepSeekCausalLM(cfg)
-    opt = make_optimizer(OptimConfig(), 1000, model)
-    step = make_train_step(model, opt, tf.distribute.get_strategy(),
-                           TrainConfig(batch_size=batch, jit_compile=jit), OptimConfig())
-    it = batches(batch, seq, cfg.vocab_size)
+    with precision_lib.policy_scope(precision):
+        model = DeepSeekCausalLM(cfg)
+    tcfg = TrainConfig(batch_size=batch, jit_compile=jit, precision=precision)
+    opt = precision_lib.wrap_optimizer(make_optimizer(OptimConfig(), 1000, model), tcfg,
+                                       model.trainable_variables)
+    step = make_train_step(model, opt, tf.distribute.get_strategy(), tcfg, OptimConfig())
+    it = it or batches(batch, seq, cfg.vocab_size)
 
     def run():
         run.out = step(it)
@@ -46,11 +50,13 @@ def train_step_runner(cfg, batch: int, seq: int, jit: bool):
     return run
 
 
-def grad_fn_runner(cfg, batch: int, seq: int, jit: bool):
+def grad_fn_runner(cfg, batch: int, seq: int, jit: bool, precision: str = "float32"):
     """A callable running the step's forward + backward alone (no optimizer update)."""
+    from deepseek_tf.train import precision as precision_lib
     from deepseek_tf.train.step import make_grad_fn
     tf.keras.utils.set_random_seed(0)
-    model = DeepSeekCausalLM(cfg)
+    with precision_lib.policy_scope(precision):
+        model = DeepSeekCausalLM(cfg)
     grad_fn = make_grad_fn(model, 1, jit)
     b = next(batches(batch, seq, cfg.vocab_size))
     denom = tf.constant(float(batch * seq))
@@ -99,19 +105,35 @@ def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
     return best
 
 
+def trainer_choice(cfg, batch: int, seq: int, precision: str = "auto",
+                   jit_compile: str = "auto") -> tuple[str, bool, str]:
+    """(precision, XLA, reasons): what `--train.precision` / `--train.jit_compile` resolve
+    to on this machine for `cfg` (the trainer's own rules, train/autotune.py)."""
+    from deepseek_tf.config import DataConfig, Experiment
+    from deepseek_tf.train import autotune
+    from deepseek_tf.train import precision as precision_lib
+    prec, why_p = autotune.resolve_precision(precision)
+    exp = Experiment(model=cfg, data=DataConfig(seq_len=seq),
+                     train=TrainConfig(batch_size=batch, precision=prec, jit_compile=jit_compile))
+    tf.keras.utils.set_random_seed(0)
+    with precision_lib.policy_scope(prec):
+        model = DeepSeekCausalLM(cfg)
+    jit, why_j = autotune.resolve_jit_compile(exp, model, log=lambda *_: None)
+    return prec, jit == "true", f"precision {why_p}; jit_compile {why_j}"
+
+
 def cpu_summary() -> str:
-    """The CPU model and the flags that decide speed here (AVX2/AVX-512/BF16/AMX)."""
-    model, flags = "unknown CPU", set()
+    """CPU model and the flags that matter for matmul speed."""
+    from deepseek_tf.train.autotune import cpu_flags
+    name = "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
+            name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
+                        name)
     except OSError:
         pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni",
               "amx_tile", "amx_bf16", "amx_int8")
-    return f"{model}, {os.cpu_count()} cores; flags: " + " ".join(
-        w for w in wanted if w in flags)
+    flags = cpu_flags()
+    return (f"{name}, {os.cpu_count()} cores; flags: "
+            f"{' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}")

@@ -1,7 +1,12 @@
 """MoE sparse-dispatch scaling: training step time with 64 vs 8 routed experts at top-2,
-the same active size (target ratio <= 1.25), with and without XLA.
+the same active size (target ratio <= 1.15), in the mode the trainer would pick here.
 
-    python bench/moe_scaling.py [--steps=12] [--tokens=2048] [--seq=256]
+    python bench/moe_scaling.py [--steps=12] [--tokens=2048] [--seq=256] [--modes=auto]
+
+`--modes=auto` (default) measures the precision and XLA setting that
+`--train.precision=auto --train.jit_compile=auto` resolve to on this machine for the
+E=8 model (train/autotune.py: the same rule and timing); `--modes=both` measures float32
+with and without XLA.
 
 Two measurements:
   layer  the DeepSeekMoE layer alone (N tokens x d 256, experts of width 128, shared
@@ -20,7 +25,7 @@ import statistics
 import time
 
 import tensorflow as tf
-from common import grad_fn_runner, interleaved_medians, train_step_runner
+from common import grad_fn_runner, interleaved_medians, trainer_choice, train_step_runner
 
 from deepseek_tf.config import ModelConfig
 from deepseek_tf.layers.moe import DeepSeekMoE
@@ -38,11 +43,14 @@ def dense_all_experts(x, layer):
     return tf.einsum("end,ne->nd", y, mask) + layer.shared_experts(x)
 
 
-def time_layer(experts: int, tokens: int, jit: bool, dense: bool, steps: int) -> float:
+def time_layer(experts: int, tokens: int, jit: bool, dense: bool, steps: int,
+               precision: str = "float32") -> float:
+    from deepseek_tf.train.precision import policy_scope
     tf.keras.utils.set_random_seed(0)
-    layer = DeepSeekMoE(D, experts, 2, F, n_shared_experts=1, capacity_factor=1.25,
-                        n_group=1, topk_group=1)
-    x = tf.random.normal((tokens, D))
+    with policy_scope(precision):
+        layer = DeepSeekMoE(D, experts, 2, F, n_shared_experts=1, capacity_factor=1.25,
+                            n_group=1, topk_group=1)
+    x = tf.cast(tf.random.normal((tokens, D)), layer.compute_dtype)
     layer(tf.reshape(x, (1, tokens, D)))
 
     @tf.function(jit_compile=jit)
@@ -78,20 +86,27 @@ def main():
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--skip_model", action="store_true")
     parser.add_argument("--skip_layer", action="store_true")
+    parser.add_argument("--modes", choices=("auto", "both"), default="auto")
     args = parser.parse_args()
-    for jit in (True, False):
-        name = "XLA   " if jit else "no XLA"
+    if args.modes == "auto":
+        prec, jit, why = trainer_choice(model_config(8), 8, args.seq)
+        print(f"the trainer's choice here: {prec}, XLA {'on' if jit else 'off'} ({why})")
+        modes = [(prec, jit)]
+    else:
+        modes = [("float32", True), ("float32", False)]
+    for prec, jit in modes:
+        name = ("XLA   " if jit else "no XLA") + f" {prec}"
         if not args.skip_layer:
-            t8, t64 = (time_layer(e, args.tokens, jit, False, args.steps) for e in (8, 64))
-            d8, d64 = (time_layer(e, args.tokens, jit, True, args.steps) for e in (8, 64))
+            t8, t64 = (time_layer(e, args.tokens, jit, False, args.steps, prec) for e in (8, 64))
+            d8, d64 = (time_layer(e, args.tokens, jit, True, args.steps, prec) for e in (8, 64))
             print(f"{name} layer  sparse: E=8 {t8 * 1e3:7.1f} ms  E=64 {t64 * 1e3:7.1f} ms  "
                   f"ratio {t64 / t8:.2f}   | all-experts einsum: E=8 {d8 * 1e3:7.1f} ms  "
                   f"E=64 {d64 * 1e3:7.1f} ms  ratio {d64 / d8:.2f}")
         if not args.skip_model:
             runners = {}
             for e in (8, 64):
-                runners[f"step{e}"] = train_step_runner(model_config(e), 8, args.seq, jit)
-                runners[f"grad{e}"] = grad_fn_runner(model_config(e), 8, args.seq, jit)
+                runners[f"step{e}"] = train_step_runner(model_config(e), 8, args.seq, jit, prec)
+                runners[f"grad{e}"] = grad_fn_runner(model_config(e), 8, args.seq, jit, prec)
             t = interleaved_medians(runners, args.steps)
             dropped = float(runners["step64"].out["dropped_frac"].numpy().mean())
             print(f"{name} model  train step: E=8 {t['step8'] * 1e3:7.1f} ms  E=64 "

@@ -578,7 +578,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = knob(200, "Save a checkpoint every N steps (and at the end).",
                                  resumable=True)
     keep_checkpoints: int = knob(3, "Checkpoints to keep.", resumable=True)
-    jit_compile: bool = knob(False, "Compile the train step with XLA.", resumable=True)
+    jit_compile: str = knob("false", "Compile the train step with XLA: true, false, or auto "
+                            "= time a few compiled and uncompiled forward+backward passes of "
+                            "this model on this machine before training and keep the faster "
+                            "(the choice is saved in config.json; a resumed run keeps it).",
+                            choices=("auto", "true", "false"), resumable=True)
     deterministic: bool = knob(True, "Enable TF op determinism (bitwise reproducible "
                                "runs and resumes on CPU).", resumable=True)
     # scale-out and memory (train/strategy.py, train/precision.py, layers/remat.py)
@@ -592,13 +596,25 @@ class TrainConfig(_Section):
                                      "collective (all-reduce) before failing, so a lone "
                                      "worker never hangs forever; 0 = wait forever.",
                                      resumable=True)
+    gpu_memory_growth: bool = knob(True, "Let TensorFlow allocate GPU memory as needed "
+                                   "instead of all of it at start (no effect on CPU).",
+                                   resumable=True)
     precision: str = knob("float32", "Numerics: float32, or mixed_float16 / mixed_bfloat16 "
                           "(float32 weights, 16-bit compute; norms, softmax and losses stay "
                           "float32). mixed_float16 uses dynamic loss scaling and skips steps "
-                          "whose gradients overflow on any replica.",
-                          choices=("float32", "mixed_float16", "mixed_bfloat16"))
+                          "whose gradients overflow on any replica. auto = mixed_bfloat16 "
+                          "where bfloat16 matmuls are fast (CPUs with AMX or AVX512_BF16, "
+                          "GPUs of compute capability >= 8.0), else float32; saved in "
+                          "config.json, so a resumed run keeps it.",
+                          choices=("auto", "float32", "mixed_float16", "mixed_bfloat16"))
     initial_loss_scale: float = knob(2.0 ** 15, "Initial dynamic loss scale of mixed_float16 "
                                      "(halved on overflow, doubled after 2000 good steps).")
+    profile_steps: str = knob("", "Profile train steps A,B (1-based, inclusive; e.g. 5,8) "
+                              "with the TF profiler into <workdir>/tensorboard (TensorBoard's "
+                              "Profile tab); empty = off.", resumable=True)
+    auto_decisions: str = knob("", "Written by the trainer: how the auto settings "
+                               "(jit_compile, precision) were resolved, and why.",
+                               resumable=True)
     remat: str = knob("none", "Gradient checkpointing: recompute activations in the backward "
                       "pass per decoder block (block), or only its MLP (mlp) or attention "
                       "(attention) sub-layer; none keeps all activations.",
@@ -613,6 +629,8 @@ class TrainConfig(_Section):
                                    "non-finite one (0 = off).", resumable=True)
 
     def __post_init__(self):
+        if isinstance(self.jit_compile, bool):  # configs and callers from before "auto"
+            object.__setattr__(self, "jit_compile", str(self.jit_compile).lower())
         self._coerce_and_check_types()
         r = self._require
         r(self.recovery_max_trials >= 0, "--train.recovery_max_trials must be >= 0 (0 = off).")
@@ -624,6 +642,19 @@ class TrainConfig(_Section):
         r(self.seed >= 0, "--train.seed must be >= 0.")
         r(self.collective_timeout >= 0, "--train.collective_timeout must be >= 0 (0 = forever).")
         r(self.initial_loss_scale >= 1, "--train.initial_loss_scale must be >= 1.")
+        prof = [p.strip() for p in self.profile_steps.split(",")] if self.profile_steps else []
+        r(not prof or (len(prof) == 2 and all(p.isdigit() for p in prof)
+                       and 1 <= int(prof[0]) <= int(prof[1])),
+          f"--train.profile_steps={self.profile_steps!r} must be two step numbers A,B with "
+          f"1 <= A <= B (e.g. 5,8), or empty.")
+
+    @property
+    def xla(self) -> bool:
+        """`jit_compile` as a bool; "auto" must be resolved first (train/autotune.py)."""
+        if self.jit_compile == "auto":
+            raise ValueError("--train.jit_compile=auto is not resolved yet "
+                             "(deepseek_tf.train.autotune.resolve_jit_compile).")
+        return self.jit_compile == "true"
 
     def global_batch(self, replicas: int = 1) -> int:
         """Sequences per optimizer step across all replicas."""
@@ -656,7 +687,7 @@ class Experiment:
             raise ConfigError(
                 f"--data.seq_len={self.data.seq_len} exceeds "
                 f"--model.max_position_embeddings={self.model.max_position_embeddings}.")
-        if self.train.jit_compile and self.model.n_routed_experts and \
+        if self.train.jit_compile == "true" and self.model.n_routed_experts and \
                 self.model.capacity_factor <= 0:
             raise ConfigError(
                 "dropless MoE (--model.capacity_factor <= 0) has data-dependent buffer "

@@ -106,6 +106,8 @@ def reconcile(saved: cfg.Experiment, given: dict[str, dict], path: str) -> cfg.E
             if f.name not in given[s]:
                 continue
             new, old = given[s][f.name], getattr(sec, f.name)
+            if new == "auto" and "auto" in (f.metadata.get("choices") or ()):
+                continue  # the run resolved "auto" once (config.json): keep its choice
             if new == old or (isinstance(old, float) and float(new) == old):
                 continue
             if not f.metadata.get("resumable"):

@@ -63,6 +63,30 @@ def tf_config(ports: Sequence[int], index: int, host: str = HOST) -> str:
                        "task": {"type": "worker", "index": index}})
 
 
+def visible_gpus(environ=os.environ) -> list[str]:
+    """GPU ids this machine offers: CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`'s."""
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [g.strip() for g in environ["CUDA_VISIBLE_DEVICES"].split(",")
+                if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def assign_gpus(gpus: Sequence[str], num_workers: int) -> list[str | None]:
+    """The CUDA_VISIBLE_DEVICES of each worker: an equal contiguous share of `gpus` each
+    (leftovers unused); with fewer GPUs than workers, worker i shares gpus[i % len];
+    None (leave the environment alone) without GPUs."""
+    if not gpus:
+        return [None] * num_workers
+    if len(gpus) < num_workers:
+        return [gpus[i % len(gpus)] for i in range(num_workers)]
+    per = len(gpus) // num_workers
+    return [",".join(gpus[i * per:(i + 1) * per]) for i in range(num_workers)]
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGKILL when the launcher dies (Linux only)."""
     try:
@@ -94,8 +118,10 @@ class Cluster:
     def __init__(self, train_args: Sequence[str], num_workers: int, *,
                  module: str = "deepseek_tf.train", cpus_per_worker: int = 0,
                  env: dict | None = None, printer: Callable[[str], None] = print,
-                 python: str = sys.executable, cwd: str | None = None):
+                 python: str = sys.executable, cwd: str | None = None,
+                 gpus: Sequence[str] = ()):
         self.train_args, self.num_workers, self.module = list(train_args), num_workers, module
+        self.gpu_shares = assign_gpus(list(gpus), num_workers)
         self.cpus_per_worker, self.printer, self.python, self.cwd = (
             cpus_per_worker, printer, python, cwd)
         self.env = dict(os.environ if env is None else env)
@@ -129,6 +155,8 @@ class Cluster:
             if self.cpus_per_worker > 0:
                 env["TF_NUM_INTRAOP_THREADS"] = str(self.cpus_per_worker)
                 env["TF_NUM_INTEROP_THREADS"] = str(self.cpus_per_worker)
+            if self.gpu_shares[i] is not None:
+                env["CUDA_VISIBLE_DEVICES"] = self.gpu_shares[i]
             proc = subprocess.Popen(
                 [self.python, "-m", self.module, *self.train_args], env=env, cwd=self.cwd,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -136,7 +164,8 @@ class Cluster:
             if self.pgid is None:
                 self.pgid = proc.pid
             self.procs.append(proc)
-            self.printer(f"[launch] worker {i}: pid {proc.pid}, {HOST}:{ports[i]}")
+            gpu = "" if self.gpu_shares[i] is None else f", GPU(s) {self.gpu_shares[i]}"
+            self.printer(f"[launch] worker {i}: pid {proc.pid}, {HOST}:{ports[i]}{gpu}")
             reader = threading.Thread(target=self._read, args=(i, proc), daemon=True)
             reader.start()
             self._readers.append(reader)
@@ -260,6 +289,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--cpus_per_worker", type=int, default=0,
                         help="pin each worker to this many CPUs of its own and size its "
                              "thread pools to match (0 = no pinning)")
+    parser.add_argument("--assign_gpus", action=argparse.BooleanOptionalAction, default=True,
+                        help="give each worker its own share of the visible GPUs "
+                             "(CUDA_VISIBLE_DEVICES; from nvidia-smi -L or the launcher's "
+                             "CUDA_VISIBLE_DEVICES); no effect without GPUs")
     parser.add_argument("--module", default="deepseek_tf.train",
                         help="module every worker runs with python -m")
     parser.add_argument("train_args", nargs="*", help="-- then the training flags")
@@ -275,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cluster = Cluster(args.train_args, args.num_workers, module=args.module,
                       cpus_per_worker=args.cpus_per_worker,
-                      printer=lambda line: print(line, flush=True))
+                      printer=lambda line: print(line, flush=True),
+                      gpus=visible_gpus() if args.assign_gpus else ())
     print(f"[launch] starting {args.num_workers} workers on {HOST}: python -m {args.module} "
           f"{' '.join(args.train_args)}", flush=True)
     cluster.preempt_on_sigterm()

@@ -62,3 +62,14 @@ def test_usage_errors_exit_2():
     proc = subprocess.run([sys.executable, "-m", "deepseek_tf.launch", "--help"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "42 preempted" in proc.stdout
+
+
+def test_each_worker_gets_its_own_gpus():
+    from deepseek_tf.launch import assign_gpus, visible_gpus
+
+    assert assign_gpus([], 2) == [None, None]                       # CPU: env untouched
+    assert assign_gpus(["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
+    assert assign_gpus(["0", "1", "2"], 2) == ["0", "1"]             # leftover unused
+    assert assign_gpus(["4", "7"], 3) == ["4", "7", "4"]             # fewer GPUs: shared
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 5"}) == ["2", "5"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []

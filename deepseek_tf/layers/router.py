@@ -54,14 +54,18 @@ class TopkRouter(keras.layers.Layer):
         self.e_score_correction_bias = None
 
     def build(self, input_shape):
+        # autocast=False: both weights are read in float32 even under a mixed policy
+        # (Keras would otherwise cast them to the 16-bit compute dtype inside `call`).
         self.kernel = self.add_weight(
             name="kernel", shape=(input_shape[-1], self.num_experts), dtype="float32",
-            initializer=keras.initializers.RandomNormal(stddev=self.initializer_range))
+            initializer=keras.initializers.RandomNormal(stddev=self.initializer_range),
+            autocast=False)
         if self.topk_method == "noaux_tc":
             # Identical on every replica: the step updates it from all-reduced loads.
             self.e_score_correction_bias = self.add_weight(
                 name="e_score_correction_bias", shape=(self.num_experts,), dtype="float32",
-                initializer="zeros", trainable=False, aggregation="only_first_replica")
+                initializer="zeros", trainable=False, aggregation="only_first_replica",
+                autocast=False)
 
     def _group_mask(self, choice: tf.Tensor) -> tf.Tensor:
         """Bool (N, E): experts inside the `topk_group` best groups."""
@@ -77,14 +81,14 @@ class TopkRouter(keras.layers.Layer):
         return tf.reshape(mask, [-1, self.num_experts]) > 0
 
     def call(self, x):
-        logits = tf.matmul(tf.cast(x, tf.float32), self.kernel)             # (N, E)
+        logits = tf.matmul(tf.cast(x, tf.float32), self.kernel.value)       # (N, E) float32
         if self.scoring_func == "sigmoid":
             scores = tf.sigmoid(logits)
         else:
             scores = tf.nn.softmax(logits, axis=-1)
         choice = scores
         if self.e_score_correction_bias is not None:
-            choice = scores + self.e_score_correction_bias
+            choice = scores + self.e_score_correction_bias.value
         if self.topk_method != "greedy" and self.n_group > 1:
             choice = tf.where(self._group_mask(choice), choice, float("-inf"))
         indices = tf.math.top_k(choice, self.top_k).indices                 # (N, k)

@@ -35,6 +35,7 @@ from deepseek_tf.data.prepare import prepare
 from deepseek_tf.data.tokenizer import copy_tokenizer, load_tokenizer
 from deepseek_tf.flags import CONFIG_FILE
 from deepseek_tf.model import DeepSeekCausalLM, count_params
+from deepseek_tf.train import autotune
 from deepseek_tf.train import checkpoint as ckpt_lib
 from deepseek_tf.train import precision
 from deepseek_tf.train import strategy as strategy_lib
@@ -42,6 +43,7 @@ from deepseek_tf.train.aux_losses import log_metrics
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
 from deepseek_tf.train.optimizer import make_optimizer
 from deepseek_tf.train.preemption import PreemptionWatcher
+from deepseek_tf.train.profile import StepProfiler
 from deepseek_tf.train.recovery import Recovery
 from deepseek_tf.train.step import make_eval_step, make_train_step
 
@@ -104,16 +106,27 @@ class RunState:
     role: strategy_lib.Role
     checkpoints: ckpt_lib.RunCheckpoints
     collectives: strategy_lib.Collectives
+    exp: Experiment | None = None  # the experiment, with precision "auto" resolved
 
 
 def build_state(exp: Experiment, workdir: str, meta: dict,
-                role: strategy_lib.Role = strategy_lib.Role()) -> RunState:
-    """Model, optimizer, data iterators and checkpoints, built under the strategy."""
-    tcfg = exp.train
-    if tcfg.deterministic:
+                role: strategy_lib.Role = strategy_lib.Role(), log=print) -> RunState:
+    """Model, optimizer, data iterators and checkpoints, built under the strategy
+    (`--train.precision=auto` is resolved first: `state.exp`)."""
+    if exp.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(tcfg.seed)
-    strategy = strategy_lib.make_strategy(tcfg)
+    keras.utils.set_random_seed(exp.train.seed)
+    strategy = strategy_lib.make_strategy(exp.train)
+    collectives = strategy_lib.Collectives(strategy)
+    if exp.train.precision == "auto":
+        choice, why = autotune.resolve_precision("auto")
+        chief = autotune.PRECISIONS[collectives.chief_value(autotune.PRECISIONS.index(choice))]
+        if chief != choice:
+            choice, why = chief, f"auto -> {chief}: the chief's choice (here: {why})"
+        log(f"precision: {why}")
+        exp = autotune.with_train(exp, precision=choice,
+                                  auto_decisions=autotune.note(exp, precision=why))
+    tcfg = exp.train
     data_dir = data_dir_of(exp, workdir)
     ctx = strategy_lib.input_context(strategy, role)  # this worker's share of the data
     train_ds = pipeline.make_dataset(exp.data, data_dir, "train", tcfg.batch_size,
@@ -132,12 +145,12 @@ def build_state(exp: Experiment, workdir: str, meta: dict,
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         rng = tf.random.Generator.from_seed(tcfg.seed)
     train_iter = iter(train_ds)  # a plain tf.data iterator: checkpointable
-    collectives = strategy_lib.Collectives(strategy)
     checkpoints = ckpt_lib.RunCheckpoints(
         workdir, {"model": model, "optimizer": optimizer, "step": step, "rng": rng},
         train_iter, role, tcfg.keep_checkpoints, barrier=collectives.barrier)
     return RunState(strategy, model, optimizer, step, rng, train_iter, eval_ds,
-                    checkpoints.checkpoint, checkpoints.manager, role, checkpoints, collectives)
+                    checkpoints.checkpoint, checkpoints.manager, role, checkpoints, collectives,
+                    exp)
 
 
 def weights_fingerprint(model: keras.Model) -> str:
@@ -166,7 +179,21 @@ def _describe(state: RunState, tcfg) -> str:
     name = ("MultiWorkerMirroredStrategy" if strategy_lib.is_multi_worker(strategy)
             else type(strategy).__name__.lstrip("_"))
     return (f"strategy: {name}, {strategy.num_replicas_in_sync} replicas; "
-            f"this is {where}; precision {tcfg.precision}; remat {tcfg.remat}")
+            f"this is {where}; precision {tcfg.precision}; XLA {tcfg.jit_compile}; "
+            f"remat {tcfg.remat}")
+
+
+def _resolve_jit(state: RunState, log) -> Experiment:
+    """`state.exp` with `--train.jit_compile=auto` decided on this machine (and logged)."""
+    exp = state.exp
+    if exp.train.jit_compile != "auto":
+        return exp
+    with state.strategy.scope():
+        choice, why = autotune.resolve_jit_compile(exp, state.model,
+                                                   agree=state.collectives.chief_value, log=log)
+    log(f"jit_compile: {why}")
+    return autotune.with_train(exp, jit_compile=choice,
+                               auto_decisions=autotune.note(exp, jit_compile=why))
 
 
 def _preemption_watcher(state: RunState, log):
@@ -194,13 +221,23 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
     multi = strategy_lib.strategy_name(exp.train) == "multi_worker"
     role = strategy_lib.cluster_role() if multi else strategy_lib.Role()
     meta = prepare_run(exp, workdir, log=log, role=role)
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    # A resumed run keeps the choices its first run made for "auto" settings.
+    exp = autotune.keep_saved(exp, Experiment.load(config_path)
+                              if os.path.exists(config_path) else None)
     if role.is_chief:
         os.makedirs(workdir, exist_ok=True)
-        exp.save(os.path.join(workdir, CONFIG_FILE))
+        exp.save(config_path)
         copy_tokenizer(data_dir_of(exp, workdir), os.path.join(workdir, "tokenizer"))
     log(f"workdir: {workdir}")
+    if exp.train.auto_decisions:
+        log(f"auto settings kept from {CONFIG_FILE}: {exp.train.auto_decisions}")
 
-    state = build_state(exp, workdir, meta, role)
+    state = build_state(exp, workdir, meta, role, log=log)
+    exp = _resolve_jit(state, log)
+    if role.is_chief and exp != state.exp:
+        exp.save(config_path)
+    state.exp = exp
     cleanup.callback(state.checkpoints.close)
     start = state.checkpoints.restore(log=log)
     state.collectives.check_same(start, "step to resume from")
@@ -239,11 +276,16 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
     watcher = _preemption_watcher(state, log)
     if watcher is not None:
         cleanup.callback(watcher.close)
+    profiler = StepProfiler(tcfg.profile_steps, os.path.join(workdir, "tensorboard"),
+                            enabled=role.is_chief, log=log)
+    cleanup.callback(profiler.stop)
     while step < tcfg.steps:
+        profiler.before(step + 1)
         out = train_step(state.train_iter)
         state.step.assign_add(1)
         step += 1
         loss, skipped = float(out["loss"]), float(out["skipped"]) > 0
+        profiler.after(step)
         bad = recovery.problem(step, loss, skipped)
         if bad:
             step = recovery.roll_back(step, bad)

@@ -129,9 +129,9 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
     gradients before the all-reduce (tests inject faults with it).
     """
     # With a grad_hook the count must see the hooked gradients, so it stays outside.
-    grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.jit_compile,
+    grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.xla,
                            count_nonfinite=grad_hook is None)
-    finish = make_finish_fn(optim_cfg.clip_norm, train_cfg.jit_compile)
+    finish = make_finish_fn(optim_cfg.clip_norm, train_cfg.xla)
     variables = model.trainable_variables
 
     def replica_step(batch):

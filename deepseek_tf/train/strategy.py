@@ -101,16 +101,41 @@ def strategy_name(cfg: TrainConfig, environ=os.environ) -> str:
     return "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
 
 
-def make_strategy(cfg: TrainConfig):
-    """The `tf.distribute.Strategy` of a run (create it before other TF work)."""
+_MIRRORED: dict = {}
+
+
+def configure_gpus(memory_growth: bool) -> None:
+    """Memory growth on every GPU (TF then allocates as needed instead of grabbing all
+    GPU memory up front, so several processes can share a GPU). A no-op without GPUs,
+    or once the GPUs are initialized (TF fixes the setting at that point)."""
     import tensorflow as tf
 
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, memory_growth)
+        except RuntimeError:  # already initialized in this process
+            pass
+
+
+def make_strategy(cfg: TrainConfig):
+    """The `tf.distribute.Strategy` of a run (create it before other TF work).
+
+    One MirroredStrategy per device set and process: a second instance would reuse the
+    first one's collective instance keys, and its all-reduces would meet the first
+    one's cached shapes ("Shape mismatch in the collective instance").
+    """
+    import tensorflow as tf
+
+    configure_gpus(cfg.gpu_memory_growth)  # before anything initializes the GPUs
     name = strategy_name(cfg)
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        return tf.distribute.MirroredStrategy([d.name for d in devices])
+        key = tuple(d.name for d in devices)
+        if key not in _MIRRORED:
+            _MIRRORED[key] = tf.distribute.MirroredStrategy(list(key))
+        return _MIRRORED[key]
     options = tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=cfg.collective_timeout or None)
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
@@ -168,6 +193,14 @@ class Collectives:
 
         if self.active:
             self._gather(tf.constant(0, tf.int64)).numpy()
+
+    def chief_value(self, value: int) -> int:
+        """The chief's `value` on every worker (`value` itself with one worker)."""
+        import tensorflow as tf
+
+        if not self.active:
+            return value
+        return int(self._gather(tf.constant(value, tf.int64)).numpy()[0])
 
     def check_same(self, value: int, what: str) -> None:
         """Raises UserError unless every worker passes the same `value`."""

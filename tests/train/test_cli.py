@@ -27,7 +27,7 @@ def test_help_explains_every_flag():
     assert proc.returncode == 0
     for name in ("--workdir", "--model.hidden_size", "--model.num_key_value_heads",
                  "--data.seq_len", "--optim.learning_rate", "--train.grad_accum_steps",
-                 "--[no]train.jit_compile", "--train.strategy", "--train.collective_timeout",
+                 "--train.jit_compile", "--train.strategy", "--train.collective_timeout",
                  "--train.precision", "--train.initial_loss_scale", "--train.remat",
                  "--model.attention_dropout", "--model.hidden_dropout", "--[no]optim.fused"):
         assert name + ":" in proc.stdout, name
@@ -99,7 +99,7 @@ def test_two_commands_from_a_jsonl_folder_to_a_training_run(tmp_path):
     proc = run("deepseek_tf.train", "--flagfile=configs/tiny.flags", f"--data.data_dir={data}",
                f"--workdir={run_dir}", "--train.steps=2", "--train.batch_size=2",
                "--train.eval_every=0", "--train.eval_steps=1", "--train.log_every=1",
-               "--notrain.jit_compile")
+               "--train.jit_compile=false")
     assert proc.returncode == 0, proc.stderr
     assert "done: step 2" in proc.stdout
     assert (run_dir / "tokenizer" / "tokenizer_config.json").exists()

@@ -13,8 +13,10 @@ from deepseek_tf.train.loop import build_state, train
 from deepseek_tf.train.step import make_train_step
 from tests.helpers import tiny
 from tests.helpers.checkpoints import all_checkpoints, nonfinite_tensors
+from tests.train.test_precision_families import FAMILIES
 
 quiet = lambda *_: None  # noqa: E731
+MOE_MTP = {k: v for k, v in FAMILIES["moe_noaux_mtp"].items() if k != "bias_update_speed"}
 
 
 @pytest.mark.parametrize("policy,compute", [("mixed_float16", tf.float16),
@@ -52,9 +54,11 @@ def _replica_copies(variable):
     return [v.numpy() for v in variable.value.values]
 
 
-def test_inf_on_one_replica_skips_the_step_on_every_replica(stdlib_data, tmp_path):
+@pytest.mark.parametrize("model", [{}, {**MOE_MTP, "bias_update_speed": 0.01}],
+                         ids=["dense", "moe_mtp"])
+def test_inf_on_one_replica_skips_the_step_on_every_replica(stdlib_data, tmp_path, model):
     _, data_dir, meta = stdlib_data
-    exp = tiny.experiment(data_dir, optim={"warmup_steps": 0},  # lr > 0 from step 1
+    exp = tiny.experiment(data_dir, model=model, optim={"warmup_steps": 0},  # lr > 0 at once
                           train={"strategy": "mirrored", "precision": "mixed_float16",
                                  "batch_size": 2})
     state = build_state(exp, str(tmp_path), meta)
@@ -63,7 +67,9 @@ def test_inf_on_one_replica_skips_the_step_on_every_replica(stdlib_data, tmp_pat
     step = make_train_step(state.model, state.optimizer, state.strategy, exp.train, exp.optim,
                            grad_hook=_inject_inf_on_replica(1, flag))
     variables = state.model.trainable_variables
+    biases = [l.gate.e_score_correction_bias for l in state.model.moe_layers]
     before = [_replica_copies(v) for v in variables]
+    biases_before = [_replica_copies(b) for b in biases]
     scale0 = precision.current_scale(state.optimizer)
 
     out = step(state.train_iter)  # replica 1 overflows, replica 0 does not
@@ -73,6 +79,9 @@ def test_inf_on_one_replica_skips_the_step_on_every_replica(stdlib_data, tmp_pat
     for v, copies in zip(variables, before):
         for now, then in zip(_replica_copies(v), copies):
             np.testing.assert_array_equal(now, then, err_msg=v.path)  # nobody applied it
+    for b, copies in zip(biases, biases_before):  # nor moved a router bias
+        for now, then in zip(_replica_copies(b), copies):
+            np.testing.assert_array_equal(now, then, err_msg=b.path)
 
     flag.assign(False)
     out = step(state.train_iter)
@@ -85,6 +94,10 @@ def test_inf_on_one_replica_skips_the_step_on_every_replica(stdlib_data, tmp_pat
         assert np.all(np.isfinite(a)), v.path
         changed += not np.array_equal(a, copies[0])
     assert changed == len(variables)
+    for b, copies in zip(biases, biases_before):
+        a, c = _replica_copies(b)
+        np.testing.assert_array_equal(a, c, err_msg=b.path)
+        assert not np.array_equal(a, copies[0]), b.path  # moved on the good step
 
 
 def test_overflowing_float16_run_skips_steps_and_never_checkpoints_nonfinite(stdlib_data,

@@ -1,0 +1,173 @@
+"""`--train.precision=auto` and `--train.jit_compile=auto`: decided per machine, once per run.
+
+Machines differ: on one CPU XLA makes the train step faster, on another several times
+slower; bfloat16 matmuls run 2-3x faster than float32 on CPUs with AMX or AVX512_BF16
+(oneDNN) and are emulated slowly elsewhere. So neither is fixed in a preset:
+
+- precision auto -> `mixed_bfloat16` on GPUs of compute capability >= 8.0 (all visible
+  GPUs), or with no GPU on CPUs whose flags include `amx_bf16` or `avx512_bf16`;
+  else `float32`. (A rule from the hardware: mixed precision changes the numerics, so
+  it is not chosen by a noisy timing.)
+- jit_compile auto -> times this model's forward + backward (the step's compute part,
+  `step.make_grad_fn`, on a random batch of the run's shape; no weight changes)
+  compiled and uncompiled, in alternating rounds, and keeps the faster. Dropless MoE
+  cannot compile, so it is `false` without timing.
+
+The loop resolves both before training, prints each decision with its reason and saves
+them in config.json (`jit_compile`, `precision`, `auto_decisions`); a resumed run reads
+them back and decides nothing again. With several workers the chief's decision wins.
+
+Example:
+    >>> precision, why = resolve_precision("auto")
+    >>> why
+    'auto -> mixed_bfloat16: CPU has avx512_bf16 (no GPU)'
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags of this machine (empty where /proc/cpuinfo is absent)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """(major, minor) of every visible GPU."""
+    import tensorflow as tf
+
+    caps = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        caps.append(tuple(cc) if cc else (0, 0))
+    return caps
+
+
+def choose_precision(flags: set[str], gpu_caps: list[tuple[int, int]]) -> tuple[str, str]:
+    """(precision, reason) from the hardware (the rule of the module doc)."""
+    if gpu_caps:
+        ok = all(cc >= (8, 0) for cc in gpu_caps)
+        caps = ", ".join(f"{a}.{b}" for a, b in gpu_caps)
+        return (("mixed_bfloat16", f"every GPU has compute capability >= 8.0 ({caps})") if ok
+                else ("float32", f"a GPU has compute capability < 8.0 ({caps})"))
+    have = [f for f in BF16_CPU_FLAGS if f in flags]
+    if have:
+        return "mixed_bfloat16", f"CPU has {' and '.join(have)} (no GPU)"
+    return "float32", "CPU has neither AMX nor AVX512_BF16 (no GPU)"
+
+
+def resolve_precision(value: str) -> tuple[str, str]:
+    """(precision, reason): `value` itself unless it is "auto"."""
+    if value != "auto":
+        return value, f"{value} (given)"
+    choice, why = choose_precision(cpu_flags(), gpu_compute_capabilities())
+    return choice, f"auto -> {choice}: {why}"
+
+
+def random_batch(vocab_size: int, accum: int, batch: int, seq: int, seed: int = 0) -> dict:
+    """A packed training batch (A, B, T) of random tokens, as the pipeline yields."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab_size, size=(accum, batch, seq + 1)).astype(np.int32)
+    shape = (accum, batch, seq)
+    b = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+         "segment_ids": np.ones(shape, np.int32),
+         "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), shape).copy(),
+         "loss_mask": np.ones(shape, np.float32)}
+    return {k: tf.constant(v) for k, v in b.items()}
+
+
+def time_grad_fn(model, tcfg, seq_len: int, rounds: int = 3) -> dict[str, float]:
+    """{"xla": s, "no_xla": s}: median seconds of the step's forward + backward, each mode
+    warmed up (traced / compiled) and then timed in alternating rounds."""
+    import tensorflow as tf
+
+    from deepseek_tf.train.step import make_grad_fn
+
+    batch = random_batch(model.config.vocab_size, tcfg.grad_accum_steps, tcfg.batch_size,
+                         seq_len, tcfg.seed)
+    denom = tf.constant(float(tcfg.grad_accum_steps * tcfg.batch_size * seq_len))
+    seed = tf.constant([tcfg.seed, 0], tf.int64)
+    fns = {name: make_grad_fn(model, tcfg.grad_accum_steps, jit, count_nonfinite=True)
+           for name, jit in (("no_xla", False), ("xla", True))}
+
+    def run(name):
+        grads, loss, *_ = fns[name](batch, denom, 1.0, seed)
+        float(loss)
+
+    times = {name: [] for name in fns}
+    for name in fns:
+        run(name)  # trace / compile
+        run(name)  # warm caches
+    for _ in range(rounds):
+        for name in fns:
+            t0 = time.perf_counter()
+            run(name)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def choose_jit(times: dict[str, float], margin: float = 1.0) -> tuple[bool, str]:
+    """(use XLA, reason) from `time_grad_fn`'s medians: XLA if at least `margin`x faster."""
+    speedup = times["no_xla"] / times["xla"]
+    use = speedup >= margin
+    return use, (f"forward+backward {times['xla'] * 1e3:.0f} ms with XLA vs "
+                 f"{times['no_xla'] * 1e3:.0f} ms without ({speedup:.2f}x)")
+
+
+def resolve_jit_compile(exp, model, agree=lambda v: v, log=print) -> tuple[str, str]:
+    """("true"/"false", reason) for `exp.train.jit_compile` ("auto" is measured with
+    `model`); `agree(int) -> int` makes every worker take the chief's answer."""
+    value = exp.train.jit_compile
+    if value != "auto":
+        return value, f"{value} (given)"
+    if exp.model.n_routed_experts and exp.model.capacity_factor <= 0:
+        return "false", "auto -> false: dropless MoE has data-dependent shapes (no XLA)"
+    log("jit_compile=auto: timing the step's forward+backward with and without XLA ...")
+    use, why = choose_jit(time_grad_fn(model, exp.train, exp.data.seq_len))
+    chief = bool(agree(int(use)))
+    if chief != use:
+        why += f"; the chief chose {'XLA' if chief else 'no XLA'}"
+    choice = "true" if chief else "false"
+    return choice, f"auto -> {choice}: {why}"
+
+
+def note(exp, **reasons) -> str:
+    """`auto_decisions` with `reasons` ({field: reason}) merged in: "field: reason | ..."."""
+    parts = dict(p.split(": ", 1) for p in exp.train.auto_decisions.split(" | ") if ": " in p)
+    parts.update({k: v for k, v in reasons.items() if v.startswith("auto")})
+    return " | ".join(f"{k}: {v}" for k, v in sorted(parts.items()))
+
+
+def keep_saved(exp, saved):
+    """`exp` with the `saved` run's resolved choices where `exp` says "auto" (resume)."""
+    if saved is None:
+        return exp
+    t, s = exp.train, saved.train
+    changes = {f: getattr(s, f) for f in ("jit_compile", "precision")
+               if getattr(t, f) == "auto" and getattr(s, f) != "auto"}
+    if changes:
+        changes["auto_decisions"] = s.auto_decisions
+    return with_train(exp, **changes) if changes else exp
+
+
+def with_train(exp, **changes):
+    """`exp` with its train section's `changes`."""
+    import dataclasses
+
+    return dataclasses.replace(exp, train=exp.train.replace(**changes))

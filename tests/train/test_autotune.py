@@ -1,0 +1,101 @@
+"""`--train.precision=auto` / `--train.jit_compile=auto`: the rules, the measurement, and
+a resumed run that keeps the saved choice."""
+
+import json
+
+import pytest
+
+from deepseek_tf.config import Experiment, TrainConfig
+from deepseek_tf.flags import reconcile
+from deepseek_tf.train import autotune
+from deepseek_tf.train.loop import train
+from tests.helpers import tiny
+
+quiet = lambda *_: None  # noqa: E731
+
+
+@pytest.mark.parametrize("flags,gpus,expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, [], "mixed_bfloat16"),
+    ({"avx512f", "amx_bf16", "amx_tile"}, [], "mixed_bfloat16"),
+    ({"avx2", "avx512f"}, [], "float32"),
+    (set(), [(8, 0), (9, 0)], "mixed_bfloat16"),
+    ({"avx512_bf16"}, [(8, 6), (7, 5)], "float32"),  # the GPUs decide, and one is old
+])
+def test_precision_rule(flags, gpus, expected):
+    choice, why = autotune.choose_precision(flags, gpus)
+    assert choice == expected and why
+
+
+def test_cpu_flags_of_this_machine_are_read():
+    assert "sse2" in autotune.cpu_flags() or not autotune.cpu_flags()
+
+
+def test_jit_rule_keeps_the_faster():
+    assert autotune.choose_jit({"xla": 0.1, "no_xla": 0.3})[0] is True
+    use, why = autotune.choose_jit({"xla": 0.4, "no_xla": 0.2})
+    assert use is False and "0.50x" in why
+
+
+def test_jit_compile_accepts_old_bools_and_refuses_unresolved_auto():
+    assert TrainConfig(jit_compile=True).jit_compile == "true"
+    assert TrainConfig.from_dict({"jit_compile": False}).xla is False  # old config.json
+    with pytest.raises(ValueError, match="not resolved"):
+        TrainConfig(jit_compile="auto").xla
+
+
+def test_given_auto_keeps_a_saved_choice():
+    saved = Experiment(train=TrainConfig(jit_compile="false", precision="mixed_bfloat16",
+                                         auto_decisions="precision: auto -> x"))
+    given = {s: {} for s in ("model", "data", "tokenizer", "optim")}
+    given["train"] = {"jit_compile": "auto", "precision": "auto", "steps": 7}
+    out = reconcile(saved, given, "config.json")
+    assert (out.train.jit_compile, out.train.precision, out.train.steps) == (
+        "false", "mixed_bfloat16", 7)
+
+
+def test_resumed_auto_run_keeps_the_saved_choice(stdlib_data, tmp_path, monkeypatch):
+    _, data_dir, _ = stdlib_data
+    auto = {"precision": "auto", "jit_compile": "auto", "eval_every": 0, "log_every": 1}
+    msgs = []
+    train(tiny.experiment(data_dir, train={**auto, "steps": 2, "checkpoint_every": 2}),
+          str(tmp_path), log=msgs.append)
+    saved = json.loads((tmp_path / "config.json").read_text())["train"]
+    assert saved["precision"] in autotune.PRECISIONS
+    assert saved["jit_compile"] in ("true", "false")
+    notes = saved["auto_decisions"]
+    assert "precision: auto -> " + saved["precision"] in notes
+    assert "jit_compile: auto -> " + saved["jit_compile"] in notes and "ms with XLA" in notes
+    assert any(m.startswith("jit_compile: auto -> ") for m in msgs)
+    assert any(m.startswith("precision: auto -> ") for m in msgs)
+
+    def no_second_decision(*a, **k):
+        raise AssertionError("a resumed run decided again")
+
+    monkeypatch.setattr(autotune, "time_grad_fn", no_second_decision)
+    monkeypatch.setattr(autotune, "resolve_precision", no_second_decision)
+    msgs = []
+    result = train(tiny.experiment(data_dir, train={**auto, "steps": 3}), str(tmp_path),
+                   log=msgs.append)
+    assert result["step"] == 3
+    again = json.loads((tmp_path / "config.json").read_text())["train"]
+    assert {k: again[k] for k in ("precision", "jit_compile", "auto_decisions")} == \
+        {k: saved[k] for k in ("precision", "jit_compile", "auto_decisions")}
+    assert any("auto settings kept from config.json" in m for m in msgs)
+
+
+def test_profile_steps_write_a_trace_into_the_tensorboard_dir(stdlib_data, tmp_path):
+    _, data_dir, _ = stdlib_data
+    msgs = []
+    train(tiny.experiment(data_dir, train={"steps": 3, "profile_steps": "2,3",
+                                           "eval_every": 0}), str(tmp_path), log=msgs.append)
+    traces = list((tmp_path / "tensorboard").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert any("profiled steps 2-3" in m for m in msgs)
+
+
+@pytest.mark.parametrize("value", ["3", "0,2", "4,2", "a,b"])
+def test_bad_profile_steps_are_refused(value):
+    from deepseek_tf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="profile_steps"):
+        TrainConfig(profile_steps=value)
