@@ -113,7 +113,7 @@ def main(argv):
 
 
 def entry():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
     from absl import flags
 
     from deepseek_tf import flags as dflags

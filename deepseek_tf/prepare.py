@@ -11,7 +11,7 @@ interrupted run resumes when started again with the same flags.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
 
 from absl import flags  # noqa: E402
 

@@ -11,7 +11,7 @@ and --model.num_nextn_predict_layers to add fresh MTP modules) may be given too.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
 
 from absl import flags  # noqa: E402
 

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
 
 from absl import flags  # noqa: E402
 

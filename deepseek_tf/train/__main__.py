@@ -12,7 +12,7 @@ With TF_CONFIG set this process is one worker of a multi-worker run (see
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
 
 from absl import flags  # noqa: E402
 
