@@ -1,9 +1,10 @@
 """Experiment configuration: small frozen dataclasses, one per concern.
 
 This module is the single source of truth for every knob of the framework. It
-imports nothing from the rest of the package. Each dataclass validates itself on
-construction and raises `ConfigError` (a one-line, user-facing message) for a bad
-value, so that a wrong flag is reported before any graph is built.
+imports nothing from the rest of the package but `atomic` (file writes). Each
+dataclass validates itself on construction and raises `ConfigError` (a one-line,
+user-facing message) for a bad value, so that a wrong flag is reported before any
+graph is built.
 
 Field names of `ModelConfig` follow Hugging Face's `LlamaConfig` /
 `DeepseekV3Config` so that an HF `config.json` maps onto it.
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import typing
 from typing import Any, Mapping
+
+from deepseek_tf.atomic import atomic_write
 
 CONFIG_VERSION = 1
 
@@ -721,10 +723,7 @@ class Experiment:
 
     def save(self, path: str) -> None:
         """Write atomically (temp file + rename)."""
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        atomic_write(path, self.to_json())
 
     @classmethod
     def load(cls, path: str) -> "Experiment":

@@ -22,6 +22,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from deepseek_tf.atomic import atomic_open
 from deepseek_tf.config import UserError
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -102,11 +103,9 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in order:
             f.write(np.ascontiguousarray(tensors[name]).astype(
                 tensors[name].dtype.newbyteorder("<"), copy=False).tobytes())
-    os.replace(tmp, path)

@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from deepseek_tf.atomic import atomic_write
 from deepseek_tf.config import DataConfig, TokenizerConfig, UserError
 from deepseek_tf.data import corpus as corpus_lib
 from deepseek_tf.data import ingest, stages
@@ -122,10 +123,7 @@ class _Progress:
 
     def update(self, **items) -> None:
         self.state.update(items)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.state, f)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.state))
 
     def set_shards(self, split: str, infos: list[dict]) -> None:
         self.update(shards={**self.state["shards"], split: list(infos)})
@@ -260,10 +258,7 @@ def _shards(cfg: DataConfig, tok, data_dir: str, prog: _Progress, progress: bool
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _summarize(written: dict, report: Report, cfg: DataConfig) -> dict:

@@ -30,6 +30,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.atomic import atomic_write
 from deepseek_tf.config import UserError
 
 METADATA_FILE = "metadata.json"
@@ -144,10 +145,8 @@ class ShardWriter:
 
 def write_metadata(directory: str, metadata: dict) -> None:
     path = os.path.join(directory, METADATA_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"version": METADATA_VERSION, **metadata}, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"version": METADATA_VERSION, **metadata}, indent=2,
+                                  sort_keys=True))
 
 
 def read_metadata(directory: str, verify: str = "size") -> dict:

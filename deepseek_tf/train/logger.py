@@ -15,6 +15,8 @@ import time
 
 import tensorflow as tf
 
+from deepseek_tf.atomic import atomic_open, atomic_write
+
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -33,10 +35,7 @@ def truncate_log(workdir: str, last_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic_write(path, "".join(kept))
 
 
 def read_log(workdir: str) -> list[dict]:
@@ -168,8 +167,7 @@ def plot_losses(workdir: str) -> str | None:
     ax.legend()
     fig.tight_layout()
     path = os.path.join(workdir, PLOT_FILE)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

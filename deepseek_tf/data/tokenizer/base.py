@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from deepseek_tf.atomic import atomic_write
 from deepseek_tf.config import UserError
 
 TOKENIZER_FILE = "tokenizer_config.json"
@@ -84,11 +85,7 @@ class Tokenizer:
         items = list(self.files().items())
         items.append((TOKENIZER_FILE, (json.dumps(config, indent=2) + "\n").encode()))
         for name, content in items:
-            path = os.path.join(directory, name)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(content)
-            os.replace(tmp, path)
+            atomic_write(os.path.join(directory, name), content)
 
 
 def sha256_bytes(data: bytes) -> str:
