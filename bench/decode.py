@@ -87,11 +87,22 @@ def _mla_cache_bytes(cfg: ModelConfig, model) -> tuple[int, int]:
     return per_token, naive
 
 
-def bench_model(name, cfg, new_tokens, tmp):
-    tf.keras.utils.set_random_seed(0)
-    model = DeepSeekCausalLM(cfg)
+def hf_side(name, model, new_tokens, tmp):
+    """transformers' decode on our HF export of `model` (bench/hf_decode.py)."""
+    hf_dir = os.path.join(tmp, name, "hf")
+    export_hf(model, _exp(model.config), hf_dir, log=lambda *_: None)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "hf_decode.py"), hf_dir,
+                           str(new_tokens), *map(str, LENGTHS)], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-2000:])
+    hf = json.loads(proc.stdout.strip().splitlines()[-1])
+    return hf, {n: (hf[str(n)]["prefill_s"], hf[str(n)]["decode_s_per_token"]) for n in LENGTHS}
+
+
+def our_sides(name, model, new_tokens, tmp):
+    """{side: {length: (prefill s, s/token)}} and the SavedModel size."""
     max_length = max(LENGTHS) + new_tokens
-    results, size = {}, {}
+    results, size = {}, 0
     for jit in (False, True):
         suffix = "_xla" if jit else ""
         gen = Generator(model, max_length, jit_compile=jit)
@@ -103,16 +114,7 @@ def bench_model(name, cfg, new_tokens, tmp):
         results["saved_model" + suffix] = _latencies(_signature_call(sm_dir), new_tokens)
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(sm_dir)
                    for f in fs)
-    hf_dir = os.path.join(tmp, name, "hf")
-    export_hf(model, _exp(cfg), hf_dir, log=lambda *_: None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "hf_decode.py"), hf_dir,
-                           str(new_tokens), *map(str, LENGTHS)], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-2000:])
-    hf = json.loads(proc.stdout.strip().splitlines()[-1])
-    results["hf"] = {n: (hf[str(n)]["prefill_s"], hf[str(n)]["decode_s_per_token"])
-                     for n in LENGTHS}
-    return results, size, (model if cfg.uses_mla else None), hf
+    return results, size
 
 
 def _signature_call(sm_dir):
@@ -140,9 +142,21 @@ def main():
     print(f"machine: {cpu_summary()}; TF {tf.__version__}")
     tmp = tempfile.mkdtemp(prefix="decode-bench-")
     try:
-        for name in args.models.split(","):
-            cfg = MODELS[name]
-            results, size, mla_model, hf = bench_model(name, cfg, args.new_tokens, tmp)
+        names = args.models.split(",")
+        models = {}
+        for name in names:
+            tf.keras.utils.set_random_seed(0)
+            models[name] = DeepSeekCausalLM(MODELS[name])
+        # transformers first, in its own process while this one waits. torch's decode
+        # (OpenMP threads) is far more erratic than TF's under any other load on a
+        # 2-core machine: run this on a quiet machine, and compare with
+        # `python bench/hf_decode.py DIR 32 16 512` alone if its rows look odd.
+        hf_runs = {name: hf_side(name, models[name], args.new_tokens, tmp) for name in names}
+        for name in names:
+            cfg, model = MODELS[name], models[name]
+            results, size = our_sides(name, model, args.new_tokens, tmp)
+            hf, results["hf"] = hf_runs[name]
+            mla_model = model if cfg.uses_mla else None
             print(f"\n{name}: {cfg.attention_type}, {cfg.num_hidden_layers} layers, hidden "
                   f"{cfg.hidden_size}" + (f", {cfg.n_routed_experts} experts" if
                                           cfg.n_routed_experts else "")
