@@ -34,8 +34,10 @@ from deepseek_tf.data import pipeline, shards
 from deepseek_tf.data.prepare import prepare
 from deepseek_tf.data.tokenizer import copy_tokenizer, load_tokenizer
 from deepseek_tf.flags import CONFIG_FILE
+from deepseek_tf.lora import save_adapter
 from deepseek_tf.model import DeepSeekCausalLM, count_params
 from deepseek_tf.train import checkpoint as ckpt_lib
+from deepseek_tf.train import finetune
 from deepseek_tf.train import precision
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.aux_losses import log_metrics
@@ -107,8 +109,9 @@ class RunState:
 
 
 def build_state(exp: Experiment, workdir: str, meta: dict,
-                role: strategy_lib.Role = strategy_lib.Role()) -> RunState:
-    """Model, optimizer, data iterators and checkpoints, built under the strategy."""
+                role: strategy_lib.Role = strategy_lib.Role(), log=print) -> RunState:
+    """Model (with `--train.init_from` weights and its fine-tuning method), optimizer,
+    data iterators and checkpoints, built under the strategy."""
     tcfg = exp.train
     if tcfg.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -127,6 +130,7 @@ def build_state(exp: Experiment, workdir: str, meta: dict,
     with strategy.scope():
         with precision.policy_scope(tcfg.precision):
             model = DeepSeekCausalLM(exp.model, remat=tcfg.remat)
+            finetune.prepare_model(model, exp, log)
         optimizer = precision.wrap_optimizer(make_optimizer(exp.optim, exp.decay_steps, model),
                                              tcfg, model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -200,7 +204,7 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
         copy_tokenizer(data_dir_of(exp, workdir), os.path.join(workdir, "tokenizer"))
     log(f"workdir: {workdir}")
 
-    state = build_state(exp, workdir, meta, role)
+    state = build_state(exp, workdir, meta, role, log=log)
     cleanup.callback(state.checkpoints.close)
     start = state.checkpoints.restore(log=log)
     state.collectives.check_same(start, "step to resume from")
@@ -282,6 +286,8 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
     if role.num_workers > 1:  # bitwise-identical replicas, or a bug: say so loudly
         state.collectives.check_same(int(fingerprint, 16) >> 1, "final weights")
     log(f"weights sha256: {fingerprint}")
+    if role.is_chief and tcfg.finetuning_type == "lora":
+        log(f"wrote the adapter to {save_adapter(state.model, workdir, exp.lora, tcfg.init_from)}")
     plot = plot_losses(workdir) if role.is_chief else None
     if plot:
         log(f"wrote {plot}")
