@@ -136,13 +136,11 @@ def merged_model(model):
 
 def save_adapter(model, workdir: str, cfg: LoraConfig, base: str = "") -> str:
     """Writes `<workdir>/adapter/` (the adapter kernels and their config); returns it."""
-    from safetensors.numpy import save_file
+    from deepseek_tf.convert.safetensors_io import write_safetensors
 
     out = os.path.join(workdir, ADAPTER_DIR)
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, ADAPTER_FILE + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in adapter_weights(model).items()}, tmp)
-    os.replace(tmp, os.path.join(out, ADAPTER_FILE))
+    write_safetensors(os.path.join(out, ADAPTER_FILE), adapter_weights(model))
     meta = {**cfg.to_dict(), "base": base, "model": model.config.to_dict()}
     with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
@@ -151,12 +149,13 @@ def save_adapter(model, workdir: str, cfg: LoraConfig, base: str = "") -> str:
 
 def load_adapter(model, adapter_dir: str) -> LoraConfig:
     """Enables LoRA on `model` as `adapter_dir` describes and loads its kernels."""
-    from safetensors.numpy import load_file
+    from deepseek_tf.convert.safetensors_io import SafetensorsDir
 
     try:
         with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
             meta = json.load(f)
-        tensors = load_file(os.path.join(adapter_dir, ADAPTER_FILE))
+        files = SafetensorsDir(adapter_dir)
+        tensors = {k: files.load(k) for k in files.names()}
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the adapter in {adapter_dir}: {e}") from e
     cfg = LoraConfig.from_dict({k: meta[k] for k in ("rank", "alpha", "dropout", "targets")})
