@@ -41,6 +41,7 @@ from deepseek_tf.train import finetune
 from deepseek_tf.train import precision
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.aux_losses import log_metrics
+from deepseek_tf.train.best import BestCheckpoint
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
 from deepseek_tf.train.optimizer import make_optimizer
 from deepseek_tf.train.preemption import PreemptionWatcher
@@ -231,6 +232,9 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
     logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
     cleanup.callback(logger.close)
     recovery = Recovery(state, tcfg, logger, workdir)  # rolls back bad steps
+    best = BestCheckpoint(workdir, state.model, state.step, tcfg.early_stopping_patience,
+                          role.is_chief)
+    stop = False
     inner = getattr(state.optimizer, "inner_optimizer", state.optimizer)
     schedule = inner._learning_rate  # the Keras schedule object
     last_train, last_eval = {}, {}
@@ -271,7 +275,8 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
         if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.steps:
             last_eval = evaluate(state, eval_step, tcfg.eval_steps)
             logger.write(step, last_eval, "eval")
-        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+            stop = best.update(step, last_eval["loss"])
+        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop:
             bad = recovery.unsaveable(step)  # a non-finite weight is never saved
             if bad:
                 step = recovery.roll_back(step, bad)
@@ -280,6 +285,11 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
             logger.flush()
         if watcher is not None:
             watcher.after_step(step)  # raises Preempted once every worker saved
+        if stop:
+            log(f"early stopping at step {step}: no better eval loss than "
+                f"{best.best_loss:.4f} (step {best.best_step}) in "
+                f"{tcfg.early_stopping_patience} evaluations; best weights in {best.path}")
+            break
     seconds = time.time() - t_start
     logger.close()
     fingerprint = weights_fingerprint(state.model)
@@ -296,4 +306,5 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
     log(f"done: step {step}, {seconds:.1f}s, {skipped_total} skipped steps; "
         f"workdir: {workdir}")
     return {"step": step, "train": last_train, "eval": last_eval, "seconds": seconds,
-            "skipped_steps": skipped_total, "weights_sha256": fingerprint}
+            "skipped_steps": skipped_total, "weights_sha256": fingerprint,
+            "best": {"step": best.best_step, "loss": best.best_loss}}
