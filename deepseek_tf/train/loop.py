@@ -190,6 +190,9 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     "seconds": wall time of the loop, "skipped_steps", "weights_sha256"}. Raises
     `Preempted` after saving a checkpoint if any worker got SIGTERM.
     """
+    if exp.train.stage == "dpo":  # preference pairs: its own data and step (train/dpo.py)
+        from deepseek_tf.train.dpo import train_dpo
+        return train_dpo(exp, workdir, log)
     with contextlib.ExitStack() as cleanup:  # SIGTERM handler, temporary dirs, writers
         return _train(exp, workdir, log, cleanup)
 
