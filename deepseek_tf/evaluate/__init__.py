@@ -86,7 +86,8 @@ def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", templa
     task = detect_task(records[0]) if task == "auto" else task
     model, exp = load_workdir(workdir, checkpoint)
     tok = load_run_tokenizer(workdir, exp)
-    name = template or (exp.data.template if exp.data.is_sft else "")
+    chat = exp.data.is_sft or exp.train.stage == "dpo"  # trained on templated samples
+    name = template or (exp.data.template if chat else "")
     tmpl = TEMPLATES[name] if name else None
     if not max_length and task != "generate":
         max_length = exp.data.seq_len
