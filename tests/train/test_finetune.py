@@ -184,3 +184,31 @@ def test_sft_loss_ignores_masked_tokens():
     assert float(a) == float(b)
     answer_changed = dict(batch, targets=tf.constant([[10, 11, 12, 99, 14, 15, 16, 257]]))
     assert float(_forward(model, answer_changed, False)[0]) != float(a)
+
+
+def test_lora_dropout_acts_in_training_only():
+    model = random_model("gqa")
+    apply_lora(model, LoraConfig(rank=2, dropout=0.5, targets="all"))
+    for v in model.trainable_variables:
+        v.assign(tf.random.stateless_normal(v.shape, [5, 6]) * 0.2)
+    a, b = model(IDS).numpy(), model(IDS).numpy()
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(merged_model(model)(IDS).numpy(), a, atol=1e-5)
+    assert np.abs(model(IDS, training=True).numpy() - a).max() > 1e-4
+
+
+def test_lora_on_mla_moe_trains_only_adapters(stdlib_data, tmp_path):
+    _, data_dir, _ = stdlib_data
+    src, _ = make_workdir(str(tmp_path / "src"), "mla_moe", seed=4)
+    model_cfg = Experiment.load(os.path.join(src, "config.json")).model
+    exp = tiny.experiment(data_dir, model={**model_cfg.to_dict(), "bias_update_speed": 0.0},
+                          train={"steps": 2, "eval_every": 0, "init_from": src,
+                                 "finetuning_type": "lora"})
+    exp = dataclasses.replace(exp, lora=LoraConfig(rank=2, targets="all"))
+    wd = str(tmp_path / "run")
+    train(exp, wd, log=quiet)
+    rel = lambda m: {v.path.split("/", 1)[1]: v.numpy() for v in m.variables}  # noqa: E731
+    before, after = rel(load_workdir(src)[0]), rel(load_workdir(wd)[0])
+    for k, v in before.items():  # routed experts, router, norms, MLA projections: unchanged
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+    assert any(np.abs(v).max() > 0 for k, v in after.items() if k.endswith("lora_kernel_b"))
