@@ -212,3 +212,26 @@ def test_lora_on_mla_moe_trains_only_adapters(stdlib_data, tmp_path):
     for k, v in before.items():  # routed experts, router, norms, MLA projections: unchanged
         np.testing.assert_array_equal(after[k], v, err_msg=k)
     assert any(np.abs(v).max() > 0 for k, v in after.items() if k.endswith("lora_kernel_b"))
+
+
+def test_saved_model_export_of_a_lora_model_serves_the_merged_weights(tmp_path):
+    from deepseek_tf.export import export
+
+    path, _ = make_workdir(str(tmp_path / "wd"), "mla", seed=6)
+    model, exp = load_workdir(path)
+    lora = LoraConfig(rank=2, targets="all")
+    apply_lora(model, lora)
+    for v in model.trainable_variables:
+        v.assign(tf.random.stateless_normal(v.shape, [7, 8]) * 0.1)
+    exp = dataclasses.replace(exp, lora=lora, train=exp.train.replace(finetuning_type="lora"))
+    out = str(tmp_path / "sm" / "1")
+    msgs = []
+    export(model, exp, "saved_model", out, log=msgs.append, workdir=path, max_length=16,
+           max_new_tokens=4)
+    assert any("merging the LoRA adapters" in m for m in msgs)
+    ids = IDS.numpy()
+    got = tf.saved_model.load(out).signatures["score"](
+        input_ids=tf.constant(ids), lengths=tf.constant([ids.shape[1]]))["log_probs"].numpy()
+    logp = tf.nn.log_softmax(model(IDS)).numpy()[0]
+    want = [0.0] + [logp[t - 1, ids[0, t]] for t in range(1, ids.shape[1])]
+    np.testing.assert_allclose(got[0], want, atol=1e-4)
