@@ -716,6 +716,11 @@ class DPOConfig(_Section):
     loss: str = knob("sigmoid", "sigmoid = -log sigmoid(beta * margin) (DPO); ipo = (margin - "
                      "1/(2 beta))^2 with length-averaged log-ratios.", choices=("sigmoid", "ipo"))
     label_smoothing: float = knob(0.0, "sigmoid: conservative DPO label smoothing in [0, 0.5).")
+    reference: str = knob("model", "Reference log-probs: model = a frozen copy of the "
+                          "init_from weights runs beside the policy at every step; "
+                          "precomputed = computed once for every training pair before "
+                          "training (faster steps; validation pairs are scored live).",
+                          choices=("model", "precomputed"))
 
     def __post_init__(self):
         self._coerce_and_check_types()

@@ -13,7 +13,8 @@ Loss, with log-ratios r = log pi(y|x) - log pi_ref(y|x) summed over answer token
            -(1-eps) log sigmoid(z) - eps log sigmoid(-z))
   ipo      (h - 1/(2 beta))^2 with h the difference of length-averaged log-ratios
 The reference is a frozen copy of the `--train.init_from` weights (adapters merged),
-required. Logged: rewards/chosen = beta r_chosen, rewards/rejected, margin (their
+required; `--dpo.reference=precomputed` scores every training pair with it once before
+training instead of at every step (validation pairs are always scored live). Logged: rewards/chosen = beta r_chosen, rewards/rejected, margin (their
 difference) and reward accuracy (share of pairs with margin > 0), to TensorBoard
 and log.jsonl. LoRA, freeze and full fine-tuning all apply. One device (no strategy).
 
@@ -125,7 +126,7 @@ def make_dpo_step(model, ref, optimizer, cfg: DPOConfig, clip_norm: float, jit: 
         ids = tf.reshape(batch["ids"], [2 * b, -1])                       # chosen, rejected
         mask = tf.reshape(batch["mask"], [2 * b, -1])
         pol, n = answer_logps(model, ids, mask, training)
-        ref_lp, _ = answer_logps(ref, ids, mask)
+        ref_lp = batch["ref"] if "ref" in batch else answer_logps(ref, ids, mask)[0]
         pol, ref_lp, n = (tf.reshape(x, [b, 2]) for x in (pol, tf.stop_gradient(ref_lp), n))
         loss, rc, rr = dpo_loss(pol[:, 0], pol[:, 1], ref_lp[:, 0], ref_lp[:, 1], cfg,
                                 n[:, 0], n[:, 1])
@@ -170,7 +171,19 @@ def _reference(exp: Experiment, log) -> keras.Model:
     return ref
 
 
-def _datasets(exp: Experiment, tok, log):
+def precompute_reference(ref, pairs: dict, batch_size: int) -> np.ndarray:
+    """float32 (N, 2) summed answer log-probs of every pair under the reference."""
+    fn = tf.function(lambda ids, mask: answer_logps(ref, ids, mask)[0])
+    out = []
+    for lo in range(0, len(pairs["ids"]), batch_size):
+        ids, mask = pairs["ids"][lo:lo + batch_size], pairs["mask"][lo:lo + batch_size]
+        b = len(ids)
+        lp = fn(tf.constant(ids.reshape(2 * b, -1)), tf.constant(mask.reshape(2 * b, -1)))
+        out.append(lp.numpy().reshape(b, 2))
+    return np.concatenate(out).astype(np.float32)
+
+
+def _datasets(exp: Experiment, tok, log, ref):
     from deepseek_tf.evaluate import read_records
 
     if not exp.data.inputs:
@@ -184,6 +197,9 @@ def _datasets(exp: Experiment, tok, log):
     tr = encode_pairs(train_r, template, tok, exp.data.seq_len)
     log(f"preference pairs: {len(train_r)} train / {len(val_r)} validation, template "
         f"{exp.data.template}")
+    if exp.dpo.reference == "precomputed":
+        tr["ref"] = precompute_reference(ref, tr, exp.train.batch_size)
+        log(f"reference log-probs precomputed for {len(train_r)} pairs")
     ds = tf.data.Dataset.from_tensor_slices(tr).repeat().shuffle(
         max(len(train_r), 1), seed=exp.train.seed).batch(exp.train.batch_size, drop_remainder=True)
     val = encode_pairs(val_r, template, tok, exp.data.seq_len) if val_r else None
@@ -202,15 +218,15 @@ def train_dpo(exp: Experiment, workdir: str, log=print) -> dict:
     workdir = os.path.abspath(workdir)
     tok = load_run_tokenizer(tcfg.init_from, load_experiment(tcfg.init_from))
     os.makedirs(workdir, exist_ok=True)
-    train_ds, val = _datasets(exp, tok, log)
-    exp.save(os.path.join(workdir, CONFIG_FILE))
-    tok.save(os.path.join(workdir, "tokenizer"))
     if tcfg.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(tcfg.seed)
+    keras.utils.set_random_seed(tcfg.seed)  # before the data: its shuffle seeds depend on it
+    ref = _reference(exp, log)
+    train_ds, val = _datasets(exp, tok, log, ref)
+    exp.save(os.path.join(workdir, CONFIG_FILE))
+    tok.save(os.path.join(workdir, "tokenizer"))
     model = DeepSeekCausalLM(exp.model)
     finetune.prepare_model(model, exp, log)
-    ref = _reference(exp, log)
     optimizer = make_optimizer(exp.optim, exp.decay_steps, model)
     step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     rng = tf.random.Generator.from_seed(tcfg.seed)

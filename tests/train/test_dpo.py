@@ -80,6 +80,12 @@ def test_dpo_run_grows_the_chosen_margin_and_logs_reward_accuracy(tmp_path):
     assert margins[-1] > margins[0] + 0.5, margins
     assert result["eval"]["rewards/accuracy"] == 1.0
     assert os.path.exists(os.path.join(wd, "adapter", "adapter.safetensors"))
+    # The reference's log-probs computed once up front: the same run, to float rounding.
+    pre = dataclasses.replace(exp, dpo=DPOConfig(beta=0.5, reference="precomputed"))
+    train(pre, str(tmp_path / "pre"), log=quiet)
+    pre_rows = [r for r in read_log(str(tmp_path / "pre")) if r["kind"] == "train"]
+    np.testing.assert_allclose([r["loss"] for r in pre_rows], [r["loss"] for r in rows],
+                               rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="init_from"):
         train(dataclasses.replace(exp, train=exp.train.replace(init_from="")),
               str(tmp_path / "x"), log=quiet)
