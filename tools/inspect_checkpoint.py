@@ -78,7 +78,8 @@ def main(argv):
     print(f"checkpoint: {resolve(F.checkpoint)}")
     width = max([len(r["name"]) for r in rows] + [8])
     for r in rows:
-        line = f"{r['name']:<{width}}  {str(tuple(r['shape'])):<16} {r['dtype']:<8} {r['size']:>12,}"
+        shape = str(tuple(r["shape"]))
+        line = f"{r['name']:<{width}}  {shape:<16} {r['dtype']:<8} {r['size']:>12,}"
         if "mean" in r:
             line += f"  mean {r['mean']:+.4e} std {r['std']:.4e} max|x| {r['max_abs']:.4e}"
         print(line)

@@ -25,7 +25,8 @@ from deepseek_tf import flags as dflags  # noqa: E402
 def define_flags():
     """The command line's flags (defined only when run as a script)."""
     flags.DEFINE_string("workdir", "", "A LoRA run to merge (its latest checkpoint).")
-    flags.DEFINE_string("base", "", "With --adapter: the workdir whose weights the adapter goes on.")
+    flags.DEFINE_string("base", "", "With --adapter: the workdir whose weights the adapter "
+                        "goes on.")
     flags.DEFINE_string("adapter", "", "An adapter directory (adapter.safetensors + "
                         "adapter_config.json), e.g. <lora run>/adapter.")
     flags.DEFINE_string("output", "", "The new workdir (must not exist yet).")

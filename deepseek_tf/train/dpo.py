@@ -14,9 +14,9 @@ Loss, with log-ratios r = log pi(y|x) - log pi_ref(y|x) summed over answer token
   ipo      (h - 1/(2 beta))^2 with h the difference of length-averaged log-ratios
 The reference is a frozen copy of the `--train.init_from` weights (adapters merged),
 required; `--dpo.reference=precomputed` scores every training pair with it once before
-training instead of at every step (validation pairs are always scored live). Logged: rewards/chosen = beta r_chosen, rewards/rejected, margin (their
-difference) and reward accuracy (share of pairs with margin > 0), to TensorBoard
-and log.jsonl. LoRA, freeze and full fine-tuning all apply. One device (no strategy).
+training instead of at every step (validation pairs are always scored live).
+Logged: rewards/chosen = beta r_chosen, rewards/rejected, margin (their difference)
+and reward accuracy (share of pairs with margin > 0), to TensorBoard and log.jsonl. LoRA, freeze and full fine-tuning all apply. One device (no strategy).
 
 Example:
     >>> exp = Experiment(..., train=TrainConfig(stage="dpo", init_from="runs/sft"))
@@ -184,7 +184,7 @@ def precompute_reference(ref, pairs: dict, batch_size: int) -> np.ndarray:
 
 
 def _datasets(exp: Experiment, tok, log, ref):
-    from deepseek_tf.evaluate import read_records
+    from deepseek_tf.data.records import read_records
 
     if not exp.data.inputs:
         raise ConfigError("--train.stage=dpo needs --data.inputs=PAIRS.jsonl (prompt/"

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from deepseek_tf.config import Experiment, LoraConfig, UserError
-from deepseek_tf.lora import apply_lora, merged_model, save_adapter
+from deepseek_tf.lora import apply_lora, save_adapter
 from deepseek_tf.workdir import load_workdir
 from tests.helpers.workdirs import make_workdir
 from tools import compare_runs, inspect_checkpoint, merge_lora

@@ -235,3 +235,17 @@ def test_saved_model_export_of_a_lora_model_serves_the_merged_weights(tmp_path):
     logp = tf.nn.log_softmax(model(IDS)).numpy()[0]
     want = [0.0] + [logp[t - 1, ids[0, t]] for t in range(1, ids.shape[1])]
     np.testing.assert_allclose(got[0], want, atol=1e-4)
+
+
+def test_train_cli_refuses_a_model_flag_that_contradicts_init_from(source, tmp_path):
+    import subprocess
+    import sys
+    src, _ = source
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-m", "deepseek_tf.train", f"--workdir={tmp_path}/r",
+                          f"--train.init_from={src}", "--model.hidden_size=64"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: --model.hidden_size=64 contradicts --train.init_from=")
+    assert not os.path.exists(f"{tmp_path}/r")
