@@ -5,8 +5,10 @@
         --filter=lora --stats
 
 --checkpoint takes a workdir (its latest checkpoint), a checkpoints/ directory or a
-checkpoint prefix. Variables are grouped by their top-level object (model, optimizer,
-step, ...); with --stats each row adds mean, std and max |x|. Ends with the counts.
+checkpoint prefix. Each variable is named by its place in the model (TF itself files a
+trainable variable under the optimizer's shorter path), grouped by the top-level object
+(model, optimizer, step, ...); with --stats each row adds mean, std and max |x|. Ends
+with the counts.
 """
 
 import os
@@ -47,6 +49,30 @@ def resolve(path: str) -> str:
                     f"checkpoints/ directory or a prefix like .../ckpt-400).")
 
 
+def object_paths(reader) -> dict[str, str]:
+    """{checkpoint key: readable path}. TF stores each variable once, under its shortest
+    path (a trainable variable under `optimizer/_trainable_variables/<i>`); this walks the
+    object graph from `model` first, so variables get their path in the model."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    roots = sorted(graph.nodes[0].children, key=lambda c: c.local_name != "model")
+    seen, out = {0}, {}
+    for root in roots:  # the whole model subtree before the optimizer's references
+        queue = [(root.node_id, root.local_name)]
+        while queue:
+            node_id, path = queue.pop(0)
+            if node_id in seen:
+                continue
+            seen.add(node_id)
+            node = graph.nodes[node_id]
+            for attr in node.attributes:
+                out.setdefault(attr.checkpoint_key, path)
+            queue += [(c.node_id, f"{path}/{c.local_name}") for c in node.children]
+    return out
+
+
 def inspect(path: str, contains: str = "", stats: bool = False) -> list[dict]:
     """One dict per variable: name, shape, dtype, size (+ mean, std, max_abs)."""
     import numpy as np
@@ -55,11 +81,14 @@ def inspect(path: str, contains: str = "", stats: bool = False) -> list[dict]:
     prefix = resolve(path)
     reader = tf.train.load_checkpoint(prefix)
     dtypes = reader.get_variable_to_dtype_map()
+    names = object_paths(reader)
     rows = []
-    for key, shape in sorted(reader.get_variable_to_shape_map().items()):
-        if not key.endswith(SUFFIX) or contains not in key:
+    for key, shape in sorted(reader.get_variable_to_shape_map().items(),
+                             key=lambda kv: names.get(kv[0], kv[0])):
+        name = names.get(key, key[:-len(SUFFIX)])
+        if not key.endswith(SUFFIX) or contains not in name:
             continue  # skips the object graph and iterator state
-        row = {"name": key[:-len(SUFFIX)], "shape": list(shape),
+        row = {"name": name, "shape": list(shape),
                "dtype": dtypes[key].name, "size": int(np.prod(shape)) if shape else 1}
         if stats and dtypes[key].is_floating:
             v = reader.get_tensor(key).astype(np.float64)

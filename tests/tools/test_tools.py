@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -42,8 +43,12 @@ def lora_run(tmp_path_factory):
     apply_lora(model, lora)
     for v in model.trainable_variables:
         v.assign(tf.random.stateless_normal(v.shape, [3, 4]) * 0.1)
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=tf.Variable(1, tf.int64)),
-                               os.path.join(path, "checkpoints"), max_to_keep=2).save(1)
+    # With an optimizer, as training saves: TF stores trainable variables under its path.
+    opt = keras.optimizers.Adam()
+    opt.build(model.trainable_variables)
+    tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model, optimizer=opt, step=tf.Variable(1, tf.int64)),
+        os.path.join(path, "checkpoints"), max_to_keep=2).save(1)
     save_adapter(model, path, lora)
     return path, model
 
