@@ -759,6 +759,12 @@ class Experiment:
             raise ConfigError(
                 f"--data.seq_len={self.data.seq_len} exceeds "
                 f"--model.max_position_embeddings={self.model.max_position_embeddings}.")
+        if self.train.finetuning_type == "lora" and self.lora.dropout > 0 and \
+                self.train.remat != "none":
+            raise ConfigError(
+                "--lora.dropout > 0 draws its masks from a stateful seed, which recomputation "
+                "(--train.remat) would advance again: use --lora.dropout=0 or "
+                "--train.remat=none.")
         if self.train.jit_compile and self.model.n_routed_experts and \
                 self.model.capacity_factor <= 0:
             raise ConfigError(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import ConfigError, Experiment, FreezeConfig, LoraConfig
+from deepseek_tf.config import ConfigError, Experiment, FreezeConfig, LoraConfig, TrainConfig
 from deepseek_tf.flags import adopt_init_from
 from deepseek_tf.lora import (ADAPTER_DIR, ADAPTER_FILE, adapter_weights, apply_lora,
                               merged_model)
@@ -249,3 +249,9 @@ def test_train_cli_refuses_a_model_flag_that_contradicts_init_from(source, tmp_p
     assert out.stderr.strip().splitlines()[-1].startswith(
         "error: --model.hidden_size=64 contradicts --train.init_from=")
     assert not os.path.exists(f"{tmp_path}/r")
+
+
+def test_lora_dropout_with_remat_is_refused():
+    with pytest.raises(ConfigError, match="remat"):
+        Experiment(train=TrainConfig(finetuning_type="lora", remat="block"),
+                   lora=LoraConfig(dropout=0.1))
