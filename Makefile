@@ -1,6 +1,8 @@
 # Quickstart targets. The first use creates .venv and installs the pinned stack into it.
 #   make train   train the embedded default model (configs/tiny.flags) end to end
 #   make test    run the whole test suite
+#   make demo    the fine-tuning demo: LoRA-tune runs/tiny on synthetic instructions
+#                (configs/sft-lora-tiny.flags), then its held-out exact match
 # Extra flags reach the trainer through ARGS, e.g. make train ARGS="--workdir=runs/t2".
 
 PYTHON ?= python3
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test bench wheel clean
+.PHONY: install train demo test bench wheel clean
 
 install: $(STAMP)
 
@@ -23,6 +25,13 @@ $(STAMP): setup.py requirements/constraints.txt
 
 train: $(STAMP)
 	$(BIN)/python -m deepseek_tf.train --flagfile=configs/tiny.flags $(ARGS)
+
+demo: $(STAMP)
+	test -f runs/tiny/checkpoints/checkpoint || $(BIN)/python -m deepseek_tf.train --flagfile=configs/tiny.flags
+	test -f data/sft-demo/heldout.jsonl || $(BIN)/python -m deepseek_tf.data.demo --output_dir=data/sft-demo
+	$(BIN)/python -m deepseek_tf.train --flagfile=configs/sft-lora-tiny.flags $(ARGS)
+	$(BIN)/python -m deepseek_tf.evaluate --workdir=runs/sft-lora-tiny \
+	    --data.inputs=data/sft-demo/heldout.jsonl --task=generate --max_new_tokens=16 --batch_size=50
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -21,6 +21,10 @@ INSTALL_REQUIRES = [
     "absl-py>=1.4,<3",
     "matplotlib>=3.8,<4",
     "numpy>=1.26,<3",
+    # evaluate: BLEU, ROUGE, classification F1
+    "sacrebleu>=2.4,<3",
+    "rouge-score==0.1.2",
+    "scikit-learn>=1.5,<2",
 ]
 
 EXTRAS = {

@@ -629,6 +629,20 @@ class TrainConfig(_Section):
                                     resumable=True)
     loss_upper_bound: float = knob(0.0, "A step whose loss exceeds this is treated like a "
                                    "non-finite one (0 = off).", resumable=True)
+    # fine-tuning (train/finetune.py, train/dpo.py)
+    init_from: str = knob("", "Start from the model weights of this workdir (any deepseek_tf "
+                          "workdir, e.g. one made by convert); its model config is used and "
+                          "contradicting --model.* flags are refused. Optimizer, data and loop "
+                          "start fresh. Empty = random initialization.")
+    finetuning_type: str = knob("full", "Which weights train: full (all), freeze (only "
+                                "--freeze.*), lora (low-rank adapters on --lora.targets; the "
+                                "base stays frozen).", choices=("full", "freeze", "lora"))
+    stage: str = knob("sft", "Objective: sft (next-token loss on the loss mask; pretraining "
+                      "data too) or dpo (preference pairs, --dpo.*).", choices=("sft", "dpo"))
+    early_stopping_patience: int = knob(0, "Stop after this many evaluations without a new "
+                                        "best validation loss (0 = off). The best checkpoint "
+                                        "is kept in checkpoints/best/ either way.",
+                                        resumable=True)
 
     def __post_init__(self):
         if isinstance(self.jit_compile, bool):  # configs and callers from before "auto"
@@ -644,6 +658,8 @@ class TrainConfig(_Section):
         r(self.seed >= 0, "--train.seed must be >= 0.")
         r(self.collective_timeout >= 0, "--train.collective_timeout must be >= 0 (0 = forever).")
         r(self.initial_loss_scale >= 1, "--train.initial_loss_scale must be >= 1.")
+        r(self.early_stopping_patience >= 0,
+          "--train.early_stopping_patience must be >= 0 (0 = off).")
         prof = [p.strip() for p in self.profile_steps.split(",")] if self.profile_steps else []
         r(not prof or (len(prof) == 2 and all(p.isdigit() for p in prof)
                        and 1 <= int(prof[0]) <= int(prof[1])),
@@ -663,9 +679,93 @@ class TrainConfig(_Section):
         return self.batch_size * replicas * self.grad_accum_steps
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(_Section):
+    """LoRA adapters (`--train.finetuning_type=lora`), through Keras' `Dense.enable_lora`.
+
+    Example:
+        >>> LoraConfig(rank=8, targets="q_proj,v_proj").target_list
+        ('q_proj', 'v_proj')
+    """
+
+    SECTION = "lora"
+
+    rank: int = knob(8, "Rank r of each adapter (A: in x r, B: r x out; B starts at zero).")
+    alpha: float = knob(16.0, "Scale: the adapter adds (alpha / rank) * x A B.")
+    dropout: float = knob(0.0, "Dropout on the adapter's input during training.")
+    targets: str = knob("all", "Comma-separated projection names to adapt (q_proj, k_proj, "
+                        "v_proj, o_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, "
+                        "gate_proj, up_proj, down_proj; shared experts included), or all.")
+
+    def __post_init__(self):
+        self._coerce_and_check_types()
+        r = self._require
+        r(self.rank > 0, f"--lora.rank must be > 0, got {self.rank}.")
+        r(self.alpha > 0, f"--lora.alpha must be > 0, got {self.alpha}.")
+        r(0 <= self.dropout < 1, f"--lora.dropout must be in [0, 1), got {self.dropout}.")
+        r(bool(self.target_list), "--lora.targets is empty: name projections or use all.")
+
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        return _split_list(self.targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeConfig(_Section):
+    """Partial fine-tuning (`--train.finetuning_type=freeze`).
+
+    Example:
+        >>> FreezeConfig(trainable_layers=2, modules="lm_head").module_list
+        ('lm_head',)
+    """
+
+    SECTION = "freeze"
+
+    trainable_layers: int = knob(2, "Train the last N decoder blocks (0 = none).")
+    modules: str = knob("", "Comma-separated module names also trained wherever they occur "
+                        "(e.g. lm_head, norm, embed_tokens, mlp, self_attn, q_proj).")
+
+    def __post_init__(self):
+        self._coerce_and_check_types()
+        self._require(self.trainable_layers >= 0, "--freeze.trainable_layers must be >= 0.")
+
+    @property
+    def module_list(self) -> tuple[str, ...]:
+        return _split_list(self.modules)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig(_Section):
+    """Direct preference optimization (`--train.stage=dpo`).
+
+    Example:
+        >>> DPOConfig(beta=0.1, loss="ipo").loss
+        'ipo'
+    """
+
+    SECTION = "dpo"
+
+    beta: float = knob(0.1, "DPO temperature beta (IPO: the regularization 1/(2 tau)).")
+    loss: str = knob("sigmoid", "sigmoid = -log sigmoid(beta * margin) (DPO); ipo = (margin - "
+                     "1/(2 beta))^2 with length-averaged log-ratios.", choices=("sigmoid", "ipo"))
+    label_smoothing: float = knob(0.0, "sigmoid: conservative DPO label smoothing in [0, 0.5).")
+    reference: str = knob("model", "Reference log-probs: model = a frozen copy of the "
+                          "init_from weights runs beside the policy at every step; "
+                          "precomputed = computed once for every training pair before "
+                          "training (faster steps; validation pairs are scored live).",
+                          choices=("model", "precomputed"))
+
+    def __post_init__(self):
+        self._coerce_and_check_types()
+        r = self._require
+        r(self.beta > 0, f"--dpo.beta must be > 0, got {self.beta}.")
+        r(0 <= self.label_smoothing < 0.5, "--dpo.label_smoothing must be in [0, 0.5).")
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig, "data": DataConfig, "tokenizer": TokenizerConfig,
-    "optim": OptimConfig, "train": TrainConfig}
+    "optim": OptimConfig, "train": TrainConfig, "lora": LoraConfig, "freeze": FreezeConfig,
+    "dpo": DPOConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -683,12 +783,21 @@ class Experiment:
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
     def __post_init__(self):
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"--data.seq_len={self.data.seq_len} exceeds "
                 f"--model.max_position_embeddings={self.model.max_position_embeddings}.")
+        if self.train.finetuning_type == "lora" and self.lora.dropout > 0 and \
+                self.train.remat != "none":
+            raise ConfigError(
+                "--lora.dropout > 0 draws its masks from a stateful seed, which recomputation "
+                "(--train.remat) would advance again: use --lora.dropout=0 or "
+                "--train.remat=none.")
         if self.train.jit_compile == "true" and self.model.n_routed_experts and \
                 self.model.capacity_factor <= 0:
             raise ConfigError(

@@ -18,6 +18,7 @@ Example (in an entry point):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Callable, Iterable
@@ -148,7 +149,42 @@ def resolve_experiment(flag_values: flags.FlagValues = FLAGS,
                     s: getattr(saved, s).replace(**given[s]) for s in cfg.SECTIONS
                     if s != "model"})
             return reconcile(saved, given, path)
+    if exp.train.init_from:
+        return adopt_init_from(exp, given_overrides(flag_values))
     return exp
+
+
+def adopt_init_from(exp: cfg.Experiment, given: dict[str, dict]) -> cfg.Experiment:
+    """A new run that starts from `--train.init_from=WORKDIR`: the model section (and
+    the tokenizer) come from that workdir; a given flag that contradicts them is an error.
+    """
+    src = exp.train.init_from
+    path = os.path.join(src, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise cfg.UserError(f"--train.init_from={src} has no {CONFIG_FILE}: not a deepseek_tf "
+                            f"workdir (train or convert into it first).")
+    source = cfg.Experiment.load(path)
+    tok = source.tokenizer
+    for name in ("tokenizer.model", "tokenizer.json"):  # a trained run's own tokenizer file
+        f = os.path.join(src, "tokenizer", name)
+        if os.path.exists(f) and tok.type != "byte":
+            tok = tok.replace(path=os.path.abspath(f))
+    # Training knobs of the model section (loss weights, capacity factors, router bias
+    # speed: the fields marked resumable) may be set; the architecture may not.
+    loose = {f.name for f in dataclasses.fields(cfg.ModelConfig) if f.metadata["resumable"]}
+    model = source.model.replace(**{k: v for k, v in given["model"].items() if k in loose})
+    for s, fixed in (("model", model), ("tokenizer", tok)):
+        for name, value in given[s].items():
+            old = getattr(fixed, name)
+            if value != old and not (isinstance(old, float) and float(value) == old) and \
+                    not (s == "tokenizer" and name == "path"):
+                raise cfg.ConfigError(
+                    f"--{s}.{name}={value!r} contradicts --train.init_from={src}, whose "
+                    f"config.json has {old!r}; drop the flag (the model comes from there).")
+    data = exp.data
+    if "seq_len" not in given["data"] and data.seq_len > model.max_position_embeddings:
+        data = data.replace(seq_len=model.max_position_embeddings)
+    return dataclasses.replace(exp, model=model, tokenizer=tok, data=data)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

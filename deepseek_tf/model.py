@@ -205,7 +205,7 @@ def token_losses(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
 
 
 def count_params(model: keras.Model) -> tuple[int, int]:
-    """(trainable, all) parameter counts."""
+    """(trainable, all) parameter counts (RNG states, e.g. LoRA dropout seeds, excluded)."""
     trainable = sum(int(tf.size(v)) for v in model.trainable_variables)
-    total = sum(int(tf.size(v)) for v in model.variables)
+    total = sum(int(tf.size(v)) for v in model.variables if "seed_generator" not in v.path)
     return trainable, total

@@ -26,7 +26,10 @@ def load_experiment(workdir: str) -> Experiment:
 
 
 def load_workdir(workdir: str, checkpoint: str = ""):
-    """(model with the latest (or given) checkpoint's weights, Experiment) of a workdir."""
+    """(model with the latest (or given) checkpoint's weights, Experiment) of a workdir.
+
+    A LoRA run's model comes with its adapters enabled (`lora.merged_model` folds them
+    into plain weights)."""
     import tensorflow as tf
 
     from deepseek_tf.model import DeepSeekCausalLM
@@ -36,6 +39,9 @@ def load_workdir(workdir: str, checkpoint: str = ""):
     if not path:
         raise UserError(f"{workdir}/checkpoints holds no checkpoint.")
     model = DeepSeekCausalLM(exp.model)
+    if exp.train.finetuning_type == "lora":  # the checkpoint holds base + adapters
+        from deepseek_tf.lora import apply_lora
+        apply_lora(model, exp.lora, seed=exp.train.seed)
     try:
         tf.train.Checkpoint(model=model).restore(path).expect_partial() \
             .assert_existing_objects_matched()

@@ -44,7 +44,12 @@ def export(model, exp: Experiment, fmt: str, output: str, log=print,
            workdir: str | None = None, **options) -> str:
     """Writes `model` in format `fmt` to `output`; `workdir` supplies the run's tokenizer;
     `options` are the format's own (saved_model: max_length, max_new_tokens, quantize;
-    tflite / litertlm: max_length, prefill_lengths, quantize)."""
+    tflite / litertlm: max_length, prefill_lengths, quantize). A LoRA model is merged
+    into plain weights first."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}.")
+    from deepseek_tf.lora import is_lora, merged_model
+    if is_lora(model):  # every format gets plain weights: W + (alpha / r) A B
+        log("merging the LoRA adapters into the base weights")
+        model = merged_model(model)
     return FORMATS[fmt](model, exp, output, log=log, workdir=workdir, **options)

@@ -34,12 +34,15 @@ from deepseek_tf.data import pipeline, shards
 from deepseek_tf.data.prepare import prepare
 from deepseek_tf.data.tokenizer import copy_tokenizer, load_tokenizer
 from deepseek_tf.flags import CONFIG_FILE
+from deepseek_tf.lora import save_adapter
 from deepseek_tf.model import DeepSeekCausalLM, count_params
 from deepseek_tf.train import autotune
 from deepseek_tf.train import checkpoint as ckpt_lib
+from deepseek_tf.train import finetune
 from deepseek_tf.train import precision
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.aux_losses import log_metrics
+from deepseek_tf.train.best import BestCheckpoint
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
 from deepseek_tf.train.optimizer import make_optimizer
 from deepseek_tf.train.preemption import PreemptionWatcher
@@ -111,8 +114,9 @@ class RunState:
 
 def build_state(exp: Experiment, workdir: str, meta: dict,
                 role: strategy_lib.Role = strategy_lib.Role(), log=print) -> RunState:
-    """Model, optimizer, data iterators and checkpoints, built under the strategy
-    (`--train.precision=auto` is resolved first: `state.exp`)."""
+    """Model (with `--train.init_from` weights and its fine-tuning method), optimizer,
+    data iterators and checkpoints, built under the strategy (`--train.precision=auto`
+    is resolved first: `state.exp`)."""
     if exp.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(exp.train.seed)
@@ -140,6 +144,7 @@ def build_state(exp: Experiment, workdir: str, meta: dict,
     with strategy.scope():
         with precision.policy_scope(tcfg.precision):
             model = DeepSeekCausalLM(exp.model, remat=tcfg.remat)
+            finetune.prepare_model(model, exp, log)
         optimizer = precision.wrap_optimizer(make_optimizer(exp.optim, exp.decay_steps, model),
                                              tcfg, model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -212,6 +217,9 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     "seconds": wall time of the loop, "skipped_steps", "weights_sha256"}. Raises
     `Preempted` after saving a checkpoint if any worker got SIGTERM.
     """
+    if exp.train.stage == "dpo":  # preference pairs: its own data and step (train/dpo.py)
+        from deepseek_tf.train.dpo import train_dpo
+        return train_dpo(exp, workdir, log)
     with contextlib.ExitStack() as cleanup:  # SIGTERM handler, temporary dirs, writers
         return _train(exp, workdir, log, cleanup)
 
@@ -264,6 +272,9 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
     logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
     cleanup.callback(logger.close)
     recovery = Recovery(state, tcfg, logger, workdir)  # rolls back bad steps
+    best = BestCheckpoint(workdir, state.model, state.step, tcfg.early_stopping_patience,
+                          role.is_chief)
+    stop = False
     inner = getattr(state.optimizer, "inner_optimizer", state.optimizer)
     schedule = inner._learning_rate  # the Keras schedule object
     last_train, last_eval = {}, {}
@@ -309,7 +320,8 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
         if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.steps:
             last_eval = evaluate(state, eval_step, tcfg.eval_steps)
             logger.write(step, last_eval, "eval")
-        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+            stop = best.update(step, last_eval["loss"])
+        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop:
             bad = recovery.unsaveable(step)  # a non-finite weight is never saved
             if bad:
                 step = recovery.roll_back(step, bad)
@@ -318,12 +330,19 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
             logger.flush()
         if watcher is not None:
             watcher.after_step(step)  # raises Preempted once every worker saved
+        if stop:
+            log(f"early stopping at step {step}: no better eval loss than "
+                f"{best.best_loss:.4f} (step {best.best_step}) in "
+                f"{tcfg.early_stopping_patience} evaluations; best weights in {best.path}")
+            break
     seconds = time.time() - t_start
     logger.close()
     fingerprint = weights_fingerprint(state.model)
     if role.num_workers > 1:  # bitwise-identical replicas, or a bug: say so loudly
         state.collectives.check_same(int(fingerprint, 16) >> 1, "final weights")
     log(f"weights sha256: {fingerprint}")
+    if role.is_chief and tcfg.finetuning_type == "lora":
+        log(f"wrote the adapter to {save_adapter(state.model, workdir, exp.lora, tcfg.init_from)}")
     plot = plot_losses(workdir) if role.is_chief else None
     if plot:
         log(f"wrote {plot}")
@@ -332,4 +351,5 @@ def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) ->
     log(f"done: step {step}, {seconds:.1f}s, {skipped_total} skipped steps; "
         f"workdir: {workdir}")
     return {"step": step, "train": last_train, "eval": last_eval, "seconds": seconds,
-            "skipped_steps": skipped_total, "weights_sha256": fingerprint}
+            "skipped_steps": skipped_total, "weights_sha256": fingerprint,
+            "best": {"step": best.best_step, "loss": best.best_loss}}

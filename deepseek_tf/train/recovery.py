@@ -64,6 +64,8 @@ class Recovery:
     def unsaveable(self, step: int) -> str | None:
         """Why the weights must not be saved at `step` (a non-finite value), or None."""
         for v in self.state.model.weights:
+            if "float" not in str(v.dtype):  # e.g. RNG seed states
+                continue
             if not bool(tf.reduce_all(tf.math.is_finite(v))):
                 return f"weight {v.path} became non-finite at step {step}"
         return None

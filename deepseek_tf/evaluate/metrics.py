@@ -1,0 +1,60 @@
+"""Scores of generated text and predicted labels: exact match, BLEU, ROUGE, accuracy, F1.
+
+BLEU is sacrebleu's corpus BLEU (13a tokenization); ROUGE is Google's `rouge-score`
+(the reference re-implementation of ROUGE-1.5.5), mean F-measure of rouge1 / rouge2 /
+rougeL; F1 is scikit-learn's. Every score is in [0, 100] except accuracy and F1 in
+[0, 1].
+
+Example:
+    >>> generation_scores(["4", "cba"], ["4", "abc"])["exact_match"]
+    50.0
+"""
+
+from __future__ import annotations
+
+
+def normalize(text: str) -> str:
+    """Exact match compares answers without surrounding whitespace."""
+    return text.strip()
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Percentage of predictions equal to their reference (after `normalize`)."""
+    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
+    return 100.0 * hits / max(len(references), 1)
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """sacrebleu corpus BLEU (one reference per prediction)."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean F-measure (x100) of rouge1, rouge2 and rougeL."""
+    from rouge_score import rouge_scorer
+
+    names = ("rouge1", "rouge2", "rougeL")
+    scorer = rouge_scorer.RougeScorer(list(names))
+    sums = dict.fromkeys(names, 0.0)
+    for p, r in zip(predictions, references):
+        scores = scorer.score(r, p)
+        for n in names:
+            sums[n] += scores[n].fmeasure
+    return {n: 100.0 * sums[n] / max(len(references), 1) for n in names}
+
+
+def generation_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """exact_match, bleu, rouge1, rouge2, rougeL of predictions against references."""
+    return {"exact_match": exact_match(predictions, references),
+            "bleu": bleu(predictions, references), **rouge(predictions, references)}
+
+
+def classification_scores(truth: list[str], predicted: list[str]) -> dict[str, float]:
+    """accuracy, macro_f1 and micro_f1 of predicted labels."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(truth, predicted)),
+            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+            "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0))}

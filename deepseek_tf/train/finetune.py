@@ -1,0 +1,99 @@
+"""Fine-tuning setup: start from a workdir's weights, then choose what trains.
+
+`prepare_model` runs right after the model is built (inside the strategy scope,
+before the optimizer sees `model.trainable_variables`):
+  1. `--train.init_from=WORKDIR`: the model weights of that workdir's latest
+     checkpoint (a LoRA run's adapters are merged first); never its optimizer.
+  2. `--train.finetuning_type`: full (everything trains), lora (deepseek_tf/lora.py:
+     adapters on `--lora.targets`, everything else frozen) or freeze (the last
+     `--freeze.trainable_layers` blocks and any module named in `--freeze.modules`).
+
+Frozen variables are left out of the optimizer, so they get no update, no weight
+decay and no optimizer slots. A resumed run rebuilds the same structure and then
+restores its own checkpoint over it.
+
+Example:
+    >>> model = DeepSeekCausalLM(exp.model)
+    >>> prepare_model(model, exp, log=print)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import tensorflow as tf
+
+from deepseek_tf.config import ConfigError, Experiment, FreezeConfig, UserError
+from deepseek_tf.lora import _rel, apply_lora, merged_model
+
+
+def _loose(model_cfg) -> dict:
+    """The model fields a fine-tuning run may set itself (loss weights, capacities)."""
+    return {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
+            if f.metadata["resumable"]}
+
+
+def load_init_weights(model, workdir: str, log=print) -> str:
+    """Copies the model weights of `workdir`'s latest checkpoint into `model`; returns
+    the checkpoint path. Refuses a model config that differs from the workdir's."""
+    from deepseek_tf.workdir import load_experiment, load_workdir
+
+    src_exp = load_experiment(workdir)
+    if dataclasses.replace(src_exp.model, **_loose(model.config)) != model.config:
+        raise ConfigError(f"--train.init_from={workdir} holds another model config than "
+                          f"this run; start a new --workdir without model flags.")
+    path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    if not path:
+        raise UserError(f"--train.init_from={workdir}: checkpoints/ holds no checkpoint.")
+    if src_exp.train.finetuning_type == "lora":  # merge its adapters into plain weights
+        src, _ = load_workdir(workdir)
+        values = {_rel(v.path): v for v in merged_model(src).variables}
+        for v in model.variables:
+            v.assign(values[_rel(v.path)])
+    else:
+        try:
+            tf.train.Checkpoint(model=model).restore(path).expect_partial() \
+                .assert_existing_objects_matched()
+        except (tf.errors.OpError, AssertionError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--train.init_from: cannot restore {path}: {first}") from e
+    log(f"initialised the model weights from {path} (--train.init_from; optimizer, data "
+        f"and loop start fresh)")
+    return path
+
+
+def _parts(v) -> list[str]:
+    return _rel(v.path).split("/")
+
+
+def apply_freeze(model, cfg: FreezeConfig) -> None:
+    """Freezes every variable except those of the last `trainable_layers` decoder
+    blocks and of modules named in `cfg.modules`."""
+    n = model.config.num_hidden_layers
+    blocks = {f"layers_{i}" for i in range(n - cfg.trainable_layers, n)}
+    modules = set(cfg.module_list)
+    for v in model.variables:
+        parts = _parts(v)
+        if v.trainable:  # non-trainable ones (e.g. router biases) stay so
+            v.trainable = bool(blocks & set(parts[:1]) or modules & set(parts[:-1]))
+    if not model.trainable_variables:
+        raise ConfigError(f"--train.finetuning_type=freeze leaves nothing to train: raise "
+                          f"--freeze.trainable_layers (now {cfg.trainable_layers}) or name "
+                          f"--freeze.modules (e.g. lm_head,norm).")
+
+
+def prepare_model(model, exp: Experiment, log=print) -> None:
+    """Loads `--train.init_from` weights, then applies `--train.finetuning_type`."""
+    tcfg = exp.train
+    if tcfg.init_from:
+        load_init_weights(model, tcfg.init_from, log)
+    if tcfg.finetuning_type == "lora":
+        n = apply_lora(model, exp.lora, seed=tcfg.seed)
+        log(f"LoRA: rank {exp.lora.rank}, alpha {exp.lora.alpha:g}, dropout "
+            f"{exp.lora.dropout:g} on {n} projections ({exp.lora.targets}); routed expert "
+            f"stacks, norms, embeddings and the head stay frozen")
+    elif tcfg.finetuning_type == "freeze":
+        apply_freeze(model, exp.freeze)
+        log(f"freeze: training the last {exp.freeze.trainable_layers} blocks"
+            + (f" and {exp.freeze.modules}" if exp.freeze.modules else ""))

@@ -1,0 +1,82 @@
+"""Merge a LoRA adapter into plain weights and write a new workdir.
+
+    python tools/merge_lora.py --workdir=runs/sft-lora-tiny --output=runs/sft-merged
+    python tools/merge_lora.py --base=runs/tiny --adapter=runs/sft-lora-tiny/adapter \
+        --output=runs/sft-merged
+
+The first form merges a LoRA run's latest checkpoint (base + adapters); the second
+applies a saved adapter directory (adapter.safetensors + adapter_config.json) to the
+weights of any workdir with the same model. The output is an ordinary workdir
+(config.json with finetuning_type=full, checkpoints/ckpt-0 with the merged weights,
+tokenizer/): generate, evaluate, export and --train.init_from take it as it is.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from deepseek_tf import flags as dflags  # noqa: E402
+
+
+def define_flags():
+    """The command line's flags (defined only when run as a script)."""
+    flags.DEFINE_string("workdir", "", "A LoRA run to merge (its latest checkpoint).")
+    flags.DEFINE_string("base", "", "With --adapter: the workdir whose weights the adapter "
+                        "goes on.")
+    flags.DEFINE_string("adapter", "", "An adapter directory (adapter.safetensors + "
+                        "adapter_config.json), e.g. <lora run>/adapter.")
+    flags.DEFINE_string("output", "", "The new workdir (must not exist yet).")
+
+
+def merge(output: str, workdir: str = "", base: str = "", adapter: str = "", log=print) -> str:
+    """Writes the merged workdir `output`; returns it. See the module doc."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from deepseek_tf.config import UserError
+    from deepseek_tf.lora import is_lora, load_adapter, merged_model
+    from deepseek_tf.workdir import load_run_tokenizer, load_workdir
+
+    if bool(workdir) == bool(base and adapter):
+        raise UserError("give --workdir=LORA_RUN, or --base=WORKDIR with --adapter=DIR.")
+    if os.path.exists(output):
+        raise UserError(f"--output={output} exists; choose a new directory.")
+    model, exp = load_workdir(workdir or base)
+    if adapter:
+        if is_lora(model):
+            model = merged_model(model)
+        load_adapter(model, adapter)
+    elif not is_lora(model):
+        raise UserError(f"{workdir} is not a LoRA run (finetuning_type="
+                        f"{exp.train.finetuning_type}); nothing to merge.")
+    plain = merged_model(model)
+    tok = load_run_tokenizer(workdir or base, exp)
+    exp = dataclasses.replace(exp, train=exp.train.replace(finetuning_type="full", init_from=""))
+    os.makedirs(output)
+    exp.save(os.path.join(output, "config.json"))
+    tok.save(os.path.join(output, "tokenizer"))
+    step = tf.Variable(0, dtype=tf.int64)
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=plain, step=step),
+                               os.path.join(output, "checkpoints"), max_to_keep=1).save(0)
+    log(f"wrote {output}: merged weights of {workdir or base}"
+        + (f" + {adapter}" if adapter else ""))
+    return output
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise dflags.cfg.UserError(f"unexpected arguments {argv[1:]} (see --help).")
+    F = flags.FLAGS
+    if not F.output:
+        raise dflags.cfg.UserError("--output is required (see --help).")
+    merge(F.output, F.workdir, F.base, F.adapter)
+
+
+if __name__ == "__main__":
+    define_flags()
+    dflags.run(main)
