@@ -641,7 +641,7 @@ class TrainConfig(_Section):
                       "data too) or dpo (preference pairs, --dpo.*).", choices=("sft", "dpo"))
     early_stopping_patience: int = knob(0, "Stop after this many evaluations without a new "
                                         "best validation loss (0 = off). The best checkpoint "
-                                        "is kept in checkpoints/best/ either way.",
+                                        "is kept in <workdir>/best/ either way.",
                                         resumable=True)
 
     def __post_init__(self):

@@ -1,6 +1,6 @@
 """The best checkpoint (lowest validation loss) and early stopping.
 
-The best model is written to `<workdir>/checkpoints/best/ckpt-<step>` (model weights
+The best model is written to `<workdir>/best/ckpt-<step>` (model weights
 and step, one checkpoint, replaced when a better evaluation comes), apart from the rolling
 `ckpt-N` files that keep-last-N deletes; `best.json` beside it records its step and
 loss. `--train.early_stopping_patience=P` stops training after P evaluations in a
@@ -40,7 +40,7 @@ class BestCheckpoint:
     """
 
     def __init__(self, workdir: str, model, step, patience: int = 0, is_chief: bool = True):
-        self.directory = os.path.join(workdir, "checkpoints", BEST_DIR)
+        self.directory = os.path.join(workdir, BEST_DIR)
         self.patience, self.is_chief = patience, is_chief
         self.checkpoint = tf.train.Checkpoint(model=model, step=step)
         self.best_loss, self.best_step, self.since = float("inf"), 0, 0

@@ -31,7 +31,7 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(stdlib_data, tmp_pat
     assert any(m.startswith("early stopping at step 4") for m in msgs)
     ckpts = sorted(f for f in os.listdir(os.path.join(wd, "checkpoints")) if f.endswith(".index"))
     assert ckpts == ["ckpt-4.index"]  # keep-last-N removed ckpt-2 ...
-    best_dir = os.path.join(wd, "checkpoints", "best")
+    best_dir = os.path.join(wd, "best")
     assert json.load(open(os.path.join(best_dir, "best.json"))) == {"step": 2, "loss": 2.0}
     # ... but the best weights are those of step 2 (a 2-step run of the same config).
     ref = tiny.experiment(data_dir, optim={"decay_steps": 6}, train={**common, "steps": 2})
