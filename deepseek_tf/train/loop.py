@@ -1,9 +1,9 @@
 """The training runner: set up, (resume,) train, evaluate, checkpoint, log, plot.
 
-The split follows TF Model Garden's task/runner idea as plain functions:
-`prepare_run` checks everything a user can get wrong before any graph is built;
-`build_state` makes model, optimizer and data under the strategy scope;
-`train` runs the loop with its log / eval / checkpoint intervals.
+The split follows TF Model Garden's task/runner idea: `prepare_run` checks
+everything a user can get wrong before any graph is built; `build_state` makes
+model, optimizer and data under the strategy scope; `Runner` runs the loop as
+`begin` / `run_step` (with its log / eval / checkpoint intervals) / `end`.
 
 With several workers (train/strategy.py) every worker runs this same loop; only
 the chief writes config.json, log.jsonl, summaries, loss.png and the real
@@ -44,7 +44,7 @@ from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.aux_losses import log_metrics
 from deepseek_tf.train.best import BestCheckpoint
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
-from deepseek_tf.train.optimizer import make_optimizer
+from deepseek_tf.train.optimizer import make_optimizer, make_schedule
 from deepseek_tf.train.preemption import PreemptionWatcher
 from deepseek_tf.train.profile import StepProfiler
 from deepseek_tf.train.recovery import Recovery
@@ -104,8 +104,6 @@ class RunState:
     rng: tf.random.Generator
     train_iter: object
     eval_ds: object
-    checkpoint: tf.train.Checkpoint
-    manager: tf.train.CheckpointManager
     role: strategy_lib.Role
     checkpoints: ckpt_lib.RunCheckpoints
     collectives: strategy_lib.Collectives
@@ -153,9 +151,8 @@ def build_state(exp: Experiment, workdir: str, meta: dict,
     checkpoints = ckpt_lib.RunCheckpoints(
         workdir, {"model": model, "optimizer": optimizer, "step": step, "rng": rng},
         train_iter, role, tcfg.keep_checkpoints, barrier=collectives.barrier)
-    return RunState(strategy, model, optimizer, step, rng, train_iter, eval_ds,
-                    checkpoints.checkpoint, checkpoints.manager, role, checkpoints, collectives,
-                    exp)
+    return RunState(strategy, model, optimizer, step, rng, train_iter, eval_ds, role,
+                    checkpoints, collectives, exp)
 
 
 def weights_fingerprint(model: keras.Model) -> str:
@@ -225,131 +222,183 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
 
 
 def _train(exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack) -> dict:
-    workdir = os.path.abspath(workdir)
-    multi = strategy_lib.strategy_name(exp.train) == "multi_worker"
-    role = strategy_lib.cluster_role() if multi else strategy_lib.Role()
-    meta = prepare_run(exp, workdir, log=log, role=role)
-    config_path = os.path.join(workdir, CONFIG_FILE)
-    # A resumed run keeps the choices its first run made for "auto" settings.
-    exp = autotune.keep_saved(exp, Experiment.load(config_path)
-                              if os.path.exists(config_path) else None)
-    if role.is_chief:
-        os.makedirs(workdir, exist_ok=True)
-        exp.save(config_path)
-        copy_tokenizer(data_dir_of(exp, workdir), os.path.join(workdir, "tokenizer"))
-    log(f"workdir: {workdir}")
-    if exp.train.auto_decisions:
-        log(f"auto settings kept from {CONFIG_FILE}: {exp.train.auto_decisions}")
+    runner = Runner.begin(exp, workdir, log, cleanup)
+    while not runner.done:
+        runner.run_step()
+    return runner.end()
 
-    state = build_state(exp, workdir, meta, role, log=log)
-    exp = _resolve_jit(state, log)
-    if role.is_chief and exp != state.exp:
-        exp.save(config_path)
-    state.exp = exp
-    cleanup.callback(state.checkpoints.close)
-    start = state.checkpoints.restore(log=log)
-    state.collectives.check_same(start, "step to resume from")
-    if role.is_chief:
-        truncate_log(workdir, start)
-    trainable, total = count_params(state.model)
-    log(f"trainable params: {trainable:,} || all params: {total:,} || "
-        f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
-    tcfg = exp.train
-    replicas = state.strategy.num_replicas_in_sync
-    global_batch = tcfg.global_batch(replicas)
-    tokens_per_step = global_batch * exp.data.seq_len
-    log(_describe(state, tcfg))
-    log(f"global batch: {global_batch} sequences = {tcfg.batch_size} per replica x "
-        f"{replicas} replicas x {tcfg.grad_accum_steps} accumulation steps "
-        f"({tokens_per_step:,} tokens/step)")
 
-    train_step = make_train_step(state.model, state.optimizer, state.strategy, tcfg, exp.optim)
-    eval_step = make_eval_step(state.model, state.strategy)
-    # A corrupt shard raises one error naming the file and offset, never skipped silently.
-    shard_files = shards.all_shard_paths(data_dir_of(exp, workdir), meta)
-    train_step = shards.guard_data_errors(train_step, shard_files)
-    eval_step = shards.guard_data_errors(eval_step, shard_files)
-    logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
-    cleanup.callback(logger.close)
-    recovery = Recovery(state, tcfg, logger, workdir)  # rolls back bad steps
-    best = BestCheckpoint(workdir, state.model, state.step, tcfg.early_stopping_patience,
-                          role.is_chief)
-    stop = False
-    inner = getattr(state.optimizer, "inner_optimizer", state.optimizer)
-    schedule = inner._learning_rate  # the Keras schedule object
-    last_train, last_eval = {}, {}
-    window_loss, window_steps = 0.0, 0
-    t_log, step_at_log = time.time(), start
-    t_start = time.time()
-    if start >= tcfg.steps:
-        log(f"already at step {start} >= --train.steps={tcfg.steps}; nothing to train")
-    step = start
-    watcher = _preemption_watcher(state, log)
-    if watcher is not None:
-        cleanup.callback(watcher.close)
-    profiler = StepProfiler(tcfg.profile_steps, os.path.join(workdir, "tensorboard"),
-                            enabled=role.is_chief, log=log)
-    cleanup.callback(profiler.stop)
-    while step < tcfg.steps:
-        profiler.before(step + 1)
-        out = train_step(state.train_iter)
+class Runner:
+    """One training run split as TF Model Garden's runner does: `begin` (config,
+    state, resume, steps, logging), `run_step` (one step with its log / eval /
+    checkpoint / preemption intervals and bad-step recovery), `end` (fingerprint,
+    adapter, plot, summary).
+
+    Example:
+        >>> runner = Runner.begin(exp, workdir, print, cleanup)
+        >>> while not runner.done:
+        ...     runner.run_step()
+        >>> result = runner.end()
+    """
+
+    def __init__(self, exp: Experiment, workdir: str, state: RunState, meta: dict,
+                 start: int, log, cleanup: contextlib.ExitStack):
+        self.exp, self.tcfg, self.workdir, self.state, self.log = exp, exp.train, workdir, \
+            state, log
+        tcfg, role = self.tcfg, state.role
+        self.step = start
+        self.tokens_per_step = tcfg.global_batch(state.strategy.num_replicas_in_sync) * \
+            exp.data.seq_len
+        train_step = make_train_step(state.model, state.optimizer, state.strategy, tcfg,
+                                     exp.optim)
+        eval_step = make_eval_step(state.model, state.strategy)
+        # A corrupt shard raises one error naming the file and offset, never skipped silently.
+        shard_files = shards.all_shard_paths(data_dir_of(exp, workdir), meta)
+        self.train_step = shards.guard_data_errors(train_step, shard_files)
+        self.eval_step = shards.guard_data_errors(eval_step, shard_files)
+        self.logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
+        cleanup.callback(self.logger.close)
+        self.recovery = Recovery(state, tcfg, self.logger, workdir)  # rolls back bad steps
+        self.best = BestCheckpoint(workdir, state.model, state.step,
+                                   tcfg.early_stopping_patience, role.is_chief)
+        self.inner = getattr(state.optimizer, "inner_optimizer", state.optimizer)
+        self.schedule = make_schedule(exp.optim, exp.decay_steps)  # the optimizer's own
+        self.stopped = False
+        self.last_train, self.last_eval = {}, {}
+        self.window_loss, self.window_steps = 0.0, 0
+        self.t_log, self.step_at_log = time.time(), start
+        self.t_start = time.time()
+        self.watcher = _preemption_watcher(state, log)
+        if self.watcher is not None:
+            cleanup.callback(self.watcher.close)
+        self.profiler = StepProfiler(tcfg.profile_steps, os.path.join(workdir, "tensorboard"),
+                                     enabled=role.is_chief, log=log)
+        cleanup.callback(self.profiler.stop)
+        if start >= tcfg.steps:
+            log(f"already at step {start} >= --train.steps={tcfg.steps}; nothing to train")
+
+    @classmethod
+    def begin(cls, exp: Experiment, workdir: str, log, cleanup: contextlib.ExitStack):
+        """Saves the config, builds the state, resumes, and prints what will run."""
+        workdir = os.path.abspath(workdir)
+        multi = strategy_lib.strategy_name(exp.train) == "multi_worker"
+        role = strategy_lib.cluster_role() if multi else strategy_lib.Role()
+        meta = prepare_run(exp, workdir, log=log, role=role)
+        config_path = os.path.join(workdir, CONFIG_FILE)
+        # A resumed run keeps the choices its first run made for "auto" settings.
+        exp = autotune.keep_saved(exp, Experiment.load(config_path)
+                                  if os.path.exists(config_path) else None)
+        if role.is_chief:
+            os.makedirs(workdir, exist_ok=True)
+            exp.save(config_path)
+            copy_tokenizer(data_dir_of(exp, workdir), os.path.join(workdir, "tokenizer"))
+        log(f"workdir: {workdir}")
+        if exp.train.auto_decisions:
+            log(f"auto settings kept from {CONFIG_FILE}: {exp.train.auto_decisions}")
+        state = build_state(exp, workdir, meta, role, log=log)
+        exp = _resolve_jit(state, log)
+        if role.is_chief and exp != state.exp:
+            exp.save(config_path)
+        state.exp = exp
+        cleanup.callback(state.checkpoints.close)
+        start = state.checkpoints.restore(log=log)
+        state.collectives.check_same(start, "step to resume from")
+        if role.is_chief:
+            truncate_log(workdir, start)
+        trainable, total = count_params(state.model)
+        log(f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
+        tcfg, replicas = exp.train, state.strategy.num_replicas_in_sync
+        global_batch = tcfg.global_batch(replicas)
+        log(_describe(state, tcfg))
+        log(f"global batch: {global_batch} sequences = {tcfg.batch_size} per replica x "
+            f"{replicas} replicas x {tcfg.grad_accum_steps} accumulation steps "
+            f"({global_batch * exp.data.seq_len:,} tokens/step)")
+        return cls(exp, workdir, state, meta, start, log, cleanup)
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.step >= self.tcfg.steps
+
+    def run_step(self) -> None:
+        """One optimizer step, then whatever its step number is due for."""
+        state, tcfg = self.state, self.tcfg
+        self.profiler.before(self.step + 1)
+        out = self.train_step(state.train_iter)
         state.step.assign_add(1)
-        step += 1
+        self.step += 1
         loss, skipped = float(out["loss"]), float(out["skipped"]) > 0
-        profiler.after(step)
-        bad = recovery.problem(step, loss, skipped)
+        self.profiler.after(self.step)
+        bad = self.recovery.problem(self.step, loss, skipped)
         if bad:
-            step = recovery.roll_back(step, bad)
-            continue
+            self.step = self.recovery.roll_back(self.step, bad)
+            return
         if not skipped:
-            window_loss, window_steps = window_loss + loss, window_steps + 1
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            now = time.time()
-            last_train = {
-                "loss": loss, "loss_avg": window_loss / max(window_steps, 1),
-                "lr": float(schedule(max(int(inner.iterations.numpy()) - 1, 0))),
-                "grad_norm": float(out["grad_norm"]), "accuracy": float(out["accuracy"]),
-                "tokens_per_sec": (step - step_at_log) * tokens_per_step / max(now - t_log, 1e-9),
-                "tokens_seen": step * tokens_per_step,
-                "skipped_steps": step - int(inner.iterations.numpy()),
-                **log_metrics(state.model, out)}
-            if precision.is_loss_scaled(state.optimizer):
-                last_train["loss_scale"] = precision.current_scale(state.optimizer)
-            logger.write(step, last_train, "train")
-            window_loss, window_steps, t_log, step_at_log = 0.0, 0, now, step
-        if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.steps:
-            last_eval = evaluate(state, eval_step, tcfg.eval_steps)
-            logger.write(step, last_eval, "eval")
-            stop = best.update(step, last_eval["loss"])
-        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop:
-            bad = recovery.unsaveable(step)  # a non-finite weight is never saved
+            self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1
+        last = self.step == tcfg.steps
+        if self.step % tcfg.log_every == 0 or last:
+            self._log_train(out, loss)
+        if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or last:
+            self.last_eval = evaluate(state, self.eval_step, tcfg.eval_steps)
+            self.logger.write(self.step, self.last_eval, "eval")
+            self.stopped = self.best.update(self.step, self.last_eval["loss"])
+        if self.step % tcfg.checkpoint_every == 0 or last or self.stopped:
+            bad = self.recovery.unsaveable(self.step)  # a non-finite weight is never saved
             if bad:
-                step = recovery.roll_back(step, bad)
-                continue
-            state.checkpoints.save(step)
-            logger.flush()
-        if watcher is not None:
-            watcher.after_step(step)  # raises Preempted once every worker saved
-        if stop:
-            log(f"early stopping at step {step}: no better eval loss than "
-                f"{best.best_loss:.4f} (step {best.best_step}) in "
-                f"{tcfg.early_stopping_patience} evaluations; best weights in {best.path}")
-            break
-    seconds = time.time() - t_start
-    logger.close()
-    fingerprint = weights_fingerprint(state.model)
-    if role.num_workers > 1:  # bitwise-identical replicas, or a bug: say so loudly
-        state.collectives.check_same(int(fingerprint, 16) >> 1, "final weights")
-    log(f"weights sha256: {fingerprint}")
-    if role.is_chief and tcfg.finetuning_type == "lora":
-        log(f"wrote the adapter to {save_adapter(state.model, workdir, exp.lora, tcfg.init_from)}")
-    plot = plot_losses(workdir) if role.is_chief else None
-    if plot:
-        log(f"wrote {plot}")
-    state.collectives.barrier()  # leave together: a peer that exits early looks crashed
-    skipped_total = step - int(inner.iterations.numpy())
-    log(f"done: step {step}, {seconds:.1f}s, {skipped_total} skipped steps; "
-        f"workdir: {workdir}")
-    return {"step": step, "train": last_train, "eval": last_eval, "seconds": seconds,
-            "skipped_steps": skipped_total, "weights_sha256": fingerprint,
-            "best": {"step": best.best_step, "loss": best.best_loss}}
+                self.step = self.recovery.roll_back(self.step, bad)
+                self.stopped = False
+                return
+            state.checkpoints.save(self.step)
+            self.logger.flush()
+        if self.watcher is not None:
+            self.watcher.after_step(self.step)  # raises Preempted once every worker saved
+        if self.stopped:
+            best = self.best
+            self.log(f"early stopping at step {self.step}: no better eval loss than "
+                     f"{best.best_loss:.4f} (step {best.best_step}) in "
+                     f"{tcfg.early_stopping_patience} evaluations; best weights in {best.path}")
+
+    def _applied_steps(self) -> int:
+        return int(self.inner.iterations.numpy())  # steps that updated the weights
+
+    def _log_train(self, out: dict, loss: float) -> None:
+        now = time.time()
+        applied = self._applied_steps()
+        self.last_train = {
+            "loss": loss, "loss_avg": self.window_loss / max(self.window_steps, 1),
+            "lr": float(self.schedule(max(applied - 1, 0))),
+            "grad_norm": float(out["grad_norm"]), "accuracy": float(out["accuracy"]),
+            "tokens_per_sec": (self.step - self.step_at_log) * self.tokens_per_step
+            / max(now - self.t_log, 1e-9),
+            "tokens_seen": self.step * self.tokens_per_step,
+            "skipped_steps": self.step - applied,
+            **log_metrics(self.state.model, out)}
+        if precision.is_loss_scaled(self.state.optimizer):
+            self.last_train["loss_scale"] = precision.current_scale(self.state.optimizer)
+        self.logger.write(self.step, self.last_train, "train")
+        self.window_loss, self.window_steps, self.t_log, self.step_at_log = 0.0, 0, now, \
+            self.step
+
+    def end(self) -> dict:
+        """Closes the log, checks replicas agree, writes the adapter and the plot."""
+        state, role, log = self.state, self.state.role, self.log
+        seconds = time.time() - self.t_start
+        self.logger.close()
+        fingerprint = weights_fingerprint(state.model)
+        if role.num_workers > 1:  # bitwise-identical replicas, or a bug: say so loudly
+            state.collectives.check_same(int(fingerprint, 16) >> 1, "final weights")
+        log(f"weights sha256: {fingerprint}")
+        if role.is_chief and self.tcfg.finetuning_type == "lora":
+            path = save_adapter(state.model, self.workdir, self.exp.lora, self.tcfg.init_from)
+            log(f"wrote the adapter to {path}")
+        plot = plot_losses(self.workdir) if role.is_chief else None
+        if plot:
+            log(f"wrote {plot}")
+        state.collectives.barrier()  # leave together: a peer that exits early looks crashed
+        skipped_total = self.step - self._applied_steps()
+        log(f"done: step {self.step}, {seconds:.1f}s, {skipped_total} skipped steps; "
+            f"workdir: {self.workdir}")
+        return {"step": self.step, "train": self.last_train, "eval": self.last_eval,
+                "seconds": seconds, "skipped_steps": skipped_total,
+                "weights_sha256": fingerprint,
+                "best": {"step": self.best.best_step, "loss": self.best.best_loss}}

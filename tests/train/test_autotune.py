@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from deepseek_tf.config import Experiment, TrainConfig
+from deepseek_tf.config import SECTIONS, Experiment, TrainConfig
 from deepseek_tf.flags import reconcile
 from deepseek_tf.train import autotune
 from deepseek_tf.train.loop import train
@@ -46,7 +46,7 @@ def test_jit_compile_accepts_old_bools_and_refuses_unresolved_auto():
 def test_given_auto_keeps_a_saved_choice():
     saved = Experiment(train=TrainConfig(jit_compile="false", precision="mixed_bfloat16",
                                          auto_decisions="precision: auto -> x"))
-    given = {s: {} for s in ("model", "data", "tokenizer", "optim")}
+    given = {s: {} for s in SECTIONS if s != "train"}
     given["train"] = {"jit_compile": "auto", "precision": "auto", "steps": 7}
     out = reconcile(saved, given, "config.json")
     assert (out.train.jit_compile, out.train.precision, out.train.steps) == (
