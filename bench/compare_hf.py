@@ -12,11 +12,9 @@ alike. Only one side computes at a time (the other waits on a pipe).
 A setting whose warm step is > 8x the fastest warm step is timed once, not in the rounds
 (XLA's float16 on CPU takes minutes). Prints tokens/s per setting, each side's best, the
 ratio, the CPU flags, and what the trainer's `auto` settings would pick here.
-KNOWN ISSUE (2026-12, 2-core AMD EPYC): with the TF process alive, the torch worker's step
-ran ~18x slower (6.4 s) than the same worker driven by a process without TensorFlow
-(0.35 s float32, 0.25 s bf16 autocast), so something on the TF side keeps the cores busy
-while it waits on the pipe; until that is found, the transformers rows of one invocation
-are not trustworthy: check them against the worker alone (`TorchSide` from a plain Python).
+The torch worker runs with OMP_WAIT_POLICY=PASSIVE (unless set): with spinning OpenMP
+threads, torch's step ran ~18x slower whenever anything else used the 2 cores (here: the
+TF process between its steps), which made the transformers rows meaningless.
 torch and transformers are bench/test extras (`pip install -e .[bench]`, BUILD.md).
 """
 
@@ -88,7 +86,10 @@ def torch_worker() -> None:
 
 class TorchSide:
     def __init__(self, hf_config: dict, batch_path: str):
-        env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
+        # Passive OpenMP waiting: spinning threads (torch's default) lose 10-20x as soon as
+        # anything else runs on a 2-core machine (measured with bench/hf_decode.py).
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE),
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--torch_worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)

@@ -91,8 +91,12 @@ def hf_side(name, model, new_tokens, tmp):
     """transformers' decode on our HF export of `model` (bench/hf_decode.py)."""
     hf_dir = os.path.join(tmp, name, "hf")
     export_hf(model, _exp(model.config), hf_dir, log=lambda *_: None)
+    # OpenMP threads that spin while they wait (torch's default) lose 10-20x whenever
+    # anything else runs on a 2-core machine; passive waiting keeps torch steady.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "hf_decode.py"), hf_dir,
-                           str(new_tokens), *map(str, LENGTHS)], capture_output=True, text=True)
+                           str(new_tokens), *map(str, LENGTHS)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
     hf = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -139,7 +143,8 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--models", default="issue3,tiny")
     args = parser.parse_args()
-    print(f"machine: {cpu_summary()}; TF {tf.__version__}")
+    print(f"machine: {cpu_summary()}; TF {tf.__version__}; torch side with OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}")
     tmp = tempfile.mkdtemp(prefix="decode-bench-")
     try:
         names = args.models.split(",")
@@ -147,10 +152,7 @@ def main():
         for name in names:
             tf.keras.utils.set_random_seed(0)
             models[name] = DeepSeekCausalLM(MODELS[name])
-        # transformers first, in its own process while this one waits. torch's decode
-        # (OpenMP threads) is far more erratic than TF's under any other load on a
-        # 2-core machine: run this on a quiet machine, and compare with
-        # `python bench/hf_decode.py DIR 32 16 512` alone if its rows look odd.
+        # transformers first, in its own process while this one waits.
         hf_runs = {name: hf_side(name, models[name], args.new_tokens, tmp) for name in names}
         for name in names:
             cfg, model = MODELS[name], models[name]
