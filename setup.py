@@ -11,7 +11,6 @@ INSTALL_REQUIRES = [
     "tensorflow==2.20.*",
     "keras==3.15.*",  # the fused AdamW overrides private Keras members (test_optimizer.py)
     "tensorflow-text==2.20.*",
-    "tf-models-official==2.20.0",
     "tensorflow-serving-api==2.20.*",
     "datasets>=4,<6",
     "sentencepiece>=0.2,<0.3",
@@ -28,6 +27,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
+    # TF Model Garden, pinned with its TF family. Nothing in the package imports it (its
+    # layers are Keras 2 / tf_keras, never mixed into our Keras 3 models) and it pulls in
+    # opencv, kaggle and pycocotools, so it is opt-in: pip install '.[garden]'.
+    "garden": ["tf-models-official==2.20.0"],
     "dev": ["pytest>=8,<10"],
     # Reference implementations for the parity tests; CPU torch from a local wheel.
     "parity": ["torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4,<1"],
