@@ -1,10 +1,10 @@
 """Experiment configuration: small frozen dataclasses, one per concern.
 
 This module is the single source of truth for every knob of the framework. It
-imports nothing from the rest of the package but `atomic` (file writes). Each
-dataclass validates itself on construction and raises `ConfigError` (a one-line,
-user-facing message) for a bad value, so that a wrong flag is reported before any
-graph is built.
+imports nothing from the rest of the package but `atomic` (file writes) and
+`errors`. Each dataclass validates itself on construction and raises `ConfigError`
+(a one-line, user-facing message) for a bad value, so that a wrong flag is reported
+before any graph is built.
 
 Field names of `ModelConfig` follow Hugging Face's `LlamaConfig` /
 `DeepseekV3Config` so that an HF `config.json` maps onto it.
@@ -25,16 +25,9 @@ import typing
 from typing import Any, Mapping
 
 from deepseek_tf.atomic import atomic_write
+from deepseek_tf.errors import ConfigError, UserError
 
 CONFIG_VERSION = 1
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error: one line naming the cause and the fix."""
-
-
-class UserError(RuntimeError):
-    """Bad user input outside the config (files, data, checkpoints): one clear line."""
 
 
 def knob(default: Any, help: str, *, choices: tuple[str, ...] | None = None,

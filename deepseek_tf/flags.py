@@ -26,9 +26,10 @@ from typing import Callable, Iterable
 from absl import app, flags
 
 from deepseek_tf import config as cfg
+from deepseek_tf.errors import ConfigError, UserError
+from deepseek_tf.workdir_files import CHECKPOINT_DIR, CONFIG_FILE, CONVERT_FILE
 
 FLAGS = flags.FLAGS
-CONFIG_FILE = "config.json"
 # Extra flag names for existing fields: --data.output_dir reads naturally for prepare.
 ALIASES = {"data.output_dir": "data.data_dir"}
 
@@ -112,7 +113,7 @@ def reconcile(saved: cfg.Experiment, given: dict[str, dict], path: str) -> cfg.E
             if new == old or (isinstance(old, float) and float(new) == old):
                 continue
             if not f.metadata.get("resumable"):
-                raise cfg.ConfigError(
+                raise ConfigError(
                     f"--{s}.{f.name}={new!r} contradicts {path}, which has {old!r}; "
                     f"use a new --workdir, or drop the flag to continue that run.")
             changes[f.name] = new
@@ -123,8 +124,8 @@ def reconcile(saved: cfg.Experiment, given: dict[str, dict], path: str) -> cfg.E
 def fresh_conversion(workdir: str) -> bool:
     """True for a workdir written by `deepseek_tf.convert` that has not trained yet
     (its latest checkpoint is still the converted ckpt-0)."""
-    index = os.path.join(workdir, "checkpoints", "checkpoint")
-    if not os.path.exists(os.path.join(workdir, "convert.json")) or not os.path.exists(index):
+    index = os.path.join(workdir, CHECKPOINT_DIR, "checkpoint")
+    if not os.path.exists(os.path.join(workdir, CONVERT_FILE)) or not os.path.exists(index):
         return False
     with open(index) as f:
         first = f.readline()  # model_checkpoint_path: "ckpt-N"
@@ -161,8 +162,8 @@ def adopt_init_from(exp: cfg.Experiment, given: dict[str, dict]) -> cfg.Experime
     src = exp.train.init_from
     path = os.path.join(src, CONFIG_FILE)
     if not os.path.exists(path):
-        raise cfg.UserError(f"--train.init_from={src} has no {CONFIG_FILE}: not a deepseek_tf "
-                            f"workdir (train or convert into it first).")
+        raise UserError(f"--train.init_from={src} has no {CONFIG_FILE}: not a deepseek_tf "
+                        f"workdir (train or convert into it first).")
     source = cfg.Experiment.load(path)
     tok = source.tokenizer
     for name in ("tokenizer.model", "tokenizer.json"):  # a trained run's own tokenizer file
@@ -178,7 +179,7 @@ def adopt_init_from(exp: cfg.Experiment, given: dict[str, dict]) -> cfg.Experime
             old = getattr(fixed, name)
             if value != old and not (isinstance(old, float) and float(value) == old) and \
                     not (s == "tokenizer" and name == "path"):
-                raise cfg.ConfigError(
+                raise ConfigError(
                     f"--{s}.{name}={value!r} contradicts --train.init_from={src}, whose "
                     f"config.json has {old!r}; drop the flag (the model comes from there).")
     data = exp.data
@@ -207,7 +208,7 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     def wrapped(argv):
         try:
             return main(argv)
-        except (cfg.ConfigError, cfg.UserError) as e:
+        except (ConfigError, UserError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

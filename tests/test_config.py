@@ -7,6 +7,7 @@ from absl import flags
 
 from deepseek_tf import config as cfg
 from deepseek_tf import flags as dflags
+from deepseek_tf.errors import ConfigError, UserError
 
 
 def test_defaults_validate_and_round_trip():
@@ -51,7 +52,7 @@ def test_defaults_validate_and_round_trip():
     ("model", dict(scoring_func="relu"), "not one of"),
 ])
 def test_bad_values_raise_one_clear_line(section, kw, needle):
-    with pytest.raises(cfg.ConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         cfg.SECTIONS[section](**kw)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
@@ -59,14 +60,14 @@ def test_bad_values_raise_one_clear_line(section, kw, needle):
 
 def test_int_is_accepted_for_float_and_unknown_keys_raise():
     assert cfg.OptimConfig(learning_rate=1).learning_rate == 1.0
-    with pytest.raises(cfg.ConfigError, match="unknown model config key"):
+    with pytest.raises(ConfigError, match="unknown model config key"):
         cfg.ModelConfig.from_dict({"hidden_sise": 3})
-    with pytest.raises(cfg.ConfigError, match="unknown config section"):
+    with pytest.raises(ConfigError, match="unknown config section"):
         cfg.Experiment.from_dict({"modle": {}})
 
 
 def test_cross_section_validation():
-    with pytest.raises(cfg.ConfigError, match="max_position_embeddings"):
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
         cfg.Experiment(model=cfg.ModelConfig(max_position_embeddings=64),
                        data=cfg.DataConfig(seq_len=128))
 
@@ -77,7 +78,7 @@ def test_save_load_round_trip(tmp_path):
     exp.save(path)
     assert cfg.Experiment.load(path) == exp
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(cfg.UserError, match="cannot read config"):
+    with pytest.raises(UserError, match="cannot read config"):
         cfg.Experiment.load(str(tmp_path / "bad.json"))
 
 
@@ -125,7 +126,7 @@ def test_reconcile_with_saved_workdir_config(tmp_path):
     given["model"] = {"hidden_size": saved.model.hidden_size}  # same value: fine
     dflags.reconcile(saved, given, "x")
     given["model"] = {"hidden_size": 512}
-    with pytest.raises(cfg.ConfigError, match="contradicts x"):
+    with pytest.raises(ConfigError, match="contradicts x"):
         dflags.reconcile(saved, given, "x")
 
 

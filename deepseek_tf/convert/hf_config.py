@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepseek_tf.config import ModelConfig, UserError
+from deepseek_tf.config import ModelConfig
 from deepseek_tf.convert.hf_checks import check_hf_config
+from deepseek_tf.errors import UserError
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "LlamaForCausalLM",
                  "Qwen2ForCausalLM")

@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from deepseek_tf.atomic import atomic_write
-from deepseek_tf.config import DataConfig, TokenizerConfig, UserError
+from deepseek_tf.config import DataConfig, TokenizerConfig
 from deepseek_tf.data import corpus as corpus_lib
 from deepseek_tf.data import ingest, stages
 from deepseek_tf.data import shards as shards_lib
@@ -44,6 +44,7 @@ from deepseek_tf.data.parallel import chunked, ordered_map
 from deepseek_tf.data.report import Report
 from deepseek_tf.data.templates import TEMPLATES
 from deepseek_tf.data.tokenizer import TOKENIZER_FILE, build_tokenizer, load_tokenizer
+from deepseek_tf.errors import UserError
 
 STAGE_DIR = ".stage"
 REPORT_FILE = "report.json"

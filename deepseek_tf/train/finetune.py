@@ -24,7 +24,8 @@ import os
 
 import tensorflow as tf
 
-from deepseek_tf.config import ConfigError, Experiment, FreezeConfig, UserError
+from deepseek_tf.config import Experiment, FreezeConfig
+from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.lora import _rel, apply_lora, merged_model
 
 
