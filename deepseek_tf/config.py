@@ -31,7 +31,7 @@ CONFIG_VERSION = 1
 
 
 def knob(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-         resumable: bool = False) -> Any:
+         resumable: bool = False, stage: str | None = None) -> Any:
     """A dataclass field with the metadata that flags and validation use.
 
     Args:
@@ -40,9 +40,10 @@ def knob(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
       choices: allowed values for a string field.
       resumable: True if the value may change when a run resumes in a workdir
         whose saved config says otherwise (e.g. the total number of steps).
+      stage: `DataConfig` only: when the field acts (see `DATA_STAGES`).
     """
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "resumable": resumable})
+        "help": help, "choices": choices, "resumable": resumable, "stage": stage})
 
 
 def _split_list(value: str) -> tuple[str, ...]:
@@ -336,13 +337,23 @@ class ModelConfig(_Section):
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
+#: When a `DataConfig` field acts (its `stage` metadata). "source": where the data comes
+#: from and how prepare runs (the inputs are fingerprinted by content, not by these
+#: values); "prepare": shapes the prepared shards; "sft": shapes SFT samples (format
+#: alpaca / sharegpt); "pipeline": batching at train time, may differ between runs on
+#: the same prepared directory.
+DATA_STAGES = ("source", "prepare", "sft", "pipeline")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Section):
     """Where the training data comes from, how prepare cleans it, how it is batched.
 
-    Fields used only by `prepare` (sources, cleaning, SFT, shards) are recorded in
-    the data's metadata.json; the pipeline fields (seq_len, packing, augmentation,
-    shuffling) may differ between runs on the same prepared directory.
+    Each field's `stage` metadata (`DATA_STAGES`) says when it acts: the values that
+    shape prepared data (`prepared_settings()`: cleaning, SFT, split, shards) are
+    recorded in the data's metadata.json; the pipeline fields (`pipeline_settings()`:
+    seq_len, packing, augmentation, shuffling) may differ between runs on the same
+    prepared directory.
 
     Example:
         >>> DataConfig(seq_len=128).seq_len
@@ -356,72 +367,83 @@ class DataConfig(_Section):
     # -- sources
     corpus: str = knob("stdlib", "Embedded corpus used when --data.inputs is empty: stdlib = "
                        "the Python standard library's own .py sources, found on this "
-                       "machine (no download).", choices=("stdlib",))
+                       "machine (no download).", choices=("stdlib",), stage="source")
     inputs: str = knob("", "Comma-separated files or directories to prepare: .txt/.md/.py "
                        "(one document per file), .json/.jsonl, .csv, .parquet, or a Hugging "
-                       "Face save_to_disk directory. Empty means --data.corpus.")
+                       "Face save_to_disk directory. Empty means --data.corpus.", stage="source")
     format: str = knob("text", "What the inputs hold: text (pretraining documents), alpaca "
                        "(instruction/input/output/system/history) or sharegpt "
-                       "(conversations with roles).", choices=("text", "alpaca", "sharegpt"))
+                       "(conversations with roles).", choices=("text", "alpaca", "sharegpt"),
+                       stage="prepare")
     text_field: str = knob("text", "Field holding a document's text in JSON/CSV/Parquet/"
-                           "datasets records (format=text).")
+                           "datasets records (format=text).", stage="prepare")
     text_extensions: str = knob(".txt,.md,.py", "Comma-separated extensions of plain files "
-                                "read as one document each when walking a directory.")
-    max_samples: int = knob(0, "Read at most this many input records/documents (0 = all).")
+                                "read as one document each when walking a directory.",
+                                stage="prepare")
+    max_samples: int = knob(0, "Read at most this many input records/documents (0 = all).",
+                            stage="prepare")
     num_proc: int = knob(1, "Worker processes for cleaning and tokenizing (order-preserving: "
-                         "the output does not depend on it).")
+                         "the output does not depend on it).", stage="source")
     on_error: str = knob("skip", "Malformed JSON lines, missing fields and undecodable bytes: "
                          "skip (count and list them as file:line in the report) or fail.",
-                         choices=("skip", "fail"))
+                         choices=("skip", "fail"), stage="source")
     data_dir: str = knob("", "Directory of prepared TFRecord shards + metadata.json "
                          "(prepare writes it, train reads it; --data.output_dir is an alias); "
-                         "empty means <workdir>/data.")
+                         "empty means <workdir>/data.", stage="source")
     # -- cleaning (applied in this order; each step is counted in the report)
     normalize: str = knob("NFC", "Unicode normalization of every text (none = keep as is).",
-                          choices=("none", "NFC", "NFKC"))
+                          choices=("none", "NFC", "NFKC"), stage="prepare")
     replace_regex: str = knob("", "Python regex whose matches are replaced by "
-                              "--data.replacement (empty = off).")
-    replacement: str = knob("", "Replacement text for --data.replace_regex matches.")
+                              "--data.replacement (empty = off).", stage="prepare")
+    replacement: str = knob("", "Replacement text for --data.replace_regex matches.",
+                            stage="prepare")
     drop_regex: str = knob("", "Python regex: documents/samples with a match are dropped "
-                           "(empty = off).")
+                           "(empty = off).", stage="prepare")
     min_chars: int = knob(1, "Drop documents shorter than this many characters (whitespace "
-                          "ignored).")
-    max_chars: int = knob(0, "Drop documents longer than this many characters (0 = no limit).")
+                          "ignored).", stage="prepare")
+    max_chars: int = knob(0, "Drop documents longer than this many characters (0 = no limit).",
+                          stage="prepare")
     dedup_exact: bool = knob(True, "Drop exact duplicates (same text after cleaning); the "
-                             "first occurrence is kept.")
+                             "first occurrence is kept.", stage="prepare")
     dedup_threshold: float = knob(0.0, "Drop near duplicates whose estimated Jaccard "
                                   "similarity (MinHash LSH over word n-grams) with an earlier "
-                                  "document is >= this; 0 = off, 0.8 is a common choice.")
-    dedup_ngram: int = knob(5, "Words per shingle for near-duplicate detection.")
-    dedup_num_perm: int = knob(128, "MinHash permutations for near-duplicate detection.")
+                                  "document is >= this; 0 = off, 0.8 is a common choice.",
+                                  stage="prepare")
+    dedup_ngram: int = knob(5, "Words per shingle for near-duplicate detection.", stage="prepare")
+    dedup_num_perm: int = knob(128, "MinHash permutations for near-duplicate detection.",
+                               stage="prepare")
     # -- instruction data (format=alpaca / sharegpt)
     template: str = knob("deepseek3", "Chat template of SFT samples (see README).",
-                         choices=("deepseek3", "deepseek-r1", "chatml", "plain"))
+                         choices=("deepseek3", "deepseek-r1", "chatml", "plain"), stage="sft")
     train_on_prompt: bool = knob(False, "SFT: also train on prompt tokens (default: the loss "
-                                 "covers assistant tokens only).")
-    mask_history: bool = knob(False, "SFT: train only on the last assistant turn.")
+                                 "covers assistant tokens only).", stage="sft")
+    mask_history: bool = knob(False, "SFT: train only on the last assistant turn.", stage="sft")
     cutoff_len: int = knob(0, "SFT: longest sample in tokens; longer ones lose their oldest "
-                           "turns, then their tail (0 = seq_len).")
+                           "turns, then their tail (0 = seq_len).", stage="sft")
     # -- split and shards
     val_size: float = knob(0.05, "Validation split: a fraction of documents (< 1) or a "
-                           "document count (>= 1); deterministic, by document name.")
-    shard_size_mb: float = knob(4.0, "Target size of one TFRecord shard in MB.")
+                           "document count (>= 1); deterministic, by document name.",
+                           stage="prepare")
+    shard_size_mb: float = knob(4.0, "Target size of one TFRecord shard in MB.", stage="prepare")
     # -- pipeline (may change between runs on the same prepared data)
-    seq_len: int = knob(256, "Tokens per packed training window.")
+    seq_len: int = knob(256, "Tokens per packed training window.", stage="pipeline")
     packing: str = knob("pack", "Long documents: pack = concatenate into windows (SFT samples "
                         "are packed whole, never split); window = one document per row, cut "
                         "into sliding windows overlapping by --data.stride tokens.",
-                        choices=("pack", "window"))
+                        choices=("pack", "window"), stage="pipeline")
     stride: int = knob(0, "Overlap in tokens between consecutive sliding windows "
-                       "(packing=window); overlapping tokens are context, not targets.")
+                       "(packing=window); overlapping tokens are context, not targets.",
+                       stage="pipeline")
     augment: str = knob("none", "Training-time input masking (pretraining augmentation): "
                         "token = random single tokens, span = random spans of --data.mask_span "
                         "tokens are replaced by the pad id in the inputs; targets unchanged.",
-                        choices=("none", "token", "span"))
-    mask_rate: float = knob(0.15, "Fraction of input tokens masked by --data.augment.")
-    mask_span: int = knob(3, "Span length of --data.augment=span.")
-    shuffle_buffer: int = knob(1024, "Windows in the seeded shuffle buffer (0 = no shuffle).")
-    cycle_length: int = knob(4, "Shards read in parallel by the interleave.")
+                        choices=("none", "token", "span"), stage="pipeline")
+    mask_rate: float = knob(0.15, "Fraction of input tokens masked by --data.augment.",
+                            stage="pipeline")
+    mask_span: int = knob(3, "Span length of --data.augment=span.", stage="pipeline")
+    shuffle_buffer: int = knob(1024, "Windows in the seeded shuffle buffer (0 = no shuffle).",
+                               stage="pipeline")
+    cycle_length: int = knob(4, "Shards read in parallel by the interleave.", stage="pipeline")
 
     def __post_init__(self):
         self._coerce_and_check_types()
@@ -459,6 +481,27 @@ class DataConfig(_Section):
         r(self.mask_span >= 1, "--data.mask_span must be >= 1.")
         r(all(e.startswith(".") for e in _split_list(self.text_extensions)),
           f"--data.text_extensions={self.text_extensions!r}: use e.g. .txt,.md,.py")
+
+    @classmethod
+    def fields_of(cls, stage: str) -> tuple[str, ...]:
+        """Names of the fields of one of `DATA_STAGES`, in declaration order."""
+        if stage not in DATA_STAGES:
+            raise ValueError(f"unknown data stage {stage!r}; expected one of {DATA_STAGES}.")
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["stage"] == stage)
+
+    def prepared_settings(self) -> dict[str, Any]:
+        """The values that shape the prepared data (prepare fingerprints them in
+        metadata.json): the "prepare" fields, plus the "sft" ones (cutoff_len resolved)
+        for SFT formats."""
+        d = {k: getattr(self, k) for k in self.fields_of("prepare")}
+        if self.is_sft:
+            d.update({k: getattr(self, k) for k in self.fields_of("sft")},
+                     cutoff_len=self.resolved_cutoff_len)
+        return d
+
+    def pipeline_settings(self) -> dict[str, Any]:
+        """The "pipeline" fields: how prepared data is batched for one run."""
+        return {k: getattr(self, k) for k in self.fields_of("pipeline")}
 
     @property
     def input_list(self) -> tuple[str, ...]:

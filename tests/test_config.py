@@ -158,3 +158,27 @@ def test_configs_saved_before_the_tokenizer_section_still_load():
     old["data"].update(tokenizer="byte", max_documents=7)
     exp = cfg.Experiment.from_dict(old)
     assert exp.tokenizer.type == "byte" and exp.data.max_samples == 7
+
+
+def test_every_data_field_has_a_stage_and_the_prepared_settings_keep_their_keys():
+    """The fingerprint of prepared data (metadata.json) must keep its keys, or every
+    existing prepared directory would be refused as 'prepared with other settings'."""
+    for f in dataclasses.fields(cfg.DataConfig):
+        assert f.metadata["stage"] in cfg.DATA_STAGES, f.name
+    text = cfg.DataConfig()
+    assert sorted(text.prepared_settings()) == sorted((
+        "format", "text_field", "text_extensions", "max_samples", "normalize",
+        "replace_regex", "replacement", "drop_regex", "min_chars", "max_chars",
+        "dedup_exact", "dedup_threshold", "dedup_ngram", "dedup_num_perm", "val_size",
+        "shard_size_mb"))
+    sft = cfg.DataConfig(format="alpaca", seq_len=64)
+    assert sft.prepared_settings() == {
+        **{k: v for k, v in sft.to_dict().items() if k in text.prepared_settings()},
+        "template": "deepseek3", "train_on_prompt": False, "mask_history": False,
+        "cutoff_len": 64}
+    assert set(text.pipeline_settings()) == {"seq_len", "packing", "stride", "augment",
+                                             "mask_rate", "mask_span", "shuffle_buffer",
+                                             "cycle_length"}
+    # Changing a pipeline field leaves the prepared settings (and so the data) alone.
+    assert text.replace(seq_len=64, shuffle_buffer=0).prepared_settings() == \
+        text.prepared_settings()

@@ -49,12 +49,6 @@ from deepseek_tf.errors import UserError
 STAGE_DIR = ".stage"
 REPORT_FILE = "report.json"
 CHUNK = 256
-# DataConfig fields that shape the prepared data (the others only affect the pipeline).
-PREPARE_FIELDS = ("format", "text_field", "text_extensions", "max_samples", "normalize",
-                  "replace_regex", "replacement", "drop_regex", "min_chars", "max_chars",
-                  "dedup_exact", "dedup_threshold", "dedup_ngram", "dedup_num_perm",
-                  "val_size", "shard_size_mb")
-SFT_FIELDS = ("template", "train_on_prompt", "mask_history")
 
 
 def _sources(cfg: DataConfig):
@@ -74,12 +68,8 @@ def _sources(cfg: DataConfig):
 
 
 def _settings(cfg: DataConfig, tcfg: TokenizerConfig, sources, corpus_info) -> dict:
-    data = {k: getattr(cfg, k) for k in PREPARE_FIELDS}
-    if cfg.is_sft:
-        data.update({k: getattr(cfg, k) for k in SFT_FIELDS},
-                    cutoff_len=cfg.resolved_cutoff_len)
     return {"corpus": corpus_info, "inputs": ingest.fingerprint_entries(sources),
-            "data": data, "tokenizer": tcfg.to_dict()}
+            "data": cfg.prepared_settings(), "tokenizer": tcfg.to_dict()}
 
 
 def split_key(name: str) -> int:
