@@ -18,11 +18,13 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import json
 import re
 import typing
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from deepseek_tf.atomic import atomic_write
 from deepseek_tf.errors import ConfigError, UserError
@@ -31,7 +33,7 @@ CONFIG_VERSION = 1
 
 
 def knob(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-         resumable: bool = False, stage: str | None = None) -> Any:
+         resumable: bool = False, stage: str | None = None, flag: str | None = None) -> Any:
     """A dataclass field with the metadata that flags and validation use.
 
     Args:
@@ -41,9 +43,20 @@ def knob(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
       resumable: True if the value may change when a run resumes in a workdir
         whose saved config says otherwise (e.g. the total number of steps).
       stage: `DataConfig` only: when the field acts (see `DATA_STAGES`).
+      flag: a field of a nested dataclass (`RopeScaling`): its flat flag and
+        config.json key in the enclosing section, when it differs from the field name.
     """
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "resumable": resumable, "stage": stage})
+        "help": help, "choices": choices, "resumable": resumable, "stage": stage,
+        "flag": flag})
+
+
+def nested(cls: type, help: str) -> Any:
+    """A field holding a nested section dataclass (e.g. `ModelConfig.rope_scaling`),
+    whose knobs keep flat flags and config.json keys (their `flag` metadata)."""
+    return dataclasses.field(default_factory=cls, metadata={
+        "help": help, "choices": None, "resumable": False, "stage": None, "flag": None,
+        "nested": cls})
 
 
 def _split_list(value: str) -> tuple[str, ...]:
@@ -68,9 +81,17 @@ class _Section:
 
     def _coerce_and_check_types(self) -> None:
         for f in dataclasses.fields(self):
-            t = _field_type(type(self), f)
             v = getattr(self, f.name)
-            where = f"{self.SECTION}.{f.name}"
+            sub = f.metadata.get("nested")
+            if sub:
+                if isinstance(v, Mapping):
+                    object.__setattr__(self, f.name, sub.from_dict(v))
+                elif not isinstance(v, sub):
+                    raise ConfigError(f"{self.SECTION}.{f.name}={v!r} has the wrong type: "
+                                      f"expected {sub.__name__}.")
+                continue
+            t = _field_type(type(self), f)
+            where = f"{self.SECTION}.{f.metadata.get('flag') or f.name}"
             if t is float and isinstance(v, int) and not isinstance(v, bool):
                 object.__setattr__(self, f.name, float(v))
                 continue
@@ -82,12 +103,36 @@ class _Section:
                 raise ConfigError(
                     f"--{where}={v!r} is not one of {', '.join(choices)}.")
 
+    @classmethod
+    def flag_fields(cls) -> list[tuple[str, dataclasses.Field, type]]:
+        """(key, field, type) of every knob; a nested section's knobs (e.g.
+        `ModelConfig.rope_scaling`) come under their flat flag names. The keys are
+        the flags (`--<section>.<key>`) and the keys of `to_dict` / `from_dict`."""
+        out = []
+        for f in dataclasses.fields(cls):
+            sub = f.metadata.get("nested")
+            if sub:
+                out += [(g.metadata["flag"] or g.name, g, _field_type(sub, g))
+                        for g in dataclasses.fields(sub)]
+            else:
+                out.append((f.name, f, _field_type(cls, f)))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat: a nested section's knobs under their flag names (see `flag_fields`)."""
+        d = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.metadata.get("nested"):
+                d.update({g.metadata["flag"] or g.name: getattr(v, g.name)
+                          for g in dataclasses.fields(v)})
+            else:
+                d[f.name] = v
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {name for name, _, _ in cls.flag_fields()}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(
@@ -96,11 +141,77 @@ class _Section:
         return cls(**dict(d))
 
     def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`: field names, or a nested section's flat keys (e.g.
+        `ModelConfig.replace(rope_scaling_factor=4.0)`)."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return type(self)(**{**kw, **changes})
 
     def _require(self, ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling(_Section):
+    """RoPE scaling (HF `rope_scaling` / `rope_parameters`): none, YaRN or llama3.
+
+    `ModelConfig.rope_scaling` holds one; its knobs keep their flat flags and
+    config.json keys (`--model.rope_scaling_type`, `--model.beta_fast`, ...: the
+    `flag` metadata). The field names are HF's, so `to_dict()` is the dict HF and the
+    layers' `get_config` use.
+
+    Example:
+        >>> RopeScaling(type="yarn", factor=4.0).beta_fast
+        32.0
+    """
+
+    SECTION = "model"
+
+    type: str = knob("none", "RoPE scaling: none, yarn (DeepSeek-V2/V3 long context) or "
+                     "llama3 (Llama 3.1 / R1-Distill-Llama).",
+                     choices=("none", "yarn", "llama3"), flag="rope_scaling_type")
+    factor: float = knob(1.0, "RoPE scaling: context extension factor.",
+                         flag="rope_scaling_factor")
+    original_max_position_embeddings: int = knob(0, "RoPE scaling: the pre-extension "
+                                                 "context length; 0 means "
+                                                 "max_position_embeddings.")
+    beta_fast: float = knob(32.0, "YaRN: rotations above which dims extrapolate.")
+    beta_slow: float = knob(1.0, "YaRN: rotations below which dims interpolate.")
+    mscale: float = knob(1.0, "YaRN: mscale of the cos/sin attention factor.")
+    mscale_all_dim: float = knob(0.0, "YaRN: mscale_all_dim; > 0 also multiplies the MLA "
+                                 "softmax scale by (0.1 * mscale_all_dim * ln(factor) + 1)^2.")
+    attention_factor: float = knob(0.0, "YaRN: explicit cos/sin attention factor; 0 derives "
+                                   "it from factor, mscale, mscale_all_dim.",
+                                   flag="rope_attention_factor")
+    low_freq_factor: float = knob(1.0, "llama3 RoPE scaling: low_freq_factor.")
+    high_freq_factor: float = knob(4.0, "llama3 RoPE scaling: high_freq_factor.")
+
+    def __post_init__(self):
+        self._coerce_and_check_types()
+        r = self._require
+        r(self.original_max_position_embeddings >= 0,
+          "--model.original_max_position_embeddings must be >= 0 (0 = max_position_embeddings).")
+        if self.type != "none":
+            r(self.factor >= 1.0, f"--model.rope_scaling_factor={self.factor} must be >= 1 "
+                                  f"with --model.rope_scaling_type={self.type}.")
+        if self.type == "yarn":
+            r(self.beta_fast > self.beta_slow > 0,
+              "--model.beta_fast must be > --model.beta_slow > 0 for YaRN.")
+        if self.type == "llama3":
+            r(self.high_freq_factor > self.low_freq_factor > 0,
+              "--model.high_freq_factor must be > --model.low_freq_factor > 0 for llama3 RoPE.")
+
+    @classmethod
+    def coerce(cls, value: "RopeScaling | Mapping[str, Any] | None") -> Optional["RopeScaling"]:
+        """A RopeScaling from itself or its `to_dict()` (a layer config); None if unscaled."""
+        if not value:
+            return None
+        s = value if isinstance(value, cls) else cls.from_dict(value)
+        return None if s.type == "none" else s
+
+
+#: The flat flags / config.json keys of `RopeScaling`, in field order.
+ROPE_FLAGS = tuple(f.metadata["flag"] or f.name for f in dataclasses.fields(RopeScaling))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,23 +267,20 @@ class ModelConfig(_Section):
                                "sliding_window tokens (the query's included).")
     hybrid_global_weight: float = knob(0.7, "hybrid: weight of the global attention output.")
     hybrid_local_weight: float = knob(0.3, "hybrid: weight of the local attention output.")
-    # rope scaling (HF rope_parameters / rope_scaling, flattened)
-    rope_scaling_type: str = knob("none", "RoPE scaling: none, yarn (DeepSeek-V2/V3 long "
-                                  "context) or llama3 (Llama 3.1 / R1-Distill-Llama).",
-                                  choices=("none", "yarn", "llama3"))
-    rope_scaling_factor: float = knob(1.0, "RoPE scaling: context extension factor.")
-    original_max_position_embeddings: int = knob(0, "RoPE scaling: the pre-extension "
-                                                 "context length; 0 means "
-                                                 "max_position_embeddings.")
-    beta_fast: float = knob(32.0, "YaRN: rotations above which dims extrapolate.")
-    beta_slow: float = knob(1.0, "YaRN: rotations below which dims interpolate.")
-    mscale: float = knob(1.0, "YaRN: mscale of the cos/sin attention factor.")
-    mscale_all_dim: float = knob(0.0, "YaRN: mscale_all_dim; > 0 also multiplies the MLA "
-                                 "softmax scale by (0.1 * mscale_all_dim * ln(factor) + 1)^2.")
-    rope_attention_factor: float = knob(0.0, "YaRN: explicit cos/sin attention factor; 0 "
-                                        "derives it from factor, mscale, mscale_all_dim.")
-    low_freq_factor: float = knob(1.0, "llama3 RoPE scaling: low_freq_factor.")
-    high_freq_factor: float = knob(4.0, "llama3 RoPE scaling: high_freq_factor.")
+    # rope scaling: one RopeScaling; flags and config.json keys stay flat (ROPE_FLAGS)
+    rope_scaling: RopeScaling = nested(RopeScaling, "RoPE scaling (flags: RopeScaling's).")
+    # ModelConfig(rope_scaling_type=..., beta_fast=..., ...) and replace() with the flat
+    # keys (flags, config.json, HF conversion) set rope_scaling's knobs; not attributes.
+    rope_scaling_type: dataclasses.InitVar[Optional[str]] = None
+    rope_scaling_factor: dataclasses.InitVar[Optional[float]] = None
+    original_max_position_embeddings: dataclasses.InitVar[Optional[int]] = None
+    beta_fast: dataclasses.InitVar[Optional[float]] = None
+    beta_slow: dataclasses.InitVar[Optional[float]] = None
+    mscale: dataclasses.InitVar[Optional[float]] = None
+    mscale_all_dim: dataclasses.InitVar[Optional[float]] = None
+    rope_attention_factor: dataclasses.InitVar[Optional[float]] = None
+    low_freq_factor: dataclasses.InitVar[Optional[float]] = None
+    high_freq_factor: dataclasses.InitVar[Optional[float]] = None
     # moe
     n_routed_experts: int = knob(0, "DeepSeekMoE: routed experts per MoE layer; 0 = a dense "
                                  "model (every layer a SwiGLU MLP).")
@@ -220,8 +328,13 @@ class ModelConfig(_Section):
     hidden_dropout: float = knob(0.0, "Dropout rate on each attention and MLP output "
                                  "before its residual add.")
 
-    def __post_init__(self):
+    def __post_init__(self, *rope_flags):
         self._coerce_and_check_types()
+        # Flat rope keys given (flags, config.json, HF conversion) override rope_scaling's.
+        given = {f.name: v for f, v in zip(dataclasses.fields(RopeScaling), rope_flags)
+                 if v is not None}
+        if given:
+            object.__setattr__(self, "rope_scaling", self.rope_scaling.replace(**given))
         r = self._require
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings"):
@@ -244,7 +357,6 @@ class ModelConfig(_Section):
             r(0 <= getattr(self, name) < 1,
               f"--model.{name} must be in [0, 1), got {getattr(self, name)}.")
         self._check_mla()
-        self._check_rope_scaling()
         self._check_moe()
         r(self.num_nextn_predict_layers >= 0, "--model.num_nextn_predict_layers must be >= 0.")
         r(self.mtp_loss_weight >= 0, "--model.mtp_loss_weight must be >= 0.")
@@ -262,21 +374,6 @@ class ModelConfig(_Section):
             r(self.sliding_window > 0, "--model.sliding_window must be > 0 for hybrid attention.")
             r(self.hybrid_global_weight >= 0 and self.hybrid_local_weight >= 0,
               "--model.hybrid_global_weight and --model.hybrid_local_weight must be >= 0.")
-
-    def _check_rope_scaling(self) -> None:
-        r = self._require
-        r(self.original_max_position_embeddings >= 0,
-          "--model.original_max_position_embeddings must be >= 0 (0 = max_position_embeddings).")
-        if self.rope_scaling_type != "none":
-            r(self.rope_scaling_factor >= 1.0,
-              f"--model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1 "
-              f"with --model.rope_scaling_type={self.rope_scaling_type}.")
-        if self.rope_scaling_type == "yarn":
-            r(self.beta_fast > self.beta_slow > 0,
-              "--model.beta_fast must be > --model.beta_slow > 0 for YaRN.")
-        if self.rope_scaling_type == "llama3":
-            r(self.high_freq_factor > self.low_freq_factor > 0,
-              "--model.high_freq_factor must be > --model.low_freq_factor > 0 for llama3 RoPE.")
 
     def _check_moe(self) -> None:
         r = self._require
@@ -315,18 +412,15 @@ class ModelConfig(_Section):
         return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
                 and layer_idx % self.moe_layer_freq == 0)
 
-    def rope_scaling(self) -> dict | None:
-        """The RoPE scaling parameters as one plain dict (None when unscaled)."""
-        if self.rope_scaling_type == "none":
+    @property
+    def resolved_rope_scaling(self) -> RopeScaling | None:
+        """`rope_scaling` with original_max_position_embeddings resolved (0 ->
+        max_position_embeddings), as the layers use it; None when unscaled."""
+        s = self.rope_scaling
+        if s.type == "none":
             return None
-        return {"type": self.rope_scaling_type, "factor": self.rope_scaling_factor,
-                "original_max_position_embeddings": (self.original_max_position_embeddings
-                                                     or self.max_position_embeddings),
-                "beta_fast": self.beta_fast, "beta_slow": self.beta_slow,
-                "mscale": self.mscale, "mscale_all_dim": self.mscale_all_dim,
-                "attention_factor": self.rope_attention_factor,
-                "low_freq_factor": self.low_freq_factor,
-                "high_freq_factor": self.high_freq_factor}
+        return s.replace(original_max_position_embeddings=(
+            s.original_max_position_embeddings or self.max_position_embeddings))
 
     @property
     def resolved_kv_heads(self) -> int:
@@ -335,6 +429,16 @@ class ModelConfig(_Section):
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+# ModelConfig.__post_init__ pairs its init-only rope keys with RopeScaling's fields.
+if [n for n in inspect.signature(ModelConfig).parameters if n in ROPE_FLAGS] != \
+        list(ROPE_FLAGS):
+    raise TypeError("ModelConfig's init-only rope keys must follow RopeScaling's fields.")
+# They are not attributes: reading one (`cfg.beta_fast`) is an AttributeError instead of
+# the InitVar's None default; `cfg.rope_scaling.beta_fast` is the value.
+for _name in ROPE_FLAGS:
+    delattr(ModelConfig, _name)
 
 
 #: When a `DataConfig` field acts (its `stage` metadata). "source": where the data comes
@@ -896,7 +1000,12 @@ def _migrate(d: dict) -> dict:
 
 
 def iter_fields():
-    """Yields (section_name, dataclass_field, python_type) for every knob."""
+    """Yields (section_name, dataclass_field, python_type) for every knob; the field of a
+    nested section's knob is a copy named by its flat flag (e.g. rope_scaling_type)."""
     for name, sec in SECTIONS.items():
-        for f in dataclasses.fields(sec):
-            yield name, f, _field_type(sec, f)
+        for key, f, t in sec.flag_fields():
+            if key != f.name:
+                f = copy.copy(f)
+                f.name = key
+            yield name, f, t
+

@@ -73,10 +73,10 @@ def define_flags(sections: Iterable[str] = tuple(cfg.SECTIONS),
 
 def _section_values(flag_values, section: str, only_present: bool) -> dict:
     out = {}
-    for f in cfg.dataclasses.fields(cfg.SECTIONS[section]):
-        name = _flag_name(section, f.name)
+    for key, _, _ in cfg.SECTIONS[section].flag_fields():
+        name = _flag_name(section, key)
         if name in flag_values and (flag_values[name].present or not only_present):
-            out[f.name] = flag_values[name].value
+            out[key] = flag_values[name].value
     return out
 
 
@@ -103,20 +103,21 @@ def reconcile(saved: cfg.Experiment, given: dict[str, dict], path: str) -> cfg.E
     sections = {}
     for s, cls in cfg.SECTIONS.items():
         sec = getattr(saved, s)
+        values = sec.to_dict()
         changes = {}
-        for f in cfg.dataclasses.fields(cls):
-            if f.name not in given[s]:
+        for key, f, _ in cls.flag_fields():
+            if key not in given[s]:
                 continue
-            new, old = given[s][f.name], getattr(sec, f.name)
+            new, old = given[s][key], values[key]
             if new == "auto" and "auto" in (f.metadata.get("choices") or ()):
                 continue  # the run resolved "auto" once (config.json): keep its choice
             if new == old or (isinstance(old, float) and float(new) == old):
                 continue
             if not f.metadata.get("resumable"):
                 raise ConfigError(
-                    f"--{s}.{f.name}={new!r} contradicts {path}, which has {old!r}; "
+                    f"--{s}.{key}={new!r} contradicts {path}, which has {old!r}; "
                     f"use a new --workdir, or drop the flag to continue that run.")
-            changes[f.name] = new
+            changes[key] = new
         sections[s] = sec.replace(**changes) if changes else sec
     return cfg.Experiment(**sections)
 
@@ -172,11 +173,12 @@ def adopt_init_from(exp: cfg.Experiment, given: dict[str, dict]) -> cfg.Experime
             tok = tok.replace(path=os.path.abspath(f))
     # Training knobs of the model section (loss weights, capacity factors, router bias
     # speed: the fields marked resumable) may be set; the architecture may not.
-    loose = {f.name for f in dataclasses.fields(cfg.ModelConfig) if f.metadata["resumable"]}
+    loose = {k for k, f, _ in cfg.ModelConfig.flag_fields() if f.metadata["resumable"]}
     model = source.model.replace(**{k: v for k, v in given["model"].items() if k in loose})
     for s, fixed in (("model", model), ("tokenizer", tok)):
+        values = fixed.to_dict()
         for name, value in given[s].items():
-            old = getattr(fixed, name)
+            old = values[name]
             if value != old and not (isinstance(old, float) and float(value) == old) and \
                     not (s == "tokenizer" and name == "path"):
                 raise ConfigError(

@@ -182,3 +182,33 @@ def test_every_data_field_has_a_stage_and_the_prepared_settings_keep_their_keys(
     # Changing a pipeline field leaves the prepared settings (and so the data) alone.
     assert text.replace(seq_len=64, shuffle_buffer=0).prepared_settings() == \
         text.prepared_settings()
+
+
+def test_rope_scaling_is_one_typed_dataclass_with_flat_flags_and_keys():
+    m = cfg.ModelConfig(rope_scaling_type="yarn", rope_scaling_factor=4.0,
+                        original_max_position_embeddings=32, mscale_all_dim=1.0)
+    assert m.rope_scaling == cfg.RopeScaling(type="yarn", factor=4.0,
+                                             original_max_position_embeddings=32,
+                                             mscale_all_dim=1.0)
+    assert cfg.ModelConfig(rope_scaling=m.rope_scaling) == m
+    # config.json keeps the flat keys, in and out
+    d = m.to_dict()
+    assert "rope_scaling" not in d
+    assert {k: d[k] for k in ("rope_scaling_type", "rope_scaling_factor", "beta_fast",
+                              "rope_attention_factor")} == {
+        "rope_scaling_type": "yarn", "rope_scaling_factor": 4.0, "beta_fast": 32.0,
+        "rope_attention_factor": 0.0}
+    assert cfg.ModelConfig.from_dict(d) == m
+    assert m.replace(beta_fast=16.0).rope_scaling.beta_fast == 16.0
+    assert m.replace(hidden_size=128).rope_scaling == m.rope_scaling
+    # flags: one per knob, flat names
+    flat = {f.name for s, f, _ in cfg.iter_fields() if s == "model"}
+    assert set(cfg.ROPE_FLAGS) <= flat and "rope_scaling" not in flat
+    # resolved for the layers: original_max_position_embeddings 0 -> max positions
+    r = cfg.ModelConfig(rope_scaling_type="llama3", rope_scaling_factor=8.0,
+                        max_position_embeddings=512).resolved_rope_scaling
+    assert r.original_max_position_embeddings == 512 and r.type == "llama3"
+    assert cfg.ModelConfig().resolved_rope_scaling is None
+    assert cfg.RopeScaling.coerce(r.to_dict()) == r  # a layer's get_config round trip
+    with pytest.raises(ConfigError, match="--model.beta_fast must be >"):
+        cfg.ModelConfig(rope_scaling_type="yarn", beta_fast=1.0, beta_slow=2.0)

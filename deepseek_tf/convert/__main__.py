@@ -34,7 +34,7 @@ def main(argv):
         raise UserError("--hf_dir is required: a directory with config.json and "
                         "*.safetensors.")
     given = dflags.given_overrides(dflags.FLAGS)
-    fields = {f.name: f for f in cfg.dataclasses.fields(cfg.ModelConfig)}
+    fields = {k: f for k, f, _ in cfg.ModelConfig.flag_fields()}
     for name in given["model"]:
         if not (fields[name].metadata.get("resumable") or name in _SHAPE_FREE):
             raise ConfigError(f"--model.{name} comes from {dflags.FLAGS.hf_dir}/config.json "
