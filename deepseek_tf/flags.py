@@ -26,9 +26,10 @@ from typing import Callable, Iterable
 from absl import app, flags
 
 from deepseek_tf import config as cfg
+from deepseek_tf.errors import ConfigError, UserError
+from deepseek_tf.workdir_files import CHECKPOINT_DIR, CONFIG_FILE, CONVERT_FILE
 
 FLAGS = flags.FLAGS
-CONFIG_FILE = "config.json"
 # Extra flag names for existing fields: --data.output_dir reads naturally for prepare.
 ALIASES = {"data.output_dir": "data.data_dir"}
 
@@ -72,10 +73,10 @@ def define_flags(sections: Iterable[str] = tuple(cfg.SECTIONS),
 
 def _section_values(flag_values, section: str, only_present: bool) -> dict:
     out = {}
-    for f in cfg.dataclasses.fields(cfg.SECTIONS[section]):
-        name = _flag_name(section, f.name)
+    for key, _, _ in cfg.SECTIONS[section].flag_fields():
+        name = _flag_name(section, key)
         if name in flag_values and (flag_values[name].present or not only_present):
-            out[f.name] = flag_values[name].value
+            out[key] = flag_values[name].value
     return out
 
 
@@ -102,20 +103,21 @@ def reconcile(saved: cfg.Experiment, given: dict[str, dict], path: str) -> cfg.E
     sections = {}
     for s, cls in cfg.SECTIONS.items():
         sec = getattr(saved, s)
+        values = sec.to_dict()
         changes = {}
-        for f in cfg.dataclasses.fields(cls):
-            if f.name not in given[s]:
+        for key, f, _ in cls.flag_fields():
+            if key not in given[s]:
                 continue
-            new, old = given[s][f.name], getattr(sec, f.name)
+            new, old = given[s][key], values[key]
             if new == "auto" and "auto" in (f.metadata.get("choices") or ()):
                 continue  # the run resolved "auto" once (config.json): keep its choice
             if new == old or (isinstance(old, float) and float(new) == old):
                 continue
             if not f.metadata.get("resumable"):
-                raise cfg.ConfigError(
-                    f"--{s}.{f.name}={new!r} contradicts {path}, which has {old!r}; "
+                raise ConfigError(
+                    f"--{s}.{key}={new!r} contradicts {path}, which has {old!r}; "
                     f"use a new --workdir, or drop the flag to continue that run.")
-            changes[f.name] = new
+            changes[key] = new
         sections[s] = sec.replace(**changes) if changes else sec
     return cfg.Experiment(**sections)
 
@@ -123,8 +125,8 @@ def reconcile(saved: cfg.Experiment, given: dict[str, dict], path: str) -> cfg.E
 def fresh_conversion(workdir: str) -> bool:
     """True for a workdir written by `deepseek_tf.convert` that has not trained yet
     (its latest checkpoint is still the converted ckpt-0)."""
-    index = os.path.join(workdir, "checkpoints", "checkpoint")
-    if not os.path.exists(os.path.join(workdir, "convert.json")) or not os.path.exists(index):
+    index = os.path.join(workdir, CHECKPOINT_DIR, "checkpoint")
+    if not os.path.exists(os.path.join(workdir, CONVERT_FILE)) or not os.path.exists(index):
         return False
     with open(index) as f:
         first = f.readline()  # model_checkpoint_path: "ckpt-N"
@@ -161,8 +163,8 @@ def adopt_init_from(exp: cfg.Experiment, given: dict[str, dict]) -> cfg.Experime
     src = exp.train.init_from
     path = os.path.join(src, CONFIG_FILE)
     if not os.path.exists(path):
-        raise cfg.UserError(f"--train.init_from={src} has no {CONFIG_FILE}: not a deepseek_tf "
-                            f"workdir (train or convert into it first).")
+        raise UserError(f"--train.init_from={src} has no {CONFIG_FILE}: not a deepseek_tf "
+                        f"workdir (train or convert into it first).")
     source = cfg.Experiment.load(path)
     tok = source.tokenizer
     for name in ("tokenizer.model", "tokenizer.json"):  # a trained run's own tokenizer file
@@ -171,14 +173,15 @@ def adopt_init_from(exp: cfg.Experiment, given: dict[str, dict]) -> cfg.Experime
             tok = tok.replace(path=os.path.abspath(f))
     # Training knobs of the model section (loss weights, capacity factors, router bias
     # speed: the fields marked resumable) may be set; the architecture may not.
-    loose = {f.name for f in dataclasses.fields(cfg.ModelConfig) if f.metadata["resumable"]}
+    loose = {k for k, f, _ in cfg.ModelConfig.flag_fields() if f.metadata["resumable"]}
     model = source.model.replace(**{k: v for k, v in given["model"].items() if k in loose})
     for s, fixed in (("model", model), ("tokenizer", tok)):
+        values = fixed.to_dict()
         for name, value in given[s].items():
-            old = getattr(fixed, name)
+            old = values[name]
             if value != old and not (isinstance(old, float) and float(value) == old) and \
                     not (s == "tokenizer" and name == "path"):
-                raise cfg.ConfigError(
+                raise ConfigError(
                     f"--{s}.{name}={value!r} contradicts --train.init_from={src}, whose "
                     f"config.json has {old!r}; drop the flag (the model comes from there).")
     data = exp.data
@@ -207,7 +210,7 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     def wrapped(argv):
         try:
             return main(argv)
-        except (cfg.ConfigError, cfg.UserError) as e:
+        except (ConfigError, UserError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

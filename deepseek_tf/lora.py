@@ -34,7 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.config import ConfigError, LoraConfig, UserError
+from deepseek_tf.config import LoraConfig
+from deepseek_tf.errors import ConfigError, UserError
 
 #: Names of the projections that can take an adapter (`--lora.targets`).
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj",

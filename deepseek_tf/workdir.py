@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 
-from deepseek_tf.config import Experiment, UserError
+from deepseek_tf.config import Experiment
+from deepseek_tf.errors import UserError
+from deepseek_tf.workdir_files import CHECKPOINT_DIR, CONFIG_FILE, TOKENIZER_DIR
 
 
 def load_experiment(workdir: str) -> Experiment:
     """The workdir's resolved config (`config.json`), with one clear error if missing."""
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise UserError(f"{workdir} has no config.json: not a deepseek_tf workdir "
                         f"(train or convert into it first).")
@@ -35,7 +37,7 @@ def load_workdir(workdir: str, checkpoint: str = ""):
     from deepseek_tf.model import DeepSeekCausalLM
 
     exp = load_experiment(workdir)
-    path = checkpoint or tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    path = checkpoint or tf.train.latest_checkpoint(os.path.join(workdir, CHECKPOINT_DIR))
     if not path:
         raise UserError(f"{workdir}/checkpoints holds no checkpoint.")
     model = DeepSeekCausalLM(exp.model)
@@ -56,7 +58,7 @@ def load_run_tokenizer(workdir: str, exp: Experiment):
     (a converted HF workdir: its tokenizer.json; the byte tokenizer needs no files)."""
     from deepseek_tf.data.tokenizer import TOKENIZER_FILE, build_tokenizer, load_tokenizer
 
-    saved = os.path.join(workdir, "tokenizer")
+    saved = os.path.join(workdir, TOKENIZER_DIR)
     if os.path.exists(os.path.join(saved, TOKENIZER_FILE)):
         return load_tokenizer(saved)
     if exp.tokenizer.type == "byte" or exp.tokenizer.path:

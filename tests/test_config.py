@@ -7,6 +7,7 @@ from absl import flags
 
 from deepseek_tf import config as cfg
 from deepseek_tf import flags as dflags
+from deepseek_tf.errors import ConfigError, UserError
 
 
 def test_defaults_validate_and_round_trip():
@@ -51,7 +52,7 @@ def test_defaults_validate_and_round_trip():
     ("model", dict(scoring_func="relu"), "not one of"),
 ])
 def test_bad_values_raise_one_clear_line(section, kw, needle):
-    with pytest.raises(cfg.ConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         cfg.SECTIONS[section](**kw)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
@@ -59,14 +60,14 @@ def test_bad_values_raise_one_clear_line(section, kw, needle):
 
 def test_int_is_accepted_for_float_and_unknown_keys_raise():
     assert cfg.OptimConfig(learning_rate=1).learning_rate == 1.0
-    with pytest.raises(cfg.ConfigError, match="unknown model config key"):
+    with pytest.raises(ConfigError, match="unknown model config key"):
         cfg.ModelConfig.from_dict({"hidden_sise": 3})
-    with pytest.raises(cfg.ConfigError, match="unknown config section"):
+    with pytest.raises(ConfigError, match="unknown config section"):
         cfg.Experiment.from_dict({"modle": {}})
 
 
 def test_cross_section_validation():
-    with pytest.raises(cfg.ConfigError, match="max_position_embeddings"):
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
         cfg.Experiment(model=cfg.ModelConfig(max_position_embeddings=64),
                        data=cfg.DataConfig(seq_len=128))
 
@@ -77,7 +78,7 @@ def test_save_load_round_trip(tmp_path):
     exp.save(path)
     assert cfg.Experiment.load(path) == exp
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(cfg.UserError, match="cannot read config"):
+    with pytest.raises(UserError, match="cannot read config"):
         cfg.Experiment.load(str(tmp_path / "bad.json"))
 
 
@@ -125,7 +126,7 @@ def test_reconcile_with_saved_workdir_config(tmp_path):
     given["model"] = {"hidden_size": saved.model.hidden_size}  # same value: fine
     dflags.reconcile(saved, given, "x")
     given["model"] = {"hidden_size": 512}
-    with pytest.raises(cfg.ConfigError, match="contradicts x"):
+    with pytest.raises(ConfigError, match="contradicts x"):
         dflags.reconcile(saved, given, "x")
 
 
@@ -157,3 +158,57 @@ def test_configs_saved_before_the_tokenizer_section_still_load():
     old["data"].update(tokenizer="byte", max_documents=7)
     exp = cfg.Experiment.from_dict(old)
     assert exp.tokenizer.type == "byte" and exp.data.max_samples == 7
+
+
+def test_every_data_field_has_a_stage_and_the_prepared_settings_keep_their_keys():
+    """The fingerprint of prepared data (metadata.json) must keep its keys, or every
+    existing prepared directory would be refused as 'prepared with other settings'."""
+    for f in dataclasses.fields(cfg.DataConfig):
+        assert f.metadata["stage"] in cfg.DATA_STAGES, f.name
+    text = cfg.DataConfig()
+    assert sorted(text.prepared_settings()) == sorted((
+        "format", "text_field", "text_extensions", "max_samples", "normalize",
+        "replace_regex", "replacement", "drop_regex", "min_chars", "max_chars",
+        "dedup_exact", "dedup_threshold", "dedup_ngram", "dedup_num_perm", "val_size",
+        "shard_size_mb"))
+    sft = cfg.DataConfig(format="alpaca", seq_len=64)
+    assert sft.prepared_settings() == {
+        **{k: v for k, v in sft.to_dict().items() if k in text.prepared_settings()},
+        "template": "deepseek3", "train_on_prompt": False, "mask_history": False,
+        "cutoff_len": 64}
+    assert set(text.pipeline_settings()) == {"seq_len", "packing", "stride", "augment",
+                                             "mask_rate", "mask_span", "shuffle_buffer",
+                                             "cycle_length"}
+    # Changing a pipeline field leaves the prepared settings (and so the data) alone.
+    assert text.replace(seq_len=64, shuffle_buffer=0).prepared_settings() == \
+        text.prepared_settings()
+
+
+def test_rope_scaling_is_one_typed_dataclass_with_flat_flags_and_keys():
+    m = cfg.ModelConfig(rope_scaling_type="yarn", rope_scaling_factor=4.0,
+                        original_max_position_embeddings=32, mscale_all_dim=1.0)
+    assert m.rope_scaling == cfg.RopeScaling(type="yarn", factor=4.0,
+                                             original_max_position_embeddings=32,
+                                             mscale_all_dim=1.0)
+    assert cfg.ModelConfig(rope_scaling=m.rope_scaling) == m
+    # config.json keeps the flat keys, in and out
+    d = m.to_dict()
+    assert "rope_scaling" not in d
+    assert {k: d[k] for k in ("rope_scaling_type", "rope_scaling_factor", "beta_fast",
+                              "rope_attention_factor")} == {
+        "rope_scaling_type": "yarn", "rope_scaling_factor": 4.0, "beta_fast": 32.0,
+        "rope_attention_factor": 0.0}
+    assert cfg.ModelConfig.from_dict(d) == m
+    assert m.replace(beta_fast=16.0).rope_scaling.beta_fast == 16.0
+    assert m.replace(hidden_size=128).rope_scaling == m.rope_scaling
+    # flags: one per knob, flat names
+    flat = {f.name for s, f, _ in cfg.iter_fields() if s == "model"}
+    assert set(cfg.ROPE_FLAGS) <= flat and "rope_scaling" not in flat
+    # resolved for the layers: original_max_position_embeddings 0 -> max positions
+    r = cfg.ModelConfig(rope_scaling_type="llama3", rope_scaling_factor=8.0,
+                        max_position_embeddings=512).resolved_rope_scaling
+    assert r.original_max_position_embeddings == 512 and r.type == "llama3"
+    assert cfg.ModelConfig().resolved_rope_scaling is None
+    assert cfg.RopeScaling.coerce(r.to_dict()) == r  # a layer's get_config round trip
+    with pytest.raises(ConfigError, match="--model.beta_fast must be >"):
+        cfg.ModelConfig(rope_scaling_type="yarn", beta_fast=1.0, beta_slow=2.0)

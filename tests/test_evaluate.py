@@ -106,7 +106,7 @@ def test_classify_picks_the_most_likely_label(workdir, tmp_path):
 
 
 def test_read_records_reports_bad_json(tmp_path):
-    from deepseek_tf.config import UserError
+    from deepseek_tf.errors import UserError
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{oops\n')
     with pytest.raises(UserError, match="line 2"):
         read_records([str(tmp_path / "bad.jsonl")])

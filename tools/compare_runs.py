@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 from deepseek_tf import flags as dflags  # noqa: E402
+from deepseek_tf.errors import UserError  # noqa: E402
 
 
 def define_flags():
@@ -31,7 +32,7 @@ def define_flags():
 
 def read_series(workdir: str, metric: str, kind: str) -> list[tuple[int, float]]:
     """(step, value) of `metric` in `workdir`'s log.jsonl rows of `kind`."""
-    from deepseek_tf.config import UserError
+    from deepseek_tf.errors import UserError
     path = os.path.join(workdir, "log.jsonl")
     if not os.path.exists(path):
         raise UserError(f"{workdir} has no log.jsonl: not a training run.")
@@ -55,7 +56,7 @@ def compare(workdirs: list[str], output: str, metric: str = "loss", kinds: str =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deepseek_tf.config import UserError
+    from deepseek_tf.errors import UserError
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     drawn = 0
     for i, wd in enumerate(workdirs):
@@ -87,11 +88,11 @@ def compare(workdirs: list[str], output: str, metric: str = "loss", kinds: str =
 
 def main(argv):
     if len(argv) > 1:
-        raise dflags.cfg.UserError(f"unexpected arguments {argv[1:]} (see --help).")
+        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     F = flags.FLAGS
     dirs = [d for d in F.workdirs.split(",") if d.strip()]
     if not dirs:
-        raise dflags.cfg.UserError("--workdirs is required (see --help).")
+        raise UserError("--workdirs is required (see --help).")
     compare(dirs, F.output, F.metric, F.kinds)
 
 

@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags  # noqa: E402
 
 from deepseek_tf import flags as dflags  # noqa: E402
+from deepseek_tf.errors import UserError  # noqa: E402
 
 
 SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -37,7 +38,7 @@ def resolve(path: str) -> str:
     """The checkpoint prefix that `path` (workdir, directory or prefix) names."""
     import tensorflow as tf
 
-    from deepseek_tf.config import UserError
+    from deepseek_tf.errors import UserError
     for d in (os.path.join(path, "checkpoints"), path):
         if os.path.isdir(d):
             latest = tf.train.latest_checkpoint(d)
@@ -99,10 +100,10 @@ def inspect(path: str, contains: str = "", stats: bool = False) -> list[dict]:
 
 def main(argv):
     if len(argv) > 1:
-        raise dflags.cfg.UserError(f"unexpected arguments {argv[1:]} (see --help).")
+        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     F = flags.FLAGS
     if not F.checkpoint:
-        raise dflags.cfg.UserError("--checkpoint is required (see --help).")
+        raise UserError("--checkpoint is required (see --help).")
     rows = inspect(F.checkpoint, F.filter, F.stats)
     print(f"checkpoint: {resolve(F.checkpoint)}")
     width = max([len(r["name"]) for r in rows] + [8])

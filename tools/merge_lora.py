@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags  # noqa: E402
 
 from deepseek_tf import flags as dflags  # noqa: E402
+from deepseek_tf.errors import UserError  # noqa: E402
 
 
 def define_flags():
@@ -38,7 +39,7 @@ def merge(output: str, workdir: str = "", base: str = "", adapter: str = "", log
 
     import tensorflow as tf
 
-    from deepseek_tf.config import UserError
+    from deepseek_tf.errors import UserError
     from deepseek_tf.lora import is_lora, load_adapter, merged_model
     from deepseek_tf.workdir import load_run_tokenizer, load_workdir
 
@@ -70,10 +71,10 @@ def merge(output: str, workdir: str = "", base: str = "", adapter: str = "", log
 
 def main(argv):
     if len(argv) > 1:
-        raise dflags.cfg.UserError(f"unexpected arguments {argv[1:]} (see --help).")
+        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     F = flags.FLAGS
     if not F.output:
-        raise dflags.cfg.UserError("--output is required (see --help).")
+        raise UserError("--output is required (see --help).")
     merge(F.output, F.workdir, F.base, F.adapter)
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 
-from deepseek_tf.config import Experiment, TokenizerConfig, UserError
+from deepseek_tf.config import Experiment, TokenizerConfig
 from deepseek_tf.convert.hf_checks import check_hf_config, fit_data_to_model
 from deepseek_tf.convert.hf_config import architecture_of, model_config_from_hf
 from deepseek_tf.convert.safetensors_io import SafetensorsDir
-
-CONVERT_FILE = "convert.json"
+from deepseek_tf.errors import UserError
+from deepseek_tf.workdir_files import CHECKPOINT_DIR, CONFIG_FILE, CONVERT_FILE
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -76,8 +76,8 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     data = fit_data_to_model(exp.data, cfg.max_position_embeddings, explicit_data, log=log)
     exp = Experiment(model=cfg, data=data, tokenizer=tokenizer, optim=exp.optim,
                      train=exp.train)
-    if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(
-            os.path.join(workdir, "checkpoints")):
+    if os.path.exists(os.path.join(workdir, CONFIG_FILE)) or os.path.exists(
+            os.path.join(workdir, CHECKPOINT_DIR)):
         raise UserError(f"--workdir={workdir} already holds a run; choose a new directory.")
     log(f"{arch} from {hf_dir}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.attention_type} attention"
@@ -99,13 +99,13 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     os.makedirs(workdir, exist_ok=True)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step),
-                                         os.path.join(workdir, "checkpoints"), max_to_keep=1,
+                                         os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=1,
                                          step_counter=step)
     path = manager.save(checkpoint_number=0)
-    exp.save(os.path.join(workdir, "config.json"))
+    exp.save(os.path.join(workdir, CONFIG_FILE))
     with open(os.path.join(workdir, CONVERT_FILE), "w") as f:
         json.dump({"source": os.path.abspath(hf_dir), "architecture": arch, "notes": notes,
                    "parameters": total, "checkpoint": os.path.basename(path)}, f, indent=2)
     log(f"wrote {path} ({total:,} parameters, {trainable:,} trainable) and "
-        f"{os.path.join(workdir, 'config.json')}")
+        f"{os.path.join(workdir, CONFIG_FILE)}")
     return exp

@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (REA
 from absl import flags  # noqa: E402
 
 from deepseek_tf import flags as dflags  # noqa: E402
+from deepseek_tf.errors import ConfigError, UserError  # noqa: E402
 
 dflags.define_flags(workdir_help="Output workdir (must not hold a run yet).")
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory: config.json + "
@@ -28,16 +29,16 @@ _SHAPE_FREE = ("num_nextn_predict_layers",)
 def main(argv):
     cfg = dflags.cfg
     if len(argv) > 1:
-        raise cfg.UserError(f"unexpected arguments {argv[1:]} (see --help).")
+        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     if not dflags.FLAGS.hf_dir:
-        raise cfg.UserError("--hf_dir is required: a directory with config.json and "
-                            "*.safetensors.")
+        raise UserError("--hf_dir is required: a directory with config.json and "
+                        "*.safetensors.")
     given = dflags.given_overrides(dflags.FLAGS)
-    fields = {f.name: f for f in cfg.dataclasses.fields(cfg.ModelConfig)}
+    fields = {k: f for k, f, _ in cfg.ModelConfig.flag_fields()}
     for name in given["model"]:
         if not (fields[name].metadata.get("resumable") or name in _SHAPE_FREE):
-            raise cfg.ConfigError(f"--model.{name} comes from {dflags.FLAGS.hf_dir}/config.json "
-                                  f"and cannot be set here.")
+            raise ConfigError(f"--model.{name} comes from {dflags.FLAGS.hf_dir}/config.json "
+                              f"and cannot be set here.")
     sections = {s: cls.from_dict(given[s]) for s, cls in cfg.SECTIONS.items() if s != "model"}
     # The model section comes from config.json; this placeholder only fits any seq_len.
     placeholder = cfg.ModelConfig(max_position_embeddings=max(

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepseek_tf.config import DataConfig, UserError
+from deepseek_tf.config import DataConfig
+from deepseek_tf.errors import UserError
 
 #: Fields every supported architecture needs (positive integers).
 COMMON = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

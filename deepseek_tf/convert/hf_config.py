@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepseek_tf.config import ModelConfig, UserError
+from deepseek_tf.config import ModelConfig
 from deepseek_tf.convert.hf_checks import check_hf_config
+from deepseek_tf.errors import UserError
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "LlamaForCausalLM",
                  "Qwen2ForCausalLM")
@@ -130,17 +131,17 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, list[str]]:
 
 def _rope_parameters(cfg: ModelConfig) -> dict:
     p: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
-    s = cfg.rope_scaling()
+    s = cfg.resolved_rope_scaling
     if s:
-        p.update(rope_type=s["type"], factor=s["factor"],
-                 original_max_position_embeddings=s["original_max_position_embeddings"])
-        if s["type"] == "yarn":
-            p.update(beta_fast=s["beta_fast"], beta_slow=s["beta_slow"], mscale=s["mscale"],
-                     mscale_all_dim=s["mscale_all_dim"])
-            if s["attention_factor"]:
-                p["attention_factor"] = s["attention_factor"]
+        p.update(rope_type=s.type, factor=s.factor,
+                 original_max_position_embeddings=s.original_max_position_embeddings)
+        if s.type == "yarn":
+            p.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, mscale=s.mscale,
+                     mscale_all_dim=s.mscale_all_dim)
+            if s.attention_factor:
+                p["attention_factor"] = s.attention_factor
         else:
-            p.update(low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"])
+            p.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
     return p
 
 

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from deepseek_tf.atomic import atomic_open
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,

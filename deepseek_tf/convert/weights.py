@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

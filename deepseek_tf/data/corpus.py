@@ -18,7 +18,7 @@ import os
 import sysconfig
 from typing import Iterator
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 
 _EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
 

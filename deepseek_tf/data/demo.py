@@ -121,7 +121,7 @@ def write_demo(output_dir: str, num_train: int = 12000, num_heldout: int = 200,
 def main(argv):
     from absl import flags
 
-    from deepseek_tf.config import UserError
+    from deepseek_tf.errors import UserError
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]} (see --help).")

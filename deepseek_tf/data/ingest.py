@@ -33,7 +33,7 @@ import json
 import os
 from typing import Iterator
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 
 JSON_EXTENSIONS = (".json", ".jsonl")
 TABLE_EXTENSIONS = (".csv", ".parquet")

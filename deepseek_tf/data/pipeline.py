@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from deepseek_tf.config import DataConfig, UserError
+from deepseek_tf.config import DataConfig
 from deepseek_tf.data import shards as shards_lib
+from deepseek_tf.errors import UserError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 _DTYPES = {"uint16": tf.uint16, "int32": tf.int32}

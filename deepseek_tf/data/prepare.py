@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 from deepseek_tf.atomic import atomic_write
-from deepseek_tf.config import DataConfig, TokenizerConfig, UserError
+from deepseek_tf.config import DataConfig, TokenizerConfig
 from deepseek_tf.data import corpus as corpus_lib
 from deepseek_tf.data import ingest, stages
 from deepseek_tf.data import shards as shards_lib
@@ -44,16 +44,11 @@ from deepseek_tf.data.parallel import chunked, ordered_map
 from deepseek_tf.data.report import Report
 from deepseek_tf.data.templates import TEMPLATES
 from deepseek_tf.data.tokenizer import TOKENIZER_FILE, build_tokenizer, load_tokenizer
+from deepseek_tf.errors import UserError
 
 STAGE_DIR = ".stage"
 REPORT_FILE = "report.json"
 CHUNK = 256
-# DataConfig fields that shape the prepared data (the others only affect the pipeline).
-PREPARE_FIELDS = ("format", "text_field", "text_extensions", "max_samples", "normalize",
-                  "replace_regex", "replacement", "drop_regex", "min_chars", "max_chars",
-                  "dedup_exact", "dedup_threshold", "dedup_ngram", "dedup_num_perm",
-                  "val_size", "shard_size_mb")
-SFT_FIELDS = ("template", "train_on_prompt", "mask_history")
 
 
 def _sources(cfg: DataConfig):
@@ -73,12 +68,8 @@ def _sources(cfg: DataConfig):
 
 
 def _settings(cfg: DataConfig, tcfg: TokenizerConfig, sources, corpus_info) -> dict:
-    data = {k: getattr(cfg, k) for k in PREPARE_FIELDS}
-    if cfg.is_sft:
-        data.update({k: getattr(cfg, k) for k in SFT_FIELDS},
-                    cutoff_len=cfg.resolved_cutoff_len)
     return {"corpus": corpus_info, "inputs": ingest.fingerprint_entries(sources),
-            "data": data, "tokenizer": tcfg.to_dict()}
+            "data": cfg.prepared_settings(), "tokenizer": tcfg.to_dict()}
 
 
 def split_key(name: str) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 
 
 def read_records(paths: list[str], max_samples: int = 0) -> list[dict]:

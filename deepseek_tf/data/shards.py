@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.atomic import atomic_write
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 
 METADATA_FILE = "metadata.json"
 METADATA_VERSION = 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 from deepseek_tf.data.records import read_records  # noqa: F401  (re-exported)
 
 RESULTS_DIR = "eval"

@@ -22,8 +22,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.config import UserError
 from deepseek_tf.data.sft import BadSample, encode, parse_record
+from deepseek_tf.errors import UserError
 from deepseek_tf.evaluate import metrics
 from deepseek_tf.generate.decode import score_ids
 from deepseek_tf.generate.run import pad_right, run_batches

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from deepseek_tf.config import Experiment, UserError
+from deepseek_tf.config import Experiment
+from deepseek_tf.errors import UserError
 from deepseek_tf.export import hf
 from deepseek_tf.workdir import load_workdir  # noqa: F401  (re-exported)
 

@@ -25,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (REA
 from absl import flags  # noqa: E402
 
 from deepseek_tf import flags as dflags  # noqa: E402
+from deepseek_tf.errors import UserError  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Training workdir to export (config.json + checkpoints/).")
 flags.DEFINE_enum("format", "hf", ["hf", "saved_model", "tflite", "litertlm"],
@@ -52,12 +53,12 @@ flags.DEFINE_enum("quantize", "none", ["none", "fp16", "int8"], "saved_model: in
 def main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        raise dflags.cfg.UserError(f"unexpected arguments {argv[1:]} (see --help).")
+        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     for name in ("workdir", "output"):
         if not FLAGS[name].value:
-            raise dflags.cfg.UserError(f"--{name} is required (see --help).")
-    from deepseek_tf.convert.hf_config import hf_config_from_model
+            raise UserError(f"--{name} is required (see --help).")
     from deepseek_tf.config import Experiment
+    from deepseek_tf.convert.hf_config import hf_config_from_model
     path = os.path.join(FLAGS.workdir, "config.json")
     if os.path.exists(path) and FLAGS.format == "hf":
         hf_config_from_model(Experiment.load(path).model)  # refuse before importing TF
@@ -66,22 +67,22 @@ def main(argv):
     options = {}
     if FLAGS.format == "saved_model":
         if FLAGS.quantize == "fp16":
-            raise dflags.cfg.UserError("--quantize=fp16 applies to tflite/litertlm; the "
+            raise UserError("--quantize=fp16 applies to tflite/litertlm; the "
                                        "SavedModel takes none or int8.")
         options = dict(max_length=FLAGS.max_length, max_new_tokens=FLAGS.max_new_tokens,
                        quantize=FLAGS.quantize, jit_compile=FLAGS.jit_compile)
     elif FLAGS.jit_compile:
-        raise dflags.cfg.UserError("--jit_compile applies to --format=saved_model.")
+        raise UserError("--jit_compile applies to --format=saved_model.")
     elif FLAGS.format in ("tflite", "litertlm"):
         try:
             lengths = [int(n) for n in FLAGS.prefill_lengths]
         except ValueError:
-            raise dflags.cfg.UserError(f"--prefill_lengths={','.join(FLAGS.prefill_lengths)}: "
+            raise UserError(f"--prefill_lengths={','.join(FLAGS.prefill_lengths)}: "
                                        f"give integers, e.g. 32,128.") from None
         options = dict(max_length=FLAGS.max_length, prefill_lengths=lengths,
                        quantize=FLAGS.quantize)
     elif FLAGS.quantize != "none" or FLAGS["max_length"].present:
-        raise dflags.cfg.UserError("--quantize and --max_length apply to --format=saved_model, "
+        raise UserError("--quantize and --max_length apply to --format=saved_model, "
                                    "tflite and litertlm.")
     export(model, exp, FLAGS.format, FLAGS.output, workdir=FLAGS.workdir, **options)
 

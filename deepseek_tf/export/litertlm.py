@@ -25,7 +25,7 @@ import json
 import os
 import tempfile
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 from deepseek_tf.export.tflite import export_tflite
 
 

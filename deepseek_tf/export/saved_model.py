@@ -32,7 +32,7 @@ import os
 
 import tensorflow as tf
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 from deepseek_tf.generate.decode import IDS_SPECS, SAMPLING_SPECS, generate_ids, score_ids
 from deepseek_tf.generate.text import stop_ids
 

@@ -38,7 +38,7 @@ import tempfile
 
 import tensorflow as tf
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 
 QUANTIZE = ("none", "fp16", "int8")
 

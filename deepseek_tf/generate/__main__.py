@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (REA
 from absl import flags  # noqa: E402
 
 from deepseek_tf import flags as dflags  # noqa: E402
-from deepseek_tf.config import UserError  # noqa: E402
+from deepseek_tf.errors import UserError  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Run directory (trained or converted) to generate with.")
 flags.DEFINE_string("checkpoint", "", "A checkpoint path to use instead of the latest.")

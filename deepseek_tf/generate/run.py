@@ -13,7 +13,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 from deepseek_tf.generate.decode import Generator
 from deepseek_tf.generate.text import cut_at_stop, strip_special
 

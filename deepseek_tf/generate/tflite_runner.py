@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 
 
 class TFLiteRunner:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from deepseek_tf.config import RopeScaling
 from deepseek_tf.layers.kv_cache import write_slots
 from deepseek_tf.layers.remat import stateless_dropout
 from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary
@@ -85,7 +86,8 @@ class GroupedQueryAttention(keras.layers.Layer):
       use_bias: biases on q/k/v (Qwen2); the output projection has none.
       rope_theta: rotary frequency base.
       initializer_range: stddev of the normal initializer.
-      rope_scaling: optional RoPE scaling dict (`ModelConfig.rope_scaling()`).
+      rope_scaling: optional RoPE scaling (`ModelConfig.resolved_rope_scaling`, or its
+        `to_dict()`).
       sliding_window: > 0 makes it hybrid: a local branch over the last
         `sliding_window` tokens, mixed with the global one.
       global_weight, local_weight: the hybrid mix (ignored without a window).
@@ -103,7 +105,8 @@ class GroupedQueryAttention(keras.layers.Layer):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  use_bias: bool = False, rope_theta: float = 10000.0,
-                 initializer_range: float = 0.02, rope_scaling: dict | None = None,
+                 initializer_range: float = 0.02,
+                 rope_scaling: RopeScaling | dict | None = None,
                  sliding_window: int = 0, global_weight: float = 0.7,
                  local_weight: float = 0.3, attention_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
@@ -112,7 +115,7 @@ class GroupedQueryAttention(keras.layers.Layer):
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.use_bias = head_dim, use_bias
         self.rope_theta, self.initializer_range = rope_theta, initializer_range
-        self.rope_scaling = dict(rope_scaling) if rope_scaling else None
+        self.rope_scaling = RopeScaling.coerce(rope_scaling)
         self.sliding_window = sliding_window
         self.global_weight, self.local_weight = global_weight, local_weight
         self.attention_dropout = attention_dropout
@@ -181,6 +184,7 @@ class GroupedQueryAttention(keras.layers.Layer):
                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "use_bias": self.use_bias,
                 "rope_theta": self.rope_theta, "initializer_range": self.initializer_range,
-                "rope_scaling": self.rope_scaling, "sliding_window": self.sliding_window,
+                "rope_scaling": self.rope_scaling.to_dict() if self.rope_scaling else None,
+                "sliding_window": self.sliding_window,
                 "global_weight": self.global_weight, "local_weight": self.local_weight,
                 "attention_dropout": self.attention_dropout}

@@ -24,14 +24,14 @@ def make_attention(cfg: ModelConfig, layer_idx: int) -> keras.layers.Layer:
             q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
             qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
             v_head_dim=cfg.v_head_dim, use_bias=cfg.attention_bias, rope_theta=cfg.rope_theta,
-            rope_scaling=cfg.rope_scaling(), rope_interleave=cfg.rope_interleave,
+            rope_scaling=cfg.resolved_rope_scaling, rope_interleave=cfg.rope_interleave,
             initializer_range=cfg.initializer_range, attention_dropout=cfg.attention_dropout,
             name="self_attn", **hybrid)
     return GroupedQueryAttention(
         hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.resolved_kv_heads, head_dim=cfg.resolved_head_dim,
         use_bias=cfg.attention_bias, rope_theta=cfg.rope_theta,
-        initializer_range=cfg.initializer_range, rope_scaling=cfg.rope_scaling(),
+        initializer_range=cfg.initializer_range, rope_scaling=cfg.resolved_rope_scaling,
         attention_dropout=cfg.attention_dropout, name="self_attn", **hybrid)
 
 

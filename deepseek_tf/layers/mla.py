@@ -18,6 +18,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from deepseek_tf.config import RopeScaling
 from deepseek_tf.layers.attention import _dense, attention_probs
 from deepseek_tf.layers.kv_cache import write_slots
 from deepseek_tf.layers.norm import RMSNorm
@@ -27,11 +28,12 @@ from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary, yarn_get_msca
 LATENT_NORM_EPS = 1e-6
 
 
-def mla_softmax_scale(qk_head_dim: int, rope_scaling: dict | None) -> float:
+def mla_softmax_scale(qk_head_dim: int, rope_scaling: RopeScaling | dict | None) -> float:
     """`qk_head_dim^-0.5`, times YaRN's `mscale(factor, mscale_all_dim)^2` if set."""
     scale = qk_head_dim ** -0.5
-    if rope_scaling and rope_scaling["type"] == "yarn" and rope_scaling.get("mscale_all_dim"):
-        m = yarn_get_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"])
+    s = RopeScaling.coerce(rope_scaling)
+    if s and s.type == "yarn" and s.mscale_all_dim:
+        m = yarn_get_mscale(s.factor, s.mscale_all_dim)
         scale *= m * m
     return scale
 
@@ -48,7 +50,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
       qk_nope_head_dim, qk_rope_head_dim, v_head_dim: per-head widths.
       use_bias: biases on q_a_proj, kv_a_proj_with_mqa and o_proj (DeepSeek-V2 option).
       rope_theta: rotary frequency base.
-      rope_scaling: optional RoPE scaling dict (`ModelConfig.rope_scaling()`).
+      rope_scaling: optional RoPE scaling (`ModelConfig.resolved_rope_scaling`, or its
+        `to_dict()`).
       rope_interleave: RoPE on interleaved pairs (DeepSeek checkpoint layout).
       initializer_range: stddev of the normal initializer.
       sliding_window, global_weight, local_weight: hybrid local/global mix (0 = off).
@@ -68,7 +71,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
     def __init__(self, hidden_size: int, num_heads: int, q_lora_rank: int, kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
                  use_bias: bool = False, rope_theta: float = 10000.0,
-                 rope_scaling: dict | None = None, rope_interleave: bool = False,
+                 rope_scaling: RopeScaling | dict | None = None, rope_interleave: bool = False,
                  initializer_range: float = 0.02, sliding_window: int = 0,
                  global_weight: float = 0.7, local_weight: float = 0.3,
                  attention_dropout: float = 0.0, **kwargs):
@@ -79,7 +82,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
         self.v_head_dim, self.use_bias = v_head_dim, use_bias
         self.rope_theta, self.rope_interleave = rope_theta, rope_interleave
-        self.rope_scaling = dict(rope_scaling) if rope_scaling else None
+        self.rope_scaling = RopeScaling.coerce(rope_scaling)
         self.initializer_range = initializer_range
         self.sliding_window, self.global_weight, self.local_weight = (
             sliding_window, global_weight, local_weight)
@@ -215,7 +218,8 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                 "kv_lora_rank": self.kv_lora_rank, "qk_nope_head_dim": self.qk_nope_head_dim,
                 "qk_rope_head_dim": self.qk_rope_head_dim, "v_head_dim": self.v_head_dim,
                 "use_bias": self.use_bias, "rope_theta": self.rope_theta,
-                "rope_scaling": self.rope_scaling, "rope_interleave": self.rope_interleave,
+                "rope_scaling": self.rope_scaling.to_dict() if self.rope_scaling else None,
+                "rope_interleave": self.rope_interleave,
                 "initializer_range": self.initializer_range,
                 "sliding_window": self.sliding_window, "global_weight": self.global_weight,
                 "local_weight": self.local_weight, "attention_dropout": self.attention_dropout}

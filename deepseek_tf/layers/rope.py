@@ -14,40 +14,42 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.config import RopeScaling
+
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's magnitude correction `0.1 * mscale * ln(scale) + 1` (1 for scale <= 1)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn(dim: int, theta: float, s: dict) -> tuple[np.ndarray, float]:
-    factor, orig = s["factor"], s["original_max_position_embeddings"]
+def _yarn(dim: int, theta: float, s: RopeScaling) -> tuple[np.ndarray, float]:
+    factor, orig = s.factor, s.original_max_position_embeddings
     pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
 
     def correction_dim(rotations):
         return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(s["beta_fast"])), 0)
-    high = min(math.ceil(correction_dim(s["beta_slow"])), dim - 1)
+    low = max(math.floor(correction_dim(s.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     extrapolation_share = 1.0 - ramp
     inv_freq = interpolation * (1 - extrapolation_share) + extrapolation * extrapolation_share
-    attention_factor = s.get("attention_factor") or 0.0
+    attention_factor = s.attention_factor
     if not attention_factor:
-        if s.get("mscale") and s.get("mscale_all_dim"):
-            attention_factor = (yarn_get_mscale(factor, s["mscale"])
-                                / yarn_get_mscale(factor, s["mscale_all_dim"]))
+        if s.mscale and s.mscale_all_dim:
+            attention_factor = (yarn_get_mscale(factor, s.mscale)
+                                / yarn_get_mscale(factor, s.mscale_all_dim))
         else:
             attention_factor = yarn_get_mscale(factor)
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def _llama3(inv_freq: np.ndarray, s: dict) -> np.ndarray:
-    factor, orig = s["factor"], s["original_max_position_embeddings"]
-    low, high = s["low_freq_factor"], s["high_freq_factor"]
+def _llama3(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
+    factor, orig = s.factor, s.original_max_position_embeddings
+    low, high = s.low_freq_factor, s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > orig / low, inv_freq / factor, inv_freq)
     smooth = (orig / wavelen - low) / (high - low)
@@ -56,23 +58,22 @@ def _llama3(inv_freq: np.ndarray, s: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_frequencies(dim: int, theta: float, scaling: dict | None = None
+def rope_frequencies(dim: int, theta: float, scaling: RopeScaling | dict | None = None
                      ) -> tuple[np.ndarray, float]:
     """(inverse frequencies (dim/2,), cos/sin attention factor) for a RoPE config.
 
     Args:
       dim: the rotated width (even).
       theta: the frequency base.
-      scaling: None, or `ModelConfig.rope_scaling()` (type yarn or llama3).
+      scaling: None, or `ModelConfig.resolved_rope_scaling` (or its `to_dict()`).
     """
+    scaling = RopeScaling.coerce(scaling)
     inv_freq = 1.0 / np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
     if not scaling:
         return inv_freq.astype(np.float32), 1.0
-    if scaling["type"] == "yarn":
+    if scaling.type == "yarn":
         return _yarn(dim, theta, scaling)
-    if scaling["type"] == "llama3":
-        return _llama3(inv_freq, scaling), 1.0
-    raise ValueError(f"unknown rope scaling type {scaling['type']!r}")
+    return _llama3(inv_freq, scaling), 1.0  # RopeScaling allows no other type
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -82,7 +83,8 @@ class RotaryEmbedding(keras.layers.Layer):
     Args:
       dim: the rotated width (even).
       theta: the frequency base.
-      scaling: optional RoPE scaling dict (`ModelConfig.rope_scaling()`): YaRN or llama3.
+      scaling: optional RoPE scaling (`ModelConfig.resolved_rope_scaling`, or its
+        `to_dict()` as `get_config` writes it): YaRN or llama3.
 
     Example:
         >>> cos, sin = RotaryEmbedding(dim=8)(tf.range(4)[None])
@@ -90,11 +92,12 @@ class RotaryEmbedding(keras.layers.Layer):
         TensorShape([1, 4, 8])
     """
 
-    def __init__(self, dim: int, theta: float = 10000.0, scaling: dict | None = None, **kwargs):
+    def __init__(self, dim: int, theta: float = 10000.0,
+                 scaling: RopeScaling | dict | None = None, **kwargs):
         super().__init__(**kwargs)
         if dim % 2:
             raise ValueError(f"rotary dim must be even, got {dim}")
-        self.dim, self.theta, self.scaling = dim, theta, dict(scaling) if scaling else None
+        self.dim, self.theta, self.scaling = dim, theta, RopeScaling.coerce(scaling)
         inv_freq, self.attention_factor = rope_frequencies(dim, theta, self.scaling)
         self._inv_freq = inv_freq
 
@@ -111,7 +114,7 @@ class RotaryEmbedding(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "dim": self.dim, "theta": self.theta,
-                "scaling": self.scaling}
+                "scaling": self.scaling.to_dict() if self.scaling else None}
 
 
 def apply_rotary(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, interleave: bool = False

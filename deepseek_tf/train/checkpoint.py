@@ -20,8 +20,9 @@ import tempfile
 
 import tensorflow as tf
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 from deepseek_tf.train import ckpt_health
+from deepseek_tf.workdir_files import CHECKPOINT_DIR
 
 
 def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
@@ -76,7 +77,7 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str, objects: dict, data_iterator, role, keep: int,
                  barrier=lambda: None):
-        self.directory = os.path.join(workdir, "checkpoints")
+        self.directory = os.path.join(workdir, CHECKPOINT_DIR)
         self.multi = role.num_workers > 1
         self.barrier, self.last_saved = barrier, None
         self.keep, self.is_chief = keep, role.is_chief

@@ -22,7 +22,7 @@ import os
 
 import tensorflow as tf
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 
 CORRUPT_DIR = "corrupt"
 

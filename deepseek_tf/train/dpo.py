@@ -34,10 +34,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.config import ConfigError, DPOConfig, Experiment, UserError
+from deepseek_tf.config import DPOConfig, Experiment
 from deepseek_tf.data.sft import BadSample, Conversation, encode, parse_record
 from deepseek_tf.data.templates import TEMPLATES
-from deepseek_tf.flags import CONFIG_FILE
+from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.lora import merged_model, save_adapter
 from deepseek_tf.model import DeepSeekCausalLM, count_params
 from deepseek_tf.train import checkpoint as ckpt_lib
@@ -45,6 +45,7 @@ from deepseek_tf.train import finetune
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
 from deepseek_tf.train.optimizer import make_optimizer
 from deepseek_tf.train.strategy import Role
+from deepseek_tf.workdir_files import CONFIG_FILE
 
 
 def pair_conversations(record: dict) -> tuple[Conversation, Conversation]:

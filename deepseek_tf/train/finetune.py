@@ -24,7 +24,8 @@ import os
 
 import tensorflow as tf
 
-from deepseek_tf.config import ConfigError, Experiment, FreezeConfig, UserError
+from deepseek_tf.config import Experiment, FreezeConfig
+from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.lora import _rel, apply_lora, merged_model
 
 
@@ -40,7 +41,7 @@ def load_init_weights(model, workdir: str, log=print) -> str:
     from deepseek_tf.workdir import load_experiment, load_workdir
 
     src_exp = load_experiment(workdir)
-    if dataclasses.replace(src_exp.model, **_loose(model.config)) != model.config:
+    if src_exp.model.replace(**_loose(model.config)) != model.config:
         raise ConfigError(f"--train.init_from={workdir} holds another model config than "
                           f"this run; start a new --workdir without model flags.")
     path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))

@@ -16,9 +16,7 @@ import time
 import tensorflow as tf
 
 from deepseek_tf.atomic import atomic_open, atomic_write
-
-LOG_FILE = "log.jsonl"
-PLOT_FILE = "loss.png"
+from deepseek_tf.workdir_files import LOG_FILE, PLOT_FILE, TENSORBOARD_DIR
 
 
 def truncate_log(workdir: str, last_step: int) -> None:
@@ -77,7 +75,7 @@ class MetricLogger:
     def _writer(self, kind: str):
         if kind not in self._writers:
             self._writers[kind] = tf.summary.create_file_writer(
-                os.path.join(self.workdir, "tensorboard", kind))
+                os.path.join(self.workdir, TENSORBOARD_DIR, kind))
         return self._writers[kind]
 
     def write(self, step: int, metrics: dict, kind: str = "train") -> None:

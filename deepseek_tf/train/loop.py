@@ -29,11 +29,11 @@ import keras
 import tensorflow as tf
 
 from deepseek_tf import exit_codes
-from deepseek_tf.config import ConfigError, Experiment, UserError
+from deepseek_tf.config import Experiment
 from deepseek_tf.data import pipeline, shards
 from deepseek_tf.data.prepare import prepare
 from deepseek_tf.data.tokenizer import copy_tokenizer, load_tokenizer
-from deepseek_tf.flags import CONFIG_FILE
+from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.lora import save_adapter
 from deepseek_tf.model import DeepSeekCausalLM, count_params
 from deepseek_tf.train import autotune
@@ -49,10 +49,11 @@ from deepseek_tf.train.preemption import PreemptionWatcher
 from deepseek_tf.train.profile import StepProfiler
 from deepseek_tf.train.recovery import Recovery
 from deepseek_tf.train.step import make_eval_step, make_train_step
+from deepseek_tf.workdir_files import CONFIG_FILE, DATA_DIR, TENSORBOARD_DIR, TOKENIZER_DIR
 
 
 def data_dir_of(exp: Experiment, workdir: str) -> str:
-    return exp.data.data_dir or os.path.join(workdir, "data")
+    return exp.data.data_dir or os.path.join(workdir, DATA_DIR)
 
 
 def _wait_for_data(data_dir: str, timeout: float, log) -> None:
@@ -271,7 +272,7 @@ class Runner:
         self.watcher = _preemption_watcher(state, log)
         if self.watcher is not None:
             cleanup.callback(self.watcher.close)
-        self.profiler = StepProfiler(tcfg.profile_steps, os.path.join(workdir, "tensorboard"),
+        self.profiler = StepProfiler(tcfg.profile_steps, os.path.join(workdir, TENSORBOARD_DIR),
                                      enabled=role.is_chief, log=log)
         cleanup.callback(self.profiler.stop)
         if start >= tcfg.steps:
@@ -291,7 +292,7 @@ class Runner:
         if role.is_chief:
             os.makedirs(workdir, exist_ok=True)
             exp.save(config_path)
-            copy_tokenizer(data_dir_of(exp, workdir), os.path.join(workdir, "tokenizer"))
+            copy_tokenizer(data_dir_of(exp, workdir), os.path.join(workdir, TOKENIZER_DIR))
         log(f"workdir: {workdir}")
         if exp.train.auto_decisions:
             log(f"auto settings kept from {CONFIG_FILE}: {exp.train.auto_decisions}")

@@ -23,7 +23,8 @@ import os
 
 import tensorflow as tf
 
-from deepseek_tf.config import TrainConfig, UserError
+from deepseek_tf.config import TrainConfig
+from deepseek_tf.errors import UserError
 from deepseek_tf.train import precision
 from deepseek_tf.train.logger import truncate_log
 

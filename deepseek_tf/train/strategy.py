@@ -26,7 +26,8 @@ import dataclasses
 import json
 import os
 
-from deepseek_tf.config import TrainConfig, UserError
+from deepseek_tf.config import TrainConfig
+from deepseek_tf.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

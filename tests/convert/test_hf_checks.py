@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from deepseek_tf.config import ConfigError, Experiment, UserError
+from deepseek_tf.config import Experiment
 from deepseek_tf.convert import convert_hf
 from deepseek_tf.convert.hf_checks import COMMON, MLA, MOE, check_hf_config
 from deepseek_tf.convert.hf_config import hf_config_from_model, model_config_from_hf
+from deepseek_tf.errors import ConfigError, UserError
 from tests.helpers import tiny
 from tests.train.test_cli import _error_lines, run
 

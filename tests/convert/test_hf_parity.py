@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import Experiment, UserError
+from deepseek_tf.config import Experiment
 from deepseek_tf.convert import convert_hf
 from deepseek_tf.convert.safetensors_io import SafetensorsDir, write_safetensors
+from deepseek_tf.errors import UserError
 from deepseek_tf.export import export, load_workdir
 from deepseek_tf.model import DeepSeekCausalLM
 from tests.helpers import tiny

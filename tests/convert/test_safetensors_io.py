@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from deepseek_tf.config import UserError
 from deepseek_tf.convert.safetensors_io import SafetensorsDir, write_safetensors
+from deepseek_tf.errors import UserError
 
 
 def test_round_trip_with_the_reference_library(tmp_path):

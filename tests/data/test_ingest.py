@@ -5,10 +5,11 @@ import os
 
 import pytest
 
-from deepseek_tf.config import DataConfig, UserError
+from deepseek_tf.config import DataConfig
 from deepseek_tf.data import ingest
 from deepseek_tf.data.prepare import prepare
 from deepseek_tf.data.tokenizer import ByteTokenizer
+from deepseek_tf.errors import UserError
 from tests.helpers.corpora import DOCS, read_split, write_format, write_jsonl
 
 quiet = lambda *_: None  # noqa: E731

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import DataConfig, UserError
+from deepseek_tf.config import DataConfig
 from deepseek_tf.data import shards
 from deepseek_tf.data.pipeline import make_dataset
 from deepseek_tf.data.tokenizer import ByteTokenizer
+from deepseek_tf.errors import UserError
 from tests.helpers.synthetic import synthetic_docs, write_data_dir
 
 

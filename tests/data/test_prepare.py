@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import DataConfig, UserError
+from deepseek_tf.config import DataConfig
 from deepseek_tf.data import corpus, shards
 from deepseek_tf.data.pipeline import _parser
 from deepseek_tf.data.prepare import prepare
 from deepseek_tf.data.tokenizer import ByteTokenizer
+from deepseek_tf.errors import UserError
 
 
 def _read_split(data_dir, meta, split):

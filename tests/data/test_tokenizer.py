@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import DataConfig, TokenizerConfig, UserError
+from deepseek_tf.config import DataConfig, TokenizerConfig
 from deepseek_tf.data.corpus import stdlib_documents
 from deepseek_tf.data.prepare import prepare
+from deepseek_tf.errors import UserError
 from deepseek_tf.data.tokenizer import (ByteTokenizer, build_tokenizer, copy_tokenizer,
                                         load_tokenizer, make_tokenizer)
 from deepseek_tf.data.tokenizer.hf import HFTokenizer

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 from deepseek_tf.export import export
 from deepseek_tf.export.tflite import convert, op_names
 from deepseek_tf.generate import Generator

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import Experiment, LoraConfig, UserError
+from deepseek_tf.config import Experiment, LoraConfig
+from deepseek_tf.errors import UserError
 from deepseek_tf.lora import apply_lora, save_adapter
 from deepseek_tf.workdir import load_workdir
 from tests.helpers.workdirs import make_workdir

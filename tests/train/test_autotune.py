@@ -95,7 +95,7 @@ def test_profile_steps_write_a_trace_into_the_tensorboard_dir(stdlib_data, tmp_p
 
 @pytest.mark.parametrize("value", ["3", "0,2", "4,2", "a,b"])
 def test_bad_profile_steps_are_refused(value):
-    from deepseek_tf.config import ConfigError
+    from deepseek_tf.errors import ConfigError
 
     with pytest.raises(ConfigError, match="profile_steps"):
         TrainConfig(profile_steps=value)

@@ -5,7 +5,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 from deepseek_tf.train.checkpoint import RunCheckpoints
 from deepseek_tf.train.strategy import Role
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import ConfigError, DPOConfig, Experiment
+from deepseek_tf.config import DPOConfig, Experiment
 from deepseek_tf.data.templates import TEMPLATES
 from deepseek_tf.data.tokenizer.byte import ByteTokenizer
+from deepseek_tf.errors import ConfigError
 from deepseek_tf.train.dpo import dpo_loss, encode_pairs, pair_conversations
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import ConfigError, Experiment, FreezeConfig, LoraConfig, TrainConfig
+from deepseek_tf.config import Experiment, FreezeConfig, LoraConfig, TrainConfig
+from deepseek_tf.errors import ConfigError
 from deepseek_tf.flags import adopt_init_from
 from deepseek_tf.lora import (ADAPTER_DIR, ADAPTER_FILE, adapter_weights, apply_lora,
                               merged_model)

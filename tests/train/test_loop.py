@@ -125,7 +125,7 @@ def test_sft_run_trains_on_masked_targets_and_copies_the_tokenizer(tmp_path):
 
 
 def test_corrupt_shard_stops_training_with_file_and_offset(stdlib_data, tmp_path):
-    from deepseek_tf.config import UserError
+    from deepseek_tf.errors import UserError
 
     _, data_dir, meta = stdlib_data
     copy = tmp_path / "data"
@@ -143,8 +143,9 @@ def test_corrupt_shard_stops_training_with_file_and_offset(stdlib_data, tmp_path
 
 
 def test_tokenizer_larger_than_the_model_is_a_clear_error(tmp_path):
-    from deepseek_tf.config import ConfigError, DataConfig, TokenizerConfig
+    from deepseek_tf.config import DataConfig, TokenizerConfig
     from deepseek_tf.data.prepare import prepare
+    from deepseek_tf.errors import ConfigError
     from tests.helpers.corpora import DOCS, write_jsonl
 
     data_dir = str(tmp_path / "data")

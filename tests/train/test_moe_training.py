@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import ConfigError, Experiment, ModelConfig, TrainConfig
+from deepseek_tf.config import Experiment, ModelConfig, TrainConfig
+from deepseek_tf.errors import ConfigError
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from tests.helpers import tiny

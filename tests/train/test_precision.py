@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 from deepseek_tf.model import DeepSeekCausalLM
 from deepseek_tf.train import precision
 from deepseek_tf.train.logger import read_log

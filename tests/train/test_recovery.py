@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import ConfigError, TrainConfig, UserError
+from deepseek_tf.config import TrainConfig
+from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.train import loop
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train

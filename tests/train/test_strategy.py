@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import TrainConfig, UserError
+from deepseek_tf.config import TrainConfig
+from deepseek_tf.errors import UserError
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import prepare_run, train

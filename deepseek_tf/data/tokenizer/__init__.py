@@ -24,9 +24,10 @@ import json
 import os
 from typing import Iterable
 
-from deepseek_tf.config import TokenizerConfig, UserError
+from deepseek_tf.config import TokenizerConfig
 from deepseek_tf.data.tokenizer.base import TOKENIZER_FILE, Tokenizer, sha256_bytes
 from deepseek_tf.data.tokenizer.byte import ByteTokenizer
+from deepseek_tf.errors import UserError
 
 __all__ = ["TOKENIZER_FILE", "ByteTokenizer", "Tokenizer", "build_tokenizer",
            "copy_tokenizer", "load_tokenizer", "make_tokenizer", "sha256_bytes"]

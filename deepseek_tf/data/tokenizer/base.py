@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from deepseek_tf.atomic import atomic_write
-from deepseek_tf.config import UserError
+from deepseek_tf.errors import UserError
 
 TOKENIZER_FILE = "tokenizer_config.json"
 

@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from deepseek_tf.config import UserError
 from deepseek_tf.data.tokenizer.base import Tokenizer, sha256_bytes
+from deepseek_tf.errors import UserError
 
 
 def _token_text(value) -> str:

@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from deepseek_tf.config import UserError
 from deepseek_tf.data.tokenizer.base import Tokenizer, sha256_bytes
+from deepseek_tf.errors import UserError
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:

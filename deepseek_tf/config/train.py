@@ -1,0 +1,251 @@
+"""The optimizer, the training loop and the fine-tuning methods (LoRA, freeze, DPO)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from deepseek_tf.config.base import _Section, _split_list, knob
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(_Section):
+    """AdamW with linear warmup and cosine decay.
+
+    Example:
+        >>> OptimConfig(learning_rate=1e-3, warmup_steps=10).warmup_steps
+        10
+    """
+
+    SECTION = "optim"
+
+    learning_rate: float = knob(1e-3, "Peak learning rate, reached after warmup.")
+    min_lr_ratio: float = knob(0.1, "Final learning rate as a fraction of the peak.")
+    warmup_steps: int = knob(100, "Linear warmup steps from 0 to the peak.")
+    decay_steps: int = knob(0, "Total schedule length in steps (warmup included); "
+                            "0 means train.steps.")
+    weight_decay: float = knob(0.1, "Decoupled weight decay (not applied to norms, "
+                               "biases and embeddings).")
+    beta_1: float = knob(0.9, "Adam beta_1.")
+    beta_2: float = knob(0.95, "Adam beta_2.")
+    epsilon: float = knob(1e-8, "Adam epsilon.")
+    clip_norm: float = knob(1.0, "Clip gradients to this global norm (0 = no clipping).")
+    fused: bool = knob(True, "Apply AdamW (decay + moments + update) as one XLA-compiled "
+                       "kernel per variable, faster than Keras' op-by-op update (1.75x "
+                       "on CPU at 13M weights); false = Keras' update (same math).")
+
+    def __post_init__(self):
+        self._coerce_and_check_types()
+        r = self._require
+        r(self.learning_rate > 0, f"--optim.learning_rate must be > 0, got {self.learning_rate}.")
+        r(0 <= self.min_lr_ratio <= 1, "--optim.min_lr_ratio must be in [0, 1].")
+        r(self.warmup_steps >= 0, "--optim.warmup_steps must be >= 0.")
+        r(self.decay_steps >= 0, "--optim.decay_steps must be >= 0 (0 = train.steps).")
+        r(self.weight_decay >= 0, "--optim.weight_decay must be >= 0.")
+        r(0 <= self.beta_1 < 1 and 0 <= self.beta_2 < 1, "Adam betas must be in [0, 1).")
+        r(self.epsilon > 0, "--optim.epsilon must be > 0.")
+        r(self.clip_norm >= 0, "--optim.clip_norm must be >= 0 (0 = off).")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_Section):
+    """The training loop: steps, batch, intervals, checkpoints.
+
+    Example:
+        >>> TrainConfig(steps=10, batch_size=2).global_batch(replicas=2)
+        4
+    """
+
+    SECTION = "train"
+
+    steps: int = knob(1000, "Total optimizer steps; may be raised to continue a run.",
+                      resumable=True)
+    batch_size: int = knob(16, "Sequences per replica per micro-batch.")
+    grad_accum_steps: int = knob(1, "Micro-batches accumulated per optimizer step.")
+    seed: int = knob(0, "Seed for initialization and data order.")
+    log_every: int = knob(10, "Log train metrics every N steps.", resumable=True)
+    eval_every: int = knob(200, "Evaluate on the validation split every N steps "
+                           "(0 = only at the end).", resumable=True)
+    eval_steps: int = knob(20, "Validation batches per evaluation.", resumable=True)
+    checkpoint_every: int = knob(200, "Save a checkpoint every N steps (and at the end).",
+                                 resumable=True)
+    keep_checkpoints: int = knob(3, "Checkpoints to keep.", resumable=True)
+    jit_compile: str = knob("false", "Compile the train step with XLA: true, false, or auto "
+                            "= time a few compiled and uncompiled forward+backward passes of "
+                            "this model on this machine before training and keep the faster "
+                            "(the choice is saved in config.json; a resumed run keeps it).",
+                            choices=("auto", "true", "false"), resumable=True)
+    deterministic: bool = knob(True, "Enable TF op determinism (bitwise reproducible "
+                               "runs and resumes on CPU).", resumable=True)
+    # scale-out and memory (train/strategy.py, train/precision.py, layers/remat.py)
+    strategy: str = knob("auto", "Distribution strategy: auto = multi_worker if TF_CONFIG "
+                         "is set, mirrored if several GPUs are visible, else default (one "
+                         "device); mirrored = all local GPUs (or all logical CPUs); "
+                         "multi_worker = MultiWorkerMirroredStrategy over TF_CONFIG's cluster.",
+                         choices=("auto", "default", "mirrored", "multi_worker"),
+                         resumable=True)
+    collective_timeout: float = knob(600.0, "Seconds a worker waits for its peers in a "
+                                     "collective (all-reduce) before failing, so a lone "
+                                     "worker never hangs forever; 0 = wait forever.",
+                                     resumable=True)
+    gpu_memory_growth: bool = knob(True, "Let TensorFlow allocate GPU memory as needed "
+                                   "instead of all of it at start (no effect on CPU).",
+                                   resumable=True)
+    precision: str = knob("float32", "Numerics: float32, or mixed_float16 / mixed_bfloat16 "
+                          "(float32 weights, 16-bit compute; norms, softmax and losses stay "
+                          "float32). mixed_float16 uses dynamic loss scaling and skips steps "
+                          "whose gradients overflow on any replica. auto = mixed_bfloat16 "
+                          "where bfloat16 matmuls are fast (CPUs with AMX or AVX512_BF16, "
+                          "GPUs of compute capability >= 8.0), else float32; saved in "
+                          "config.json, so a resumed run keeps it.",
+                          choices=("auto", "float32", "mixed_float16", "mixed_bfloat16"))
+    initial_loss_scale: float = knob(2.0 ** 15, "Initial dynamic loss scale of mixed_float16 "
+                                     "(halved on overflow, doubled after 2000 good steps).")
+    profile_steps: str = knob("", "Profile train steps A,B (1-based, inclusive; e.g. 5,8) "
+                              "with the TF profiler into <workdir>/tensorboard (TensorBoard's "
+                              "Profile tab); empty = off.", resumable=True)
+    auto_decisions: str = knob("", "Written by the trainer: how the auto settings "
+                               "(jit_compile, precision) were resolved, and why.",
+                               resumable=True)
+    remat: str = knob("none", "Gradient checkpointing: recompute activations in the backward "
+                      "pass per decoder block (block), or only its MLP (mlp) or attention "
+                      "(attention) sub-layer; none keeps all activations.",
+                      choices=("none", "block", "mlp", "attention"), resumable=True)
+    # recovery from non-finite / exploding steps (train/recovery.py)
+    recovery_max_trials: int = knob(3, "On a step with a non-finite loss or gradients (or a "
+                                    "loss above --train.loss_upper_bound), restore the last "
+                                    "checkpoint, skip the batches since it and go on, at most "
+                                    "this many times per run (0 = stop at once).",
+                                    resumable=True)
+    loss_upper_bound: float = knob(0.0, "A step whose loss exceeds this is treated like a "
+                                   "non-finite one (0 = off).", resumable=True)
+    # fine-tuning (train/finetune.py, train/dpo.py)
+    init_from: str = knob("", "Start from the model weights of this workdir (any deepseek_tf "
+                          "workdir, e.g. one made by convert); its model config is used and "
+                          "contradicting --model.* flags are refused. Optimizer, data and loop "
+                          "start fresh. Empty = random initialization.")
+    finetuning_type: str = knob("full", "Which weights train: full (all), freeze (only "
+                                "--freeze.*), lora (low-rank adapters on --lora.targets; the "
+                                "base stays frozen).", choices=("full", "freeze", "lora"))
+    stage: str = knob("sft", "Objective: sft (next-token loss on the loss mask; pretraining "
+                      "data too) or dpo (preference pairs, --dpo.*).", choices=("sft", "dpo"))
+    early_stopping_patience: int = knob(0, "Stop after this many evaluations without a new "
+                                        "best validation loss (0 = off). The best checkpoint "
+                                        "is kept in <workdir>/best/ either way.",
+                                        resumable=True)
+
+    def __post_init__(self):
+        if isinstance(self.jit_compile, bool):  # configs and callers from before "auto"
+            object.__setattr__(self, "jit_compile", str(self.jit_compile).lower())
+        self._coerce_and_check_types()
+        r = self._require
+        r(self.recovery_max_trials >= 0, "--train.recovery_max_trials must be >= 0 (0 = off).")
+        r(self.loss_upper_bound >= 0, "--train.loss_upper_bound must be >= 0 (0 = off).")
+        for name in ("steps", "batch_size", "grad_accum_steps", "log_every",
+                     "checkpoint_every", "keep_checkpoints", "eval_steps"):
+            r(getattr(self, name) > 0, f"--train.{name} must be > 0, got {getattr(self, name)}.")
+        r(self.eval_every >= 0, "--train.eval_every must be >= 0 (0 = only at the end).")
+        r(self.seed >= 0, "--train.seed must be >= 0.")
+        r(self.collective_timeout >= 0, "--train.collective_timeout must be >= 0 (0 = forever).")
+        r(self.initial_loss_scale >= 1, "--train.initial_loss_scale must be >= 1.")
+        r(self.early_stopping_patience >= 0,
+          "--train.early_stopping_patience must be >= 0 (0 = off).")
+        prof = [p.strip() for p in self.profile_steps.split(",")] if self.profile_steps else []
+        r(not prof or (len(prof) == 2 and all(p.isdigit() for p in prof)
+                       and 1 <= int(prof[0]) <= int(prof[1])),
+          f"--train.profile_steps={self.profile_steps!r} must be two step numbers A,B with "
+          f"1 <= A <= B (e.g. 5,8), or empty.")
+
+    @property
+    def xla(self) -> bool:
+        """`jit_compile` as a bool; "auto" must be resolved first (train/autotune.py)."""
+        if self.jit_compile == "auto":
+            raise ValueError("--train.jit_compile=auto is not resolved yet "
+                             "(deepseek_tf.train.autotune.resolve_jit_compile).")
+        return self.jit_compile == "true"
+
+    def global_batch(self, replicas: int = 1) -> int:
+        """Sequences per optimizer step across all replicas."""
+        return self.batch_size * replicas * self.grad_accum_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(_Section):
+    """LoRA adapters (`--train.finetuning_type=lora`), through Keras' `Dense.enable_lora`.
+
+    Example:
+        >>> LoraConfig(rank=8, targets="q_proj,v_proj").target_list
+        ('q_proj', 'v_proj')
+    """
+
+    SECTION = "lora"
+
+    rank: int = knob(8, "Rank r of each adapter (A: in x r, B: r x out; B starts at zero).")
+    alpha: float = knob(16.0, "Scale: the adapter adds (alpha / rank) * x A B.")
+    dropout: float = knob(0.0, "Dropout on the adapter's input during training.")
+    targets: str = knob("all", "Comma-separated projection names to adapt (q_proj, k_proj, "
+                        "v_proj, o_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, "
+                        "gate_proj, up_proj, down_proj; shared experts included), or all.")
+
+    def __post_init__(self):
+        self._coerce_and_check_types()
+        r = self._require
+        r(self.rank > 0, f"--lora.rank must be > 0, got {self.rank}.")
+        r(self.alpha > 0, f"--lora.alpha must be > 0, got {self.alpha}.")
+        r(0 <= self.dropout < 1, f"--lora.dropout must be in [0, 1), got {self.dropout}.")
+        r(bool(self.target_list), "--lora.targets is empty: name projections or use all.")
+
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        return _split_list(self.targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeConfig(_Section):
+    """Partial fine-tuning (`--train.finetuning_type=freeze`).
+
+    Example:
+        >>> FreezeConfig(trainable_layers=2, modules="lm_head").module_list
+        ('lm_head',)
+    """
+
+    SECTION = "freeze"
+
+    trainable_layers: int = knob(2, "Train the last N decoder blocks (0 = none).")
+    modules: str = knob("", "Comma-separated module names also trained wherever they occur "
+                        "(e.g. lm_head, norm, embed_tokens, mlp, self_attn, q_proj).")
+
+    def __post_init__(self):
+        self._coerce_and_check_types()
+        self._require(self.trainable_layers >= 0, "--freeze.trainable_layers must be >= 0.")
+
+    @property
+    def module_list(self) -> tuple[str, ...]:
+        return _split_list(self.modules)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig(_Section):
+    """Direct preference optimization (`--train.stage=dpo`).
+
+    Example:
+        >>> DPOConfig(beta=0.1, loss="ipo").loss
+        'ipo'
+    """
+
+    SECTION = "dpo"
+
+    beta: float = knob(0.1, "DPO temperature beta (IPO: the regularization 1/(2 tau)).")
+    loss: str = knob("sigmoid", "sigmoid = -log sigmoid(beta * margin) (DPO); ipo = (margin - "
+                     "1/(2 beta))^2 with length-averaged log-ratios.", choices=("sigmoid", "ipo"))
+    label_smoothing: float = knob(0.0, "sigmoid: conservative DPO label smoothing in [0, 0.5).")
+    reference: str = knob("model", "Reference log-probs: model = a frozen copy of the "
+                          "init_from weights runs beside the policy at every step; "
+                          "precomputed = computed once for every training pair before "
+                          "training (faster steps; validation pairs are scored live).",
+                          choices=("model", "precomputed"))
+
+    def __post_init__(self):
+        self._coerce_and_check_types()
+        r = self._require
+        r(self.beta > 0, f"--dpo.beta must be > 0, got {self.beta}.")
+        r(0 <= self.label_smoothing < 0.5, "--dpo.label_smoothing must be in [0, 0.5).")
