@@ -44,13 +44,21 @@ def load_workdir(workdir: str, checkpoint: str = ""):
     if exp.train.finetuning_type == "lora":  # the checkpoint holds base + adapters
         from deepseek_tf.lora import apply_lora
         apply_lora(model, exp.lora, seed=exp.train.seed)
+    restore_model(model, path)
+    return model, exp
+
+
+def restore_model(model, path: str, what: str = "") -> None:
+    """Restores `model`'s weights from checkpoint `path` (optimizer state ignored); a
+    missing or mismatched checkpoint is one `UserError` line, prefixed by `what`."""
+    import tensorflow as tf
+
     try:
         tf.train.Checkpoint(model=model).restore(path).expect_partial() \
             .assert_existing_objects_matched()
     except (tf.errors.OpError, AssertionError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot restore {path}: {first}") from e
-    return model, exp
+        raise UserError(f"{what}cannot restore {path}: {first}") from e
 
 
 def load_run_tokenizer(workdir: str, exp: Experiment):

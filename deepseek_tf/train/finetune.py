@@ -38,7 +38,7 @@ def _loose(model_cfg) -> dict:
 def load_init_weights(model, workdir: str, log=print) -> str:
     """Copies the model weights of `workdir`'s latest checkpoint into `model`; returns
     the checkpoint path. Refuses a model config that differs from the workdir's."""
-    from deepseek_tf.workdir import load_experiment, load_workdir
+    from deepseek_tf.workdir import load_experiment, load_workdir, restore_model
 
     src_exp = load_experiment(workdir)
     if src_exp.model.replace(**_loose(model.config)) != model.config:
@@ -53,12 +53,7 @@ def load_init_weights(model, workdir: str, log=print) -> str:
         for v in model.variables:
             v.assign(values[_rel(v.path)])
     else:
-        try:
-            tf.train.Checkpoint(model=model).restore(path).expect_partial() \
-                .assert_existing_objects_matched()
-        except (tf.errors.OpError, AssertionError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--train.init_from: cannot restore {path}: {first}") from e
+        restore_model(model, path, what="--train.init_from: ")
     log(f"initialised the model weights from {path} (--train.init_from; optimizer, data "
         f"and loop start fresh)")
     return path
