@@ -173,10 +173,10 @@ class Cluster:
     def _read(self, index: int, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
             line = line.rstrip("\n")
-            with self._lock:
+            with self._lock:  # one worker's line at a time: never two on one output line
                 self.output[index].append(line)
                 self._line_added.notify_all()
-            self.printer(f"[worker {index}] {line}")
+                self.printer(f"[worker {index}] {line}")
 
     def wait_for_line(self, index: int, needle: str, timeout: float) -> bool:
         """Waits until worker `index` printed a line containing `needle` (False on timeout
@@ -304,11 +304,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def _print_line(line: str) -> None:
+    """One write per line (print() writes the text and the newline separately, so two
+    threads could put two workers' lines on one output line)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cluster = Cluster(args.train_args, args.num_workers, module=args.module,
                       cpus_per_worker=args.cpus_per_worker,
-                      printer=lambda line: print(line, flush=True),
+                      printer=_print_line,
                       gpus=visible_gpus() if args.assign_gpus else ())
     print(f"[launch] starting {args.num_workers} workers on {HOST}: python -m {args.module} "
           f"{' '.join(args.train_args)}", flush=True)
