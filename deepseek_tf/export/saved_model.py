@@ -197,10 +197,11 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
         log(f"note: the {tok.name} tokenizer cannot run inside a TensorFlow graph, so "
             f"serving_default takes token ids (same as generate_ids); tokenize on the client "
             f"(e.g. with the `tokenizers` package and this run's tokenizer.json).")
-    tf.saved_model.save(module, output, signatures=module.signatures())
+    signatures = module.signatures()
+    tf.saved_model.save(module, output, signatures=signatures)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(output) for f in fs)
     log(f"wrote SavedModel {output} ({size / 2**20:.1f} MiB; cache {max_length} tokens; "
-        f"signatures: {', '.join(sorted(module.signatures()))}"
+        f"signatures: {', '.join(sorted(signatures))}"
         + ("; XLA decode: serve with --xla_cpu_compilation_enabled=true" if jit_compile else "")
         + ")")
     return output
