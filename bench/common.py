@@ -47,6 +47,7 @@ def train_step_runner(cfg, batch: int, seq: int, jit: bool, precision: str = "fl
     def run():
         run.out = step(it)
         float(run.out["loss"])
+    run.step, run.iterator = step, it  # for timing without the host sync
     return run
 
 
@@ -61,6 +62,28 @@ def grad_fn_runner(cfg, batch: int, seq: int, jit: bool, precision: str = "float
     b = next(batches(batch, seq, cfg.vocab_size))
     denom = tf.constant(float(batch * seq))
     return lambda: float(grad_fn(b, denom)[1])
+
+
+def update_runner(cfg, precision: str = "float32"):
+    """A callable running the step's per-parameter part alone: global norm, clipping
+    coefficient and the (fused AdamW) update, on fixed gradients."""
+    from deepseek_tf.train import precision as precision_lib
+    from deepseek_tf.train.step import apply_scaled, make_finish_fn
+    tf.keras.utils.set_random_seed(0)
+    with precision_lib.policy_scope(precision):
+        model = DeepSeekCausalLM(cfg)
+    variables = model.trainable_variables
+    opt = make_optimizer(OptimConfig(), 1000, model)
+    finish = make_finish_fn(OptimConfig().clip_norm, False)
+    grads = [tf.fill(v.shape, 1e-3) for v in variables]
+
+    @tf.function
+    def update():
+        g, _, _, coef = finish(grads, tf.constant(1.0))
+        apply_scaled(opt, g, variables, coef)
+        return opt.iterations
+
+    return lambda: int(update())
 
 
 def interleaved_medians(runners: dict, rounds: int, warmup: int = 2) -> dict:

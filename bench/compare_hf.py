@@ -129,6 +129,7 @@ def main():
         return torch_worker()
 
     sys.path.insert(0, HERE)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow's first import
     import numpy as np
     import tensorflow as tf
     from common import batches, cpu_summary, trainer_choice, train_step_runner

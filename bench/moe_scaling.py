@@ -10,11 +10,14 @@ with and without XLA.
 
 Two measurements:
   layer  the DeepSeekMoE layer alone (N tokens x d 256, experts of width 128, shared
-         expert, capacity factor 1.25), forward + backward, as in PITFALLS.md;
+         expert, capacity factor 1.25), forward + backward;
   model  the trainer's full step on a 2-layer MLA model whose both layers are MoE
-         (hidden 256, batch 8 x --seq tokens), and its forward + backward alone: the
-         AdamW update touches every expert's weights, so it grows with the expert count
-         (at 2,048 tokens per step that update is a large share of the step).
+         (hidden 256, batch 8 x --seq tokens), its forward + backward alone, and its
+         per-parameter part alone (global norm + fused AdamW update on fixed gradients).
+What grows with E at a fixed top-k is per-parameter memory traffic, not dispatch:
+E=64 has 8x the expert weights, so 8x the weight casts (mixed precision), weight
+gradients written, norm and AdamW passes. At 2,048 tokens per step that is a large
+share of the step; it shrinks as tokens per step grow (try --seq=1024).
 The model runs take turns step by step (bench/common.py), so machine noise hits
 E=8 and E=64 alike. For reference it also times the all-experts einsum (every
 expert on every token, KerasHub style), whose cost grows with the number of experts.
@@ -25,7 +28,8 @@ import statistics
 import time
 
 import tensorflow as tf
-from common import grad_fn_runner, interleaved_medians, trainer_choice, train_step_runner
+from common import (grad_fn_runner, interleaved_medians, trainer_choice, train_step_runner,
+                    update_runner)
 
 from deepseek_tf.config import ModelConfig
 from deepseek_tf.layers.moe import DeepSeekMoE
@@ -36,10 +40,11 @@ D, F = 256, 128
 def dense_all_experts(x, layer):
     """Every expert on every token, masked by the routing weights (the dense baseline)."""
     route = layer.gate(x)
-    h = tf.einsum("nd,edf->enf", x, layer.gate_up_proj)
-    y = tf.einsum("enf,efd->end", tf.nn.silu(h[..., :F]) * h[..., F:], layer.down_proj)
-    mask = tf.reduce_sum(tf.one_hot(route["indices"], layer.num_experts)
-                         * route["weights"][..., None], 1)              # (N, E)
+    h = tf.einsum("nd,edf->enf", x, tf.cast(layer.gate_up_proj, x.dtype))
+    y = tf.einsum("enf,efd->end", tf.nn.silu(h[..., :F]) * h[..., F:],
+                  tf.cast(layer.down_proj, x.dtype))
+    mask = tf.cast(tf.reduce_sum(tf.one_hot(route["indices"], layer.num_experts)
+                                 * route["weights"][..., None], 1), x.dtype)  # (N, E)
     return tf.einsum("end,ne->nd", y, mask) + layer.shared_experts(x)
 
 
@@ -59,7 +64,7 @@ def time_layer(experts: int, tokens: int, jit: bool, dense: bool, steps: int,
             tape.watch(x)
             y = dense_all_experts(x, layer) if dense else layer(
                 tf.reshape(x, (1, tokens, D)), training=True)
-            loss = tf.reduce_sum(tf.square(y))
+            loss = tf.reduce_sum(tf.square(tf.cast(y, tf.float32)))
         return loss, tape.gradient(loss, [x] + layer.trainable_variables)
 
     float(step(x)[0])
@@ -77,6 +82,11 @@ def model_config(experts: int) -> ModelConfig:
                        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                        n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=2,
                        moe_intermediate_size=F, capacity_factor=1.25)
+
+
+def params(experts: int) -> int:
+    from deepseek_tf.params import count_parameters
+    return count_parameters(model_config(experts))["total"]
 
 
 def main():
@@ -107,6 +117,7 @@ def main():
             for e in (8, 64):
                 runners[f"step{e}"] = train_step_runner(model_config(e), 8, args.seq, jit, prec)
                 runners[f"grad{e}"] = grad_fn_runner(model_config(e), 8, args.seq, jit, prec)
+                runners[f"update{e}"] = update_runner(model_config(e), prec)
             t = interleaved_medians(runners, args.steps)
             dropped = float(runners["step64"].out["dropped_frac"].numpy().mean())
             print(f"{name} model  train step: E=8 {t['step8'] * 1e3:7.1f} ms  E=64 "
@@ -114,6 +125,9 @@ def main():
                   f"(8 x {args.seq} tokens; E=64 dropped {100 * dropped:.1f}%)")
             print(f"{name} model  fwd+bwd:    E=8 {t['grad8'] * 1e3:7.1f} ms  E=64 "
                   f"{t['grad64'] * 1e3:7.1f} ms  ratio {t['grad64'] / t['grad8']:.2f}")
+            print(f"{name} model  update:     E=8 {t['update8'] * 1e3:7.1f} ms  E=64 "
+                  f"{t['update64'] * 1e3:7.1f} ms  (norm + AdamW alone; "
+                  f"{params(8) / 1e6:.1f}M vs {params(64) / 1e6:.1f}M parameters)")
 
 if __name__ == "__main__":
     main()

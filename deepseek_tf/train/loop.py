@@ -129,6 +129,10 @@ def build_state(exp: Experiment, workdir: str, meta: dict,
         log(f"precision: {why}")
         exp = autotune.with_train(exp, precision=choice,
                                   auto_decisions=autotune.note(exp, precision=why))
+    warning = autotune.precision_warning(exp.train.precision,
+                                         autotune.gpu_compute_capabilities())
+    if warning:
+        log(warning)
     tcfg = exp.train
     data_dir = data_dir_of(exp, workdir)
     ctx = strategy_lib.input_context(strategy, role)  # this worker's share of the data

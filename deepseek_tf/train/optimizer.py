@@ -6,6 +6,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -13,15 +15,18 @@ from deepseek_tf.config import OptimConfig
 
 
 @tf.function(jit_compile=True)
-def _fused_adamw(var, grad, m, v, lr, decay, alpha, beta_1, beta_2, epsilon):
+def _fused_adamw(var, grad, m, v, lr, decay, alpha, beta_1, beta_2, epsilon, grad_scale):
     """One AdamW update as one XLA kernel: returns the new (var, m, v).
 
-    The same math as Keras' AdamW: decoupled decay `var -= var * decay * lr`, then
+    `grad_scale` multiplies the gradient first (the step's global-norm clipping
+    coefficient, so clipping costs no pass of its own). Then the same math as Keras'
+    AdamW: decoupled decay `var -= var * decay * lr`, then
     `m += (g - m)(1 - b1)`, `v += (g^2 - v)(1 - b2)`, `var -= m * alpha / (sqrt(v) + eps)`
     with `alpha = lr * sqrt(1 - b2^t) / (1 - b1^t)`. It takes and returns tensors, not
     variables: a distributed variable passed into a tf.function inside
     `strategy.extended.update` does not reliably resolve to the local replica's copy.
     """
+    grad = grad * grad_scale
     var = var - var * (decay * lr)
     m = m + (grad - m) * (1.0 - beta_1)
     v = v + (tf.square(grad) - v) * (1.0 - beta_2)
@@ -44,6 +49,10 @@ class AdamW(keras.optimizers.AdamW):
     reference (`fused=False`; the two agree to float32 rounding,
     tests/train/test_optimizer.py).
 
+    `with opt.scaled_gradients(c): opt.apply_gradients(...)` applies `c * grad`
+    (c a scalar tensor): the training step's clipping coefficient, multiplied in
+    inside the fused kernel instead of in a separate pass over every gradient.
+
     Args:
       fused: use the fused kernel (float32 variables; others take Keras' path).
       **kwargs: `keras.optimizers.AdamW` arguments.
@@ -56,6 +65,17 @@ class AdamW(keras.optimizers.AdamW):
     def __init__(self, *args, fused: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.fused = fused and not self.amsgrad
+        self._grad_scale = None
+
+    @contextlib.contextmanager
+    def scaled_gradients(self, scale: tf.Tensor):
+        """Inside, `apply_gradients` applies `scale * grad` (see the class doc). Replicas
+        that enter it together (MirroredStrategy) must pass the same value."""
+        self._grad_scale = scale
+        try:
+            yield
+        finally:
+            self._grad_scale = None
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         return list(grads_and_vars)
@@ -68,7 +88,10 @@ class AdamW(keras.optimizers.AdamW):
         super()._apply_weight_decay([v for v in variables if not self._takes_fused(v)])
 
     def update_step(self, gradient, variable, learning_rate):
+        scale = 1.0 if self._grad_scale is None else self._grad_scale
         if not self._takes_fused(variable):
+            if self._grad_scale is not None:
+                gradient = gradient * tf.cast(scale, gradient.dtype)
             return super().update_step(gradient, variable, learning_rate)
         lr = tf.cast(learning_rate, tf.float32)
         t = tf.cast(self.iterations + 1, tf.float32)
@@ -81,7 +104,8 @@ class AdamW(keras.optimizers.AdamW):
             tf.convert_to_tensor(variable), tf.convert_to_tensor(gradient, tf.float32),
             tf.convert_to_tensor(m), tf.convert_to_tensor(v), lr,
             tf.constant(decay, tf.float32), alpha, tf.constant(self.beta_1, tf.float32),
-            tf.constant(self.beta_2, tf.float32), tf.constant(self.epsilon, tf.float32))
+            tf.constant(self.beta_2, tf.float32), tf.constant(self.epsilon, tf.float32),
+            tf.cast(scale, tf.float32))
         self.assign(m, new_m)
         self.assign(v, new_v)
         self.assign(variable, new_var)

@@ -12,12 +12,12 @@ In every mode norms (RMSNorm statistics and scale), rotary tables, the
 attention softmax, logits and losses stay float32 (the layers cast).
 
 The global decision. Keras' `LossScaleOptimizer` checks "are the gradients
-finite?" on each replica; if only one replica overflowed, the replicas would
-disagree (MirroredStrategy then writes NaN into the weights, MWMS deadlocks). Our
-train step counts each replica's non-finite gradient values *before* the
-all-reduce and sums the counts with the step's other scalars; if the count (or
-the all-reduced norm) is not zero/finite, `poison` makes the gradients non-finite
-on every replica, so all of them skip the step and halve the scale together.
+finite?" on each replica; if replicas disagreed (MirroredStrategy would then write
+NaN into the weights, MWMS would deadlock). Our train step decides from the global
+norm of the *all-reduced* gradients, the same tensor on every replica (an inf or
+NaN on any replica makes the sum non-finite everywhere); if it is not finite,
+`poison` makes the gradients non-finite on every replica, so all of them skip the
+step and halve the scale together.
 Skipped steps are `loop steps - optimizer.iterations` (both checkpointed).
 
 Example:
@@ -78,11 +78,6 @@ def current_scale(optimizer) -> float:
     if is_loss_scaled(optimizer):
         return float(optimizer.dynamic_scale.value.numpy())
     return 1.0
-
-
-def count_nonfinite(grads) -> tf.Tensor:
-    """Number of inf/NaN values in `grads` (float32 scalar, to sum across replicas)."""
-    return tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in grads])
 
 
 def poison(grads, finite: tf.Tensor):

@@ -11,10 +11,17 @@ their losses to the micro-batch loss, accumulates their stats (expert load, drop
 tokens) with the gradients, and updates the router biases after `apply_gradients`.
 
 Mixed precision (train/precision.py): under mixed_float16 the loss is multiplied
-by the loss scale, and the decision to skip an overflowing step is global: each
-replica's non-finite gradient count is summed across replicas before anyone
+by the loss scale, and the decision to skip an overflowing step is global: it is
+taken from the global norm of the *all-reduced* gradients (an inf or NaN on any
+replica makes the sum, and so the norm, non-finite on every replica), before anyone
 applies anything. Dropout masks come from a stateless seed per (step, replica,
 micro-batch), so remat recomputes the same masks.
+
+Per-parameter passes. Outside XLA every element-wise op over the gradients is a
+full pass over memory, which at many experts is a large share of the step. The
+step makes two: the global norm, and the fused AdamW update, which also multiplies
+in the clipping coefficient (`AdamW.scaled_gradients`). There is no separate
+non-finite count and no clipped copy of the gradients.
 
 Example:
     >>> step_fn = make_train_step(model, optimizer, strategy, TrainConfig(), OptimConfig())
@@ -50,15 +57,13 @@ def _forward(model, batch, training, with_aux=False, dropout_seed=None):
                                                                          batch)
 
 
-def make_grad_fn(model, accum_steps: int, jit_compile: bool, count_nonfinite: bool = False):
+def make_grad_fn(model, accum_steps: int, jit_compile: bool):
     """(batch with (A, B, T) tensors, global token count, loss scale, dropout seed)
     -> (grads of the scaled loss, loss, hits, stats).
 
     The compute part of the step; under `jit_compile` it is one XLA cluster. `loss`
     is the cross entropy; the gradients include the aux losses; `stats` are the
-    summed aux statistics ({} for a dense model without MTP). With `count_nonfinite`
-    stats also has `nonfinite`, the number of inf/NaN gradient values (counted inside
-    the cluster, where XLA fuses it with the gradient computation).
+    summed aux statistics ({} for a dense model without MTP).
     """
     variables = model.trainable_variables
     with_aux = aux_losses.uses_aux(model.config)
@@ -90,33 +95,41 @@ def make_grad_fn(model, accum_steps: int, jit_compile: bool, count_nonfinite: bo
             lambda i, *_: i < accum_steps, body, (tf.constant(1), grads, loss, hits, stats))
         return grads, loss, hits, stats
 
-    def grad_fn_counting(batch, denom, scale=1.0, seed=None):
-        grads, loss, hits, stats = grad_fn(batch, denom, scale, seed)
-        return grads, loss, hits, {**stats, "nonfinite": precision.count_nonfinite(grads)}
-
-    return tf.function(grad_fn_counting if count_nonfinite else grad_fn,
-                       jit_compile=jit_compile)
+    return tf.function(grad_fn, jit_compile=jit_compile)
 
 
 def make_finish_fn(clip_norm: float, jit_compile: bool):
-    """(all-reduced grads, their global non-finite count, loss scale) -> (grads to apply,
-    scaled global norm, finite).
+    """(all-reduced grads, loss scale) -> (grads to apply, scaled global norm, finite,
+    clipping coefficient).
 
-    Decides the step (skipped on every replica alike if any replica overflowed),
-    and clips to `clip_norm` (of the unscaled gradients). Under `jit_compile` the
-    norm, the decision and the clipping are one XLA cluster: two passes over the
-    gradients instead of one per op.
+    Decides the step (skipped on every replica alike when the norm of the all-reduced
+    gradients is not finite) and computes the coefficient that clips to `clip_norm`
+    (of the unscaled gradients); the optimizer multiplies it in. Under `jit_compile`
+    this is one XLA cluster.
     """
 
-    def finish(grads, nonfinite, scale):
+    def finish(grads, scale):
         norm = tf.linalg.global_norm(grads)
-        finite = tf.logical_and(tf.equal(nonfinite, 0.0), tf.math.is_finite(norm))
+        finite = tf.math.is_finite(norm)
         grads = precision.poison(grads, finite)  # the same decision on every replica
-        if clip_norm > 0:
-            grads, _ = tf.clip_by_global_norm(grads, clip_norm * scale, use_norm=norm)
-        return grads, norm, finite
+        coef = tf.constant(1.0)
+        if clip_norm > 0:  # as tf.clip_by_global_norm; 1 when the norm is not finite
+            limit = clip_norm * scale
+            coef = tf.where(finite, limit / tf.maximum(norm, limit), 1.0)
+        return grads, norm, finite, coef
 
     return tf.function(finish, jit_compile=jit_compile)
+
+
+def apply_scaled(optimizer, grads, variables, coef) -> None:
+    """`optimizer.apply_gradients` of `coef * grads`, with the multiplication inside
+    our fused AdamW (also under a LossScaleOptimizer), else as a separate pass."""
+    inner = optimizer.inner_optimizer if precision.is_loss_scaled(optimizer) else optimizer
+    if not hasattr(inner, "scaled_gradients"):
+        optimizer.apply_gradients(zip([g * coef for g in grads], variables))
+        return
+    with inner.scaled_gradients(coef):
+        optimizer.apply_gradients(zip(grads, variables))
 
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cfg: TrainConfig,
@@ -128,9 +141,7 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
     `grad_hook(grads, replica_id) -> grads`, if given, edits each replica's local
     gradients before the all-reduce (tests inject faults with it).
     """
-    # With a grad_hook the count must see the hooked gradients, so it stays outside.
-    grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.xla,
-                           count_nonfinite=grad_hook is None)
+    grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.xla)
     finish = make_finish_fn(optim_cfg.clip_norm, train_cfg.xla)
     variables = model.trainable_variables
 
@@ -144,14 +155,11 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
         grads, loss, hits, stats = grad_fn(batch, tf.maximum(tokens, 1.0), scale, seed)
         if grad_hook is not None:
             grads = grad_hook(grads, ctx.replica_id_in_sync_group)
-            stats = {**stats, "nonfinite": precision.count_nonfinite(grads)}
-        # stats["nonfinite"]: this replica's count, before the all-reduce.
         grads = ctx.all_reduce(SUM, grads)
         loss, hits = ctx.all_reduce(SUM, [loss, hits])
-        stats = ctx.all_reduce(SUM, stats)
-        nonfinite = stats.pop("nonfinite")
-        grads, scaled_norm, finite = finish(grads, nonfinite, scale)
-        optimizer.apply_gradients(zip(grads, variables))  # skipped if not finite (fp16)
+        stats = ctx.all_reduce(SUM, stats) if stats else {}  # {}: dense, no MTP
+        grads, scaled_norm, finite, coef = finish(grads, scale)
+        apply_scaled(optimizer, grads, variables, coef)  # skipped if not finite (fp16)
         # After the update: router biases move from the global load (not on a skipped step).
         aux_metrics = aux_losses.step_metrics(model, stats, tokens, update=finite)
         return {"loss": loss, "grad_norm": scaled_norm / scale,

@@ -26,6 +26,14 @@ def test_precision_rule(flags, gpus, expected):
     assert choice == expected and why
 
 
+def test_explicit_float16_without_a_gpu_gets_a_warning_that_names_the_way_out():
+    warning = autotune.precision_warning("mixed_float16", [])
+    assert "mixed_bfloat16" in warning and "--train.precision" in warning
+    assert autotune.precision_warning("mixed_float16", [(8, 0)]) is None
+    assert autotune.precision_warning("mixed_bfloat16", []) is None
+    assert autotune.precision_warning("float32", []) is None
+
+
 def test_cpu_flags_of_this_machine_are_read():
     assert "sse2" in autotune.cpu_flags() or not autotune.cpu_flags()
 

@@ -10,8 +10,9 @@ from deepseek_tf.config import OptimConfig
 from deepseek_tf.train.optimizer import AdamW, make_schedule
 
 
-def _run(fused: bool, strategy=None, steps: int = 5):
-    """Weights, moments and iterations after `steps` updates with varying gradients."""
+def _run(fused: bool, strategy=None, steps: int = 5, scale=None, premultiply: float = 1.0):
+    """Weights, moments and iterations after `steps` updates with varying gradients
+    (times `premultiply`; applied inside `scaled_gradients(scale)` if `scale`)."""
     strategy = strategy or tf.distribute.get_strategy()
     rng = np.random.default_rng(0)
     grads = [[rng.normal(size=(3, 4)).astype("float32"), rng.normal(size=(4,)).astype("float32")]
@@ -25,12 +26,18 @@ def _run(fused: bool, strategy=None, steps: int = 5):
         opt.exclude_from_weight_decay(var_list=[b])
         opt.build([w, b])
 
+    def apply(gw, gb):
+        if scale is None:
+            return opt.apply_gradients([(gw, w), (gb, b)])
+        with opt.scaled_gradients(tf.constant(scale)):
+            opt.apply_gradients([(gw, w), (gb, b)])
+
     @tf.function
     def step(gw, gb):
-        strategy.run(lambda: opt.apply_gradients([(gw, w), (gb, b)]))
+        strategy.run(apply, args=(gw, gb))
 
     for gw, gb in grads:
-        step(tf.constant(gw), tf.constant(gb))
+        step(tf.constant(gw * premultiply), tf.constant(gb * premultiply))
     values = {"w": w, "b": b, "m_w": opt._momentums[0], "v_w": opt._velocities[0],
               "m_b": opt._momentums[1]}
     replicas = {k: [c.numpy() for c in strategy.experimental_local_results(v.value)]
@@ -55,6 +62,22 @@ def test_fused_update_keeps_mirrored_replicas_identical():
     for k, (a, b) in mirrored.items():
         np.testing.assert_array_equal(a, b, err_msg=k)
         np.testing.assert_allclose(a, single[k][0], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_scaled_gradients_apply_the_scaled_gradient_fused_unfused_and_mirrored():
+    """The step's clipping coefficient goes in through `scaled_gradients`; Keras' AdamW
+    on pre-multiplied gradients is the reference."""
+    keras_ref, _ = _run(False, premultiply=0.3)
+    runs = {"fused": _run(True, scale=0.3)[0], "unfused": _run(False, scale=0.3)[0],
+            "mirrored": _run(True, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+                             scale=0.3)[0]}
+    for name, got in runs.items():
+        for k in keras_ref:
+            for replica in got[k]:
+                np.testing.assert_allclose(replica, keras_ref[k][0], rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{name} {k}")
+    # The scale mattered: unscaled gradients give other moments.
+    assert not np.allclose(_run(True)[0]["m_w"][0], keras_ref["m_w"][0])
 
 
 def test_keras_pin_covers_the_private_members_the_fused_adamw_uses():
