@@ -1,4 +1,6 @@
-"""tools/: merge a LoRA adapter, compare runs, inspect a checkpoint (in-process + --help)."""
+"""tools/: merge a LoRA adapter, compare runs, inspect a checkpoint, summarise a profile
+(in-process + --help; the profile summary of a real trace is tested with
+--train.profile_steps in tests/train/test_autotune.py)."""
 
 import dataclasses
 import json
@@ -23,7 +25,8 @@ quiet = lambda *_: None  # noqa: E731
 IDS = tf.constant([[256, 7, 8, 9, 10]])
 
 
-@pytest.mark.parametrize("tool", ["merge_lora", "compare_runs", "inspect_checkpoint"])
+@pytest.mark.parametrize("tool", ["merge_lora", "compare_runs", "inspect_checkpoint",
+                                  "profile_summary"])
 def test_help_and_missing_flag(tool):
     run = lambda *a: subprocess.run([sys.executable, f"tools/{tool}.py", *a], cwd=ROOT,  # noqa
                                     capture_output=True, text=True, timeout=120)
@@ -103,3 +106,10 @@ def test_inspect_checkpoint_lists_model_and_adapter_variables(lora_run):
     assert q["shape"] == list(v.shape) and q["mean"] == pytest.approx(float(v.mean()), abs=1e-6)
     with pytest.raises(UserError, match="no checkpoint there"):
         inspect_checkpoint.inspect(os.path.join(path, "nowhere"))
+
+
+def test_profile_summary_of_a_run_without_a_trace_says_how_to_make_one(tmp_path):
+    out = subprocess.run([sys.executable, "tools/profile_summary.py", f"--workdir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--train.profile_steps" in out.stderr.strip().splitlines()[-1]
