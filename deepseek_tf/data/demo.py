@@ -21,6 +21,8 @@ import json
 import os
 import random
 
+from deepseek_tf.atomic import atomic_open
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -98,11 +100,9 @@ def make_pairs(rows: list[dict], seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def write_demo(output_dir: str, num_train: int = 12000, num_heldout: int = 200,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 
+from deepseek_tf.atomic import atomic_open
 from deepseek_tf.errors import UserError
 from deepseek_tf.data.records import read_records  # noqa: F401  (re-exported)
 
@@ -72,9 +73,8 @@ def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", templa
     stem = os.path.splitext(os.path.basename(inputs[0]))[0]
     path = output or os.path.join(workdir, RESULTS_DIR, f"{task}-{stem}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with atomic_open(path) as f:
         json.dump(result, f, indent=2, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
     log(format_table(result["metrics"]))
     log(f"wrote {path}")
     return result

@@ -21,6 +21,7 @@ import tempfile
 
 import tensorflow as tf
 
+from deepseek_tf.atomic import atomic_write
 from deepseek_tf.train.logger import read_log
 
 BEST_DIR = "best"
@@ -69,10 +70,8 @@ class BestCheckpoint:
         if not self.is_chief:
             shutil.rmtree(target, ignore_errors=True)
             return
-        tmp = os.path.join(target, BEST_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"step": int(step), "loss": float(loss)}, f)
-        os.replace(tmp, os.path.join(target, BEST_FILE))
+        atomic_write(os.path.join(target, BEST_FILE),
+                     json.dumps({"step": int(step), "loss": float(loss)}))
 
     @property
     def path(self) -> str:
