@@ -204,11 +204,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
-def run(main: Callable[[list[str]], int | None]) -> None:
-    """Runs an entry point: user errors become one line on stderr and exit status 2."""
+def run(main: Callable[[list[str]], int | None], required: Iterable[str] = ()) -> None:
+    """Runs an entry point: positional arguments, an empty `required` flag and user errors
+    become one line on stderr and exit status 2."""
 
     def wrapped(argv):
         try:
+            if len(argv) > 1:
+                raise UserError(f"unexpected arguments {argv[1:]}; flags look like "
+                                f"--name=value (see --help).")
+            for name in required:
+                if not FLAGS[name].value:
+                    raise UserError(f"--{name} is required (see --help).")
             return main(argv)
         except (ConfigError, UserError) as e:
             print(f"error: {e}", file=sys.stderr)

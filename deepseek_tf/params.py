@@ -106,9 +106,6 @@ def report(c: ModelConfig) -> str:
 
 def main(argv):
     from deepseek_tf import flags as dflags
-    from deepseek_tf.errors import UserError
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     exp = dflags.experiment_from_flags(dflags.FLAGS)
     print(report(exp.model))
 

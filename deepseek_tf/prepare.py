@@ -16,7 +16,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (REA
 from absl import flags  # noqa: E402
 
 from deepseek_tf import flags as dflags  # noqa: E402
-from deepseek_tf.errors import UserError  # noqa: E402
 
 dflags.define_flags(workdir_help="Run directory; the data goes to <workdir>/data unless "
                     "--data.output_dir (= --data.data_dir) is set.")
@@ -24,8 +23,6 @@ flags.adopt_module_key_flags(dflags)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     exp = dflags.experiment_from_flags(dflags.FLAGS)  # validates every section
     data_dir = exp.data.data_dir or os.path.join(dflags.FLAGS.workdir, "data")
     from deepseek_tf.data.prepare import prepare  # imports TensorFlow

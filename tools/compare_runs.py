@@ -87,8 +87,6 @@ def compare(workdirs: list[str], output: str, metric: str = "loss", kinds: str =
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     F = flags.FLAGS
     dirs = [d for d in F.workdirs.split(",") if d.strip()]
     if not dirs:

@@ -99,11 +99,7 @@ def inspect(path: str, contains: str = "", stats: bool = False) -> list[dict]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     F = flags.FLAGS
-    if not F.checkpoint:
-        raise UserError("--checkpoint is required (see --help).")
     rows = inspect(F.checkpoint, F.filter, F.stats)
     print(f"checkpoint: {resolve(F.checkpoint)}")
     width = max([len(r["name"]) for r in rows] + [8])
@@ -122,4 +118,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    dflags.run(main)
+    dflags.run(main, required=("checkpoint",))

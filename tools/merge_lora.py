@@ -70,14 +70,10 @@ def merge(output: str, workdir: str = "", base: str = "", adapter: str = "", log
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     F = flags.FLAGS
-    if not F.output:
-        raise UserError("--output is required (see --help).")
     merge(F.output, F.workdir, F.base, F.adapter)
 
 
 if __name__ == "__main__":
     define_flags()
-    dflags.run(main)
+    dflags.run(main, required=("output",))

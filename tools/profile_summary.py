@@ -104,14 +104,10 @@ def summary(workdir: str, top: int = 20, steps: int = 0) -> list[str]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     F = flags.FLAGS
-    if not F.workdir:
-        raise UserError("--workdir is required (see --help).")
     print("\n".join(summary(F.workdir, F.top, F.steps)))
 
 
 if __name__ == "__main__":
     define_flags()
-    dflags.run(main)
+    dflags.run(main, required=("workdir",))

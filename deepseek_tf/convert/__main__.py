@@ -28,8 +28,6 @@ _SHAPE_FREE = ("num_nextn_predict_layers",)
 
 def main(argv):
     cfg = dflags.cfg
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     if not dflags.FLAGS.hf_dir:
         raise UserError("--hf_dir is required: a directory with config.json and "
                         "*.safetensors.")

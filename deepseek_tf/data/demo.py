@@ -121,10 +121,7 @@ def write_demo(output_dir: str, num_train: int = 12000, num_heldout: int = 200,
 def main(argv):
     from absl import flags
 
-    from deepseek_tf.errors import UserError
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     paths = write_demo(FLAGS.output_dir, FLAGS.num_train, FLAGS.num_heldout, FLAGS.seed)
     print(f"wrote {FLAGS.num_train} training records to {paths[0]} and "
           f"{FLAGS.num_heldout} held-out records to {paths[1]}")

@@ -20,7 +20,6 @@ from absl import flags  # noqa: E402
 
 from deepseek_tf import flags as dflags  # noqa: E402
 from deepseek_tf.data.templates import TEMPLATES  # noqa: E402
-from deepseek_tf.errors import UserError  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Workdir to evaluate (config.json + checkpoints/).")
 flags.DEFINE_string("data.inputs", None, "Comma-separated .jsonl/.json data files (or text "
@@ -44,11 +43,6 @@ flags.DEFINE_string("checkpoint", "", "A checkpoint path instead of the latest."
 
 def main(argv):
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
-    for name in ("workdir", "data.inputs"):
-        if not FLAGS[name].value:
-            raise UserError(f"--{name} is required (see --help).")
     inputs = [p.strip() for p in FLAGS["data.inputs"].value.split(",") if p.strip()]
     from deepseek_tf.evaluate import evaluate_workdir
     evaluate_workdir(FLAGS.workdir, inputs, FLAGS.task, FLAGS["data.template"].value,
@@ -58,7 +52,7 @@ def main(argv):
 
 
 def entry():
-    dflags.run(main)
+    dflags.run(main, required=("workdir", "data.inputs"))
 
 
 if __name__ == "__main__":

@@ -52,11 +52,6 @@ flags.DEFINE_enum("quantize", "none", ["none", "fp16", "int8"], "saved_model: in
 
 def main(argv):
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
-    for name in ("workdir", "output"):
-        if not FLAGS[name].value:
-            raise UserError(f"--{name} is required (see --help).")
     from deepseek_tf.config import Experiment
     from deepseek_tf.convert.hf_config import hf_config_from_model
     path = os.path.join(FLAGS.workdir, "config.json")
@@ -88,7 +83,7 @@ def main(argv):
 
 
 def entry():
-    dflags.run(main)
+    dflags.run(main, required=("workdir", "output"))
 
 
 if __name__ == "__main__":

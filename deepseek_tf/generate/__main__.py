@@ -118,8 +118,6 @@ class _Streamer:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (see --help).")
     if not FLAGS.workdir and not FLAGS.tflite:
         raise UserError("--workdir is required (see --help).")
     if (FLAGS.prompt is None) == (FLAGS.input_file is None):

@@ -18,7 +18,6 @@ from absl import flags  # noqa: E402
 
 from deepseek_tf import exit_codes  # noqa: E402
 from deepseek_tf import flags as dflags  # noqa: E402
-from deepseek_tf.errors import UserError  # noqa: E402
 
 __doc__ += "\n" + exit_codes.HELP + "\n"  # shown by --help
 dflags.define_flags()
@@ -26,9 +25,6 @@ flags.adopt_module_key_flags(dflags)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]}; flags look like "
-                                   f"--train.steps=100 (see --help).")
     workdir = dflags.FLAGS.workdir
     exp = dflags.resolve_experiment(dflags.FLAGS, workdir)
     from deepseek_tf.train.loop import train  # imports TensorFlow: after validation
