@@ -88,9 +88,9 @@ class AdamW(keras.optimizers.AdamW):
         super()._apply_weight_decay([v for v in variables if not self._takes_fused(v)])
 
     def update_step(self, gradient, variable, learning_rate):
-        scale = 1.0 if self._grad_scale is None else self._grad_scale
+        scale = self._grad_scale
         if not self._takes_fused(variable):
-            if self._grad_scale is not None:
+            if scale is not None:
                 gradient = gradient * tf.cast(scale, gradient.dtype)
             return super().update_step(gradient, variable, learning_rate)
         lr = tf.cast(learning_rate, tf.float32)
@@ -105,7 +105,7 @@ class AdamW(keras.optimizers.AdamW):
             tf.convert_to_tensor(m), tf.convert_to_tensor(v), lr,
             tf.constant(decay, tf.float32), alpha, tf.constant(self.beta_1, tf.float32),
             tf.constant(self.beta_2, tf.float32), tf.constant(self.epsilon, tf.float32),
-            tf.cast(scale, tf.float32))
+            tf.constant(1.0) if scale is None else tf.cast(scale, tf.float32))
         self.assign(m, new_m)
         self.assign(v, new_v)
         self.assign(variable, new_var)

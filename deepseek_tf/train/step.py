@@ -122,12 +122,9 @@ def make_finish_fn(clip_norm: float, jit_compile: bool):
 
 
 def apply_scaled(optimizer, grads, variables, coef) -> None:
-    """`optimizer.apply_gradients` of `coef * grads`, with the multiplication inside
-    our fused AdamW (also under a LossScaleOptimizer), else as a separate pass."""
+    """`optimizer.apply_gradients` of `coef * grads`, the multiplication done inside our
+    AdamW (`train/optimizer.py`), also when a LossScaleOptimizer wraps it."""
     inner = optimizer.inner_optimizer if precision.is_loss_scaled(optimizer) else optimizer
-    if not hasattr(inner, "scaled_gradients"):
-        optimizer.apply_gradients(zip([g * coef for g in grads], variables))
-        return
     with inner.scaled_gradients(coef):
         optimizer.apply_gradients(zip(grads, variables))
 
