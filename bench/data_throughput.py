@@ -126,6 +126,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="training steps timed")
     parser.add_argument("--skip_sp", action="store_true", help="skip the SentencePiece run")
     args = parser.parse_args()
+    from common import cpu_summary
+    print(f"machine: {cpu_summary()}")
     root = tempfile.mkdtemp(prefix="data-bench-")
     try:
         data_dir = bench_prepare(root, args.skip_sp)

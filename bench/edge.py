@@ -112,6 +112,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    from common import cpu_summary
+    print(f"machine: {cpu_summary()}")
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     from deepseek_tf.config import Experiment, ModelConfig
     from deepseek_tf.data.tokenizer.byte import ByteTokenizer

@@ -98,6 +98,8 @@ def main():
     parser.add_argument("--skip_layer", action="store_true")
     parser.add_argument("--modes", choices=("auto", "both"), default="auto")
     args = parser.parse_args()
+    from common import cpu_summary
+    print(f"machine: {cpu_summary()}")
     if args.modes == "auto":
         prec, jit, why = trainer_choice(model_config(8), 8, args.seq)
         print(f"the trainer's choice here: {prec}, XLA {'on' if jit else 'off'} ({why})")

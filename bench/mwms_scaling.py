@@ -56,6 +56,8 @@ def main():
     p.add_argument("--log_every", type=int, default=5)
     p.add_argument("--jit_compile", action="store_true")
     args = p.parse_args()
+    from common import cpu_summary
+    print(f"machine: {cpu_summary()}")
     if os.cpu_count() < 2:
         sys.exit("needs at least 2 CPUs")
     from deepseek_tf.config import DataConfig

@@ -79,6 +79,8 @@ def main():
     p.add_argument("--remat", default="none", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    from common import cpu_summary
+    print(f"machine: {cpu_summary()}")
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return

@@ -30,6 +30,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
+    from common import cpu_summary
+    print(f"machine: {cpu_summary()}")
     p = count_parameters(CONFIG)
     fpt = flops_per_token(CONFIG, SEQ)
     peak = matmul_peak()
