@@ -109,7 +109,8 @@ class RunCheckpoints:
                 raise UserError(f"checkpoint of step {step} has no data position {path}: was "
                                 f"the run started with another number of workers? Resume "
                                 f"with the same number, or use a new --workdir.")
-            self.data_checkpoint.restore(path).assert_existing_objects_matched()
+            restore_checkpoint(self.data_checkpoint, path, hint=" (this worker's data "
+                               "position): use a new --workdir.")
         self.last_saved = step or None
         return step
 

@@ -16,10 +16,12 @@ from deepseek_tf.train import loop
 
 
 def nan_once_at(make_train_step, k: int):
-    """`make_train_step` whose steps add NaN to the first gradient at optimizer step k."""
-    armed = tf.Variable(True, trainable=False)
+    """`make_train_step` whose steps add NaN to the first gradient at optimizer step k.
+    (Its flag variable is made with the step: a multi-worker strategy must come first.)"""
 
     def with_fault(model, optimizer, *args, **kwargs):
+        armed = tf.Variable(True, trainable=False)
+
         def hook(grads, replica_id):
             fire = tf.logical_and(armed, tf.equal(optimizer.iterations, k - 1))
             armed.assign(tf.logical_and(armed, tf.logical_not(fire)))
