@@ -72,7 +72,8 @@ class Recovery:
         return None
 
     def roll_back(self, step: int, reason: str) -> int:
-        """Restores the last checkpoint saved by this run; returns its step.
+        """Restores the last checkpoint this run saved or resumed from (the chief's copy,
+        on every worker); returns its step.
 
         Raises UserError (one line) when recovery is off, the trials ran out, or no
         checkpoint was saved yet.
