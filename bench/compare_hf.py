@@ -64,7 +64,7 @@ def main(argv=None):
     if common.run_as_side(args, {"ours": ours}):
         return
     if args.smoke:
-        args.rounds, args.steps, args.warmup = 1, 1, 1
+        args.rounds, args.steps, args.warmup, args.precisions = 1, 1, 1, "float32"
 
     import numpy as np
     from deepseek_tf.convert.hf_config import hf_config_from_model
