@@ -177,6 +177,14 @@ def run_as_side(args: argparse.Namespace, sides: dict) -> bool:
     return True
 
 
+def reference_spec(doc: str, argv=None) -> dict:
+    """The spec of a reference-side script (`--spec=FILE`, written by its bench)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--spec", required=True, help="written by the bench, which prints the path")
+    with open(p.parse_args(argv).spec) as f:
+        return json.load(f)
+
+
 def run_side(args: list[str], extra_env: dict | None = None, timeout: float = 3600) -> dict:
     """Runs `python <args>` alone in a fresh process (`side_env`) and returns what it
     `report`ed; a failure ends the bench with the side's stderr."""
@@ -317,8 +325,11 @@ def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
     a = tf.random.normal((n, n))
     b = tf.random.normal((n, n))
     best = 0.0
+    def matmul_sum(x, y):
+        return tf.reduce_sum(tf.matmul(x, y))
+
     for jit in (False, True):
-        f = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)), jit_compile=jit)
+        f = tf.function(matmul_sum, jit_compile=jit)
         float(f(a, b))
         for _ in range(3):
             t0 = time.perf_counter()

@@ -15,7 +15,6 @@ Targets of issue 10: int8 decode >= SavedModel fp32 decode; int8 file <= 0.3x fp
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -123,7 +122,7 @@ def main(argv=None):
         sizes["SavedModel"] = sum(os.path.getsize(os.path.join(d, f))
                                   for d, _, fs in os.walk(sm) for f in fs)
         rows.append(("SavedModel fp32 (TF)", *bench_savedmodel(sm, prompt, n, args.repeats)))
-        for q in ("none", "fp16", "int8"):
+        for q in ("none", "int8") if args.smoke else ("none", "fp16", "int8"):
             name = {"none": "fp32"}.get(q, q)
             path = os.path.join(tmp, f"{q}.tflite")
             export(model, exp, "tflite", path, log=quiet, max_length=c, prefill_lengths=(p,),

@@ -12,23 +12,17 @@ Never imports TensorFlow.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import report, time_calls  # noqa: E402
+from common import reference_spec, report, time_calls  # noqa: E402
 
 SETTINGS = {"float32": False, "bf16 autocast": True}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--spec", required=True)
-    args = p.parse_args(argv)
-    with open(args.spec) as f:
-        spec = json.load(f)
+    spec = reference_spec(__doc__, argv)
 
     import numpy as np
     import torch

@@ -100,7 +100,9 @@ def main(argv=None):
     if args.smoke:
         args.steps, args.seq, args.tokens, args.experts = 1, 32, 128, "4,8"
     lo, hi = (int(e) for e in args.experts.split(","))
-    if args.modes == "auto":
+    if args.smoke:  # float32 without XLA: no compile (compare_hf's smoke run covers `auto`)
+        modes = [("float32", False)]
+    elif args.modes == "auto":
         prec, jit, why = trainer_choice(model_config(lo), 8, args.seq)
         print(f"the trainer's choice here: {prec}, XLA {'on' if jit else 'off'} ({why})")
         modes = [(prec, jit)]

@@ -3,7 +3,7 @@ is imported once); their own side processes start as in a real run.
 
     python tests/bench/smoke_runner.py NAME...   # -> one `SMOKE <json>` line per bench
 
-Each line: {"name", "ok", "stdout", "error"}; stderr is the process's own (TF's log lines
+Each line: {"name", "ok", "stdout", "error", "seconds"}; stderr is the process's own (TF's log lines
 would land there).
 """
 
@@ -13,6 +13,7 @@ import io
 import json
 import os
 import sys
+import time
 import traceback
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -23,7 +24,7 @@ def main(names):
     sys.path.insert(0, BENCH)
     real_stdout = sys.stdout
     for name in names:
-        out, ok, error = io.StringIO(), True, ""
+        out, ok, error, t0 = io.StringIO(), True, "", time.perf_counter()
         try:
             with contextlib.redirect_stdout(out):
                 importlib.import_module(name).main(["--smoke"])
@@ -32,7 +33,8 @@ def main(names):
         except Exception:  # noqa: BLE001 (reported to the test)
             ok, error = False, traceback.format_exc()
         print("SMOKE " + json.dumps({"name": name, "ok": ok, "stdout": out.getvalue(),
-                                     "error": error}), file=real_stdout, flush=True)
+                                     "error": error, "seconds": time.perf_counter() - t0}),
+              file=real_stdout, flush=True)
 
 
 if __name__ == "__main__":
