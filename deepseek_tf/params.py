@@ -111,7 +111,8 @@ def main(argv):
 
 
 def entry():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+    from deepseek_tf.quiet import quiet_tensorflow
+    quiet_tensorflow()  # TF log noise off (README)
     from absl import flags
 
     from deepseek_tf import flags as dflags

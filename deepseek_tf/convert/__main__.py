@@ -11,7 +11,9 @@ and --model.num_nextn_predict_layers to add fresh MTP modules) may be given too.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 

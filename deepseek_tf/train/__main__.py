@@ -12,7 +12,9 @@ With TF_CONFIG set this process is one worker of a multi-worker run (see
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 
