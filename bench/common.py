@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 
@@ -88,17 +87,11 @@ def update_runner(cfg, precision: str = "float32"):
 
 def interleaved_medians(runners: dict, rounds: int, warmup: int = 2) -> dict:
     """{name: median seconds}: the runners take turns, round after round, so that a
-    noisy shared machine slows them alike (ratios stay meaningful)."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    noisy shared machine slows them alike (ratios stay meaningful); the package's own
+    timer (deepseek_tf.autojit, behind every --jit_compile=auto)."""
+    from deepseek_tf.autojit import median_times
+
+    return median_times(runners, rounds, warmup)
 
 
 def time_train_step(cfg, batch: int, seq: int, jit: bool, steps: int = 8, warmup: int = 2):

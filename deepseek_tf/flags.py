@@ -77,8 +77,10 @@ def define_jit_compile(default: str, help_text: str,
     and parser as the generated `--train.jit_compile` (deepseek_tf.autojit)."""
     from deepseek_tf.autojit import JIT_CHOICES
 
+    caller = sys._getframe(1).f_globals.get("__name__", "")  # its --help lists the flag
     flags.DEFINE_enum("jit_compile", default, list(JIT_CHOICES), help_text,
-                      case_sensitive=False, flag_values=flag_values)
+                      case_sensitive=False, flag_values=flag_values,
+                      module_name=sys.argv[0] if caller == "__main__" else caller)
 
 
 def _section_values(flag_values, section: str, only_present: bool) -> dict:

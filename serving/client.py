@@ -89,11 +89,11 @@ def chat_inputs(conversations):
             "num_messages": [len(c) for c in conversations]}
 
 
-def build_inputs(signature, prompts=None, ids=None, messages=None, **sampling):
+def build_inputs(signature, prompts=None, ids=None, messages=None, system=None, **sampling):
     """Columnar inputs {name: list with a leading batch dim} for `signature`.
 
     chat takes `messages` (one conversation: [(role, content)], ending with a user turn)
-    or `prompts` (each one user turn).
+    or `prompts` (each one user turn), after the `system` text if given.
 
     Sampling values left out (or None) get the client defaults in SAMPLING; all of them
     are always sent, so a request works whether or not the signature has defaults.
@@ -111,6 +111,8 @@ def build_inputs(signature, prompts=None, ids=None, messages=None, **sampling):
         inputs = {"prompt": list(prompts)}
     elif signature == "chat":
         conversations = [list(messages)] if messages else [[("user", p)] for p in prompts or []]
+        if system is not None:
+            conversations = [[("system", system)] + c for c in conversations if c]
         if not conversations or not all(conversations):
             raise ServingError("chat needs messages: pass --message=user:TEXT (repeat for "
                                "turns; --system=TEXT first) or --prompt=TEXT", BAD_INPUT)
@@ -303,10 +305,8 @@ def main(argv=None):
     try:
         ids = parse_ids(args.ids) if args.ids else None
         messages = [parse_message(m) for m in args.message or []]
-        if args.system is not None and messages:
-            messages.insert(0, ("system", args.system))
-        inputs = build_inputs(args.signature, prompts=args.prompt, ids=ids,
-                              messages=messages, **{k: getattr(args, k) for k in SAMPLING})
+        inputs = build_inputs(args.signature, prompts=args.prompt, ids=ids, messages=messages,
+                              system=args.system, **{k: getattr(args, k) for k in SAMPLING})
         outputs = predict(inputs, protocol=args.protocol, signature=args.signature,
                           host=args.host, model=args.model, version=args.version,
                           label=args.label, timeout=args.timeout, fmt=args.format,

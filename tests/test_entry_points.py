@@ -37,6 +37,10 @@ def test_help_is_quiet(entry):
     args = ["-m", f"deepseek_tf.{entry}"] if entry in MODULES else [f"tools/{entry}.py"]
     proc = _run(args + ["--help"])
     assert proc.returncode == 0, proc.stderr[-1000:]
+    if entry == "export":  # --output is a file for the edge formats
+        assert "a file for tflite and litertlm" in " ".join(proc.stdout.split())
+    if entry in ("generate", "evaluate", "export"):  # one --jit_compile type everywhere
+        assert "<auto|true|false>" in proc.stdout
 
 
 @pytest.fixture(scope="module")

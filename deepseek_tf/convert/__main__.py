@@ -9,9 +9,7 @@ flags that do not change the checkpoint's shape (loss weights, capacity factors,
 and --model.num_nextn_predict_layers to add fresh MTP modules) may be given too.
 """
 
-import os
-
-from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
+from deepseek_tf.quiet import quiet_tensorflow
 
 quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 

@@ -12,9 +12,7 @@ Writes <workdir>/eval/<task>-<data name>.json (metrics + per-sample predictions)
 prints a table. Bad input: one `error:` line, exit status 2.
 """
 
-import os
-
-from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
+from deepseek_tf.quiet import quiet_tensorflow
 
 quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 

@@ -7,7 +7,9 @@ deployment format.
   saved_model  a SavedModel for TF Serving; write it to MODEL_BASE/NAME/VERSION
                (e.g. models/deepseek/1). Signatures: serving_default (text in, text
                out, optional max_new_tokens/temperature/top_k/top_p/seed per prompt),
-               generate_ids (ids in, ids out) and score (per-token log-probs).
+               chat (roles/contents/num_messages in, reply out; runs trained on
+               conversations), generate_ids (ids in, ids out) and score (per-token
+               log-probs).
                The KV cache holds --max_length tokens (prompt + new tokens).
   tflite       a .tflite file for edge devices with `decode` and `prefill_<N>`
                signatures over an explicit KV cache of --max_length tokens (the

@@ -9,10 +9,9 @@ With TF_CONFIG set this process is one worker of a multi-worker run (see
 (preemption) saves a checkpoint on every worker and exits with code 42.
 """
 
-import os
 import sys
 
-from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
+from deepseek_tf.quiet import quiet_tensorflow
 
 quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
