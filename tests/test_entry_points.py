@@ -62,7 +62,7 @@ def test_real_commands_are_quiet(workdir, tmp_path):
         ["-m", "deepseek_tf.params", "--flagfile=configs/tiny.flags"],
         ["-m", "deepseek_tf.data.demo", f"--output_dir={tmp_path / 'demo'}", "--num_train=4",
          "--num_heldout=2"],
-        ["tools/inspect_checkpoint.py", f"--workdir={workdir}"],
+        ["tools/inspect_checkpoint.py", f"--checkpoint={workdir}"],
     ]
     for args in commands:
         proc = _run(args)

@@ -45,14 +45,20 @@ def chat_export(tmp_path_factory):
     return workdir, path
 
 
+def _options(b):
+    """Every sampling input (Python-side signatures ignore SignatureDef defaults)."""
+    return dict(max_new_tokens=tf.fill([b], NEW), temperature=tf.zeros([b]),
+                top_k=tf.zeros([b], tf.int32), top_p=tf.ones([b]), seed=tf.fill([b], -1))
+
+
 def test_chatml_sft_export_stops_at_im_end(chat_export):
     sm = tf.saved_model.load(chat_export[1])
-    out = sm.signatures["serving_default"](prompt=tf.constant(["Hi 3", "Hi 17"]))
+    out = sm.signatures["serving_default"](prompt=tf.constant(["Hi 3", "Hi 17"]), **_options(2))
     assert out["text"].numpy().tolist() == [b"ok", b"ok"]
     assert out["num_tokens"].numpy().tolist() == [2 + len(IM_END)] * 2  # < NEW: it stopped
     ids = chat_prompt_ids([("user", "Hi 3")], TOK, TEMPLATES["chatml"])
     gen = sm.signatures["generate_ids"](input_ids=tf.constant([ids]),
-                                        lengths=tf.constant([len(ids)]))
+                                        lengths=tf.constant([len(ids)]), **_options(1))
     n = int(gen["output_lengths"][0])
     assert gen["output_ids"].numpy()[0, :n].tolist() == TOK.encode("ok", add_bos=False,
                                                                   add_eos=False).tolist() + IM_END
