@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 
 from deepseek_tf.config import ModelConfig
 
