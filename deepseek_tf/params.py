@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-
 from deepseek_tf.config import ModelConfig
 
 
