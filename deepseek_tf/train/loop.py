@@ -78,7 +78,9 @@ def prepare_run(exp: Experiment, workdir: str, log=print,
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} exists and is not a directory; choose another.")
     data_dir = data_dir_of(exp, workdir)
-    if not os.path.exists(data_dir) and not role.is_chief:
+    if not role.is_chief and not os.path.exists(os.path.join(data_dir, shards.METADATA_FILE)):
+        # The chief may be preparing it right now (the directory exists before its
+        # metadata.json, which is written last).
         _wait_for_data(data_dir, exp.train.collective_timeout, log)
     if not os.path.exists(data_dir):
         source = exp.data.inputs or f"the '{exp.data.corpus}' corpus"

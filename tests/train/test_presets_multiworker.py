@@ -22,7 +22,7 @@ from deepseek_tf.train.loop import train
 from tests.helpers import tiny
 from tests.helpers.launcher import ENV, ROOT, Launcher
 
-TIMEOUT = 600  # one 2-worker run on a busy 2-core machine (XLA timing included)
+TIMEOUT = 1200  # a hang guard: one 2-worker run takes 1-3 min on a quiet 2-core machine
 SHORT = ["--train.steps=2", "--train.batch_size=2", "--data.seq_len=64", "--train.log_every=1",
          "--train.eval_every=2", "--train.eval_steps=1", "--train.checkpoint_every=2"]
 
