@@ -128,14 +128,11 @@ def print_stats(title: str, rows: dict, unit: str, fmt: str = "{:,.0f}") -> None
 
 def interleaved_medians(runners: dict, rounds: int, warmup: int = 2) -> dict:
     """{name: median seconds}: the runners (same process, same library) take turns, round
-    after round, so that a noisy shared machine slows them alike."""
-    for run in runners.values():
-        time_calls(run, 0, warmup)
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            times[name] += time_calls(run, 1)
-    return {name: statistics.median(t) for name, t in times.items()}
+    after round, so that a noisy shared machine slows them alike; the package's own timer
+    (deepseek_tf.autojit, behind every --jit_compile=auto)."""
+    from deepseek_tf.autojit import median_times
+
+    return median_times(runners, rounds, warmup)
 
 
 # ---- sides in their own processes ----

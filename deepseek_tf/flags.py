@@ -71,6 +71,18 @@ def define_flags(sections: Iterable[str] = tuple(cfg.SECTIONS),
             flags.DEFINE_alias(alias, original, flag_values=flag_values)
 
 
+def define_jit_compile(default: str, help_text: str,
+                       flag_values: flags.FlagValues = FLAGS) -> None:
+    """`--jit_compile=auto|true|false` of generate, evaluate and export: the same choices
+    and parser as the generated `--train.jit_compile` (deepseek_tf.autojit)."""
+    from deepseek_tf.autojit import JIT_CHOICES
+
+    caller = sys._getframe(1).f_globals.get("__name__", "")  # its --help lists the flag
+    flags.DEFINE_enum("jit_compile", default, list(JIT_CHOICES), help_text,
+                      case_sensitive=False, flag_values=flag_values,
+                      module_name=sys.argv[0] if caller == "__main__" else caller)
+
+
 def _section_values(flag_values, section: str, only_present: bool) -> dict:
     out = {}
     for key, _, _ in cfg.SECTIONS[section].flag_fields():

@@ -10,14 +10,15 @@ Self times are summed over the threads that ran ops (2 inter-op threads on 2 cor
 they add up to more than the wall time; `IDLE` (threads waiting) is left out of the shares.
 """
 
-import contextlib
 import glob
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+from deepseek_tf.quiet import quiet_stderr, quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 
@@ -53,25 +54,11 @@ def profiled_steps(workdir: str) -> int:
         return 1
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """The trace converter logs through C++ (not silenced by TF_CPP_MIN_LOG_LEVEL)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def op_type_times(trace: str) -> dict[str, tuple[float, float]]:
     """{op type: (total self time in microseconds, occurrences)} of one trace."""
     from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
 
-    with _quiet_stderr():
+    with quiet_stderr():  # the trace converter logs through C++
         data, ok = plugin.xspace_to_tools_data([trace], "framework_op_stats", {})
     if not ok:
         raise UserError(f"TensorFlow could not read the trace {trace}.")

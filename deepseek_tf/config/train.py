@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from deepseek_tf.autojit import JIT_CHOICES, jit_value
 from deepseek_tf.config.base import _Section, _split_list, knob
 
 
@@ -73,7 +74,7 @@ class TrainConfig(_Section):
                             "= time a few compiled and uncompiled forward+backward passes of "
                             "this model on this machine before training and keep the faster "
                             "(the choice is saved in config.json; a resumed run keeps it).",
-                            choices=("auto", "true", "false"), resumable=True)
+                            choices=JIT_CHOICES, resumable=True)
     deterministic: bool = knob(True, "Enable TF op determinism (bitwise reproducible "
                                "runs and resumes on CPU).", resumable=True)
     # scale-out and memory (train/strategy.py, train/precision.py, layers/remat.py)
@@ -135,7 +136,7 @@ class TrainConfig(_Section):
 
     def __post_init__(self):
         if isinstance(self.jit_compile, bool):  # configs and callers from before "auto"
-            object.__setattr__(self, "jit_compile", str(self.jit_compile).lower())
+            object.__setattr__(self, "jit_compile", jit_value(self.jit_compile))
         self._coerce_and_check_types()
         r = self._require
         r(self.recovery_max_trials >= 0, "--train.recovery_max_trials must be >= 0 (0 = off).")

@@ -9,9 +9,9 @@ flags that do not change the checkpoint's shape (loss weights, capacity factors,
 and --model.num_nextn_predict_layers to add fresh MTP modules) may be given too.
 """
 
-import os
+from deepseek_tf.quiet import quiet_tensorflow
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 
