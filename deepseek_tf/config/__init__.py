@@ -79,7 +79,7 @@ class Experiment:
                 "(--train.remat) would advance again: use --lora.dropout=0 or "
                 "--train.remat=none.")
         if self.train.jit_compile == "true" and self.model.n_routed_experts and \
-                self.model.capacity_factor <= 0:
+                self.model.capacity_factor <= 0 and self.train.stage != "dpo":
             raise ConfigError(
                 "dropless MoE (--model.capacity_factor <= 0) has data-dependent buffer "
                 "shapes that XLA cannot compile: set --model.capacity_factor > 0 (e.g. 1.25) "

@@ -171,7 +171,7 @@ def test_freeze_trains_only_the_last_blocks_and_named_modules(stdlib_data, sourc
 
 
 def test_sft_loss_ignores_masked_tokens():
-    from deepseek_tf.train.step import _forward
+    from deepseek_tf.train.objectives import token_loss
 
     model = random_model("gqa")
     t = 8
@@ -181,10 +181,10 @@ def test_sft_loss_ignores_masked_tokens():
              "positions": tf.range(t)[None], "loss_mask": mask,
              "targets": tf.constant([[10, 11, 12, 13, 14, 15, 16, 257]])}
     changed = dict(batch, targets=tf.constant([[99, 98, 97, 13, 14, 15, 16, 257]]))
-    a, b = _forward(model, batch, False)[0], _forward(model, changed, False)[0]
+    a, b = token_loss(model, batch, False)[0], token_loss(model, changed, False)[0]
     assert float(a) == float(b)
     answer_changed = dict(batch, targets=tf.constant([[10, 11, 12, 99, 14, 15, 16, 257]]))
-    assert float(_forward(model, answer_changed, False)[0]) != float(a)
+    assert float(token_loss(model, answer_changed, False)[0]) != float(a)
 
 
 def test_lora_dropout_acts_in_training_only():
