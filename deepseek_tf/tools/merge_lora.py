@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into plain weights and write a new workdir.
 
-    python tools/merge_lora.py --workdir=runs/sft-lora-tiny --output=runs/sft-merged
-    python tools/merge_lora.py --base=runs/tiny --adapter=runs/sft-lora-tiny/adapter \
+    python -m deepseek_tf.tools.merge_lora --workdir=runs/sft-lora-tiny --output=runs/sft-merged
+    python -m deepseek_tf.tools.merge_lora --base=runs/tiny --adapter=runs/sft-lora-tiny/adapter \
         --output=runs/sft-merged
 
 The first form merges a LoRA run's latest checkpoint (base + adapters); the second
@@ -12,9 +12,7 @@ tokenizer/): generate, evaluate, export and --train.init_from take it as it is.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
 
 from absl import flags  # noqa: E402
@@ -24,7 +22,7 @@ from deepseek_tf.errors import UserError  # noqa: E402
 
 
 def define_flags():
-    """The command line's flags (defined only when run as a script)."""
+    """The command line's flags (defined only when run as a command)."""
     flags.DEFINE_string("workdir", "", "A LoRA run to merge (its latest checkpoint).")
     flags.DEFINE_string("base", "", "With --adapter: the workdir whose weights the adapter "
                         "goes on.")
@@ -74,6 +72,11 @@ def main(argv):
     merge(F.output, F.workdir, F.base, F.adapter)
 
 
-if __name__ == "__main__":
+def entry():
+    """The console script `deepseek-tf-merge-lora`."""
     define_flags()
     dflags.run(main, required=("output",))
+
+
+if __name__ == "__main__":
+    entry()
