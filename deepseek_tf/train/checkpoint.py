@@ -25,6 +25,11 @@ from deepseek_tf.train import ckpt_health
 from deepseek_tf.workdir_files import CHECKPOINT_DIR
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """True when `workdir` holds a checkpoint of its own (a run to resume)."""
+    return bool(tf.train.latest_checkpoint(os.path.join(workdir, CHECKPOINT_DIR)))
+
+
 def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
                    log=print, path: str | None = None) -> int:
     """Restores checkpoint `path` (default: the newest of `manager`), if any; returns

@@ -147,7 +147,7 @@ def build_state(exp: Experiment, workdir: str, meta: dict,
     with strategy.scope():
         with precision.policy_scope(tcfg.precision):
             model = DeepSeekCausalLM(exp.model, remat=tcfg.remat)
-            finetune.prepare_model(model, exp, log)
+            finetune.prepare_model(model, exp, log, resuming=ckpt_lib.has_checkpoint(workdir))
         optimizer = precision.wrap_optimizer(make_optimizer(exp.optim, exp.decay_steps, model),
                                              tcfg, model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")

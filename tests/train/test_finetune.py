@@ -139,8 +139,14 @@ def test_lora_resume_is_bitwise_equal_to_an_uninterrupted_run(stdlib_data, sourc
     half = dataclasses.replace(full, train=full.train.replace(steps=3))
     a, b = str(tmp_path / "full"), str(tmp_path / "resumed")
     train(full, a, log=quiet)
-    train(half, b, log=quiet)
-    train(full, b, log=quiet)
+    first, again = [], []
+    train(half, b, log=first.append)
+    train(full, b, log=again.append)
+    # One true line each: the new run starts from init_from, the resumed one from its own
+    # checkpoint (init_from is not loaded again).
+    assert any(m.startswith("initialised the model weights from") for m in first)
+    assert not any("init_from" in m for m in again), again
+    assert any(m.startswith("resumed from") and "ckpt-3" in m for m in again)
     wa, wb = _ckpt(a, prefix=""), _ckpt(b, prefix="")  # base, adapters, optimizer slots
     assert wa.keys() == wb.keys()
     for k in wa:
