@@ -4,7 +4,6 @@ target or venv program that exists, and uses only flags that entry point defines
 its own `--helpfull` / `--help`, nothing executed). Code blocks use the venv's Python.
 The README's tensorboard command starts."""
 
-import functools
 import importlib.util
 import os
 import re
@@ -95,16 +94,25 @@ def used_flags(args: list[str]) -> list[str]:
     return names
 
 
-@functools.lru_cache(maxsize=None)
-def defined_flags(kind: str, name: str) -> frozenset:
-    cmd = [sys.executable, "-m", name] if kind == "module" else [sys.executable, name]
-    for help_flag in ("--helpfull", "--help"):
-        proc = subprocess.run(cmd + [help_flag], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode == 0:  # (absl lists its "-?,--[no]help" in a form of its own)
-            return frozenset({"help"} | {n for groups in DEFINED.findall(proc.stdout)
-                                         for n in groups if n})
-    raise AssertionError(f"{' '.join(cmd)} --help failed: {proc.stderr[-500:]}")
+def defined_flags(entries) -> dict:
+    """{(kind, name): the flags it defines}, from `--helpfull` (absl) or `--help` (argparse),
+    all entry points asked at once."""
+    def start(kind, name, help_flag):
+        cmd = [sys.executable, "-m", name] if kind == "module" else [sys.executable, name]
+        return subprocess.Popen(cmd + [help_flag], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    procs = {e: start(*e, "--helpfull") for e in entries}
+    out = {}
+    for entry, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        if proc.returncode != 0:  # argparse knows only --help
+            retry = start(*entry, "--help")
+            stdout, stderr = retry.communicate(timeout=300)
+            assert retry.returncode == 0, f"{entry[1]} --help failed: {stderr[-500:]}"
+        # (absl lists its own "-?,--[no]help" in a form of its own)
+        out[entry] = {"help"} | {n for groups in DEFINED.findall(stdout) for n in groups if n}
+    return out
 
 
 def _python_commands():
@@ -148,11 +156,12 @@ def test_every_entry_point_exists_and_defines_the_flags_used():
     commands = _python_commands()
     assert ("module", "deepseek_tf.tools.merge_lora") in commands  # the Tools table is read
     assert ("module", "deepseek_tf.generate") in commands  # the Quickstart's Next line
-    for (kind, name), flags in sorted(commands.items()):
+    for kind, name in commands:
         if kind == "module":
-            spec = importlib.util.find_spec(name)
-            assert spec is not None, f"python -m {name}: no such module"
-        defined = defined_flags(kind, name)
+            assert importlib.util.find_spec(name) is not None, f"python -m {name}: no such module"
+    helps = defined_flags(sorted(commands))
+    for (kind, name), flags in sorted(commands.items()):
+        defined = helps[(kind, name)]
         unknown = sorted(f for f in flags if f not in defined and not (
             f.startswith("no") and f[2:] in defined))
         assert not unknown, f"{name}: README uses undefined flags {unknown}"
