@@ -18,10 +18,12 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# PYTHONWARNINGS silences setuptools' notice about editable installs (a `!!` block).
 $(STAMP): setup.py requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION) -c requirements/constraints.txt setuptools wheel
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity,edge]'
+	PYTHONWARNINGS="ignore:Editable installation" \
+	    $(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity,edge]'
 	touch $(STAMP)
 
 train: $(STAMP)

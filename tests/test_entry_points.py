@@ -34,7 +34,8 @@ def _run(args, cwd=ROOT):
 
 @pytest.mark.parametrize("entry", MODULES + TOOLS)
 def test_help_is_quiet(entry):
-    args = ["-m", f"deepseek_tf.{entry}"] if entry in MODULES else [f"tools/{entry}.py"]
+    package = "deepseek_tf" if entry in MODULES else "deepseek_tf.tools"
+    args = ["-m", f"{package}.{entry}"]
     proc = _run(args + ["--help"])
     assert proc.returncode == 0, proc.stderr[-1000:]
     if entry == "export":  # --output is a file for the edge formats
@@ -62,7 +63,7 @@ def test_real_commands_are_quiet(workdir, tmp_path):
         ["-m", "deepseek_tf.params", "--flagfile=configs/tiny.flags"],
         ["-m", "deepseek_tf.data.demo", f"--output_dir={tmp_path / 'demo'}", "--num_train=4",
          "--num_heldout=2"],
-        ["tools/inspect_checkpoint.py", f"--checkpoint={workdir}"],
+        ["-m", "deepseek_tf.tools.inspect_checkpoint", f"--checkpoint={workdir}"],
     ]
     for args in commands:
         proc = _run(args)

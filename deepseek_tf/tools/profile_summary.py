@@ -1,6 +1,6 @@
 """Summarise a `--train.profile_steps` trace on the console: time per TF op type.
 
-    python tools/profile_summary.py --workdir=runs/x [--top=20] [--steps=2]
+    python -m deepseek_tf.tools.profile_summary --workdir=runs/x [--top=20] [--steps=2]
 
 Reads the newest trace under `<workdir>/tensorboard/plugins/profile/` with TensorFlow's
 own trace converter (the data TensorBoard's Profile tab shows as "TF op stats"; the tab
@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deepseek_tf.quiet import quiet_stderr, quiet_tensorflow  # noqa: E402
 
 quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
@@ -27,7 +26,7 @@ from deepseek_tf.errors import UserError  # noqa: E402
 
 
 def define_flags():
-    """The command line's flags (defined only when run as a script)."""
+    """The command line's flags (defined only when run as a command)."""
     flags.DEFINE_string("workdir", "", "The run directory (trained with --train.profile_steps).")
     flags.DEFINE_integer("top", 20, "Op types to list.")
     flags.DEFINE_integer("steps", 0, "Profiled steps, to print times per step (0 = read "
@@ -95,6 +94,11 @@ def main(argv):
     print("\n".join(summary(F.workdir, F.top, F.steps)))
 
 
-if __name__ == "__main__":
+def entry():
+    """The console script `deepseek-tf-profile-summary`."""
     define_flags()
     dflags.run(main, required=("workdir",))
+
+
+if __name__ == "__main__":
+    entry()
