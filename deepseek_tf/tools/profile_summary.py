@@ -13,7 +13,6 @@ they add up to more than the wall time; `IDLE` (threads waiting) is left out of 
 import glob
 import json
 import os
-import sys
 
 from deepseek_tf.quiet import quiet_stderr, quiet_tensorflow  # noqa: E402
 
