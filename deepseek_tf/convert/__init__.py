@@ -120,7 +120,9 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     total = counts["total"] + counts["mtp_total"]
     with atomic_open(os.path.join(workdir, CONVERT_FILE), "w") as f:
         json.dump({"source": os.path.abspath(hf_dir), "architecture": arch, "notes": notes,
-                   "quantization": quant.method or "none", "parameters": total,
+                   "quantization": quant.method or "none",
+                   "weight_block_size": list(quant.block) if quant.method else None,
+                   "parameters": total,
                    "checkpoint": os.path.basename(path)}, f, indent=2)
     exp.save(os.path.join(workdir, CONFIG_FILE))  # last: marks the conversion complete
     log(f"wrote {path} ({total:,} parameters) and {os.path.join(workdir, CONFIG_FILE)}")

@@ -190,3 +190,29 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray],
         for name in order:
             f.write(np.ascontiguousarray(tensors[name]).astype(
                 tensors[name].dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def write_sharded(directory: str, tensors: dict[str, np.ndarray], shard_bytes: int) -> list[str]:
+    """Writes `tensors` as `model.safetensors`, or, past `shard_bytes`, as
+    `model-0000i-of-0000N.safetensors` shards + `model.safetensors.index.json` (the layout
+    transformers' save_pretrained uses); returns the file names."""
+    groups, size = [[]], 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        write_safetensors(os.path.join(directory, "model.safetensors"), tensors)
+        return ["model.safetensors"]
+    files, weight_map = [], {}
+    for i, names in enumerate(groups):
+        files.append(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors")
+        write_safetensors(os.path.join(directory, files[-1]), {n: tensors[n] for n in names})
+        weight_map.update({n: files[-1] for n in names})
+    total = sum(a.nbytes for a in tensors.values())
+    with atomic_open(os.path.join(directory, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return files + [INDEX_FILE]

@@ -14,6 +14,10 @@
         An FP8 export DIR: dequantized by transformers' code into DIR-dequant/, loaded
         with from_pretrained; logits on DIR/tokens.npy -> DIR/reloaded.npz. Whether
         from_pretrained(DIR) itself loads on this CPU goes to DIR/fp8_load.txt.
+    python fp8_reference.py fp4 OUT.npz
+        Random FP4-packed expert weights (V4's layout: int8 [E, out, in / 2], scales per
+        32 inputs as uint8 exponents and as float32) and transformers' own
+        dequantization of them (`Fp8Dequantize._dequantize_one`).
 """
 
 import json
@@ -160,9 +164,25 @@ def cmd_reload(dirs):
         shutil.rmtree(d + "-dequant")
 
 
+def cmd_fp4(path):
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    gen = torch.Generator().manual_seed(2)
+    packed = torch.randint(-128, 128, (3, 8, 48), generator=gen, dtype=torch.int8)
+    exponents = torch.randint(120, 134, (3, 8, 3), generator=gen, dtype=torch.uint8)
+    scales = torch.rand((3, 8, 3), generator=gen) * 2
+    ref = Fp8Dequantize(None)
+    out = {"packed": packed.numpy(), "exponents": exponents.numpy(), "scales": scales.numpy()}
+    for key, s in (("from_exponents", exponents), ("from_scales", scales)):
+        out[key] = np.stack([ref._dequantize_one(packed[e], s[e], torch.float32).numpy()
+                             for e in range(packed.shape[0])])
+    np.savez(path, **out)
+
+
 if __name__ == "__main__":
     transformers.logging.set_verbosity_error()
     if sys.argv[1] == "make":
         cmd_make(*sys.argv[2:6])
+    elif sys.argv[1] == "fp4":
+        cmd_fp4(sys.argv[2])
     else:
         cmd_reload(sys.argv[2:])

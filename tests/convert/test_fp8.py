@@ -172,3 +172,69 @@ def test_a_killed_conversion_resumes_to_the_same_bytes(fp8, tmp_path):
     assert list(resumed) == list(fresh) and len(fresh) > 3
     assert all(resumed[f] == fresh[f] for f in fresh)
 
+
+
+def _base_weights(wd):
+    from deepseek_tf.lora import _rel
+    model, _ = load_workdir(wd)
+    return {_rel(v.path): v.numpy() for v in model.variables if "lora_kernel" not in v.path}
+
+
+def test_lora_on_the_fp8_base_merges_and_exports_fp8_that_transformers_reads(
+        fp8, stdlib_data, tmp_path):
+    """LoRA trains on the dequantized base (adapters only), the merged weights are
+    re-quantized with the source's block (16x32) into FP8 shards, and transformers'
+    dequantization of that export gives our logits of the same export."""
+    out, wd = fp8
+    _, data_dir, _ = stdlib_data
+    run = tmp_path / "lora"
+    proc = _cli("deepseek_tf.train", f"--workdir={run}", f"--train.init_from={wd}",
+                f"--data.data_dir={data_dir}",
+                "--data.seq_len=32", "--train.steps=8", "--train.batch_size=4",
+                "--train.finetuning_type=lora", "--lora.rank=4", "--optim.learning_rate=3e-2",
+                "--optim.warmup_steps=0", "--train.eval_every=0", "--train.eval_steps=1",
+                "--train.log_every=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()
+              if '"loss"' in line and '"eval' not in line]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    before, after = _base_weights(wd), _base_weights(str(run))
+    assert set(before) == set(after)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # base untouched
+    export_dir = tmp_path / "export"
+    proc = _cli("deepseek_tf.export", f"--workdir={run}", "--format=hf", "--quantize=fp8",
+                f"--output={export_dir}", "--shard_mb=0.1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = json.loads((export_dir / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [16, 32]
+    files = SafetensorsDir(str(export_dir))
+    assert len(files.shards) > 1
+    assert files.info("model.layers.1.self_attn.kv_b_proj.weight")["dtype"] == "F8_E4M3"
+    assert files.shape("model.layers.1.self_attn.kv_b_proj.weight_scale_inv") == (5, 1)
+    ref = np.load(out / "reference.npz")
+    np.save(export_dir / "tokens.npy", ref["tokens"])
+    torch_fp8("reload", str(export_dir))
+    theirs = np.load(export_dir / "reloaded.npz")["logits"]
+    back = str(tmp_path / "back")
+    convert_hf(str(export_dir), back, Experiment(data=tiny.data_config()), log=quiet)
+    model, _ = load_workdir(back)
+    ours = model(tf.constant(ref["tokens"], tf.int32)).numpy()
+    diff = float(np.abs(ours - theirs).max())
+    print(f"fp8 export: max-abs-diff {diff:.2e}; transformers' own FP8 loader: "
+          f"{(export_dir / 'fp8_load.txt').read_text().strip()}")
+    assert diff <= 1e-3, diff
+
+
+def test_the_inspector_summarises_shards_from_their_headers(fp8):
+    from tools import inspect_hf_checkpoint
+    out, _ = fp8
+    r = inspect_hf_checkpoint.inspect(str(out / "fp8"))
+    plain = SafetensorsDir(str(out / "fp8-dequant"))
+    assert len(r["shards"]) == 3 and {"F8_E4M3", "BF16", "F32"} <= set(r["dtypes"])
+    assert r["params"] == sum(int(np.prod(plain.shape(n))) for n in plain.names())
+    proc = subprocess.run([sys.executable, "tools/inspect_hf_checkpoint.py",
+                           f"--hf_dir={out / 'fp8'}", "--list", "--filter=eh_proj"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "active per token" in proc.stdout and "F8_E4M3" in proc.stdout
+    assert "model.layers.3.eh_proj.weight_scale_inv" in proc.stdout
