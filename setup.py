@@ -20,6 +20,9 @@ INSTALL_REQUIRES = [
     "absl-py>=1.4,<3",
     "matplotlib>=3.8,<4",
     "numpy>=1.26,<3",
+    # convert/export: safetensors' numpy API reads and writes the plain dtypes (float8
+    # is ours: numpy has none; ml_dtypes, a TensorFlow dependency, does)
+    "safetensors>=0.8,<1",
     # evaluate: BLEU, ROUGE, classification F1
     "sacrebleu>=2.4,<3",
     "rouge-score==0.1.2",
@@ -33,7 +36,7 @@ EXTRAS = {
     "garden": ["tf-models-official==2.20.0"],
     "dev": ["pytest>=8,<10"],
     # Reference implementations for the parity tests; CPU torch from a local wheel.
-    "parity": ["torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4,<1"],
+    "parity": ["torch==2.13.0", "transformers>=5,<6"],
     # Edge export: TFLite interpreter, the LiteRT-LM bundle builder, its runtime (Python
     # API, a manylinux x86_64 wheel) and command line; versions the tests ran with.
     "edge": ["ai-edge-litert==2.3.0", "litert-lm-builder==0.18.1", "litert-lm-api==0.18.1",

@@ -1,8 +1,8 @@
 """Peak memory of `python -m deepseek_tf.convert` on a sharded FP8 checkpoint.
 
-    python bench/convert_memory.py                 # ~1 GB of FP8 shards (4 shards)
+    python bench/convert_memory.py                 # ~440 MB of FP8 shards (4 shards)
     python bench/convert_memory.py --format=bf16   # the same model stored in bf16
-    python bench/convert_memory.py --smoke         # ~24 MB, for the tests
+    python bench/convert_memory.py --smoke         # ~9 MB
 
 Writes a synthetic DeepSeek-V3-style checkpoint (MLA + MoE, random weights; FP8
 block-scaled projections with float32 `weight_scale_inv`, bf16 embeddings / norms /
@@ -106,7 +106,7 @@ def peak_rss_mb(cmd: list[str]) -> tuple[float, str]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="a ~24 MB checkpoint, for tests")
+    p.add_argument("--smoke", action="store_true", help="a ~9 MB checkpoint")
     p.add_argument("--format", choices=["fp8", "bf16"], default="fp8")
     p.add_argument("--dir", default="", help="work directory (default: a temp dir)")
     p.add_argument("--measure", default="", help=argparse.SUPPRESS)
