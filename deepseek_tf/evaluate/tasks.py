@@ -27,6 +27,7 @@ from deepseek_tf.errors import UserError
 from deepseek_tf.evaluate import metrics
 from deepseek_tf.generate.decode import score_ids
 from deepseek_tf.generate.run import pad_right, run_batches
+from deepseek_tf.scoring import length_mask, score_tokens
 from deepseek_tf.generate.text import prompt_ids, stop_ids, stop_strings
 
 REFERENCE_KEYS = ("output", "reference", "answer")
@@ -91,14 +92,11 @@ def lm_task(model, tok, records: list, template, max_length: int, batch_size: in
 
 
 def _score_step(model, ids, lengths, mask):
-    """(nll sum, argmax hits, scored tokens) of right-padded rows; mask[t] scores token t."""
-    log_probs, _ = score_ids(model, ids, lengths)
-    logits = model(ids)
-    pred = tf.argmax(logits[:, :-1], -1, output_type=tf.int32)
-    hit = tf.pad(tf.cast(tf.equal(pred, ids[:, 1:]), tf.float32), [[0, 0], [1, 0]])
-    valid = tf.cast(tf.range(tf.shape(ids)[1])[None, :] < lengths[:, None], tf.float32) * mask
-    return (-tf.reduce_sum(log_probs * valid), tf.reduce_sum(hit * valid),
-            tf.reduce_sum(valid))
+    """(nll sum, argmax hits, scored tokens) of right-padded rows from one forward pass;
+    mask[t] scores token t."""
+    valid = length_mask(lengths, tf.shape(ids)[1]) * mask
+    log_probs, hits = score_tokens(model, ids, valid)
+    return -tf.reduce_sum(log_probs), tf.reduce_sum(hits), tf.reduce_sum(valid)
 
 
 def prompt_and_reference(record: dict, i: int) -> tuple[str, str]:

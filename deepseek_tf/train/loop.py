@@ -197,7 +197,8 @@ def _resolve_jit(state: RunState, log) -> Experiment:
         return exp
     with state.strategy.scope():
         choice, why = autotune.resolve_jit_compile(exp, state.model,
-                                                   agree=state.collectives.chief_value, log=log)
+                                                   agree=state.collectives.chief_value, log=log,
+                                                   strategy=state.strategy)
     log(f"jit_compile: {why}")
     return autotune.with_train(exp, jit_compile=choice,
                                auto_decisions=autotune.note(exp, jit_compile=why))
@@ -300,9 +301,10 @@ class Runner:
         log(f"workdir: {workdir}")
         if exp.train.auto_decisions:
             log(f"auto settings kept from {CONFIG_FILE}: {exp.train.auto_decisions}")
+        saved = exp
         state = build_state(exp, workdir, meta, role, log=log)
         exp = _resolve_jit(state, log)
-        if role.is_chief and exp != state.exp:
+        if role.is_chief and exp != saved:  # the resolved "auto" choices, once
             exp.save(config_path)
         state.exp = exp
         cleanup.callback(state.checkpoints.close)
