@@ -10,7 +10,7 @@ router, sharded with `model.safetensors.index.json`), converts it in a child pro
 and reads the child's peak resident set size (`getrusage(RUSAGE_CHILDREN)`). The
 baseline is the peak RSS of a child that only imports what the converter imports
 (Python, TensorFlow, the package). Prints peak RSS, the baseline, the largest shard
-and the total, and checks peak - baseline <= 2 x the largest shard.
+and the total, and checks peak - baseline <= 2 x the largest shard + FIXED_MB.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ SIZES = {  # name: (ModelConfig overrides, shards)
                    moe_intermediate_size=256, first_k_dense_replace=1), 3),
 }
 BLOCK = (128, 128)
+#: What the converter holds whatever the shard size: the model declaration's build pass
+#: (each variable's initial value, transiently), the smallest part (16 MiB of float32,
+#: and TF's copy of it while it is written), allocator slack. Measured with --smoke
+#: (3 MB shards) on the 2-core AMD EPYC: 106 MiB.
+FIXED_MB = 256
 
 
 def write_checkpoint(out: str, overrides: dict, shards: int, fmt: str) -> list[int]:
@@ -136,16 +141,18 @@ def main():
     largest, total = max(sizes) / 2**20, sum(sizes) / 2**20
     peak, base = results["convert"]["peak_mb"], results["baseline"]["peak_mb"]
     ratio = (peak - base) / largest
+    bound = 2 * largest + FIXED_MB
     print(f"{args.format} checkpoint: {len(sizes)} shards, total {total:,.1f} MiB, largest "
           f"shard {largest:,.1f} MiB")
     print(f"convert: peak RSS {peak:,.1f} MiB = baseline {base:,.1f} MiB (Python + TensorFlow "
-          f"+ package imports) + {peak - base:,.1f} MiB = {ratio:.2f} x the largest shard "
-          f"(bound 2.00); {results['convert']['seconds']:.1f} s")
-    print(f"RESULT {json.dumps({'peak_mb': peak, 'baseline_mb': base, 'largest_mb': largest, 'total_mb': total, 'ratio': ratio})}")
+          f"+ package imports) + {peak - base:,.1f} MiB = {ratio:.2f} x the largest shard; "
+          f"bound 2 x largest shard + {FIXED_MB} MiB fixed = {bound:,.1f} MiB; "
+          f"{results['convert']['seconds']:.1f} s (load average {os.getloadavg()[0]:.1f})")
+    print(f"RESULT {json.dumps({'peak_mb': peak, 'baseline_mb': base, 'largest_mb': largest, 'total_mb': total, 'ratio': ratio, 'bound_mb': bound})}")
     if not args.dir:
         shutil.rmtree(work)
-    if ratio > 2.0:
-        raise SystemExit(f"peak RSS above baseline is {ratio:.2f} x the largest shard (> 2)")
+    if peak - base > bound:
+        raise SystemExit(f"peak RSS above baseline {peak - base:,.1f} MiB > {bound:,.1f} MiB")
 
 
 if __name__ == "__main__":
