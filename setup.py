@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8,<4",
     "numpy>=1.26,<3",
     "ml_dtypes>=0.5,<1",  # bfloat16 / float8 numpy dtypes of safetensors files (convert)
+    # convert/export: safetensors' numpy API reads and writes the plain dtypes (float8
+    # is ours: numpy has none; ml_dtypes, a TensorFlow dependency, does)
+    "safetensors>=0.8,<1",
     # evaluate: BLEU, ROUGE, classification F1
     "sacrebleu>=2.4,<3",
     "rouge-score==0.1.2",
@@ -40,7 +43,7 @@ EXTRAS = {
     "dev": ["pytest>=8,<10", "PyYAML>=6,<7", "pandas>=2,<4", "Jinja2>=3,<4",
             "grpcio>=1.60,<2", "protobuf>=5,<8"],
     # Reference implementations for the parity tests; CPU torch from a local wheel.
-    "parity": ["torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4,<1"],
+    "parity": ["torch==2.13.0", "transformers>=5,<6"],
     # Edge export: TFLite interpreter, the LiteRT-LM bundle builder, its runtime (Python
     # API, a manylinux x86_64 wheel) and command line; versions the tests ran with.
     "edge": ["ai-edge-litert==2.3.0", "litert-lm-builder==0.18.1", "litert-lm-api==0.18.1",
@@ -71,6 +74,7 @@ setup(
         "deepseek-tf-merge-lora=deepseek_tf.tools.merge_lora:entry",
         "deepseek-tf-compare-runs=deepseek_tf.tools.compare_runs:entry",
         "deepseek-tf-inspect-checkpoint=deepseek_tf.tools.inspect_checkpoint:entry",
+        "deepseek-tf-inspect-hf-checkpoint=deepseek_tf.tools.inspect_hf_checkpoint:entry",
         "deepseek-tf-profile-summary=deepseek_tf.tools.profile_summary:entry",
     ]},
     classifiers=["Programming Language :: Python :: 3",

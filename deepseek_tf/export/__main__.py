@@ -3,7 +3,9 @@
 Exports the latest checkpoint of a training workdir (or --checkpoint) to a
 deployment format.
   hf           config.json + model.safetensors that Hugging Face transformers loads
-               with `AutoModelForCausalLM.from_pretrained(OUT)`.
+               with `AutoModelForCausalLM.from_pretrained(OUT)`; sharded with an index
+               past --shard_mb; --quantize=fp8 writes DeepSeek's released layout
+               (float8_e4m3fn projections + weight_scale_inv per 128x128 block).
   saved_model  a SavedModel for TF Serving; write it to MODEL_BASE/NAME/VERSION
                (e.g. models/deepseek/1). Signatures: serving_default (text in, text
                out, optional max_new_tokens/temperature/top_k/top_p/seed per prompt),
@@ -40,6 +42,9 @@ flags.DEFINE_string("output", None, "Where to write: a directory for hf and save
                     "(saved_model: MODEL_BASE/NAME/VERSION, e.g. exports/deepseek/1); a file "
                     "for tflite and litertlm (e.g. out/tiny.tflite, out/tiny.litertlm).")
 flags.DEFINE_string("checkpoint", "", "A checkpoint path to export instead of the latest.")
+flags.DEFINE_float("shard_mb", 4096.0, "hf: MiB per safetensors shard; more tensors than "
+                   "that go into model-0000i-of-0000N.safetensors + model.safetensors.index.json.",
+                   lower_bound=0.001)
 flags.DEFINE_integer("max_length", 0, "saved_model/tflite/litertlm: KV cache length in tokens "
                      "(prompt + generated); 0 = the model's max_position_embeddings (tflite/"
                      "litertlm: at most 1024).", lower_bound=0)
@@ -53,7 +58,9 @@ dflags.define_jit_compile("false", "saved_model: XLA-compile each decode step: t
                           "(serve on similar hardware). XLA is several times faster for small "
                           "models; TF Serving must then run with "
                           "--xla_cpu_compilation_enabled=true (serving/Dockerfile does).")
-flags.DEFINE_enum("quantize", "none", ["none", "fp16", "int8"], "saved_model: int8 stores "
+flags.DEFINE_enum("quantize", "none", ["none", "fp16", "int8", "fp8"], "hf: fp8 = block-scaled "
+                  "FP8 projections as DeepSeek releases V3 (quantization_config in config.json). "
+                  "saved_model: int8 stores "
                   "the dense projections and embeddings as int8 weights (Keras quantize); MoE "
                   "expert stacks stay float. tflite/litertlm: fp16 = float16 weights, int8 = "
                   "dynamic-range int8 weights (float activations).")
@@ -66,10 +73,16 @@ def main(argv):
     path = os.path.join(FLAGS.workdir, "config.json")
     if os.path.exists(path) and FLAGS.format == "hf":
         hf_config_from_model(Experiment.load(path).model)  # refuse before importing TF
-    from deepseek_tf.export import export, load_workdir
-    model, exp = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
     options = {}
-    if FLAGS.format == "saved_model":
+    if FLAGS.quantize == "fp8" and FLAGS.format != "hf":
+        raise UserError("--quantize=fp8 applies to --format=hf.")
+    if FLAGS.format == "hf":
+        options = dict(quantize=FLAGS.quantize, shard_mb=FLAGS.shard_mb)
+        if (FLAGS.quantize not in ("none", "fp8") or FLAGS["max_length"].present
+                or FLAGS.jit_compile != "false"):
+            raise UserError("--format=hf takes --quantize=none or fp8 (and --shard_mb); "
+                            "--max_length and --jit_compile apply to the other formats.")
+    elif FLAGS.format == "saved_model":
         if FLAGS.quantize == "fp16":
             raise UserError("--quantize=fp16 applies to tflite/litertlm; the "
                                        "SavedModel takes none or int8.")
@@ -85,9 +98,8 @@ def main(argv):
                                        f"give integers, e.g. 32,128.") from None
         options = dict(max_length=FLAGS.max_length, prefill_lengths=lengths,
                        quantize=FLAGS.quantize)
-    elif FLAGS.quantize != "none" or FLAGS["max_length"].present:
-        raise UserError("--quantize and --max_length apply to --format=saved_model, "
-                                   "tflite and litertlm.")
+    from deepseek_tf.export import export, load_workdir
+    model, exp = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
     export(model, exp, FLAGS.format, FLAGS.output, workdir=FLAGS.workdir, **options)
 
 

@@ -26,6 +26,7 @@ IDS = tf.constant([[256, 7, 8, 9, 10]])
 
 
 @pytest.mark.parametrize("tool", ["merge_lora", "compare_runs", "inspect_checkpoint",
+                                  "inspect_hf_checkpoint",
                                   "profile_summary"])
 def test_help_and_missing_flag(tool):
     run = lambda *a: subprocess.run(  # noqa: E731
