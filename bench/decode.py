@@ -117,8 +117,8 @@ def prepare(names, max_length, tmp) -> dict:
                                        log=quiet)}
         for jit in (False, True):
             paths[name]["sm" + ("_xla" if jit else "")] = export_saved_model(
-                model, None, f"{d}/sm{'_xla' if jit else ''}", log=quiet,
-                max_length=max_length, tokenizer=ByteTokenizer(), jit_compile=jit)
+                model, Experiment(model=MODELS[name]), f"{d}/sm{'_xla' if jit else ''}",
+                log=quiet, max_length=max_length, tokenizer=ByteTokenizer(), jit_compile=jit)
         info[name] = (model, sum(os.path.getsize(os.path.join(r, f))
                                  for r, _, fs in os.walk(paths[name]["sm"]) for f in fs))
     return paths, info
