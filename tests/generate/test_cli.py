@@ -116,4 +116,4 @@ def test_export_saved_model_cli_and_its_errors(workdir, tmp_path):
     assert again.returncode == 2 and "write a new version directory" in again.stderr
     wrong = run("deepseek_tf.export", f"--workdir={path}", "--format=hf",
                 f"--output={tmp_path / 'hf'}", "--quantize=int8")
-    assert wrong.returncode == 2 and "apply to --format=saved_model" in wrong.stderr
+    assert wrong.returncode == 2 and "--format=hf takes --quantize=none or fp8" in wrong.stderr
