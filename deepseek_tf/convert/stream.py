@@ -213,6 +213,9 @@ def write_streaming(model, entries, tensors, ckpt_dir: str, quant: Quantization,
     tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=prefixes, destination_prefix=final,
                                   delete_old_dirs=False)
     shutil.rmtree(work)
-    with atomic_open(os.path.join(ckpt_dir, "checkpoint"), "w") as f:  # what the trainer reads
-        f.write('model_checkpoint_path: "ckpt-0"\nall_model_checkpoint_paths: "ckpt-0"\n')
+    # What the trainer reads. tf.train.CheckpointManager lists only the checkpoints that
+    # have a timestamp: without one a converted workdir trained from random weights.
+    with atomic_open(os.path.join(ckpt_dir, "checkpoint"), "w") as f:
+        f.write('model_checkpoint_path: "ckpt-0"\nall_model_checkpoint_paths: "ckpt-0"\n'
+                f"all_model_checkpoint_timestamps: {time.time()}\n")
     return final
