@@ -128,6 +128,14 @@ class TrainConfig(_Section):
                                 "base stays frozen).", choices=("full", "freeze", "lora"))
     stage: str = knob("sft", "Objective: sft (next-token loss on the loss mask; pretraining "
                       "data too) or dpo (preference pairs, --dpo.*).", choices=("sft", "dpo"))
+    dsa_stage: str = knob("sparse", "DeepSeek Sparse Attention training stage (with "
+                          "--model.use_dsa; V3.2 paper): dense_warmup = the main model frozen "
+                          "and attending densely, only the indexer trains (KL to the dense "
+                          "attention's distribution); sparse = top-k sparse attention, the "
+                          "main model trains on the LM loss and the indexer, its input "
+                          "detached, on the KL over the selected tokens. Start the sparse "
+                          "stage from a warm-up run with --train.init_from.",
+                          choices=("sparse", "dense_warmup"))
     early_stopping_patience: int = knob(0, "Stop after this many evaluations without a new "
                                         "best validation loss (0 = off). The best checkpoint "
                                         "is kept in <workdir>/best/ either way.",

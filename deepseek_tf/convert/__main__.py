@@ -1,7 +1,8 @@
 """`python -m deepseek_tf.convert --hf_dir=DIR --workdir=OUT [--data.* --optim.* --train.*]`
 
-Converts a Hugging Face causal LM (DeepseekV3ForCausalLM, DeepseekV2ForCausalLM,
-LlamaForCausalLM, Qwen2ForCausalLM; config.json + *.safetensors, never pickle files)
+Converts a Hugging Face causal LM (DeepseekV32ForCausalLM, DeepseekV3ForCausalLM,
+DeepseekV2ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM; config.json +
+*.safetensors, never pickle files)
 into a deepseek_tf workdir: `python -m deepseek_tf.train --workdir=OUT` then
 continues training from it. The architecture comes from config.json; data, optimizer
 and loop settings from the flags given here or to the first `train` run. Model

@@ -146,7 +146,7 @@ def build_state(exp: Experiment, workdir: str, meta: dict,
 
     with strategy.scope():
         with precision.policy_scope(tcfg.precision):
-            model = DeepSeekCausalLM(exp.model, remat=tcfg.remat)
+            model = DeepSeekCausalLM(exp.model, remat=tcfg.remat, dsa_stage=tcfg.dsa_stage)
             finetune.prepare_model(model, exp, log)
         optimizer = precision.wrap_optimizer(make_optimizer(exp.optim, exp.decay_steps, model),
                                              tcfg, model.trainable_variables)
