@@ -54,6 +54,22 @@ def test_deepseek_presets_have_the_published_sizes():
     assert abs((lite["active"] - lite["embedding"]) / 1e9 - 2.4) < 0.1
 
 
+@pytest.mark.parametrize("flag,needle", [
+    ("--model.index_topk=0", "--model.index_topk must be > 0"),
+    ("--model.index_head_dim=8", "--model.index_head_dim=8 must be >= "
+                                 "--model.qk_rope_head_dim=16"),
+    ("--model.attention_type=gqa", "--model.use_dsa needs --model.attention_type=mla"),
+])
+def test_bad_dsa_settings_are_one_line_exit_2(flag, needle):
+    proc = subprocess.run([sys.executable, "-m", "deepseek_tf.params",
+                           "--flagfile=configs/deepseek-v32-tiny.flags", flag],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_params_cli_prints_without_allocating():
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "deepseek_tf.params",
