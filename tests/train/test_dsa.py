@@ -11,13 +11,17 @@ from deepseek_tf.errors import ConfigError
 from deepseek_tf.model import DeepSeekCausalLM, token_losses
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
+from deepseek_tf.workdir import load_workdir
 from tests.helpers import tiny
-from tests.train.test_loop import _weights
 from tests.train.test_moe_training import MOE
 
 quiet = lambda *_: None  # noqa: E731
 DSA = dict(MOE, use_dsa=True, index_topk=8, index_head_dim=8, index_n_heads=2,
            num_nextn_predict_layers=1)
+
+
+def _weights(workdir):
+    return {v.path.split("/", 1)[1]: v.numpy() for v in load_workdir(workdir)[0].variables}
 
 
 def _indexer_losses(workdir):
