@@ -21,7 +21,7 @@ from deepseek_tf.export import export, load_workdir
 from deepseek_tf.generate import Generator
 from deepseek_tf.layers import attention_mask
 from deepseek_tf.layers.indexer import select
-from tests.convert.test_hf_parity import TOL, _torch, quiet
+from tests.convert.test_hf_parity import TOL, _torch, build_reference, quiet
 from tests.helpers import tiny
 
 NAMES = ("deepseek_v32", "deepseek_v32_dense")
@@ -32,9 +32,7 @@ NEW = 32
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf32")
-    _torch("build", str(out), *NAMES)
-    return out, dict(np.load(out / "reference.npz"))
+    return build_reference(tmp_path_factory, NAMES)
 
 
 @pytest.fixture(scope="module")
