@@ -53,12 +53,32 @@ def restore_model(model, path: str, what: str = "") -> None:
     missing or mismatched checkpoint is one `UserError` line, prefixed by `what`."""
     import tensorflow as tf
 
+    restore_checkpoint(tf.train.Checkpoint(model=model), path, what=what, partial=True)
+
+
+def restore_checkpoint(checkpoint, path: str, what: str = "", hint: str = "",
+                       partial: bool = False) -> None:
+    """Restores `checkpoint` (a `tf.train.Checkpoint`) from `path`, every object of it
+    matched: the one restore with a clear error (workdirs, resumes, rollbacks).
+
+    A missing, mismatched or damaged checkpoint raises one `UserError` line:
+    `what` + "cannot restore PATH: <TF's first line>" + `hint`.
+
+    Args:
+      checkpoint: what to restore into.
+      path: a checkpoint prefix (`.../ckpt-8`).
+      what: prefix of the error (e.g. "--train.init_from: ").
+      hint: end of the error (how to fix it).
+      partial: the checkpoint may hold more than `checkpoint` tracks (no warning).
+    """
+    import tensorflow as tf
+
     try:
-        tf.train.Checkpoint(model=model).restore(path).expect_partial() \
-            .assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
+        status = checkpoint.restore(path)
+        (status.expect_partial() if partial else status).assert_existing_objects_matched()
+    except (tf.errors.OpError, AssertionError, ValueError, IndexError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what}cannot restore {path}: {first}") from e
+        raise UserError(f"{what}cannot restore {path}: {first}{hint}") from e
 
 
 def load_run_tokenizer(workdir: str, exp: Experiment):

@@ -122,3 +122,81 @@ def test_cli_help_and_bad_input(workdir, tmp_path):
     out = run(f"--workdir={path}", f"--data.inputs={tmp_path}/missing.jsonl")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: cannot read --data.inputs")
+
+
+def test_rouge_and_bleu_score_chinese_and_keep_english_scores():
+    from rouge_score import rouge_scorer
+    r = metrics.rouge(["猫坐在"], ["猫坐在垫子上"])  # one token per character: P 1, R 1/2
+    assert r["rouge1"] == pytest.approx(100 * 2 * 0.5 / 1.5)
+    assert r["rougeL"] == pytest.approx(r["rouge1"])
+    assert metrics.rouge(["猫坐在垫子上"], ["猫坐在垫子上"])["rouge2"] == pytest.approx(100.0)
+    assert metrics.rouge(["Кошка сидит"], ["кошка сидит на коврике"])["rouge1"] == \
+        pytest.approx(100 * 2 * 0.5 / 1.5)  # Cyrillic words, case folded
+    assert metrics.bleu(["猫坐在垫子上"], ["猫坐在垫子上"]) == pytest.approx(100.0)
+    assert 0 < metrics.bleu(["猫坐在垫子"], ["猫坐在垫子上"]) < 100
+    # English: exactly rouge-score's default tokenizer.
+    preds = ["The cat sat on the mat!", "A quick-brown fox, 42 times.", "no overlap"]
+    refs = ["the cat was on a mat", "a quick brown fox jumped 42 times", "something else"]
+    default = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    ours = metrics.rouge(preds, refs)
+    for name in ours:
+        want = 100 * np.mean([default.score(r, p)[name].fmeasure for p, r in zip(preds, refs)])
+        assert ours[name] == pytest.approx(want)
+
+
+def _label_score(model, prompt, label_ids):
+    """log p(label | prompt), summed over the label's tokens, by hand."""
+    import tensorflow as tf
+    ids = np.asarray(list(prompt) + list(label_ids))
+    logp = tf.nn.log_softmax(model(ids[None])[0]).numpy()
+    return sum(logp[i - 1, ids[i]] for i in range(len(prompt), len(ids)))
+
+
+def test_classify_keeps_labels_whole_and_cuts_long_texts_from_the_left(workdir, tmp_path):
+    """With --max_length=16 a 30-byte text leaves no room for the labels: they are still
+    scored whole (the text loses its beginning, BOS kept), summed or per token."""
+    from deepseek_tf.data.tokenizer.byte import ByteTokenizer
+    path, model = workdir
+    text = "this review is far too long to fit"
+    rows = [{"text": text, "label": "neg"}, {"text": "ok", "label": "positive"}]
+    data = _write(tmp_path / "long.jsonl", rows)
+    msgs = []
+    res = evaluate_workdir(path, [data], task="classify", max_length=16, log=msgs.append)
+    assert res["metrics"]["truncated"] == 1
+    assert any(m.startswith("1 of 2 texts were cut from the left") for m in msgs), msgs
+    tok = ByteTokenizer()
+    kept = [tok.bos_id] + list(tok.encode(text, add_bos=False, add_eos=False))[-(16 - 8 - 1):]
+    sample = res["samples"][0]
+    for label, score in sample["log_likelihoods"].items():
+        ids = tok.encode(label, add_bos=False, add_eos=False)
+        assert score == pytest.approx(_label_score(model, kept, ids), abs=1e-4)
+        assert score < 0  # scored, not cut away
+    normed = evaluate_workdir(path, [data], task="classify", max_length=16,
+                              normalize="tokens", log=quiet)["samples"][0]
+    for label, score in normed["mean_log_likelihoods"].items():
+        assert score == pytest.approx(sample["log_likelihoods"][label] / len(label), abs=1e-5)
+
+
+def test_classify_refuses_a_label_longer_than_max_length(workdir, tmp_path):
+    from deepseek_tf.errors import UserError
+    path, _ = workdir
+    data = _write(tmp_path / "l.jsonl", [{"text": "a", "label": "x" * 20},
+                                         {"text": "b", "label": "y"}])
+    with pytest.raises(UserError, match="a label has 20 tokens: it does not fit"):
+        evaluate_workdir(path, [data], task="classify", max_length=16, log=quiet)
+
+
+def test_lm_and_classify_trace_their_scorer_once_for_every_batch_width(workdir, monkeypatch):
+    from deepseek_tf.data.tokenizer.byte import ByteTokenizer
+    from deepseek_tf.evaluate import tasks
+    _, model = workdir
+    made, real = [], tasks.token_scorer
+    monkeypatch.setattr(tasks, "token_scorer", lambda m: made.append(real(m)) or made[-1])
+    tok = ByteTokenizer()
+    texts = [{"text": "a" * n} for n in (3, 9, 17, 5, 30)]  # widths 5..32, batches of 2 and 1
+    tasks.lm_task(model, tok, texts, None, 32, batch_size=2)
+    tasks.classify_task(model, tok, [{"text": "ab", "label": "x"}, {"text": "abcdefgh",
+                                                                    "label": "yyyy"}],
+                        None, 32, batch_size=3, log=quiet)
+    assert len(made) == 2
+    assert [f.experimental_get_tracing_count() for f in made] == [1, 1]

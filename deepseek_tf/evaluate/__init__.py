@@ -48,7 +48,8 @@ def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", templa
         generate: the longest prompt + max_new_tokens).
       output: the results file (default `<workdir>/eval/<task>-<data name>.json`).
       checkpoint: a checkpoint path instead of the latest.
-      options: batch_size, and for generate max_new_tokens and jit_compile.
+      options: batch_size; generate: max_new_tokens and jit_compile; classify:
+        normalize ("none" or "tokens", see `tasks.NORMALIZE`).
     """
     from deepseek_tf.data.templates import TEMPLATES
     from deepseek_tf.evaluate.tasks import detect_task, run_task
@@ -67,7 +68,7 @@ def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", templa
         max_length = exp.data.seq_len
     log(f"evaluating {workdir} on {len(records)} records: task {task}, template "
         f"{name or 'none'}")
-    result = run_task(task, model, tok, records, tmpl, max_length, **options)
+    result = run_task(task, model, tok, records, tmpl, max_length, log=log, **options)
     result = {"task": task, "workdir": os.path.abspath(workdir), "inputs": list(inputs),
               "template": name, **result}
     stem = os.path.splitext(os.path.basename(inputs[0]))[0]

@@ -6,7 +6,8 @@ Evaluates a workdir's latest checkpoint (a LoRA run with its adapters) on a data
   generate  greedy answers to alpaca (instruction/input -> output) or {"prompt",
             "reference"} records: exact match, BLEU (sacrebleu), ROUGE-1/2/L (rouge-score).
   classify  {"text", "label"} records: each label scored by its likelihood after the
-            text; accuracy, macro and micro F1.
+            text (summed, or per token with --normalize=tokens); a text too long for
+            --max_length loses its beginning, never a label; accuracy, macro/micro F1.
   auto      (default) picks one from the first record's fields.
 Writes <workdir>/eval/<task>-<data name>.json (metrics + per-sample predictions) and
 prints a table. Bad input: one `error:` line, exit status 2.
@@ -36,6 +37,9 @@ flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens generated per promp
                      lower_bound=1)
 flags.DEFINE_integer("batch_size", 16, "Records (or label candidates) per batch.",
                      lower_bound=1)
+flags.DEFINE_enum("normalize", "none", ["none", "tokens"], "classify: compare labels by "
+                  "their summed log-likelihood (none) or its mean per label token (tokens: "
+                  "labels of different lengths on an equal footing).")
 flags.DEFINE_bool("jit_compile", False, "generate: XLA-compile each decode step.")
 flags.DEFINE_string("output", "", "Results file (default <workdir>/eval/<task>-<name>.json).")
 flags.DEFINE_string("checkpoint", "", "A checkpoint path instead of the latest.")
@@ -48,7 +52,8 @@ def main(argv):
     evaluate_workdir(FLAGS.workdir, inputs, FLAGS.task, FLAGS["data.template"].value,
                      FLAGS.max_samples, FLAGS.max_length, FLAGS.output, FLAGS.checkpoint,
                      batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
-                     jit_compile=FLAGS.jit_compile)
+                     jit_compile=FLAGS.jit_compile,
+                     normalize=FLAGS.normalize)
 
 
 def entry():

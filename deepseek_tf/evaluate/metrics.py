@@ -1,9 +1,13 @@
 """Scores of generated text and predicted labels: exact match, BLEU, ROUGE, accuracy, F1.
 
-BLEU is sacrebleu's corpus BLEU (13a tokenization); ROUGE is Google's `rouge-score`
-(the reference re-implementation of ROUGE-1.5.5), mean F-measure of rouge1 / rouge2 /
-rougeL; F1 is scikit-learn's. Every score is in [0, 100] except accuracy and F1 in
-[0, 1].
+BLEU is sacrebleu's corpus BLEU (13a tokenization; its `zh` tokenization, one token
+per Chinese character, when a reference holds CJK characters); ROUGE is Google's
+`rouge-score` (the reference re-implementation of ROUGE-1.5.5), mean F-measure of
+rouge1 / rouge2 / rougeL, with a tokenizer that keeps every script (rouge-score's own
+keeps only a-z and 0-9, so Chinese, Japanese, Cyrillic... scored 0): words are runs of
+letters and digits, lowercased, and each CJK ideograph or kana is a word of its own;
+ASCII text tokenizes exactly as rouge-score's default. F1 is scikit-learn's. Every
+score is in [0, 100] except accuracy and F1 in [0, 1].
 
 Example:
     >>> generation_scores(["4", "cba"], ["4", "abc"])["exact_match"]
@@ -11,6 +15,15 @@ Example:
 """
 
 from __future__ import annotations
+
+import re
+
+#: Scripts written without spaces between words: one token per character (CJK
+#: ideographs and their extensions, compatibility ideographs, hiragana, katakana).
+CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                 "\U00020000-\U0002fa1f]")
+#: A word: a CJK character, or a run of letters/digits of any other script.
+_WORD = re.compile(f"{CJK.pattern}|(?:(?!{CJK.pattern})[^\\W_])+")
 
 
 def normalize(text: str) -> str:
@@ -28,7 +41,20 @@ def bleu(predictions: list[str], references: list[str]) -> float:
     """sacrebleu corpus BLEU (one reference per prediction)."""
     import sacrebleu
 
-    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+    tokenize = "zh" if any(CJK.search(r) for r in references) else "13a"
+    return float(sacrebleu.corpus_bleu(predictions, [references], tokenize=tokenize).score)
+
+
+class RougeTokenizer:
+    """rouge-score tokenizer for every script (see the module doc).
+
+    Example:
+        >>> RougeTokenizer().tokenize("The cat 坐在 mat.")
+        ['the', 'cat', '坐', '在', 'mat']
+    """
+
+    def tokenize(self, text: str) -> list[str]:
+        return _WORD.findall(text.lower())
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -36,7 +62,7 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     from rouge_score import rouge_scorer
 
     names = ("rouge1", "rouge2", "rougeL")
-    scorer = rouge_scorer.RougeScorer(list(names))
+    scorer = rouge_scorer.RougeScorer(list(names), tokenizer=RougeTokenizer())
     sums = dict.fromkeys(names, 0.0)
     for p, r in zip(predictions, references):
         scores = scorer.score(r, p)

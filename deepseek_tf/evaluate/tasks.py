@@ -7,8 +7,13 @@
   `prompt`), scored against the reference (`output`, `reference` or `answer`) with
   exact match, BLEU and ROUGE (evaluate/metrics.py).
 - `classify`: `{"text", "label"}` records; every candidate label (all labels seen in
-  the file) is scored by its log-likelihood after the text; the best one is the
-  prediction. Accuracy and macro/micro F1.
+  the file) is scored by its log-likelihood after the text (summed, or its mean per
+  label token with `normalize="tokens"`); the best one is the prediction. Labels are
+  always scored whole: a text too long for `max_length` is cut from the left.
+  Accuracy and macro/micro F1.
+
+`lm` and `classify` score with one traced function (`token_scorer`, one forward pass
+per batch through `scoring.score_tokens`) whatever the batch widths.
 
 Example:
     >>> result = run_task("generate", model, tok, records, template, max_length=256)
@@ -25,8 +30,8 @@ import tensorflow as tf
 from deepseek_tf.data.sft import BadSample, encode, parse_record
 from deepseek_tf.errors import UserError
 from deepseek_tf.evaluate import metrics
-from deepseek_tf.generate.decode import score_ids
 from deepseek_tf.generate.run import pad_right, run_batches
+from deepseek_tf.scoring import length_mask, score_tokens
 from deepseek_tf.generate.text import prompt_ids, stop_ids, stop_strings
 
 REFERENCE_KEYS = ("output", "reference", "answer")
@@ -75,13 +80,14 @@ def lm_task(model, tok, records: list, template, max_length: int, batch_size: in
             if len(w) > 1:
                 seqs.append((w, np.ones(len(w), np.float32)))
     nll = hits = count = 0.0
-    step = tf.function(_score_step)
+    step = token_scorer(model)
     for batch in _batches(seqs, batch_size):
         ids, lengths = pad_right([s for s, _ in batch], tok.pad_id)
         mask, _ = pad_right([m for _, m in batch])
         mask[:, 0] = 0  # the first token is never predicted
-        out = step(model, tf.constant(ids), tf.constant(lengths), tf.constant(mask, tf.float32))
-        nll, hits, count = nll + float(out[0]), hits + float(out[1]), count + float(out[2])
+        out = step(ids, lengths, mask.astype(np.float32))
+        nll = nll - float(tf.reduce_sum(out[0]))
+        hits, count = hits + float(tf.reduce_sum(out[1])), count + float(tf.reduce_sum(out[2]))
     if not count:
         raise UserError("no token to score in the data.")
     loss = nll / count
@@ -90,15 +96,24 @@ def lm_task(model, tok, records: list, template, max_length: int, batch_size: in
                         "samples": len(records)}}
 
 
-def _score_step(model, ids, lengths, mask):
-    """(nll sum, argmax hits, scored tokens) of right-padded rows; mask[t] scores token t."""
-    log_probs, _ = score_ids(model, ids, lengths)
-    logits = model(ids)
-    pred = tf.argmax(logits[:, :-1], -1, output_type=tf.int32)
-    hit = tf.pad(tf.cast(tf.equal(pred, ids[:, 1:]), tf.float32), [[0, 0], [1, 0]])
-    valid = tf.cast(tf.range(tf.shape(ids)[1])[None, :] < lengths[:, None], tf.float32) * mask
-    return (-tf.reduce_sum(log_probs * valid), tf.reduce_sum(hit * valid),
-            tf.reduce_sum(valid))
+#: The one input signature of `token_scorer`: any batch size and width trace once.
+SCORE_SPECS = (tf.TensorSpec([None, None], tf.int32, name="ids"),
+               tf.TensorSpec([None], tf.int32, name="lengths"),
+               tf.TensorSpec([None, None], tf.float32, name="mask"))
+
+
+def token_scorer(model):
+    """A tf.function `(ids, lengths, mask) -> (log-prob sum, argmax hits, scored tokens)`,
+    each (B,), of right-padded rows from one forward pass (`scoring.score_tokens`);
+    mask[t] scores token t. Traced once, for every batch size and width."""
+
+    def step(ids, lengths, mask):
+        valid = length_mask(lengths, tf.shape(ids)[1]) * mask
+        log_probs, hits = score_tokens(model, ids, valid)
+        return (tf.reduce_sum(log_probs, 1), tf.reduce_sum(hits, 1),
+                tf.reduce_sum(valid, 1))
+
+    return tf.function(step, input_signature=SCORE_SPECS)
 
 
 def prompt_and_reference(record: dict, i: int) -> tuple[str, str]:
@@ -138,38 +153,68 @@ def generate_task(model, tok, records: list, template, max_length: int, batch_si
             "samples": samples}
 
 
-def classify_task(model, tok, records: list, template, max_length: int,
-                  batch_size: int = 8) -> dict:
-    """Label-likelihood classification: accuracy and macro/micro F1."""
+#: How `classify` compares labels: the summed log-likelihood of a label's tokens, or
+#: its mean per token (labels of different token lengths on an equal footing).
+NORMALIZE = ("none", "tokens")
+
+
+def fit_prompt(prompt: np.ndarray, room: int, bos_id: int) -> np.ndarray:
+    """`prompt` cut from the left to at most `room` tokens, its BOS kept first."""
+    if len(prompt) <= room:
+        return prompt
+    head = prompt[:1] if len(prompt) and prompt[0] == bos_id else prompt[:0]
+    return np.concatenate([head, prompt[len(prompt) - (room - len(head)):]])
+
+
+def classify_task(model, tok, records: list, template, max_length: int, batch_size: int = 8,
+                  normalize: str = "none", log=print) -> dict:
+    """Label-likelihood classification: accuracy and macro/micro F1.
+
+    Every label is scored whole: a text that leaves no room for the longest label in
+    `max_length` tokens loses its beginning (after BOS), counted in `truncated`."""
+    if normalize not in NORMALIZE:
+        raise UserError(f"--normalize={normalize} is not one of {', '.join(NORMALIZE)}.")
     for i, r in enumerate(records):
         if not isinstance(r.get("text"), str) or not isinstance(r.get("label"), str):
             raise UserError(f"record {i + 1} needs a text and a label (both strings).")
     labels = sorted({r["label"] for r in records})
     if len(labels) < 2:
         raise UserError(f"classification needs at least two labels; the data has {labels}.")
-    label_ids = [tok.encode(lbl, add_bos=False, add_eos=False) for lbl in labels]
-    rows, spans = [], []
+    label_ids = [np.asarray(tok.encode(lbl, add_bos=False, add_eos=False), np.int32)
+                 for lbl in labels]
+    longest = max(len(ids) for ids in label_ids)
+    if longest + 2 > max_length:  # BOS + one text token + the label
+        raise UserError(f"a label has {longest} tokens: it does not fit after a text in "
+                        f"--max_length={max_length}; raise --max_length or shorten the labels.")
+    rows, masks, truncated = [], [], 0
     for r in records:
-        p = list(prompt_ids(r["text"], tok, template))
+        full = prompt_ids(r["text"], tok, template)
+        p = fit_prompt(full, max_length - longest, tok.bos_id)
+        truncated += len(p) < len(full)
         for ids in label_ids:
-            rows.append(np.asarray(p + list(ids), np.int32)[:max_length])
-            spans.append((len(p), len(p) + len(ids)))
-    step = tf.function(lambda m, ids, n: score_ids(m, ids, n)[0])
+            rows.append(np.concatenate([p, ids]))
+            masks.append(np.concatenate([np.zeros(len(p), np.float32),
+                                         np.ones(len(ids), np.float32)]))
+    if truncated:
+        log(f"{truncated} of {len(records)} texts were cut from the left to fit their "
+            f"labels in --max_length={max_length} tokens")
+    step = token_scorer(model)
     scores = []
     for lo in range(0, len(rows), batch_size):
         ids, lengths = pad_right(rows[lo:lo + batch_size], tok.pad_id)
-        lp = step(model, tf.constant(ids), tf.constant(lengths)).numpy()
-        for row, (a, b) in zip(lp, spans[lo:lo + batch_size]):
-            scores.append(float(row[a:b].sum()))
-    scores = np.asarray(scores).reshape(len(records), len(labels))
+        mask, _ = pad_right(masks[lo:lo + batch_size])
+        logp, _, count = step(ids, lengths, mask.astype(np.float32))
+        scores += list(logp.numpy() / (count.numpy() if normalize == "tokens" else 1.0))
+    scores = np.asarray(scores, np.float64).reshape(len(records), len(labels))
     predicted = [labels[k] for k in scores.argmax(1)]
     truth = [r["label"] for r in records]
-    samples = [{"text": r["text"], "label": t, "prediction": p,
-                "log_likelihoods": dict(zip(labels, map(float, s)))}
+    key = "log_likelihoods" if normalize == "none" else "mean_log_likelihoods"
+    samples = [{"text": r["text"], "label": t, "prediction": p, key: dict(zip(labels, map(float, s)))}
                for r, t, p, s in zip(records, truth, predicted, scores)]
     return {"metrics": {**metrics.classification_scores(truth, predicted),
-                        "samples": len(records), "labels": len(labels)},
-            "samples": samples}
+                        "samples": len(records), "labels": len(labels),
+                        "truncated": truncated},
+            "samples": samples, "normalize": normalize}
 
 
 TASKS = {"lm": lm_task, "generate": generate_task, "classify": classify_task}
@@ -182,4 +227,7 @@ def run_task(task: str, model, tok, records: list, template, max_length: int, **
     if task != "generate":
         options.pop("max_new_tokens", None)
         options.pop("jit_compile", None)
+    if task != "classify":
+        options.pop("normalize", None)
+        options.pop("log", None)
     return TASKS[task](model, tok, records, template, max_length, **options)

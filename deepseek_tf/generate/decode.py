@@ -21,6 +21,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from deepseek_tf.generate.sampling import sample_tokens
+from deepseek_tf.scoring import length_mask, score_tokens
 
 #: The TensorSpecs of the sampling options (one value per row).
 SAMPLING_SPECS = {
@@ -162,13 +163,8 @@ def score_ids(model, input_ids, lengths):
     (log_probs, total (B,))."""
     input_ids = tf.convert_to_tensor(input_ids, tf.int32)
     with tf.control_dependencies(check_ids(input_ids, lengths, model.config.vocab_size)):
-        logits = model(input_ids)                                              # (B, T, V)
-    logp = tf.nn.log_softmax(logits[:, :-1], axis=-1)
-    picked = tf.gather(logp, input_ids[:, 1:], batch_dims=2)                   # (B, T-1)
-    t = tf.shape(input_ids)[1]
-    valid = tf.range(1, t)[tf.newaxis, :] < lengths[:, tf.newaxis]
-    picked = tf.where(valid, picked, 0.0)
-    log_probs = tf.pad(picked, [[0, 0], [1, 0]])                               # (B, T)
+        input_ids = tf.identity(input_ids)
+    log_probs, _ = score_tokens(model, input_ids, length_mask(lengths, tf.shape(input_ids)[1]))
     return log_probs, tf.reduce_sum(log_probs, axis=1)
 
 

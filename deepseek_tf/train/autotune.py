@@ -15,7 +15,8 @@ slower; bfloat16 matmuls run 2-3x faster than float32 on CPUs with AMX or AVX512
 
 The loop resolves both before training, prints each decision with its reason and saves
 them in config.json (`jit_compile`, `precision`, `auto_decisions`); a resumed run reads
-them back and decides nothing again. With several workers the chief's decision wins.
+them back and decides nothing again. With several workers every worker times (inside the strategy, where the train step runs)
+and the chief's decision is broadcast to all, so every worker compiles the same way.
 
 Example:
     >>> precision, why = resolve_precision("auto")
@@ -106,32 +107,43 @@ def random_batch(vocab_size: int, accum: int, batch: int, seq: int, seed: int = 
     return {k: tf.constant(v) for k, v in b.items()}
 
 
-def time_grad_fn(model, tcfg, seq_len: int, rounds: int = 3) -> dict[str, float]:
+def time_grad_fn(model, tcfg, seq_len: int, strategy=None, rounds: int = 3) -> dict[str, float]:
     """{"xla": s, "no_xla": s}: median seconds of the step's forward + backward, each mode
-    warmed up (traced / compiled) and then timed in alternating rounds."""
+    warmed up (traced / compiled) and then timed in alternating rounds.
+
+    The forward + backward runs inside `strategy.run` (the default strategy if None), as
+    in the train step: distributed (mirrored) variables can only be read in a replica
+    context. It has no collectives, so each worker times its own copy.
+    """
     import tensorflow as tf
 
     from deepseek_tf.train.step import make_grad_fn
 
+    strategy = strategy or tf.distribute.get_strategy()
     batch = random_batch(model.config.vocab_size, tcfg.grad_accum_steps, tcfg.batch_size,
                          seq_len, tcfg.seed)
     denom = tf.constant(float(tcfg.grad_accum_steps * tcfg.batch_size * seq_len))
     seed = tf.constant([tcfg.seed, 0], tf.int64)
-    fns = {name: make_grad_fn(model, tcfg.grad_accum_steps, jit)
-           for name, jit in (("no_xla", False), ("xla", True))}
 
-    def run(name):
-        grads, loss, *_ = fns[name](batch, denom, 1.0, seed)
-        float(loss)
+    def replicated(jit):
+        grad_fn = make_grad_fn(model, tcfg.grad_accum_steps, jit)
 
+        @tf.function
+        def run():
+            loss = strategy.run(lambda: grad_fn(batch, denom, 1.0, seed)[1])
+            return strategy.experimental_local_results(loss)[0]
+
+        return run
+
+    fns = {"no_xla": replicated(False), "xla": replicated(True)}
     times = {name: [] for name in fns}
     for name in fns:
-        run(name)  # trace / compile
-        run(name)  # warm caches
+        float(fns[name]())  # trace / compile
+        float(fns[name]())  # warm caches
     for _ in range(rounds):
         for name in fns:
             t0 = time.perf_counter()
-            run(name)
+            float(fns[name]())
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -144,16 +156,18 @@ def choose_jit(times: dict[str, float], margin: float = 1.0) -> tuple[bool, str]
                  f"{times['no_xla'] * 1e3:.0f} ms without ({speedup:.2f}x)")
 
 
-def resolve_jit_compile(exp, model, agree=lambda v: v, log=print) -> tuple[str, str]:
+def resolve_jit_compile(exp, model, agree=lambda v: v, log=print,
+                        strategy=None) -> tuple[str, str]:
     """("true"/"false", reason) for `exp.train.jit_compile` ("auto" is measured with
-    `model`); `agree(int) -> int` makes every worker take the chief's answer."""
+    `model` inside `strategy`); `agree(int) -> int` makes every worker take the chief's
+    answer (each worker times; the chief's decision is broadcast)."""
     value = exp.train.jit_compile
     if value != "auto":
         return value, f"{value} (given)"
     if exp.model.n_routed_experts and exp.model.capacity_factor <= 0:
         return "false", "auto -> false: dropless MoE has data-dependent shapes (no XLA)"
     log("jit_compile=auto: timing the step's forward+backward with and without XLA ...")
-    use, why = choose_jit(time_grad_fn(model, exp.train, exp.data.seq_len))
+    use, why = choose_jit(time_grad_fn(model, exp.train, exp.data.seq_len, strategy))
     chief = bool(agree(int(use)))
     if chief != use:
         why += f"; the chief chose {'XLA' if chief else 'no XLA'}"

@@ -4,8 +4,10 @@ Saving goes through `tf.train.CheckpointManager`: TF writes the checkpoint's
 files first and updates the `checkpoint` index file (atomically) last, so an
 interrupted save leaves the previous checkpoint as the latest one.
 
-Resuming takes the newest checkpoint that reads back completely; corrupt newer
-ones are reported and kept for inspection (train/ckpt_health.py).
+Resuming takes the newest checkpoint that reads back completely; damaged newer
+ones are reported and kept for inspection, a storage hiccup is retried
+(train/ckpt_health.py). Every restore goes through `workdir.restore_checkpoint`
+(one clear error).
 
 A checkpoint written by `python -m deepseek_tf.convert` holds only the model and
 the step (no optimizer, data or RNG state): it is restored as the initial weights
@@ -22,28 +24,20 @@ import tensorflow as tf
 
 from deepseek_tf.errors import UserError
 from deepseek_tf.train import ckpt_health
+from deepseek_tf.workdir import restore_checkpoint
 from deepseek_tf.workdir_files import CHECKPOINT_DIR
 
 
-def restore_latest(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
-                   log=print, path: str | None = None) -> int:
-    """Restores checkpoint `path` (default: the newest of `manager`), if any; returns
-    its step (0 if none)."""
-    path = path or manager.latest_checkpoint
-    if not path:
-        return 0
-    # A converted checkpoint (model + step only) into a run that also tracks an optimizer.
+def restore_run(checkpoint: tf.train.Checkpoint, path: str, log=print) -> int:
+    """Restores run checkpoint `path` into `checkpoint`; returns its step. A converted
+    checkpoint (model + step only) initialises the model and step of a fresh run."""
     weights_only = hasattr(checkpoint, "optimizer") and not any(
         name.startswith("optimizer/") for name, _ in tf.train.list_variables(path))
     if weights_only:
         checkpoint = tf.train.Checkpoint(model=checkpoint.model, step=checkpoint.step)
-    try:
-        checkpoint.restore(path).assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot restore checkpoint {path}: {first}. It does not match this "
-                        f"model/config or is damaged: use a new --workdir, or delete that "
-                        f"checkpoint to fall back to an older one.") from e
+    restore_checkpoint(checkpoint, path, hint=". It does not match this model/config or is "
+                       "damaged: use a new --workdir, or delete that checkpoint to fall back "
+                       "to an older one.")
     step = int(checkpoint.step.numpy())
     if weights_only:
         log(f"initialised the model from {path} (weights only) at step {step}")
@@ -98,27 +92,31 @@ class RunCheckpoints:
                 max_to_keep=keep)
 
     def restore(self, log=print) -> int:
-        """Restores the chief's latest checkpoint (and this worker's data position of the
-        same step); returns its step, 0 if there is none."""
-        step = restore_latest(self.checkpoint, self.manager, log=log,
-                              path=self._newest_intact(log))
+        """Restores the chief's newest intact checkpoint (and this worker's data position
+        of the same step); returns its step, 0 if there is none. The chief moves damaged
+        newer ones into checkpoints/corrupt/ (see train/ckpt_health.py)."""
+        said = []  # "resumed from ...": after the damaged ones are reported
+        _, step, bad = ckpt_health.restore_newest(
+            list(reversed(self.manager.checkpoints)),
+            lambda path: restore_run(self.checkpoint, path, log=said.append))
+        self._set_aside(bad, log)
+        for line in said[-1:]:
+            log(line)
+        step = step or 0
         if step and self.multi:
             path = f"{self.data_manager.directory}/ckpt-{step}"
             if not tf.io.gfile.exists(path + ".index"):
                 raise UserError(f"checkpoint of step {step} has no data position {path}: was "
                                 f"the run started with another number of workers? Resume "
                                 f"with the same number, or use a new --workdir.")
-            self.data_checkpoint.restore(path).assert_existing_objects_matched()
+            restore_checkpoint(self.data_checkpoint, path, hint=" (this worker's data "
+                               "position): use a new --workdir.")
         self.last_saved = step or None
         return step
 
-    def _newest_intact(self, log) -> str | None:
-        """The newest checkpoint that reads back; the chief moves corrupt newer ones
-        into checkpoints/corrupt/ (see train/ckpt_health.py). None if there is none."""
-        paths = list(reversed(self.manager.checkpoints))
-        path, bad = ckpt_health.newest_intact(paths)
-        if paths and path is None:
-            raise ckpt_health.no_intact_error(self.directory, bad)
+    def _set_aside(self, bad: list[tuple[str, str]], log) -> None:
+        """Reports the damaged checkpoints; the chief moves them into checkpoints/corrupt/
+        and out of the manager's list."""
         for p, why in bad:
             where = ckpt_health.quarantine(p) if self.is_chief else "left for the chief"
             log(f"checkpoint {os.path.basename(p)} is corrupt ({why}); kept for inspection "
@@ -129,7 +127,12 @@ class RunCheckpoints:
             self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
                                                       max_to_keep=self.keep)
             self.writer = self.manager
-        return path
+
+    def path(self, step: int) -> str:
+        """The run's checkpoint of `step`, in the chief's directory that every worker reads
+        (a non-chief's own saves go to a temporary directory that holds neither what it
+        resumed from nor what the chief keeps)."""
+        return os.path.join(self.directory, f"ckpt-{step}")
 
     def save(self, step: int) -> None:
         """Saves `step` (once: a second call for the same step does nothing). Every

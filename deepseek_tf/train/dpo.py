@@ -40,6 +40,7 @@ from deepseek_tf.data.templates import TEMPLATES
 from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.lora import merged_model, save_adapter
 from deepseek_tf.model import DeepSeekCausalLM, count_params
+from deepseek_tf.scoring import score_tokens
 from deepseek_tf.train import checkpoint as ckpt_lib
 from deepseek_tf.train import finetune
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
@@ -111,11 +112,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: DPOC
 
 def answer_logps(model, ids, mask, training=False):
     """Summed log p of the masked (answer) tokens per row: (R,) float32, and their counts."""
-    logits = model(ids, training=training)
-    logp = tf.nn.log_softmax(tf.cast(logits[:, :-1], tf.float32), axis=-1)
-    picked = tf.gather(logp, ids[:, 1:], batch_dims=2)
-    m = mask[:, 1:]
-    return tf.reduce_sum(picked * m, axis=1), tf.reduce_sum(m, axis=1)
+    mask = tf.cast(mask, tf.float32)
+    logp, _ = score_tokens(model, ids, mask, training=training)           # (R, T)
+    return tf.reduce_sum(logp, axis=1), tf.reduce_sum(mask[:, 1:], axis=1)
 
 
 def make_dpo_step(model, ref, optimizer, cfg: DPOConfig, clip_norm: float, jit: bool):

@@ -78,7 +78,9 @@ def prepare_run(exp: Experiment, workdir: str, log=print,
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} exists and is not a directory; choose another.")
     data_dir = data_dir_of(exp, workdir)
-    if not os.path.exists(data_dir) and not role.is_chief:
+    if not role.is_chief and not os.path.exists(os.path.join(data_dir, shards.METADATA_FILE)):
+        # The chief may be preparing it right now (the directory exists before its
+        # metadata.json, which is written last).
         _wait_for_data(data_dir, exp.train.collective_timeout, log)
     if not os.path.exists(data_dir):
         source = exp.data.inputs or f"the '{exp.data.corpus}' corpus"
@@ -197,7 +199,8 @@ def _resolve_jit(state: RunState, log) -> Experiment:
         return exp
     with state.strategy.scope():
         choice, why = autotune.resolve_jit_compile(exp, state.model,
-                                                   agree=state.collectives.chief_value, log=log)
+                                                   agree=state.collectives.chief_value, log=log,
+                                                   strategy=state.strategy)
     log(f"jit_compile: {why}")
     return autotune.with_train(exp, jit_compile=choice,
                                auto_decisions=autotune.note(exp, jit_compile=why))
@@ -300,9 +303,10 @@ class Runner:
         log(f"workdir: {workdir}")
         if exp.train.auto_decisions:
             log(f"auto settings kept from {CONFIG_FILE}: {exp.train.auto_decisions}")
+        saved = exp
         state = build_state(exp, workdir, meta, role, log=log)
         exp = _resolve_jit(state, log)
-        if role.is_chief and exp != state.exp:
+        if role.is_chief and exp != saved:  # the resolved "auto" choices, once
             exp.save(config_path)
         state.exp = exp
         cleanup.callback(state.checkpoints.close)

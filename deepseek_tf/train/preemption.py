@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import shutil
 import signal
 import tempfile
@@ -44,6 +45,19 @@ class Preempted(Exception):
         super().__init__(f"preempted (SIGTERM): saved a checkpoint at step {step}; run the "
                          f"same command again to resume from it")
         self.step = step
+
+
+class _WithoutTotalRunCallsWarning(logging.Filter):
+    """Drops TF's deprecation warning for `PreemptionCheckpointHandler.total_run_calls`:
+    the handler's own save path reads that property (we never do), so every preemption
+    printed it. Other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("total_run_calls" in record.getMessage()
+                    and "deprecated" in record.getMessage())
+
+
+_QUIET = _WithoutTotalRunCallsWarning()
 
 
 class PreemptionWatcher:
@@ -66,6 +80,7 @@ class PreemptionWatcher:
         def exit_fn():
             raise Preempted(self._saved_step)
 
+        tf.get_logger().addFilter(_QUIET)  # once: a logger keeps one copy of a filter
         resolver = getattr(strategy, "cluster_resolver", None)
         manager = tf.train.CheckpointManager(tf.train.Checkpoint(), self._dir, max_to_keep=1)
         self.handler = tf.distribute.experimental.PreemptionCheckpointHandler(

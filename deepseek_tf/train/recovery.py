@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 
 import tensorflow as tf
 
@@ -27,6 +26,7 @@ from deepseek_tf.config import TrainConfig
 from deepseek_tf.errors import UserError
 from deepseek_tf.train import precision
 from deepseek_tf.train.logger import truncate_log
+from deepseek_tf.workdir import restore_checkpoint
 
 FIX = "lower --optim.learning_rate or enable clipping"
 
@@ -72,7 +72,8 @@ class Recovery:
         return None
 
     def roll_back(self, step: int, reason: str) -> int:
-        """Restores the last checkpoint saved by this run; returns its step.
+        """Restores the last checkpoint this run saved or resumed from (the chief's copy,
+        on every worker); returns its step.
 
         Raises UserError (one line) when recovery is off, the trials ran out, or no
         checkpoint was saved yet.
@@ -89,10 +90,12 @@ class Recovery:
             raise UserError(f"{reason}, before this run saved a checkpoint to roll back to; "
                             f"{FIX}, or lower --train.checkpoint_every.")
         self.trials += 1
-        path = os.path.join(checkpoints.writer.directory, f"ckpt-{good}")
         s = self.state  # everything but the data iterator, which stays past the bad batches
-        tf.train.Checkpoint(model=s.model, optimizer=s.optimizer, step=s.step,
-                            rng=s.rng).restore(path).expect_partial()
+        # Every worker reads the chief's checkpoint: the same weights everywhere.
+        restore_checkpoint(tf.train.Checkpoint(model=s.model, optimizer=s.optimizer,
+                                               step=s.step, rng=s.rng),
+                           checkpoints.path(good), what=f"{reason}; rolling back: ",
+                           partial=True)
         if self.logger.enabled:
             truncate_log(self.workdir, good)  # the log follows the weights
         self.logger.write_event(  # at the restored step: later rollbacks keep this line

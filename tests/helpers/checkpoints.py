@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -34,3 +35,18 @@ def nonfinite_tensors(path: str) -> list[str]:
         if dtype.is_floating and not np.all(np.isfinite(reader.get_tensor(key))):
             bad.append(key)
     return bad
+
+
+@contextlib.contextmanager
+def tf_warnings():
+    """Collects the messages TF logs (its `tensorflow` logger, after its filters)."""
+    import logging
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = tf.get_logger()
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)

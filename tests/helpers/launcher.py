@@ -12,12 +12,14 @@ ENV = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 class Launcher:
-    """`python -m deepseek_tf.launch ARGS` in a session of its own, output collected as it
-    comes; `finish` kills that session on timeout (the launcher's workers die with it)."""
+    """`python -m deepseek_tf.launch ARGS` in a session of its own (with `env` added to the
+    environment), output collected as it comes; `finish` kills that session on timeout
+    (the launcher's workers die with it)."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, env=None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deepseek_tf.launch", *args], cwd=ROOT, env=ENV,
+            [sys.executable, "-m", "deepseek_tf.launch", *args], cwd=ROOT,
+            env={**ENV, **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines, self._cond = [], threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()

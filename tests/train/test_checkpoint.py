@@ -8,6 +8,7 @@ import tensorflow as tf
 from deepseek_tf.errors import UserError
 from deepseek_tf.train.checkpoint import RunCheckpoints
 from deepseek_tf.train.strategy import Role
+from tests.helpers.checkpoints import tf_warnings
 
 quiet = lambda *_: None  # noqa: E731
 
@@ -116,3 +117,51 @@ def test_no_intact_checkpoint_is_one_error_and_nothing_is_moved(tmp_path):
     assert "\n" not in msg and msg.startswith(f"no intact checkpoint in {ckpts}: ckpt-2 (")
     assert "; ckpt-1 (" in msg and "Nothing was deleted" in msg
     assert {**_files(ckpts), "checkpoint": (ckpts / "checkpoint").read_bytes()} == before
+
+
+def test_a_read_that_fails_once_is_retried_not_quarantined_and_a_clean_resume_reads_once(
+        tmp_path, monkeypatch):
+    """ckpt-2's data file is cut short, then put back while the reader waits to retry
+    (a storage hiccup): the run resumes from ckpt-2 and moves nothing. A checkpoint that
+    stays damaged is still set aside after ATTEMPTS reads."""
+    from deepseek_tf.train import ckpt_health
+    objects = _objects()
+    run = RunCheckpoints(str(tmp_path), objects, _iterator(), Role(), 3)
+    for step in (1, 2):
+        objects["step"].assign(step)
+        objects["w"].assign([float(step), 0.0])
+        run.save(step)
+    ckpts = tmp_path / "checkpoints"
+    reads, pauses = [], []
+    real_read = ckpt_health._read_all
+    monkeypatch.setattr(ckpt_health, "_read_all", lambda p: reads.append(p) or real_read(p))
+
+    objects = _objects()  # an intact checkpoint: the restore alone reads it
+    assert RunCheckpoints(str(tmp_path), objects, _iterator(), Role(), 3).restore(
+        log=quiet) == 2 and reads == []
+
+    data = ckpts / "ckpt-2.data-00000-of-00001"
+    good = data.read_bytes()
+    _truncate(str(ckpts / "ckpt-2"))
+    monkeypatch.setattr(ckpt_health, "pause", lambda n: pauses.append(n) or
+                        data.write_bytes(good))  # the storage recovers
+    objects, msgs = _objects(), []
+    assert RunCheckpoints(str(tmp_path), objects, _iterator(), Role(), 3).restore(
+        log=msgs.append) == 2
+    assert objects["w"].numpy().tolist() == [2.0, 0.0] and len(reads) == 2 and pauses == [1]
+    assert not (ckpts / "corrupt").exists() and not any("corrupt" in m for m in msgs)
+
+    _truncate(str(ckpts / "ckpt-2"))  # damaged for good: every read fails
+    monkeypatch.setattr(ckpt_health, "pause", pauses.append)
+    pauses.clear()
+    objects, msgs = _objects(), []
+    with tf_warnings() as warnings:
+        assert RunCheckpoints(str(tmp_path), objects, _iterator(), Role(), 3).restore(
+            log=msgs.append) == 1
+    assert not [w for w in warnings if "deprecated" in w], warnings
+    assert pauses == list(range(1, ckpt_health.ATTEMPTS))
+    assert msgs[0].startswith("checkpoint ckpt-2 is corrupt (IndexError: Read less bytes")
+    assert sorted(os.listdir(ckpts / "corrupt")) == ["ckpt-2.data-00000-of-00001",
+                                                     "ckpt-2.index"]
+    state = (ckpts / "checkpoint").read_text()  # the index file lists ckpt-1, relative
+    assert 'model_checkpoint_path: "ckpt-1"' in state and "ckpt-2" not in state

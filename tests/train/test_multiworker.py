@@ -117,3 +117,33 @@ def test_two_workers_preempted_resumed_identical_and_equal_to_one_process(one_sh
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
     losses = [[r["loss"] for r in read_log(d) if r["kind"] == "train"] for d in (single, workdir)]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def test_nan_after_a_resume_rolls_every_worker_back_to_the_chiefs_checkpoint(one_shard_data,
+                                                                              tmp_path):
+    """Two workers train to step 2 (ckpt-2) and stop; the resumed run's gradients are NaN
+    at step 3 (tests/helpers/nan_train.py). Every worker rolls back to the chief's ckpt-2
+    (a non-chief's own saves go to a temporary directory that holds nothing yet after a
+    resume), and both end with identical weights."""
+    workdir = str(tmp_path / "run")
+
+    def command(steps, *module):
+        exp = tiny.experiment(one_shard_data, data={"shuffle_buffer": 0}, train={
+            "steps": steps, "batch_size": 2, "log_every": 1, "eval_every": 0,
+            "checkpoint_every": 2})
+        return ["--num_workers=2", f"--timeout={TIMEOUT}", *module, "--",
+                *_flags(exp, workdir)]
+
+    first = Launcher(*command(2))
+    assert first.finish(TIMEOUT) == 0, first.text()[-3000:]
+    second = Launcher(*command(4, "--module=tests.helpers.nan_train"),
+                      env={"NAN_AT_STEP": "3"})
+    assert second.finish(TIMEOUT) == 0, second.text()[-3000:]
+    output = second.text()
+    assert re.search(r"^\[worker 0\] recovery 1/3: gradients became non-finite at step 3; "
+                     r"rolled back to ckpt-2", output, re.M), output[-3000:]
+    assert _sha(output, 0) == _sha(output, 1)
+    rows = read_log(workdir)
+    assert [r["step"] for r in rows if r["kind"] == "recovery"] == [2]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in rows if r["kind"] == "train")

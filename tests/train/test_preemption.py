@@ -14,7 +14,7 @@ from deepseek_tf import exit_codes
 from deepseek_tf.train.loop import train
 from deepseek_tf.train.preemption import Preempted
 from tests.helpers import tiny
-from tests.helpers.checkpoints import checkpoint_tensors
+from tests.helpers.checkpoints import checkpoint_tensors, tf_warnings
 
 quiet = lambda *_: None  # noqa: E731
 
@@ -31,8 +31,9 @@ def test_sigterm_saves_a_checkpoint_and_the_restart_resumes_bitwise(stdlib_data,
             os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Preempted) as caught:
+    with pytest.raises(Preempted) as caught, tf_warnings() as warnings:
         train(exp, cut, log=sigterm_when_armed)
+    assert not [w for w in warnings if "deprecated" in w], warnings  # TF's total_run_calls
     assert caught.value.exit_code == exit_codes.PREEMPTED == 42
     saved = caught.value.step
     assert 0 < saved < 5

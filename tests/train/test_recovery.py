@@ -11,25 +11,15 @@ from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from tests.helpers import tiny
 from tests.helpers.checkpoints import all_checkpoints, nonfinite_tensors
+from tests.helpers.nan_train import nan_once_at
 from tests.train.test_cli import _error_lines, run
 
 quiet = lambda *_: None  # noqa: E731
 
 
 def _nan_once_at(monkeypatch, k: int):
-    """Makes the gradients NaN at the k-th optimizer step, once (a flag outside the
-    checkpoint: the replayed step after the rollback is clean)."""
-    real = loop.make_train_step
-    armed = tf.Variable(True, trainable=False)
-
-    def with_fault(model, optimizer, *args, **kwargs):
-        def hook(grads, replica_id):
-            fire = tf.logical_and(armed, tf.equal(optimizer.iterations, k - 1))
-            armed.assign(tf.logical_and(armed, tf.logical_not(fire)))
-            return [grads[0] + tf.where(fire, float("nan"), 0.0)] + list(grads[1:])
-        return real(model, optimizer, *args, grad_hook=hook, **kwargs)
-
-    monkeypatch.setattr(loop, "make_train_step", with_fault)
+    """Makes the gradients NaN at the k-th optimizer step, once."""
+    monkeypatch.setattr(loop, "make_train_step", nan_once_at(loop.make_train_step, k))
 
 
 def test_nan_at_step_k_rolls_back_skips_the_batches_and_completes(stdlib_data, tmp_path,

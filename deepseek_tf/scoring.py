@@ -1,0 +1,53 @@
+"""Next-token log-probabilities: the one scorer behind generate's `score` signature,
+DPO's sequence log-probabilities and `evaluate`'s perplexity and classification.
+
+Convention: entry t of every (B, T) output is about token t given tokens[:t]; entry 0
+is always 0 (nothing predicts the first token). A `mask` (B, T) selects which tokens
+count (1 = scored); entries outside it are 0. Log-probabilities are float32 whatever
+the model's compute dtype.
+
+Example:
+    >>> logp, hits = score_tokens(model, ids, mask)   # each (B, T) float32
+    >>> nll = -tf.reduce_sum(logp)
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from deepseek_tf.model import token_losses
+
+
+def next_token_scores(logits: tf.Tensor, ids: tf.Tensor,
+                      mask: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """(log p(ids[t] | ids[:t]), 1 if the argmax was ids[t]) per token, each (B, T)
+    float32, from the model's `logits` (B, T, V) of `ids` (B, T)."""
+    logits = logits[:, :-1]                                                # (B, T-1, V)
+    targets = ids[:, 1:]                                                   # (B, T-1)
+    logp = -token_losses(logits, targets)
+    hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), targets),
+                   tf.float32)
+    logp, hits = (tf.pad(x, [[0, 0], [1, 0]]) for x in (logp, hits))     # (B, T)
+    if mask is not None:
+        mask = tf.cast(mask, tf.float32)
+        logp, hits = logp * mask, hits * mask
+    return logp, hits
+
+
+def score_tokens(model, ids: tf.Tensor, mask: tf.Tensor | None = None,
+                 training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    """`next_token_scores` of one forward pass of `model` over `ids` (B, T).
+
+    Args:
+      model: a `DeepSeekCausalLM`.
+      ids: int32 (B, T) token ids (right-padded rows: mask the padding).
+      mask: (B, T), 1 where a token is scored (default: every token but the first).
+      training: the model's training mode (DPO's policy step; MoE capacity, dropout).
+    """
+    logits = model(ids, training=training)                                 # (B, T, V)
+    return next_token_scores(logits, ids, mask)
+
+
+def length_mask(lengths: tf.Tensor, width) -> tf.Tensor:
+    """(B, T) float32: 1 at t < lengths[b] (the real tokens of right-padded rows)."""
+    return tf.cast(tf.range(width)[tf.newaxis, :] < lengths[:, tf.newaxis], tf.float32)
