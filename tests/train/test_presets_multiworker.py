@@ -81,6 +81,16 @@ def test_deepseek_v3_tiny_preset_on_two_workers(stdlib_data, tmp_path):
                      re.M), output[-4000:]
 
 
+def test_deepseek_v32_tiny_preset_on_two_workers(stdlib_data, tmp_path):
+    """V3.2: deepseek-v3-tiny + DSA in its sparse stage (the indexer KL as its own loss)."""
+    _, data_dir, _ = stdlib_data
+    workdir = str(tmp_path / "run")
+    output = _launch("deepseek-v32-tiny.flags", workdir, f"--data.data_dir={data_dir}")
+    _check_resolved(workdir, output)
+    assert re.search(r"^\[worker 0\] step +2/2 \| loss .*\| indexer kl \d", output,
+                     re.M), output[-4000:]
+
+
 def test_sft_lora_tiny_preset_on_two_workers(tiny_run, tmp_path):
     """LoRA on the 2-worker tiny run, on the demo's instructions (its own data prepared by
     the chief while the other worker waits)."""
