@@ -1,6 +1,7 @@
 # Quickstart targets. The first use creates .venv and installs the pinned stack into it.
 #   make train   train the embedded default model (configs/tiny.flags) end to end
-#   make test    run the whole test suite
+#   make test    run the whole test suite (every bench in --smoke mode included)
+#   make bench   run every benchmark in bench/ at full size (bench/README.md; a quiet machine)
 #   make demo    the fine-tuning demo: LoRA-tune runs/tiny on synthetic instructions
 #                (configs/sft-lora-tiny.flags), then its held-out exact match
 # Extra flags reach the trainer through ARGS, e.g. make train ARGS="--workdir=runs/t2".
@@ -17,10 +18,12 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# PYTHONWARNINGS silences setuptools' notice about editable installs (a `!!` block).
 $(STAMP): setup.py requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION) -c requirements/constraints.txt setuptools wheel
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity,edge]'
+	PYTHONWARNINGS="ignore:Editable installation" \
+	    $(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity,edge]'
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -35,6 +38,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+BENCHES := compare_hf decode train_throughput moe_scaling data_throughput remat_memory \
+	mwms_scaling edge
+
+bench: $(STAMP)
+	for b in $(BENCHES); do $(BIN)/python bench/$$b.py $(ARGS) || exit 1; done
 
 wheel: $(STAMP)
 	$(BIN)/python -m pip wheel --no-deps -w dist .

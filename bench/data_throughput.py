@@ -9,7 +9,6 @@ is measured without a model consuming it), so on a shared CPU the figures are no
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -17,29 +16,21 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (before TensorFlow)
 
 BATCH, SEQ_LEN = 8, 256
-# The training step is measured with the architecture issue's benchmark config
-# (bench/train_throughput.py): hidden 256, 4 layers (first dense), 8 heads, MLA (q_lora
-# 128, kv_lora 64, nope 32, rope 16, v 32), dense MLP 768, 16 routed experts of width 128
-# + 1 shared, top-2, 4 groups / top-2 groups, vocab 512, batch 8 x 256.
-BENCH_MODEL = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                   num_attention_heads=8, max_position_embeddings=SEQ_LEN, attention_type="mla",
-                   q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                   v_head_dim=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2,
-                   moe_intermediate_size=128, n_group=4, topk_group=2, first_k_dense_replace=1)
 
 
-def bench_prepare(out_root: str, skip_sp: bool) -> str:
+def bench_prepare(out_root: str, skip_sp: bool, max_samples: int = 0) -> str:
     from deepseek_tf.config import DataConfig, TokenizerConfig
     from deepseek_tf.data.prepare import prepare
 
-    runs = [("embedded corpus, byte tokenizer (defaults)", DataConfig(), TokenizerConfig()),
-            ("+ near dedup 0.8", DataConfig(dedup_threshold=0.8), TokenizerConfig())]
+    data = DataConfig(max_samples=max_samples)
+    runs = [("embedded corpus, byte tokenizer (defaults)", data, TokenizerConfig()),
+            ("+ near dedup 0.8", data.replace(dedup_threshold=0.8), TokenizerConfig())]
     if not skip_sp:
-        runs.append(("SentencePiece 8000 (training included)", DataConfig(),
+        runs.append(("SentencePiece 8000 (training included)", data,
                      TokenizerConfig(type="sentencepiece", vocab_size=8000)))
     first = ""
     for i, (name, cfg, tcfg) in enumerate(runs):
@@ -58,7 +49,7 @@ def bench_prepare(out_root: str, skip_sp: bool) -> str:
     return first
 
 
-def _sft_dir(out_root: str) -> str:
+def _sft_dir(out_root: str, max_samples: int = 0) -> str:
     """SFT samples cut from the embedded corpus (prompt = a chunk, answer = the next)."""
     from deepseek_tf.config import DataConfig
     from deepseek_tf.data.corpus import stdlib_documents
@@ -72,7 +63,7 @@ def _sft_dir(out_root: str) -> str:
                 f.write(json.dumps({"instruction": text[lo:lo + 150],
                                     "output": text[lo + 150:lo + 240]}) + "\n")
     out = os.path.join(out_root, "sft")
-    prepare(DataConfig(inputs=path, format="alpaca", seq_len=SEQ_LEN), out, log=lambda *_: 0,
+    prepare(DataConfig(inputs=path, format="alpaca", seq_len=SEQ_LEN, max_samples=max_samples), out, log=lambda *_: 0,
             progress=False)
     return out
 
@@ -91,47 +82,26 @@ def bench_pipeline(data_dir: str, batches: int, **overrides) -> float:
     return batches * BATCH * SEQ_LEN / (time.time() - t0)
 
 
-def bench_train_step(steps: int, jit: bool) -> float:
-    import keras
-    import tensorflow as tf
-
-    from deepseek_tf.config import ModelConfig, OptimConfig, TrainConfig
-    from deepseek_tf.model import DeepSeekCausalLM
-    from deepseek_tf.train.optimizer import make_optimizer
-    from deepseek_tf.train.step import make_train_step
-
-    keras.utils.set_random_seed(0)
-    model = DeepSeekCausalLM(ModelConfig(**BENCH_MODEL))
-    tcfg = TrainConfig(batch_size=BATCH, jit_compile=jit)
-    opt = make_optimizer(OptimConfig(), 1000, model)
-    step = make_train_step(model, opt, tf.distribute.get_strategy(), tcfg, OptimConfig())
-    ids = tf.random.stateless_uniform([1, BATCH, SEQ_LEN + 1], [0, 1], maxval=256, dtype=tf.int32)
-    batch = {"inputs": ids[..., :-1], "targets": ids[..., 1:],
-             "segment_ids": tf.ones([1, BATCH, SEQ_LEN], tf.int32),
-             "positions": tf.broadcast_to(tf.range(SEQ_LEN), [1, BATCH, SEQ_LEN]),
-             "loss_mask": tf.ones([1, BATCH, SEQ_LEN])}
-    it = iter(tf.data.Dataset.from_tensors(batch).repeat())
-    for _ in range(3):
-        float(step(it)["loss"])  # compile and warm up
-    t0 = time.time()
-    for _ in range(steps):
-        out = step(it)
-    float(out["loss"])
-    return steps * BATCH * SEQ_LEN / (time.time() - t0)
+def bench_train_step(steps: int, jit: bool, smoke: bool) -> float:
+    """Tokens/s of the trainer's step on the issue-3 benchmark config (median of `steps`)."""
+    cfg, batch, seq = common.bench_config(smoke)
+    run = common.train_step_runner(cfg, batch, seq, jit)
+    return batch * seq / common.stats(common.time_calls(run, steps, warmup=3))[1]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=200, help="pipeline batches timed")
-    parser.add_argument("--steps", type=int, default=20, help="training steps timed")
-    parser.add_argument("--skip_sp", action="store_true", help="skip the SentencePiece run")
-    args = parser.parse_args()
-    from common import cpu_summary
-    print(f"machine: {cpu_summary()}")
+def main(argv=None):
+    p = common.parser(__doc__)
+    p.add_argument("--batches", type=int, default=200, help="pipeline batches timed")
+    p.add_argument("--steps", type=int, default=20, help="training steps timed")
+    p.add_argument("--skip_sp", action="store_true", help="skip the SentencePiece run")
+    args = common.start(p, argv)
+    max_samples = 0
+    if args.smoke:
+        args.batches, args.steps, args.skip_sp, max_samples = 5, 1, True, 40
     root = tempfile.mkdtemp(prefix="data-bench-")
     try:
-        data_dir = bench_prepare(root, args.skip_sp)
-        sft_dir = _sft_dir(root)
+        data_dir = bench_prepare(root, args.skip_sp, max_samples)
+        sft_dir = _sft_dir(root, max_samples)
         pipe = bench_pipeline(data_dir, args.batches)
         pipe_window = bench_pipeline(data_dir, args.batches, packing="window", stride=64)
         pipe_aug = bench_pipeline(data_dir, args.batches, augment="span")
@@ -139,10 +109,11 @@ def main():
         print(f"pipeline (read, parse, pack, shuffle, batch; {BATCH} x {SEQ_LEN}): "
               f"pretraining pack {pipe:,.0f} tokens/s | sliding windows {pipe_window:,.0f} | "
               f"pack + span masking {pipe_aug:,.0f} | SFT whole-sample pack {pipe_sft:,.0f}")
-        shape = ", ".join(f"{k}={v}" for k, v in BENCH_MODEL.items())
-        train = {jit: bench_train_step(args.steps, jit) for jit in (False, True)}
-        print(f"training step ({shape}; batch {BATCH} x {SEQ_LEN}): "
-              f"{train[False]:,.0f} tokens/s without XLA, {train[True]:,.0f} tokens/s with XLA")
+        modes = (False,) if args.smoke else (False, True)  # smoke: no compile
+        train = {jit: bench_train_step(args.steps, jit, args.smoke) for jit in modes}
+        print(f"training step ({'smoke' if args.smoke else 'issue-3'} config, bench/common.py): "
+              + ", ".join(f"{v:,.0f} tokens/s {'with' if jit else 'without'} XLA"
+                          for jit, v in train.items()))
         fastest = max(train.values())
         slowest_pipe = min(pipe, pipe_window, pipe_aug, pipe_sft)
         print(f"pipeline / training: {pipe / fastest:.1f}x (pretraining pack), "

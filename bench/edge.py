@@ -15,16 +15,13 @@ Targets of issue 10: int8 decode >= SavedModel fp32 decode; int8 file <= 0.3x fp
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402,F401  (sets the path and TF's log level)
+import common  # noqa: E402  (before TensorFlow)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -37,27 +34,8 @@ V3_STYLE = dict(QUICKSTART, attention_type="mla", q_lora_rank=64, kv_lora_rank=6
                 first_k_dense_replace=1, n_group=2, topk_group=1)
 
 
-def cpu_flags() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                 if ln.startswith("Model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines()
-                  if ln.startswith("Flags")), [])
-    wanted = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))]
-    return f"{name}, {os.cpu_count()} CPUs; {' '.join(wanted)}"
-
-
 def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(common.time_calls(fn, repeats, warmup=1))
 
 
 def bench_savedmodel(path, prompt, n, repeats):
@@ -102,19 +80,21 @@ def bench_litertlm(path, p, n, context, threads):
     return info.last_prefill_tokens_per_second, info.last_decode_tokens_per_second
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    ap = common.parser(__doc__)
     ap.add_argument("--family", default="gqa", choices=("gqa", "mla_moe"))
     ap.add_argument("--workdir", default="", help="bench a trained run instead")
     ap.add_argument("--prompt_tokens", type=int, default=128)
     ap.add_argument("--decode_tokens", type=int, default=128)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="threads of every runtime (default: the CPU count, TF's default)")
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    from common import cpu_summary
-    print(f"machine: {cpu_summary()}")
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    args = common.start(ap, argv)
+    if args.smoke:
+        args.prompt_tokens, args.decode_tokens, args.context, args.repeats = 8, 4, 32, 1
+    if args.threads != common.tf_threads():
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     from deepseek_tf.config import Experiment, ModelConfig
     from deepseek_tf.data.tokenizer.byte import ByteTokenizer
     from deepseek_tf.export import export
@@ -131,7 +111,6 @@ def main():
     p, n, c = args.prompt_tokens, args.decode_tokens, args.context
     rng = np.random.default_rng(0)
     prompt = [tok.bos_id] + rng.integers(32, 127, p - 1).tolist()  # printable bytes
-    print(f"CPU: {cpu_flags()}")
     print(f"model: {args.workdir or args.family}, {count_params(model)[1]:,} parameters; "
           f"prompt {p} tokens, {n} decode steps, context {c}, {args.threads} threads; "
           f"TF {tf.__version__}")
@@ -143,7 +122,7 @@ def main():
         sizes["SavedModel"] = sum(os.path.getsize(os.path.join(d, f))
                                   for d, _, fs in os.walk(sm) for f in fs)
         rows.append(("SavedModel fp32 (TF)", *bench_savedmodel(sm, prompt, n, args.repeats)))
-        for q in ("none", "fp16", "int8"):
+        for q in ("none", "int8") if args.smoke else ("none", "fp16", "int8"):
             name = {"none": "fp32"}.get(q, q)
             path = os.path.join(tmp, f"{q}.tflite")
             export(model, exp, "tflite", path, log=quiet, max_length=c, prefill_lengths=(p,),

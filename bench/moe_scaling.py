@@ -2,6 +2,7 @@
 the same active size (target ratio <= 1.15), in the mode the trainer would pick here.
 
     python bench/moe_scaling.py [--steps=12] [--tokens=2048] [--seq=256] [--modes=auto]
+                                [--experts=8,64]
 
 `--modes=auto` (default) measures the precision and XLA setting that
 `--train.precision=auto --train.jit_compile=auto` resolve to on this machine for the
@@ -19,20 +20,23 @@ E=64 has 8x the expert weights, so 8x the weight casts (mixed precision), weight
 gradients written, norm and AdamW passes. At 2,048 tokens per step that is a large
 share of the step; it shrinks as tokens per step grow (try --seq=1024).
 The model runs take turns step by step (bench/common.py), so machine noise hits
-E=8 and E=64 alike. For reference it also times the all-experts einsum (every
-expert on every token, KerasHub style), whose cost grows with the number of experts.
+E=8 and E=64 alike; figures are medians. For reference it also times the all-experts
+einsum (every expert on every token, KerasHub style), whose cost grows with the number
+of experts.
 """
 
-import argparse
+import os
 import statistics
-import time
+import sys
 
-import tensorflow as tf
-from common import (grad_fn_runner, interleaved_medians, trainer_choice, train_step_runner,
-                    update_runner)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (grad_fn_runner, interleaved_medians, parser, start, time_calls,  # noqa: E402
+                    trainer_choice, train_step_runner, update_runner)
 
-from deepseek_tf.config import ModelConfig
-from deepseek_tf.layers.moe import DeepSeekMoE
+import tensorflow as tf  # noqa: E402
+
+from deepseek_tf.config import ModelConfig  # noqa: E402
+from deepseek_tf.layers.moe import DeepSeekMoE  # noqa: E402
 
 D, F = 256, 128
 
@@ -67,13 +71,7 @@ def time_layer(experts: int, tokens: int, jit: bool, dense: bool, steps: int,
             loss = tf.reduce_sum(tf.square(tf.cast(y, tf.float32)))
         return loss, tape.gradient(loss, [x] + layer.trainable_variables)
 
-    float(step(x)[0])
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        float(step(x)[0])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_calls(lambda: float(step(x)[0]), steps, warmup=1))
 
 
 def model_config(experts: int) -> ModelConfig:
@@ -89,19 +87,23 @@ def params(experts: int) -> int:
     return count_parameters(model_config(experts))["total"]
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=12, help="timed rounds")
-    parser.add_argument("--seq", type=int, default=256, help="model: tokens per sequence")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--skip_model", action="store_true")
-    parser.add_argument("--skip_layer", action="store_true")
-    parser.add_argument("--modes", choices=("auto", "both"), default="auto")
-    args = parser.parse_args()
-    from common import cpu_summary
-    print(f"machine: {cpu_summary()}")
-    if args.modes == "auto":
-        prec, jit, why = trainer_choice(model_config(8), 8, args.seq)
+def main(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--steps", type=int, default=12, help="timed rounds")
+    p.add_argument("--seq", type=int, default=256, help="model: tokens per sequence")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--experts", default="8,64", help="the two expert counts compared")
+    p.add_argument("--skip_model", action="store_true")
+    p.add_argument("--skip_layer", action="store_true")
+    p.add_argument("--modes", choices=("auto", "both"), default="auto")
+    args = start(p, argv)
+    if args.smoke:
+        args.steps, args.seq, args.tokens, args.experts = 1, 32, 128, "4,8"
+    lo, hi = (int(e) for e in args.experts.split(","))
+    if args.smoke:  # float32 without XLA: no compile (compare_hf's smoke run covers `auto`)
+        modes = [("float32", False)]
+    elif args.modes == "auto":
+        prec, jit, why = trainer_choice(model_config(lo), 8, args.seq)
         print(f"the trainer's choice here: {prec}, XLA {'on' if jit else 'off'} ({why})")
         modes = [(prec, jit)]
     else:
@@ -109,27 +111,28 @@ def main():
     for prec, jit in modes:
         name = ("XLA   " if jit else "no XLA") + f" {prec}"
         if not args.skip_layer:
-            t8, t64 = (time_layer(e, args.tokens, jit, False, args.steps, prec) for e in (8, 64))
-            d8, d64 = (time_layer(e, args.tokens, jit, True, args.steps, prec) for e in (8, 64))
-            print(f"{name} layer  sparse: E=8 {t8 * 1e3:7.1f} ms  E=64 {t64 * 1e3:7.1f} ms  "
-                  f"ratio {t64 / t8:.2f}   | all-experts einsum: E=8 {d8 * 1e3:7.1f} ms  "
-                  f"E=64 {d64 * 1e3:7.1f} ms  ratio {d64 / d8:.2f}")
+            t8, t64 = (time_layer(e, args.tokens, jit, False, args.steps, prec) for e in (lo, hi))
+            d8, d64 = (time_layer(e, args.tokens, jit, True, args.steps, prec) for e in (lo, hi))
+            print(f"{name} layer  sparse: E={lo} {t8 * 1e3:7.1f} ms  E={hi} {t64 * 1e3:7.1f} ms  "
+                  f"ratio {t64 / t8:.2f}   | all-experts einsum: E={lo} {d8 * 1e3:7.1f} ms  "
+                  f"E={hi} {d64 * 1e3:7.1f} ms  ratio {d64 / d8:.2f}")
         if not args.skip_model:
             runners = {}
-            for e in (8, 64):
+            for e in (lo, hi):
                 runners[f"step{e}"] = train_step_runner(model_config(e), 8, args.seq, jit, prec)
                 runners[f"grad{e}"] = grad_fn_runner(model_config(e), 8, args.seq, jit, prec)
                 runners[f"update{e}"] = update_runner(model_config(e), prec)
-            t = interleaved_medians(runners, args.steps)
-            dropped = float(runners["step64"].out["dropped_frac"].numpy().mean())
-            print(f"{name} model  train step: E=8 {t['step8'] * 1e3:7.1f} ms  E=64 "
-                  f"{t['step64'] * 1e3:7.1f} ms  ratio {t['step64'] / t['step8']:.2f}  "
-                  f"(8 x {args.seq} tokens; E=64 dropped {100 * dropped:.1f}%)")
-            print(f"{name} model  fwd+bwd:    E=8 {t['grad8'] * 1e3:7.1f} ms  E=64 "
-                  f"{t['grad64'] * 1e3:7.1f} ms  ratio {t['grad64'] / t['grad8']:.2f}")
-            print(f"{name} model  update:     E=8 {t['update8'] * 1e3:7.1f} ms  E=64 "
-                  f"{t['update64'] * 1e3:7.1f} ms  (norm + AdamW alone; "
-                  f"{params(8) / 1e6:.1f}M vs {params(64) / 1e6:.1f}M parameters)")
+            t = {k: v * 1e3 for k, v in interleaved_medians(runners, args.steps).items()}
+            dropped = float(runners[f"step{hi}"].out["dropped_frac"].numpy().mean())
+            print(f"{name} model  train step: E={lo} {t[f'step{lo}']:7.1f} ms  E={hi} "
+                  f"{t[f'step{hi}']:7.1f} ms  ratio {t[f'step{hi}'] / t[f'step{lo}']:.2f}  "
+                  f"(8 x {args.seq} tokens; E={hi} dropped {100 * dropped:.1f}%)")
+            print(f"{name} model  fwd+bwd:    E={lo} {t[f'grad{lo}']:7.1f} ms  E={hi} "
+                  f"{t[f'grad{hi}']:7.1f} ms  ratio {t[f'grad{hi}'] / t[f'grad{lo}']:.2f}")
+            print(f"{name} model  update:     E={lo} {t[f'update{lo}']:7.1f} ms  E={hi} "
+                  f"{t[f'update{hi}']:7.1f} ms  (norm + AdamW alone; "
+                  f"{params(lo) / 1e6:.1f}M vs {params(hi) / 1e6:.1f}M parameters)")
+
 
 if __name__ == "__main__":
     main()

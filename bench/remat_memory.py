@@ -14,60 +14,38 @@ re-run on a quiet one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
+import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (before TensorFlow)
 
 
-def child(args) -> dict:
-    """One mode: returns {"remat", "peak_mb", "step_s"}."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"  # allocator statistics on the CPU
-    sys.path.insert(0, ROOT)
-    import numpy as np
+def child(spec: dict) -> dict:
+    """One mode, in its own process: {"remat", "peak_mb", "step_s"}."""
     import tensorflow as tf
 
-    from deepseek_tf.config import ModelConfig, OptimConfig, TrainConfig
-    from deepseek_tf.model import DeepSeekCausalLM
-    from deepseek_tf.train.optimizer import make_optimizer
-    from deepseek_tf.train.step import make_train_step
+    from deepseek_tf.config import ModelConfig
 
-    cfg = ModelConfig(vocab_size=320, hidden_size=args.hidden_size,
-                      intermediate_size=args.hidden_size * 11 // 4,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      max_position_embeddings=args.seq_len)
-    tcfg = TrainConfig(batch_size=args.batch_size, remat=args.remat,
-                       jit_compile=args.jit_compile)
-    model = DeepSeekCausalLM(cfg, remat=args.remat)
-    optimizer = make_optimizer(OptimConfig(warmup_steps=0), 1000, model)
-    shape = (1, args.batch_size, args.seq_len)  # (A, B, T)
-    tokens = np.random.default_rng(0).integers(0, 256, shape).astype(np.int32)
-    batch = {"inputs": tokens, "targets": tokens, "segment_ids": np.ones(shape, np.int32),
-             "positions": np.broadcast_to(np.arange(args.seq_len, dtype=np.int32), shape),
-             "loss_mask": np.ones(shape, np.float32)}
-    it = iter(tf.data.Dataset.from_tensors(batch).repeat())
-    step = make_train_step(model, optimizer, tf.distribute.get_strategy(), tcfg, OptimConfig())
-    float(step(it)["loss"])  # warm-up: trace, compile
+    h = spec["hidden_size"]
+    cfg = ModelConfig(vocab_size=320, hidden_size=h, intermediate_size=h * 11 // 4,
+                      num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                      max_position_embeddings=spec["seq_len"])
+    run = common.train_step_runner(cfg, spec["batch_size"], spec["seq_len"],
+                                   spec["jit_compile"], remat=spec["remat"])
+    run()  # warm-up: trace, compile
     tf.config.experimental.reset_memory_stats("CPU:0")
     base = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        float(step(it)["loss"])
-        times.append(time.perf_counter() - t)
+    times = common.time_calls(run, spec["steps"])
     peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-    return {"remat": args.remat, "peak_mb": (peak - base) / 2 ** 20,
-            "step_s": statistics.median(times)}
+    return {"remat": spec["remat"], "peak_mb": (peak - base) / 2 ** 20,
+            "step_s": common.stats(times)[1]}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    p = common.parser(__doc__)
     p.add_argument("--modes", default="none,block,attention")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=1024)
@@ -76,26 +54,26 @@ def main():
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--jit_compile", action="store_true")
-    p.add_argument("--remat", default="none", help=argparse.SUPPRESS)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    from common import cpu_summary
-    print(f"machine: {cpu_summary()}")
-    if args.child:
-        print("RESULT " + json.dumps(child(args)), flush=True)
+    args = common.start(p, argv)
+    if common.run_as_side(args, {"child": child}):
         return
+    if args.smoke:
+        args.modes, args.layers, args.seq_len, args.hidden_size, args.batch_size, args.steps = (
+            "none,block", 2, 64, 64, 2, 1)
     print(f"model: {args.layers} layers x {args.hidden_size}, {args.heads} heads; batch "
           f"{args.batch_size} x seq {args.seq_len}; XLA {'on' if args.jit_compile else 'off'}; "
           f"median of {args.steps} steps")
     rows = []
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", f"--remat={mode}"] + [
-            a for a in sys.argv[1:] if not a.startswith("--modes")]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.split("RESULT ", 1)[1]))
-        r = rows[-1]
-        print(f"remat={r['remat']:<9} peak step memory {r['peak_mb']:8.1f} MB   "
-              f"step {r['step_s']:.3f} s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            spec = dict(vars(args), remat=mode)
+            with open(os.path.join(tmp, "spec.json"), "w") as f:
+                json.dump(spec, f)
+            rows.append(common.run_side([__file__, "--side=child", f"--spec={tmp}/spec.json"],
+                                        {"TF_CPU_ALLOCATOR_USE_BFC": "true"}))
+            r = rows[-1]
+            print(f"remat={r['remat']:<9} peak step memory {r['peak_mb']:8.1f} MB   "
+                  f"step {r['step_s']:.3f} s", flush=True)
     base = rows[0]
     for r in rows[1:]:
         print(f"{r['remat']} / {base['remat']}: memory {r['peak_mb'] / base['peak_mb']:.2f}x, "

@@ -19,6 +19,7 @@ Example (in an entry point):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from typing import Callable, Iterable
@@ -27,7 +28,8 @@ from absl import app, flags
 
 from deepseek_tf import config as cfg
 from deepseek_tf.errors import ConfigError, UserError
-from deepseek_tf.workdir_files import CHECKPOINT_DIR, CONFIG_FILE, CONVERT_FILE
+from deepseek_tf.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, CONVERT_FILE, DATA_DIR,
+                                       METADATA_FILE)
 
 FLAGS = flags.FLAGS
 # Extra flag names for existing fields: --data.output_dir reads naturally for prepare.
@@ -69,6 +71,18 @@ def define_flags(sections: Iterable[str] = tuple(cfg.SECTIONS),
     for alias, original in ALIASES.items():
         if original in flag_values and alias not in flag_values:
             flags.DEFINE_alias(alias, original, flag_values=flag_values)
+
+
+def define_jit_compile(default: str, help_text: str,
+                       flag_values: flags.FlagValues = FLAGS) -> None:
+    """`--jit_compile=auto|true|false` of generate, evaluate and export: the same choices
+    and parser as the generated `--train.jit_compile` (deepseek_tf.autojit)."""
+    from deepseek_tf.autojit import JIT_CHOICES
+
+    caller = sys._getframe(1).f_globals.get("__name__", "")  # its --help lists the flag
+    flags.DEFINE_enum("jit_compile", default, list(JIT_CHOICES), help_text,
+                      case_sensitive=False, flag_values=flag_values,
+                      module_name=sys.argv[0] if caller == "__main__" else caller)
 
 
 def _section_values(flag_values, section: str, only_present: bool) -> dict:
@@ -141,19 +155,61 @@ def resolve_experiment(flag_values: flags.FlagValues = FLAGS,
     define it); given data, optimizer and loop flags replace the saved values.
     """
     exp = experiment_from_flags(flag_values)  # validates the flags even when resuming
-    if workdir:
-        path = os.path.join(workdir, CONFIG_FILE)
-        if os.path.exists(path):
-            given = given_overrides(flag_values)
-            saved = cfg.Experiment.load(path)
-            if fresh_conversion(workdir):
-                saved = cfg.Experiment(model=saved.model, **{
-                    s: getattr(saved, s).replace(**given[s]) for s in cfg.SECTIONS
-                    if s != "model"})
-            return reconcile(saved, given, path)
-    if exp.train.init_from:
-        return adopt_init_from(exp, given_overrides(flag_values))
-    return exp
+    given = given_overrides(flag_values)
+    path = os.path.join(workdir, CONFIG_FILE) if workdir else ""
+    if path and os.path.exists(path):
+        saved = cfg.Experiment.load(path)
+        if fresh_conversion(workdir):
+            saved = cfg.Experiment(model=saved.model, **{
+                s: getattr(saved, s).replace(**given[s]) for s in cfg.SECTIONS
+                if s != "model"})
+        exp = reconcile(saved, given, path)
+    elif exp.train.init_from:
+        exp = adopt_init_from(exp, given)
+    return adopt_prepared_data(exp, given, workdir or "")
+
+
+#: The data fields that say what the prepared samples are; `train` takes them from the
+#: prepared directory's metadata.json, so config.json (and generate / evaluate, which
+#: read the chat template there) match the data.
+PREPARED_SAMPLE_FIELDS = ("format", "template")
+
+
+def adopt_prepared_data(exp: cfg.Experiment, given: dict[str, dict],
+                        workdir: str) -> cfg.Experiment:
+    """The run's data format and chat template from its prepared data, if prepared.
+
+    A given flag that contradicts the prepared data is an error; so is a
+    `--data.data_dir` that does not exist when there is nothing to prepare into it
+    (no `--data.inputs`): the embedded corpus is only the default directory's fallback.
+    """
+    data = exp.data
+    data_dir = data.data_dir or os.path.join(workdir, DATA_DIR)
+    meta_path = os.path.join(data_dir, METADATA_FILE)
+    if not os.path.exists(meta_path):
+        if data.data_dir and not data.inputs and not os.path.exists(data.data_dir):
+            raise UserError(
+                f"--data.data_dir={data.data_dir} does not exist; give the directory "
+                f"prepare wrote (--data.output_dir), or --data.inputs=FILES to prepare into it.")
+        return exp
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            settings = json.load(f)["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return exp  # train reports an unreadable metadata.json in its own words
+    changes = {}
+    for key in PREPARED_SAMPLE_FIELDS:
+        if key not in settings:  # template: only SFT data records one
+            continue
+        prepared, value = settings[key], given["data"].get(key, getattr(data, key))
+        if key in given["data"] and value != prepared:
+            raise ConfigError(
+                f"--data.{key}={value!r} contradicts {meta_path}, prepared with "
+                f"{prepared!r}; drop the flag, or prepare the data again into a new "
+                f"--data.output_dir.")
+        if getattr(data, key) != prepared:
+            changes[key] = prepared
+    return dataclasses.replace(exp, data=data.replace(**changes)) if changes else exp
 
 
 def adopt_init_from(exp: cfg.Experiment, given: dict[str, dict]) -> cfg.Experiment:

@@ -43,6 +43,8 @@ class DeepSeekCausalLM(keras.Model):
       return_aux: also return the training side outputs (see `collect_aux`).
       dropout_seed: int (2,) stateless seed of this call's dropout masks (the train
         step passes one per step, micro-batch and replica); drawn at random if None.
+      moe_capacity_factor: overrides the MoE layers' capacity factor (decoder blocks;
+        e.g. `layers.moe.dropless_factor` for exact scores in any mode).
 
     Returns float32 logits (B, T, vocab_size), or (logits, aux) with `return_aux`:
     aux has, when the config has MoE layers, float32 `expert_load` (L_moe, E) routed
@@ -107,7 +109,7 @@ class DeepSeekCausalLM(keras.Model):
         return tf.cast(logits, tf.float32)                 # (B, T, V)
 
     def call(self, inputs, segment_ids=None, positions=None, training=False,
-             return_aux=False, dropout_seed=None):
+             return_aux=False, dropout_seed=None, moe_capacity_factor=None):
         inputs = tf.convert_to_tensor(inputs)
         b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
         if segment_ids is None:
@@ -121,7 +123,7 @@ class DeepSeekCausalLM(keras.Model):
         for i, block in enumerate(self.blocks):
             run = lambda h, block=block, s=fold_seed(seed, i): block(  # noqa: E731
                 h, positions=positions, attention_mask=mask, training=training,
-                return_aux=return_aux, dropout_seed=s)
+                return_aux=return_aux, dropout_seed=s, moe_capacity_factor=moe_capacity_factor)
             out = maybe_remat(run, self.remat == "block")(x)
             x, a = out if return_aux else (out, {})
             layer_aux.append(a)

@@ -14,8 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-
 from deepseek_tf.config import ModelConfig
 
 
@@ -119,7 +117,8 @@ def main(argv):
 
 
 def entry():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+    from deepseek_tf.quiet import quiet_tensorflow
+    quiet_tensorflow()  # TF log noise off (README)
     from absl import flags
 
     from deepseek_tf import flags as dflags

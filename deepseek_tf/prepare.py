@@ -11,7 +11,9 @@ interrupted run resumes when started again with the same flags.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 

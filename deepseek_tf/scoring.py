@@ -35,16 +35,20 @@ def next_token_scores(logits: tf.Tensor, ids: tf.Tensor,
 
 
 def score_tokens(model, ids: tf.Tensor, mask: tf.Tensor | None = None,
-                 training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+                 training: bool = False,
+                 moe_capacity_factor: float | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """`next_token_scores` of one forward pass of `model` over `ids` (B, T).
 
     Args:
       model: a `DeepSeekCausalLM`.
       ids: int32 (B, T) token ids (right-padded rows: mask the padding).
       mask: (B, T), 1 where a token is scored (default: every token but the first).
-      training: the model's training mode (DPO's policy step; MoE capacity, dropout).
+      training: the model's training mode (MoE capacity, dropout).
+      moe_capacity_factor: overrides the MoE layers' capacity factor (DPO scores with
+        `layers.moe.dropless_factor`, so padding and other rows never drop a token).
     """
-    logits = model(ids, training=training)                                 # (B, T, V)
+    logits = model(ids, training=training,
+                   moe_capacity_factor=moe_capacity_factor)                # (B, T, V)
     return next_token_scores(logits, ids, mask)
 
 

@@ -14,6 +14,8 @@ CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 #: Default prepared-data directory when `--data.data_dir` is empty.
 DATA_DIR = "data"
+#: In a prepared-data directory: its settings, splits and shards (written last by prepare).
+METADATA_FILE = "metadata.json"
 #: TensorBoard event files and profiler traces.
 TENSORBOARD_DIR = "tensorboard"
 #: One JSON line per logged step / evaluation.

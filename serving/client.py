@@ -2,6 +2,8 @@
 """Query a deepseek_tf SavedModel served by TF Serving, over REST or gRPC.
 
   python serving/client.py --prompt="Hello"                          # REST, prints the text
+  python serving/client.py --signature=chat --system="Be brief." --message="user:Hi" \
+      --message="assistant:Hello!" --message="user:What is TF Serving?"
   python serving/client.py --prompt="Hello" --protocol=grpc --label=canary
   python serving/client.py --signature=generate_ids --ids=1,2,3 --max_new_tokens=8
   python serving/client.py --signature=score --ids="1,2,3;4,5" --json
@@ -27,10 +29,13 @@ EXIT_HELP = ("Exit codes: 0 ok; 1 the server failed (HTTP 5xx, other gRPC codes)
              "(a bad flag, HTTP 400/404, gRPC INVALID_ARGUMENT/NOT_FOUND/FAILED_PRECONDITION); "
              "3 server unreachable (connection refused, timeout, gRPC UNAVAILABLE/"
              "DEADLINE_EXCEEDED). Errors are one 'error:' line on stderr.")
-SIGNATURES = ("serving_default", "generate_ids", "score")
+SIGNATURES = ("serving_default", "chat", "generate_ids", "score")
 #: Sent for every row when not given: a signature without SignatureDef `defaults` needs all.
-SAMPLING = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
-_NP_DTYPES = {"prompt": object, "temperature": "float32", "top_p": "float32"}  # else int32
+#: seed -1: the model draws a fresh seed per request (same seed >= 0, same text).
+SAMPLING = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": -1}
+ROLES = ("system", "user", "assistant", "tool")
+_NP_DTYPES = {"prompt": object, "roles": object, "contents": object, "temperature": "float32",
+              "top_p": "float32"}  # else int32
 
 
 class ServingError(Exception):
@@ -65,8 +70,30 @@ def parse_ids(text):
     return rows
 
 
-def build_inputs(signature, prompts=None, ids=None, **sampling):
+def parse_message(text):
+    """'user:Hi there' -> ('user', 'Hi there')."""
+    role, sep, content = text.partition(":")
+    if not sep or role.strip() not in ROLES:
+        raise ServingError(f"--message={text!r}: write ROLE:TEXT with ROLE one of "
+                           f"{', '.join(ROLES)} (e.g. --message='user:Hi')", BAD_INPUT)
+    return role.strip(), content
+
+
+def chat_inputs(conversations):
+    """The chat signature's columns for a batch of conversations [[(role, content)]]:
+    roles and contents [B, M] (short conversations padded with ""), num_messages [B]."""
+    width = max(len(c) for c in conversations)
+    pad = lambda row: list(row) + [""] * (width - len(row))  # noqa: E731
+    return {"roles": [pad(r for r, _ in c) for c in conversations],
+            "contents": [pad(t for _, t in c) for c in conversations],
+            "num_messages": [len(c) for c in conversations]}
+
+
+def build_inputs(signature, prompts=None, ids=None, messages=None, system=None, **sampling):
     """Columnar inputs {name: list with a leading batch dim} for `signature`.
+
+    chat takes `messages` (one conversation: [(role, content)], ending with a user turn)
+    or `prompts` (each one user turn), after the `system` text if given.
 
     Sampling values left out (or None) get the client defaults in SAMPLING; all of them
     are always sent, so a request works whether or not the signature has defaults.
@@ -82,6 +109,14 @@ def build_inputs(signature, prompts=None, ids=None, **sampling):
         if not prompts:
             raise ServingError("serving_default needs a prompt: pass --prompt=TEXT", BAD_INPUT)
         inputs = {"prompt": list(prompts)}
+    elif signature == "chat":
+        conversations = [list(messages)] if messages else [[("user", p)] for p in prompts or []]
+        if system is not None:
+            conversations = [[("system", system)] + c for c in conversations if c]
+        if not conversations or not all(conversations):
+            raise ServingError("chat needs messages: pass --message=user:TEXT (repeat for "
+                               "turns; --system=TEXT first) or --prompt=TEXT", BAD_INPUT)
+        inputs = chat_inputs(conversations)
     else:
         if not ids:
             raise ServingError(f"{signature} needs token ids: pass --ids=1,2,3", BAD_INPUT)
@@ -229,6 +264,8 @@ def render(signature, inputs, outputs, as_json=False):
         return json.dumps(outputs, ensure_ascii=False)
     if signature == "serving_default":
         return "\n".join(outputs["text"])
+    if signature == "chat":
+        return "\n".join(outputs["reply"])
     if signature == "generate_ids":
         return "\n".join(",".join(map(str, ids[:n])) for ids, n in
                          zip(outputs["output_ids"], outputs["output_lengths"]))
@@ -238,7 +275,11 @@ def render(signature, inputs, outputs, as_json=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXIT_HELP)
-    p.add_argument("--prompt", action="append", help="text for serving_default; repeat for a batch")
+    p.add_argument("--prompt", action="append", help="text for serving_default (or chat: one "
+                   "user turn); repeat for a batch")
+    p.add_argument("--message", action="append", help="chat: one message ROLE:TEXT (roles "
+                   "user, assistant, tool); repeat in order, ending with a user turn")
+    p.add_argument("--system", help="chat: the system message")
     p.add_argument("--ids", help="token ids for generate_ids/score, e.g. 1,2,3 (';' between rows)")
     p.add_argument("--signature", default="serving_default", choices=SIGNATURES)
     p.add_argument("--protocol", default="rest", choices=("rest", "grpc"))
@@ -255,14 +296,17 @@ def main(argv=None):
         p.add_argument(f"--{name}", type=type(default), default=None,
                        help=f"default {default}" + (" (<=0: greedy)" if name == "temperature"
                                                     else " (0: off)" if name == "top_k"
-                                                    else " (1: off)" if name == "top_p" else ""))
+                                                    else " (1: off)" if name == "top_p"
+                                                    else " (a fresh seed per request)"
+                                                    if name == "seed" else ""))
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="print all outputs as JSON")
     args = p.parse_args(argv)
     try:
         ids = parse_ids(args.ids) if args.ids else None
-        inputs = build_inputs(args.signature, prompts=args.prompt, ids=ids,
-                              **{k: getattr(args, k) for k in SAMPLING})
+        messages = [parse_message(m) for m in args.message or []]
+        inputs = build_inputs(args.signature, prompts=args.prompt, ids=ids, messages=messages,
+                              system=args.system, **{k: getattr(args, k) for k in SAMPLING})
         outputs = predict(inputs, protocol=args.protocol, signature=args.signature,
                           host=args.host, model=args.model, version=args.version,
                           label=args.label, timeout=args.timeout, fmt=args.format,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from deepseek_tf.autojit import JIT_CHOICES, jit_value
 from deepseek_tf.config.base import _Section, _split_list, knob
 
 
@@ -65,7 +66,8 @@ class TrainConfig(_Section):
     log_every: int = knob(10, "Log train metrics every N steps.", resumable=True)
     eval_every: int = knob(200, "Evaluate on the validation split every N steps "
                            "(0 = only at the end).", resumable=True)
-    eval_steps: int = knob(20, "Validation batches per evaluation.", resumable=True)
+    eval_steps: int = knob(20, "Validation batches per evaluation (dpo: every held-out "
+                           "pair, always).", resumable=True)
     checkpoint_every: int = knob(200, "Save a checkpoint every N steps (and at the end).",
                                  resumable=True)
     keep_checkpoints: int = knob(3, "Checkpoints to keep.", resumable=True)
@@ -73,7 +75,7 @@ class TrainConfig(_Section):
                             "= time a few compiled and uncompiled forward+backward passes of "
                             "this model on this machine before training and keep the faster "
                             "(the choice is saved in config.json; a resumed run keeps it).",
-                            choices=("auto", "true", "false"), resumable=True)
+                            choices=JIT_CHOICES, resumable=True)
     deterministic: bool = knob(True, "Enable TF op determinism (bitwise reproducible "
                                "runs and resumes on CPU).", resumable=True)
     # scale-out and memory (train/strategy.py, train/precision.py, layers/remat.py)
@@ -126,8 +128,11 @@ class TrainConfig(_Section):
     finetuning_type: str = knob("full", "Which weights train: full (all), freeze (only "
                                 "--freeze.*), lora (low-rank adapters on --lora.targets; the "
                                 "base stays frozen).", choices=("full", "freeze", "lora"))
-    stage: str = knob("sft", "Objective: sft (next-token loss on the loss mask; pretraining "
-                      "data too) or dpo (preference pairs, --dpo.*).", choices=("sft", "dpo"))
+    stage: str = knob("auto", "Objective (train/objectives.py): pretrain (next-token loss "
+                      "on plain text), sft (the same loss on the answer tokens of chat-format "
+                      "data), dpo (preference pairs, --dpo.*), or auto = sft for chat-format "
+                      "data, else pretrain (resolved at the start and saved in config.json).",
+                      choices=("auto", "pretrain", "sft", "dpo"))
     dsa_stage: str = knob("sparse", "DeepSeek Sparse Attention training stage (with "
                           "--model.use_dsa; V3.2 paper): dense_warmup = the main model frozen "
                           "and attending densely, only the indexer trains (KL to the dense "
@@ -143,7 +148,7 @@ class TrainConfig(_Section):
 
     def __post_init__(self):
         if isinstance(self.jit_compile, bool):  # configs and callers from before "auto"
-            object.__setattr__(self, "jit_compile", str(self.jit_compile).lower())
+            object.__setattr__(self, "jit_compile", jit_value(self.jit_compile))
         self._coerce_and_check_types()
         r = self._require
         r(self.recovery_max_trials >= 0, "--train.recovery_max_trials must be >= 0 (0 = off).")
@@ -247,10 +252,10 @@ class DPOConfig(_Section):
                      "1/(2 beta))^2 with length-averaged log-ratios.", choices=("sigmoid", "ipo"))
     label_smoothing: float = knob(0.0, "sigmoid: conservative DPO label smoothing in [0, 0.5).")
     reference: str = knob("model", "Reference log-probs: model = a frozen copy of the "
-                          "init_from weights runs beside the policy at every step; "
-                          "precomputed = computed once for every training pair before "
-                          "training (faster steps; validation pairs are scored live).",
-                          choices=("model", "precomputed"))
+                          "init_from weights scores each batch beside the policy, in the same "
+                          "step (margin exactly 0 at the start); precomputed = scored once for "
+                          "every pair before training (one forward fewer per step; equal to "
+                          "rounding).", choices=("model", "precomputed"))
 
     def __post_init__(self):
         self._coerce_and_check_types()

@@ -3,7 +3,10 @@
 `convert_hf(hf_dir, workdir, exp)` reads `config.json` and `*.safetensors` of a
 DeepseekV32 / DeepseekV3 / DeepseekV2 / Llama / Qwen2 causal LM, builds the matching
 `DeepSeekCausalLM`, fills every weight (a missing, extra or misshapen tensor is an
-error naming it) and writes a workdir the trainer continues from:
+error naming it) and writes a workdir the trainer continues from. Sharded
+checkpoints (`model.safetensors.index.json`) and DeepSeek's FP8 releases
+(`quantization_config.quant_method = fp8`, dequantized to float32) stream in a few
+tensors at a time (`stream.py`); an interrupted conversion resumes when run again:
 
     <workdir>/config.json          the Experiment (model from HF, the rest from flags)
     <workdir>/checkpoints/ckpt-0   model weights + step 0, the trainer's layout
@@ -21,7 +24,10 @@ import os
 from deepseek_tf.config import Experiment, TokenizerConfig
 from deepseek_tf.convert.hf_checks import check_hf_config, fit_data_to_model
 from deepseek_tf.convert.hf_config import architecture_of, model_config_from_hf
+from deepseek_tf.convert.quant import SCALE_SUFFIX, Quantization
 from deepseek_tf.convert.safetensors_io import SafetensorsDir
+from deepseek_tf.convert.stream import PARTS_DIR
+from deepseek_tf.atomic import atomic_open
 from deepseek_tf.errors import UserError
 from deepseek_tf.workdir_files import CHECKPOINT_DIR, CONFIG_FILE, CONVERT_FILE
 
@@ -40,8 +46,12 @@ def _has_mtp_weights(tensors: SafetensorsDir, num_layers: int) -> bool:
     return f"model.layers.{num_layers}.eh_proj.weight" in tensors.index
 
 
+#: Default part size: half the largest shard, within these bounds (bytes of float32).
+PART_BYTES = (16 << 20, 2 << 30)
+
+
 def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict | None = None,
-               log=print, explicit_data=()) -> Experiment:
+               log=print, explicit_data=(), part_bytes: int = 0) -> Experiment:
     """Converts the HF model in `hf_dir` into a new workdir; returns its Experiment.
 
     Args:
@@ -54,10 +64,14 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
       log: printer for progress and notes.
       explicit_data: data fields the user set; the others adapt to the model
         (seq_len no longer than its max_position_embeddings).
+      part_bytes: float32 bytes converted per step (bounds memory; the unit of
+        resuming); 0 = half the largest shard, between 16 MiB and 2 GiB.
     """
     hf = read_hf_config(hf_dir)
     arch = architecture_of(hf)
-    check_hf_config(hf, arch, where=os.path.join(hf_dir, "config.json"))
+    where = os.path.join(hf_dir, "config.json")
+    check_hf_config(hf, arch, where=where)
+    quant = Quantization.from_hf(hf, where)
     cfg, notes = model_config_from_hf(hf)
     tensors = SafetensorsDir(hf_dir)
     mtp_in_files = _has_mtp_weights(tensors, cfg.num_hidden_layers)
@@ -76,8 +90,11 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     data = fit_data_to_model(exp.data, cfg.max_position_embeddings, explicit_data, log=log)
     exp = Experiment(model=cfg, data=data, tokenizer=tokenizer, optim=exp.optim,
                      train=exp.train)
-    if os.path.exists(os.path.join(workdir, CONFIG_FILE)) or os.path.exists(
-            os.path.join(workdir, CHECKPOINT_DIR)):
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    ours = (PARTS_DIR, "checkpoint", "ckpt-0.")  # what an interrupted conversion leaves
+    if os.path.exists(os.path.join(workdir, CONFIG_FILE)) or any(
+            not f.startswith(ours)
+            for f in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])):
         raise UserError(f"--workdir={workdir} already holds a run; choose a new directory.")
     log(f"{arch} from {hf_dir}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.attention_type} attention"
@@ -85,27 +102,28 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     for note in notes:
         log(f"note: {note}")
 
-    import tensorflow as tf  # after every check that needs no TensorFlow
+    from deepseek_tf.convert.stream import declared_model, write_streaming
+    from deepseek_tf.convert.weights import checked_entries
+    from deepseek_tf.params import count_parameters
 
-    from deepseek_tf.convert.weights import load_into
-    from deepseek_tf.model import DeepSeekCausalLM, count_params
-
-    model = DeepSeekCausalLM(cfg)
+    model = declared_model(cfg)  # shapes only: weights stream from the shards to disk
     if fresh_mtp and not mtp_in_files:
         log(f"note: {fresh_mtp} MTP module(s) start from random initialisation")
-    load_into(model, tensors, include_mtp=mtp_in_files, log=log)
+    names = [n for n in tensors.names() if not n.endswith(SCALE_SUFFIX)]
+    entries = checked_entries(model, names, tensors.shape, include_mtp=mtp_in_files)
+    largest = max(s.size for s in tensors.shards)
+    part_bytes = part_bytes or min(max(largest // 2, PART_BYTES[0]), PART_BYTES[1])
+    os.makedirs(ckpt_dir, exist_ok=True)
+    path = write_streaming(model, entries, tensors, ckpt_dir, quant, part_bytes, log=log)
     tensors.close()
-    trainable, total = count_params(model)
-    os.makedirs(workdir, exist_ok=True)
-    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step),
-                                         os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=1,
-                                         step_counter=step)
-    path = manager.save(checkpoint_number=0)
-    exp.save(os.path.join(workdir, CONFIG_FILE))
-    with open(os.path.join(workdir, CONVERT_FILE), "w") as f:
+    counts = count_parameters(cfg)
+    total = counts["total"] + counts["mtp_total"]
+    with atomic_open(os.path.join(workdir, CONVERT_FILE), "w") as f:
         json.dump({"source": os.path.abspath(hf_dir), "architecture": arch, "notes": notes,
-                   "parameters": total, "checkpoint": os.path.basename(path)}, f, indent=2)
-    log(f"wrote {path} ({total:,} parameters, {trainable:,} trainable) and "
-        f"{os.path.join(workdir, CONFIG_FILE)}")
+                   "quantization": quant.method or "none",
+                   "weight_block_size": list(quant.block) if quant.method else None,
+                   "parameters": total,
+                   "checkpoint": os.path.basename(path)}, f, indent=2)
+    exp.save(os.path.join(workdir, CONFIG_FILE))  # last: marks the conversion complete
+    log(f"wrote {path} ({total:,} parameters) and {os.path.join(workdir, CONFIG_FILE)}")
     return exp

@@ -2,17 +2,19 @@
 
 Converts a Hugging Face causal LM (DeepseekV32ForCausalLM, DeepseekV3ForCausalLM,
 DeepseekV2ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM; config.json +
-*.safetensors, never pickle files)
-into a deepseek_tf workdir: `python -m deepseek_tf.train --workdir=OUT` then
+*.safetensors or a sharded model.safetensors.index.json set, never pickle files; bf16/fp16/fp32 tensors or
+DeepSeek's block-scaled FP8 release, dequantized to float32) into a deepseek_tf
+workdir, streaming a few tensors at a time (an interrupted conversion continues
+when the same command runs again). `python -m deepseek_tf.train --workdir=OUT` then
 continues training from it. The architecture comes from config.json; data, optimizer
 and loop settings from the flags given here or to the first `train` run. Model
 flags that do not change the checkpoint's shape (loss weights, capacity factors,
 and --model.num_nextn_predict_layers to add fresh MTP modules) may be given too.
 """
 
-import os
+from deepseek_tf.quiet import quiet_tensorflow
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 
@@ -22,6 +24,10 @@ from deepseek_tf.errors import ConfigError, UserError  # noqa: E402
 dflags.define_flags(workdir_help="Output workdir (must not hold a run yet).")
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory: config.json + "
                     "*.safetensors.")
+flags.DEFINE_float("part_mb", 0.0, "MiB of float32 weights converted and written per step "
+                   "(bounds memory; an interrupted conversion resumes from the last whole "
+                   "step when run again); 0 = half the largest shard, 16 MiB to 2 GiB.",
+                   lower_bound=0.0)
 flags.adopt_module_key_flags(dflags)
 
 _SHAPE_FREE = ("num_nextn_predict_layers",)
@@ -45,7 +51,8 @@ def main(argv):
     exp = cfg.Experiment(model=placeholder, **sections)
     from deepseek_tf.convert import convert_hf  # imports TensorFlow lazily
     convert_hf(dflags.FLAGS.hf_dir, dflags.FLAGS.workdir, exp, model_overrides=given["model"],
-               explicit_data=tuple(given["data"]))
+               explicit_data=tuple(given["data"]),
+               part_bytes=int(dflags.FLAGS.part_mb * 2**20))
 
 
 def entry():

@@ -121,14 +121,15 @@ def mtp_duplicates(model) -> set[str]:
             for n in ("embed_tokens.weight", "shared_head.head.weight")}
 
 
-def load_into(model, tensors, include_mtp: bool = True, log=print) -> int:
-    """Assigns HF tensors (a `SafetensorsDir`-like: names(), shape(), load()) to `model`.
+def checked_entries(model, names, shape_of, include_mtp: bool = True) -> list[Entry]:
+    """`weight_entries(model)` after checking them against a checkpoint's tensors.
 
-    Every tensor must be used and every variable filled: a missing or extra tensor or
-    a shape mismatch raises UserError naming it. Returns the number of tensors read.
+    Every tensor in `names` must be used and every entry present with the shape the
+    config implies (`shape_of(name)`): a missing or extra tensor or a shape mismatch
+    raises UserError naming it.
     """
     entries = weight_entries(model, include_mtp)
-    available = set(tensors.names())
+    available = set(names)
     ignored = mtp_duplicates(model) | (
         {"lm_head.weight"} if model.lm_head is None else set())
     expected = {e.name for e in entries}
@@ -142,21 +143,12 @@ def load_into(model, tensors, include_mtp: bool = True, log=print) -> int:
         raise UserError(f"missing tensor {missing[0]}"
                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} "
                         f"in the checkpoint.")
-    buffers = {}
     for e in entries:
-        shape = tensors.shape(e.name)
+        shape = shape_of(e.name)
         if tuple(shape) != e.hf_shape():
             raise UserError(f"tensor {e.name} has shape {list(shape)} but the config "
                             f"implies {list(e.hf_shape())}.")
-        key = id(e.variable)
-        if key not in buffers:
-            buffers[key] = (e.variable, np.zeros(tuple(e.variable.shape), np.float32))
-        a = np.asarray(tensors.load(e.name), dtype=np.float32)
-        buffers[key][1][e.index] = a.T if e.transpose else a
-    for variable, value in buffers.values():
-        variable.assign(value.astype(variable.dtype))
-    log(f"loaded {len(entries)} tensors into {len(buffers)} variables")
-    return len(entries)
+    return entries
 
 
 def export_tensors(model, include_mtp: bool = True) -> dict[str, np.ndarray]:

@@ -32,8 +32,8 @@ import tensorflow as tf
 
 from deepseek_tf.atomic import atomic_write
 from deepseek_tf.errors import UserError
+from deepseek_tf.workdir_files import METADATA_FILE  # noqa: F401  (shards.METADATA_FILE)
 
-METADATA_FILE = "metadata.json"
 METADATA_VERSION = 1
 SPLITS = ("train", "validation")
 

@@ -48,11 +48,11 @@ def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", templa
         generate: the longest prompt + max_new_tokens).
       output: the results file (default `<workdir>/eval/<task>-<data name>.json`).
       checkpoint: a checkpoint path instead of the latest.
-      options: batch_size; generate: max_new_tokens and jit_compile; classify:
-        normalize ("none" or "tokens", see `tasks.NORMALIZE`).
+      options: batch_size; generate: max_new_tokens and jit_compile (auto, true or
+        false); classify: normalize ("none" or "tokens", see `tasks.NORMALIZE`).
     """
-    from deepseek_tf.data.templates import TEMPLATES
     from deepseek_tf.evaluate.tasks import detect_task, run_task
+    from deepseek_tf.generate.text import chat_profile
     from deepseek_tf.workdir import load_run_tokenizer, load_workdir
 
     records = read_records(inputs, max_samples)
@@ -61,9 +61,8 @@ def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", templa
     task = detect_task(records[0]) if task == "auto" else task
     model, exp = load_workdir(workdir, checkpoint)
     tok = load_run_tokenizer(workdir, exp)
-    chat = exp.data.is_sft or exp.train.stage == "dpo"  # trained on templated samples
-    name = template or (exp.data.template if chat else "")
-    tmpl = TEMPLATES[name] if name else None
+    tmpl = chat_profile(exp, tok, template).template
+    name = tmpl.name if tmpl else ""
     if not max_length and task != "generate":
         max_length = exp.data.seq_len
     log(f"evaluating {workdir} on {len(records)} records: task {task}, template "

@@ -13,9 +13,9 @@ Writes <workdir>/eval/<task>-<data name>.json (metrics + per-sample predictions)
 prints a table. Bad input: one `error:` line, exit status 2.
 """
 
-import os
+from deepseek_tf.quiet import quiet_tensorflow
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 
@@ -33,14 +33,15 @@ flags.DEFINE_integer("max_samples", 0, "Evaluate at most this many records (0 = 
                      lower_bound=0)
 flags.DEFINE_integer("max_length", 0, "Tokens per window / generation cache (0 = the run's "
                      "seq_len; generate: the longest prompt + max_new_tokens).", lower_bound=0)
-flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens generated per prompt at most.",
-                     lower_bound=1)
+flags.DEFINE_integer("max_new_tokens", 128, "generate: tokens generated per prompt at most "
+                     "(the same default as the generate CLI).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 16, "Records (or label candidates) per batch.",
                      lower_bound=1)
 flags.DEFINE_enum("normalize", "none", ["none", "tokens"], "classify: compare labels by "
                   "their summed log-likelihood (none) or its mean per label token (tokens: "
                   "labels of different lengths on an equal footing).")
-flags.DEFINE_bool("jit_compile", False, "generate: XLA-compile each decode step.")
+dflags.define_jit_compile("auto", "generate: XLA-compile each decode step: true, false, or "
+                          "auto = time a few steps both ways on this machine first.")
 flags.DEFINE_string("output", "", "Results file (default <workdir>/eval/<task>-<name>.json).")
 flags.DEFINE_string("checkpoint", "", "A checkpoint path instead of the latest.")
 

@@ -32,7 +32,7 @@ from deepseek_tf.errors import UserError
 from deepseek_tf.evaluate import metrics
 from deepseek_tf.generate.run import pad_right, run_batches
 from deepseek_tf.scoring import length_mask, score_tokens
-from deepseek_tf.generate.text import prompt_ids, stop_ids, stop_strings
+from deepseek_tf.generate.text import prompt_ids, stop_sequences, stop_strings
 
 REFERENCE_KEYS = ("output", "reference", "answer")
 
@@ -130,7 +130,7 @@ def prompt_and_reference(record: dict, i: int) -> tuple[str, str]:
 
 
 def generate_task(model, tok, records: list, template, max_length: int, batch_size: int = 8,
-                  max_new_tokens: int = 64, jit_compile: bool = False) -> dict:
+                  max_new_tokens: int = 128, jit_compile="auto") -> dict:
     """Greedy generation scored with exact match, BLEU and ROUGE."""
     pairs = [prompt_and_reference(r, i) for i, r in enumerate(records)]
     prompts = [prompt_ids(p, tok, template, records[i].get("system", ""))
@@ -141,7 +141,7 @@ def generate_task(model, tok, records: list, template, max_length: int, batch_si
     if longest >= max_length:
         raise UserError(f"a prompt has {longest} tokens, more than --max_length={max_length}.")
     new = min(max_new_tokens, max_length - longest)
-    results = run_batches(model, tok, prompts, max_length, stop_ids(tok, template),
+    results = run_batches(model, tok, prompts, max_length, stop_sequences(tok, template),
                           stop_strings(tok, template), batch_size, jit_compile=jit_compile,
                           max_new_tokens=new, temperature=0.0)
     preds = [r["completion"] for r in results]

@@ -5,7 +5,8 @@ A small dispatch: `FORMATS[name](model, experiment, output_dir, log, workdir,
   hf           config.json + model.safetensors that transformers' `from_pretrained`
                loads (DeepseekV3 / DeepseekV2 / Llama / Qwen2, whichever fits).
   saved_model  a SavedModel for TF Serving with `serving_default` (text in, text
-               out), `generate_ids` and `score` signatures (see saved_model.py).
+               out), `chat` (messages in, reply out; runs with a chat template),
+               `generate_ids` and `score` signatures (see saved_model.py).
 
 Example:
     >>> model, exp = load_workdir("runs/tiny")

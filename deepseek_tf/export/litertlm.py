@@ -2,10 +2,11 @@
 
 A bundle holds three sections, written with the `litert-lm-builder` package:
 
-    LlmMetadata   start token (BOS), stop tokens (EOS, plus the chat template's
-                  end-of-turn token when it is one token), max_num_tokens (the
+    LlmMetadata   start token (BOS), stop tokens (the run's chat profile: EOS and the
+                  template's end-of-turn marker, as a token sequence when the
+                  tokenizer spells it with several tokens), max_num_tokens (the
                   context), a generic model type, and the chat template as Jinja
-                  when the run trained on conversations (SFT formats)
+                  when the run trained on conversations (SFT data or DPO pairs)
     tokenizer     the run's SentencePiece model, or its HF tokenizer.json; the
                   byte tokenizer is written as an equivalent tokenizer.json
                   (`byte_tokenizer_json`)
@@ -26,7 +27,7 @@ import os
 import tempfile
 
 from deepseek_tf.errors import UserError
-from deepseek_tf.export.tflite import export_tflite
+from deepseek_tf.export.tflite import tflite_model
 
 
 def byte_tokenizer_json(tok) -> str:
@@ -102,8 +103,8 @@ def _metadata_text(tok, stops, context: int, jinja: str | None) -> str:
     msg = llm_metadata_pb2.LlmMetadata()
     if tok.bos_id >= 0:
         msg.start_token.token_ids.ids.append(int(tok.bos_id))
-    for i in stops:
-        msg.stop_tokens.add().token_ids.ids.append(int(i))
+    for seq in stops:  # a TokenIds entry may hold a multi-token stop sequence
+        msg.stop_tokens.add().token_ids.ids.extend(int(i) for i in seq)
     msg.max_num_tokens = int(context)
     msg.llm_model_type.generic_model.SetInParent()
     if jinja:
@@ -123,18 +124,18 @@ def export_litertlm(model, exp, output: str, log=print, workdir: str | None = No
     except ImportError as e:
         raise UserError("--format=litertlm needs the litert-lm-builder package: pip install "
                         "'deepseek_tf[edge]' (or litert-lm-builder==0.18.1).") from e
-    from deepseek_tf.data.templates import TEMPLATES
-    from deepseek_tf.generate.text import stop_ids
+    from deepseek_tf.generate.text import chat_profile
     from deepseek_tf.workdir import load_run_tokenizer
 
     tok = tokenizer or load_run_tokenizer(workdir, exp)
-    template = TEMPLATES.get(exp.data.template) if exp.data.is_sft else None
-    context = max_length or min(exp.model.max_position_embeddings, 1024)
-    stops = stop_ids(tok, template)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_path = export_tflite(model, exp, os.path.join(tmp, "model.tflite"), log=log,
-                                   max_length=context, prefill_lengths=prefill_lengths,
-                                   quantize=quantize, absorb=absorb)
+    profile = chat_profile(exp, tok)
+    template, stops = profile.template, profile.stops
+    data, context = tflite_model(model, exp, max_length, prefill_lengths, quantize, absorb,
+                                 log)
+    with tempfile.TemporaryDirectory() as tmp:  # only the bundle is kept
+        model_path = os.path.join(tmp, "model.tflite")
+        with open(model_path, "wb") as f:
+            f.write(data)
         builder = lb.LitertLmFileBuilder()
         meta = os.path.join(tmp, "llm_metadata.pbtxt")
         with open(meta, "w", encoding="utf-8") as f:
@@ -163,6 +164,6 @@ def export_litertlm(model, exp, output: str, log=print, workdir: str | None = No
             builder.build(f)
     size = os.path.getsize(output)
     log(f"wrote LiteRT-LM bundle {output} ({size / 2**20:.2f} MiB, {size:,} bytes; "
-        f"{tok.name} tokenizer, context {context}, stop tokens {list(stops)}"
+        f"{tok.name} tokenizer, context {context}, stop tokens {[list(s) for s in stops]}"
         f"{', chat template ' + template.name if template else ''})")
     return output

@@ -1,4 +1,4 @@
-"""SavedModel for TF Serving: text and id generation plus scoring, batch-first.
+"""SavedModel for TF Serving: text, chat and id generation plus scoring, batch-first.
 
 Signatures (every input and output has a leading batch dimension B, so TF
 Serving's request batching can merge requests):
@@ -6,7 +6,13 @@ Serving's request batching can merge requests):
     serving_default  prompt string [B] (+ optional max_new_tokens, temperature,
                      top_k, top_p, seed, each [B] or [1]) -> text string [B],
                      num_tokens int32 [B]. The tokenizer runs in the graph
-                     (byte and SentencePiece); prompts are raw text after BOS.
+                     (byte and SentencePiece). A run that trained on conversations
+                     (SFT, DPO) renders the prompt as one user turn of its chat
+                     template; other runs take it as raw text after BOS.
+    chat             (runs with a chat template) roles string [B, M], contents
+                     string [B, M], num_messages int32 [B] (+ the same options)
+                     -> reply string [B], num_tokens int32 [B]; the template is
+                     rendered in the graph (export/chat.py explains the inputs)
     generate_ids     input_ids int32 [B, T] right-padded, lengths int32 [B]
                      (+ the same options) -> output_ids int32 [B, N],
                      output_lengths int32 [B] (a stop token is included)
@@ -14,9 +20,12 @@ Serving's request batching can merge requests):
                      log p(ids[t] | ids[:t]); 0 at t = 0 and past the length),
                      total_log_prob float32 [B]
 
-The sampling options have defaults stored in the SignatureDef (greedy, the
-export's --max_new_tokens), so a request may leave them out; a [1] value is
-broadcast to the batch. Bad requests fail inside the graph with
+Generation stops at the run's chat profile (`generate.text.chat_profile`): EOS
+and the template's end-of-turn marker, matched as a token sequence when the
+tokenizer spells it with several tokens (`<|im_end|>` in bytes); replies and texts
+leave the stop out. The sampling options have defaults stored in the SignatureDef
+(greedy, the export's --max_new_tokens, seed -1 = a fresh seed drawn per request in
+the graph), so a request may leave them out; a [1] value is broadcast to the batch. Bad requests fail inside the graph with
 INVALID_ARGUMENT and a message that says what to change. An HF tokenizer.json
 cannot run in a TF graph: such exports keep `generate_ids` and `score` only.
 
@@ -33,8 +42,9 @@ import os
 import tensorflow as tf
 
 from deepseek_tf.errors import UserError
-from deepseek_tf.generate.decode import IDS_SPECS, SAMPLING_SPECS, generate_ids, score_ids
-from deepseek_tf.generate.text import stop_ids
+from deepseek_tf.generate.decode import (IDS_SPECS, SAMPLING_SPECS, SERVING_MAX_NEW_TOKENS,
+                                         generate_ids, score_ids, stop_suffix)
+from deepseek_tf.generate.text import ChatProfile
 
 
 def _rows(x, b):
@@ -55,13 +65,14 @@ class ServingModule(tf.Module):
       tok: the run's tokenizer (Python side).
       max_length: the static cache length (prompt + new tokens).
       max_new_tokens: the default of the `max_new_tokens` input.
+      profile: the run's `ChatProfile` (template and stops; default: plain text, EOS).
       absorb: MLA decodes in latent space.
       jit_compile: XLA-compiled decode steps (TF Serving then needs
         `--xla_cpu_compilation_enabled=true`, as serving/Dockerfile sets).
     """
 
-    def __init__(self, model, tok, max_length: int, max_new_tokens: int, absorb=True,
-                 jit_compile=False):
+    def __init__(self, model, tok, max_length: int, max_new_tokens: int,
+                 profile: ChatProfile | None = None, absorb=True, jit_compile=False):
         super().__init__()
         self.jit_compile = bool(jit_compile)
         self.model = model
@@ -69,22 +80,27 @@ class ServingModule(tf.Module):
         # session-based loader (TF Serving, saved_model_cli run) finds no restored value.
         self.weights = [v.value for v in model.variables]
         self.max_length, self.absorb = int(max_length), absorb
-        self.stop_ids, self.pad_id = stop_ids(tok), int(tok.pad_id)
+        self.profile = profile or ChatProfile.of(tok, None)
+        self.stops, self.pad_id = self.profile.stops, int(tok.pad_id)
         self.bos_id, self.eos_id = int(tok.bos_id), int(tok.eos_id)
         try:
             self.tf_tokenizer = tok.tf_tokenizer()
         except UserError:
             self.tf_tokenizer = None
+        self.renderer = None
+        if self.tf_tokenizer is not None and self.profile.template is not None:
+            from deepseek_tf.export.chat import ChatRenderer
+            self.renderer = ChatRenderer(self.profile.template, tok, self.tf_tokenizer)
         default = min(int(max_new_tokens), self.max_length - 1)
         self.defaults = dict(max_new_tokens=tf.constant([default]),
                              temperature=tf.constant([0.0]), top_k=tf.constant([0]),
-                             top_p=tf.constant([1.0]), seed=tf.constant([0]))
+                             top_p=tf.constant([1.0]), seed=tf.constant([-1]))
 
     def _generate(self, input_ids, lengths, options):
         b = tf.shape(input_ids)[0]
         rows = [_rows(options[k], b) for k in SAMPLING_SPECS]
         return generate_ids(self.model, input_ids, lengths, *rows, max_length=self.max_length,
-                            stop_ids=self.stop_ids, pad_id=self.pad_id, absorb=self.absorb,
+                            stop_ids=self.stops, pad_id=self.pad_id, absorb=self.absorb,
                             jit_compile=self.jit_compile)
 
     def generate_ids_fn(self):
@@ -108,32 +124,62 @@ class ServingModule(tf.Module):
 
         return tf.function(score_signature, input_signature=list(IDS_SPECS.values()))
 
+    def _text(self, out, n):
+        """Generated ids -> text: up to each row's length, without a trailing stop and
+        without special ids."""
+        keep = tf.sequence_mask(n - stop_suffix(out, n, self.stops), tf.shape(out)[1])
+        for special in {self.bos_id, self.eos_id, self.pad_id} - {-1}:
+            keep = tf.logical_and(keep, tf.not_equal(out, special))
+        return tf.reshape(self.tf_tokenizer.detokenize(tf.ragged.boolean_mask(out, keep)), [-1])
+
+    def _prompt_ids(self, prompt):
+        """Prompts -> (right-padded ids, lengths): one user turn of the chat template, or
+        raw text after BOS."""
+        if self.renderer is not None:
+            b = tf.shape(prompt)[0]
+            return self.renderer(tf.fill([b, 1], "user"), prompt[:, tf.newaxis],
+                                 tf.ones([b], tf.int32))
+        ids = tf.cast(self.tf_tokenizer.tokenize(prompt), tf.int32)           # ragged (B, None)
+        if self.bos_id >= 0:
+            bos = tf.fill([tf.shape(prompt)[0], 1], self.bos_id)
+            ids = tf.concat([tf.RaggedTensor.from_tensor(bos), ids], axis=1)
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        check = tf.debugging.assert_greater_equal(lengths, 1, message=(
+            "a prompt is empty; send at least one character"))
+        with tf.control_dependencies([check]):
+            return ids.to_tensor(0), tf.identity(lengths)
+
     def text_fn(self):
-        d, tok = self.defaults, self.tf_tokenizer
+        d = self.defaults
 
         def text_signature(prompt, max_new_tokens=d["max_new_tokens"],
                            temperature=d["temperature"], top_k=d["top_k"], top_p=d["top_p"],
                            seed=d["seed"]):
-            ids = tf.cast(tok.tokenize(prompt), tf.int32)                     # ragged (B, None)
-            if self.bos_id >= 0:
-                bos = tf.fill([tf.shape(prompt)[0], 1], self.bos_id)
-                ids = tf.concat([tf.RaggedTensor.from_tensor(bos), ids], axis=1)
-            lengths = tf.cast(ids.row_lengths(), tf.int32)
-            check = tf.debugging.assert_greater_equal(lengths, 1, message=(
-                "a prompt is empty; send at least one character"))
-            with tf.control_dependencies([check]):
-                dense = ids.to_tensor(0)
+            dense, lengths = self._prompt_ids(prompt)
             out, n = self._generate(dense, lengths, dict(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                 top_p=top_p, seed=seed))
-            keep = tf.sequence_mask(n, tf.shape(out)[1])
-            for special in {self.bos_id, self.eos_id, self.pad_id} - {-1}:
-                keep = tf.logical_and(keep, tf.not_equal(out, special))
-            text = tok.detokenize(tf.ragged.boolean_mask(out, keep))
-            return {"text": tf.reshape(text, [-1]), "num_tokens": n}
+            return {"text": self._text(out, n), "num_tokens": n}
 
         return tf.function(text_signature, input_signature=[
             tf.TensorSpec([None], tf.string, name="prompt"), *SAMPLING_SPECS.values()])
+
+    def chat_fn(self):
+        d = self.defaults
+
+        def chat_signature(roles, contents, num_messages, max_new_tokens=d["max_new_tokens"],
+                           temperature=d["temperature"], top_k=d["top_k"], top_p=d["top_p"],
+                           seed=d["seed"]):
+            dense, lengths = self.renderer(roles, contents, num_messages)
+            out, n = self._generate(dense, lengths, dict(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, seed=seed))
+            return {"reply": self._text(out, n), "num_tokens": n}
+
+        return tf.function(chat_signature, input_signature=[
+            tf.TensorSpec([None, None], tf.string, name="roles"),
+            tf.TensorSpec([None, None], tf.string, name="contents"),
+            tf.TensorSpec([None], tf.int32, name="num_messages"), *SAMPLING_SPECS.values()])
 
     def signatures(self) -> dict:
         sigs = {"generate_ids": self.generate_ids_fn(), "score": self.score_fn()}
@@ -141,6 +187,8 @@ class ServingModule(tf.Module):
             sigs["serving_default"] = self.text_fn()
         else:
             sigs["serving_default"] = sigs["generate_ids"]
+        if self.renderer is not None:
+            sigs["chat"] = self.chat_fn()
         return sigs
 
 
@@ -164,8 +212,8 @@ def quantize_int8(model) -> None:
 
 
 def export_saved_model(model, exp, output: str, log=print, workdir: str | None = None,
-                       max_length: int = 0, max_new_tokens: int = 64, quantize: str = "none",
-                       jit_compile: bool = False, tokenizer=None) -> str:
+                       max_length: int = 0, max_new_tokens: int = SERVING_MAX_NEW_TOKENS,
+                       quantize: str = "none", jit_compile="false", tokenizer=None) -> str:
     """Writes the SavedModel to `output` (e.g. MODEL_BASE/NAME/VERSION).
 
     Args:
@@ -176,9 +224,13 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
       max_new_tokens: the signatures' default.
       quantize: "none" or "int8" (Keras' own int8 weight quantization of the dense
         projections and embeddings).
-      jit_compile: XLA-compiled decode steps (several times faster for small models;
-        the server must allow XLA: `--xla_cpu_compilation_enabled=true`).
+      jit_compile: "true" = XLA-compiled decode steps (several times faster for small
+        models; the server must allow XLA: `--xla_cpu_compilation_enabled=true`),
+        "false", or "auto" = time decoding both ways on this machine (the export's, so
+        serve on similar hardware) and keep the faster; bools are accepted.
     """
+    from deepseek_tf.autojit import jit_value
+    from deepseek_tf.generate.text import chat_profile
     from deepseek_tf.workdir import load_run_tokenizer
 
     if os.path.exists(os.path.join(output, "saved_model.pb")):
@@ -192,16 +244,27 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
         quantize_int8(model)
     elif quantize != "none":
         raise UserError(f"--quantize={quantize!r}: choose none or int8.")
-    module = ServingModule(model, tok, max_length, max_new_tokens, jit_compile=jit_compile)
+    profile = chat_profile(exp, tok)
+    jit = jit_value(jit_compile)
+    if jit == "auto":
+        from deepseek_tf.generate.run import pick_generator
+        jit = "true" if pick_generator(model, max_length, profile.stops, tok.pad_id,
+                                       log=log).jit_compile else "false"
+    jit_compile = jit == "true"
+    module = ServingModule(model, tok, max_length, max_new_tokens, profile,
+                           jit_compile=jit_compile)
     if module.tf_tokenizer is None:
         log(f"note: the {tok.name} tokenizer cannot run inside a TensorFlow graph, so "
-            f"serving_default takes token ids (same as generate_ids); tokenize on the client "
-            f"(e.g. with the `tokenizers` package and this run's tokenizer.json).")
+            f"serving_default takes token ids (same as generate_ids) and there is no chat "
+            f"signature; tokenize on the client (e.g. with the `tokenizers` package and this "
+            f"run's tokenizer.json).")
     signatures = module.signatures()
     tf.saved_model.save(module, output, signatures=signatures)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(output) for f in fs)
+    template = profile.template.name if profile.template else "none"
     log(f"wrote SavedModel {output} ({size / 2**20:.1f} MiB; cache {max_length} tokens; "
-        f"signatures: {', '.join(sorted(signatures))}"
+        f"signatures: {', '.join(sorted(signatures))}; chat template {template}, stops "
+        f"{[list(s) for s in profile.stops]}"
         + ("; XLA decode: serve with --xla_cpu_compilation_enabled=true" if jit_compile else "")
         + ")")
     return output

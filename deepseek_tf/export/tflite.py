@@ -110,8 +110,10 @@ def convert(saved_model_dir: str, signature_keys, quantize: str = "none") -> byt
         converter.target_spec.supported_types = [tf.float16]
     elif quantize == "int8":  # dynamic-range: int8 weights, float activations
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    from deepseek_tf.quiet import quiet_stderr
     try:
-        data = converter.convert()
+        with quiet_stderr():  # the converter's C++ chatter; shown if it fails
+            data = converter.convert()
     except Exception as e:  # ConverterError: name the ops that would need Flex
         text = str(e)
         if "Select TF ops" in text or "flex" in text.lower() or "not supported" in text:
@@ -152,19 +154,9 @@ def op_names(data: bytes) -> list[str]:
     return out
 
 
-def export_tflite(model, exp, output: str, log=print, workdir: str | None = None,
-                  max_length: int = 0, prefill_lengths=(32,), quantize: str = "none",
-                  absorb: bool = True) -> str:
-    """Writes the `.tflite` file `output`; returns its path.
-
-    Args:
-      model, exp: from `load_workdir` (float32 weights).
-      max_length: the context C (cache length); 0 = min(max_position_embeddings, 1024).
-      prefill_lengths: the `prefill_<N>` signatures (each N <= C).
-      quantize: "none", "fp16" (float16 weights) or "int8" (dynamic-range int8
-        weights, float activations).
-    """
-    del workdir
+def tflite_model(model, exp, max_length: int = 0, prefill_lengths=(32,),
+                 quantize: str = "none", absorb: bool = True, log=print) -> tuple[bytes, int]:
+    """(the `.tflite` flatbuffer, its context C) of `model` (see `export_tflite`)."""
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize={quantize!r}: choose one of {', '.join(QUANTIZE)}.")
     context = max_length or min(exp.model.max_position_embeddings, 1024)
@@ -181,7 +173,23 @@ def export_tflite(model, exp, output: str, log=print, workdir: str | None = None
         f"quantize={quantize}) ...")
     with tempfile.TemporaryDirectory() as tmp:
         tf.saved_model.save(module, tmp, signatures=sigs)
-        data = convert(tmp, sigs, quantize)
+        return convert(tmp, sigs, quantize), context
+
+
+def export_tflite(model, exp, output: str, log=print, workdir: str | None = None,
+                  max_length: int = 0, prefill_lengths=(32,), quantize: str = "none",
+                  absorb: bool = True) -> str:
+    """Writes the `.tflite` file `output`; returns its path.
+
+    Args:
+      model, exp: from `load_workdir` (float32 weights).
+      max_length: the context C (cache length); 0 = min(max_position_embeddings, 1024).
+      prefill_lengths: the `prefill_<N>` signatures (each N <= C).
+      quantize: "none", "fp16" (float16 weights) or "int8" (dynamic-range int8
+        weights, float activations).
+    """
+    del workdir
+    data, _ = tflite_model(model, exp, max_length, prefill_lengths, quantize, absorb, log)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "wb") as f:
         f.write(data)

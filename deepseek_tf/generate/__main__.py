@@ -12,8 +12,9 @@ and stops at its end-of-turn marker. `--input_file=prompts.jsonl` (one
 interpreter instead (the same samplers; the tokenizer and chat template come from
 --workdir, or the byte tokenizer when no workdir is given).
 
-Sampling: --temperature=0 is greedy; otherwise --top_k / --top_p filter and
---seed makes the draw reproducible (same seed, same text).
+Sampling: --temperature=0 is greedy; otherwise --top_k / --top_p filter. Without
+--seed each run draws a fresh seed (different text each time); --seed=N makes the draw
+reproducible (same seed, same text).
 """
 
 import json
@@ -21,7 +22,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 
@@ -39,17 +42,21 @@ flags.DEFINE_bool("chat", False, "Wrap each prompt in the run's chat template an
 flags.DEFINE_string("template", "", "Chat template for --chat (default: the run's "
                     "--data.template).")
 flags.DEFINE_string("system", "", "System text for --chat.")
-flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate per prompt.", lower_bound=1)
+flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate per prompt (the CLI and "
+                     "evaluate default; a SavedModel's is export --max_new_tokens).",
+                     lower_bound=1)
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", lower_bound=0.0)
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = off.", lower_bound=0)
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 = off.")
-flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same text).")
+flags.DEFINE_integer("seed", -1, "Sampling seed >= 0 (same seed, same text); -1 = a "
+                     "fresh seed each run.", lower_bound=-1)
 flags.DEFINE_integer("batch_size", 8, "Prompts per batch with --input_file.", lower_bound=1)
 flags.DEFINE_integer("max_length", 0, "Cache length (prompt + new tokens); 0 = just enough "
                      "for the longest prompt, at most the model's max_position_embeddings.",
                      lower_bound=0)
-flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "Compile each decode "
-                  "step with XLA; auto times a few steps both ways on this machine first.")
+dflags.define_jit_compile("auto", "Compile each decode step with XLA: true, false, or auto "
+                          "= time a few steps both ways on this machine first and keep the "
+                          "faster.")
 flags.DEFINE_string("tflite", None, "Generate with this .tflite file (export --format=tflite) "
                     "through ai-edge-litert instead of the TensorFlow model.")
 flags.DEFINE_integer("num_threads", 0, "--tflite: interpreter threads (0 = its default).",
@@ -124,23 +131,18 @@ def main(argv):
         raise UserError("give exactly one of --prompt or --input_file.")
     if not 0 < FLAGS.top_p <= 1:
         raise UserError(f"--top_p={FLAGS.top_p} must be in (0, 1].")
-    from deepseek_tf.data.templates import TEMPLATES
+    from deepseek_tf.generate.text import chat_profile
     from deepseek_tf.workdir import load_experiment, load_run_tokenizer
     if FLAGS.tflite and not FLAGS.workdir:
         return _run_tflite(None, None)
     exp = load_experiment(FLAGS.workdir)
-    template = None
-    if FLAGS.chat:
-        name = FLAGS.template or exp.data.template
-        if name not in TEMPLATES:
-            raise UserError(f"--template={name!r} is not one of {', '.join(TEMPLATES)}.")
-        template = TEMPLATES[name]
     tok = load_run_tokenizer(FLAGS.workdir, exp)
+    profile = chat_profile(exp, tok, FLAGS.template, chat=FLAGS.chat)
     if FLAGS.tflite:
-        return _run_tflite(tok, template)
+        return _run_tflite(tok, profile)
     prompts = [FLAGS.prompt] if FLAGS.prompt is not None else _read_prompts(FLAGS.input_file)
     from deepseek_tf.generate import text as gtext
-    encoded = [gtext.prompt_ids(p, tok, template, FLAGS.system) for p in prompts]
+    encoded = [gtext.prompt_ids(p, tok, profile.template, FLAGS.system) for p in prompts]
     longest = max(len(e) for e in encoded)
     limit = exp.model.max_position_embeddings
     max_length = FLAGS.max_length or min(limit, longest + FLAGS.max_new_tokens)
@@ -152,16 +154,14 @@ def main(argv):
     from deepseek_tf.generate.run import pick_generator, run_batches
     from deepseek_tf.workdir import load_workdir
     model, _ = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
-    stop_ids = gtext.stop_ids(tok, template)
-    gen = None if FLAGS.jit_compile != "auto" else pick_generator(
-        model, max_length, stop_ids, tok.pad_id, FLAGS.absorb,
+    gen = None if FLAGS.jit_compile != "auto" else pick_generator(  # before the clock starts
+        model, max_length, profile.stops, tok.pad_id, FLAGS.absorb,
         log=lambda m: print(m, file=sys.stderr))
-    stops = gtext.stop_strings(tok, template)
-    streamer = _Streamer(tok, stops) if FLAGS.prompt is not None else None
+    streamer = _Streamer(tok, profile.stop_strings) if FLAGS.prompt is not None else None
     start = time.perf_counter()
-    results = run_batches(model, tok, encoded, max_length, stop_ids, stops, FLAGS.batch_size,
-                          streamer=streamer, absorb=FLAGS.absorb,
-                          jit_compile=FLAGS.jit_compile == "true", generator=gen,
+    results = run_batches(model, tok, encoded, max_length, profile.stops, profile.stop_strings,
+                          FLAGS.batch_size, streamer=streamer, absorb=FLAGS.absorb,
+                          jit_compile=FLAGS.jit_compile, generator=gen,
                           max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                           top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
     seconds = time.perf_counter() - start
@@ -180,20 +180,22 @@ def main(argv):
           f"{total / seconds:.1f} tokens/s incl. graph build]", file=sys.stderr)
 
 
-def _run_tflite(tok, template):
+def _run_tflite(tok, profile):
     """--tflite: one prompt at a time through the interpreter's signature runners."""
     from deepseek_tf.generate import text as gtext
     from deepseek_tf.generate.tflite_runner import TFLiteRunner
+    if FLAGS.chat and profile is None:
+        raise UserError("--chat with --tflite needs --workdir (for the run's template).")
     if tok is None:
         from deepseek_tf.data.tokenizer.byte import ByteTokenizer
         tok = ByteTokenizer()
-    if FLAGS.chat and template is None:
-        raise UserError("--chat with --tflite needs --workdir (for the run's template).")
+        profile = gtext.ChatProfile.of(tok, None)
+    template = profile.template
     if not os.path.exists(FLAGS.tflite):
         raise UserError(f"--tflite={FLAGS.tflite}: no such file.")
     runner = TFLiteRunner(FLAGS.tflite, FLAGS.num_threads or None)
     prompts = [FLAGS.prompt] if FLAGS.prompt is not None else _read_prompts(FLAGS.input_file)
-    stop_ids, stops = gtext.stop_ids(tok, template), gtext.stop_strings(tok, template)
+    stop_ids, stops = profile.stops, profile.stop_strings
     sampling = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                     top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed, stop_ids=stop_ids)
     lines, total, start = [], 0, time.perf_counter()
@@ -213,7 +215,7 @@ def _run_tflite(tok, template):
                   file=sys.stderr)
             return
         text, cut = gtext.cut_at_stop(tok.decode(gtext.strip_special(out, tok)), stops)
-        stopped = cut or (out and out[-1] in stop_ids)
+        stopped = cut or any(tuple(out[-len(s):]) == s for s in stop_ids)
         lines.append(json.dumps({"prompt": prompt, "completion": text, "num_tokens": len(out),
                                  "stop_reason": "stop" if stopped else "length"},
                                 ensure_ascii=False))

@@ -18,10 +18,17 @@ Example:
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.generate.sampling import sample_tokens
+from deepseek_tf.generate.sampling import resolve_seeds, sample_tokens
 from deepseek_tf.scoring import length_mask, score_tokens
+
+#: Default `max_new_tokens` per kind of use: the CLI, evaluate and the Python API (offline
+#: work a user watches) and the SavedModel signatures (`export --max_new_tokens`: a
+#: server's default bounds each request's latency).
+MAX_NEW_TOKENS = 128
+SERVING_MAX_NEW_TOKENS = 64
 
 #: The TensorSpecs of the sampling options (one value per row).
 SAMPLING_SPECS = {
@@ -41,6 +48,47 @@ def left_align(ids: tf.Tensor, lengths: tf.Tensor, fill: int = 0) -> tf.Tensor:
     src = tf.range(t)[tf.newaxis, :] - (t - lengths)[:, tf.newaxis]            # (B, T)
     moved = tf.gather(ids, tf.maximum(src, 0), batch_dims=1)
     return tf.where(src >= 0, moved, fill)
+
+
+def normalize_stops(stop_ids) -> tuple[tuple[int, ...], ...]:
+    """Stops as token-id sequences: an int is a one-token stop, a sequence a multi-token
+    one (e.g. `<|im_end|>` spelled in bytes)."""
+    out = []
+    for s in stop_ids:
+        seq = (int(s),) if isinstance(s, (int, np.integer)) else tuple(int(i) for i in s)
+        if seq:
+            out.append(seq)
+    return tuple(dict.fromkeys(out))
+
+
+def stop_table(stops) -> tuple[np.ndarray, int]:
+    """(int32 (S, L) stop sequences right-aligned, -1 before each, L) for the decode
+    loop; a table of one never-matching row when there are no stops."""
+    stops = normalize_stops(stops) or ((-1,),)
+    width = max(len(s) for s in stops)
+    table = np.full((len(stops), width), -1, np.int32)
+    for i, s in enumerate(stops):
+        table[i, width - len(s):] = s
+    return table, width
+
+
+def stop_match(recent: tf.Tensor, table: np.ndarray) -> tf.Tensor:
+    """int32 (B,) length of the longest stop that `recent` (B, L), a row's newest tokens
+    right-aligned, ends with; 0 if none."""
+    care = table >= 0                                                           # (S, L)
+    same = tf.equal(recent[:, tf.newaxis, :], table[tf.newaxis]) | ~care[tf.newaxis]
+    hit = tf.reduce_all(same, axis=2)                                           # (B, S)
+    lengths = tf.constant(care.sum(axis=1), tf.int32)                           # (S,)
+    return tf.reduce_max(tf.where(hit, lengths[tf.newaxis], 0), axis=1)
+
+
+def stop_suffix(ids, lengths, stops) -> tf.Tensor:
+    """int32 (B,) tokens at the end of each generated row (ids (B, N), lengths (B,))
+    that form a stop (to cut them from the reply text)."""
+    table, width = stop_table(stops)
+    idx = lengths[:, tf.newaxis] - width + tf.range(width)[tf.newaxis, :]       # (B, L)
+    recent = tf.gather(ids, tf.maximum(idx, 0), batch_dims=1)
+    return stop_match(tf.where(idx >= 0, recent, -2), table)
 
 
 def check_ids(ids, lengths, vocab_size: int, max_length: int | None = None) -> list:
@@ -102,9 +150,10 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
       model: a `DeepSeekCausalLM`.
       input_ids: int32 (B, T) right-padded prompts; lengths: int32 (B,).
       max_new_tokens, temperature, top_k, top_p, seed: (B,) per-row options
-        (see `sampling.sample_tokens`).
+        (see `sampling.sample_tokens`); a negative seed draws a fresh one in the graph.
       max_length: the static cache length M; T + max_new_tokens must be <= M.
-      stop_ids: token ids that end a row (included in its output).
+      stop_ids: what ends a row (included in its output): token ids, or id sequences
+        for multi-token stops (see `normalize_stops`).
       pad_id: fills the output after a row ended.
       absorb: MLA decodes in latent space.
       jit_compile: compile each decode step with XLA (static-shape MoE buffers); the
@@ -122,20 +171,21 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
         input_ids, lengths, max_new_tokens, temperature, top_k, top_p, seed = (
             tf.identity(x) for x in (input_ids, lengths, max_new_tokens, temperature, top_k,
                                      top_p, seed))
+    seed = resolve_seeds(seed)
     pad = t - lengths                                                          # (B,)
-    stops = tf.constant(list(stop_ids) or [-1], tf.int32)
+    table, width = stop_table(stop_ids)
     logits, cache = model.call_cached(left_align(input_ids, lengths), model.init_cache(
         b, max_length), 0, pad, absorb=absorb)
     draw = lambda lg, i: sample_tokens(lg, temperature, top_k, top_p, seed, i)  # noqa: E731
     decode = decode_fn or decode_step(model, absorb, jit_compile)
     limit = tf.reduce_max(max_new_tokens)
 
-    def body(i, token, done, count, cache, out):
+    def body(i, token, done, count, recent, cache, out):
         emit = tf.where(done, pad_id, token)                                   # (B,)
         out = out.write(i, emit)
         count += tf.cast(tf.logical_not(done), tf.int32)
-        done = (done | tf.reduce_any(tf.equal(token[:, None], stops[None, :]), axis=1)
-                | (count >= max_new_tokens))
+        recent = tf.concat([recent[:, 1:], token[:, tf.newaxis]], axis=1)      # (B, L)
+        done = done | (stop_match(recent, table) > 0) | (count >= max_new_tokens)
         if streamer is not None:
             tf.py_function(lambda *a: streamer(*[x.numpy() for x in a]) or 0,
                            [i, emit, done], [tf.int32])
@@ -146,12 +196,12 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
 
         more = tf.logical_and(i + 1 < limit, tf.logical_not(tf.reduce_all(done)))
         token, cache = tf.cond(more, step, lambda: (token, cache))
-        return i + 1, token, done, count, cache, out
+        return i + 1, token, done, count, recent, cache, out
 
     state = (tf.constant(0), draw(logits[:, -1], 0), tf.zeros([b], tf.bool),
-             tf.zeros([b], tf.int32), cache, tf.TensorArray(tf.int32, size=0, dynamic_size=True,
+             tf.zeros([b], tf.int32), tf.fill([b, width], -2), cache, tf.TensorArray(tf.int32, size=0, dynamic_size=True,
                                                      element_shape=[None]))
-    _, _, _, count, _, out = tf.while_loop(
+    _, _, _, count, _, _, out = tf.while_loop(
         lambda i, tok, done, *_: tf.logical_and(i < limit, tf.logical_not(tf.reduce_all(done))),
         body, state)
     return tf.transpose(out.stack()), count
@@ -174,7 +224,7 @@ class Generator(tf.Module):
     Args:
       model: a `DeepSeekCausalLM`.
       max_length: the static cache length (prompt + new tokens).
-      stop_ids: token ids that end a row.
+      stop_ids: token ids (or id sequences) that end a row.
       pad_id: output padding.
       absorb: MLA decodes in latent space (False: the naive reference path).
       jit_compile: XLA-compile each decode step (see `generate_ids`).
@@ -188,7 +238,7 @@ class Generator(tf.Module):
                  jit_compile=False):
         super().__init__()
         self.model, self.max_length = model, int(max_length)
-        self.stop_ids, self.pad_id, self.absorb = tuple(int(s) for s in stop_ids), pad_id, absorb
+        self.stop_ids, self.pad_id, self.absorb = normalize_stops(stop_ids), pad_id, absorb
         self.jit_compile = bool(jit_compile)
         self._decode = decode_step(model, absorb, self.jit_compile)  # shared by every trace
         self._compiled = {}
@@ -209,7 +259,8 @@ class Generator(tf.Module):
     def generate(self, input_ids, lengths, max_new_tokens=None, temperature=None, top_k=None,
                  top_p=None, seed=None, streamer=None):
         """(ids (B, N), lengths (B,)) as numpy-convertible tensors; options default to
-        greedy with 32 new tokens, and accept scalars (broadcast to the batch)."""
+        greedy with MAX_NEW_TOKENS (at most what the cache holds) and a fresh seed, and
+        accept scalars (broadcast to the batch)."""
         input_ids = tf.convert_to_tensor(input_ids, tf.int32)
         b = int(input_ids.shape[0])
 
@@ -217,6 +268,8 @@ class Generator(tf.Module):
             x = default if x is None else x
             return tf.broadcast_to(tf.cast(x, dtype), [b])
 
-        args = (row(max_new_tokens, 32, tf.int32), row(temperature, 0.0, tf.float32),
-                row(top_k, 0, tf.int32), row(top_p, 1.0, tf.float32), row(seed, 0, tf.int32))
+        room = self.max_length - int(input_ids.shape[1])
+        args = (row(max_new_tokens, max(1, min(MAX_NEW_TOKENS, room)), tf.int32),
+                row(temperature, 0.0, tf.float32), row(top_k, 0, tf.int32),
+                row(top_p, 1.0, tf.float32), row(seed, -1, tf.int32))
         return self._fn(streamer)(input_ids, tf.convert_to_tensor(lengths, tf.int32), *args)

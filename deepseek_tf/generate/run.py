@@ -35,45 +35,61 @@ def pad_right(rows: list, fill: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def pick_generator(model, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True,
                    log=print) -> Generator:
-    """Times a few decode steps with and without XLA on this machine and returns the
-    faster `Generator` (its compiled step is reused by the real run).
+    """`--jit_compile=auto` for decoding: times generation from a one-token prompt with
+    and without XLA on this machine (`autojit.median_times`) and returns the faster
+    `Generator` (its compiled step is reused by the real run).
 
     Small models decode several times faster with XLA (fewer, fused kernels); machines
-    and model sizes differ, so this is measured, not assumed.
+    and model sizes differ, so this is measured, not assumed. A cache of 2 tokens or
+    fewer leaves no decode step to compile: no XLA, without timing.
     """
-    import time
+    from deepseek_tf.autojit import choose_xla, median_times
 
-    prompt = np.full((1, 4), 1, np.int32)
-    steps = min(16, max_length - 4)
-    gens, best = {}, {}
-    for jit in (False, True):
-        gens[jit] = Generator(model, max_length, stop_ids, pad_id, absorb=absorb,
-                              jit_compile=jit)
-        times = []
-        for n in (1, steps, 1, steps):  # the first pair builds the graphs
-            t0 = time.perf_counter()
-            gens[jit].generate(prompt, [4], max_new_tokens=n)[0].numpy()
-            times.append(time.perf_counter() - t0)
-        best[jit] = max(times[3] - times[2], 1e-9) / max(steps - 1, 1)
-    choice = best[True] < best[False]
-    log(f"decode steps: {best[False] * 1e3:.2f} ms without XLA, {best[True] * 1e3:.2f} ms "
-        f"with XLA: using {'XLA' if choice else 'no XLA'} (--jit_compile=auto)")
-    return gens[choice]
+    def make(jit):
+        return Generator(model, max_length, stop_ids, pad_id, absorb=absorb, jit_compile=jit)
+
+    steps = min(16, max_length - 1)  # new tokens after a one-token prompt
+    if steps < 2:
+        log(f"jit_compile: auto -> false: a cache of {max_length} tokens leaves no decode "
+            f"step to compile")
+        return make(False)
+    gens = {"no_xla": make(False), "xla": make(True)}
+    prompt = np.ones((1, 1), np.int32)
+
+    def run(name):  # greedy with no stop: always `steps` tokens
+        return lambda: gens[name].generate(prompt, [1], max_new_tokens=steps, seed=0)[0].numpy()
+
+    use, why = choose_xla(median_times({name: run(name) for name in gens}, rounds=2),
+                          "decode", per=steps)
+    log(f"jit_compile: auto -> {'true' if use else 'false'}: {why} per token")
+    return gens["xla" if use else "no_xla"]
 
 
 def run_batches(model, tok, prompts: list, max_length: int, stop_ids=(), stop_strings=(),
-                batch_size: int = 8, streamer=None, absorb=True, jit_compile=False,
-                generator: Generator | None = None, **sampling) -> list[dict]:
+                batch_size: int = 8, streamer=None, absorb=True, jit_compile="false",
+                generator: Generator | None = None, log=print, **sampling) -> list[dict]:
     """Generates for every prompt (int32 id arrays), `batch_size` at a time.
 
     Returns one dict per prompt: `completion` (text, cut at a stop string),
-    `num_tokens` (generated, stop token included) and `stop_reason` ("stop" or
-    "length"). `sampling` holds scalar `max_new_tokens`, `temperature`, `top_k`,
-    `top_p`, `seed`. `generator` (e.g. from `pick_generator`) replaces the one built from
-    `max_length`, `stop_ids`, `absorb` and `jit_compile`.
+    `num_tokens` (generated, stop included) and `stop_reason` ("stop" or "length").
+    `stop_ids` holds token ids or id sequences (a `ChatProfile`'s `stops`). `sampling`
+    holds scalar `max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`.
+    `jit_compile` is "auto" (`pick_generator`, which `log`s its choice), "true" or
+    "false" (or a bool); `generator` replaces the one built from `max_length`,
+    `stop_ids`, `absorb` and `jit_compile`.
     """
-    gen = generator or Generator(model, max_length, stop_ids, pad_id=tok.pad_id,
-                                 absorb=absorb, jit_compile=jit_compile)
+    from deepseek_tf.autojit import jit_value
+    from deepseek_tf.generate.decode import normalize_stops
+
+    jit = jit_value(jit_compile)
+    if generator is not None:
+        gen = generator
+    elif jit == "auto":
+        gen = pick_generator(model, max_length, stop_ids, tok.pad_id, absorb, log=log)
+    else:
+        gen = Generator(model, max_length, stop_ids, pad_id=tok.pad_id, absorb=absorb,
+                        jit_compile=jit == "true")
+    stops = normalize_stops(stop_ids)
     results = []
     for lo in range(0, len(prompts), batch_size):
         ids, lengths = pad_right(prompts[lo:lo + batch_size])
@@ -84,7 +100,7 @@ def run_batches(model, tok, prompts: list, max_length: int, stop_ids=(), stop_st
         for row, n in zip(out.numpy(), counts.numpy()):
             row = row[:n].tolist()
             text, cut = cut_at_stop(tok.decode(strip_special(row, tok)), stop_strings)
-            stopped = cut or (n > 0 and row[-1] in stop_ids)
+            stopped = cut or any(tuple(row[-len(st):]) == st for st in stops)
             results.append({"completion": text, "num_tokens": int(n),
                             "stop_reason": "stop" if stopped else "length"})
     return results

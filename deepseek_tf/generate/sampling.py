@@ -10,7 +10,9 @@ the same seed gives the same text whatever else is in the batch.
                       (applied after top-k, as Hugging Face does)
 
 Sampling is the Gumbel-max trick on the filtered logits, with noise from
-`tf.random.stateless_uniform` seeded by (seed, step).
+`tf.random.stateless_uniform` seeded by (seed, step). A negative seed (the default
+everywhere) is replaced once per request by `resolve_seeds` with a fresh one drawn in the
+graph, so unseeded requests differ while a given seed stays reproducible.
 
 Example:
     >>> logits = tf.constant([[0.0, 3.0, 1.0]])
@@ -25,6 +27,27 @@ from __future__ import annotations
 import tensorflow as tf
 
 NEG_INF = -1e30
+
+
+def resolve_seeds(seed) -> tf.Tensor:
+    """int32 (B,) `seed` with every negative entry replaced by a fresh random seed.
+
+    The draw is a stateful random op whose kernel seeds itself from the OS (seed and
+    seed2 0), not from a graph seed: two processes serving one SavedModel, or one
+    restarted, draw different seeds. Under `enable_op_determinism` (a training process)
+    TensorFlow refuses such ops, so a graph traced then draws from a fixed key instead:
+    unseeded requests are then reproducible, as determinism asks.
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    seed = tf.convert_to_tensor(seed, tf.int32)
+    if tf_config.is_op_determinism_enabled():
+        fresh = tf.random.stateless_uniform(tf.shape(seed), seed=[0, 0], minval=0,
+                                            maxval=2**31 - 1, dtype=tf.int32)
+    else:
+        fresh = tf.raw_ops.RandomUniformInt(shape=tf.shape(seed), minval=tf.constant(0),
+                                            maxval=tf.constant(2**31 - 1), seed=0, seed2=0)
+    return tf.where(seed < 0, fresh, seed)
 
 
 def filter_logits(logits: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor) -> tf.Tensor:
@@ -69,7 +92,7 @@ def sample_tokens(logits, temperature, top_k, top_p, seed, step) -> tf.Tensor:
       temperature: float32 (B,); <= 0 is greedy.
       top_k: int32 (B,); 0 = off.
       top_p: float32 (B,); >= 1 = off.
-      seed: int32 (B,) per-row seeds.
+      seed: int32 (B,) per-row seeds (>= 0; see `resolve_seeds`).
       step: int scalar, the index of the token being drawn.
     """
     logits = tf.cast(logits, tf.float32)

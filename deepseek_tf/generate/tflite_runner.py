@@ -78,15 +78,20 @@ class TFLiteRunner:
         self.pos += 1
         return out["logits"][0, -1]
 
-    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=(),
+    def generate(self, prompt, max_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = -1, stop_ids=(),
                  streamer=None) -> list[int]:
-        """New token ids after `prompt` (a stop token is included and ends it).
-        `streamer(step, token)` is called after each token."""
+        """New token ids after `prompt` (a stop is included and ends it). `stop_ids` holds
+        token ids or id sequences (multi-token stops); `max_new_tokens` defaults to
+        decode.MAX_NEW_TOKENS; a negative seed draws a fresh one. `streamer(step, token)`
+        is called after each token."""
         import tensorflow as tf
 
-        from deepseek_tf.generate.sampling import sample_tokens
+        from deepseek_tf.generate.decode import MAX_NEW_TOKENS, normalize_stops
+        from deepseek_tf.generate.sampling import resolve_seeds, sample_tokens
 
+        max_new_tokens = MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        stops = normalize_stops(stop_ids)
         prompt = [int(i) for i in prompt]
         if not prompt:
             raise UserError("the prompt is empty; give at least one token.")
@@ -99,7 +104,7 @@ class TFLiteRunner:
         self.prefill(prompt[:-1])
         logits = self.decode(prompt[-1])
         rows = (tf.constant([temperature], tf.float32), tf.constant([top_k], tf.int32),
-                tf.constant([top_p], tf.float32), tf.constant([seed], tf.int32))
+                tf.constant([top_p], tf.float32), resolve_seeds([seed]))
         out = []
         for step in range(max_new_tokens):
             if temperature <= 0:
@@ -109,7 +114,7 @@ class TFLiteRunner:
             out.append(token)
             if streamer is not None:
                 streamer(step, token)
-            if token in stop_ids or step + 1 == max_new_tokens:
+            if any(tuple(out[-len(s):]) == s for s in stops) or step + 1 == max_new_tokens:
                 break
             logits = self.decode(token)
         return out

@@ -8,7 +8,7 @@ from deepseek_tf.config import ModelConfig
 from deepseek_tf.layers.attention import GroupedQueryAttention
 from deepseek_tf.layers.mla import MultiHeadLatentAttention
 from deepseek_tf.layers.mlp import GatedMLP
-from deepseek_tf.layers.moe import DeepSeekMoE
+from deepseek_tf.layers.moe import DeepSeekMoE, dropless_factor
 from deepseek_tf.layers.norm import RMSNorm
 from deepseek_tf.layers.remat import REMAT_MODES, fold_seed, maybe_remat, stateless_dropout
 
@@ -65,10 +65,11 @@ class DecoderBlock(keras.layers.Layer):
         (the model handles "block"); "none"/"block" keep the sub-layers' activations.
 
     Call: `block(x, positions, attention_mask, training=False, return_aux=False,
-    dropout_seed=None)`; with `return_aux` it returns (x, aux), aux being the MoE
-    layer's dict (empty for a dense block) plus, with DSA, the attention's
-    `indexer_kl` (B, T). Side outputs are returned, never stored,
-    so a recomputed (remat) block stays correct.
+    dropout_seed=None, moe_capacity_factor=None)`; with `return_aux` it returns (x, aux),
+    aux being the MoE layer's dict (empty for a dense block) plus, with DSA, the
+    attention's `indexer_kl` (B, T). `moe_capacity_factor`
+    overrides the MoE layer's configured factor (see `DeepSeekMoE`). Side outputs are
+    returned, never stored, so a recomputed (remat) block stays correct.
 
     Example:
         >>> cfg = ModelConfig(hidden_size=16, num_attention_heads=4, intermediate_size=32)
@@ -95,7 +96,7 @@ class DecoderBlock(keras.layers.Layer):
             layer.build(input_shape)
 
     def call(self, x, positions, attention_mask, training=False, return_aux=False,
-             dropout_seed=None):
+             dropout_seed=None, moe_capacity_factor=None):
         seed = dropout_seed if training else None  # (2,) int: stateless, remat-safe
         rate = self.config.hidden_dropout
 
@@ -111,7 +112,8 @@ class DecoderBlock(keras.layers.Layer):
 
         def mlp(h):
             h = self.post_attention_layernorm(h)
-            out, aux = (self.mlp(h, training=training, return_aux=True) if self.is_moe
+            out, aux = (self.mlp(h, training=training, return_aux=True,
+                                 capacity_factor=moe_capacity_factor) if self.is_moe
                         else (self.mlp(h), {}))
             return stateless_dropout(out, rate, fold_seed(seed, 2)), aux
 
@@ -133,12 +135,7 @@ class DecoderBlock(keras.layers.Layer):
         x = x + out
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            # Dropless either way: capacity = the largest expert load (a data-dependent
-            # shape), or with `static_moe` every expert buffer holds all N tokens
-            # (factor E/k gives C = N: static, for XLA and TFLite; cheap when N is small).
-            cfg = self.config
-            factor = cfg.n_routed_experts / cfg.num_experts_per_tok if static_moe else 0.0
-            out = self.mlp(h, capacity_factor=factor)
+            out = self.mlp(h, capacity_factor=dropless_factor(self.config, static_moe))
         else:
             out = self.mlp(h)
         return x + out, cache

@@ -38,6 +38,15 @@ def expert_capacity(num_tokens, top_k: int, num_experts: int, factor: float):
     return tf.maximum(1, tf.minimum(num_tokens, c))
 
 
+def dropless_factor(cfg, static: bool) -> float:
+    """The capacity factor of an exact (dropless) MoE call: 0 (capacity = the largest
+    expert load, a data-dependent shape), or with `static` E/k, which gives C = N (every
+    expert buffer holds all the call's tokens: static shapes, for XLA and TFLite; as
+    costly as running every expert on every token)."""
+    return cfg.n_routed_experts / cfg.num_experts_per_tok if static and cfg.n_routed_experts \
+        else 0.0
+
+
 def dispatch_combine(x, indices, weights, gate_up, down, capacity=None, activation="silu"):
     """Runs every token through its chosen experts with static-capacity buffers.
 

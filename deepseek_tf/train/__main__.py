@@ -9,10 +9,11 @@ With TF_CONFIG set this process is one worker of a multi-worker run (see
 (preemption) saves a checkpoint on every worker and exits with code 42.
 """
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+from deepseek_tf.quiet import quiet_tensorflow
+
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 

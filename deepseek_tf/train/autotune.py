@@ -26,10 +26,9 @@ Example:
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
+
+from deepseek_tf.autojit import choose_xla, median_times
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -133,27 +132,14 @@ def time_grad_fn(model, tcfg, seq_len: int, strategy=None, rounds: int = 3) -> d
             loss = strategy.run(lambda: grad_fn(batch, denom, 1.0, seed)[1])
             return strategy.experimental_local_results(loss)[0]
 
-        return run
+        return lambda: float(run())
 
-    fns = {"no_xla": replicated(False), "xla": replicated(True)}
-    times = {name: [] for name in fns}
-    for name in fns:
-        float(fns[name]())  # trace / compile
-        float(fns[name]())  # warm caches
-    for _ in range(rounds):
-        for name in fns:
-            t0 = time.perf_counter()
-            float(fns[name]())
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return median_times({"no_xla": replicated(False), "xla": replicated(True)}, rounds)
 
 
 def choose_jit(times: dict[str, float], margin: float = 1.0) -> tuple[bool, str]:
     """(use XLA, reason) from `time_grad_fn`'s medians: XLA if at least `margin`x faster."""
-    speedup = times["no_xla"] / times["xla"]
-    use = speedup >= margin
-    return use, (f"forward+backward {times['xla'] * 1e3:.0f} ms with XLA vs "
-                 f"{times['no_xla'] * 1e3:.0f} ms without ({speedup:.2f}x)")
+    return choose_xla(times, "forward+backward", margin)
 
 
 def resolve_jit_compile(exp, model, agree=lambda v: v, log=print,

@@ -28,6 +28,11 @@ from deepseek_tf.workdir import restore_checkpoint
 from deepseek_tf.workdir_files import CHECKPOINT_DIR
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """True when `workdir` holds a checkpoint of its own (a run to resume)."""
+    return bool(tf.train.latest_checkpoint(os.path.join(workdir, CHECKPOINT_DIR)))
+
+
 def restore_run(checkpoint: tf.train.Checkpoint, path: str, log=print) -> int:
     """Restores run checkpoint `path` into `checkpoint`; returns its step. A converted
     checkpoint (model + step only) initialises the model and step of a fresh run."""

@@ -1,36 +1,50 @@
 """Preference tuning (`--train.stage=dpo`): DPO / IPO on (prompt, chosen, rejected) pairs.
 
+An objective of the one Runner (train/objectives.py, train/loop.py): the same step,
+precision, remat, gradient accumulation, strategies, NaN recovery, checkpoints, best
+checkpoint and early stopping (on the eval DPO loss) as every stage.
+
 Data (`--data.inputs`, JSON Lines or a JSON array), rendered with the run's chat
 template exactly like SFT samples (data/sft.py), the loss mask marking the answer:
   alpaca   {"instruction", "input"?, "system"?, "history"?, "chosen", "rejected"}
   sharegpt {"conversations": [...prompt turns], "chosen": {from, value}, "rejected": ...}
   plain    {"prompt", "chosen", "rejected"}
-A seeded `val_size` share is held out for evaluation. Pairs are small: they are
-tokenized in memory (no prepare step) into a checkpointable tf.data pipeline.
+A seeded `val_size` share is held out; every evaluation scores all of it. Pairs are
+small: they are tokenized in memory (no prepare step); the pipeline shuffles indices.
 
 Loss, with log-ratios r = log pi(y|x) - log pi_ref(y|x) summed over answer tokens:
   sigmoid  -log sigmoid(beta (r_chosen - r_rejected))  (with label smoothing eps:
            -(1-eps) log sigmoid(z) - eps log sigmoid(-z))
   ipo      (h - 1/(2 beta))^2 with h the difference of length-averaged log-ratios
-The reference is a frozen copy of the `--train.init_from` weights (adapters merged),
-required; `--dpo.reference=precomputed` scores every training pair with it once before
-training instead of at every step (validation pairs are always scored live).
-Logged: rewards/chosen = beta r_chosen, rewards/rejected, margin (their difference)
-and reward accuracy (share of pairs with margin > 0), to TensorBoard and log.jsonl. LoRA, freeze and full fine-tuning all apply. One device (no strategy).
+The reference is the `--train.init_from` weights (adapters merged), required.
+
+One scoring mode for policy and reference, so that policy == reference gives a margin
+of exactly 0: log-probs come from `scoring.score_tokens` with dropout off (the model's
+and LoRA's, as TRL does by default) and MoE layers dropless (no expert capacity, so
+neither padding nor the other pairs of the batch can drop a token: a pair's log-prob
+depends on the weights and the pair alone). Without XLA the dropless buffers take the
+largest expert load; under XLA every expert buffer holds all tokens (static shapes, the
+cost of running every expert on every token). MTP modules are frozen (the loss does not
+use them) and the router biases stay as they are (no token loads drive them).
+`--dpo.reference=model` (default) runs a frozen reference model beside the policy in
+the same step on the same batch: the margin at the first step is exactly 0.
+`--dpo.reference=precomputed` scores every pair once before training instead (one
+forward fewer per step, no second model in memory during training): the same
+function, equal to rounding (other batch shapes, no XLA).
+Logged: rewards/chosen = beta r_chosen, rewards/rejected, rewards/margin (their
+difference), rewards/accuracy (share of pairs with margin > 0), logps/chosen and
+logps/rejected, to TensorBoard and log.jsonl (eval: the same on the held-out pairs).
 
 Example:
     >>> exp = Experiment(..., train=TrainConfig(stage="dpo", init_from="runs/sft"))
-    >>> result = train_dpo(exp, "runs/dpo")
+    >>> result = train(exp, "runs/dpo")   # deepseek_tf.train.loop
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import time
+import math
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -38,15 +52,16 @@ from deepseek_tf.config import DPOConfig, Experiment
 from deepseek_tf.data.sft import BadSample, Conversation, encode, parse_record
 from deepseek_tf.data.templates import TEMPLATES
 from deepseek_tf.errors import ConfigError, UserError
-from deepseek_tf.lora import merged_model, save_adapter
-from deepseek_tf.model import DeepSeekCausalLM, count_params
+from deepseek_tf.layers.moe import dropless_factor
+from deepseek_tf.model import DeepSeekCausalLM
 from deepseek_tf.scoring import score_tokens
-from deepseek_tf.train import checkpoint as ckpt_lib
-from deepseek_tf.train import finetune
-from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
-from deepseek_tf.train.optimizer import make_optimizer
-from deepseek_tf.train.strategy import Role
-from deepseek_tf.workdir_files import CONFIG_FILE
+from deepseek_tf.train import precision
+from deepseek_tf.train.finetune import load_init_weights
+from deepseek_tf.train.objectives import Objective, check_workdir
+
+#: The per-pair sums of the step and the evaluation, logged as their means.
+STATS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+         "logps/chosen", "logps/rejected")
 
 
 def pair_conversations(record: dict) -> tuple[Conversation, Conversation]:
@@ -110,65 +125,13 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: DPOC
     return loss, cfg.beta * r_c, cfg.beta * r_r
 
 
-def answer_logps(model, ids, mask, training=False):
-    """Summed log p of the masked (answer) tokens per row: (R,) float32, and their counts."""
+def answer_logps(model, ids, mask, xla=False):
+    """Summed log p of the masked (answer) tokens per row, (R,) float32, and their
+    counts, in DPO's scoring mode (no dropout, dropless MoE; static buffers for XLA)."""
     mask = tf.cast(mask, tf.float32)
-    logp, _ = score_tokens(model, ids, mask, training=training)           # (R, T)
+    logp, _ = score_tokens(model, ids, mask, training=False,
+                           moe_capacity_factor=dropless_factor(model.config, xla))  # (R, T)
     return tf.reduce_sum(logp, axis=1), tf.reduce_sum(mask[:, 1:], axis=1)
-
-
-def make_dpo_step(model, ref, optimizer, cfg: DPOConfig, clip_norm: float, jit: bool):
-    """A compiled step (batch -> metrics dict) and an eval function (batch -> metrics)."""
-    variables = model.trainable_variables
-
-    def metrics_of(batch, training):
-        b = tf.shape(batch["ids"])[0]
-        ids = tf.reshape(batch["ids"], [2 * b, -1])                       # chosen, rejected
-        mask = tf.reshape(batch["mask"], [2 * b, -1])
-        pol, n = answer_logps(model, ids, mask, training)
-        ref_lp = batch["ref"] if "ref" in batch else answer_logps(ref, ids, mask)[0]
-        pol, ref_lp, n = (tf.reshape(x, [b, 2]) for x in (pol, tf.stop_gradient(ref_lp), n))
-        loss, rc, rr = dpo_loss(pol[:, 0], pol[:, 1], ref_lp[:, 0], ref_lp[:, 1], cfg,
-                                n[:, 0], n[:, 1])
-        return tf.reduce_mean(loss), {
-            "rewards/chosen": tf.reduce_mean(rc), "rewards/rejected": tf.reduce_mean(rr),
-            "rewards/margin": tf.reduce_mean(rc - rr),
-            "rewards/accuracy": tf.reduce_mean(tf.cast(rc > rr, tf.float32)),
-            "logps/chosen": tf.reduce_mean(pol[:, 0]), "logps/rejected": tf.reduce_mean(pol[:, 1])}
-
-    def grads_of(batch):
-        with tf.GradientTape() as tape:
-            loss, m = metrics_of(batch, True)
-        grads = tape.gradient(loss, variables)
-        norm = tf.linalg.global_norm(grads)
-        if clip_norm > 0:
-            grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=norm)
-        return grads, loss, norm, m
-
-    grads_fn = tf.function(grads_of, jit_compile=jit)
-
-    @tf.function
-    def step(iterator):
-        grads, loss, norm, m = grads_fn(next(iterator))
-        optimizer.apply_gradients(zip(grads, variables))
-        return {"loss": loss, "grad_norm": norm, **m}
-
-    @tf.function
-    def evaluate(batch):
-        loss, m = metrics_of(batch, False)
-        return {"loss": loss, **m}
-
-    return step, evaluate
-
-
-def _reference(exp: Experiment, log) -> keras.Model:
-    from deepseek_tf.workdir import load_workdir
-
-    src, _ = load_workdir(exp.train.init_from)
-    ref = merged_model(src)
-    ref.trainable = False
-    log(f"reference model: the frozen weights of {exp.train.init_from}")
-    return ref
 
 
 def precompute_reference(ref, pairs: dict, batch_size: int) -> np.ndarray:
@@ -183,101 +146,128 @@ def precompute_reference(ref, pairs: dict, batch_size: int) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def _datasets(exp: Experiment, tok, log, ref):
-    from deepseek_tf.data.records import read_records
-
-    if not exp.data.inputs:
-        raise ConfigError("--train.stage=dpo needs --data.inputs=PAIRS.jsonl (prompt/"
-                          "instruction, chosen, rejected).")
-    records = read_records(list(exp.data.input_list), exp.data.max_samples)
-    train_r, val_r = split_pairs(records, exp.data.val_size)
-    if not train_r:
-        raise UserError(f"--data.inputs={exp.data.inputs} holds no training pair.")
-    template = TEMPLATES[exp.data.template]
-    tr = encode_pairs(train_r, template, tok, exp.data.seq_len)
-    log(f"preference pairs: {len(train_r)} train / {len(val_r)} validation, template "
-        f"{exp.data.template}")
-    if exp.dpo.reference == "precomputed":
-        tr["ref"] = precompute_reference(ref, tr, exp.train.batch_size)
-        log(f"reference log-probs precomputed for {len(train_r)} pairs")
-    ds = tf.data.Dataset.from_tensor_slices(tr).repeat().shuffle(
-        max(len(train_r), 1), seed=exp.train.seed).batch(exp.train.batch_size, drop_remainder=True)
-    val = encode_pairs(val_r, template, tok, exp.data.seq_len) if val_r else None
-    return ds, val
+def reference_model(exp: Experiment, log) -> DeepSeekCausalLM:
+    """The frozen reference: `--train.init_from`'s weights (LoRA adapters merged), built
+    under the current strategy and dtype policy scopes."""
+    ref = DeepSeekCausalLM(exp.model)
+    load_init_weights(ref, exp.train.init_from, log=lambda *_: None)
+    ref.trainable = False
+    log(f"reference model: the frozen weights of {exp.train.init_from}")
+    return ref
 
 
-def train_dpo(exp: Experiment, workdir: str, log=print) -> dict:
-    """Runs DPO/IPO in `workdir` (resuming from its latest checkpoint); returns the last
-    train and eval metrics."""
-    from deepseek_tf.workdir import load_experiment, load_run_tokenizer
-
-    tcfg = exp.train
-    if not tcfg.init_from:
-        raise ConfigError("--train.stage=dpo needs --train.init_from=WORKDIR (the policy's "
-                          "start and the frozen reference).")
-    workdir = os.path.abspath(workdir)
-    tok = load_run_tokenizer(tcfg.init_from, load_experiment(tcfg.init_from))
-    os.makedirs(workdir, exist_ok=True)
-    if tcfg.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(tcfg.seed)  # before the data: its shuffle seeds depend on it
-    ref = _reference(exp, log)
-    train_ds, val = _datasets(exp, tok, log, ref)
-    exp.save(os.path.join(workdir, CONFIG_FILE))
-    tok.save(os.path.join(workdir, "tokenizer"))
-    model = DeepSeekCausalLM(exp.model)
-    finetune.prepare_model(model, exp, log)
-    optimizer = make_optimizer(exp.optim, exp.decay_steps, model)
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    rng = tf.random.Generator.from_seed(tcfg.seed)
-    it = iter(train_ds)
-    ckpts = ckpt_lib.RunCheckpoints(workdir, {"model": model, "optimizer": optimizer,
-                                              "step": step_var, "rng": rng}, it, Role(),
-                                    tcfg.keep_checkpoints)
-    start = ckpts.restore(log=log)
-    truncate_log(workdir, start)
-    trainable, total = count_params(model)
-    log(f"trainable params: {trainable:,} || all params: {total:,} || "
-        f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
-    step_fn, eval_fn = make_dpo_step(model, ref, optimizer, exp.dpo, exp.optim.clip_norm,
-                                     tcfg.jit_compile)
-    logger = MetricLogger(workdir, tcfg.steps)
-    last_train, last_eval, t0 = {}, {}, time.time()
-    with contextlib.closing(logger):
-        for step in range(start + 1, tcfg.steps + 1):
-            out = {k: float(v) for k, v in step_fn(it).items()}
-            step_var.assign(step)
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                last_train = out
-                logger.write_event(step, "train", out, _line(step, tcfg.steps, out))
-            if val is not None and ((tcfg.eval_every and step % tcfg.eval_every == 0)
-                                    or step == tcfg.steps):
-                last_eval = _evaluate(eval_fn, val, tcfg.batch_size)
-                logger.write_event(step, "eval", last_eval,
-                                   _line(step, tcfg.steps, last_eval, "eval"))
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-                ckpts.save(step)
-                logger.flush()
-    if tcfg.finetuning_type == "lora":
-        log(f"wrote the adapter to {save_adapter(model, workdir, exp.lora, tcfg.init_from)}")
-    plot_losses(workdir)
-    log(f"done: step {tcfg.steps}, {time.time() - t0:.1f}s; workdir: {workdir}")
-    return {"step": tcfg.steps, "train": last_train, "eval": last_eval}
+def _indexed(arrays: dict, ctx) -> tf.data.Dataset:
+    """This worker's share of the pair indices (rows are gathered after shuffling, so
+    a checkpointed shuffle buffer holds indices, not pairs)."""
+    ds = tf.data.Dataset.range(len(arrays["ids"]))
+    if ctx is not None and ctx.num_input_pipelines > 1:
+        ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+    return ds
 
 
-def _evaluate(eval_fn, val: dict, batch_size: int) -> dict:
-    n = len(val["ids"])
-    sums: dict[str, float] = {}
-    for lo in range(0, n, batch_size):
-        batch = {k: tf.constant(v[lo:lo + batch_size]) for k, v in val.items()}
-        rows = len(batch["ids"])
-        for k, v in eval_fn(batch).items():
-            sums[k] = sums.get(k, 0.0) + float(v) * rows
-    return {k: v / n for k, v in sums.items()}
+def _gather(arrays: dict):
+    tensors = {k: tf.constant(v) for k, v in arrays.items()}
+    return lambda i: {k: tf.gather(v, i) for k, v in tensors.items()}
 
 
-def _line(step: int, total: int, m: dict, kind: str = "train") -> str:
-    head = f"step {step:>6}/{total} | " + ("eval " if kind == "eval" else "")
-    return (head + f"dpo loss {m['loss']:.4f} | reward acc {m['rewards/accuracy']:.3f} | "
-            f"margin {m['rewards/margin']:.3f} (chosen {m['rewards/chosen']:.3f}, rejected "
-            f"{m['rewards/rejected']:.3f})")
+class DPOObjective(Objective):
+    """`--train.stage=dpo`: see the module doc."""
+
+    examples = "pairs"
+
+    def prepare(self, exp, workdir, role, log):
+        from deepseek_tf.data.records import read_records
+        from deepseek_tf.workdir import load_experiment, load_run_tokenizer
+
+        if not exp.train.init_from:
+            raise ConfigError("--train.stage=dpo needs --train.init_from=WORKDIR (the policy's "
+                              "start and the frozen reference).")
+        if not exp.data.inputs:
+            raise ConfigError("--train.stage=dpo needs --data.inputs=PAIRS.jsonl (prompt/"
+                              "instruction, chosen, rejected).")
+        check_workdir(workdir)
+        self.cfg, self.log = exp.dpo, log
+        self.tok = load_run_tokenizer(exp.train.init_from, load_experiment(exp.train.init_from))
+        records = read_records(list(exp.data.input_list), exp.data.max_samples)
+        train_r, val_r = split_pairs(records, exp.data.val_size)
+        if not train_r:
+            raise UserError(f"--data.inputs={exp.data.inputs} holds no training pair.")
+        if not val_r:
+            raise ConfigError(f"--data.val_size={exp.data.val_size:g} holds out no pair of "
+                              f"{len(records)}: DPO evaluates reward accuracy on held-out "
+                              f"pairs; raise --data.val_size.")
+        template = TEMPLATES[exp.data.template]
+        self.train_pairs = encode_pairs(train_r, template, self.tok, exp.data.seq_len)
+        self.val_pairs = encode_pairs(val_r, template, self.tok, exp.data.seq_len)
+        log(f"preference pairs: {len(train_r)} train / {len(val_r)} validation, template "
+            f"{exp.data.template}")
+        return exp
+
+    def save_tokenizer(self, dst):
+        self.tok.save(dst)
+
+    def datasets(self, exp, workdir, ctx):
+        tcfg = exp.train
+        train, val = dict(self.train_pairs), dict(self.val_pairs)
+        if exp.dpo.reference == "precomputed":  # a plain model, before the strategy's
+            with precision.policy_scope(tcfg.precision):
+                ref = reference_model(exp, self.log)
+            for arrays in (train, val):
+                arrays["ref"] = precompute_reference(ref, arrays, tcfg.batch_size)
+            self.log(f"reference log-probs precomputed for {len(train['ids'])} + "
+                     f"{len(val['ids'])} pairs")
+        n_val, global_batch = len(val["ids"]), tcfg.batch_size * ctx.num_replicas_in_sync
+        self.n_eval = math.ceil(n_val / global_batch)
+        pad = self.n_eval * global_batch - n_val  # rows of weight 0: every replica, every batch
+        val = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+               for k, v in val.items()}
+        val["valid"] = (np.arange(len(val["ids"])) < n_val).astype(np.float32)
+        train["valid"] = np.ones(len(train["ids"]), np.float32)
+        n_train = len(train["ids"])
+        train_ds = (_indexed(train, ctx).repeat()
+                    .shuffle(max(n_train, 1), seed=tcfg.seed, reshuffle_each_iteration=True)
+                    .batch(tcfg.batch_size, drop_remainder=True).map(_gather(train))
+                    .batch(tcfg.grad_accum_steps, drop_remainder=True))
+        eval_ds = _indexed(val, ctx).batch(tcfg.batch_size).map(_gather(val))
+        return train_ds, eval_ds
+
+    def build(self, model, exp, log):
+        for module in model.mtp:  # unused by the loss: no gradient, no weight decay
+            module.trainable = False
+        self.reference = reference_model(exp, log) if exp.dpo.reference == "model" else None
+
+    def weight(self, batch):
+        return tf.reduce_sum(batch["valid"])                               # pairs
+
+    def forward(self, model, batch, training, seed=None, xla=False):
+        b = tf.shape(batch["ids"])[0]
+        ids = tf.reshape(batch["ids"], [2 * b, -1])                       # chosen, rejected
+        mask = tf.reshape(batch["mask"], [2 * b, -1])
+        pol, n = answer_logps(model, ids, mask, xla)                      # (2B,)
+        if "ref" in batch:
+            ref = tf.reshape(batch["ref"], [2 * b])
+        else:
+            ref = tf.stop_gradient(answer_logps(self.reference, ids, mask, xla)[0])
+        pol, ref, n = (tf.reshape(x, [b, 2]) for x in (pol, ref, tf.maximum(n, 1.0)))
+        loss, rc, rr = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.cfg,
+                                n[:, 0], n[:, 1])
+        valid = batch["valid"]
+        per_pair = (rc, rr, rc - rr, tf.cast(rc > rr, tf.float32), pol[:, 0], pol[:, 1])
+        stats = {k: tf.reduce_sum(v * valid) for k, v in zip(STATS, per_pair)}
+        return tf.reduce_sum(loss * valid), None, stats
+
+    def step_metrics(self, model, stats, denom, update):
+        return {k: stats[k] / denom for k in STATS}
+
+    def eval_batches(self, exp):
+        return self.n_eval
+
+    def eval_metrics(self, sums):
+        pairs = max(sums["weight"], 1.0)
+        return {"loss": sums["loss_sum"] / pairs, **{k: sums[k] / pairs for k in STATS}}
+
+    def log_metrics(self, model, out):
+        return {k: float(out[k]) for k in STATS}
+
+    def tokens_per_step(self, exp, replicas):
+        return 2 * exp.train.global_batch(replicas) * exp.data.seq_len  # chosen + rejected

@@ -3,7 +3,8 @@
 `prepare_model` runs right after the model is built (inside the strategy scope,
 before the optimizer sees `model.trainable_variables`):
   1. `--train.init_from=WORKDIR`: the model weights of that workdir's latest
-     checkpoint (a LoRA run's adapters are merged first); never its optimizer.
+     checkpoint (a LoRA run's adapters are merged first); never its optimizer. A
+     resumed run skips this: its own checkpoint is restored over the model.
   2. `--train.finetuning_type`: full (everything trains), lora (deepseek_tf/lora.py:
      adapters on `--lora.targets`, everything else frozen) or freeze (the last
      `--freeze.trainable_layers` blocks and any module named in `--freeze.modules`).
@@ -89,11 +90,12 @@ def freeze_all_but_indexers(model) -> int:
     return len(model.trainable_variables)
 
 
-def prepare_model(model, exp: Experiment, log=print) -> None:
-    """Loads `--train.init_from` weights, then applies `--train.finetuning_type` (and
-    the DSA dense warm-up's freeze)."""
+def prepare_model(model, exp: Experiment, log=print, resuming: bool = False) -> None:
+    """Loads `--train.init_from` weights (unless `resuming`: the run's own checkpoint
+    then holds every weight and is restored over the model), then applies
+    `--train.finetuning_type` (and the DSA dense warm-up's freeze)."""
     tcfg = exp.train
-    if tcfg.init_from:
+    if tcfg.init_from and not resuming:
         load_init_weights(model, tcfg.init_from, log)
     if tcfg.finetuning_type == "lora":
         n = apply_lora(model, exp.lora, seed=tcfg.seed)

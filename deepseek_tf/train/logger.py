@@ -110,8 +110,10 @@ class MetricLogger:
 
     def _line(self, step: int, m: dict, kind: str) -> str:
         if kind == "eval":
-            return (f"step {step:>6}/{self.total_steps} | eval loss {m['loss']:.4f} | "
-                    f"ppl {m['perplexity']:.3f} | acc {m['accuracy']:.3f}")
+            parts = [f"step {step:>6}/{self.total_steps}", f"eval loss {m['loss']:.4f}"]
+            if "perplexity" in m:
+                parts.append(f"ppl {m['perplexity']:.3f} | acc {m['accuracy']:.3f}")
+            return " | ".join(parts + _reward_parts(m))
         if self._start_step is None:
             self._start_step, self._t0 = step, time.time()
             eta = ""
@@ -128,6 +130,7 @@ class MetricLogger:
         if "moe/load_max" in m:
             parts.append(f"moe max/mean load {m['moe/load_max']:.2f}, "
                          f"dropped {100 * m['moe/dropped_frac']:.1f}%")
+        parts += _reward_parts(m)
         if m.get("skipped_steps"):  # mixed_float16 overflows so far, and the loss scale now
             parts.append(f"{m['skipped_steps']:.0f} skipped "
                          f"(loss scale {m.get('loss_scale', 1):,.0f})")
@@ -171,3 +174,12 @@ def plot_losses(workdir: str) -> str | None:
         fig.savefig(f, format="png")
     plt.close(fig)
     return path
+
+
+def _reward_parts(m: dict) -> list[str]:
+    """DPO's console entries (train/dpo.py), if `m` has them."""
+    if "rewards/margin" not in m:
+        return []
+    return [f"reward acc {m['rewards/accuracy']:.3f}",
+            f"margin {m['rewards/margin']:.3f} (chosen {m['rewards/chosen']:.3f}, rejected "
+            f"{m['rewards/rejected']:.3f})"]

@@ -1,9 +1,11 @@
 """The training runner: set up, (resume,) train, evaluate, checkpoint, log, plot.
 
-The split follows TF Model Garden's task/runner idea: `prepare_run` checks
-everything a user can get wrong before any graph is built; `build_state` makes
-model, optimizer and data under the strategy scope; `Runner` runs the loop as
-`begin` / `run_step` (with its log / eval / checkpoint intervals) / `end`.
+The split follows TF Model Garden's task/runner idea: the stage's objective
+(train/objectives.py: pretrain / sft token loss, train/dpo.py) checks everything a
+user can get wrong before any graph is built and owns data, loss and metrics;
+`build_state` makes model, optimizer and data under the strategy scope; `Runner`
+runs the loop as `begin` / `run_step` (with its log / eval / checkpoint intervals) /
+`end`, the same for every stage.
 
 With several workers (train/strategy.py) every worker runs this same loop; only
 the chief writes config.json, log.jsonl, summaries, loss.png and the real
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import math
 import os
 import threading
 import time
@@ -30,10 +31,6 @@ import tensorflow as tf
 
 from deepseek_tf import exit_codes
 from deepseek_tf.config import Experiment
-from deepseek_tf.data import pipeline, shards
-from deepseek_tf.data.prepare import prepare
-from deepseek_tf.data.tokenizer import copy_tokenizer, load_tokenizer
-from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.lora import save_adapter
 from deepseek_tf.model import DeepSeekCausalLM, count_params
 from deepseek_tf.train import autotune
@@ -41,61 +38,21 @@ from deepseek_tf.train import checkpoint as ckpt_lib
 from deepseek_tf.train import finetune
 from deepseek_tf.train import precision
 from deepseek_tf.train import strategy as strategy_lib
-from deepseek_tf.train.aux_losses import log_metrics
 from deepseek_tf.train.best import BestCheckpoint
+from deepseek_tf.train.dpo import DPOObjective
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
+from deepseek_tf.train.objectives import Objective, TokenObjective
 from deepseek_tf.train.optimizer import make_optimizer, make_schedule
 from deepseek_tf.train.preemption import PreemptionWatcher
 from deepseek_tf.train.profile import StepProfiler
 from deepseek_tf.train.recovery import Recovery
 from deepseek_tf.train.step import make_eval_step, make_train_step
-from deepseek_tf.workdir_files import CONFIG_FILE, DATA_DIR, TENSORBOARD_DIR, TOKENIZER_DIR
+from deepseek_tf.workdir_files import CONFIG_FILE, TENSORBOARD_DIR, TOKENIZER_DIR
 
 
-def data_dir_of(exp: Experiment, workdir: str) -> str:
-    return exp.data.data_dir or os.path.join(workdir, DATA_DIR)
-
-
-def _wait_for_data(data_dir: str, timeout: float, log) -> None:
-    """A non-chief worker waits for the chief to prepare the shared data directory."""
-    log(f"waiting for the chief to prepare {data_dir}")
-    deadline = time.time() + (timeout or float("inf"))
-    while not os.path.exists(os.path.join(data_dir, shards.METADATA_FILE)):
-        if time.time() > deadline:
-            raise UserError(f"{data_dir} did not appear within {timeout:.0f}s: workers need a "
-                            f"shared --workdir / --data.data_dir, or data prepared on every "
-                            f"machine with python -m deepseek_tf.prepare.")
-        time.sleep(1.0)
-
-
-def prepare_run(exp: Experiment, workdir: str, log=print,
-                role: strategy_lib.Role = strategy_lib.Role()) -> dict:
-    """Validates the workdir and the data (preparing it if absent); returns metadata.
-
-    Raises ConfigError / UserError with one clear line; writes nothing into an
-    existing workdir before everything checks out. Only the chief prepares data.
-    """
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir={workdir} exists and is not a directory; choose another.")
-    data_dir = data_dir_of(exp, workdir)
-    if not role.is_chief and not os.path.exists(os.path.join(data_dir, shards.METADATA_FILE)):
-        # The chief may be preparing it right now (the directory exists before its
-        # metadata.json, which is written last).
-        _wait_for_data(data_dir, exp.train.collective_timeout, log)
-    if not os.path.exists(data_dir):
-        source = exp.data.inputs or f"the '{exp.data.corpus}' corpus"
-        log(f"data directory {data_dir} does not exist yet: preparing {source}")
-        prepare(exp.data, data_dir, exp.tokenizer, log=log)
-    meta = shards.read_metadata(data_dir)
-    tok = load_tokenizer(data_dir)
-    if tok.vocab_size > exp.model.vocab_size:
-        raise ConfigError(f"the data's {tok.name} tokenizer has {tok.vocab_size} ids but "
-                          f"--model.vocab_size={exp.model.vocab_size}; set "
-                          f"--model.vocab_size >= {tok.vocab_size}.")
-    if tok.fingerprint != meta["tokenizer"]["fingerprint"]:
-        raise UserError(f"{data_dir}: tokenizer files disagree with metadata.json; "
-                        f"re-run prepare into a new directory.")
-    return meta
+def make_objective(exp: Experiment) -> Objective:
+    """The objective of `--train.stage` (auto, pretrain and sft: the token loss)."""
+    return DPOObjective() if exp.train.stage == "dpo" else TokenObjective()
 
 
 @dataclasses.dataclass
@@ -111,13 +68,15 @@ class RunState:
     checkpoints: ckpt_lib.RunCheckpoints
     collectives: strategy_lib.Collectives
     exp: Experiment | None = None  # the experiment, with precision "auto" resolved
+    objective: Objective | None = None
 
 
-def build_state(exp: Experiment, workdir: str, meta: dict,
+def build_state(exp: Experiment, workdir: str, objective: Objective,
                 role: strategy_lib.Role = strategy_lib.Role(), log=print) -> RunState:
-    """Model (with `--train.init_from` weights and its fine-tuning method), optimizer,
-    data iterators and checkpoints, built under the strategy (`--train.precision=auto`
-    is resolved first: `state.exp`)."""
+    """Model (with `--train.init_from` weights, its fine-tuning method and the
+    objective's models), optimizer, data iterators and checkpoints, built under the
+    strategy (`--train.precision=auto` is resolved first: `state.exp`). `objective` has
+    been prepared (`Objective.prepare`)."""
     if exp.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(exp.train.seed)
@@ -136,20 +95,14 @@ def build_state(exp: Experiment, workdir: str, meta: dict,
     if warning:
         log(warning)
     tcfg = exp.train
-    data_dir = data_dir_of(exp, workdir)
     ctx = strategy_lib.input_context(strategy, role)  # this worker's share of the data
-    train_ds = pipeline.make_dataset(exp.data, data_dir, "train", tcfg.batch_size,
-                                     seed=tcfg.seed, training=True,
-                                     accum_steps=tcfg.grad_accum_steps, input_context=ctx,
-                                     metadata=meta)
-    eval_ds = pipeline.make_dataset(exp.data, data_dir, "validation", tcfg.batch_size,
-                                    seed=tcfg.seed, training=False, input_context=ctx,
-                                    metadata=meta)
+    train_ds, eval_ds = objective.datasets(exp, workdir, ctx)
 
     with strategy.scope():
         with precision.policy_scope(tcfg.precision):
             model = DeepSeekCausalLM(exp.model, remat=tcfg.remat, dsa_stage=tcfg.dsa_stage)
-            finetune.prepare_model(model, exp, log)
+            finetune.prepare_model(model, exp, log, resuming=ckpt_lib.has_checkpoint(workdir))
+            objective.build(model, exp, log)  # e.g. DPO's frozen reference
         optimizer = precision.wrap_optimizer(make_optimizer(exp.optim, exp.decay_steps, model),
                                              tcfg, model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -159,7 +112,7 @@ def build_state(exp: Experiment, workdir: str, meta: dict,
         workdir, {"model": model, "optimizer": optimizer, "step": step, "rng": rng},
         train_iter, role, tcfg.keep_checkpoints, barrier=collectives.barrier)
     return RunState(strategy, model, optimizer, step, rng, train_iter, eval_ds, role,
-                    checkpoints, collectives, exp)
+                    checkpoints, collectives, exp, objective)
 
 
 def weights_fingerprint(model: keras.Model) -> str:
@@ -172,14 +125,13 @@ def weights_fingerprint(model: keras.Model) -> str:
 
 
 def evaluate(state: RunState, eval_step, num_batches: int) -> dict:
+    """The objective's metrics of `num_batches` validation batches (summed, then made)."""
     it = iter(state.eval_ds)
-    loss_sum = hits = tokens = 0.0
+    sums: dict[str, float] = {}
     for _ in range(num_batches):
-        l, h, t = (float(x) for x in eval_step(it))
-        loss_sum, hits, tokens = loss_sum + l, hits + h, tokens + t
-    loss = loss_sum / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
-            "accuracy": hits / max(tokens, 1.0), "tokens": tokens}
+        for k, v in eval_step(it).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return state.objective.eval_metrics(sums)
 
 
 def _describe(state: RunState, tcfg) -> str:
@@ -187,8 +139,8 @@ def _describe(state: RunState, tcfg) -> str:
     where = f"{role.name} of {role.num_workers} workers" + (" (chief)" if role.is_chief else "")
     name = ("MultiWorkerMirroredStrategy" if strategy_lib.is_multi_worker(strategy)
             else type(strategy).__name__.lstrip("_"))
-    return (f"strategy: {name}, {strategy.num_replicas_in_sync} replicas; "
-            f"this is {where}; precision {tcfg.precision}; XLA {tcfg.jit_compile}; "
+    return (f"stage {tcfg.stage}; strategy: {name}, {strategy.num_replicas_in_sync} "
+            f"replicas; this is {where}; precision {tcfg.precision}; XLA {tcfg.jit_compile}; "
             f"remat {tcfg.remat}")
 
 
@@ -222,9 +174,6 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     "seconds": wall time of the loop, "skipped_steps", "weights_sha256"}. Raises
     `Preempted` after saving a checkpoint if any worker got SIGTERM.
     """
-    if exp.train.stage == "dpo":  # preference pairs: its own data and step (train/dpo.py)
-        from deepseek_tf.train.dpo import train_dpo
-        return train_dpo(exp, workdir, log)
     with contextlib.ExitStack() as cleanup:  # SIGTERM handler, temporary dirs, writers
         return _train(exp, workdir, log, cleanup)
 
@@ -249,21 +198,19 @@ class Runner:
         >>> result = runner.end()
     """
 
-    def __init__(self, exp: Experiment, workdir: str, state: RunState, meta: dict,
+    def __init__(self, exp: Experiment, workdir: str, state: RunState,
                  start: int, log, cleanup: contextlib.ExitStack):
         self.exp, self.tcfg, self.workdir, self.state, self.log = exp, exp.train, workdir, \
             state, log
         tcfg, role = self.tcfg, state.role
         self.step = start
-        self.tokens_per_step = tcfg.global_batch(state.strategy.num_replicas_in_sync) * \
-            exp.data.seq_len
+        self.objective = objective = state.objective
+        self.tokens_per_step = objective.tokens_per_step(exp,
+                                                         state.strategy.num_replicas_in_sync)
         train_step = make_train_step(state.model, state.optimizer, state.strategy, tcfg,
-                                     exp.optim)
-        eval_step = make_eval_step(state.model, state.strategy)
-        # A corrupt shard raises one error naming the file and offset, never skipped silently.
-        shard_files = shards.all_shard_paths(data_dir_of(exp, workdir), meta)
-        self.train_step = shards.guard_data_errors(train_step, shard_files)
-        self.eval_step = shards.guard_data_errors(eval_step, shard_files)
+                                     exp.optim, objective=objective)
+        self.train_step = objective.guard(train_step)
+        self.eval_step = objective.guard(make_eval_step(state.model, state.strategy, objective))
         self.logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
         cleanup.callback(self.logger.close)
         self.recovery = Recovery(state, tcfg, self.logger, workdir)  # rolls back bad steps
@@ -291,7 +238,8 @@ class Runner:
         workdir = os.path.abspath(workdir)
         multi = strategy_lib.strategy_name(exp.train) == "multi_worker"
         role = strategy_lib.cluster_role() if multi else strategy_lib.Role()
-        meta = prepare_run(exp, workdir, log=log, role=role)
+        objective = make_objective(exp)
+        exp = objective.prepare(exp, workdir, role, log)  # inputs checked; stage "auto" resolved
         config_path = os.path.join(workdir, CONFIG_FILE)
         # A resumed run keeps the choices its first run made for "auto" settings.
         exp = autotune.keep_saved(exp, Experiment.load(config_path)
@@ -299,12 +247,12 @@ class Runner:
         if role.is_chief:
             os.makedirs(workdir, exist_ok=True)
             exp.save(config_path)
-            copy_tokenizer(data_dir_of(exp, workdir), os.path.join(workdir, TOKENIZER_DIR))
+            objective.save_tokenizer(os.path.join(workdir, TOKENIZER_DIR))
         log(f"workdir: {workdir}")
         if exp.train.auto_decisions:
             log(f"auto settings kept from {CONFIG_FILE}: {exp.train.auto_decisions}")
         saved = exp
-        state = build_state(exp, workdir, meta, role, log=log)
+        state = build_state(exp, workdir, objective, role, log=log)
         exp = _resolve_jit(state, log)
         if role.is_chief and exp != saved:  # the resolved "auto" choices, once
             exp.save(config_path)
@@ -320,10 +268,10 @@ class Runner:
         tcfg, replicas = exp.train, state.strategy.num_replicas_in_sync
         global_batch = tcfg.global_batch(replicas)
         log(_describe(state, tcfg))
-        log(f"global batch: {global_batch} sequences = {tcfg.batch_size} per replica x "
-            f"{replicas} replicas x {tcfg.grad_accum_steps} accumulation steps "
-            f"({global_batch * exp.data.seq_len:,} tokens/step)")
-        return cls(exp, workdir, state, meta, start, log, cleanup)
+        log(f"global batch: {global_batch} {objective.examples} = {tcfg.batch_size} per "
+            f"replica x {replicas} replicas x {tcfg.grad_accum_steps} accumulation steps "
+            f"({objective.tokens_per_step(exp, replicas):,} tokens/step)")
+        return cls(exp, workdir, state, start, log, cleanup)
 
     @property
     def done(self) -> bool:
@@ -348,7 +296,8 @@ class Runner:
         if self.step % tcfg.log_every == 0 or last:
             self._log_train(out, loss)
         if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or last:
-            self.last_eval = evaluate(state, self.eval_step, tcfg.eval_steps)
+            self.last_eval = evaluate(state, self.eval_step,
+                                      self.objective.eval_batches(self.exp))
             self.logger.write(self.step, self.last_eval, "eval")
             self.stopped = self.best.update(self.step, self.last_eval["loss"])
         if self.step % tcfg.checkpoint_every == 0 or last or self.stopped:
@@ -376,12 +325,12 @@ class Runner:
         self.last_train = {
             "loss": loss, "loss_avg": self.window_loss / max(self.window_steps, 1),
             "lr": float(self.schedule(max(applied - 1, 0))),
-            "grad_norm": float(out["grad_norm"]), "accuracy": float(out["accuracy"]),
+            "grad_norm": float(out["grad_norm"]),
             "tokens_per_sec": (self.step - self.step_at_log) * self.tokens_per_step
             / max(now - self.t_log, 1e-9),
             "tokens_seen": self.step * self.tokens_per_step,
             "skipped_steps": self.step - applied,
-            **log_metrics(self.state.model, out)}
+            **self.objective.log_metrics(self.state.model, out)}
         if precision.is_loss_scaled(self.state.optimizer):
             self.last_train["loss_scale"] = precision.current_scale(self.state.optimizer)
         self.logger.write(self.step, self.last_train, "train")

@@ -1,8 +1,11 @@
 """The distributed train and eval steps.
 
-Loss normalisation: every replica's micro-batch loss is its summed token loss
-divided by the number of loss tokens in the *global* batch (all replicas, all
-accumulation micro-batches). Gradients are summed over micro-batches and
+One step for every stage: the loss comes from an objective (train/objectives.py;
+pretrain / sft token cross entropy by default, DPO in train/dpo.py).
+
+Loss normalisation: every replica's micro-batch loss is its summed loss (tokens, or
+pairs for DPO) divided by the objective's weight of the *global* batch (all replicas,
+all accumulation micro-batches). Gradients are summed over micro-batches and
 all-reduced (SUM) once per step, so accumulation and any number of replicas give
 the large-batch step. Clipping uses the global norm of the all-reduced gradients.
 
@@ -34,66 +37,50 @@ import tensorflow as tf
 
 from deepseek_tf.config import OptimConfig, TrainConfig
 from deepseek_tf.layers.remat import fold_seed
-from deepseek_tf.model import token_losses
-from deepseek_tf.train import aux_losses, precision
+from deepseek_tf.train import precision
+from deepseek_tf.train.objectives import TokenObjective
 from deepseek_tf.train.strategy import next_batch
 
 SUM = tf.distribute.ReduceOp.SUM
 
 
-def _forward(model, batch, training, with_aux=False, dropout_seed=None):
-    """(CE loss sum, hits) or, `with_aux`, (CE loss sum, hits, extra loss sum, stats)."""
-    out = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                positions=batch["positions"], training=training, return_aux=with_aux,
-                dropout_seed=dropout_seed)
-    logits = out[0] if with_aux else out                                  # (B, T, V)
-    mask = batch["loss_mask"]
-    loss_sum = tf.reduce_sum(token_losses(logits, batch["targets"]) * mask)
-    hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), batch["targets"]),
-                   tf.float32)
-    if not with_aux:
-        return loss_sum, tf.reduce_sum(hits * mask)
-    return (loss_sum, tf.reduce_sum(hits * mask)) + aux_losses.aux_terms(model.config, out[1],
-                                                                         batch)
+def make_grad_fn(model, accum_steps: int, jit_compile: bool, objective=None):
+    """(batch with (A, B, ...) tensors, global weight, loss scale, dropout seed)
+    -> (grads of the scaled loss, loss, stats).
 
-
-def make_grad_fn(model, accum_steps: int, jit_compile: bool):
-    """(batch with (A, B, T) tensors, global token count, loss scale, dropout seed)
-    -> (grads of the scaled loss, loss, hits, stats).
-
-    The compute part of the step; under `jit_compile` it is one XLA cluster. `loss`
-    is the cross entropy; the gradients include the aux losses; `stats` are the
-    summed aux statistics ({} for a dense model without MTP).
+    The compute part of the step; under `jit_compile` it is one XLA cluster. `loss` is
+    the objective's loss (`objective.forward`'s loss sum / the global weight, e.g. the
+    token cross entropy); the gradients also include its extra (aux) terms; `stats` are
+    the objective's sums over the micro-batches. `objective` defaults to the token
+    cross entropy of pretrain / sft (train/objectives.py).
     """
+    objective = objective or TokenObjective()
     variables = model.trainable_variables
-    with_aux = aux_losses.uses_aux(model.config)
 
     def micro(batch, denom, scale, seed):
         with tf.GradientTape() as tape:
-            out = _forward(model, batch, training=True, with_aux=with_aux, dropout_seed=seed)
-            loss_sum, hits = out[:2]
-            extra, stats = out[2:] if with_aux else (0.0, {})
+            loss_sum, extra, stats = objective.forward(model, batch, True, seed, jit_compile)
             loss = loss_sum / denom
-            total = loss + extra / denom if with_aux else loss
+            total = loss if extra is None else loss + extra / denom
             scaled = total * scale
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled, variables)]  # dense
-        return grads, loss, hits, stats
+        return grads, loss, stats
 
     def grad_fn(batch, denom, scale=1.0, seed=None):
         first = {k: v[0] for k, v in batch.items()}
-        grads, loss, hits, stats = micro(first, denom, scale, fold_seed(seed, 0))
+        grads, loss, stats = micro(first, denom, scale, fold_seed(seed, 0))
         if accum_steps == 1:
-            return grads, loss, hits, stats
+            return grads, loss, stats
 
-        def body(i, grads, loss, hits, stats):
-            g, l, h, s = micro({k: v[i] for k, v in batch.items()}, denom, scale,
-                               fold_seed(seed, i))
-            return (i + 1, [a + b for a, b in zip(grads, g)], loss + l, hits + h,
+        def body(i, grads, loss, stats):
+            g, l, s = micro({k: v[i] for k, v in batch.items()}, denom, scale,
+                            fold_seed(seed, i))
+            return (i + 1, [a + b for a, b in zip(grads, g)], loss + l,
                     {k: stats[k] + s[k] for k in stats})
 
-        _, grads, loss, hits, stats = tf.while_loop(
-            lambda i, *_: i < accum_steps, body, (tf.constant(1), grads, loss, hits, stats))
-        return grads, loss, hits, stats
+        _, grads, loss, stats = tf.while_loop(
+            lambda i, *_: i < accum_steps, body, (tf.constant(1), grads, loss, stats))
+        return grads, loss, stats
 
     return tf.function(grad_fn, jit_compile=jit_compile)
 
@@ -130,38 +117,40 @@ def apply_scaled(optimizer, grads, variables, coef) -> None:
 
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cfg: TrainConfig,
-                    optim_cfg: OptimConfig, *, grad_hook=None):
-    """Returns `step(iterator) -> dict of float32 tensors` (loss, grad_norm, accuracy,
-    loss_tokens, skipped: 1 if the step was skipped because a gradient overflowed, and
-    the `aux_losses.step_metrics` of MoE / MTP models).
+                    optim_cfg: OptimConfig, *, objective=None, grad_hook=None):
+    """Returns `step(iterator) -> dict of float32 tensors` (loss, grad_norm, skipped: 1
+    if the step was skipped because a gradient overflowed, and the objective's
+    `step_metrics`: for pretrain / sft accuracy, loss_tokens and the
+    `aux_losses.step_metrics` of MoE / MTP models).
 
     `grad_hook(grads, replica_id) -> grads`, if given, edits each replica's local
     gradients before the all-reduce (tests inject faults with it).
     """
-    grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.xla)
+    objective = objective or TokenObjective()
+    grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.xla, objective)
     finish = make_finish_fn(optim_cfg.clip_norm, train_cfg.xla)
     variables = model.trainable_variables
 
     def replica_step(batch):
         ctx = tf.distribute.get_replica_context()
-        tokens = ctx.all_reduce(SUM, tf.reduce_sum(batch["loss_mask"]))
+        weight = ctx.all_reduce(SUM, objective.weight(batch))  # global tokens / pairs
+        denom = tf.maximum(weight, 1.0)
         scale = precision.loss_scale(optimizer)
         seed = tf.random.experimental.stateless_fold_in(
             tf.stack([tf.constant(train_cfg.seed, tf.int64),
                       tf.cast(optimizer.iterations, tf.int64)]), ctx.replica_id_in_sync_group)
-        grads, loss, hits, stats = grad_fn(batch, tf.maximum(tokens, 1.0), scale, seed)
+        grads, loss, stats = grad_fn(batch, denom, scale, seed)
         if grad_hook is not None:
             grads = grad_hook(grads, ctx.replica_id_in_sync_group)
         grads = ctx.all_reduce(SUM, grads)
-        loss, hits = ctx.all_reduce(SUM, [loss, hits])
-        stats = ctx.all_reduce(SUM, stats) if stats else {}  # {}: dense, no MTP
+        loss = ctx.all_reduce(SUM, loss)
+        stats = ctx.all_reduce(SUM, stats)
         grads, scaled_norm, finite, coef = finish(grads, scale)
         apply_scaled(optimizer, grads, variables, coef)  # skipped if not finite (fp16)
-        # After the update: router biases move from the global load (not on a skipped step).
-        aux_metrics = aux_losses.step_metrics(model, stats, tokens, update=finite)
+        # After the update: e.g. router biases move from the global load (not on a skipped step).
+        metrics = objective.step_metrics(model, stats, denom, update=finite)
         return {"loss": loss, "grad_norm": scaled_norm / scale,
-                "accuracy": hits / tf.maximum(tokens, 1.0), "loss_tokens": tokens,
-                "skipped": 1.0 - tf.cast(finite, tf.float32), **aux_metrics}
+                "skipped": 1.0 - tf.cast(finite, tf.float32), **metrics}
 
     @tf.function
     def step(iterator):
@@ -171,17 +160,19 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
     return step
 
 
-def make_eval_step(model, strategy: tf.distribute.Strategy):
-    """Returns `step(iterator) -> (loss_sum, hits, tokens)` summed over all replicas."""
+def make_eval_step(model, strategy: tf.distribute.Strategy, objective=None):
+    """Returns `step(iterator) -> dict` of the objective's evaluation sums (loss_sum,
+    weight and its stats, e.g. hits) summed over all replicas."""
+    objective = objective or TokenObjective()
 
     def replica_step(batch):
-        loss_sum, hits = _forward(model, batch, training=False)
-        tokens = tf.reduce_sum(batch["loss_mask"])
-        return tf.distribute.get_replica_context().all_reduce(SUM, [loss_sum, hits, tokens])
+        loss_sum, _, stats = objective.forward(model, batch, False)
+        sums = {"loss_sum": loss_sum, "weight": objective.weight(batch), **stats}
+        return tf.distribute.get_replica_context().all_reduce(SUM, sums)
 
     @tf.function
     def step(iterator):
         out = strategy.run(replica_step, args=(next_batch(strategy, iterator),))
-        return [strategy.experimental_local_results(v)[0] for v in out]
+        return {k: strategy.experimental_local_results(v)[0] for k, v in out.items()}
 
     return step

@@ -86,3 +86,26 @@ def test_litert_lm_engine_generates_the_savedmodel_tokens(bundles, name):
     hf = tokenizers.Tokenizer.from_str(byte_tokenizer_json(ByteTokenizer()))
     shown = want[:-1] if want[-1] == 257 else want
     assert text == hf.decode(shown, skip_special_tokens=False)
+
+
+def test_metadata_takes_the_runs_chat_profile_with_multi_token_stops():
+    """A ChatML run (SFT or DPO) stops at `<|im_end|>`, which the byte tokenizer spells
+    with 10 tokens: LlmMetadata holds it as one multi-token stop sequence."""
+    import dataclasses
+
+    from google.protobuf import text_format
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2
+
+    from deepseek_tf.export.litertlm import _metadata_text
+    from deepseek_tf.generate.text import chat_profile
+    from tests.helpers import tiny
+
+    tok = ByteTokenizer()
+    exp = tiny.experiment("x", data={"template": "chatml"})
+    exp = dataclasses.replace(exp, train=exp.train.replace(stage="dpo"))
+    profile = chat_profile(exp, tok)
+    msg = text_format.Parse(_metadata_text(tok, profile.stops, 128, jinja_template(
+        profile.template)), llm_metadata_pb2.LlmMetadata())
+    stops = [list(s.token_ids.ids) for s in msg.stop_tokens]
+    assert stops == [[257], tok.encode("<|im_end|>", add_bos=False, add_eos=False).tolist()]
+    assert "<|im_start|>" in msg.jinja_prompt_template

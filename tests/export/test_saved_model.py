@@ -22,6 +22,7 @@ from deepseek_tf.data.tokenizer.byte import ByteTokenizer
 from deepseek_tf.export import export
 from deepseek_tf.generate import Generator
 from tests.helpers import tf_serving
+from tests.helpers.tiny import nondeterministic
 from tests.helpers.workdirs import make_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,8 +51,9 @@ def exported(tmp_path_factory):
         root = tmp_path_factory.mktemp(family)
         workdir, model = make_workdir(str(root / "run"), family)
         path = str(root / "models" / "deepseek" / "1")
-        export(model, model_exp(workdir), "saved_model", path, log=quiet, workdir=workdir,
-               max_length=MAX_LENGTH, max_new_tokens=16)
+        with nondeterministic():  # as a fresh export process traces it
+            export(model, model_exp(workdir), "saved_model", path, log=quiet,
+                   workdir=workdir, max_length=MAX_LENGTH, max_new_tokens=16)
         out[family] = (model, path)
     return out
 
@@ -103,6 +105,17 @@ def test_text_signature_runs_the_tokenizer_in_the_graph(exported):
         keep = [t for t in expect.numpy()[0, :n[0]] if t < 256]
         assert out["text"].numpy()[i] == bytes(keep)
         assert out["num_tokens"].numpy()[i] == n.numpy()[0]
+
+
+def test_unseeded_sampled_requests_differ_and_a_seed_reproduces(exported):
+    sm = tf.saved_model.load(exported["gqa"][1])
+    text = sm.signatures["serving_default"]
+    sampled = dict(prompt=tf.constant(["The quick"] * 2), **_options(2, n=24, temperature=1.0))
+    unseeded = {**sampled, "seed": tf.constant([-1, -1])}
+    a, b = (text(**unseeded)["text"].numpy().tolist() for _ in range(2))
+    assert a != b and a[0] != a[1]  # requests, and rows of one batch, draw their own seeds
+    seeded = [text(**sampled)["text"].numpy().tolist() for _ in range(2)]  # seed 0
+    assert seeded[0] == seeded[1] and seeded[0][0] == seeded[0][1]
 
 
 def test_score_gives_next_token_log_probs(exported):

@@ -60,6 +60,14 @@ def test_chat_wraps_the_prompt_in_the_runs_template(workdir, tmp_path):
     assert proc.stdout.rstrip("\n") == tok.decode([t for t in out.numpy()[0, :n[0]] if t < 256])
 
 
+def test_unseeded_sampling_differs_between_runs(workdir):
+    path, _ = workdir
+    procs = [run("deepseek_tf.generate", f"--workdir={path}", "--prompt=Once", "--temperature=1",
+                 "--max_new_tokens=24", "--jit_compile=false") for _ in range(2)]
+    assert all(p.returncode == 0 for p in procs), procs[0].stderr[-2000:]
+    assert procs[0].stdout != procs[1].stdout
+
+
 def test_help_lists_the_sampling_flags():
     proc = run("deepseek_tf.generate", "--help")
     assert proc.returncode == 0

@@ -136,3 +136,29 @@ def test_filter_logits_matches_a_numpy_reference(k, p):
     for row in range(3):
         expect = _filter_reference(logits[row], k, p)
         np.testing.assert_array_equal(got[row] > NEG_INF, expect)
+
+
+def test_multi_token_stop_ends_a_row_where_the_sequence_completes(gqa):
+    from deepseek_tf.generate.decode import stop_suffix
+
+    ids, lengths = _pad(PROMPTS[:2])
+    free, _ = Generator(gqa, 64).generate(ids, lengths, max_new_tokens=20)
+    seq = tuple(int(t) for t in free.numpy()[0, 4:7])  # 3 tokens row 0 writes at 4..6
+    row = free.numpy()[0].tolist()
+    end = next(i + 3 for i in range(18) if tuple(row[i:i + 3]) == seq)
+    out, n = Generator(gqa, 64, stop_ids=(257, seq), pad_id=258).generate(
+        ids, lengths, max_new_tokens=20)
+    assert n.numpy()[0] == end and out.numpy()[0, :end].tolist() == row[:end]
+    assert stop_suffix(out, n, (257, seq)).numpy()[0] == 3
+
+
+@pytest.mark.parametrize("max_length", [2, 3, 4, 5])
+def test_auto_jit_with_a_tiny_cache_generates(gqa, max_length):
+    from deepseek_tf.data.tokenizer.byte import ByteTokenizer
+    from deepseek_tf.generate.run import run_batches
+
+    tok, logs = ByteTokenizer(), []
+    prompts = [np.arange(1, max_length, dtype=np.int32), np.array([256], np.int32)]
+    out = run_batches(gqa, tok, prompts, max_length, (257,), jit_compile="auto",
+                      log=logs.append, max_new_tokens=1)
+    assert [r["num_tokens"] for r in out] == [1, 1] and "jit_compile: auto ->" in logs[0]

@@ -24,3 +24,24 @@ def experiment(data_dir: str, **sections) -> Experiment:
         train=TrainConfig(**{"steps": 8, "batch_size": 4, "log_every": 2, "eval_every": 4,
                              "eval_steps": 2, "checkpoint_every": 4,
                              **sections.get("train", {})}))
+
+
+def nondeterministic():
+    """A context in which TF op determinism is off (training turns it on for the whole
+    process): graphs traced inside draw unseeded sampling seeds from the OS."""
+    import contextlib
+
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    @contextlib.contextmanager
+    def scope():
+        was = tf_config.is_op_determinism_enabled()
+        tf_config.disable_op_determinism()  # not in the public API
+        try:
+            yield
+        finally:
+            if was:
+                tf.config.experimental.enable_op_determinism()
+
+    return scope()

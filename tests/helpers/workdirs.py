@@ -55,3 +55,28 @@ def make_workdir(path: str, family: str = "gqa", seed: int = 0, **overrides):
     ByteTokenizer().save(os.path.join(path, "tokenizer"))
     return path, model
 
+
+
+def train_chat_run(path: str, template: str = "chatml", steps: int = 60,
+                   answer: str = "ok") -> str:
+    """A tiny SFT run (alpaca records "Hi <i>" -> `answer`, rendered with `template`)
+    trained until it answers `answer` and then its end-of-turn marker; returns the workdir."""
+    from deepseek_tf.data.prepare import prepare
+    from deepseek_tf.train.loop import train
+    from tests.helpers.corpora import write_jsonl
+
+    quiet = lambda *_: None  # noqa: E731
+    rows = [{"instruction": f"Hi {i}", "output": answer} for i in range(24)]
+    data_dir = os.path.join(path, "data")
+    os.makedirs(path, exist_ok=True)
+    prepare(tiny.data_config(inputs=write_jsonl(os.path.join(path, "chat.jsonl"), rows),
+                             format="alpaca", template=template, max_samples=0, seq_len=96),
+            data_dir, log=quiet)
+    exp = tiny.experiment(data_dir, data={"format": "alpaca", "template": template,
+                                          "seq_len": 96},
+                          optim={"learning_rate": 1e-2, "warmup_steps": 2},
+                          train={"steps": steps, "eval_every": 0, "eval_steps": 1,
+                                 "checkpoint_every": steps, "log_every": steps})
+    workdir = os.path.join(path, "run")
+    train(exp, workdir, log=quiet)
+    return workdir

@@ -1,5 +1,5 @@
-"""tools/: merge a LoRA adapter, compare runs, inspect a checkpoint, summarise a profile
-(in-process + --help; the profile summary of a real trace is tested with
+"""deepseek_tf.tools: merge a LoRA adapter, compare runs, inspect a checkpoint, summarise a
+profile (in-process + --help; the profile summary of a real trace is tested with
 --train.profile_steps in tests/train/test_autotune.py)."""
 
 import dataclasses
@@ -18,7 +18,7 @@ from deepseek_tf.errors import UserError
 from deepseek_tf.lora import apply_lora, save_adapter
 from deepseek_tf.workdir import load_workdir
 from tests.helpers.workdirs import make_workdir
-from tools import compare_runs, inspect_checkpoint, merge_lora
+from deepseek_tf.tools import compare_runs, inspect_checkpoint, merge_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 quiet = lambda *_: None  # noqa: E731
@@ -26,10 +26,12 @@ IDS = tf.constant([[256, 7, 8, 9, 10]])
 
 
 @pytest.mark.parametrize("tool", ["merge_lora", "compare_runs", "inspect_checkpoint",
+                                  "inspect_hf_checkpoint",
                                   "profile_summary"])
 def test_help_and_missing_flag(tool):
-    run = lambda *a: subprocess.run([sys.executable, f"tools/{tool}.py", *a], cwd=ROOT,  # noqa
-                                    capture_output=True, text=True, timeout=120)
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", f"deepseek_tf.tools.{tool}", *a], cwd=ROOT,
+        capture_output=True, text=True, timeout=120)
     out = run("--help")
     assert out.returncode == 0 and "--" in out.stdout
     out = run()
@@ -109,7 +111,8 @@ def test_inspect_checkpoint_lists_model_and_adapter_variables(lora_run):
 
 
 def test_profile_summary_of_a_run_without_a_trace_says_how_to_make_one(tmp_path):
-    out = subprocess.run([sys.executable, "tools/profile_summary.py", f"--workdir={tmp_path}"],
+    out = subprocess.run([sys.executable, "-m", "deepseek_tf.tools.profile_summary",
+                          f"--workdir={tmp_path}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--train.profile_steps" in out.stderr.strip().splitlines()[-1]

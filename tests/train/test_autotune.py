@@ -99,8 +99,8 @@ def test_profile_steps_write_a_trace_into_the_tensorboard_dir(stdlib_data, tmp_p
     traces = list((tmp_path / "tensorboard").glob("plugins/profile/*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert any("profiled steps 2-3" in m for m in msgs)
-    # tools/profile_summary.py reads it without TensorBoard: the step's matmuls are there.
-    from tools import profile_summary
+    # deepseek_tf.tools.profile_summary reads it without TensorBoard: the step's matmuls are there.
+    from deepseek_tf.tools import profile_summary
     lines = profile_summary.summary(str(tmp_path), top=50)
     assert "2 step(s)" in lines[1]
     assert any("MatMul" in line or "Einsum" in line for line in lines[3:]), lines

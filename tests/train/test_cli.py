@@ -104,3 +104,32 @@ def test_two_commands_from_a_jsonl_folder_to_a_training_run(tmp_path):
     assert "done: step 2" in proc.stdout
     assert (run_dir / "tokenizer" / "tokenizer_config.json").exists()
 
+
+
+def test_a_data_dir_that_does_not_exist_is_refused_not_filled_with_the_corpus(tmp_path):
+    typo = tmp_path / "data" / "my_corpsu"
+    proc = run("deepseek_tf.train", "--flagfile=configs/tiny.flags", f"--data.data_dir={typo}",
+               f"--workdir={tmp_path / 'w'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert _error_lines(proc) == [proc.stderr.strip().splitlines()[-1]]
+    assert f"--data.data_dir={typo} does not exist" in _error_lines(proc)[0]
+    assert not typo.exists() and not (tmp_path / "w").exists()
+
+
+def test_a_template_flag_that_contradicts_the_prepared_data_is_refused(tmp_path):
+    # (Not given, they are taken from the data: tests/test_chat_flows.py.)
+    from deepseek_tf.config import DataConfig
+    from deepseek_tf.data.prepare import prepare
+    from tests.helpers.corpora import write_jsonl
+
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"}
+                                       for i in range(8)])
+    data = str(tmp_path / "sft")
+    prepare(DataConfig(inputs=str(tmp_path / "a.jsonl"), format="alpaca", template="plain",
+                       val_size=2), data, log=lambda *_: None)
+    # A given flag that contradicts metadata.json: one line, nothing written.
+    proc = run("deepseek_tf.train", "--flagfile=configs/tiny.flags", f"--data.data_dir={data}",
+               f"--workdir={tmp_path / 'w'}", "--data.template=chatml")
+    assert proc.returncode == 2 and len(_error_lines(proc)) == 1, proc.stderr
+    assert "--data.template='chatml' contradicts" in proc.stderr and "'plain'" in proc.stderr
+    assert not (tmp_path / "w").exists()

@@ -68,7 +68,8 @@ def test_init_from_takes_the_model_config_and_refuses_contradicting_flags(source
 def test_lora_on_mla_moe_adapts_projections_and_shared_experts_and_merges_exactly():
     model = random_model("mla_moe")
     _, total_before = count_params(model)
-    n = apply_lora(model, LoraConfig(rank=2, targets="all"))
+    rank, alpha = 2, 6.0  # scale alpha / r = 3: a merge that drops or squares it shows
+    n = apply_lora(model, LoraConfig(rank=rank, alpha=alpha, targets="all"))
     names = {v.path.split("/")[-2] for v in model.trainable_variables}
     assert {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
             "up_proj", "down_proj"} == names
@@ -82,6 +83,19 @@ def test_lora_on_mla_moe_adapts_projections_and_shared_experts_and_merges_exactl
     plain = merged_model(model)
     assert not any("lora" in v.path for v in plain.variables)
     np.testing.assert_allclose(plain(IDS).numpy(), model(IDS).numpy(), atol=1e-5)
+    # Each merged kernel against W + (alpha / r) A B from the raw variables, in numpy
+    # (not through Keras' own merged `kernel` property, which merged_model uses).
+    raw = {v.path.split("/", 1)[1]: v.numpy() for v in model.variables}
+    merged = {v.path.split("/", 1)[1]: v.numpy() for v in plain.variables}
+    adapted = [k[:-len("lora_kernel_a")] for k in raw if k.endswith("lora_kernel_a")]
+    assert len(adapted) == n
+    for p in adapted:
+        want = raw[p + "kernel"] + (alpha / rank) * raw[p + "lora_kernel_a"] @ \
+            raw[p + "lora_kernel_b"]
+        np.testing.assert_allclose(merged[p + "kernel"], want, rtol=1e-5, atol=1e-6, err_msg=p)
+    for k, v in merged.items():  # everything else copied as it was
+        if k[:-len("kernel")] not in adapted:
+            np.testing.assert_array_equal(v, raw[k], err_msg=k)
 
 
 def test_unknown_lora_target_is_one_clear_error():
@@ -139,8 +153,14 @@ def test_lora_resume_is_bitwise_equal_to_an_uninterrupted_run(stdlib_data, sourc
     half = dataclasses.replace(full, train=full.train.replace(steps=3))
     a, b = str(tmp_path / "full"), str(tmp_path / "resumed")
     train(full, a, log=quiet)
-    train(half, b, log=quiet)
-    train(full, b, log=quiet)
+    first, again = [], []
+    train(half, b, log=first.append)
+    train(full, b, log=again.append)
+    # One true line each: the new run starts from init_from, the resumed one from its own
+    # checkpoint (init_from is not loaded again).
+    assert any(m.startswith("initialised the model weights from") for m in first)
+    assert not any("init_from" in m for m in again), again
+    assert any(m.startswith("resumed from") and "ckpt-3" in m for m in again)
     wa, wb = _ckpt(a, prefix=""), _ckpt(b, prefix="")  # base, adapters, optimizer slots
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -171,7 +191,7 @@ def test_freeze_trains_only_the_last_blocks_and_named_modules(stdlib_data, sourc
 
 
 def test_sft_loss_ignores_masked_tokens():
-    from deepseek_tf.train.step import _forward
+    from deepseek_tf.train.objectives import token_loss
 
     model = random_model("gqa")
     t = 8
@@ -181,10 +201,10 @@ def test_sft_loss_ignores_masked_tokens():
              "positions": tf.range(t)[None], "loss_mask": mask,
              "targets": tf.constant([[10, 11, 12, 13, 14, 15, 16, 257]])}
     changed = dict(batch, targets=tf.constant([[99, 98, 97, 13, 14, 15, 16, 257]]))
-    a, b = _forward(model, batch, False)[0], _forward(model, changed, False)[0]
+    a, b = token_loss(model, batch, False)[0], token_loss(model, changed, False)[0]
     assert float(a) == float(b)
     answer_changed = dict(batch, targets=tf.constant([[10, 11, 12, 99, 14, 15, 16, 257]]))
-    assert float(_forward(model, answer_changed, False)[0]) != float(a)
+    assert float(token_loss(model, answer_changed, False)[0]) != float(a)
 
 
 def test_lora_dropout_acts_in_training_only():

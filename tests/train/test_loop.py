@@ -1,5 +1,6 @@
 """The training loop in-process: learning, artifacts, bitwise resume, accumulation."""
 
+import dataclasses
 import json
 import os
 
@@ -34,7 +35,10 @@ def test_short_run_learns_and_writes_every_artifact(stdlib_data, tmp_path):
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 1.0, losses
     assert result["eval"]["loss"] < 4.5 and np.isfinite(result["eval"]["perplexity"])
-    assert Experiment.load(os.path.join(wd, "config.json")) == exp
+    # The default stage "auto" is saved resolved: plain text data is pretraining.
+    saved = Experiment.load(os.path.join(wd, "config.json"))
+    assert saved.train.stage == "pretrain" and saved == dataclasses.replace(
+        exp, train=exp.train.replace(stage="pretrain"))
     assert tf.train.latest_checkpoint(os.path.join(wd, "checkpoints")).endswith("-30")
     events = [f for _, _, fs in os.walk(os.path.join(wd, "tensorboard")) for f in fs]
     assert any(f.startswith("events.out.tfevents") for f in events)
@@ -122,6 +126,26 @@ def test_sft_run_trains_on_masked_targets_and_copies_the_tokenizer(tmp_path):
     # Only answer tokens count: far fewer loss tokens than window tokens.
     assert result["eval"]["tokens"] < 0.5 * exp.train.batch_size * exp.data.seq_len
     assert sorted(os.listdir(os.path.join(wd, "tokenizer"))) == ["tokenizer_config.json"]
+    assert Experiment.load(os.path.join(wd, "config.json")).train.stage == "sft"  # chat data
+
+
+def test_a_workdir_saved_with_the_old_sft_default_resumes(stdlib_data, tmp_path):
+    """Before the pretrain stage existed, pretraining saved stage "sft": such a workdir
+    loads and continues (the same token loss) under its saved label."""
+    from absl import flags
+
+    from deepseek_tf import flags as dflags
+
+    _, data_dir, _ = stdlib_data
+    wd = str(tmp_path / "run")
+    old = tiny.experiment(data_dir, train={"steps": 2, "eval_every": 0, "stage": "sft"})
+    train(old, wd, log=quiet)
+    fv = flags.FlagValues()
+    dflags.define_flags(flag_values=fv)
+    fv(["train", f"--workdir={wd}", "--train.steps=4"])
+    exp = dflags.resolve_experiment(fv, wd)
+    assert exp.train.stage == "sft"
+    assert train(exp, wd, log=quiet)["step"] == 4
 
 
 def test_corrupt_shard_stops_training_with_file_and_offset(stdlib_data, tmp_path):

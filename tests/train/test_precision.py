@@ -9,8 +9,10 @@ from deepseek_tf.errors import UserError
 from deepseek_tf.model import DeepSeekCausalLM
 from deepseek_tf.train import precision
 from deepseek_tf.train.logger import read_log
+from deepseek_tf.train.objectives import TokenObjective
 from deepseek_tf.train.loop import build_state, train
 from deepseek_tf.train.step import make_train_step
+from deepseek_tf.train.strategy import Role
 from tests.helpers import tiny
 from tests.helpers.checkpoints import all_checkpoints, nonfinite_tensors
 from tests.train.test_precision_families import FAMILIES
@@ -57,11 +59,13 @@ def _replica_copies(variable):
 @pytest.mark.parametrize("model", [{}, {**MOE_MTP, "bias_update_speed": 0.01}],
                          ids=["dense", "moe_mtp"])
 def test_inf_on_one_replica_skips_the_step_on_every_replica(stdlib_data, tmp_path, model):
-    _, data_dir, meta = stdlib_data
+    _, data_dir, _ = stdlib_data
     exp = tiny.experiment(data_dir, model=model, optim={"warmup_steps": 0},  # lr > 0 at once
                           train={"strategy": "mirrored", "precision": "mixed_float16",
                                  "batch_size": 2})
-    state = build_state(exp, str(tmp_path), meta)
+    objective = TokenObjective()
+    exp = objective.prepare(exp, str(tmp_path), Role(), quiet)
+    state = build_state(exp, str(tmp_path), objective)
     assert state.strategy.num_replicas_in_sync == 2
     flag = tf.Variable(True, trainable=False)
     step = make_train_step(state.model, state.optimizer, state.strategy, exp.train, exp.optim,

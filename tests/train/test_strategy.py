@@ -10,7 +10,8 @@ from deepseek_tf.config import TrainConfig
 from deepseek_tf.errors import UserError
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.logger import read_log
-from deepseek_tf.train.loop import prepare_run, train
+from deepseek_tf.train.loop import train
+from deepseek_tf.train.objectives import prepare_run
 from tests.helpers import tiny
 from tests.helpers.checkpoints import checkpoint_tensors
 

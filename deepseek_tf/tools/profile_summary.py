@@ -1,6 +1,6 @@
 """Summarise a `--train.profile_steps` trace on the console: time per TF op type.
 
-    python tools/profile_summary.py --workdir=runs/x [--top=20] [--steps=2]
+    python -m deepseek_tf.tools.profile_summary --workdir=runs/x [--top=20] [--steps=2]
 
 Reads the newest trace under `<workdir>/tensorboard/plugins/profile/` with TensorFlow's
 own trace converter (the data TensorBoard's Profile tab shows as "TF op stats"; the tab
@@ -10,14 +10,13 @@ Self times are summed over the threads that ran ops (2 inter-op threads on 2 cor
 they add up to more than the wall time; `IDLE` (threads waiting) is left out of the shares.
 """
 
-import contextlib
 import glob
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+from deepseek_tf.quiet import quiet_stderr, quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 
@@ -26,7 +25,7 @@ from deepseek_tf.errors import UserError  # noqa: E402
 
 
 def define_flags():
-    """The command line's flags (defined only when run as a script)."""
+    """The command line's flags (defined only when run as a command)."""
     flags.DEFINE_string("workdir", "", "The run directory (trained with --train.profile_steps).")
     flags.DEFINE_integer("top", 20, "Op types to list.")
     flags.DEFINE_integer("steps", 0, "Profiled steps, to print times per step (0 = read "
@@ -53,25 +52,11 @@ def profiled_steps(workdir: str) -> int:
         return 1
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """The trace converter logs through C++ (not silenced by TF_CPP_MIN_LOG_LEVEL)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def op_type_times(trace: str) -> dict[str, tuple[float, float]]:
     """{op type: (total self time in microseconds, occurrences)} of one trace."""
     from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
 
-    with _quiet_stderr():
+    with quiet_stderr():  # the trace converter logs through C++
         data, ok = plugin.xspace_to_tools_data([trace], "framework_op_stats", {})
     if not ok:
         raise UserError(f"TensorFlow could not read the trace {trace}.")
@@ -108,6 +93,11 @@ def main(argv):
     print("\n".join(summary(F.workdir, F.top, F.steps)))
 
 
-if __name__ == "__main__":
+def entry():
+    """The console script `deepseek-tf-profile-summary`."""
     define_flags()
     dflags.run(main, required=("workdir",))
+
+
+if __name__ == "__main__":
+    entry()

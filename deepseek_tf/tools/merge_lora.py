@@ -1,21 +1,22 @@
 """Merge a LoRA adapter into plain weights and write a new workdir.
 
-    python tools/merge_lora.py --workdir=runs/sft-lora-tiny --output=runs/sft-merged
-    python tools/merge_lora.py --base=runs/tiny --adapter=runs/sft-lora-tiny/adapter \
+    python -m deepseek_tf.tools.merge_lora --workdir=runs/sft-lora-tiny --output=runs/sft-merged
+    python -m deepseek_tf.tools.merge_lora --base=runs/tiny --adapter=runs/sft-lora-tiny/adapter \
         --output=runs/sft-merged
 
 The first form merges a LoRA run's latest checkpoint (base + adapters); the second
 applies a saved adapter directory (adapter.safetensors + adapter_config.json) to the
-weights of any workdir with the same model. The output is an ordinary workdir
-(config.json with finetuning_type=full, checkpoints/ckpt-0 with the merged weights,
-tokenizer/): generate, evaluate, export and --train.init_from take it as it is.
+weights of any workdir with the same model, taking the data settings (the chat
+template) from the LoRA run that wrote it (`<run>/adapter`). The output is an ordinary
+workdir (config.json with finetuning_type=full, checkpoints/ckpt-0 with the merged
+weights, tokenizer/): generate, evaluate, export and --train.init_from take it as it is.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 
@@ -24,7 +25,7 @@ from deepseek_tf.errors import UserError  # noqa: E402
 
 
 def define_flags():
-    """The command line's flags (defined only when run as a script)."""
+    """The command line's flags (defined only when run as a command)."""
     flags.DEFINE_string("workdir", "", "A LoRA run to merge (its latest checkpoint).")
     flags.DEFINE_string("base", "", "With --adapter: the workdir whose weights the adapter "
                         "goes on.")
@@ -41,7 +42,8 @@ def merge(output: str, workdir: str = "", base: str = "", adapter: str = "", log
 
     from deepseek_tf.errors import UserError
     from deepseek_tf.lora import is_lora, load_adapter, merged_model
-    from deepseek_tf.workdir import load_run_tokenizer, load_workdir
+    from deepseek_tf.workdir import load_experiment, load_run_tokenizer, load_workdir
+    from deepseek_tf.workdir_files import CONFIG_FILE
 
     if bool(workdir) == bool(base and adapter):
         raise UserError("give --workdir=LORA_RUN, or --base=WORKDIR with --adapter=DIR.")
@@ -52,6 +54,15 @@ def merge(output: str, workdir: str = "", base: str = "", adapter: str = "", log
         if is_lora(model):
             model = merged_model(model)
         load_adapter(model, adapter)
+        run = os.path.dirname(os.path.abspath(adapter))  # <lora run>/adapter
+        if os.path.exists(os.path.join(run, CONFIG_FILE)):
+            # The data, chat template and stage the adapter was trained with; the
+            # architecture and tokenizer are the base's.
+            exp = dataclasses.replace(load_experiment(run), model=exp.model,
+                                      tokenizer=exp.tokenizer)
+        else:
+            log(f"note: no {CONFIG_FILE} beside {adapter} (its LoRA run): the chat template "
+                f"stays the base's ({exp.data.template}); generate --template=... overrides it")
     elif not is_lora(model):
         raise UserError(f"{workdir} is not a LoRA run (finetuning_type="
                         f"{exp.train.finetuning_type}); nothing to merge.")
@@ -74,6 +85,11 @@ def main(argv):
     merge(F.output, F.workdir, F.base, F.adapter)
 
 
-if __name__ == "__main__":
+def entry():
+    """The console script `deepseek-tf-merge-lora`."""
     define_flags()
     dflags.run(main, required=("output",))
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,7 +1,7 @@
 """List a checkpoint's variables: name, shape, dtype, size (and value statistics).
 
-    python tools/inspect_checkpoint.py --checkpoint=runs/tiny
-    python tools/inspect_checkpoint.py --checkpoint=runs/tiny/checkpoints/ckpt-400 \
+    python -m deepseek_tf.tools.inspect_checkpoint --checkpoint=runs/tiny
+    python -m deepseek_tf.tools.inspect_checkpoint --checkpoint=runs/tiny/checkpoints/ckpt-400 \
         --filter=lora --stats
 
 --checkpoint takes a workdir (its latest checkpoint), a checkpoints/ directory or a
@@ -12,10 +12,10 @@ with the counts.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF start-up noise off (README)
+from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from absl import flags  # noqa: E402
 
@@ -27,7 +27,7 @@ SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def define_flags():
-    """The command line's flags (defined only when run as a script)."""
+    """The command line's flags (defined only when run as a command)."""
     flags.DEFINE_string("checkpoint", "", "A workdir, a checkpoints/ directory or a checkpoint "
                         "prefix.")
     flags.DEFINE_string("filter", "", "Only variables whose name contains this text.")
@@ -116,6 +116,11 @@ def main(argv):
     print(f"{len(rows)} variables; " + ", ".join(f"{k}: {v:,} values" for k, v in groups.items()))
 
 
-if __name__ == "__main__":
+def entry():
+    """The console script `deepseek-tf-inspect-checkpoint`."""
     define_flags()
     dflags.run(main, required=("checkpoint",))
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,7 +1,7 @@
 """Plot the loss curves (or any logged metric) of several runs in one PNG.
 
-    python tools/compare_runs.py --workdirs=runs/tiny,runs/tiny-long --output=compare.png
-    python tools/compare_runs.py --workdirs=runs/a,runs/b --metric=rewards/accuracy
+    python -m deepseek_tf.tools.compare_runs --workdirs=runs/tiny,runs/tiny-long --output=compare.png
+    python -m deepseek_tf.tools.compare_runs --workdirs=runs/a,runs/b --metric=rewards/accuracy
 
 Reads each workdir's log.jsonl; draws the train series (solid) and the eval series
 (dots) of --metric against the step, labelled by the workdir's name, and prints the
@@ -11,18 +11,16 @@ last value of each.
 import json
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import flags  # noqa: E402
+from absl import flags
 
-from deepseek_tf import flags as dflags  # noqa: E402
-from deepseek_tf.errors import UserError  # noqa: E402
+from deepseek_tf import flags as dflags
+from deepseek_tf.errors import UserError
 
 
 def define_flags():
-    """The command line's flags (defined only when run as a script)."""
+    """The command line's flags (defined only when run as a command)."""
     flags.DEFINE_string("workdirs", "", "Comma-separated run directories (each with log.jsonl).")
     flags.DEFINE_string("output", "compare.png", "The PNG to write.")
     flags.DEFINE_string("metric", "loss", "The logged metric to plot (loss, accuracy, "
@@ -94,6 +92,11 @@ def main(argv):
     compare(dirs, F.output, F.metric, F.kinds)
 
 
-if __name__ == "__main__":
+def entry():
+    """The console script `deepseek-tf-compare-runs`."""
     define_flags()
     dflags.run(main)
+
+
+if __name__ == "__main__":
+    entry()

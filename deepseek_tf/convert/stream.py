@@ -1,0 +1,218 @@
+"""Streaming an HF checkpoint into a TF checkpoint, a few tensors at a time, resumably.
+
+The model is never materialised. Its variables are declared inside a
+`keras.StatelessScope` (shapes and dtypes only, no values); a tiny stand-in
+checkpoint of that structure (one marker value per variable) gives the object graph
+and each variable's checkpoint key. Then, shard by shard, each HF tensor is read,
+dequantized (FP8 / FP4, `quant.py`) to float32, transposed to our layout and saved
+as its slice of the target variable (TF checkpoints store a variable as slices, as
+they did partitioned variables: one expert of a stacked `[E, d, 2f]` weight is the
+slice `i, :, :f`). Tensors are grouped into parts of about `part_bytes`; each part is
+a small checkpoint bundle, marked done once written. `MergeV2Checkpoints` joins the
+parts into `checkpoints/ckpt-0` at the end (it renames the data files: nothing is
+copied), and only then is the checkpoint state file written.
+
+Peak memory: one part plus the tensor being converted (and the shard pages the
+`safetensors` library maps while a shard is open). An interrupted run leaves its done
+parts in `checkpoints/.convert/`; running the same command again redoes only the rest
+and writes the same bytes.
+
+Example:
+    >>> write_streaming(cfg, SafetensorsDir(hf_dir), "runs/v3/checkpoints", quant)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from deepseek_tf.convert.quant import SCALE_SUFFIX, Quantization, dequantize_fp4, \
+    dequantize_fp8
+from deepseek_tf.atomic import atomic_open
+from deepseek_tf.errors import UserError
+
+PARTS_DIR = ".convert"
+SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def declared_model(cfg):
+    """A DeepSeekCausalLM whose variables have shapes but no values (nothing allocated
+    but the transient values of its build pass)."""
+    import keras
+
+    from deepseek_tf.model import DeepSeekCausalLM
+    with keras.StatelessScope():
+        return DeepSeekCausalLM(cfg)
+
+
+def _skeleton(model, directory: str) -> tuple[dict, dict]:
+    """({id(variable): checkpoint key}, {other key: value}) of `model`'s checkpoint.
+
+    Every variable gets a one-element value holding its index + 1 (a marker); the
+    stand-in checkpoint written with the trainer's own CheckpointManager then names
+    each variable's key, and supplies the object graph, step and save counter as is.
+    """
+    import tensorflow as tf
+
+    variables = model.variables
+    for i, v in enumerate(variables):  # the declared variables get a 1-element value
+        v._initialize(np.full([1] * len(v.shape), i + 1).astype(v.dtype))
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step), directory,
+                               max_to_keep=1, step_counter=step).save(checkpoint_number=0)
+    reader = tf.train.load_checkpoint(os.path.join(directory, "ckpt-0"))
+    keys, other = {}, {}
+    for key in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(key)
+        if key.startswith("model/") and key.endswith(SUFFIX):
+            keys[id(variables[int(np.ravel(value)[0]) - 1])] = key
+        else:
+            other[key] = value
+    if len(keys) != len(variables):
+        raise RuntimeError(f"the checkpoint names {len(keys)} of {len(variables)} variables")
+    return keys, other
+
+
+def _slice_spec(shape, index) -> tuple[str, tuple]:
+    """(SaveV2 shape_and_slice, the slice's shape) of numpy `index` into `shape`."""
+    if not index:
+        return "", tuple(shape)
+    parts, sub = [], []
+    for d, n in enumerate(shape):
+        i = index[d] if d < len(index) else slice(None)
+        start, stop = (i, i + 1) if isinstance(i, int) else i.indices(n)[:2]
+        parts.append("-" if (start, stop) == (0, n) else f"{start},{stop - start}")
+        sub.append(stop - start)
+    return " ".join(map(str, shape)) + " " + ":".join(parts), tuple(sub)
+
+
+def hf_value(tensors, name: str, quant: Quantization) -> np.ndarray:
+    """HF tensor `name` as float32, dequantized with its `_scale_inv` if it has one."""
+    dtype = tensors.info(name)["dtype"]
+    scale = name + SCALE_SUFFIX
+    if scale not in tensors.index:
+        if dtype.startswith("F8") or dtype in ("I8", "U8"):
+            raise UserError(f"tensor {name} is {dtype} but the checkpoint has no "
+                            f"{scale} to dequantize it with.")
+        return np.asarray(tensors.load(name), np.float32)
+    if not quant.method:
+        raise UserError(f"the checkpoint has {scale} but config.json has no "
+                        f"quantization_config: add the release's quantization_config.")
+    if dtype in ("I8", "U8"):
+        return dequantize_fp4(tensors.load(name), tensors.load(scale), name)
+    return dequantize_fp8(tensors.load(name), tensors.load(scale), quant.block, name)
+
+
+def _plan(entries, keys, tensors, part_bytes: int) -> list[list]:
+    """Parts: lists of entries, shard by shard in file order, ~part_bytes each."""
+    by_name = {e.name: e for e in entries}
+    parts, current, size = [], [], 0
+    for shard in tensors.shards:
+        names = sorted((n for n in shard.header if n in by_name),
+                       key=lambda n: shard.header[n]["data_offsets"][0])
+        for n in names:
+            e = by_name[n]
+            nbytes = 4 * int(np.prod(e.hf_shape()))
+            if current and size + nbytes > part_bytes:
+                parts.append(current)
+                current, size = [], 0
+            current.append(e)
+            size += nbytes
+    return parts + ([current] if current else [])
+
+
+def _fingerprint(tensors, part_bytes: int, quant: Quantization) -> str:
+    meta = [(s.path, s.size, os.path.getmtime(s.path)) for s in tensors.shards]
+    return hashlib.sha256(json.dumps([meta, part_bytes, str(quant)]).encode()).hexdigest()
+
+
+def _save(prefix: str, names, specs, values) -> None:
+    import tensorflow as tf
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=specs,
+                      tensors=values)
+    with open(prefix + ".done", "w"):
+        pass
+
+
+def _done(prefix: str) -> bool:
+    return all(os.path.exists(prefix + s) for s in (".done", ".index",
+                                                     ".data-00000-of-00001"))
+
+
+def write_streaming(model, entries, tensors, ckpt_dir: str, quant: Quantization,
+                    part_bytes: int, log=print) -> str:
+    """Writes `ckpt_dir`/ckpt-0 with every entry's tensor; returns its path.
+
+    Args:
+      model: `declared_model(cfg)` (no values).
+      entries: its `weights.checked_entries` against `tensors`.
+      tensors: a `SafetensorsDir`.
+      ckpt_dir: the workdir's checkpoints/ directory.
+      quant: the checkpoint's quantization.
+      part_bytes: float32 bytes per part (memory bound and resume granularity).
+      log: progress printer.
+    """
+    import tensorflow as tf
+
+    work = os.path.join(ckpt_dir, PARTS_DIR)
+    fingerprint = _fingerprint(tensors, part_bytes, quant)
+    stamp = os.path.join(work, "fingerprint")
+    if os.path.isdir(work) and (not os.path.exists(stamp) or open(stamp).read() != fingerprint):
+        log("note: the partial conversion there came from other inputs or settings; "
+            "starting over")
+        shutil.rmtree(work)
+    os.makedirs(work, exist_ok=True)
+    with open(stamp, "w") as f:
+        f.write(fingerprint)
+    keys, other = _skeleton(model, os.path.join(work, "skeleton"))
+    filled = {id(e.variable) for e in entries}
+    fresh = [v for v in model.variables if id(v) not in filled]  # e.g. new MTP modules
+    prefixes = [os.path.join(work, "part-meta")]
+    if not _done(prefixes[0]):
+        names = sorted(other)
+        values = [tf.constant(other[k]) for k in names]
+        names += [keys[id(v)] for v in fresh]
+        values += [v._initializer(tuple(v.shape), v.dtype) for v in fresh]
+        _save(prefixes[0], names, [""] * len(names), values)
+    parts = _plan(entries, keys, tensors, part_bytes)
+    total = sum(4 * int(np.prod(e.hf_shape())) for p in parts for e in p)
+    done_bytes, resumed, start = 0, 0, time.time()
+    for i, part in enumerate(parts):
+        prefix = os.path.join(work, f"part-{i:05d}")
+        prefixes.append(prefix)
+        nbytes = sum(4 * int(np.prod(e.hf_shape())) for e in part)
+        if _done(prefix):
+            resumed += nbytes
+        else:
+            names, specs, values = [], [], []
+            for e in part:
+                a = hf_value(tensors, e.name, quant)
+                spec, shape = _slice_spec(tuple(e.variable.shape), e.index)
+                names.append(keys[id(e.variable)])
+                specs.append(spec)
+                values.append(np.ascontiguousarray(a.T if e.transpose else a).reshape(shape)
+                              .astype(e.variable.dtype))
+            _save(prefix, names, specs, values)
+            del values
+        done_bytes += nbytes
+        rate = (done_bytes - resumed) / max(time.time() - start, 1e-6)
+        eta = (total - done_bytes) / rate if rate > 0 else 0.0
+        log(f"converted {done_bytes / 2**20:,.1f} / {total / 2**20:,.1f} MiB "
+            f"({100 * done_bytes / max(total, 1):.0f}%, part {i + 1}/{len(parts)}"
+            + (f", {resumed / 2**20:,.1f} MiB from before" if resumed else "")
+            + f", ETA {eta:.0f}s)")
+    final = os.path.join(ckpt_dir, "ckpt-0")
+    for f in os.listdir(ckpt_dir):  # a merge that an interruption cut short
+        if f.startswith("ckpt-0."):
+            os.remove(os.path.join(ckpt_dir, f))
+    tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=prefixes, destination_prefix=final,
+                                  delete_old_dirs=False)
+    shutil.rmtree(work)
+    with atomic_open(os.path.join(ckpt_dir, "checkpoint"), "w") as f:  # what the trainer reads
+        f.write('model_checkpoint_path: "ckpt-0"\nall_model_checkpoint_paths: "ckpt-0"\n')
+    return final

@@ -1,0 +1,188 @@
+"""DeepSeek-style FP8 checkpoints and their references, made with torch + transformers
+(run in a subprocess: torch never enters the TF test process).
+
+    python fp8_reference.py make DIR ROWS COLS SHARDS
+        DIR/deepseek_v3 (hf_reference's tiny V3, saved by save_pretrained; logits in
+        DIR/reference.npz), then DIR/fp8 = it re-quantized as DeepSeek releases V3:
+        2-D projections float8_e4m3fn + float32 `weight_scale_inv` per ROWSxCOLS block,
+        embeddings / norms / router / lm_head bf16, an MTP layer `model.layers.<L>.*`,
+        SHARDS shards + model.safetensors.index.json, quantization_config in config.json.
+        Also DIR/fp8-dequant/: the same weights dequantized by transformers' own
+        `_dequantize_fp8_weight` (float32), its logits.npy on the reference tokens and
+        generated.npy, transformers' greedy tokens for PROMPTS.
+    python fp8_reference.py reload DIR...
+        An FP8 export DIR: dequantized by transformers' code into DIR-dequant/, loaded
+        with from_pretrained; logits on DIR/tokens.npy -> DIR/reloaded.npz. Whether
+        from_pretrained(DIR) itself loads on this CPU goes to DIR/fp8_load.txt.
+    python fp8_reference.py fp4 OUT.npz
+        Random FP4-packed expert weights (V4's layout: int8 [E, out, in / 2], scales per
+        32 inputs as uint8 exponents and as float32) and transformers' own
+        dequantization of them (`Fp8Dequantize._dequantize_one`).
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_reference import build, generate, logits_of, tokens  # noqa: E402
+
+PROMPTS = [[1, 17, 42, 99, 250, 7], [3, 3, 140, 5, 288, 61, 12, 30, 44]]
+NEW_TOKENS = 16
+
+KEEP = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_head.head")
+
+
+def quantizable(name, t):
+    return t.ndim == 2 and name.endswith(".weight") and not any(k in name for k in KEEP)
+
+
+def quantize(w, block):
+    rows, cols = w.shape
+    r, c = -(-rows // block[0]), -(-cols // block[1])
+    padded = torch.zeros(r * block[0], c * block[1])
+    padded[:rows, :cols] = w.abs()
+    amax = padded.reshape(r, block[0], c, block[1]).amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    full = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return (w / full).clamp(-448, 448).to(torch.float8_e4m3fn), scale.float()
+
+
+def with_mtp(tensors, cfg, gen):
+    """DeepSeek-V3's release layout: one MTP layer after the last decoder layer."""
+    last, mtp = cfg["num_hidden_layers"] - 1, cfg["num_hidden_layers"]
+    d = cfg["hidden_size"]
+    out = dict(tensors)
+    for k, v in tensors.items():
+        if k.startswith(f"model.layers.{last}."):
+            out[k.replace(f"layers.{last}.", f"layers.{mtp}.")] = v + 0.01 * torch.randn(
+                v.shape, generator=gen)
+    p = f"model.layers.{mtp}"
+    out.update({f"{p}.enorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+                f"{p}.hnorm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+                f"{p}.shared_head.norm.weight": 1 + 0.1 * torch.randn(d, generator=gen),
+                f"{p}.eh_proj.weight": 0.1 * torch.randn(d, 2 * d, generator=gen),
+                f"{p}.embed_tokens.weight": tensors["model.embed_tokens.weight"],
+                f"{p}.shared_head.head.weight": tensors["lm_head.weight"]})
+    return out
+
+
+def write_shards(out, tensors, n):
+    names = sorted(tensors)
+    weight_map, per = {}, -(-len(names) // n)
+    for i in range(n):
+        shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        chunk = {k: tensors[k].contiguous() for k in names[i * per:(i + 1) * per]}
+        save_file(chunk, os.path.join(out, shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in chunk})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def dequantized(tensors, block):
+    out = {}
+    for k, t in tensors.items():
+        if k.endswith("_scale_inv"):
+            continue
+        s = tensors.get(k + "_scale_inv")
+        out[k] = (_dequantize_fp8_weight(t, s, block, torch.float32) if s is not None
+                  else t.float())
+    return out
+
+
+def load_dequantized(src_dir, cfg, tensors, block, out_dir):
+    """from_pretrained on `tensors` dequantized (plain float32, no quantization_config)."""
+    os.makedirs(out_dir, exist_ok=True)
+    plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({**plain, "dtype": "float32"}, f)
+    save_file(dequantized(tensors, block), os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        out_dir, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def cmd_quantize(src, out, rows, cols, shards):
+    block = [int(rows), int(cols)]
+    gen = torch.Generator().manual_seed(1)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    plain = with_mtp(load_file(os.path.join(src, "model.safetensors")), cfg, gen)
+    tensors = {}
+    for k, t in plain.items():
+        if quantizable(k, t):
+            tensors[k], tensors[k + "_scale_inv"] = quantize(t.float(), block)
+        elif k.endswith("e_score_correction_bias"):
+            tensors[k] = t.float()
+        else:
+            tensors[k] = t.to(torch.bfloat16)
+    os.makedirs(out, exist_ok=True)
+    write_shards(out, tensors, int(shards))
+    cfg.update(num_nextn_predict_layers=1, quantization_config=dict(
+        quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=block))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    model = load_dequantized(out, cfg, tensors, block, out + "-dequant")
+    np.save(os.path.join(out + "-dequant", "logits.npy"), logits_of(model, tokens()))
+    np.save(os.path.join(out + "-dequant", "prompts.npy"), np.array(PROMPTS, dtype=object),
+            allow_pickle=True)
+    generate(NEW_TOKENS, [out + "-dequant"])
+
+
+def cmd_make(out_dir, rows, cols, shards):
+    build(out_dir, ["deepseek_v3"])
+    cmd_quantize(os.path.join(out_dir, "deepseek_v3"), os.path.join(out_dir, "fp8"), rows,
+                 cols, shards)
+
+
+def cmd_reload(dirs):
+    for d in dirs:
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        block = cfg["quantization_config"]["weight_block_size"]
+        index = json.load(open(os.path.join(d, "model.safetensors.index.json")))["weight_map"]
+        tensors = {}
+        for shard in sorted(set(index.values())):
+            tensors.update(load_file(os.path.join(d, shard)))
+        ids = np.load(os.path.join(d, "tokens.npy"))
+        model = load_dequantized(d, cfg, tensors, block, d + "-dequant")
+        np.savez(os.path.join(d, "reloaded.npz"), logits=logits_of(model, ids))
+        try:  # transformers' own FP8 loader (dequantizes to bf16 without a GPU)
+            fp8 = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+            diff = np.abs(logits_of(fp8, ids) - logits_of(model, ids)).max()
+            note = f"loaded; max-abs-diff to the float32 dequantized model {diff:.3e}"
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            note = f"from_pretrained failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+        with open(os.path.join(d, "fp8_load.txt"), "w") as f:
+            f.write(note + "\n")
+        shutil.rmtree(d + "-dequant")
+
+
+def cmd_fp4(path):
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    gen = torch.Generator().manual_seed(2)
+    packed = torch.randint(-128, 128, (3, 8, 48), generator=gen, dtype=torch.int8)
+    exponents = torch.randint(120, 134, (3, 8, 3), generator=gen, dtype=torch.uint8)
+    scales = torch.rand((3, 8, 3), generator=gen) * 2
+    ref = Fp8Dequantize(None)
+    out = {"packed": packed.numpy(), "exponents": exponents.numpy(), "scales": scales.numpy()}
+    for key, s in (("from_exponents", exponents), ("from_scales", scales)):
+        out[key] = np.stack([ref._dequantize_one(packed[e], s[e], torch.float32).numpy()
+                             for e in range(packed.shape[0])])
+    np.savez(path, **out)
+
+
+if __name__ == "__main__":
+    transformers.logging.set_verbosity_error()
+    if sys.argv[1] == "make":
+        cmd_make(*sys.argv[2:6])
+    elif sys.argv[1] == "fp4":
+        cmd_fp4(sys.argv[2])
+    else:
+        cmd_reload(sys.argv[2:])

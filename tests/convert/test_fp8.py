@@ -1,0 +1,241 @@
+"""DeepSeek's released layout: FP8 block-scaled, sharded with an index, an MTP layer.
+
+One torch subprocess (fp8_reference.py) saves a tiny DeepseekV3 with transformers,
+re-quantizes it as DeepSeek releases V3 (blocks of 16x32 here, so that partial blocks
+occur on both axes), splits it into 3 shards and runs transformers on the exactly
+dequantized weights. We convert it (streaming, in parts) and compare.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deepseek_tf.config import Experiment
+from deepseek_tf.convert import convert_hf
+from deepseek_tf.convert.safetensors_io import SafetensorsDir, ShardFile, write_safetensors
+from deepseek_tf.errors import UserError
+from deepseek_tf.export import load_workdir
+from tests.convert.test_hf_parity import ROOT, _cli, _env, quiet
+from tests.helpers import tiny
+
+FP8_REFERENCE = os.path.join(ROOT, "tests", "convert", "fp8_reference.py")
+PART_MB = 0.02  # ~35 parts: several per shard, so resuming and merging are exercised
+#: Our logits vs transformers on the same dequantized weights.
+TOL = 1e-4
+#: FP8 e4m3 keeps 3 mantissa bits: each weight moves by up to 2^-4 of itself (plus bf16
+#: rounding of the embeddings and norms), and a moved router score can pick another
+#: expert. On this random tiny model the logits' RMS error against the unquantized
+#: model is 14% of their RMS; the bound leaves room for that, not for a wrong scale.
+REL_RMS_BOUND = 0.25
+
+
+def torch_fp8(*args):
+    proc = subprocess.run([sys.executable, FP8_REFERENCE, *args], capture_output=True,
+                          text=True, env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory):
+    """(dir with fp8/, fp8-dequant/, reference.npz; workdir converted from fp8/)."""
+    out = tmp_path_factory.mktemp("fp8")
+    torch_fp8("make", str(out), "16", "32", "3")
+    wd = str(out / "wd")
+    convert_hf(str(out / "fp8"), wd, Experiment(data=tiny.data_config()), log=quiet,
+               part_bytes=int(PART_MB * 2**20))
+    return out, wd
+
+
+def test_fp8_shards_convert_to_what_transformers_computes(fp8):
+    out, wd = fp8
+    ref = np.load(out / "reference.npz")
+    model, _ = load_workdir(wd)
+    ours = model(tf.constant(ref["tokens"], tf.int32)).numpy()
+    dequantized = np.load(out / "fp8-dequant" / "logits.npy")
+    diff = float(np.abs(ours - dequantized).max())
+    err = ours - ref["deepseek_v3"]
+    rel = float(np.sqrt((err ** 2).mean() / (ref["deepseek_v3"] ** 2).mean()))
+    print(f"fp8: max-abs-diff {diff:.2e} to transformers on the dequantized weights; "
+          f"RMS error {rel:.3f} of the unquantized model's logits")
+    assert diff <= TOL, diff
+    assert 0 < rel <= REL_RMS_BOUND, rel
+    assert json.loads((Path(wd) / "convert.json").read_text())["quantization"] == "fp8"
+
+
+def test_greedy_tokens_equal_transformers_on_the_dequantized_weights(fp8):
+    from deepseek_tf.generate import Generator
+    out, wd = fp8
+    prompts = np.load(out / "fp8-dequant" / "prompts.npy", allow_pickle=True)
+    theirs = np.load(out / "fp8-dequant" / "generated.npy")
+    model, _ = load_workdir(wd)
+    gen = Generator(model, max_length=32)
+    for prompt, expect in zip(prompts, theirs):
+        tokens, _ = gen.generate([list(prompt)], [len(prompt)], max_new_tokens=len(expect))
+        assert tokens.numpy()[0].tolist() == expect.tolist()
+
+
+def test_the_mtp_layer_is_converted_from_its_fp8_tensors(fp8):
+    out, wd = fp8
+    model, exp = load_workdir(wd)
+    assert exp.model.num_nextn_predict_layers == 1 and len(model.mtp) == 1
+    plain = SafetensorsDir(str(out / "fp8-dequant"))  # transformers' dequantization
+    mtp = model.mtp[0]
+    np.testing.assert_allclose(mtp.eh_proj.kernel.numpy(),
+                               plain.load("model.layers.3.eh_proj.weight").T, atol=1e-7)
+    moe = mtp.block.mlp
+    f = moe.moe_intermediate_size
+    np.testing.assert_allclose(moe.gate_up_proj.numpy()[5, :, f:],
+                               plain.load("model.layers.3.mlp.experts.5.up_proj.weight").T,
+                               atol=1e-7)
+
+
+def _bad_copy(src, dst, how):
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    scale = "model.layers.1.self_attn.kv_b_proj.weight_scale_inv"
+    shard = dst / index[scale]
+    if how == "missing shard":
+        os.remove(shard)
+    elif how == "scale shape":
+        t = ShardFile(str(shard))
+        tensors = {n: t.load(n) for n in t.names()}
+        tensors[scale] = np.ones((2, 2), np.float32)
+        t.close()
+        write_safetensors(str(shard), tensors)
+    elif how == "quant method":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["quantization_config"]["quant_method"] = "bitsandbytes"
+        (dst / "config.json").write_text(json.dumps(cfg))
+    else:  # truncated
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) - 100)
+    return dst
+
+
+BAD = {"missing shard": "names shard model-00002-of-00003.safetensors, which is missing",
+       "scale shape": "kv_b_proj.weight_scale_inv has shape [2, 2], but a [80, 16] weight "
+                      "with weight_block_size [16, 32] needs [5, 1]",
+       "quant method": "quant_method='bitsandbytes' is not supported",
+       "truncated": "is truncated"}
+
+
+@pytest.mark.parametrize("how", list(BAD))
+def test_bad_checkpoints_are_one_line_and_leave_nothing_complete(fp8, tmp_path, how):
+    out, _ = fp8
+    bad = _bad_copy(out / "fp8", tmp_path / "bad", how)
+    with pytest.raises(UserError) as e:
+        convert_hf(str(bad), str(tmp_path / "wd"), Experiment(data=tiny.data_config()),
+                   log=quiet)
+    assert BAD[how] in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "wd" / "config.json").exists()
+    if how == "truncated":  # and through the command line: exit 2, one error line
+        proc = _cli("deepseek_tf.convert", f"--hf_dir={bad}", f"--workdir={tmp_path / 'w2'}")
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
+        assert not (tmp_path / "w2" / "config.json").exists()
+
+
+def _ckpt_files(wd):
+    d = os.path.join(wd, "checkpoints")
+    return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))
+            if f.startswith("ckpt-0.")}
+
+
+def test_a_killed_conversion_resumes_to_the_same_bytes(fp8, tmp_path):
+    out, wd = fp8
+    args = ["-m", "deepseek_tf.convert", f"--hf_dir={out / 'fp8'}",
+            f"--workdir={tmp_path / 'wd'}", f"--part_mb={PART_MB}"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    marker = tmp_path / "wd" / "checkpoints" / ".convert" / "part-00008.done"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (tmp_path / "wd" / "config.json").exists()
+    assert not (tmp_path / "wd" / "checkpoints" / "checkpoint").exists()
+    done = _cli("deepseek_tf.convert", *args[2:])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MiB from before" in done.stdout
+    resumed, fresh = _ckpt_files(str(tmp_path / "wd")), _ckpt_files(wd)
+    assert list(resumed) == list(fresh) and len(fresh) > 3
+    assert all(resumed[f] == fresh[f] for f in fresh)
+
+
+
+def _base_weights(wd):
+    from deepseek_tf.lora import _rel
+    model, _ = load_workdir(wd)
+    return {_rel(v.path): v.numpy() for v in model.variables if "lora_kernel" not in v.path}
+
+
+def test_lora_on_the_fp8_base_merges_and_exports_fp8_that_transformers_reads(
+        fp8, stdlib_data, tmp_path):
+    """LoRA trains on the dequantized base (adapters only), the merged weights are
+    re-quantized with the source's block (16x32) into FP8 shards, and transformers'
+    dequantization of that export gives our logits of the same export."""
+    out, wd = fp8
+    _, data_dir, _ = stdlib_data
+    run = tmp_path / "lora"
+    proc = _cli("deepseek_tf.train", f"--workdir={run}", f"--train.init_from={wd}",
+                f"--data.data_dir={data_dir}",
+                "--data.seq_len=32", "--train.steps=8", "--train.batch_size=4",
+                "--train.finetuning_type=lora", "--lora.rank=4", "--optim.learning_rate=3e-2",
+                "--model.bias_update_speed=0",  # else the router's balancing bias moves
+                "--optim.warmup_steps=0", "--train.eval_every=0", "--train.eval_steps=1",
+                "--train.log_every=1", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()
+              if '"loss"' in line and '"eval' not in line]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    before, after = _base_weights(wd), _base_weights(str(run))
+    assert set(before) == set(after)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # base untouched
+    export_dir = tmp_path / "export"
+    proc = _cli("deepseek_tf.export", f"--workdir={run}", "--format=hf", "--quantize=fp8",
+                f"--output={export_dir}", "--shard_mb=0.1", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = json.loads((export_dir / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [16, 32]
+    files = SafetensorsDir(str(export_dir))
+    assert len(files.shards) > 1
+    assert files.info("model.layers.1.self_attn.kv_b_proj.weight")["dtype"] == "F8_E4M3"
+    assert files.shape("model.layers.1.self_attn.kv_b_proj.weight_scale_inv") == (5, 1)
+    ref = np.load(out / "reference.npz")
+    np.save(export_dir / "tokens.npy", ref["tokens"])
+    torch_fp8("reload", str(export_dir))
+    theirs = np.load(export_dir / "reloaded.npz")["logits"]
+    back = str(tmp_path / "back")
+    convert_hf(str(export_dir), back, Experiment(data=tiny.data_config()), log=quiet)
+    model, _ = load_workdir(back)
+    ours = model(tf.constant(ref["tokens"], tf.int32)).numpy()
+    diff = float(np.abs(ours - theirs).max())
+    print(f"fp8 export: max-abs-diff {diff:.2e}; transformers' own FP8 loader: "
+          f"{(export_dir / 'fp8_load.txt').read_text().strip()}")
+    assert diff <= 1e-3, diff
+
+
+def test_the_inspector_summarises_shards_from_their_headers(fp8):
+    from deepseek_tf.tools import inspect_hf_checkpoint
+    out, _ = fp8
+    r = inspect_hf_checkpoint.inspect(str(out / "fp8"))
+    plain = SafetensorsDir(str(out / "fp8-dequant"))
+    assert len(r["shards"]) == 3 and {"F8_E4M3", "BF16", "F32"} <= set(r["dtypes"])
+    assert r["params"] == sum(int(np.prod(plain.shape(n))) for n in plain.names())
+    proc = subprocess.run([sys.executable, "-m", "deepseek_tf.tools.inspect_hf_checkpoint",
+                           f"--hf_dir={out / 'fp8'}", "--list", "--filter=eh_proj"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "active per token" in proc.stdout and "F8_E4M3" in proc.stdout
+    assert "model.layers.3.eh_proj.weight_scale_inv" in proc.stdout
