@@ -71,23 +71,18 @@ def test_tiny_preset_on_two_workers(tiny_run):
     _check_resolved(workdir, output)
 
 
-def test_deepseek_v3_tiny_preset_on_two_workers(stdlib_data, tmp_path):
-    """MLA + 8 routed experts (capacity 1.25) + MTP, with its auto settings."""
+@pytest.mark.parametrize("preset,needle", [
+    # MLA + 8 routed experts (capacity 1.25) + MTP, with its auto settings.
+    ("deepseek-v3-tiny.flags", r"\| mtp .*moe max/mean load"),
+    # V3.2: the same + DSA in its sparse stage (the indexer KL as its own loss).
+    ("deepseek-v32-tiny.flags", r"\| mtp .*\| indexer kl \d"),
+])
+def test_deepseek_tiny_presets_on_two_workers(stdlib_data, tmp_path, preset, needle):
     _, data_dir, _ = stdlib_data
     workdir = str(tmp_path / "run")
-    output = _launch("deepseek-v3-tiny.flags", workdir, f"--data.data_dir={data_dir}")
+    output = _launch(preset, workdir, f"--data.data_dir={data_dir}")
     _check_resolved(workdir, output)
-    assert re.search(r"^\[worker 0\] step +2/2 \| loss .*\| mtp .*moe max/mean load", output,
-                     re.M), output[-4000:]
-
-
-def test_deepseek_v32_tiny_preset_on_two_workers(stdlib_data, tmp_path):
-    """V3.2: deepseek-v3-tiny + DSA in its sparse stage (the indexer KL as its own loss)."""
-    _, data_dir, _ = stdlib_data
-    workdir = str(tmp_path / "run")
-    output = _launch("deepseek-v32-tiny.flags", workdir, f"--data.data_dir={data_dir}")
-    _check_resolved(workdir, output)
-    assert re.search(r"^\[worker 0\] step +2/2 \| loss .*\| indexer kl \d", output,
+    assert re.search(rf"^\[worker 0\] step +2/2 \| loss .*{needle}", output,
                      re.M), output[-4000:]
 
 
