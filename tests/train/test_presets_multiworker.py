@@ -49,7 +49,8 @@ def _check_resolved(workdir, output, precision_auto=True):
     for w in (0, 1):
         assert re.search(rf"^\[worker {w}\] jit_compile: auto -> {train_cfg['jit_compile']}",
                          output, re.M), output[-4000:]
-        assert re.search(rf"^\[worker {w}\] strategy: MultiWorkerMirroredStrategy, 2 replicas.*"
+        assert re.search(rf"^\[worker {w}\] (stage \w+; )?strategy: MultiWorkerMirroredStrategy, "
+                         rf"2 replicas.*"
                          rf"precision {train_cfg['precision']}; XLA {train_cfg['jit_compile']}",
                          output, re.M), output[-4000:]
     shas = [re.findall(rf"^\[worker {w}\] weights sha256: (\w+)$", output, re.M) for w in (0, 1)]
