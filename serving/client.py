@@ -83,9 +83,9 @@ def chat_inputs(conversations):
     """The chat signature's columns for a batch of conversations [[(role, content)]]:
     roles and contents [B, M] (short conversations padded with ""), num_messages [B]."""
     width = max(len(c) for c in conversations)
-    pad = lambda row: list(row) + [""] * (width - len(row))  # noqa: E731
-    return {"roles": [pad(r for r, _ in c) for c in conversations],
-            "contents": [pad(t for _, t in c) for c in conversations],
+    pad = lambda row: row + [""] * (width - len(row))  # noqa: E731
+    return {"roles": [pad([r for r, _ in c]) for c in conversations],
+            "contents": [pad([t for _, t in c]) for c in conversations],
             "num_messages": [len(c) for c in conversations]}
 
 

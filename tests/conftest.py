@@ -28,3 +28,15 @@ def stdlib_data(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("stdlib-data"))
     meta = prepare(cfg, data_dir, log=lambda *_: None)
     return cfg, data_dir, meta
+
+
+@pytest.fixture(autouse=True)
+def _op_determinism_off_after_each_test():
+    """Training turns TF op determinism on for the whole process (as a training process
+    wants); a later test that serves or samples (unseeded requests draw seeds from the
+    OS, which determinism forbids) must not inherit it. Each test starts with it off."""
+    yield
+    from tensorflow.python.framework import config as tf_config
+
+    if tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
