@@ -29,6 +29,9 @@ class DeepSeekCausalLM(keras.Model):
       remat: gradient checkpointing, "none", "block" (recompute each decoder block in
         the backward pass), "mlp" or "attention" (only that sub-layer). A training
         choice, not part of `get_config`.
+      dsa_stage: with `use_dsa`, "sparse" (attend to the indexer's top-k; the default
+        and inference) or "dense_warmup" (`call` attends densely; the indexer learns
+        from the dense attention). A training choice, not part of `get_config`.
 
     Call args:
       inputs: int32 (B, T) token ids.
@@ -46,16 +49,20 @@ class DeepSeekCausalLM(keras.Model):
     Returns float32 logits (B, T, vocab_size), or (logits, aux) with `return_aux`:
     aux has, when the config has MoE layers, float32 `expert_load` (L_moe, E) routed
     pairs per expert, `dropped` (L_moe,) dropped pairs, `balance_loss` and `z_loss`
-    (summed over MoE layers, unweighted); with MTP, `mtp_logits`: D float32 (B, T, V)
+    (summed over MoE layers, unweighted); with DSA, `indexer_kl` (B, T) the indexer's
+    per-query KL loss averaged over layers; with MTP, `mtp_logits`: D float32 (B, T, V)
     tensors, entry k-1 at position i predicting `targets[:, i + k]` (the token k+1
     places after position i). MTP modules run only with `return_aux`.
     """
 
-    def __init__(self, config, remat: str = "none", **kwargs):
+    def __init__(self, config, remat: str = "none", dsa_stage: str = "sparse", **kwargs):
         super().__init__(**kwargs)
         self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
         cfg = self.config
         self.remat = remat
+        if dsa_stage not in ("sparse", "dense_warmup"):
+            raise ValueError(f"dsa_stage={dsa_stage!r} is not sparse or dense_warmup")
+        self.dsa_stage = dsa_stage
         self.embed_tokens = keras.layers.Embedding(
             cfg.vocab_size, cfg.hidden_size, name="embed_tokens",
             embeddings_initializer=keras.initializers.RandomNormal(stddev=cfg.initializer_range))
@@ -67,6 +74,8 @@ class DeepSeekCausalLM(keras.Model):
         self.lm_head = None if cfg.tie_word_embeddings else keras.layers.Dense(
             cfg.vocab_size, use_bias=False, name="lm_head",
             kernel_initializer=keras.initializers.RandomNormal(stddev=cfg.initializer_range))
+        for block in self.blocks + [m.block for m in self.mtp]:
+            block.self_attn.dsa_dense = dsa_stage == "dense_warmup"
         self.build_weights()
 
     def build_weights(self) -> None:
@@ -190,8 +199,11 @@ class DeepSeekCausalLM(keras.Model):
 
 def collect_aux(layer_aux: list[dict], mtp_logits: list) -> dict:
     """Stacks the MoE layers' aux dicts (dense layers give {}) into the model's aux."""
-    moe = [a for a in layer_aux if a]
+    moe = [a for a in layer_aux if "load" in a]
     aux = {"mtp_logits": mtp_logits} if mtp_logits else {}
+    kl = [a["indexer_kl"] for a in layer_aux if "indexer_kl" in a]
+    if kl:
+        aux["indexer_kl"] = tf.add_n(kl) / len(kl)
     if moe:
         aux.update(expert_load=tf.stack([a["load"] for a in moe]),
                    dropped=tf.stack([a["dropped"] for a in moe]),

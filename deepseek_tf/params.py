@@ -27,9 +27,17 @@ def attention_params(c: ModelConfig) -> int:
             q = d * h * qk
         kv_a = d * (c.kv_lora_rank + c.qk_rope_head_dim) + b * (c.kv_lora_rank + c.qk_rope_head_dim)
         kv_b = c.kv_lora_rank + c.kv_lora_rank * h * (c.qk_nope_head_dim + c.v_head_dim)
-        return q + kv_a + kv_b + h * c.v_head_dim * d + b * d
+        return q + kv_a + kv_b + h * c.v_head_dim * d + b * d + indexer_params(c)
     hd, kv = c.resolved_head_dim, c.resolved_kv_heads
     return d * (h + 2 * kv) * hd + b * (h + 2 * kv) * hd + h * hd * d
+
+
+def indexer_params(c: ModelConfig) -> int:
+    """The DSA indexer: wq_b, wk, k_norm (LayerNorm: scale + bias), weights_proj."""
+    if not c.use_dsa:
+        return 0
+    di, hi = c.index_head_dim, c.index_n_heads
+    return c.q_lora_rank * hi * di + c.hidden_size * di + 2 * di + c.hidden_size * hi
 
 
 def mlp_params(c: ModelConfig, layer_idx: int) -> tuple[int, int]:

@@ -50,6 +50,8 @@ def test_defaults_validate_and_round_trip():
     ("model", dict(rope_scaling_type="yarn", rope_scaling_factor=0.5), "rope_scaling_factor"),
     ("model", dict(attention_type="hybrid", sliding_window=0), "sliding_window"),
     ("model", dict(scoring_func="relu"), "not one of"),
+    ("model", dict(use_dsa=True, q_lora_rank=8), "needs --model.attention_type=mla"),
+    ("model", dict(use_dsa=True, attention_type="mla", q_lora_rank=0), "q_lora_rank > 0"),
 ])
 def test_bad_values_raise_one_clear_line(section, kw, needle):
     with pytest.raises(ConfigError) as e:
@@ -138,7 +140,8 @@ def test_resumable_fields_are_loop_knobs_only():
     # (DeepSeek-V3 lowers its MTP loss weight mid-run).
     assert {n for n in resumable if n.startswith("model.")} == {
         "model.capacity_factor", "model.inference_capacity_factor", "model.aux_loss_alpha",
-        "model.router_z_loss_coef", "model.bias_update_speed", "model.mtp_loss_weight"}
+        "model.router_z_loss_coef", "model.bias_update_speed", "model.mtp_loss_weight",
+        "model.indexer_loss_weight"}
     assert all(dataclasses.is_dataclass(c) for c in cfg.SECTIONS.values())
 
 

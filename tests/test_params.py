@@ -23,6 +23,8 @@ MOE = dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
     attention_bias=True), dict(MLA, **MOE, num_nextn_predict_layers=2),
     dict(MOE, topk_method="greedy", scoring_func="softmax", n_group=1, topk_group=1,
          moe_layer_freq=2, num_hidden_layers=3, first_k_dense_replace=0),
+    dict(MLA, **MOE, use_dsa=True, index_topk=4, index_head_dim=8, index_n_heads=2,
+         num_nextn_predict_layers=1),
 ])
 def test_analytic_count_equals_the_built_model(kw):
     cfg = tiny.model_config(**kw)
@@ -42,9 +44,30 @@ def _preset(name):
 def test_deepseek_presets_have_the_published_sizes():
     v3 = count_parameters(_preset("deepseek-v3-671b.flags"))
     assert abs(v3["total"] / 1e9 - 671) < 1 and abs(v3["active"] / 1e9 - 37) < 1
+    # V3.2: "685B" on its model card counts the MTP module's own copies of the embedding
+    # and head (2 x 0.93B), which ours shares.
+    v32 = count_parameters(_preset("deepseek-v32.flags"))
+    with_mtp = v32["total"] + v32["mtp_total"] + 2 * v32["embedding"]
+    assert abs(with_mtp / 1e9 - 685) < 1 and abs(v32["active"] / 1e9 - 38.4) < 0.1
     lite = count_parameters(_preset("deepseek-v2-lite.flags"))
     assert abs(lite["total"] / 1e9 - 15.7) < 0.1
     assert abs((lite["active"] - lite["embedding"]) / 1e9 - 2.4) < 0.1
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--model.index_topk=0", "--model.index_topk must be > 0"),
+    ("--model.index_head_dim=8", "--model.index_head_dim=8 must be >= "
+                                 "--model.qk_rope_head_dim=16"),
+    ("--model.attention_type=gqa", "--model.use_dsa needs --model.attention_type=mla"),
+])
+def test_bad_dsa_settings_are_one_line_exit_2(flag, needle):
+    proc = subprocess.run([sys.executable, "-m", "deepseek_tf.params",
+                           "--flagfile=configs/deepseek-v32-tiny.flags", flag],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_params_cli_prints_without_allocating():

@@ -78,6 +78,13 @@ class Experiment:
                 "--lora.dropout > 0 draws its masks from a stateful seed, which recomputation "
                 "(--train.remat) would advance again: use --lora.dropout=0 or "
                 "--train.remat=none.")
+        if self.train.dsa_stage == "dense_warmup" and not (
+                self.model.use_dsa and self.train.finetuning_type == "full"
+                and self.train.stage != "dpo"):
+            raise ConfigError(
+                "--train.dsa_stage=dense_warmup trains the indexer of a --model.use_dsa model "
+                "and freezes the rest itself: it needs --model.use_dsa, "
+                "--train.finetuning_type=full and a next-token --train.stage (not dpo).")
         if self.train.jit_compile == "true" and self.model.n_routed_experts and \
                 self.model.capacity_factor <= 0 and self.train.stage != "dpo":
             raise ConfigError(

@@ -118,6 +118,16 @@ class ModelConfig(_Section):
     v_head_dim: int = knob(32, "MLA: per-head value width.")
     rope_interleave: bool = knob(False, "RoPE on interleaved pairs (x0, x1), (x2, x3), ... "
                                  "(DeepSeek's checkpoint layout) instead of rotate-half.")
+    # dsa (DeepSeek-V3.2 sparse attention; HF DeepseekV32Config names)
+    use_dsa: bool = knob(False, "DeepSeek Sparse Attention (V3.2): a lightning indexer per "
+                         "MLA layer scores every earlier token and attention reads only the "
+                         "index_topk best (needs MLA with q_lora_rank > 0).")
+    index_topk: int = knob(2048, "DSA: tokens each query attends to (the indexer's top-k).")
+    index_head_dim: int = knob(128, "DSA: the indexer's per-head query/key width (its first "
+                               "qk_rope_head_dim dims get rotate-half RoPE).")
+    index_n_heads: int = knob(64, "DSA: the indexer's query heads.")
+    indexer_loss_weight: float = knob(1.0, "DSA training: weight of the indexer's KL loss "
+                                      "(per token, like the LM loss).", resumable=True)
     # hybrid
     hybrid_base: str = knob("mla", "hybrid: the projections the global and local "
                             "branches share.", choices=("mla", "gqa"))
@@ -228,6 +238,19 @@ class ModelConfig(_Section):
                   f"--model.{name} must be > 0 with MLA, got {getattr(self, name)}.")
             r(self.qk_rope_head_dim % 2 == 0,
               f"--model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs).")
+        if self.use_dsa:
+            r(self.attention_type == "mla",
+              f"--model.use_dsa needs --model.attention_type=mla (got "
+              f"{self.attention_type}): the indexer selects tokens for MLA.")
+            r(self.q_lora_rank > 0, "--model.use_dsa needs --model.q_lora_rank > 0: the "
+                                    "indexer's queries come from the query latent.")
+            r(self.index_topk > 0, f"--model.index_topk must be > 0, got {self.index_topk}.")
+            r(self.index_n_heads > 0,
+              f"--model.index_n_heads must be > 0, got {self.index_n_heads}.")
+            r(self.index_head_dim >= self.qk_rope_head_dim,
+              f"--model.index_head_dim={self.index_head_dim} must be >= "
+              f"--model.qk_rope_head_dim={self.qk_rope_head_dim} (RoPE covers its first dims).")
+            r(self.indexer_loss_weight >= 0, "--model.indexer_loss_weight must be >= 0.")
         if self.attention_type == "hybrid":
             r(self.sliding_window > 0, "--model.sliding_window must be > 0 for hybrid attention.")
             r(self.hybrid_global_weight >= 0 and self.hybrid_local_weight >= 0,

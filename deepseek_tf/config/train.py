@@ -133,6 +133,14 @@ class TrainConfig(_Section):
                       "data), dpo (preference pairs, --dpo.*), or auto = sft for chat-format "
                       "data, else pretrain (resolved at the start and saved in config.json).",
                       choices=("auto", "pretrain", "sft", "dpo"))
+    dsa_stage: str = knob("sparse", "DeepSeek Sparse Attention training stage (with "
+                          "--model.use_dsa; V3.2 paper): dense_warmup = the main model frozen "
+                          "and attending densely, only the indexer trains (KL to the dense "
+                          "attention's distribution); sparse = top-k sparse attention, the "
+                          "main model trains on the LM loss and the indexer, its input "
+                          "detached, on the KL over the selected tokens. Start the sparse "
+                          "stage from a warm-up run with --train.init_from.",
+                          choices=("sparse", "dense_warmup"))
     early_stopping_patience: int = knob(0, "Stop after this many evaluations without a new "
                                         "best validation loss (0 = off). The best checkpoint "
                                         "is kept in <workdir>/best/ either way.",

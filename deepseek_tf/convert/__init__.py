@@ -1,7 +1,7 @@
 """Hugging Face checkpoints -> deepseek_tf workdirs (`python -m deepseek_tf.convert`).
 
 `convert_hf(hf_dir, workdir, exp)` reads `config.json` and `*.safetensors` of a
-DeepseekV3 / DeepseekV2 / Llama / Qwen2 causal LM, builds the matching
+DeepseekV32 / DeepseekV3 / DeepseekV2 / Llama / Qwen2 causal LM, builds the matching
 `DeepSeekCausalLM`, fills every weight (a missing, extra or misshapen tensor is an
 error naming it) and writes a workdir the trainer continues from. Sharded
 checkpoints (`model.safetensors.index.json`) and DeepSeek's FP8 releases

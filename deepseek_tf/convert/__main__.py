@@ -1,8 +1,8 @@
 """`python -m deepseek_tf.convert --hf_dir=DIR --workdir=OUT [--data.* --optim.* --train.*]`
 
-Converts a Hugging Face causal LM (DeepseekV3ForCausalLM, DeepseekV2ForCausalLM,
-LlamaForCausalLM, Qwen2ForCausalLM; config.json + *.safetensors or a sharded
-model.safetensors.index.json set, never pickle files; bf16/fp16/fp32 tensors or
+Converts a Hugging Face causal LM (DeepseekV32ForCausalLM, DeepseekV3ForCausalLM,
+DeepseekV2ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM; config.json +
+*.safetensors or a sharded model.safetensors.index.json set, never pickle files; bf16/fp16/fp32 tensors or
 DeepSeek's block-scaled FP8 release, dequantized to float32) into a deepseek_tf
 workdir, streaming a few tensors at a time (an interrupted conversion continues
 when the same command runs again). `python -m deepseek_tf.train --workdir=OUT` then

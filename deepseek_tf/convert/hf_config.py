@@ -1,7 +1,7 @@
 """Hugging Face `config.json` <-> `ModelConfig`, per architecture.
 
-Supported: DeepseekV3ForCausalLM, DeepseekV2ForCausalLM, LlamaForCausalLM and
-Qwen2ForCausalLM (transformers 4.x `rope_theta` / `rope_scaling` and 5.x
+Supported: DeepseekV32ForCausalLM (V3 + DeepSeek Sparse Attention),
+DeepseekV3ForCausalLM, DeepseekV2ForCausalLM, LlamaForCausalLM and Qwen2ForCausalLM (transformers 4.x `rope_theta` / `rope_scaling` and 5.x
 `rope_parameters` styles). Settings that transformers' own implementation ignores
 are mapped to what it computes (e.g. DeepSeek-V2's router never normalises its
 top-k weights, and both DeepSeek classes make every layer from
@@ -20,7 +20,7 @@ from deepseek_tf.config import ModelConfig
 from deepseek_tf.convert.hf_checks import check_hf_config
 from deepseek_tf.errors import UserError
 
-ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "LlamaForCausalLM",
+ARCHITECTURES = ("DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "LlamaForCausalLM",
                  "Qwen2ForCausalLM")
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu", "gelu_new": "gelu"}
 _ACTS_BACK = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
@@ -113,8 +113,13 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, list[str]]:
         if hf.get("moe_layer_freq", 1) != 1:
             notes.append("moe_layer_freq ignored: transformers makes every layer from "
                          "first_k_dense_replace on an MoE layer")
-    if arch == "DeepseekV3ForCausalLM":
-        kw.update(rope_interleave=bool(hf.get("rope_interleave", True)))
+    if arch == "DeepseekV32ForCausalLM":  # MLA RoPE always on interleaved pairs
+        kw.update(rope_interleave=True, use_dsa=True, index_topk=_get(hf, "index_topk", 2048),
+                  index_head_dim=_get(hf, "index_head_dim", 128),
+                  index_n_heads=_get(hf, "index_n_heads", 64))
+    if arch.startswith("DeepseekV3"):
+        if arch == "DeepseekV3ForCausalLM":
+            kw.update(rope_interleave=bool(hf.get("rope_interleave", True)))
         if experts:
             kw.update(scoring_func="sigmoid", topk_method="noaux_tc",
                       norm_topk_prob=bool(hf.get("norm_topk_prob", True)))
@@ -151,6 +156,9 @@ def export_architecture(cfg: ModelConfig) -> str:
         raise UserError("hybrid attention has no Hugging Face equivalent; export it with "
                         "another format.")
     moe = cfg.n_routed_experts > 0
+    if cfg.use_dsa:
+        _check_v32(cfg, moe)
+        return "DeepseekV32ForCausalLM"
     if not cfg.uses_mla:
         if moe:
             raise UserError("grouped-query attention with MoE has no supported Hugging Face "
@@ -176,6 +184,22 @@ def export_architecture(cfg: ModelConfig) -> str:
     return "DeepseekV2ForCausalLM"
 
 
+def _check_v32(cfg: ModelConfig, moe: bool) -> None:
+    """What DeepseekV32ForCausalLM hard-codes: interleaved RoPE and V3's router."""
+    if not cfg.rope_interleave:
+        raise UserError("DeepseekV32 applies MLA RoPE to interleaved pairs: export needs "
+                        "--model.rope_interleave=true.")
+    if cfg.attention_bias:
+        raise UserError("--model.attention_bias with DSA has no Hugging Face equivalent.")
+    if moe and (cfg.scoring_func != "sigmoid" or cfg.topk_method == "group_limited_greedy"
+                or (cfg.topk_method == "greedy" and cfg.topk_group < cfg.n_group)):
+        raise UserError("DeepseekV32's router is V3's (sigmoid, noaux_tc): export needs "
+                        "--model.scoring_func=sigmoid --model.topk_method=noaux_tc.")
+    if moe and cfg.num_hidden_layers > cfg.first_k_dense_replace and cfg.moe_layer_freq != 1:
+        raise UserError(f"--model.moe_layer_freq={cfg.moe_layer_freq}: transformers' DeepSeek "
+                        f"classes make every layer from first_k_dense_replace on MoE.")
+
+
 def hf_config_from_model(cfg: ModelConfig) -> dict:
     """The config.json dict for `export_architecture(cfg)`."""
     arch = export_architecture(cfg)
@@ -196,7 +220,8 @@ def hf_config_from_model(cfg: ModelConfig) -> dict:
             d.update(use_sliding_window=False)
         return d
     moe = cfg.n_routed_experts > 0
-    d.update(model_type="deepseek_v3" if arch == "DeepseekV3ForCausalLM" else "deepseek_v2",
+    d.update(model_type={"DeepseekV32ForCausalLM": "deepseek_v32",
+                         "DeepseekV3ForCausalLM": "deepseek_v3"}.get(arch, "deepseek_v2"),
              num_key_value_heads=cfg.num_attention_heads,
              q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
              qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
@@ -208,9 +233,12 @@ def hf_config_from_model(cfg: ModelConfig) -> dict:
              n_group=cfg.n_group if moe else 1, topk_group=cfg.topk_group if moe else 1,
              routed_scaling_factor=cfg.routed_scaling_factor, norm_topk_prob=cfg.norm_topk_prob,
              first_k_dense_replace=(cfg.first_k_dense_replace if moe else cfg.num_hidden_layers))
-    if arch == "DeepseekV3ForCausalLM":
+    if arch.startswith("DeepseekV3"):
         d.update(rope_interleave=cfg.rope_interleave, scoring_func="sigmoid",
                  topk_method="noaux_tc", num_nextn_predict_layers=cfg.num_nextn_predict_layers)
+    if arch == "DeepseekV32ForCausalLM":
+        d.update(index_topk=cfg.index_topk, index_head_dim=cfg.index_head_dim,
+                 index_n_heads=cfg.index_n_heads)
     else:
         d.update(topk_method=cfg.topk_method, scoring_func="softmax", mlp_bias=False)
     return d

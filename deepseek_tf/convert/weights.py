@@ -58,9 +58,18 @@ def _attention(prefix: str, attn) -> list[Entry]:
         out = [e for n in names for e in _linear(f"{prefix}.{n}", getattr(attn, n))]
         if attn.q_lora_rank:
             out.append(_norm(f"{prefix}.q_a_layernorm", attn.q_a_layernorm))
-        return out + [_norm(f"{prefix}.kv_a_layernorm", attn.kv_a_layernorm)]
+        out.append(_norm(f"{prefix}.kv_a_layernorm", attn.kv_a_layernorm))
+        return out + (_indexer(f"{prefix}.indexer", attn.indexer) if attn.indexer else [])
     return [e for n in ("q_proj", "k_proj", "v_proj", "o_proj")
             for e in _linear(f"{prefix}.{n}", getattr(attn, n))]
+
+
+def _indexer(prefix: str, ix) -> list[Entry]:
+    """DeepSeek-V3.2's DSA indexer (HF `DeepseekV32Indexer`; k_norm is a LayerNorm)."""
+    out = [e for n in ("wq_b", "wk", "weights_proj") for e in _linear(f"{prefix}.{n}",
+                                                                      getattr(ix, n))]
+    return out + [Entry(f"{prefix}.k_norm.weight", ix.k_norm.gamma),
+                  Entry(f"{prefix}.k_norm.bias", ix.k_norm.beta)]
 
 
 def _moe(prefix: str, moe) -> list[Entry]:

@@ -19,6 +19,8 @@ def make_attention(cfg: ModelConfig, layer_idx: int) -> keras.layers.Layer:
     hybrid = dict(sliding_window=cfg.sliding_window, global_weight=cfg.hybrid_global_weight,
                   local_weight=cfg.hybrid_local_weight) if cfg.attention_type == "hybrid" else {}
     if cfg.uses_mla:
+        dsa = dict(index_topk=cfg.index_topk, index_head_dim=cfg.index_head_dim,
+                   index_n_heads=cfg.index_n_heads) if cfg.use_dsa else {}
         return MultiHeadLatentAttention(
             hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
             q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
@@ -26,7 +28,7 @@ def make_attention(cfg: ModelConfig, layer_idx: int) -> keras.layers.Layer:
             v_head_dim=cfg.v_head_dim, use_bias=cfg.attention_bias, rope_theta=cfg.rope_theta,
             rope_scaling=cfg.resolved_rope_scaling, rope_interleave=cfg.rope_interleave,
             initializer_range=cfg.initializer_range, attention_dropout=cfg.attention_dropout,
-            name="self_attn", **hybrid)
+            name="self_attn", **hybrid, **dsa)
     return GroupedQueryAttention(
         hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.resolved_kv_heads, head_dim=cfg.resolved_head_dim,
@@ -64,7 +66,8 @@ class DecoderBlock(keras.layers.Layer):
 
     Call: `block(x, positions, attention_mask, training=False, return_aux=False,
     dropout_seed=None, moe_capacity_factor=None)`; with `return_aux` it returns (x, aux),
-    aux being the MoE layer's dict (empty for a dense block). `moe_capacity_factor`
+    aux being the MoE layer's dict (empty for a dense block) plus, with DSA, the
+    attention's `indexer_kl` (B, T). `moe_capacity_factor`
     overrides the MoE layer's configured factor (see `DeepSeekMoE`). Side outputs are
     returned, never stored, so a recomputed (remat) block stays correct.
 
@@ -97,11 +100,15 @@ class DecoderBlock(keras.layers.Layer):
         seed = dropout_seed if training else None  # (2,) int: stateless, remat-safe
         rate = self.config.hidden_dropout
 
+        dsa_aux = return_aux and self.config.use_dsa
+
         def attn(h):
             out = self.self_attn(self.input_layernorm(h), positions=positions,
                                  attention_mask=attention_mask,
-                                 dropout_seed=fold_seed(seed, 0))
-            return stateless_dropout(out, rate, fold_seed(seed, 1))
+                                 dropout_seed=fold_seed(seed, 0),
+                                 **({"return_aux": True} if dsa_aux else {}))
+            out, aux = out if dsa_aux else (out, {})
+            return stateless_dropout(out, rate, fold_seed(seed, 1)), aux
 
         def mlp(h):
             h = self.post_attention_layernorm(h)
@@ -110,9 +117,10 @@ class DecoderBlock(keras.layers.Layer):
                         else (self.mlp(h), {}))
             return stateless_dropout(out, rate, fold_seed(seed, 2)), aux
 
-        x = x + maybe_remat(attn, self.remat == "attention")(x)
+        out, attn_aux = maybe_remat(attn, self.remat == "attention")(x)
+        x = x + out
         out, aux = maybe_remat(mlp, self.remat == "mlp")(x)
-        return (x + out, aux) if return_aux else x + out
+        return (x + out, {**aux, **attn_aux}) if return_aux else x + out
 
     def call_cached(self, x, positions, cache, slots, mask, local_mask=None, absorb=True,
                     static_moe=False):

@@ -19,7 +19,8 @@ import keras
 import tensorflow as tf
 
 from deepseek_tf.config import RopeScaling
-from deepseek_tf.layers.attention import _dense, attention_probs
+from deepseek_tf.layers.attention import _dense, attention_probs, masked_softmax
+from deepseek_tf.layers.indexer import LightningIndexer, indexer_kl, select
 from deepseek_tf.layers.kv_cache import write_slots
 from deepseek_tf.layers.norm import RMSNorm
 from deepseek_tf.layers.remat import stateless_dropout
@@ -57,6 +58,10 @@ class MultiHeadLatentAttention(keras.layers.Layer):
       sliding_window, global_weight, local_weight: hybrid local/global mix (0 = off).
       attention_dropout: dropout rate on the attention probabilities, applied only
         when `call` gets a `dropout_seed` (stateless, so remat recomputes the same mask).
+      index_topk: > 0 adds DeepSeek Sparse Attention (needs q_lora_rank): a
+        `LightningIndexer` (`index_n_heads` x `index_head_dim`) picks the keys each
+        query attends to. The attribute `dsa_dense` (set by the model for the dense
+        warm-up stage) makes `call` attend densely while the indexer still learns.
 
     Example:
         >>> mla = MultiHeadLatentAttention(hidden_size=32, num_heads=4, q_lora_rank=16,
@@ -74,9 +79,12 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                  rope_scaling: RopeScaling | dict | None = None, rope_interleave: bool = False,
                  initializer_range: float = 0.02, sliding_window: int = 0,
                  global_weight: float = 0.7, local_weight: float = 0.3,
-                 attention_dropout: float = 0.0, **kwargs):
+                 attention_dropout: float = 0.0, index_topk: int = 0,
+                 index_head_dim: int = 128, index_n_heads: int = 64, **kwargs):
         super().__init__(**kwargs)
         self.attention_dropout = attention_dropout
+        self.index_topk, self.index_head_dim = index_topk, index_head_dim
+        self.index_n_heads, self.dsa_dense = index_n_heads, False
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
@@ -102,6 +110,9 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         self.o_proj = _dense(hidden_size, use_bias, ir, "o_proj")
         self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_theta, self.rope_scaling,
                                       name="rotary")
+        self.indexer = LightningIndexer(
+            hidden_size, q_lora_rank, index_n_heads, index_head_dim, qk_rope_head_dim,
+            initializer_range, name="indexer") if index_topk else None
 
     def build(self, input_shape):
         lead = tuple(input_shape[:-1])
@@ -115,19 +126,23 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         self.kv_a_layernorm.build(lead + (self.kv_lora_rank,))
         self.kv_b_proj.build(lead + (self.kv_lora_rank,))
         self.o_proj.build(lead + (self.num_heads * self.v_head_dim,))
+        if self.indexer is not None:
+            self.indexer.build(input_shape)
 
     def _queries(self, x, positions):
-        """Per-head queries: no-RoPE (B, T, H, nope) and rotated RoPE (B, T, H, rope) parts."""
+        """Per-head queries: no-RoPE (B, T, H, nope) and rotated RoPE (B, T, H, rope)
+        parts, and the query latent (B, T, q_lora_rank) (None without q_lora)."""
         b, t = tf.shape(x)[0], tf.shape(x)[1]
         nope, rope = self.qk_nope_head_dim, self.qk_rope_head_dim
         if self.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_latent)
         else:
-            q = self.q_proj(x)
+            q_latent, q = None, self.q_proj(x)
         q = tf.reshape(q, [b, t, self.num_heads, nope + rope])       # (B, T, H, nope+rope)
         q_nope, q_rope = tf.split(q, [nope, rope], axis=-1)
         cos, sin = self.rotary(positions)
-        return q_nope, apply_rotary(q_rope, cos, sin, self.rope_interleave)
+        return q_nope, apply_rotary(q_rope, cos, sin, self.rope_interleave), q_latent
 
     def _latent(self, x, positions):
         """What MLA caches per token: the normalised latent (B, T, kv_lora_rank) and
@@ -146,7 +161,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         return tf.split(kv, [self.qk_nope_head_dim, self.v_head_dim], axis=-1)
 
     def _attend(self, q_nope, q_rope, latent, k_rope, mask, local_mask=None,
-                dropout_seed=None):
+                dropout_seed=None, return_probs=False):
         """The naive path: expand the latent into per-head keys/values, then attend."""
         b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
         k_nope, v = self._expand(latent)                             # (B, S, H, nope|dv)
@@ -154,9 +169,10 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                   + tf.einsum("bthd,bsd->bhts", q_rope, k_rope))     # (B, H, T, S)
         probs = attention_probs(scores * self.scale, mask, self.sliding_window,
                                 self.global_weight, self.local_weight, local_mask)
-        probs = stateless_dropout(probs, self.attention_dropout, dropout_seed)
-        out = tf.einsum("bhts,bshd->bthd", tf.cast(probs, v.dtype), v)    # (B, T, H, dv)
-        return self.o_proj(tf.reshape(out, [b, t, self.num_heads * self.v_head_dim]))
+        dropped = stateless_dropout(probs, self.attention_dropout, dropout_seed)
+        out = tf.einsum("bhts,bshd->bthd", tf.cast(dropped, v.dtype), v)  # (B, T, H, dv)
+        out = self.o_proj(tf.reshape(out, [b, t, self.num_heads * self.v_head_dim]))
+        return (out, probs) if return_probs else out
 
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask, local_mask=None):
         """The absorbed path: the key up-projection folded into the query, attention
@@ -175,18 +191,86 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         out = tf.einsum("bthc,chd->bthd", context, w_uv)             # (B, T, H, dv)
         return self.o_proj(tf.reshape(out, [b, t, h * dv]))
 
-    def call(self, x, positions, attention_mask, dropout_seed=None):
-        q_nope, q_rope = self._queries(x, positions)
+    def _attend_selected(self, q_nope, q_rope, latent, k_rope, mask, idx, absorb=True,
+                         dropout_seed=None):
+        """DSA: each query attends only to its K keys `idx` (B, T, K), gathered from the
+        latent (B, S, c) and RoPE keys (B, S, r): O(T K) work, not O(T S). Returns
+        ((B, T, hidden), probs (B, H, T, K), the gathered mask (B, T, K))."""
+        b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
+        h, nope, dv = self.num_heads, self.qk_nope_head_dim, self.v_head_dim
+        sel = tf.gather(latent, idx, batch_dims=1)                   # (B, T, K, c)
+        sel_rope = tf.gather(k_rope, idx, batch_dims=1)              # (B, T, K, r)
+        valid = tf.gather(mask[:, 0], idx, batch_dims=2)             # (B, T, K)
+        rope_scores = tf.einsum("bthd,btkd->bhtk", q_rope, sel_rope)
+        if absorb:
+            w = tf.reshape(tf.cast(self.kv_b_proj.kernel, q_nope.dtype),
+                           [self.kv_lora_rank, h, nope + dv])        # (c, H, nope+dv)
+            w_uk, w_uv = tf.split(w, [nope, dv], axis=-1)
+            q_latent = tf.einsum("bthn,chn->bthc", q_nope, w_uk)     # (B, T, H, c)
+            scores = tf.einsum("bthc,btkc->bhtk", q_latent, sel) + rope_scores
+        else:
+            k = tf.shape(idx)[2]
+            kv = tf.reshape(self.kv_b_proj(sel), [b, t, k, h, nope + dv])
+            k_nope, v = tf.split(kv, [nope, dv], axis=-1)            # (B, T, K, H, nope|dv)
+            scores = tf.einsum("bthd,btkhd->bhtk", q_nope, k_nope) + rope_scores
+        probs = masked_softmax(scores * self.scale, tf.expand_dims(valid, 1))  # (B, H, T, K)
+        dropped = tf.cast(stateless_dropout(probs, self.attention_dropout, dropout_seed),
+                          sel.dtype)
+        if absorb:
+            context = tf.einsum("bhtk,btkc->bthc", dropped, sel)     # (B, T, H, c)
+            out = tf.einsum("bthc,chd->bthd", context, w_uv)         # (B, T, H, dv)
+        else:
+            out = tf.einsum("bhtk,btkhd->bthd", dropped, v)
+        return self.o_proj(tf.reshape(out, [b, t, h * dv])), probs, valid
+
+    def _dsa(self, x, q_nope, q_rope, q_latent, latent, k_rope, index_keys, positions, mask,
+             absorb=None, dropout_seed=None, return_aux=False):
+        """Attention through the indexer: the top-`index_topk` keys (dense in the warm-up
+        stage, or when every key fits). `absorb` None: dense attention naive, sparse
+        attention absorbed (training); a bool sets both (cached calls). With
+        `return_aux`: (out, {"indexer_kl": (B, T)})."""
+        s = latent.shape[1]
+        if not return_aux and s is not None and s <= self.index_topk:  # every key selected
+            if absorb and dropout_seed is None:
+                return self._attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
+            return self._attend(q_nope, q_rope, latent, k_rope, mask, dropout_seed=dropout_seed)
+        cos, sin = self.rotary(positions)
+        # The indexer learns only from its KL loss: no gradient into the main model.
+        scores = self.indexer.scores(tf.stop_gradient(x), tf.stop_gradient(q_latent),
+                                     index_keys, cos, sin, mask[:, 0])   # (B, T, S)
+        if self.dsa_dense:
+            out, probs = self._attend(q_nope, q_rope, latent, k_rope, mask,
+                                      dropout_seed=dropout_seed, return_probs=True)
+            kl_mask, kl_scores = mask[:, 0], scores
+        else:
+            idx = select(scores, self.index_topk)                        # (B, T, K)
+            out, probs, kl_mask = self._attend_selected(
+                q_nope, q_rope, latent, k_rope, mask, idx,
+                self._absorbable() if absorb is None else absorb, dropout_seed)
+            kl_scores = tf.gather(scores, idx, batch_dims=2)
+        if not return_aux:
+            return out
+        return out, {"indexer_kl": indexer_kl(probs, kl_scores, kl_mask)}
+
+    def call(self, x, positions, attention_mask, dropout_seed=None, return_aux=False):
+        """(B, T, hidden); with DSA and `return_aux`: (out, {"indexer_kl": (B, T)})."""
+        q_nope, q_rope, q_latent = self._queries(x, positions)
         latent, k_rope = self._latent(x, positions)
-        return self._attend(q_nope, q_rope, latent, k_rope, attention_mask,
-                            dropout_seed=dropout_seed)                # (B, T, hidden)
+        if self.indexer is None:
+            return self._attend(q_nope, q_rope, latent, k_rope, attention_mask,
+                                dropout_seed=dropout_seed)            # (B, T, hidden)
+        cos, sin = self.rotary(positions)
+        index_keys = self.indexer.keys(tf.stop_gradient(x), cos, sin)   # (B, S, D)
+        return self._dsa(x, q_nope, q_rope, q_latent, latent, k_rope, index_keys, positions,
+                         attention_mask, None, dropout_seed, return_aux)
 
     def call_cached(self, x, positions, cache, slots, mask, local_mask=None, absorb=True):
         """Attends `x`'s tokens, written into cache slots `slots`, to the whole cache.
 
         Args:
           x: (B, T, hidden) the new tokens; positions: int32 (B, T) their positions.
-          cache: (latent (B, 1, M, kv_lora_rank), rope key (B, 1, M, qk_rope_head_dim)).
+          cache: (latent (B, 1, M, kv_lora_rank), rope key (B, 1, M, qk_rope_head_dim));
+            with DSA the second also holds the indexer key: (B, 1, M, rope + index_head_dim).
           slots: int32 (T,) the cache slots of the new tokens.
           mask, local_mask: boolean (B, 1, T, M) from `kv_cache.cache_masks`.
           absorb: attend in latent space (the decode path); False expands the whole
@@ -194,13 +278,24 @@ class MultiHeadLatentAttention(keras.layers.Layer):
 
         Returns ((B, T, hidden), the updated cache).
         """
-        q_nope, q_rope = self._queries(x, positions)
+        q_nope, q_rope, q_latent = self._queries(x, positions)
         latent, k_rope = self._latent(x, positions)
+        if self.indexer is not None:  # the indexer key rides with the RoPE key
+            cos, sin = self.rotary(positions)
+            k_rope = tf.concat([k_rope, tf.cast(self.indexer.keys(x, cos, sin), k_rope.dtype)],
+                               -1)                                    # (B, T, r + D)
         latent_cache = write_slots(cache[0], tf.expand_dims(latent, 1), slots)  # (B, 1, M, c)
-        rope_cache = write_slots(cache[1], tf.expand_dims(k_rope, 1), slots)    # (B, 1, M, r)
-        attend = self._attend_absorbed if absorb and self._absorbable() else self._attend
-        out = attend(q_nope, q_rope, tf.squeeze(latent_cache, 1), tf.squeeze(rope_cache, 1),
-                     mask, local_mask)
+        rope_cache = write_slots(cache[1], tf.expand_dims(k_rope, 1), slots)    # (B, 1, M, r|r+D)
+        absorb = absorb and self._absorbable()
+        keys, rope_keys = tf.squeeze(latent_cache, 1), tf.squeeze(rope_cache, 1)
+        if self.indexer is not None:
+            rope_keys, index_keys = tf.split(
+                rope_keys, [self.qk_rope_head_dim, self.index_head_dim], -1)
+            out = self._dsa(x, q_nope, q_rope, q_latent, keys, rope_keys, index_keys,
+                            positions, mask, absorb)
+        else:
+            attend = self._attend_absorbed if absorb else self._attend
+            out = attend(q_nope, q_rope, keys, rope_keys, mask, local_mask)
         return out, (latent_cache, rope_cache)
 
     def _absorbable(self) -> bool:
@@ -209,8 +304,9 @@ class MultiHeadLatentAttention(keras.layers.Layer):
 
     def cache_shape(self, batch: int, max_length: int) -> tuple:
         """Shapes of this layer's (latent, rope key) cache."""
+        extra = self.index_head_dim if self.indexer is not None else 0
         return ((batch, 1, max_length, self.kv_lora_rank),
-                (batch, 1, max_length, self.qk_rope_head_dim))
+                (batch, 1, max_length, self.qk_rope_head_dim + extra))
 
     def get_config(self):
         return {**super().get_config(), "hidden_size": self.hidden_size,
@@ -222,4 +318,6 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                 "rope_interleave": self.rope_interleave,
                 "initializer_range": self.initializer_range,
                 "sliding_window": self.sliding_window, "global_weight": self.global_weight,
-                "local_weight": self.local_weight, "attention_dropout": self.attention_dropout}
+                "local_weight": self.local_weight, "attention_dropout": self.attention_dropout,
+                "index_topk": self.index_topk, "index_head_dim": self.index_head_dim,
+                "index_n_heads": self.index_n_heads}

@@ -129,11 +129,10 @@ def apply_rotary(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, interleave: bool 
     cos = tf.expand_dims(cos, 2)  # (B, T, 1, D)
     sin = tf.expand_dims(sin, 2)
     x32 = tf.cast(x, tf.float32)
-    if interleave:
-        pairs = tf.reshape(x32, tf.concat([tf.shape(x32)[:-1], [x.shape[-1] // 2, 2]], 0))
-        x1, x2 = tf.unstack(pairs, axis=-1)                 # (B, T, H, D/2) even, odd
-        x32 = tf.concat([x1, x2], axis=-1)
-    else:
-        x1, x2 = tf.split(x32, 2, axis=-1)
+    if interleave:  # a static permutation: evens then odds (a rank-5 reshape + unstack
+        # gave wrong values in TFLite)
+        d = x.shape[-1]
+        x32 = tf.gather(x32, list(range(0, d, 2)) + list(range(1, d, 2)), axis=-1)
+    x1, x2 = tf.split(x32, 2, axis=-1)                      # (B, T, H, D/2) each
     rotated = tf.concat([-x2, x1], axis=-1)
     return tf.cast(x32 * cos + rotated * sin, x.dtype)

@@ -6,11 +6,13 @@ Per micro-batch, `aux_terms` turns `model(..., return_aux=True)`'s aux dict into
     by the global loss-token count: `mtp_loss_weight / D * sum_k CE_k` (MTP depth k
     predicts `targets[:, i + k]` where that token is in the same document), and the
     router losses `(aux_loss_alpha * balance + router_z_loss_coef * z) * tokens`
-    (token-weighted, so accumulation and replicas average them like the main loss);
+    (token-weighted, so accumulation and replicas average them like the main loss),
+    and with DSA `indexer_loss_weight * sum(indexer KL * loss_mask)`;
   - `stats`: sums the step accumulates over micro-batches and all-reduces (SUM).
 After `apply_gradients`, `update_router_biases` moves every noaux_tc router's
 `e_score_correction_bias` by `bias_update_speed * sign(mean load - load_i)` from the
-all-reduced (global) load, so every replica applies the same update.
+all-reduced (global) load, so every replica applies the same update (not for a
+frozen router: the DSA dense warm-up leaves the main model bitwise unchanged).
 
 Example (inside the step):
     >>> logits, aux = model(inputs, ..., return_aux=True)
@@ -27,8 +29,9 @@ from deepseek_tf.model import token_losses
 
 
 def uses_aux(cfg: ModelConfig) -> bool:
-    """True if the model has MoE layers or MTP modules (the step then asks for aux)."""
-    return cfg.n_routed_experts > 0 or cfg.num_nextn_predict_layers > 0
+    """True if the model has MoE layers, MTP modules or DSA indexers (the step then asks
+    for aux)."""
+    return cfg.n_routed_experts > 0 or cfg.num_nextn_predict_layers > 0 or cfg.use_dsa
 
 
 def mtp_loss_sum(logits: tf.Tensor, batch: dict, k: int) -> tf.Tensor:
@@ -46,6 +49,10 @@ def aux_terms(cfg: ModelConfig, aux: dict, batch: dict) -> tuple[tf.Tensor, dict
         sums = [mtp_loss_sum(l, batch, k) for k, l in enumerate(aux["mtp_logits"], start=1)]
         stats["mtp_loss_sum"] = tf.stack(sums)                                  # (D,)
         extra += cfg.mtp_loss_weight / len(sums) * tf.add_n(sums)
+    if "indexer_kl" in aux:  # DSA: the indexers' KL on the loss tokens
+        kl_sum = tf.reduce_sum(aux["indexer_kl"] * batch["loss_mask"])
+        stats["indexer_loss_sum"] = kl_sum
+        extra += cfg.indexer_loss_weight * kl_sum
     if "expert_load" in aux:
         tokens = tf.reduce_sum(batch["loss_mask"])
         stats.update(expert_load=aux["expert_load"], dropped=aux["dropped"],   # (L, E), (L,)
@@ -62,8 +69,9 @@ def update_router_biases(model, expert_load: tf.Tensor, speed: float,
     spreads = []
     for i, layer in enumerate(model.moe_layers):
         bias = layer.gate.e_score_correction_bias
-        if bias is None:
-            spreads.append(tf.constant(0.0))
+        if bias is None or not layer.gate.kernel.trainable:  # frozen routers stay put
+            spreads.append(tf.constant(0.0) if bias is None else
+                           tf.reduce_max(bias) - tf.reduce_min(bias))
             continue
         load = expert_load[i]
         if speed > 0:
@@ -79,6 +87,8 @@ def step_metrics(model, stats: dict, tokens: tf.Tensor, update=True) -> dict:
     out, denom = {}, tf.maximum(tokens, 1.0)
     if "mtp_loss_sum" in stats:
         out["mtp_loss"] = tf.reduce_mean(stats["mtp_loss_sum"]) / denom
+    if "indexer_loss_sum" in stats:
+        out["indexer_loss"] = stats["indexer_loss_sum"] / denom
     if "expert_load" in stats:
         load = stats["expert_load"]
         out.update(balance_loss=stats["balance_loss_sum"] / denom,
@@ -92,7 +102,8 @@ def step_metrics(model, stats: dict, tokens: tf.Tensor, update=True) -> dict:
 def log_metrics(model, out: dict) -> dict:
     """Host-side log entries: scalars, and per MoE layer its load (fractions per expert),
     imbalance (max load / mean load), dropped fraction and bias spread."""
-    m = {k: float(out[k]) for k in ("mtp_loss", "balance_loss", "z_loss") if k in out}
+    m = {k: float(out[k]) for k in ("mtp_loss", "indexer_loss", "balance_loss", "z_loss")
+         if k in out}
     if "expert_load" not in out:
         return m
     load = out["expert_load"].numpy()

@@ -8,6 +8,7 @@ before the optimizer sees `model.trainable_variables`):
   2. `--train.finetuning_type`: full (everything trains), lora (deepseek_tf/lora.py:
      adapters on `--lora.targets`, everything else frozen) or freeze (the last
      `--freeze.trainable_layers` blocks and any module named in `--freeze.modules`).
+  3. `--train.dsa_stage=dense_warmup`: only the DSA indexers train.
 
 Frozen variables are left out of the optimizer, so they get no update, no weight
 decay and no optimizer slots. A resumed run rebuilds the same structure and then
@@ -80,10 +81,19 @@ def apply_freeze(model, cfg: FreezeConfig) -> None:
                           f"--freeze.modules (e.g. lm_head,norm).")
 
 
+def freeze_all_but_indexers(model) -> int:
+    """DSA dense warm-up: every variable outside the indexers is frozen (router bias
+    updates stop with their routers). Returns the number of indexer variables."""
+    for v in model.variables:
+        if v.trainable:
+            v.trainable = "indexer" in _parts(v)[:-1]
+    return len(model.trainable_variables)
+
+
 def prepare_model(model, exp: Experiment, log=print, resuming: bool = False) -> None:
     """Loads `--train.init_from` weights (unless `resuming`: the run's own checkpoint
     then holds every weight and is restored over the model), then applies
-    `--train.finetuning_type`."""
+    `--train.finetuning_type` (and the DSA dense warm-up's freeze)."""
     tcfg = exp.train
     if tcfg.init_from and not resuming:
         load_init_weights(model, tcfg.init_from, log)
@@ -96,3 +106,7 @@ def prepare_model(model, exp: Experiment, log=print, resuming: bool = False) -> 
         apply_freeze(model, exp.freeze)
         log(f"freeze: training the last {exp.freeze.trainable_layers} blocks"
             + (f" and {exp.freeze.modules}" if exp.freeze.modules else ""))
+    if tcfg.dsa_stage == "dense_warmup":
+        n = freeze_all_but_indexers(model)
+        log(f"DSA dense warm-up: the main model is frozen and attends densely; training "
+            f"the {n} indexer variables on the KL loss")

@@ -125,6 +125,8 @@ class MetricLogger:
                  f"{m['tokens_per_sec']:,.0f} tok/s", f"{m['tokens_seen'] / 1e6:.2f}M tokens"]
         if "mtp_loss" in m:
             parts.append(f"mtp {m['mtp_loss']:.4f}")
+        if "indexer_loss" in m:
+            parts.append(f"indexer kl {m['indexer_loss']:.4f}")
         if "moe/load_max" in m:
             parts.append(f"moe max/mean load {m['moe/load_max']:.2f}, "
                          f"dropped {100 * m['moe/dropped_frac']:.1f}%")

@@ -100,7 +100,7 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
 
     with strategy.scope():
         with precision.policy_scope(tcfg.precision):
-            model = DeepSeekCausalLM(exp.model, remat=tcfg.remat)
+            model = DeepSeekCausalLM(exp.model, remat=tcfg.remat, dsa_stage=tcfg.dsa_stage)
             finetune.prepare_model(model, exp, log, resuming=ckpt_lib.has_checkpoint(workdir))
             objective.build(model, exp, log)  # e.g. DPO's frozen reference
         optimizer = precision.wrap_optimizer(make_optimizer(exp.optim, exp.decay_steps, model),

@@ -50,6 +50,18 @@ CONFIGS = {
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
                              original_max_position_embeddings=16, beta_fast=32.0,
                              beta_slow=1.0, mscale=1.0, mscale_all_dim=0.7))),
+    # V3.2 with DSA: index_topk < SEQ (sparse), MoE with group routing. A key whose
+    # q.k is negative for every indexer head scores exactly 0 (ReLU), and torch's topk
+    # breaks ties unpredictably: 16 heads make such ties rare (1/2^16 per key).
+    "deepseek_v32": ("DeepseekV32", dict(
+        MLA, num_hidden_layers=3, q_lora_rank=24, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, index_topk=6, index_head_dim=16, index_n_heads=16)),
+    # V3.2 with index_topk >= SEQ: attention is dense.
+    "deepseek_v32_dense": ("DeepseekV32", dict(
+        MLA, num_hidden_layers=2, q_lora_rank=24, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+        index_topk=32, index_head_dim=12, index_n_heads=2)),
     # R1-Distill-Llama style llama3 RoPE scaling.
     "llama3_rope": ("Llama", dict(DENSE, max_position_embeddings=128, rope_parameters=dict(
         rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
@@ -65,6 +77,32 @@ def tokens():
 def logits_of(model, ids):
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.float().numpy()
+
+
+PAD = 5  # left padding of row 0 in the padded batch
+
+
+def padded_batch(ids):
+    """(tokens, attention mask, positions): row 0 left-padded by PAD (token 0)."""
+    ids = ids.copy()
+    mask = np.ones_like(ids)
+    ids[0, :PAD], mask[0, :PAD] = 0, 0
+    return ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0)
+
+
+def dsa_outputs(model, ids):
+    """(logits of the padded batch, (L, B, T, K) indexer top-k on `ids`) of a V3.2 model."""
+    picks = []
+    hooks = [layer.self_attn.indexer.register_forward_hook(
+        lambda m, i, out: picks.append(out.numpy())) for layer in model.model.layers]
+    logits_of(model, ids)
+    for h in hooks:
+        h.remove()
+    p_ids, p_mask, p_pos = padded_batch(ids)
+    with torch.no_grad():
+        padded = model(torch.tensor(p_ids), attention_mask=torch.tensor(p_mask),
+                       position_ids=torch.tensor(p_pos)).logits.float().numpy()
+    return padded, np.stack(picks)
 
 
 def perturb(model, gen):
@@ -92,6 +130,8 @@ def build(out_dir, names):
         perturb(model, gen)
         model.save_pretrained(os.path.join(out_dir, name))
         result[name] = logits_of(model, ids)
+        if family == "DeepseekV32":
+            result[f"{name}_padded"], result[f"{name}_topk"] = dsa_outputs(model, ids)
     np.savez(os.path.join(out_dir, "reference.npz"), **result)
 
 

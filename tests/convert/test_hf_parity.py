@@ -49,11 +49,16 @@ def _cli(*args, timeout=300):
                           cwd=ROOT, env=_env(), timeout=timeout)
 
 
+def build_reference(tmp_path_factory, names):
+    """(dir of the tiny HF models `names`, their reference.npz as a dict)."""
+    out = tmp_path_factory.mktemp("hf")
+    _torch("build", str(out), *names)
+    return out, dict(np.load(out / "reference.npz"))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf")
-    _torch("build", str(out), *NAMES)
-    return out, dict(np.load(out / "reference.npz"))
+    return build_reference(tmp_path_factory, NAMES)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """`.litertlm` bundles run by Google's LiteRT-LM Engine (the `litert-lm-api` wheel,
-installed by the `edge` extra): the quickstart-sized model and a DeepSeek-V3-style
-model (MLA + MoE with a shared expert) generate greedily exactly the tokens our
-SavedModel generates."""
+installed by the `edge` extra): the quickstart-sized model, a DeepSeek-V3-style
+model (MLA + MoE with a shared expert) and a DeepSeek-V3.2-style one (+ sparse
+attention) generate greedily exactly the tokens our SavedModel generates."""
 
 import pytest
 import tensorflow as tf
@@ -22,7 +22,8 @@ PROMPT = "The quick brown fox"
 #: configs/tiny.flags' model (the quickstart), with random weights.
 QUICKSTART = dict(vocab_size=320, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-MODELS = {"quickstart": ("gqa", QUICKSTART), "deepseek_v3_style": ("mla_moe", {})}
+MODELS = {"quickstart": ("gqa", QUICKSTART), "deepseek_v3_style": ("mla_moe", {}),
+          "deepseek_v32_style": ("mla_dsa", {})}
 quiet = lambda *_: None  # noqa: E731
 
 

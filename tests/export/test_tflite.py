@@ -15,7 +15,7 @@ from deepseek_tf.workdir import load_experiment
 from tests.helpers.workdirs import make_workdir
 
 CONTEXT = 64
-FAMILIES = ("gqa", "hybrid", "mla", "mla_moe")
+FAMILIES = ("gqa", "hybrid", "mla", "mla_moe", "mla_dsa")
 PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107]  # BOS "The quick": 9 -> 8 + 1 padded
 quiet = lambda *_: None  # noqa: E731
 #: int8 (dynamic-range weights) against fp32 on these models: measured max |diff| of

@@ -39,7 +39,7 @@ def _greedy_reference(model, prompt, n):
     return seq[len(prompt):]
 
 
-@pytest.mark.parametrize("family", ["gqa", "mla_moe"])
+@pytest.mark.parametrize("family", ["gqa", "mla_moe", "mla_dsa"])
 def test_greedy_equals_full_recomputation_for_32_tokens(family):
     model = random_model(family)
     out, n = Generator(model, 48).generate(*_pad(PROMPTS[:1]), max_new_tokens=32)

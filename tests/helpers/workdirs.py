@@ -25,6 +25,13 @@ FAMILIES = {
                     qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
                     num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
                     n_group=2, topk_group=1),
+    # DeepSeek-V3.2 style: mla_moe + DSA (each query attends to its 8 best tokens) and
+    # DeepSeek's interleaved RoPE layout.
+    "mla_dsa": dict(attention_type="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                    qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
+                    num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
+                    n_group=2, topk_group=1, rope_interleave=True, use_dsa=True,
+                    index_topk=8, index_head_dim=8, index_n_heads=4),
 }
 
 

@@ -50,7 +50,8 @@ def _check_resolved(workdir, output, precision_auto=True):
         assert re.search(rf"^\[worker {w}\] jit_compile: auto -> {train_cfg['jit_compile']}",
                          output, re.M), output[-4000:]
         assert re.search(rf"^\[worker {w}\] (stage \w+; )?strategy: MultiWorkerMirroredStrategy, "
-                         rf"2 replicas.*precision {train_cfg['precision']}; XLA {train_cfg['jit_compile']}",
+                         rf"2 replicas.*"
+                         rf"precision {train_cfg['precision']}; XLA {train_cfg['jit_compile']}",
                          output, re.M), output[-4000:]
     shas = [re.findall(rf"^\[worker {w}\] weights sha256: (\w+)$", output, re.M) for w in (0, 1)]
     assert len(shas[0]) == 1 and shas[0] == shas[1], output[-4000:]
@@ -71,13 +72,18 @@ def test_tiny_preset_on_two_workers(tiny_run):
     _check_resolved(workdir, output)
 
 
-def test_deepseek_v3_tiny_preset_on_two_workers(stdlib_data, tmp_path):
-    """MLA + 8 routed experts (capacity 1.25) + MTP, with its auto settings."""
+@pytest.mark.parametrize("preset,needle", [
+    # MLA + 8 routed experts (capacity 1.25) + MTP, with its auto settings.
+    ("deepseek-v3-tiny.flags", r"\| mtp .*moe max/mean load"),
+    # V3.2: the same + DSA in its sparse stage (the indexer KL as its own loss).
+    ("deepseek-v32-tiny.flags", r"\| mtp .*\| indexer kl \d"),
+])
+def test_deepseek_tiny_presets_on_two_workers(stdlib_data, tmp_path, preset, needle):
     _, data_dir, _ = stdlib_data
     workdir = str(tmp_path / "run")
-    output = _launch("deepseek-v3-tiny.flags", workdir, f"--data.data_dir={data_dir}")
+    output = _launch(preset, workdir, f"--data.data_dir={data_dir}")
     _check_resolved(workdir, output)
-    assert re.search(r"^\[worker 0\] step +2/2 \| loss .*\| mtp .*moe max/mean load", output,
+    assert re.search(rf"^\[worker 0\] step +2/2 \| loss .*{needle}", output,
                      re.M), output[-4000:]
 
 
