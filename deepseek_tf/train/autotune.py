@@ -116,25 +116,36 @@ def time_grad_fn(model, tcfg, seq_len: int, strategy=None, rounds: int = 3) -> d
     """
     import tensorflow as tf
 
-    from deepseek_tf.train.step import make_grad_fn
-
     strategy = strategy or tf.distribute.get_strategy()
     batch = random_batch(model.config.vocab_size, tcfg.grad_accum_steps, tcfg.batch_size,
                          seq_len, tcfg.seed)
-    denom = tf.constant(float(tcfg.grad_accum_steps * tcfg.batch_size * seq_len))
+    return median_times({"no_xla": grad_norm_fn(model, tcfg, batch, False, strategy),
+                         "xla": grad_norm_fn(model, tcfg, batch, True, strategy)}, rounds)
+
+
+def grad_norm_fn(model, tcfg, batch, jit: bool, strategy):
+    """A callable running the step's forward + backward on `batch` -> the gradients'
+    global norm (a float).
+
+    It returns a value computed from every gradient on purpose: the uncompiled grad
+    function is inlined into the caller's graph, and a caller that kept only the loss
+    would let TensorFlow prune the whole backward pass from the timing (it did: `auto`
+    compared XLA's forward + backward with a forward alone and chose no XLA wrongly).
+    """
+    import tensorflow as tf
+
+    from deepseek_tf.train.step import make_grad_fn
+
+    grad_fn = make_grad_fn(model, tcfg.grad_accum_steps, jit)
+    denom = tf.constant(float(np.prod(batch["targets"].shape)))
     seed = tf.constant([tcfg.seed, 0], tf.int64)
 
-    def replicated(jit):
-        grad_fn = make_grad_fn(model, tcfg.grad_accum_steps, jit)
+    @tf.function
+    def run():
+        norm = strategy.run(lambda: tf.linalg.global_norm(grad_fn(batch, denom, 1.0, seed)[0]))
+        return strategy.experimental_local_results(norm)[0]
 
-        @tf.function
-        def run():
-            loss = strategy.run(lambda: grad_fn(batch, denom, 1.0, seed)[1])
-            return strategy.experimental_local_results(loss)[0]
-
-        return lambda: float(run())
-
-    return median_times({"no_xla": replicated(False), "xla": replicated(True)}, rounds)
+    return lambda: float(run())
 
 
 def choose_jit(times: dict[str, float], margin: float = 1.0) -> tuple[bool, str]:

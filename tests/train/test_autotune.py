@@ -44,6 +44,29 @@ def test_jit_rule_keeps_the_faster():
     assert use is False and "0.50x" in why
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_the_timed_step_runs_the_backward_pass(jit):
+    """`auto` times what it claims: the callable's result is the gradients' global norm,
+    so the backward pass cannot be pruned from the uncompiled side. (It returned the loss
+    alone: TensorFlow then dropped the backward from the uncompiled timing, and `auto`
+    compared XLA's forward + backward with a forward, choosing no XLA at 2.5x.)"""
+    import numpy as np
+    import tensorflow as tf
+
+    from deepseek_tf.model import DeepSeekCausalLM, token_losses
+
+    model = DeepSeekCausalLM(tiny.model_config())
+    tcfg = TrainConfig(batch_size=2)
+    batch = autotune.random_batch(264, 1, 2, 16)
+    model(batch["inputs"][0])
+    norm = autotune.grad_norm_fn(model, tcfg, batch, jit, tf.distribute.get_strategy())()
+    with tf.GradientTape() as tape:
+        logits = model(batch["inputs"][0], training=True)
+        loss = tf.reduce_sum(token_losses(logits, batch["targets"][0])) / 32.0
+    expected = float(tf.linalg.global_norm(tape.gradient(loss, model.trainable_variables)))
+    assert norm > 0 and np.isclose(norm, expected, rtol=0.05), (norm, expected)
+
+
 def test_jit_compile_accepts_old_bools_and_refuses_unresolved_auto():
     assert TrainConfig(jit_compile=True).jit_compile == "true"
     assert TrainConfig.from_dict({"jit_compile": False}).xla is False  # old config.json
