@@ -156,6 +156,13 @@ def reference_model(exp: Experiment, log) -> DeepSeekCausalLM:
     return ref
 
 
+def freeze_mtp(model) -> None:
+    """MTP modules frozen: a loss on whole answers (DPO, GRPO) does not use them (no
+    gradient, no weight decay)."""
+    for module in model.mtp:
+        module.trainable = False
+
+
 def _indexed(arrays: dict, ctx) -> tf.data.Dataset:
     """This worker's share of the pair indices (rows are gathered after shuffling, so
     a checkpointed shuffle buffer holds indices, not pairs)."""
@@ -232,8 +239,7 @@ class DPOObjective(Objective):
         return train_ds, eval_ds
 
     def build(self, model, exp, log):
-        for module in model.mtp:  # unused by the loss: no gradient, no weight decay
-            module.trainable = False
+        freeze_mtp(model)
         self.reference = reference_model(exp, log) if exp.dpo.reference == "model" else None
 
     def weight(self, batch):
