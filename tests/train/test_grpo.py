@@ -208,35 +208,37 @@ def test_moe_grpo_run_with_a_frozen_reference_copy(demo):
     assert np.isfinite(result["eval"]["reward"])
 
 
-def test_bad_reward_plugins_stop_the_run_with_one_error(demo, tmp_path, monkeypatch):
+def test_bad_reward_plugins_stop_the_preset_run_with_one_error(demo, tmp_path,
+                                                              monkeypatch):
+    """configs/grpo-tiny.flags as shipped (LoRA, jit_compile=auto), shortened: a plug-in
+    that returns a non-number is refused by name; one that raises at its third rollout
+    stops the CLI with one error line, exit 2, and the checkpoint of step 2 intact."""
     root, data = demo
-    src = str(root / "src") if os.path.exists(root / "src") else \
-        make_workdir(str(root / "src"), "gqa", seed=5)[0]
     plugin = tmp_path / "my_rewards.py"
-    plugin.write_text("import os\nCALLS = [0]\n"
+    plugin.write_text("CALLS = [0]\n"
                       "def wordy(prompt, completion, reference):\n    return 'yes'\n"
                       "def flaky(prompt, completion, reference):\n"
                       "    CALLS[0] += 1\n"
                       "    if CALLS[0] > 8:\n        raise ValueError('scorer down')\n"
                       "    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(UserError, match="my_rewards:wordy returned 'yes'"):
-        train(_exp(src, data, grpo={"reward": "my_rewards:wordy"}), str(tmp_path / "w"),
-              log=quiet)
-    # Through the CLI: two rollouts (4 completions each) pass and are checkpointed; the
-    # third raises -> one error line naming the plug-in, exit 2, ckpt-2 intact.
+    with pytest.raises(UserError, match="my_rewards:wordy returned 'yes', not a finite"):
+        Rewards(GRPOConfig(reward="my_rewards:wordy"))(["p"], ["c"], ["r"], [1])
+    src, _ = make_workdir(str(tmp_path / "src"), "gqa", seed=5)
     wd = str(tmp_path / "cli")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd(),
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "deepseek_tf.train", f"--workdir={wd}", "--train.stage=grpo",
-         f"--train.init_from={src}", f"--data.inputs={data}", "--data.template=plain",
+        [sys.executable, "-m", "deepseek_tf.train", "--flagfile=configs/grpo-tiny.flags",
+         f"--workdir={wd}", f"--train.init_from={src}", f"--data.inputs={data}",
          "--data.val_size=4", "--data.seq_len=64", "--train.steps=4", "--train.batch_size=2",
-         "--train.checkpoint_every=1", "--train.eval_every=0", "--optim.warmup_steps=0",
-         "--grpo.group_size=2", "--grpo.max_new_tokens=4", "--grpo.reward=my_rewards:flaky"],
-        capture_output=True, text=True, env=env, timeout=300)
+         "--train.checkpoint_every=1", "--train.log_every=1", "--optim.warmup_steps=0",
+         "--grpo.group_size=2", "--grpo.inner_steps=1", "--grpo.max_new_tokens=4",
+         "--grpo.reward=my_rewards:flaky"],
+        capture_output=True, text=True, env=env, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(errors) == 1 and "my_rewards:flaky raised ValueError: scorer down" in errors[0]
     assert "Traceback" not in proc.stderr
+    assert "jit_compile: auto -> " in proc.stdout + proc.stderr
     assert tf.train.latest_checkpoint(os.path.join(wd, "checkpoints")).endswith("ckpt-2")
