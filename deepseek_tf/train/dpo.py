@@ -156,6 +156,32 @@ def reference_model(exp: Experiment, log) -> DeepSeekCausalLM:
     return ref
 
 
+def init_from_records(exp: Experiment, workdir: str, inputs: str, unit: str,
+                      why_val: str) -> tuple:
+    """(the `--train.init_from` run's tokenizer, train records, held-out records) of a
+    stage that starts from that run and reads `--data.inputs` records (DPO's pairs,
+    GRPO's prompts), split by `split_pairs`; one-line errors for what is missing."""
+    from deepseek_tf.data.records import read_records
+    from deepseek_tf.workdir import load_experiment, load_run_tokenizer
+
+    stage, src = exp.train.stage, exp.train.init_from
+    if not src:
+        raise ConfigError(f"--train.stage={stage} needs --train.init_from=WORKDIR (the "
+                          f"policy's start and the frozen reference).")
+    if not exp.data.inputs:
+        raise ConfigError(f"--train.stage={stage} needs --data.inputs={inputs}.")
+    check_workdir(workdir)
+    tok = load_run_tokenizer(src, load_experiment(src))
+    records = read_records(list(exp.data.input_list), exp.data.max_samples)
+    train_r, val_r = split_pairs(records, exp.data.val_size)
+    if not train_r:
+        raise UserError(f"--data.inputs={exp.data.inputs} holds no training {unit}.")
+    if not val_r:
+        raise ConfigError(f"--data.val_size={exp.data.val_size:g} holds out no {unit} of "
+                          f"{len(records)}: {why_val}; raise --data.val_size.")
+    return tok, train_r, val_r
+
+
 def freeze_mtp(model) -> None:
     """MTP modules frozen: a loss on whole answers (DPO, GRPO) does not use them (no
     gradient, no weight decay)."""
@@ -183,26 +209,10 @@ class DPOObjective(Objective):
     examples = "pairs"
 
     def prepare(self, exp, workdir, role, log):
-        from deepseek_tf.data.records import read_records
-        from deepseek_tf.workdir import load_experiment, load_run_tokenizer
-
-        if not exp.train.init_from:
-            raise ConfigError("--train.stage=dpo needs --train.init_from=WORKDIR (the policy's "
-                              "start and the frozen reference).")
-        if not exp.data.inputs:
-            raise ConfigError("--train.stage=dpo needs --data.inputs=PAIRS.jsonl (prompt/"
-                              "instruction, chosen, rejected).")
-        check_workdir(workdir)
         self.cfg, self.log = exp.dpo, log
-        self.tok = load_run_tokenizer(exp.train.init_from, load_experiment(exp.train.init_from))
-        records = read_records(list(exp.data.input_list), exp.data.max_samples)
-        train_r, val_r = split_pairs(records, exp.data.val_size)
-        if not train_r:
-            raise UserError(f"--data.inputs={exp.data.inputs} holds no training pair.")
-        if not val_r:
-            raise ConfigError(f"--data.val_size={exp.data.val_size:g} holds out no pair of "
-                              f"{len(records)}: DPO evaluates reward accuracy on held-out "
-                              f"pairs; raise --data.val_size.")
+        self.tok, train_r, val_r = init_from_records(
+            exp, workdir, "PAIRS.jsonl (prompt/instruction, chosen, rejected)", "pair",
+            "DPO evaluates reward accuracy on held-out pairs")
         template = TEMPLATES[exp.data.template]
         self.train_pairs = encode_pairs(train_r, template, self.tok, exp.data.seq_len)
         self.val_pairs = encode_pairs(val_r, template, self.tok, exp.data.seq_len)

@@ -53,17 +53,16 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from deepseek_tf.config import Experiment
-from deepseek_tf.data.records import prompt_and_reference, read_records
-from deepseek_tf.errors import ConfigError, UserError
+from deepseek_tf.data.records import prompt_and_reference
+from deepseek_tf.errors import UserError
 from deepseek_tf.generate.decode import Generator
 from deepseek_tf.generate.run import completion, pad_right
 from deepseek_tf.generate.text import chat_profile, prompt_ids
 from deepseek_tf.layers.moe import dropless_factor
 from deepseek_tf.lora import adapters_off
 from deepseek_tf.scoring import score_tokens
-from deepseek_tf.train.dpo import freeze_mtp, reference_model, split_pairs
-from deepseek_tf.train.objectives import Objective, check_workdir
+from deepseek_tf.train.dpo import freeze_mtp, init_from_records, reference_model
+from deepseek_tf.train.objectives import Objective
 from deepseek_tf.train.rewards import Rewards, advantages, reward_stats
 
 #: Per-token sums of the step, logged as their means.
@@ -122,27 +121,12 @@ class GRPOObjective(Objective):
     examples = "prompts"
 
     def prepare(self, exp, workdir, role, log):
-        from deepseek_tf.workdir import load_experiment, load_run_tokenizer
-
-        if not exp.train.init_from:
-            raise ConfigError("--train.stage=grpo needs --train.init_from=WORKDIR (the policy's "
-                              "start, e.g. an SFT run, and the frozen reference).")
-        if not exp.data.inputs:
-            raise ConfigError("--train.stage=grpo needs --data.inputs=PROMPTS.jsonl (alpaca "
-                              "instruction/input with the reference answer as output).")
-        check_workdir(workdir)
         self.cfg, self.log = exp.grpo, log
         self.rewards = Rewards(exp.grpo)  # plug-ins imported: a bad name fails here
-        self.tok = load_run_tokenizer(exp.train.init_from, load_experiment(exp.train.init_from))
+        self.tok, train_r, val_r = init_from_records(
+            exp, workdir, "PROMPTS.jsonl (alpaca instruction/input with the reference "
+            "answer as output)", "prompt", "GRPO evaluates rewards on held-out prompts")
         self.profile = chat_profile(exp, self.tok)
-        records = read_records(list(exp.data.input_list), exp.data.max_samples)
-        train_r, val_r = split_pairs(records, exp.data.val_size)
-        if not train_r:
-            raise UserError(f"--data.inputs={exp.data.inputs} holds no training prompt.")
-        if not val_r:
-            raise ConfigError(f"--data.val_size={exp.data.val_size:g} holds out no prompt of "
-                              f"{len(records)}: GRPO evaluates rewards on held-out prompts; "
-                              f"raise --data.val_size.")
         room = exp.data.seq_len - exp.grpo.max_new_tokens
         self.train_set, self.val_set = (self._encode(r, room) for r in (train_r, val_r))
         log(f"GRPO prompts: {len(train_r)} train / {len(val_r)} validation, template "
