@@ -196,12 +196,14 @@ def test_lora_grpo_run_logs_rewards_and_resumes_bitwise(demo):
     assert again["weights_sha256"] == full["weights_sha256"]
 
 
-def test_moe_grpo_run_with_a_frozen_reference_copy(demo):
+def test_moe_grpo_run_in_bfloat16_with_a_frozen_reference_copy(demo):
+    """Full fine-tuning of an MoE model (MLA, routed + shared experts, an MTP module) in
+    mixed_bfloat16: the reference is a frozen copy, equal to the policy at the start."""
     root, data = demo
     src, _ = make_workdir(str(root / "moe"), "mla_moe", seed=3, num_nextn_predict_layers=1)
     logs = []
-    result = train(_exp(src, data, train={"steps": 2}), str(root / "moe-run"),
-                   log=logs.append)
+    result = train(_exp(src, data, train={"steps": 2, "precision": "mixed_bfloat16"}),
+                   str(root / "moe-run"), log=logs.append)
     assert any("reference model: the frozen weights" in str(m) for m in logs)
     rows = [r for r in read_log(str(root / "moe-run")) if r["kind"] == "train"]
     assert len(rows) == 2 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
