@@ -240,7 +240,7 @@ class FreezeConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig(_Section):
-    """Direct preference optimization (`--train.stage=dpo`).
+    """Preference optimization (`--train.stage=dpo`): DPO, IPO, ORPO, SimPO.
 
     Example:
         >>> DPOConfig(beta=0.1, loss="ipo").loss
@@ -249,21 +249,35 @@ class DPOConfig(_Section):
 
     SECTION = "dpo"
 
-    beta: float = knob(0.1, "DPO temperature beta (IPO: the regularization 1/(2 tau)).")
+    beta: float = knob(0.1, "DPO temperature beta (IPO: the regularization 1/(2 tau); ORPO: "
+                       "the odds-ratio weight lambda; SimPO: the reward scale).")
     loss: str = knob("sigmoid", "sigmoid = -log sigmoid(beta * margin) (DPO); ipo = (margin - "
-                     "1/(2 beta))^2 with length-averaged log-ratios.", choices=("sigmoid", "ipo"))
+                     "1/(2 beta))^2 with length-averaged log-ratios; orpo = chosen NLL - beta "
+                     "log sigmoid(log odds ratio) (no reference); simpo = -log sigmoid(beta * "
+                     "difference of length-averaged log-probs - gamma) (no reference).",
+                     choices=("sigmoid", "ipo", "orpo", "simpo"))
     label_smoothing: float = knob(0.0, "sigmoid: conservative DPO label smoothing in [0, 0.5).")
+    gamma: float = knob(0.5, "simpo: the target reward margin gamma.")
     reference: str = knob("model", "Reference log-probs: model = a frozen copy of the "
                           "init_from weights scores each batch beside the policy, in the same "
                           "step (margin exactly 0 at the start); precomputed = scored once for "
                           "every pair before training (one forward fewer per step; equal to "
-                          "rounding).", choices=("model", "precomputed"))
+                          "rounding); orpo and simpo use none.",
+                          choices=("model", "precomputed"))
 
     def __post_init__(self):
         self._coerce_and_check_types()
         r = self._require
         r(self.beta > 0, f"--dpo.beta must be > 0, got {self.beta}.")
         r(0 <= self.label_smoothing < 0.5, "--dpo.label_smoothing must be in [0, 0.5).")
+        r(self.label_smoothing == 0 or self.loss == "sigmoid",
+          f"--dpo.label_smoothing applies to --dpo.loss=sigmoid only, not {self.loss}.")
+        r(self.gamma >= 0, f"--dpo.gamma must be >= 0, got {self.gamma}.")
+
+    @property
+    def reference_free(self) -> bool:
+        """ORPO and SimPO need no reference model."""
+        return self.loss in ("orpo", "simpo")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Preference tuning (`--train.stage=dpo`): DPO / IPO on (prompt, chosen, rejected) pairs.
+"""Preference tuning (`--train.stage=dpo`): DPO / IPO / ORPO / SimPO on (prompt, chosen,
+rejected) pairs.
 
 An objective of the one Runner (train/objectives.py, train/loop.py): the same step,
 precision, remat, gradient accumulation, strategies, NaN recovery, checkpoints, best
@@ -16,7 +17,13 @@ Loss, with log-ratios r = log pi(y|x) - log pi_ref(y|x) summed over answer token
   sigmoid  -log sigmoid(beta (r_chosen - r_rejected))  (with label smoothing eps:
            -(1-eps) log sigmoid(z) - eps log sigmoid(-z))
   ipo      (h - 1/(2 beta))^2 with h the difference of length-averaged log-ratios
-The reference is the `--train.init_from` weights (adapters merged), required.
+and, with a = log pi(y|x) / |y| the length-averaged answer log-prob (no reference):
+  orpo     -a_chosen - beta log sigmoid(log odds(chosen) - log odds(rejected)), log odds
+           = a - log(1 - exp(a)) (Hong et al. 2024: the SFT term plus lambda = beta
+           times the odds-ratio term)
+  simpo    -log sigmoid(beta (a_chosen - a_rejected) - gamma) (Meng et al. 2024)
+The reference is the `--train.init_from` weights (adapters merged); the policy starts
+there (required for every loss). orpo and simpo log rewards = beta a.
 
 One scoring mode for policy and reference, so that policy == reference gives a margin
 of exactly 0: log-probs come from `scoring.score_tokens` with dropout off (the model's
@@ -115,6 +122,15 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: DPOC
 
     Returns (loss (B,), reward_chosen (B,), reward_rejected (B,))."""
     r_c, r_r = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if cfg.reference_free:  # rewards: beta x the length-averaged log-probs
+        a_c, a_r = policy_chosen / len_chosen, policy_rejected / len_rejected
+        if cfg.loss == "simpo":
+            loss = -tf.math.log_sigmoid(cfg.beta * (a_c - a_r) - cfg.gamma)
+        else:  # orpo: log odds(y) = log p - log(1 - p), p the length-averaged probability
+            log_odds = (a_c - a_r) - (tf.math.log(-tf.math.expm1(a_c))
+                                      - tf.math.log(-tf.math.expm1(a_r)))
+            loss = -a_c - cfg.beta * tf.math.log_sigmoid(log_odds)
+        return loss, cfg.beta * a_c, cfg.beta * a_r
     if cfg.loss == "ipo":
         h = r_c / len_chosen - r_r / len_rejected
         loss = tf.square(h - 1.0 / (2.0 * cfg.beta))
@@ -226,7 +242,8 @@ class DPOObjective(Objective):
     def datasets(self, exp, workdir, ctx):
         tcfg = exp.train
         train, val = dict(self.train_pairs), dict(self.val_pairs)
-        if exp.dpo.reference == "precomputed":  # a plain model, before the strategy's
+        if exp.dpo.reference == "precomputed" and not exp.dpo.reference_free:
+            # a plain model, before the strategy's
             with precision.policy_scope(tcfg.precision):
                 ref = reference_model(exp, self.log)
             for arrays in (train, val):
@@ -250,7 +267,11 @@ class DPOObjective(Objective):
 
     def build(self, model, exp, log):
         freeze_mtp(model)
-        self.reference = reference_model(exp, log) if exp.dpo.reference == "model" else None
+        self.reference = None
+        if exp.dpo.reference_free:
+            log(f"reference model: none (--dpo.loss={exp.dpo.loss})")
+        elif exp.dpo.reference == "model":
+            self.reference = reference_model(exp, log)
 
     def weight(self, batch):
         return tf.reduce_sum(batch["valid"])                               # pairs
@@ -260,7 +281,9 @@ class DPOObjective(Objective):
         ids = tf.reshape(batch["ids"], [2 * b, -1])                       # chosen, rejected
         mask = tf.reshape(batch["mask"], [2 * b, -1])
         pol, n = answer_logps(model, ids, mask, xla)                      # (2B,)
-        if "ref" in batch:
+        if self.cfg.reference_free:
+            ref = tf.zeros_like(pol)
+        elif "ref" in batch:
             ref = tf.reshape(batch["ref"], [2 * b])
         else:
             ref = tf.stop_gradient(answer_logps(self.reference, ids, mask, xla)[0])
