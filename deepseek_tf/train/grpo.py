@@ -89,9 +89,8 @@ def grpo_token_loss(logp, old_logp, ref_logp, adv, clip_eps: float, kl_coef: flo
 
 def rollout_seeds(seed: int, rollout: int, rows: int) -> np.ndarray:
     """int32 (rows,) sampling seeds of one rollout: a function of its number alone."""
-    ss = np.random.SeedSequence([seed, rollout])
-    return ss.generate_state(rows, np.uint32).astype(np.int64).__mod__(2**31 - 1) \
-        .astype(np.int32)
+    state = np.random.SeedSequence([seed, rollout]).generate_state(rows, np.uint32)
+    return (state % (2**31 - 1)).astype(np.int32)
 
 
 class RolloutBuffer(tf.Module):
@@ -229,12 +228,10 @@ class GRPOObjective(Objective):
                 ref = self._score_ref(ids_t, mask_t)
         else:
             ref = self._score_ref(ids_t, mask_t) if self.ref_model is not None else old
-        shape = self.buffer.ids.shape
-        for var, value in ((self.buffer.ids, ids_t), (self.buffer.mask, mask_t),
-                           (self.buffer.old, old), (self.buffer.ref, ref),
-                           (self.buffer.adv, tf.constant(adv))):
-            var.assign(tf.reshape(value, var.shape if var is not self.buffer.adv
-                                  else shape[:2]))
+        for key, value in (("ids", ids_t), ("mask", mask_t), ("old", old), ("ref", ref),
+                           ("adv", adv)):  # (A * rows, ...) -> (A, rows, ...)
+            var = getattr(self.buffer, key)
+            var.assign(tf.reshape(value, var.shape))
         self.last_rewards = reward_stats(total, parts, g)
 
     # ------------------------------------------------------------- the step
