@@ -41,7 +41,9 @@ a resumed run samples exactly what the uninterrupted one did. One replica only.
 
 Logged per step: loss, kl (mean k3 per token), clip_fraction (tokens whose ratio was
 clipped), and of the latest rollout: reward (mean), reward_std, zero_variance_groups
-(share of groups whose rewards are all equal) and rewards/<part> means.
+(share of groups whose rewards are all equal), rewards/<part> means, rollout_seconds
+(sampling, rewards and scoring; the step's own time is not in it) and
+sample_tokens_per_sec (generated tokens per second of sampling).
 
 Example:
     >>> exp = Experiment(..., train=TrainConfig(stage="grpo", init_from="runs/sft"))
@@ -49,6 +51,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -159,7 +163,7 @@ class GRPOObjective(Objective):
                  .batch(self.prompts_per_step))
         self.buffer = RolloutBuffer(iter(order), tcfg.grad_accum_steps,
                                     tcfg.batch_size * exp.grpo.group_size, exp.data.seq_len)
-        self.seq_len, self.seed, self.last_rewards = exp.data.seq_len, tcfg.seed, {}
+        self.seq_len, self.seed, self.rollout_log = exp.data.seq_len, tcfg.seed, {}
         return self.buffer, None
 
     def build(self, model, exp, log):
@@ -212,7 +216,9 @@ class GRPOObjective(Objective):
         chosen = next(self.buffer.prompts).numpy()
         items = [self.train_set[i] for i in chosen for _ in range(g)]
         seeds = rollout_seeds(self.seed, step // self.cfg.inner_steps, len(items))
+        t0 = time.perf_counter()
         results = self.sample(model, items, seeds, self.cfg.temperature)
+        t_sample = time.perf_counter() - t0
         total, parts = self.score(items, results)
         adv = advantages(total, g)
         n, t = len(items), self.seq_len
@@ -232,7 +238,10 @@ class GRPOObjective(Objective):
                            ("adv", adv)):  # (A * rows, ...) -> (A, rows, ...)
             var = getattr(self.buffer, key)
             var.assign(tf.reshape(value, var.shape))
-        self.last_rewards = reward_stats(total, parts, g)
+        generated = sum(r["num_tokens"] for r in results)
+        self.rollout_log = {**reward_stats(total, parts, g),
+                            "rollout_seconds": time.perf_counter() - t0,
+                            "sample_tokens_per_sec": generated / max(t_sample, 1e-9)}
 
     # ------------------------------------------------------------- the step
     def weight(self, batch):
@@ -251,7 +260,7 @@ class GRPOObjective(Objective):
         return {k: stats[k] / denom for k in STATS}
 
     def log_metrics(self, model, out):
-        return {**{k: float(out[k]) for k in STATS}, **self.last_rewards}
+        return {**{k: float(out[k]) for k in STATS}, **self.rollout_log}
 
     def tokens_per_step(self, exp, replicas):
         return exp.train.global_batch(replicas) * exp.grpo.group_size * exp.data.seq_len

@@ -180,7 +180,7 @@ def test_lora_grpo_run_logs_rewards_and_resumes_bitwise(demo):
     assert len(rows) == 4
     for key in ("reward", "reward_std", "zero_variance_groups", "rewards/exact_match",
                 "rewards/length_penalty", "rewards/tests.train.test_grpo:varied", "kl",
-                "clip_fraction"):
+                "clip_fraction", "rollout_seconds", "sample_tokens_per_sec"):
         assert key in rows[0], key
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at first
     assert rows[0]["clip_fraction"] == 0.0  # ratio 1 at the first inner step
