@@ -143,9 +143,9 @@ class GRPOObjective(Objective):
             prompt, ref = prompt_and_reference(r, i)
             ids = prompt_ids(prompt, self.tok, self.profile.template, r.get("system", ""))
             if len(ids) > room:
-                raise UserError(f"the GRPO prompt {prompt[:40]!r} has {len(ids)} tokens, more than "
-                                f"--data.seq_len - --grpo.max_new_tokens = {room}; raise "
-                                f"--data.seq_len or drop the record.")
+                raise UserError(f"the GRPO prompt {prompt[:40]!r} has {len(ids)} tokens, "
+                                f"more than --data.seq_len - --grpo.max_new_tokens = {room}; "
+                                f"raise --data.seq_len or drop the record.")
             out.append((prompt, ref, ids))
         return out
 
