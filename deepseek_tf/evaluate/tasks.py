@@ -36,7 +36,6 @@ from deepseek_tf.scoring import length_mask, score_tokens
 from deepseek_tf.generate.text import prompt_ids, stop_sequences, stop_strings
 
 
-
 def detect_task(record: dict) -> str:
     """The task a record's fields suggest (for --task=auto)."""
     if "label" in record:
