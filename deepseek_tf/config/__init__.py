@@ -81,13 +81,13 @@ class Experiment:
                 "--train.remat=none.")
         if self.train.dsa_stage == "dense_warmup" and not (
                 self.model.use_dsa and self.train.finetuning_type == "full"
-                and self.train.stage not in ("dpo", "grpo")):
+                and self.train.stage not in ("dpo", "kto", "grpo")):
             raise ConfigError(
                 "--train.dsa_stage=dense_warmup trains the indexer of a --model.use_dsa model "
                 "and freezes the rest itself: it needs --model.use_dsa, "
-                "--train.finetuning_type=full and a next-token --train.stage (not dpo or grpo).")
+                "--train.finetuning_type=full and a next-token --train.stage (not dpo, kto or grpo).")
         if self.train.jit_compile == "true" and self.model.n_routed_experts and \
-                self.model.capacity_factor <= 0 and self.train.stage not in ("dpo", "grpo"):
+                self.model.capacity_factor <= 0 and self.train.stage not in ("dpo", "kto", "grpo"):
             raise ConfigError(
                 "dropless MoE (--model.capacity_factor <= 0) has data-dependent buffer "
                 "shapes that XLA cannot compile: set --model.capacity_factor > 0 (e.g. 1.25) "

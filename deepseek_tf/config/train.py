@@ -131,10 +131,11 @@ class TrainConfig(_Section):
                                 "base stays frozen).", choices=("full", "freeze", "lora"))
     stage: str = knob("auto", "Objective (train/objectives.py): pretrain (next-token loss "
                       "on plain text), sft (the same loss on the answer tokens of chat-format "
-                      "data), dpo (preference pairs, --dpo.*), grpo (reinforcement learning on "
-                      "prompts with sampled, rewarded completions, --grpo.*), or auto = sft "
-                      "for chat-format data, else pretrain (resolved at the start and saved "
-                      "in config.json).", choices=("auto", "pretrain", "sft", "dpo", "grpo"))
+                      "data), dpo (preference pairs, --dpo.*), kto (answers labelled desirable or "
+                      "not, --dpo.*), grpo (reinforcement learning on prompts with sampled, "
+                      "rewarded completions, --grpo.*), or auto = sft for chat-format data, "
+                      "else pretrain (resolved at the start and saved in config.json).",
+                      choices=("auto", "pretrain", "sft", "dpo", "kto", "grpo"))
     dsa_stage: str = knob("sparse", "DeepSeek Sparse Attention training stage (with "
                           "--model.use_dsa; V3.2 paper): dense_warmup = the main model frozen "
                           "and attending densely, only the indexer trains (KL to the dense "
@@ -240,7 +241,8 @@ class FreezeConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig(_Section):
-    """Preference optimization (`--train.stage=dpo`): DPO, IPO, ORPO, SimPO.
+    """Preference optimization: DPO, IPO, ORPO, SimPO (`--train.stage=dpo`) and KTO
+    (`--train.stage=kto`, which uses beta, reference and the two weights).
 
     Example:
         >>> DPOConfig(beta=0.1, loss="ipo").loss
@@ -258,6 +260,10 @@ class DPOConfig(_Section):
                      choices=("sigmoid", "ipo", "orpo", "simpo"))
     label_smoothing: float = knob(0.0, "sigmoid: conservative DPO label smoothing in [0, 0.5).")
     gamma: float = knob(0.5, "simpo: the target reward margin gamma.")
+    desirable_weight: float = knob(1.0, "kto (--train.stage=kto): weight of the desirable "
+                                   "answers' loss (lambda_D).")
+    undesirable_weight: float = knob(1.0, "kto: weight of the undesirable answers' loss "
+                                     "(lambda_U).")
     reference: str = knob("model", "Reference log-probs: model = a frozen copy of the "
                           "init_from weights scores each batch beside the policy, in the same "
                           "step (margin exactly 0 at the start); precomputed = scored once for "
@@ -273,6 +279,8 @@ class DPOConfig(_Section):
         r(self.label_smoothing == 0 or self.loss == "sigmoid",
           f"--dpo.label_smoothing applies to --dpo.loss=sigmoid only, not {self.loss}.")
         r(self.gamma >= 0, f"--dpo.gamma must be >= 0, got {self.gamma}.")
+        r(self.desirable_weight > 0 and self.undesirable_weight > 0,
+          "--dpo.desirable_weight and --dpo.undesirable_weight must be > 0.")
 
     @property
     def reference_free(self) -> bool:

@@ -239,10 +239,14 @@ class DPOObjective(Objective):
     def save_tokenizer(self, dst):
         self.tok.save(dst)
 
+    def reference_free(self, exp) -> bool:
+        """True when the loss needs no reference model (orpo, simpo)."""
+        return exp.dpo.reference_free
+
     def datasets(self, exp, workdir, ctx):
         tcfg = exp.train
         train, val = dict(self.train_pairs), dict(self.val_pairs)
-        if exp.dpo.reference == "precomputed" and not exp.dpo.reference_free:
+        if exp.dpo.reference == "precomputed" and not self.reference_free(exp):
             # a plain model, before the strategy's
             with precision.policy_scope(tcfg.precision):
                 ref = reference_model(exp, self.log)
@@ -268,7 +272,7 @@ class DPOObjective(Objective):
     def build(self, model, exp, log):
         freeze_mtp(model)
         self.reference = None
-        if exp.dpo.reference_free:
+        if self.reference_free(exp):
             log(f"reference model: none (--dpo.loss={exp.dpo.loss})")
         elif exp.dpo.reference == "model":
             self.reference = reference_model(exp, log)

@@ -29,8 +29,8 @@ plugs in an `Objective`, which owns
 
 Stages: pretrain and sft (`TokenObjective`: next-token cross-entropy on the loss mask,
 plus the MoE / MTP aux terms; "auto" picks sft for chat-format data, else pretrain),
-dpo (train/dpo.py), grpo (train/grpo.py). Later stages (KTO, distillation) plug in the
-same way.
+dpo (train/dpo.py), kto (train/kto.py), grpo (train/grpo.py). Later stages
+(distillation) plug in the same way.
 
 Example:
     >>> objective = TokenObjective()

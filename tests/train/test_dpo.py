@@ -17,6 +17,7 @@ from deepseek_tf.train.dpo import dpo_loss, encode_pairs, pair_conversations
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from tests.helpers import tiny
+from tests.helpers.corpora import write_jsonl
 from tests.helpers.workdirs import make_workdir
 
 quiet = lambda *_: None  # noqa: E731
@@ -61,16 +62,9 @@ def test_dpo_run_grows_the_chosen_margin_and_logs_reward_accuracy(tmp_path):
     src, _ = make_workdir(str(tmp_path / "src"), "gqa", seed=5)
     rows = [{"instruction": f"Answer {i}", "chosen": "yes", "rejected": "no"}
             for i in range(24)]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = tiny.experiment("", model=Experiment.load(os.path.join(src, "config.json"))
-                           .model.to_dict(),
-                           data={"inputs": str(data), "template": "plain", "val_size": 4,
-                                 "seq_len": 32},
-                           optim={"learning_rate": 1e-2, "warmup_steps": 0},
-                           train={"steps": 8, "log_every": 1, "eval_every": 4,
-                                  "checkpoint_every": 4, "stage": "dpo", "init_from": src,
-                                  "finetuning_type": "lora"})
+    base = tiny.fine_tuning(src, write_jsonl(tmp_path / "pairs.jsonl", rows),
+                            train={"steps": 8, "eval_every": 4, "checkpoint_every": 4,
+                                   "stage": "dpo", "finetuning_type": "lora"})
     exp = dataclasses.replace(base, dpo=DPOConfig(beta=0.5))
     wd = str(tmp_path / "dpo")
     result = train(exp, wd, log=quiet)
@@ -109,14 +103,9 @@ def moe_source(tmp_path_factory):
 
 def _moe_exp(moe_source, **train):
     src, data = moe_source
-    return tiny.experiment("", model=Experiment.load(os.path.join(src, "config.json"))
-                           .model.to_dict(),
-                           data={"inputs": data, "template": "plain", "val_size": 4,
-                                 "seq_len": 32},
-                           optim={"learning_rate": 1e-2, "warmup_steps": 0, "decay_steps": 4},
-                           train={"steps": 2, "batch_size": 2, "log_every": 1, "eval_every": 0,
-                                  "checkpoint_every": 2, "stage": "dpo", "init_from": src,
-                                  **train})
+    return tiny.fine_tuning(src, data, optim={"decay_steps": 4},
+                            train={"steps": 2, "batch_size": 2, "checkpoint_every": 2,
+                                   "stage": "dpo", **train})
 
 
 def _weights(workdir):
@@ -211,16 +200,9 @@ def test_reference_free_losses_train_without_a_reference(tmp_path):
     src, _ = make_workdir(str(tmp_path / "src"), "gqa", seed=5)
     rows = [{"instruction": f"Answer {i}", "chosen": "yes", "rejected": "no"}
             for i in range(12)]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    exp = tiny.experiment("", model=Experiment.load(os.path.join(src, "config.json"))
-                          .model.to_dict(),
-                          data={"inputs": str(data), "template": "plain", "val_size": 4,
-                                "seq_len": 32},
-                          optim={"learning_rate": 1e-2, "warmup_steps": 0},
-                          train={"steps": 4, "log_every": 1, "eval_every": 0,
-                                 "checkpoint_every": 4, "stage": "dpo", "init_from": src,
-                                 "finetuning_type": "lora"})
+    exp = tiny.fine_tuning(src, write_jsonl(tmp_path / "pairs.jsonl", rows),
+                           train={"steps": 4, "checkpoint_every": 4, "stage": "dpo",
+                                  "finetuning_type": "lora"})
     for loss in ("orpo", "simpo"):
         wd, logs = str(tmp_path / loss), []
         cfg = DPOConfig(beta=2.0, loss=loss, reference="precomputed")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import Experiment, GRPOConfig
+from deepseek_tf.config import GRPOConfig
 from deepseek_tf.data.demo import make_splits
 from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.scoring import next_token_scores
@@ -157,14 +157,9 @@ def _exp(src, data, **sections):
     grpo = {"group_size": 2, "max_new_tokens": 6, "kl_coef": 0.05,
             "reward": "exact_match,length_penalty*0.1,tests.train.test_grpo:varied",
             **sections.pop("grpo", {})}
-    base = tiny.experiment("", model=Experiment.load(os.path.join(src, "config.json"))
-                           .model.to_dict(),
-                           data={"inputs": data, "template": "plain", "val_size": 4,
-                                 "seq_len": 64},
-                           optim={"learning_rate": 1e-2, "warmup_steps": 0, "decay_steps": 4},
-                           train={"steps": 3, "batch_size": 2, "log_every": 1,
-                                  "eval_every": 0, "checkpoint_every": 1, "stage": "grpo",
-                                  "init_from": src, **sections.pop("train", {})})
+    base = tiny.fine_tuning(src, data, data={"seq_len": 64}, optim={"decay_steps": 4},
+                            train={"steps": 3, "batch_size": 2, "checkpoint_every": 1,
+                                   "stage": "grpo", **sections.pop("train", {})})
     return dataclasses.replace(base, grpo=GRPOConfig(**grpo))
 
 
