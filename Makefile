@@ -4,6 +4,8 @@
 #   make bench   run every benchmark in bench/ at full size (bench/README.md; a quiet machine)
 #   make demo    the fine-tuning demo: LoRA-tune runs/tiny on synthetic instructions
 #                (configs/sft-lora-tiny.flags), then its held-out exact match
+#   make grpo-demo  GRPO on the demo from the SFT run (configs/grpo-tiny.flags; runs
+#                `make demo` first if runs/sft-lora-tiny is missing), then its exact match
 # Extra flags reach the trainer through ARGS, e.g. make train ARGS="--workdir=runs/t2".
 
 PYTHON ?= python3
@@ -14,7 +16,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train demo test bench wheel clean
+.PHONY: install train demo grpo-demo test bench wheel clean
 
 install: $(STAMP)
 
@@ -34,6 +36,12 @@ demo: $(STAMP)
 	test -f data/sft-demo/heldout.jsonl || $(BIN)/python -m deepseek_tf.data.demo --output_dir=data/sft-demo
 	$(BIN)/python -m deepseek_tf.train --flagfile=configs/sft-lora-tiny.flags $(ARGS)
 	$(BIN)/python -m deepseek_tf.evaluate --workdir=runs/sft-lora-tiny \
+	    --data.inputs=data/sft-demo/heldout.jsonl --task=generate --max_new_tokens=16 --batch_size=50
+
+grpo-demo: $(STAMP)
+	test -f runs/sft-lora-tiny/adapter/adapter_config.json || $(MAKE) demo ARGS=
+	$(BIN)/python -m deepseek_tf.train --flagfile=configs/grpo-tiny.flags $(ARGS)
+	$(BIN)/python -m deepseek_tf.evaluate --workdir=runs/grpo-tiny \
 	    --data.inputs=data/sft-demo/heldout.jsonl --task=generate --max_new_tokens=16 --batch_size=50
 
 test: $(STAMP)

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -109,6 +110,22 @@ def apply_lora(model, cfg: LoraConfig, seed: int = 0) -> int:
 def is_lora(model) -> bool:
     return any(getattr(layer, "lora_enabled", False)
                for layer in model._flatten_layers(include_self=False))
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Within: every adapted layer computes with its base kernel alone (the model before
+    LoRA), e.g. GRPO's reference without a second copy. A Python switch: a function
+    traced inside keeps it. Not with `--lora.dropout` > 0 (its call reads the adapter)."""
+    layers = [layer for layer in model._flatten_layers(include_self=False)
+              if getattr(layer, "lora_enabled", False)]
+    for layer in layers:
+        layer.lora_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.lora_enabled = True
 
 
 def adapter_weights(model) -> dict[str, np.ndarray]:

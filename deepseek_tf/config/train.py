@@ -1,4 +1,5 @@
-"""The optimizer, the training loop and the fine-tuning methods (LoRA, freeze, DPO)."""
+"""The optimizer, the training loop and the fine-tuning methods (LoRA, freeze, DPO,
+GRPO)."""
 
 from __future__ import annotations
 
@@ -130,9 +131,11 @@ class TrainConfig(_Section):
                                 "base stays frozen).", choices=("full", "freeze", "lora"))
     stage: str = knob("auto", "Objective (train/objectives.py): pretrain (next-token loss "
                       "on plain text), sft (the same loss on the answer tokens of chat-format "
-                      "data), dpo (preference pairs, --dpo.*), or auto = sft for chat-format "
-                      "data, else pretrain (resolved at the start and saved in config.json).",
-                      choices=("auto", "pretrain", "sft", "dpo"))
+                      "data), dpo (preference pairs, --dpo.*), kto (answers labelled desirable or "
+                      "not, --dpo.*), grpo (reinforcement learning on prompts with sampled, "
+                      "rewarded completions, --grpo.*), or auto = sft for chat-format data, "
+                      "else pretrain (resolved at the start and saved in config.json).",
+                      choices=("auto", "pretrain", "sft", "dpo", "kto", "grpo"))
     dsa_stage: str = knob("sparse", "DeepSeek Sparse Attention training stage (with "
                           "--model.use_dsa; V3.2 paper): dense_warmup = the main model frozen "
                           "and attending densely, only the indexer trains (KL to the dense "
@@ -238,7 +241,8 @@ class FreezeConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig(_Section):
-    """Direct preference optimization (`--train.stage=dpo`).
+    """Preference optimization: DPO, IPO, ORPO, SimPO (`--train.stage=dpo`) and KTO
+    (`--train.stage=kto`, which uses beta, reference and the two weights).
 
     Example:
         >>> DPOConfig(beta=0.1, loss="ipo").loss
@@ -247,18 +251,107 @@ class DPOConfig(_Section):
 
     SECTION = "dpo"
 
-    beta: float = knob(0.1, "DPO temperature beta (IPO: the regularization 1/(2 tau)).")
+    beta: float = knob(0.1, "DPO temperature beta (IPO: the regularization 1/(2 tau); ORPO: "
+                       "the odds-ratio weight lambda; SimPO: the reward scale).")
     loss: str = knob("sigmoid", "sigmoid = -log sigmoid(beta * margin) (DPO); ipo = (margin - "
-                     "1/(2 beta))^2 with length-averaged log-ratios.", choices=("sigmoid", "ipo"))
+                     "1/(2 beta))^2 with length-averaged log-ratios; orpo = chosen NLL - beta "
+                     "log sigmoid(log odds ratio) (no reference); simpo = -log sigmoid(beta * "
+                     "difference of length-averaged log-probs - gamma) (no reference).",
+                     choices=("sigmoid", "ipo", "orpo", "simpo"))
     label_smoothing: float = knob(0.0, "sigmoid: conservative DPO label smoothing in [0, 0.5).")
+    gamma: float = knob(0.5, "simpo: the target reward margin gamma.")
+    desirable_weight: float = knob(1.0, "kto (--train.stage=kto): weight of the desirable "
+                                   "answers' loss (lambda_D).")
+    undesirable_weight: float = knob(1.0, "kto: weight of the undesirable answers' loss "
+                                     "(lambda_U).")
     reference: str = knob("model", "Reference log-probs: model = a frozen copy of the "
                           "init_from weights scores each batch beside the policy, in the same "
                           "step (margin exactly 0 at the start); precomputed = scored once for "
                           "every pair before training (one forward fewer per step; equal to "
-                          "rounding).", choices=("model", "precomputed"))
+                          "rounding); orpo and simpo use none.",
+                          choices=("model", "precomputed"))
 
     def __post_init__(self):
         self._coerce_and_check_types()
         r = self._require
         r(self.beta > 0, f"--dpo.beta must be > 0, got {self.beta}.")
         r(0 <= self.label_smoothing < 0.5, "--dpo.label_smoothing must be in [0, 0.5).")
+        r(self.label_smoothing == 0 or self.loss == "sigmoid",
+          f"--dpo.label_smoothing applies to --dpo.loss=sigmoid only, not {self.loss}.")
+        r(self.gamma >= 0, f"--dpo.gamma must be >= 0, got {self.gamma}.")
+        r(self.desirable_weight > 0 and self.undesirable_weight > 0,
+          "--dpo.desirable_weight and --dpo.undesirable_weight must be > 0.")
+
+    @property
+    def reference_free(self) -> bool:
+        """ORPO and SimPO need no reference model."""
+        return self.loss in ("orpo", "simpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig(_Section):
+    """Group Relative Policy Optimization (`--train.stage=grpo`, train/grpo.py).
+
+    Example:
+        >>> GRPOConfig(group_size=4, reward="exact_match,format*0.5").reward_list
+        ('exact_match', 'format*0.5')
+    """
+
+    SECTION = "grpo"
+
+    group_size: int = knob(8, "Completions sampled per prompt (the group whose rewards are "
+                           "normalised into advantages); >= 2.")
+    inner_steps: int = knob(1, "Optimizer steps on each sampled batch (the first scores the "
+                            "batch's old log-probs: ratio 1); a new batch is sampled every N "
+                            "steps.")
+    clip_eps: float = knob(0.2, "PPO clip: the ratio pi/pi_old is clipped to [1-eps, 1+eps].")
+    kl_coef: float = knob(0.04, "Weight of the k3 KL estimate to the frozen reference "
+                          "(0 = no reference).")
+    temperature: float = knob(1.0, "Sampling temperature of the rollouts (> 0).")
+    top_p: float = knob(1.0, "Nucleus sampling of the rollouts (1 = off).")
+    max_new_tokens: int = knob(32, "Tokens a completion may have (prompt + this <= "
+                               "--data.seq_len).")
+    reward: str = knob("exact_match", "Comma-separated rewards, summed, each NAME or "
+                       "NAME*WEIGHT: exact_match (1 if the answer after --grpo.answer_marker "
+                       "equals the reference), format (1 if the completion matches "
+                       "--grpo.format_regex), length_penalty (-tokens/max_new_tokens), or a "
+                       "plug-in module:function called with (prompt, completion, reference) "
+                       "that returns a number.")
+    answer_marker: str = knob("", "exact_match compares the text after the last occurrence of "
+                              "this marker (e.g. <answer>; up to a following </answer>); "
+                              "empty = the whole completion.")
+    format_regex: str = knob(r"(?s)\s*<think>.*</think>\s*<answer>.*</answer>\s*",
+                             "The format reward's pattern (Python re, full match).")
+
+    def __post_init__(self):
+        self._coerce_and_check_types()
+        r = self._require
+        r(self.group_size >= 2, f"--grpo.group_size must be >= 2 (advantages compare the "
+          f"completions of a group), got {self.group_size}.")
+        r(self.inner_steps >= 1, f"--grpo.inner_steps must be >= 1, got {self.inner_steps}.")
+        r(0 < self.clip_eps < 1, f"--grpo.clip_eps must be in (0, 1), got {self.clip_eps}.")
+        r(self.kl_coef >= 0, f"--grpo.kl_coef must be >= 0, got {self.kl_coef}.")
+        r(self.temperature > 0, f"--grpo.temperature must be > 0 (rollouts sample), got "
+          f"{self.temperature}.")
+        r(0 < self.top_p <= 1, f"--grpo.top_p must be in (0, 1], got {self.top_p}.")
+        r(self.max_new_tokens >= 1, "--grpo.max_new_tokens must be >= 1.")
+        r(bool(self.reward_list), "--grpo.reward is empty: name at least one reward.")
+        for part in self.reward_list:
+            name, _, weight = part.partition("*")
+            r(name.strip() in ("exact_match", "format", "length_penalty") or
+              (name.count(":") == 1 and all(name.split(":"))),
+              f"--grpo.reward: {name!r} is neither exact_match, format, length_penalty nor "
+              f"a plug-in module:function.")
+            try:
+                float(weight or 1)
+            except ValueError:
+                r(False, f"--grpo.reward: the weight of {part!r} is not a number.")
+        import re
+        try:
+            re.compile(self.format_regex)
+        except re.error as e:
+            r(False, f"--grpo.format_regex is not a valid regular expression: {e}.")
+
+    @property
+    def reward_list(self) -> tuple[str, ...]:
+        return _split_list(self.reward)

@@ -1,4 +1,5 @@
-"""JSON records for evaluation and preference data: JSON Lines or a JSON array.
+"""JSON records for evaluation, preference and GRPO prompt data: JSON Lines or a JSON
+array; the prompt and reference of a record.
 
 Example:
     >>> rows = read_records(["data/sft-demo/heldout.jsonl"])
@@ -9,6 +10,9 @@ from __future__ import annotations
 import json
 
 from deepseek_tf.errors import UserError
+
+#: Fields that hold a record's reference answer (evaluate, GRPO), first found wins.
+REFERENCE_KEYS = ("output", "reference", "answer")
 
 
 def read_records(paths: list[str], max_samples: int = 0) -> list[dict]:
@@ -37,3 +41,18 @@ def read_records(paths: list[str], max_samples: int = 0) -> list[dict]:
             raise UserError(f"{path}: every record must be a JSON object.")
         out += rows
     return out[:max_samples] if max_samples else out
+
+
+def prompt_and_reference(record: dict, i: int) -> tuple[str, str]:
+    """(prompt text, reference answer) of an alpaca (`instruction` + `input`) or
+    `prompt` record; `i` numbers it in the error."""
+    if "instruction" in record:
+        prompt = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
+    elif "prompt" in record:
+        prompt = record["prompt"]
+    else:
+        raise UserError(f"record {i + 1} has no prompt (instruction or prompt field).")
+    ref = next((record[k] for k in REFERENCE_KEYS if k in record), None)
+    if not isinstance(ref, str):
+        raise UserError(f"record {i + 1} has no reference text ({', '.join(REFERENCE_KEYS)}).")
+    return prompt, ref

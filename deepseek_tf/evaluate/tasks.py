@@ -27,14 +27,13 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from deepseek_tf.data.records import REFERENCE_KEYS, prompt_and_reference
 from deepseek_tf.data.sft import BadSample, encode, parse_record
 from deepseek_tf.errors import UserError
 from deepseek_tf.evaluate import metrics
 from deepseek_tf.generate.run import pad_right, run_batches
 from deepseek_tf.scoring import length_mask, score_tokens
 from deepseek_tf.generate.text import prompt_ids, stop_sequences, stop_strings
-
-REFERENCE_KEYS = ("output", "reference", "answer")
 
 
 def detect_task(record: dict) -> str:
@@ -114,19 +113,6 @@ def token_scorer(model):
                 tf.reduce_sum(valid, 1))
 
     return tf.function(step, input_signature=SCORE_SPECS)
-
-
-def prompt_and_reference(record: dict, i: int) -> tuple[str, str]:
-    if "instruction" in record:
-        prompt = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
-    elif "prompt" in record:
-        prompt = record["prompt"]
-    else:
-        raise UserError(f"record {i + 1} has no prompt (instruction or prompt field).")
-    ref = next((record[k] for k in REFERENCE_KEYS if k in record), None)
-    if not isinstance(ref, str):
-        raise UserError(f"record {i + 1} has no reference text ({', '.join(REFERENCE_KEYS)}).")
-    return prompt, ref
 
 
 def generate_task(model, tok, records: list, template, max_length: int, batch_size: int = 8,

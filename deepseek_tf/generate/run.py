@@ -97,10 +97,17 @@ def run_batches(model, tok, prompts: list, max_length: int, stop_ids=(), stop_st
             out, counts = gen.generate(ids, lengths, streamer=streamer, **sampling)
         except tf.errors.InvalidArgumentError as e:
             raise UserError(f"generation refused: {assertion_text(e)}.") from e
-        for row, n in zip(out.numpy(), counts.numpy()):
-            row = row[:n].tolist()
-            text, cut = cut_at_stop(tok.decode(strip_special(row, tok)), stop_strings)
-            stopped = cut or any(tuple(row[-len(st):]) == st for st in stops)
-            results.append({"completion": text, "num_tokens": int(n),
-                            "stop_reason": "stop" if stopped else "length"})
+        results += [completion(row, n, tok, stops, stop_strings)
+                    for row, n in zip(out.numpy(), counts.numpy())]
     return results
+
+
+def completion(row, n: int, tok, stops, stop_strings=()) -> dict:
+    """`completion` (text cut at a stop string), `num_tokens` and `stop_reason` ("stop"
+    or "length") of one generated row (its first `n` ids are the reply; `stops`: id
+    sequences as `normalize_stops` gives them)."""
+    row = [int(i) for i in row[:n]]
+    text, cut = cut_at_stop(tok.decode(strip_special(row, tok)), stop_strings)
+    stopped = cut or any(tuple(row[-len(st):]) == st for st in stops)
+    return {"completion": text, "num_tokens": int(n),
+            "stop_reason": "stop" if stopped else "length"}

@@ -56,8 +56,9 @@ class ChatProfile:
 
 
 def trained_on_chats(exp) -> bool:
-    """True if the run trained on templated conversations (SFT data or DPO pairs)."""
-    return bool(exp.data.is_sft or getattr(exp.train, "stage", "") == "dpo")
+    """True if the run trained on templated conversations (SFT data, DPO pairs, KTO
+    answers or GRPO prompts)."""
+    return bool(exp.data.is_sft or getattr(exp.train, "stage", "") in ("dpo", "kto", "grpo"))
 
 
 def chat_profile(exp, tok, template: str = "", chat: bool | None = None) -> ChatProfile:

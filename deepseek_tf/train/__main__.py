@@ -1,8 +1,9 @@
 """`python -m deepseek_tf.train --flagfile=configs/tiny.flags [--workdir=DIR]`
 
 Trains a DeepSeek-style decoder. Every config field is a flag (`--model.*`,
-`--data.*`, `--optim.*`, `--train.*`); `--help` lists them. A workdir that already
-holds a run is resumed from its latest checkpoint.
+`--data.*`, `--optim.*`, `--train.*`, and the stages' `--lora.*`, `--dpo.*`,
+`--grpo.*`); `--help` lists them. A workdir that already holds a run is resumed from
+its latest checkpoint.
 
 With TF_CONFIG set this process is one worker of a multi-worker run (see
 `python -m deepseek_tf.launch --help` to start several on one machine). SIGTERM

@@ -1,4 +1,5 @@
-"""Preference tuning (`--train.stage=dpo`): DPO / IPO on (prompt, chosen, rejected) pairs.
+"""Preference tuning (`--train.stage=dpo`): DPO / IPO / ORPO / SimPO on (prompt, chosen,
+rejected) pairs.
 
 An objective of the one Runner (train/objectives.py, train/loop.py): the same step,
 precision, remat, gradient accumulation, strategies, NaN recovery, checkpoints, best
@@ -16,7 +17,13 @@ Loss, with log-ratios r = log pi(y|x) - log pi_ref(y|x) summed over answer token
   sigmoid  -log sigmoid(beta (r_chosen - r_rejected))  (with label smoothing eps:
            -(1-eps) log sigmoid(z) - eps log sigmoid(-z))
   ipo      (h - 1/(2 beta))^2 with h the difference of length-averaged log-ratios
-The reference is the `--train.init_from` weights (adapters merged), required.
+and, with a = log pi(y|x) / |y| the length-averaged answer log-prob (no reference):
+  orpo     -a_chosen - beta log sigmoid(log odds(chosen) - log odds(rejected)), log odds
+           = a - log(1 - exp(a)) (Hong et al. 2024: the SFT term plus lambda = beta
+           times the odds-ratio term)
+  simpo    -log sigmoid(beta (a_chosen - a_rejected) - gamma) (Meng et al. 2024)
+The reference is the `--train.init_from` weights (adapters merged); the policy starts
+there (required for every loss). orpo and simpo log rewards = beta a.
 
 One scoring mode for policy and reference, so that policy == reference gives a margin
 of exactly 0: log-probs come from `scoring.score_tokens` with dropout off (the model's
@@ -115,6 +122,15 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: DPOC
 
     Returns (loss (B,), reward_chosen (B,), reward_rejected (B,))."""
     r_c, r_r = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if cfg.reference_free:  # rewards: beta x the length-averaged log-probs
+        a_c, a_r = policy_chosen / len_chosen, policy_rejected / len_rejected
+        if cfg.loss == "simpo":
+            loss = -tf.math.log_sigmoid(cfg.beta * (a_c - a_r) - cfg.gamma)
+        else:  # orpo: log odds(y) = log p - log(1 - p), p the length-averaged probability
+            log_odds = (a_c - a_r) - (tf.math.log(-tf.math.expm1(a_c))
+                                      - tf.math.log(-tf.math.expm1(a_r)))
+            loss = -a_c - cfg.beta * tf.math.log_sigmoid(log_odds)
+        return loss, cfg.beta * a_c, cfg.beta * a_r
     if cfg.loss == "ipo":
         h = r_c / len_chosen - r_r / len_rejected
         loss = tf.square(h - 1.0 / (2.0 * cfg.beta))
@@ -156,6 +172,39 @@ def reference_model(exp: Experiment, log) -> DeepSeekCausalLM:
     return ref
 
 
+def init_from_records(exp: Experiment, workdir: str, inputs: str, unit: str,
+                      why_val: str) -> tuple:
+    """(the `--train.init_from` run's tokenizer, train records, held-out records) of a
+    stage that starts from that run and reads `--data.inputs` records (DPO's pairs,
+    GRPO's prompts), split by `split_pairs`; one-line errors for what is missing."""
+    from deepseek_tf.data.records import read_records
+    from deepseek_tf.workdir import load_experiment, load_run_tokenizer
+
+    stage, src = exp.train.stage, exp.train.init_from
+    if not src:
+        raise ConfigError(f"--train.stage={stage} needs --train.init_from=WORKDIR (the "
+                          f"policy's start and the frozen reference).")
+    if not exp.data.inputs:
+        raise ConfigError(f"--train.stage={stage} needs --data.inputs={inputs}.")
+    check_workdir(workdir)
+    tok = load_run_tokenizer(src, load_experiment(src))
+    records = read_records(list(exp.data.input_list), exp.data.max_samples)
+    train_r, val_r = split_pairs(records, exp.data.val_size)
+    if not train_r:
+        raise UserError(f"--data.inputs={exp.data.inputs} holds no training {unit}.")
+    if not val_r:
+        raise ConfigError(f"--data.val_size={exp.data.val_size:g} holds out no {unit} of "
+                          f"{len(records)}: {why_val}; raise --data.val_size.")
+    return tok, train_r, val_r
+
+
+def freeze_mtp(model) -> None:
+    """MTP modules frozen: a loss on whole answers (DPO, GRPO) does not use them (no
+    gradient, no weight decay)."""
+    for module in model.mtp:
+        module.trainable = False
+
+
 def _indexed(arrays: dict, ctx) -> tf.data.Dataset:
     """This worker's share of the pair indices (rows are gathered after shuffling, so
     a checkpointed shuffle buffer holds indices, not pairs)."""
@@ -176,26 +225,10 @@ class DPOObjective(Objective):
     examples = "pairs"
 
     def prepare(self, exp, workdir, role, log):
-        from deepseek_tf.data.records import read_records
-        from deepseek_tf.workdir import load_experiment, load_run_tokenizer
-
-        if not exp.train.init_from:
-            raise ConfigError("--train.stage=dpo needs --train.init_from=WORKDIR (the policy's "
-                              "start and the frozen reference).")
-        if not exp.data.inputs:
-            raise ConfigError("--train.stage=dpo needs --data.inputs=PAIRS.jsonl (prompt/"
-                              "instruction, chosen, rejected).")
-        check_workdir(workdir)
         self.cfg, self.log = exp.dpo, log
-        self.tok = load_run_tokenizer(exp.train.init_from, load_experiment(exp.train.init_from))
-        records = read_records(list(exp.data.input_list), exp.data.max_samples)
-        train_r, val_r = split_pairs(records, exp.data.val_size)
-        if not train_r:
-            raise UserError(f"--data.inputs={exp.data.inputs} holds no training pair.")
-        if not val_r:
-            raise ConfigError(f"--data.val_size={exp.data.val_size:g} holds out no pair of "
-                              f"{len(records)}: DPO evaluates reward accuracy on held-out "
-                              f"pairs; raise --data.val_size.")
+        self.tok, train_r, val_r = init_from_records(
+            exp, workdir, "PAIRS.jsonl (prompt/instruction, chosen, rejected)", "pair",
+            "DPO evaluates reward accuracy on held-out pairs")
         template = TEMPLATES[exp.data.template]
         self.train_pairs = encode_pairs(train_r, template, self.tok, exp.data.seq_len)
         self.val_pairs = encode_pairs(val_r, template, self.tok, exp.data.seq_len)
@@ -206,10 +239,15 @@ class DPOObjective(Objective):
     def save_tokenizer(self, dst):
         self.tok.save(dst)
 
+    def reference_free(self, exp) -> bool:
+        """True when the loss needs no reference model (orpo, simpo)."""
+        return exp.dpo.reference_free
+
     def datasets(self, exp, workdir, ctx):
         tcfg = exp.train
         train, val = dict(self.train_pairs), dict(self.val_pairs)
-        if exp.dpo.reference == "precomputed":  # a plain model, before the strategy's
+        if exp.dpo.reference == "precomputed" and not self.reference_free(exp):
+            # a plain model, before the strategy's
             with precision.policy_scope(tcfg.precision):
                 ref = reference_model(exp, self.log)
             for arrays in (train, val):
@@ -232,9 +270,12 @@ class DPOObjective(Objective):
         return train_ds, eval_ds
 
     def build(self, model, exp, log):
-        for module in model.mtp:  # unused by the loss: no gradient, no weight decay
-            module.trainable = False
-        self.reference = reference_model(exp, log) if exp.dpo.reference == "model" else None
+        freeze_mtp(model)
+        self.reference = None
+        if self.reference_free(exp):
+            log(f"reference model: none (--dpo.loss={exp.dpo.loss})")
+        elif exp.dpo.reference == "model":
+            self.reference = reference_model(exp, log)
 
     def weight(self, batch):
         return tf.reduce_sum(batch["valid"])                               # pairs
@@ -244,7 +285,9 @@ class DPOObjective(Objective):
         ids = tf.reshape(batch["ids"], [2 * b, -1])                       # chosen, rejected
         mask = tf.reshape(batch["mask"], [2 * b, -1])
         pol, n = answer_logps(model, ids, mask, xla)                      # (2B,)
-        if "ref" in batch:
+        if self.cfg.reference_free:
+            ref = tf.zeros_like(pol)
+        elif "ref" in batch:
             ref = tf.reshape(batch["ref"], [2 * b])
         else:
             ref = tf.stop_gradient(answer_logps(self.reference, ids, mask, xla)[0])

@@ -1,7 +1,7 @@
 """The training runner: set up, (resume,) train, evaluate, checkpoint, log, plot.
 
 The split follows TF Model Garden's task/runner idea: the stage's objective
-(train/objectives.py: pretrain / sft token loss, train/dpo.py) checks everything a
+(train/objectives.py: pretrain / sft token loss, train/dpo.py, train/kto.py, train/grpo.py) checks everything a
 user can get wrong before any graph is built and owns data, loss and metrics;
 `build_state` makes model, optimizer and data under the strategy scope; `Runner`
 runs the loop as `begin` / `run_step` (with its log / eval / checkpoint intervals) /
@@ -40,6 +40,8 @@ from deepseek_tf.train import precision
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.best import BestCheckpoint
 from deepseek_tf.train.dpo import DPOObjective
+from deepseek_tf.train.grpo import GRPOObjective
+from deepseek_tf.train.kto import KTOObjective
 from deepseek_tf.train.logger import MetricLogger, plot_losses, truncate_log
 from deepseek_tf.train.objectives import Objective, TokenObjective
 from deepseek_tf.train.optimizer import make_optimizer, make_schedule
@@ -52,7 +54,8 @@ from deepseek_tf.workdir_files import CONFIG_FILE, TENSORBOARD_DIR, TOKENIZER_DI
 
 def make_objective(exp: Experiment) -> Objective:
     """The objective of `--train.stage` (auto, pretrain and sft: the token loss)."""
-    return DPOObjective() if exp.train.stage == "dpo" else TokenObjective()
+    stages = {"dpo": DPOObjective, "kto": KTOObjective, "grpo": GRPOObjective}
+    return stages.get(exp.train.stage, TokenObjective)()
 
 
 @dataclasses.dataclass
@@ -122,16 +125,6 @@ def weights_fingerprint(model: keras.Model) -> str:
         h.update(v.path.split("/", 1)[-1].encode())  # without the model's (instance) name
         h.update(v.numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def evaluate(state: RunState, eval_step, num_batches: int) -> dict:
-    """The objective's metrics of `num_batches` validation batches (summed, then made)."""
-    it = iter(state.eval_ds)
-    sums: dict[str, float] = {}
-    for _ in range(num_batches):
-        for k, v in eval_step(it).items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    return state.objective.eval_metrics(sums)
 
 
 def _describe(state: RunState, tcfg) -> str:
@@ -280,6 +273,7 @@ class Runner:
     def run_step(self) -> None:
         """One optimizer step, then whatever its step number is due for."""
         state, tcfg = self.state, self.tcfg
+        self.objective.before_step(state, self.step)  # e.g. GRPO samples its batch
         self.profiler.before(self.step + 1)
         out = self.train_step(state.train_iter)
         state.step.assign_add(1)
@@ -296,8 +290,7 @@ class Runner:
         if self.step % tcfg.log_every == 0 or last:
             self._log_train(out, loss)
         if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or last:
-            self.last_eval = evaluate(state, self.eval_step,
-                                      self.objective.eval_batches(self.exp))
+            self.last_eval = self.objective.evaluate(state, self.eval_step)
             self.logger.write(self.step, self.last_eval, "eval")
             self.stopped = self.best.update(self.step, self.last_eval["loss"])
         if self.step % tcfg.checkpoint_every == 0 or last or self.stopped:

@@ -16,13 +16,21 @@ plugs in an `Objective`, which owns
     (or None) trains but is not logged as the loss; `stats` are sums accumulated over
     micro-batches and all-reduced, which `step_metrics` turns into metrics (and side
     effects such as the MoE router-bias update);
-  - its evaluation: the eval step all-reduces `loss_sum`, `weight` and `stats` per batch,
-    the Runner sums `eval_batches` of them, `eval_metrics` makes the numbers (the
-    "loss" drives the best checkpoint and early stopping).
+  - its evaluation: `evaluate(state, eval_step)`; by default the eval step all-reduces
+    `loss_sum`, `weight` and `stats` per batch, `evaluate` sums `eval_batches` of them
+    and `eval_metrics` makes the numbers (the "loss" drives the best checkpoint and
+    early stopping); an objective may evaluate otherwise (GRPO: held-out rewards of
+    greedy completions, loss = -reward);
+  - on-policy batches: `before_step(state, step)` runs on the host before the Runner's
+    step number `step` (0-based); an objective whose batches are sampled from the
+    current policy fills the batch the step will read there (GRPO: its `datasets`
+    iterator is a checkpointed buffer of variables it refills every `inner_steps`).
+    No-op by default.
 
 Stages: pretrain and sft (`TokenObjective`: next-token cross-entropy on the loss mask,
 plus the MoE / MTP aux terms; "auto" picks sft for chat-format data, else pretrain),
-dpo (train/dpo.py). Later stages (KTO, distillation, GRPO) plug in the same way.
+dpo (train/dpo.py), kto (train/kto.py), grpo (train/grpo.py). Later stages
+(distillation) plug in the same way.
 
 Example:
     >>> objective = TokenObjective()
@@ -83,9 +91,22 @@ class Objective:
     def step_metrics(self, model, stats: dict, denom, update) -> dict:
         raise NotImplementedError
 
+    def before_step(self, state, step: int) -> None:
+        """Host work before step `step` (0-based), e.g. sampling on-policy batches."""
+
     def eval_batches(self, exp: Experiment) -> int:
         """Batches (per replica) of one evaluation."""
         return exp.train.eval_steps
+
+    def evaluate(self, state, eval_step) -> dict:
+        """The metrics of one evaluation: `eval_metrics` of the sums of `eval_batches`
+        validation batches through `eval_step`."""
+        it = iter(state.eval_ds)
+        sums: dict[str, float] = {}
+        for _ in range(self.eval_batches(state.exp)):
+            for k, v in eval_step(it).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return self.eval_metrics(sums)
 
     def eval_metrics(self, sums: dict) -> dict:
         raise NotImplementedError

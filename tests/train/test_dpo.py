@@ -17,6 +17,7 @@ from deepseek_tf.train.dpo import dpo_loss, encode_pairs, pair_conversations
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from tests.helpers import tiny
+from tests.helpers.corpora import write_jsonl
 from tests.helpers.workdirs import make_workdir
 
 quiet = lambda *_: None  # noqa: E731
@@ -61,16 +62,9 @@ def test_dpo_run_grows_the_chosen_margin_and_logs_reward_accuracy(tmp_path):
     src, _ = make_workdir(str(tmp_path / "src"), "gqa", seed=5)
     rows = [{"instruction": f"Answer {i}", "chosen": "yes", "rejected": "no"}
             for i in range(24)]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = tiny.experiment("", model=Experiment.load(os.path.join(src, "config.json"))
-                           .model.to_dict(),
-                           data={"inputs": str(data), "template": "plain", "val_size": 4,
-                                 "seq_len": 32},
-                           optim={"learning_rate": 1e-2, "warmup_steps": 0},
-                           train={"steps": 8, "log_every": 1, "eval_every": 4,
-                                  "checkpoint_every": 4, "stage": "dpo", "init_from": src,
-                                  "finetuning_type": "lora"})
+    base = tiny.fine_tuning(src, write_jsonl(tmp_path / "pairs.jsonl", rows),
+                            train={"steps": 8, "eval_every": 4, "checkpoint_every": 4,
+                                   "stage": "dpo", "finetuning_type": "lora"})
     exp = dataclasses.replace(base, dpo=DPOConfig(beta=0.5))
     wd = str(tmp_path / "dpo")
     result = train(exp, wd, log=quiet)
@@ -109,14 +103,9 @@ def moe_source(tmp_path_factory):
 
 def _moe_exp(moe_source, **train):
     src, data = moe_source
-    return tiny.experiment("", model=Experiment.load(os.path.join(src, "config.json"))
-                           .model.to_dict(),
-                           data={"inputs": data, "template": "plain", "val_size": 4,
-                                 "seq_len": 32},
-                           optim={"learning_rate": 1e-2, "warmup_steps": 0, "decay_steps": 4},
-                           train={"steps": 2, "batch_size": 2, "log_every": 1, "eval_every": 0,
-                                  "checkpoint_every": 2, "stage": "dpo", "init_from": src,
-                                  **train})
+    return tiny.fine_tuning(src, data, optim={"decay_steps": 4},
+                            train={"steps": 2, "batch_size": 2, "checkpoint_every": 2,
+                                   "stage": "dpo", **train})
 
 
 def _weights(workdir):
@@ -181,3 +170,45 @@ def test_moe_dpo_nan_step_is_rolled_back_by_the_runner(moe_source, tmp_path, mon
     events = [r for r in read_log(wd) if r["kind"] == "recovery"]
     assert [(e["step"], e["bad_step"]) for e in events] == [(2, 3)]
     assert all(np.isfinite(r["loss"]) for r in read_log(wd) if r["kind"] == "train")
+
+
+def test_orpo_and_simpo_losses_equal_a_hand_computation():
+    """Reference-free losses on length-averaged log-probs (the reference is ignored)."""
+    pc, pr = tf.constant([-3.0, -5.0]), tf.constant([-4.0, -2.0])
+    ignored = tf.constant([123.0, -7.0])
+    n_c, n_r = tf.constant([2.0, 4.0]), tf.constant([1.0, 2.0])
+    a_c, a_r = [-1.5, -1.25], [-4.0, -1.0]
+    simpo, wc, wr = dpo_loss(pc, pr, ignored, ignored,
+                             DPOConfig(beta=2.0, loss="simpo", gamma=0.5), n_c, n_r)
+    z = [2.0 * (c - r) - 0.5 for c, r in zip(a_c, a_r)]
+    np.testing.assert_allclose(simpo.numpy(), [math.log1p(math.exp(-x)) for x in z], rtol=1e-6)
+    np.testing.assert_allclose(wc.numpy(), [2.0 * x for x in a_c], rtol=1e-6)
+    np.testing.assert_allclose(wr.numpy(), [2.0 * x for x in a_r], rtol=1e-6)
+    orpo, _, _ = dpo_loss(pc, pr, ignored, ignored, DPOConfig(beta=0.1, loss="orpo"), n_c, n_r)
+
+    def odds(a):  # log (p / (1 - p)) of p = exp(a)
+        p = math.exp(a)
+        return math.log(p / (1.0 - p))
+
+    want = [-c + 0.1 * math.log1p(math.exp(-(odds(c) - odds(r)))) for c, r in zip(a_c, a_r)]
+    np.testing.assert_allclose(orpo.numpy(), want, rtol=1e-6)
+    with pytest.raises(ConfigError, match="label_smoothing applies to --dpo.loss=sigmoid"):
+        DPOConfig(loss="simpo", label_smoothing=0.1)
+
+
+def test_reference_free_losses_train_without_a_reference(tmp_path):
+    src, _ = make_workdir(str(tmp_path / "src"), "gqa", seed=5)
+    rows = [{"instruction": f"Answer {i}", "chosen": "yes", "rejected": "no"}
+            for i in range(12)]
+    exp = tiny.fine_tuning(src, write_jsonl(tmp_path / "pairs.jsonl", rows),
+                           train={"steps": 4, "checkpoint_every": 4, "stage": "dpo",
+                                  "finetuning_type": "lora"})
+    for loss in ("orpo", "simpo"):
+        wd, logs = str(tmp_path / loss), []
+        cfg = DPOConfig(beta=2.0, loss=loss, reference="precomputed")
+        result = train(dataclasses.replace(exp, dpo=cfg), wd, log=logs.append)
+        assert any(f"reference model: none (--dpo.loss={loss})" in str(m) for m in logs)
+        assert not any("precomputed" in str(m) for m in logs)
+        rows = [r for r in read_log(wd) if r["kind"] == "train"]
+        assert rows[-1]["rewards/margin"] > rows[0]["rewards/margin"], (loss, rows)
+        assert result["eval"]["rewards/accuracy"] == 1.0

@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.train import loop
+from deepseek_tf.train.objectives import TokenObjective
 from deepseek_tf.workdir import load_workdir
 from tests.helpers import tiny
 
@@ -17,10 +18,10 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(stdlib_data, tmp_pat
     _, data_dir, _ = stdlib_data
     losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # best at step 2, then worse
 
-    def scripted(state, eval_step, num_batches):
+    def scripted(self, state, eval_step):
         return {"loss": next(losses), "perplexity": 1.0, "accuracy": 0.0, "tokens": 1.0}
 
-    monkeypatch.setattr(loop, "evaluate", scripted)
+    monkeypatch.setattr(TokenObjective, "evaluate", scripted)
     common = {"eval_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1}
     exp = tiny.experiment(data_dir, optim={"decay_steps": 6},
                           train={**common, "steps": 6, "early_stopping_patience": 2})
@@ -35,8 +36,8 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(stdlib_data, tmp_pat
     assert json.load(open(os.path.join(best_dir, "best.json"))) == {"step": 2, "loss": 2.0}
     # ... but the best weights are those of step 2 (a 2-step run of the same config).
     ref = tiny.experiment(data_dir, optim={"decay_steps": 6}, train={**common, "steps": 2})
-    monkeypatch.setattr(loop, "evaluate", lambda *a: {"loss": 1.0, "perplexity": 1.0,
-                                                      "accuracy": 0.0, "tokens": 1.0})
+    monkeypatch.setattr(TokenObjective, "evaluate", lambda *a: {
+        "loss": 1.0, "perplexity": 1.0, "accuracy": 0.0, "tokens": 1.0})
     loop.train(ref, str(tmp_path / "ref"), log=quiet)
     best_model, _ = load_workdir(wd, os.path.join(best_dir, "ckpt-2"))
     ref_model, _ = load_workdir(str(tmp_path / "ref"))
