@@ -23,7 +23,7 @@ $(STAMP): setup.py requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION) -c requirements/constraints.txt setuptools wheel
 	PYTHONWARNINGS="ignore:Editable installation" \
-	    $(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity,edge]'
+	    $(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity,edge,serve]'
 	touch $(STAMP)
 
 train: $(STAMP)
