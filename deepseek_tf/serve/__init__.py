@@ -5,6 +5,7 @@
     api.py       the FastAPI app: /v1/chat/completions, /v1/completions (SSE streaming),
                  /v1/models, /health, /metrics, /generate
     metrics.py   Prometheus counters, gauges and histograms
+    server.py    load_service (a run -> the Service), BackgroundServer (uvicorn on a thread)
     __main__.py  flags, loading the run, uvicorn
 
 Needs the `serve` extra (FastAPI, uvicorn, prometheus-client).

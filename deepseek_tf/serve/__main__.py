@@ -78,7 +78,6 @@ def main(argv):
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
-    from deepseek_tf.serve.api import create_app
     from deepseek_tf.serve.server import load_service
 
     service = load_service(
@@ -87,6 +86,8 @@ def main(argv):
         max_queue=FLAGS.max_queue, window=FLAGS.batch_window_ms / 1000,
         timeout=FLAGS.request_timeout, jit_compile=FLAGS.jit_compile, absorb=FLAGS.absorb,
         log=log)
+    from deepseek_tf.serve.api import create_app
+
     service.engine.start()
     log(f"serving {service.model_name!r} on http://{FLAGS.host}:{FLAGS.port} (OpenAI API "
         f"under /v1)")

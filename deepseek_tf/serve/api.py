@@ -31,6 +31,9 @@ from deepseek_tf.serve.protocol import (ChatRequest, CompletionRequest, Generate
                                         Sampling, error_body, validation_message)
 
 
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/generate")
+
+
 class ApiError(Exception):
     """A refused request: HTTP status + OpenAI's error fields."""
 
@@ -187,8 +190,11 @@ def create_app(service: Service) -> FastAPI:
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)
-        if s.metrics and request.url.path != "/metrics":
-            s.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        path = request.url.path
+        if s.metrics and path != "/metrics":  # known paths only: a scanner adds no series
+            label = path if path in ENDPOINTS else "/v1/models/{name}" if path.startswith(
+                "/v1/models/") else "other"
+            s.metrics.requests.labels(label, str(response.status_code)).inc()
         return response
 
     @app.get("/health")

@@ -76,6 +76,10 @@ def test_greedy_completion_equals_generate_streamed_and_not(run):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want["completion"]
     assert len(chunks) >= 4  # streamed piece by piece
     assert chunks[-1].usage.completion_tokens == want["num_tokens"]
+    both = client.completions.create(model=run["name"], prompt=PROMPTS[:2], max_tokens=N,
+                                     temperature=0, echo=True)
+    assert [c.text for c in both.choices] == [
+        p + r["completion"] for p, r in zip(PROMPTS, expected(run, PROMPTS[:2]))]
 
 
 def test_chat_uses_the_runs_template_streamed_and_not(run):
