@@ -109,6 +109,9 @@ class Service:
         return rows
 
     def submit(self, rows: list[Row], prompts: list):
+        if len(rows) > self.engine.max_queue:
+            raise ApiError(400, f"the request asks for {len(rows)} completions (prompts x n); "
+                                f"this server queues at most {self.engine.max_queue}", param="n")
         try:
             self.engine.submit(rows)
         except QueueFull as e:

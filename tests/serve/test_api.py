@@ -186,13 +186,21 @@ def test_bad_chat_and_bad_types_get_400_and_the_server_lives_on(run):
 
 
 def test_full_queue_gives_429_and_a_timeout_504(run):
-    service = run["service"]
-    service.engine.max_queue = 0
+    service, create = run["service"], run["client"].completions.create
+    engine = service.engine
+    engine.max_queue, engine.window = 1, 2.0  # a first request waits 2 s in a queue of 1
+    first = threading.Thread(target=create, kwargs=dict(model=run["name"], prompt="Hi",
+                                                        max_tokens=2))
     try:
+        first.start()
+        time.sleep(0.5)
         with pytest.raises(openai.RateLimitError, match="queue is full"):
-            run["client"].completions.create(model=run["name"], prompt="Hi", max_tokens=2)
+            create(model=run["name"], prompt="Hi", max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="queues at most 1"):
+            create(model=run["name"], prompt="Hi", max_tokens=2, n=2)
     finally:
-        service.engine.max_queue = 32
+        first.join(30)
+        engine.max_queue, engine.window = 32, 0.01
     service.timeout = 1e-6
     try:
         with pytest.raises(openai.InternalServerError, match="timeout"):
