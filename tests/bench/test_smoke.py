@@ -26,6 +26,8 @@ RESULTS = {
                    r"^deepseek_tf float32 \+XLA +[\d,]+",
                    r"^best medians: deepseek_tf [\d,]+ tokens/s \(.*\), transformers [\d,]+ "
                    r"tokens/s \(.*\): ratio [\d.]+x$", r"^the trainer's auto settings here: "],
+    "dsa": [r"^ +128 +[\d.]+s +[\d.]+s +[\d.]+x",
+            r"^sparse/dense fwd\+bwd at T=128: [\d.]+x; crossover: "],
     "serve_load": [r"^clients +requests/s +TTFT p50 ms +TTFT p99 ms +tokens/s$",
                    r"^16 +[\d,.]+ +[\d,.]+ +[\d,.]+ +[\d,.]+$",
                    r"^batching: 16 clients give [\d.]+x the tokens/s of 1$"],
