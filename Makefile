@@ -25,7 +25,7 @@ $(STAMP): setup.py requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION) -c requirements/constraints.txt setuptools wheel
 	PYTHONWARNINGS="ignore:Editable installation" \
-	    $(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity,edge]'
+	    $(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,parity,edge,serve]'
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -48,7 +48,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 BENCHES := compare_hf decode train_throughput moe_scaling data_throughput remat_memory \
-	mwms_scaling edge dsa
+	mwms_scaling edge dsa serve_load
 
 bench: $(STAMP)
 	for b in $(BENCHES); do $(BIN)/python bench/$$b.py $(ARGS) || exit 1; done

@@ -41,11 +41,14 @@ EXTRAS = {
     "garden": ["tf-models-official==2.20.0"],
     # Everything tests/ imports beyond the package's own dependencies and the extras below.
     "dev": ["pytest>=8,<10", "PyYAML>=6,<7", "pandas>=2,<4", "Jinja2>=3,<4",
-            "grpcio>=1.60,<2", "protobuf>=5,<8"],
+            "grpcio>=1.60,<2", "protobuf>=5,<8", "openai==3.57.0"],
     # Reference implementations for the parity tests; CPU torch from a local wheel.
     "parity": ["torch==2.13.0", "transformers>=5,<6"],
     # Edge export: TFLite interpreter, the LiteRT-LM bundle builder, its runtime (Python
     # API, a manylinux x86_64 wheel) and command line; versions the tests ran with.
+    # The OpenAI-compatible HTTP server (python -m deepseek_tf.serve); the tests drive it
+    # with the official openai client (in dev).
+    "serve": ["fastapi==0.165.0", "uvicorn==0.54.0", "prometheus-client==0.26.0"],
     "edge": ["ai-edge-litert==2.3.0", "litert-lm-builder==0.18.1", "litert-lm-api==0.18.1",
              "litert-lm==0.18.1"],
 }
@@ -71,6 +74,7 @@ setup(
         "deepseek-tf-launch=deepseek_tf.launch:main",
         "deepseek-tf-generate=deepseek_tf.generate.__main__:entry",
         "deepseek-tf-evaluate=deepseek_tf.evaluate.__main__:entry",
+        "deepseek-tf-serve=deepseek_tf.serve.__main__:entry",
         "deepseek-tf-merge-lora=deepseek_tf.tools.merge_lora:entry",
         "deepseek-tf-compare-runs=deepseek_tf.tools.compare_runs:entry",
         "deepseek-tf-inspect-checkpoint=deepseek_tf.tools.inspect_checkpoint:entry",

@@ -4,6 +4,9 @@ A workdir is what `train` or `convert` wrote: `config.json`, `checkpoints/`, and
 `tokenizer/` (a trained run; a converted one names its tokenizer in config.json).
 Generation, export and evaluation all start here.
 
+`write_workdir` writes one without training (a merged LoRA run, a random model for tests
+and benchmarks).
+
 Example:
     >>> model, exp = load_workdir("runs/tiny")
     >>> tok = load_run_tokenizer("runs/tiny", exp)
@@ -94,3 +97,17 @@ def load_run_tokenizer(workdir: str, exp: Experiment):
     raise UserError(f"{workdir} has no tokenizer/ and config.json names no tokenizer file; "
                     f"train in that workdir first, or convert from a directory with a "
                     f"tokenizer.json.")
+
+
+def write_workdir(path: str, model, exp: Experiment, tok) -> str:
+    """Writes `model`'s weights as the step-0 checkpoint, `exp` as config.json and `tok`
+    under tokenizer/, as `train` lays a run out; returns `path`."""
+    import tensorflow as tf
+
+    os.makedirs(path, exist_ok=True)
+    exp.save(os.path.join(path, CONFIG_FILE))
+    tok.save(os.path.join(path, TOKENIZER_DIR))
+    step = tf.Variable(0, dtype=tf.int64)
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step),
+                               os.path.join(path, CHECKPOINT_DIR), max_to_keep=1).save(0)
+    return path

@@ -18,7 +18,7 @@ NOISE = re.compile(r"cuInit|oneDNN|cpu_feature_guard|W0000|I0000|op_level_cost_e
                    r"This TensorFlow binary is optimized|absl::InitializeLog|Ignored output_format|"
                    r"MLIR V1 optimization pass|Compiled cluster|cuda_platform")
 MODULES = ["train", "generate", "evaluate", "export", "convert", "params", "prepare", "launch",
-           "data.demo"]
+           "data.demo", "serve"]
 TOOLS = ["merge_lora", "compare_runs", "inspect_checkpoint", "profile_summary"]
 
 
@@ -40,7 +40,7 @@ def test_help_is_quiet(entry):
     assert proc.returncode == 0, proc.stderr[-1000:]
     if entry == "export":  # --output is a file for the edge formats
         assert "a file for tflite and litertlm" in " ".join(proc.stdout.split())
-    if entry in ("generate", "evaluate", "export"):  # one --jit_compile type everywhere
+    if entry in ("generate", "evaluate", "export", "serve"):  # one --jit_compile type everywhere
         assert "<auto|true|false>" in proc.stdout
 
 

@@ -110,18 +110,23 @@ class _Streamer:
                 f"then {(len(t) - 2) / max(t[-1] - t[1], 1e-9):.1f} tokens/s")
 
     def __call__(self, step, tokens, done):
-        from deepseek_tf.generate.text import cut_at_stop, strip_special
+        from deepseek_tf.generate.text import stream_text
         self.times.append(time.perf_counter())
         if self.stopped:
             return
         self.ids.append(int(tokens[0]))
-        text, self.stopped = cut_at_stop(self.tok.decode(strip_special(self.ids, self.tok)),
-                                         self.stops)
-        if text.endswith("\ufffd") and not self.stopped:
+        text, self.stopped = stream_text(self.ids, self.tok, self.stops)
+        if len(text) <= len(self.shown):
             return
         sys.stdout.write(text[len(self.shown):])
         sys.stdout.flush()
         self.shown = text
+
+    def finish(self):
+        """Prints what was held back (the end of the text), then a newline."""
+        from deepseek_tf.generate.text import cut_at_stop, strip_special
+        text, _ = cut_at_stop(self.tok.decode(strip_special(self.ids, self.tok)), self.stops)
+        print(text[len(self.shown):], flush=True)
 
 
 def main(argv):
@@ -167,7 +172,7 @@ def main(argv):
     seconds = time.perf_counter() - start
     total = sum(r["num_tokens"] for r in results)
     if streamer is not None:
-        print(flush=True)
+        streamer.finish()
         print(f"[{streamer.speed(start)}]", file=sys.stderr)
         return
     lines = [json.dumps({"prompt": p, **r}, ensure_ascii=False) for p, r in zip(prompts, results)]
@@ -207,7 +212,7 @@ def _run_tflite(tok, profile):
             lambda step, token: streamer(step, [token], None)), **sampling)
         seconds, total = time.perf_counter() - t0, total + len(out)
         if streamer is not None:
-            print(flush=True)
+            streamer.finish()
             after = time.perf_counter() - (streamer.first or t0)
             rate = (len(out) - 1) / after if len(out) > 1 and after > 0 else 0.0
             print(f"[{len(out)} tokens in {seconds:.2f} s (TFLite): first token after "

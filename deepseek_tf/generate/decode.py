@@ -132,6 +132,13 @@ def check_sampling(t, max_new_tokens, temperature, top_k, top_p, seed, max_lengt
     ]
 
 
+def streamer_rows(streamer, step, tokens, done) -> np.ndarray:
+    """Calls `streamer(step, tokens, done)` with numpy values; bool (B,) rows it ends (its
+    return value, None = none)."""
+    ended = streamer(step.numpy(), tokens.numpy(), done.numpy())
+    return np.zeros(tokens.shape, bool) if ended is None else np.asarray(ended, bool)
+
+
 def decode_step(model, absorb=True, jit_compile=False):
     """`(tokens (B, 1), cache, start, pad) -> (logits, cache)`: one decode step, XLA-
     compiled (static dropless MoE buffers) or not."""
@@ -159,7 +166,8 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
       jit_compile: compile each decode step with XLA (static-shape MoE buffers); the
         prefill stays uncompiled (any prompt length, dropless MoE by expert load).
       streamer: optional Python callable `(step, tokens (B,), done (B,))` run by
-        `tf.py_function` after each step (not for export).
+        `tf.py_function` after each step (not for export); it may return a bool (B,)
+        array of rows to end now (a server's cancelled requests), or None.
       decode_fn: the decode step `(tokens, cache, start, pad) -> (logits, cache)` to use
         (a `Generator` passes one compiled function, so XLA compiles it once).
     """
@@ -186,9 +194,10 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
         count += tf.cast(tf.logical_not(done), tf.int32)
         recent = tf.concat([recent[:, 1:], token[:, tf.newaxis]], axis=1)      # (B, L)
         done = done | (stop_match(recent, table) > 0) | (count >= max_new_tokens)
-        if streamer is not None:
-            tf.py_function(lambda *a: streamer(*[x.numpy() for x in a]) or 0,
-                           [i, emit, done], [tf.int32])
+        if streamer is not None:  # it may end rows (a cancelled request)
+            ended = tf.py_function(lambda *a: streamer_rows(streamer, *a), [i, emit, done],
+                                   tf.bool)
+            done = done | tf.reshape(ended, [b])
 
         def step():
             lg, c = decode(emit[:, None], cache, t + i, pad)

@@ -143,6 +143,18 @@ def cut_at_stop(text: str, stops) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def stream_text(ids, tok, stops=()) -> tuple[str, bool]:
+    """(text a stream may show now, stopped) of the tokens generated so far: the text cut
+    at the first stop string (stopped = True), or else without what may still change (a
+    trailing half UTF-8 character, the start of a stop string)."""
+    text, stopped = cut_at_stop(tok.decode(strip_special(ids, tok)), stops)
+    if stopped:
+        return text, True
+    text = text.rstrip("\ufffd")
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - hold], False
+
+
 def strip_special(ids, tok) -> list[int]:
     """Ids without BOS/EOS/PAD (for decoding generated text)."""
     special = {tok.bos_id, tok.eos_id, tok.pad_id}

@@ -38,11 +38,10 @@ def merge(output: str, workdir: str = "", base: str = "", adapter: str = "", log
     """Writes the merged workdir `output`; returns it. See the module doc."""
     import dataclasses
 
-    import tensorflow as tf
-
     from deepseek_tf.errors import UserError
     from deepseek_tf.lora import is_lora, load_adapter, merged_model
-    from deepseek_tf.workdir import load_experiment, load_run_tokenizer, load_workdir
+    from deepseek_tf.workdir import (load_experiment, load_run_tokenizer, load_workdir,
+                                     write_workdir)
     from deepseek_tf.workdir_files import CONFIG_FILE
 
     if bool(workdir) == bool(base and adapter):
@@ -70,11 +69,7 @@ def merge(output: str, workdir: str = "", base: str = "", adapter: str = "", log
     tok = load_run_tokenizer(workdir or base, exp)
     exp = dataclasses.replace(exp, train=exp.train.replace(finetuning_type="full", init_from=""))
     os.makedirs(output)
-    exp.save(os.path.join(output, "config.json"))
-    tok.save(os.path.join(output, "tokenizer"))
-    step = tf.Variable(0, dtype=tf.int64)
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=plain, step=step),
-                               os.path.join(output, "checkpoints"), max_to_keep=1).save(0)
+    write_workdir(output, plain, exp, tok)
     log(f"wrote {output}: merged weights of {workdir or base}"
         + (f" + {adapter}" if adapter else ""))
     return output

@@ -28,6 +28,9 @@ RESULTS = {
                    r"tokens/s \(.*\): ratio [\d.]+x$", r"^the trainer's auto settings here: "],
     "dsa": [r"^ +128 +[\d.]+s +[\d.]+s +[\d.]+x",
             r"^sparse/dense fwd\+bwd at T=128: [\d.]+x; crossover: "],
+    "serve_load": [r"^clients +requests/s +TTFT p50 ms +TTFT p99 ms +tokens/s$",
+                   r"^16 +[\d,.]+ +[\d,.]+ +[\d,.]+ +[\d,.]+$",
+                   r"^batching: 16 clients give [\d.]+x the tokens/s of 1$"],
     "decode": [r"^hf pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
                r"^saved_model_xla pos 8 ", r"^keras: transformers / ours decode time "
                r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],

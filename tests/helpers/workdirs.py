@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from deepseek_tf.data.tokenizer.byte import ByteTokenizer
 from deepseek_tf.model import DeepSeekCausalLM
+from deepseek_tf.workdir import write_workdir
 from tests.helpers import tiny
 
 #: Model sections of every attention kind, for the cache and export tests.
@@ -47,13 +48,7 @@ def make_workdir(path: str, family: str = "gqa", seed: int = 0, **overrides):
     """Writes a workdir holding a random `family` model; returns (path, model)."""
     model = random_model(family, seed, **overrides)
     exp = tiny.experiment(os.path.join(path, "data"), model=model.config.to_dict())
-    os.makedirs(path, exist_ok=True)
-    exp.save(os.path.join(path, "config.json"))
-    step = tf.Variable(0, dtype=tf.int64)
-    tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step),
-                               os.path.join(path, "checkpoints"), max_to_keep=1).save(0)
-    ByteTokenizer().save(os.path.join(path, "tokenizer"))
-    return path, model
+    return write_workdir(path, model, exp, ByteTokenizer()), model
 
 
 
