@@ -15,6 +15,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist, whole files per process): the CPU count, at most 4.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(min(4, n or 1))")
 
 .PHONY: install train demo grpo-demo test bench wheel clean
 
@@ -45,7 +47,7 @@ grpo-demo: $(STAMP)
 	    --data.inputs=data/sft-demo/heldout.jsonl --task=generate --max_new_tokens=16 --batch_size=50
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 BENCHES := compare_hf decode train_throughput moe_scaling data_throughput remat_memory \
 	mwms_scaling edge dsa serve_load

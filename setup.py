@@ -40,7 +40,7 @@ EXTRAS = {
     # opencv, kaggle and pycocotools, so it is opt-in: pip install '.[garden]'.
     "garden": ["tf-models-official==2.20.0"],
     # Everything tests/ imports beyond the package's own dependencies and the extras below.
-    "dev": ["pytest>=8,<10", "PyYAML>=6,<7", "pandas>=2,<4", "Jinja2>=3,<4",
+    "dev": ["pytest>=8,<10", "pytest-xdist>=3,<4", "PyYAML>=6,<7", "pandas>=2,<4", "Jinja2>=3,<4",
             "grpcio>=1.60,<2", "protobuf>=5,<8", "openai==3.57.0"],
     # Reference implementations for the parity tests; CPU torch from a local wheel.
     "parity": ["torch==2.13.0", "transformers>=5,<6"],
