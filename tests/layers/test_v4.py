@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from deepseek_tf.layers.hyper import HyperConnection, HyperHead, sinkhorn
+from deepseek_tf.layers.moe import DeepSeekMoE
 from tests.convert.test_hf_parity import _env
 from tests.helpers.layer_checks import check_layer
 
@@ -34,6 +35,18 @@ def ref(tmp_path_factory):
         case, group, name = key.split("/", 2)
         cases.setdefault(case, {}).setdefault(group, {})[name] = value
     return cases
+
+
+def assign(layer, values: dict):
+    """Sets each weight of `layer` whose path ends with a key of `values`; all must be
+    covered exactly once."""
+    done = set()
+    for w in layer.weights:
+        keys = [k for k in values if w.path.endswith("/" + k)]
+        assert len(keys) == 1, (w.path, keys)
+        w.assign(np.asarray(values[keys[0]]).astype(w.dtype))
+        done.add(keys[0])
+    assert done == set(values), set(values) - done
 
 
 def _close(ours, theirs, tol=TOL):
@@ -71,3 +84,36 @@ def test_hyper_head_matches_transformers(ref):
     head.set_weights([c["w"]["hc_fn"].T, c["w"]["hc_base"], c["w"]["hc_scale"]])
     _close(head(streams), c["out"]["y"])
     check_layer(head, (streams,), expected_shape=c["out"]["y"].shape)
+
+
+@pytest.mark.parametrize("scoring", ["sqrtsoftplus", "sigmoid"])
+@pytest.mark.parametrize("kind", ["hash", "topk"])
+def test_moe_matches_transformers_with_swiglu_limit(ref, scoring, kind):
+    """Hash routing (experts = tid2eid[input_ids]) and learned top-k routing with the
+    correction bias; swiglu_limit 0.3 clips most pre-activations."""
+    c = ref[f"moe_{scoring}_{kind}"]
+    w, x, ids = c["w"], tf.constant(c["in"]["x"]), tf.constant(c["in"]["input_ids"], tf.int32)
+    e, d = w["gate.weight"].shape
+    f = w["experts.down_proj"].shape[-1]
+    moe = DeepSeekMoE(hidden_size=d, num_experts=e, top_k=2, moe_intermediate_size=f,
+                      n_shared_experts=1, scoring_func=scoring,
+                      topk_method="hash" if kind == "hash" else "noaux_tc",
+                      routed_scaling_factor=1.5, inference_capacity_factor=0.0,
+                      swiglu_limit=0.3, vocab_size=64)
+    moe.build(x.shape)
+    values = {"gate/kernel": w["gate.weight"].T,
+              "gate_up_proj": w["experts.gate_up_proj"].transpose(0, 2, 1),
+              "down_proj": w["experts.down_proj"].transpose(0, 2, 1),
+              **{f"shared_experts/{p}/kernel": w[f"shared_experts.{p}.weight"].T
+                 for p in ("gate_proj", "up_proj", "down_proj")}}
+    if kind == "hash":
+        values["tid2eid"] = w["gate.tid2eid"]
+    else:
+        values["e_score_correction_bias"] = w["gate.e_score_correction_bias"]
+    assign(moe, values)
+    _close(moe(x, input_ids=ids), c["out"]["y"])
+    if kind == "hash":
+        route = moe.gate(tf.reshape(x, [-1, d]), tf.reshape(ids, [-1]))
+        np.testing.assert_array_equal(route["indices"].numpy(),
+                                      w["gate.tid2eid"][c["in"]["input_ids"].reshape(-1)])
+    check_layer(moe, (x,), {"input_ids": ids}, expected_shape=x.shape)
