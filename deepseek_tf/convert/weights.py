@@ -72,6 +72,28 @@ def _indexer(prefix: str, ix) -> list[Entry]:
                   Entry(f"{prefix}.k_norm.bias", ix.k_norm.beta)]
 
 
+def _compressor(prefix: str, c) -> list[Entry]:
+    """A V4 `KVCompressor` (HF `DeepseekV4{CSA,HCA}Compressor` / the indexer's own)."""
+    return (_linear(f"{prefix}.kv_proj", c.kv_proj) + _linear(f"{prefix}.gate_proj", c.gate_proj)
+            + [Entry(f"{prefix}.position_bias", c.position_bias), _norm(f"{prefix}.kv_norm", c.kv_norm)])
+
+
+def v4_attention_entries(prefix: str, attn) -> list[Entry]:
+    """A `V4Attention` (HF `DeepseekV4Attention`; o_a_proj keeps HF's layout)."""
+    out = [e for n in ("q_a_proj", "q_b_proj", "kv_proj", "o_b_proj")
+           for e in _linear(f"{prefix}.{n}", getattr(attn, n))]
+    out += [_norm(f"{prefix}.q_a_norm", attn.q_a_norm), _norm(f"{prefix}.kv_norm", attn.kv_norm),
+            Entry(f"{prefix}.o_a_proj.weight", attn.o_a_proj), Entry(f"{prefix}.sinks", attn.sinks)]
+    if attn.compressor is not None:
+        out += _compressor(f"{prefix}.compressor", attn.compressor)
+    if attn.indexer is not None:
+        ix = f"{prefix}.compressor.indexer"
+        out += _compressor(ix, attn.index_compressor)
+        out += _linear(f"{ix}.q_b_proj", attn.indexer.wq_b)
+        out += _linear(f"{ix}.scorer.weights_proj", attn.indexer.weights_proj)
+    return out
+
+
 def _moe(prefix: str, moe) -> list[Entry]:
     f = moe.moe_intermediate_size
     out = [Entry(f"{prefix}.gate.weight", moe.gate.kernel, transpose=True)]

@@ -14,8 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deepseek_tf.config.v4 import V4_LAYER_TYPES
+from deepseek_tf.convert.weights import v4_attention_entries
+from deepseek_tf.layers import attention_mask
 from deepseek_tf.layers.hyper import HyperConnection, HyperHead, sinkhorn
 from deepseek_tf.layers.moe import DeepSeekMoE
+from deepseek_tf.layers.v4_attention import V4Attention
 from tests.convert.test_hf_parity import _env
 from tests.helpers.layer_checks import check_layer
 
@@ -117,3 +121,40 @@ def test_moe_matches_transformers_with_swiglu_limit(ref, scoring, kind):
         np.testing.assert_array_equal(route["indices"].numpy(),
                                       w["gate.tid2eid"][c["in"]["input_ids"].reshape(-1)])
     check_layer(moe, (x,), {"input_ids": ids}, expected_shape=x.shape)
+
+
+def load_entries(entries, hf: dict):
+    """Fills every entry's variable slice from HF tensors `hf` (all must be used)."""
+    assert {e.name for e in entries} == set(hf), {e.name for e in entries} ^ set(hf)
+    for e in entries:
+        value = e.variable.numpy()
+        value[e.index] = hf[e.name].T if e.transpose else hf[e.name]
+        e.variable.assign(value)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("layer_type", list(V4_LAYER_TYPES))
+def test_attention_matches_transformers(ref, layer_type, padded):
+    """T = 19: 4 complete CSA entries and 2 HCA entries (of 4 and 8 tokens) plus a
+    partial tail, window 6; CSA's indexer keeps 2 entries per query. Padded: row 0
+    left-padded by 3 with positions counting from its first token."""
+    c = ref[f"attn_{layer_type}{'_padded' if padded else ''}"]
+    x, pos = tf.constant(c["in"]["x"]), tf.constant(c["in"]["positions"], tf.int32)
+    keep = c["in"]["keep"]
+    compressed = layer_type != "sliding_attention"
+    attn = V4Attention(
+        hidden_size=32, num_heads=4, head_dim=16, rope_head_dim=8, q_lora_rank=24,
+        o_groups=2, o_lora_rank=8, sliding_window=6, layer_type=layer_type,
+        compress_rate={"sliding_attention": 0, "compressed_sparse_attention": 4,
+                       "heavily_compressed_attention": 8}[layer_type],
+        rope_theta=160000.0 if compressed else 10000.0, index_n_heads=8, index_head_dim=12,
+        index_topk=2)
+    mask = attention_mask(tf.constant(keep, tf.int32))
+    attn(x, pos, mask)
+    load_entries(v4_attention_entries("a", attn), {f"a.{k}": v for k, v in c["w"].items()})
+    ours = attn(x, pos, mask).numpy()
+    _close(ours[keep], c["out"]["y"][keep])
+    if not padded:
+        # The indexer picks entries (top-k): only its own KL loss trains it.
+        check_layer(attn, (x, pos, mask), expected_shape=x.shape,
+                    no_gradient=("indexer", "index_compressor"))
