@@ -27,6 +27,10 @@ def check_v4(cfg) -> None:
                                     f"--model.num_hidden_layers={n}: give one per layer.")
         bad = sorted(set(got) - set(allowed))
         r(not bad, f"--model.{name}: unknown {', '.join(bad)}; use {', '.join(allowed)}.")
+    if cfg.hc_mult:
+        r(not cfg.num_nextn_predict_layers, "--model.num_nextn_predict_layers > 0 with "
+          "--model.hc_mult > 0: MTP over hyper-connection streams is not implemented yet; "
+          "set --model.num_nextn_predict_layers=0.")
     if cfg.mlp_layer_types:
         r(cfg.n_routed_experts > 0, "--model.mlp_layer_types needs MoE "
                                      "(--model.n_routed_experts > 0).")
@@ -39,6 +43,8 @@ def check_v4(cfg) -> None:
                                    "set --model.num_key_value_heads=1.")
     r(cfg.q_lora_rank > 0, "--model.attention_type=v4 needs --model.q_lora_rank > 0.")
     r(cfg.sliding_window > 0, "--model.sliding_window must be > 0 with v4 attention.")
+    r(cfg.attention_dropout == 0, "--model.attention_dropout must be 0 with v4 attention "
+                                  "(DeepSeek-V4 has none; use --model.hidden_dropout).")
     d = cfg.resolved_head_dim
     r(0 < cfg.qk_rope_head_dim <= d and cfg.qk_rope_head_dim % 2 == 0,
       f"--model.qk_rope_head_dim={cfg.qk_rope_head_dim} must be even and in 1..head "
@@ -53,8 +59,8 @@ def check_v4(cfg) -> None:
     for kind, name in (("compressed_sparse_attention", "compress_rate_csa"),
                        ("heavily_compressed_attention", "compress_rate_hca")):
         if kind in types:
-            r(getattr(self, name) > 0,
-              f"--model.{name} must be > 0, got {getattr(self, name)}.")
+            r(getattr(cfg, name) > 0,
+              f"--model.{name} must be > 0, got {getattr(cfg, name)}.")
     if "compressed_sparse_attention" in types:
         r(cfg.index_topk > 0, f"--model.index_topk must be > 0, got {cfg.index_topk}.")
         r(cfg.index_n_heads > 0,

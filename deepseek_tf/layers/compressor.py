@@ -88,9 +88,9 @@ class KVCompressor(keras.layers.Layer):
         gate = gate + self.position_bias.value                              # (B, W, m, width)
         if self.overlap:  # slots: window w-1's first half, then window w's second half
             shift = [[0, 0], [1, 0], [0, 0], [0, 0]]
-            kv = tf.concat([tf.pad(kv[:, :-1, :, :d], shift), kv[:, :, :, d:]], axis=2)
-            gate = tf.concat([tf.pad(gate[:, :-1, :, :d], shift, constant_values=_EMPTY_GATE),
-                              gate[:, :, :, d:]], axis=2)                   # (B, W, 2m, d)
+            kv = tf.concat([tf.pad(kv[..., :d], shift)[:, :w], kv[..., d:]], axis=2)
+            gate = tf.concat([tf.pad(gate[..., :d], shift, constant_values=_EMPTY_GATE)[:, :w],
+                              gate[..., d:]], axis=2)                       # (B, W, 2m, d)
         pooled = tf.reduce_sum(kv * tf.nn.softmax(gate, axis=2), axis=2)    # (B, W, d)
         pooled = self.kv_norm(tf.cast(pooled, x.dtype))
         cos, sin = self.rotary(tf.broadcast_to(tf.range(w)[None] * m, [b, w]))

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from deepseek_tf.config.v4 import V4_LAYER_TYPES
-from deepseek_tf.convert.weights import v4_attention_entries
+from deepseek_tf.convert.weights import hyper_entries, v4_attention_entries, v4_moe_entries
 from deepseek_tf.layers import attention_mask
 from deepseek_tf.layers.hyper import HyperConnection, HyperHead, sinkhorn
 from deepseek_tf.layers.moe import DeepSeekMoE
@@ -41,16 +41,13 @@ def ref(tmp_path_factory):
     return cases
 
 
-def assign(layer, values: dict):
-    """Sets each weight of `layer` whose path ends with a key of `values`; all must be
-    covered exactly once."""
-    done = set()
-    for w in layer.weights:
-        keys = [k for k in values if w.path.endswith("/" + k)]
-        assert len(keys) == 1, (w.path, keys)
-        w.assign(np.asarray(values[keys[0]]).astype(w.dtype))
-        done.add(keys[0])
-    assert done == set(values), set(values) - done
+def load_entries(entries, hf: dict):
+    """Fills every entry's variable slice from HF tensors `hf` (all must be used)."""
+    assert {e.name for e in entries} == set(hf), {e.name for e in entries} ^ set(hf)
+    for e in entries:
+        value = e.variable.numpy()
+        value[e.index] = hf[e.name].T if e.transpose else hf[e.name]
+        e.variable.assign(value)
 
 
 def _close(ours, theirs, tol=TOL):
@@ -64,7 +61,7 @@ def test_hyper_connection_matches_transformers_and_comb_is_doubly_stochastic(ref
     n, d = streams.shape[2], streams.shape[3]
     hc = HyperConnection(hidden_size=d, hc_mult=n, sinkhorn_iters=20)
     hc.build(streams.shape)
-    hc.set_weights([c["w"]["fn"].T, c["w"]["base"], c["w"]["scale"]])
+    load_entries(hyper_entries("hc", hc), {f"hc_{k}": v for k, v in c["w"].items()})
     post, comb, collapsed = hc(streams)
     for name, ours in (("post", post), ("comb", comb), ("collapsed", collapsed)):
         _close(ours, c["out"][name])
@@ -85,7 +82,7 @@ def test_hyper_head_matches_transformers(ref):
     streams = tf.constant(c["in"]["streams"])
     head = HyperHead(hidden_size=streams.shape[3], hc_mult=streams.shape[2])
     head.build(streams.shape)
-    head.set_weights([c["w"]["hc_fn"].T, c["w"]["hc_base"], c["w"]["hc_scale"]])
+    load_entries(hyper_entries("h", head, head=True), {f"h.{k}": v for k, v in c["w"].items()})
     _close(head(streams), c["out"]["y"])
     check_layer(head, (streams,), expected_shape=c["out"]["y"].shape)
 
@@ -98,38 +95,20 @@ def test_moe_matches_transformers_with_swiglu_limit(ref, scoring, kind):
     c = ref[f"moe_{scoring}_{kind}"]
     w, x, ids = c["w"], tf.constant(c["in"]["x"]), tf.constant(c["in"]["input_ids"], tf.int32)
     e, d = w["gate.weight"].shape
-    f = w["experts.down_proj"].shape[-1]
+    f = w["experts.0.w1.weight"].shape[0]
     moe = DeepSeekMoE(hidden_size=d, num_experts=e, top_k=2, moe_intermediate_size=f,
                       n_shared_experts=1, scoring_func=scoring,
                       topk_method="hash" if kind == "hash" else "noaux_tc",
                       routed_scaling_factor=1.5, inference_capacity_factor=0.0,
                       swiglu_limit=0.3, vocab_size=64)
     moe.build(x.shape)
-    values = {"gate/kernel": w["gate.weight"].T,
-              "gate_up_proj": w["experts.gate_up_proj"].transpose(0, 2, 1),
-              "down_proj": w["experts.down_proj"].transpose(0, 2, 1),
-              **{f"shared_experts/{p}/kernel": w[f"shared_experts.{p}.weight"].T
-                 for p in ("gate_proj", "up_proj", "down_proj")}}
-    if kind == "hash":
-        values["tid2eid"] = w["gate.tid2eid"]
-    else:
-        values["e_score_correction_bias"] = w["gate.e_score_correction_bias"]
-    assign(moe, values)
+    load_entries(v4_moe_entries("m", moe), {f"m.{k}": v for k, v in w.items()})
     _close(moe(x, input_ids=ids), c["out"]["y"])
     if kind == "hash":
         route = moe.gate(tf.reshape(x, [-1, d]), tf.reshape(ids, [-1]))
         np.testing.assert_array_equal(route["indices"].numpy(),
                                       w["gate.tid2eid"][c["in"]["input_ids"].reshape(-1)])
     check_layer(moe, (x,), {"input_ids": ids}, expected_shape=x.shape)
-
-
-def load_entries(entries, hf: dict):
-    """Fills every entry's variable slice from HF tensors `hf` (all must be used)."""
-    assert {e.name for e in entries} == set(hf), {e.name for e in entries} ^ set(hf)
-    for e in entries:
-        value = e.variable.numpy()
-        value[e.index] = hf[e.name].T if e.transpose else hf[e.name]
-        e.variable.assign(value)
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -3,7 +3,8 @@ torch never enters the TF test process).
 
     python v4_reference.py OUT.npz
 
-writes, per case, the module's weights (`<case>/w/<HF name>`), its inputs
+writes, per case, the module's weights (`<case>/w/<name>`: the checkpoint names that
+save_pretrained writes, relative to the module), its inputs
 (`<case>/in/<name>`) and its outputs (`<case>/out/<name>`), all as numpy arrays. The
 cases: hyper-connection, hyper-head, the MoE block for each scoring function with hash
 and top-k routing, and the attention of each layer type on a plain and a left-padded
@@ -15,6 +16,7 @@ import sys
 import numpy as np
 import torch
 import transformers
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as v4
 
 B, T, VOCAB = 2, 19, 64
@@ -56,13 +58,16 @@ def randomize(module, gen):
     return module
 
 
-def weights(module):
-    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in module.state_dict().items()}
+def weights(full, prefix):
+    """The tensors under `prefix` of `full`'s checkpoint (save_pretrained's names)."""
+    saved = revert_weight_conversion(full, full.state_dict())
+    return {k[len(prefix):]: v.detach().float().numpy() if v.is_floating_point()
+            else v.numpy() for k, v in saved.items() if k.startswith(prefix)}
 
 
-def attention_case(cfg, layer_idx, gen, padded):
-    attn = randomize(v4.DeepseekV4Attention(cfg, layer_idx), gen).eval()
+def attention_case(full, layer_idx, gen, padded):
+    cfg = full.config
+    attn = full.model.layers[layer_idx].self_attn
     x = torch.randn(B, T, cfg.hidden_size, generator=gen)
     keep = torch.ones(B, T, dtype=torch.bool)
     if padded:
@@ -75,7 +80,7 @@ def attention_case(cfg, layer_idx, gen, padded):
     emb = {t: rope(x, position_ids=pos, layer_type=t) for t in ("main", "compress")}
     with torch.no_grad():
         out, _ = attn(x, position_embeddings=emb, position_ids=pos, attention_mask=mask)
-    return attn, {"x": x.numpy(), "positions": pos.numpy(), "keep": keep.numpy()}, \
+    return {"x": x.numpy(), "positions": pos.numpy(), "keep": keep.numpy()}, \
         {"y": out.numpy()}
 
 
@@ -83,37 +88,38 @@ def main(path):
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    cfg, result = config(), {}
+    result = {}
+    models = {s: randomize(transformers.DeepseekV4ForCausalLM(config(scoring_func=s)), gen).eval()
+              for s in ("sqrtsoftplus", "sigmoid")}  # HF V4 has no softmax (ACT2FN)
+    full = models["sqrtsoftplus"]
+    cfg = full.config
 
-    def put(case, module, inputs, outputs):
-        for group, d in (("w", weights(module)), ("in", inputs), ("out", outputs)):
+    def put(case, prefix, inputs, outputs, model=full):
+        for group, d in (("w", weights(model, prefix)), ("in", inputs), ("out", outputs)):
             result.update({f"{case}/{group}/{k}": v for k, v in d.items()})
 
     streams = torch.randn(B, T, cfg.hc_mult, cfg.hidden_size, generator=gen)
-    hc = randomize(v4.DeepseekV4HyperConnection(cfg), gen)
     with torch.no_grad():
-        post, comb, collapsed = hc(streams)
-    put("hc", hc, {"streams": streams.numpy()},
-        {"post": post.numpy(), "comb": comb.numpy(), "collapsed": collapsed.numpy()})
-    head = randomize(v4.DeepseekV4HyperHead(cfg), gen)
-    with torch.no_grad():
-        put("head", head, {"streams": streams.numpy()}, {"y": head(streams).numpy()})
+        post, comb, collapsed = full.model.layers[0].attn_hc(streams)
+        put("hc", "model.layers.0.hc_attn_", {"streams": streams.numpy()},
+            {"post": post.numpy(), "comb": comb.numpy(), "collapsed": collapsed.numpy()})
+        put("head", "model.hc_head.", {"streams": streams.numpy()},
+            {"y": full.model.hc_head(streams).numpy()})
 
-    for scoring in ("sqrtsoftplus", "sigmoid"):  # HF V4 has no softmax (ACT2FN)
-        scfg = config(scoring_func=scoring)
+    for scoring, model in models.items():
         for layer_idx, kind in ((0, "hash"), (1, "topk")):
-            moe = randomize(v4.DeepseekV4SparseMoeBlock(scfg, layer_idx), gen).eval()
             x = torch.randn(B, T, cfg.hidden_size, generator=gen)
             ids = torch.randint(0, VOCAB, (B, T), generator=gen)
             with torch.no_grad():
-                y = moe(x, input_ids=ids)
-            put(f"moe_{scoring}_{kind}", moe, {"x": x.numpy(), "input_ids": ids.numpy()},
-                {"y": y.numpy()})
+                y = model.model.layers[layer_idx].mlp(x, input_ids=ids)
+            put(f"moe_{scoring}_{kind}", f"model.layers.{layer_idx}.ffn.",
+                {"x": x.numpy(), "input_ids": ids.numpy()}, {"y": y.numpy()}, model)
 
     for layer_idx, layer_type in enumerate(LAYER_TYPES):
         for padded in (False, True):
-            attn, inputs, outputs = attention_case(cfg, layer_idx, gen, padded)
-            put(f"attn_{layer_type}{'_padded' if padded else ''}", attn, inputs, outputs)
+            inputs, outputs = attention_case(full, layer_idx, gen, padded)
+            put(f"attn_{layer_type}{'_padded' if padded else ''}",
+                f"model.layers.{layer_idx}.attn.", inputs, outputs)
     np.savez(path, **result)
 
 
