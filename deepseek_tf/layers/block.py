@@ -155,7 +155,8 @@ class DecoderBlock(keras.layers.Layer):
         seed = dropout_seed if training else None  # (2,) int: stateless, remat-safe
         rate = self.config.hidden_dropout
 
-        dsa_aux = return_aux and self.config.use_dsa
+        # DSA (V3.2) and V4's CSA layers return their indexer's KL loss.
+        dsa_aux = return_aux and getattr(self.self_attn, "indexer", None) is not None
 
         v4 = self.config.attention_type == "v4"
 

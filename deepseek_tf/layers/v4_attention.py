@@ -37,7 +37,7 @@ from deepseek_tf.config.v4 import V4_LAYER_TYPES
 from deepseek_tf.layers.attention import attention_mask, sliding_window_mask  # noqa: F401 (doc)
 from deepseek_tf.layers.compressor import KVCompressor, compressed_mask
 from deepseek_tf.layers.hyper import unweighted_rms_norm
-from deepseek_tf.layers.indexer import LightningIndexer, select
+from deepseek_tf.layers.indexer import LightningIndexer, indexer_kl, select
 from deepseek_tf.layers.norm import RMSNorm
 from deepseek_tf.layers.rope import RotaryEmbedding, rotate_tail_pairs
 
@@ -72,8 +72,11 @@ class V4Attention(keras.layers.Layer):
       norm_eps: RMSNorm epsilon.
       initializer_range: stddev of the normal initializer.
 
-    Call: `attn(x, positions, attention_mask)` with x (B, T, hidden), positions (B, T)
-    and the boolean (B, 1, T, T) mask of `attention_mask(segment_ids)`.
+    Call: `attn(x, positions, attention_mask, return_aux=False)` with x (B, T, hidden),
+    positions (B, T) and the boolean (B, 1, T, T) mask of `attention_mask(segment_ids)`.
+    With `return_aux` a CSA layer returns (out, {"indexer_kl": (B, T)}): the KL from the
+    main attention over the selected entries to the indexer's scores (V3.2's sparse
+    stage), the indexer's only training signal (it sees the inputs without gradient).
 
     Example: see the module docstring.
     """
@@ -138,17 +141,19 @@ class V4Attention(keras.layers.Layer):
                 layer.build(input_shape)
 
     def _compressed(self, x, q_latent, positions, cos, sin):
-        """(compressed keys (B, W, D), boolean (B, T, W) entries each query reads)."""
+        """(compressed keys (B, W, D), boolean (B, T, W) entries each query reads, the
+        indexer's (B, T, W) scores or None)."""
         keys = self.compressor(x)
         mask = compressed_mask(positions, tf.shape(keys)[1], self.compress_rate)
-        if self.indexer is not None and keys.shape[1] != 0:
-            scores = self.indexer.scores(x, q_latent, self.index_compressor(x), cos, sin, mask)
-            picked = select(scores, self.index_topk)                        # (B, T, K)
-            chosen = tf.reduce_max(tf.one_hot(picked, tf.shape(keys)[1], dtype=tf.int8), 2)
-            mask = tf.logical_and(mask, chosen > 0)
-        return keys, mask
+        if self.indexer is None or keys.shape[1] == 0:
+            return keys, mask, None
+        x, q_latent = tf.stop_gradient(x), tf.stop_gradient(q_latent)  # trained by its KL
+        scores = self.indexer.scores(x, q_latent, self.index_compressor(x), cos, sin, mask)
+        picked = select(scores, self.index_topk)                            # (B, T, K)
+        chosen = tf.reduce_max(tf.one_hot(picked, tf.shape(keys)[1], dtype=tf.int8), 2)
+        return keys, tf.logical_and(mask, chosen > 0), scores
 
-    def call(self, x, positions, attention_mask):
+    def call(self, x, positions, attention_mask, return_aux=False):
         b, t = tf.shape(x)[0], tf.shape(x)[1]
         q_latent = self.q_a_norm(self.q_a_proj(x))                          # (B, T, r)
         q = tf.reshape(self.q_b_proj(q_latent), [b, t, self.num_heads, self.head_dim])
@@ -157,8 +162,9 @@ class V4Attention(keras.layers.Layer):
         kv = self.kv_norm(self.kv_proj(x))[:, :, None]
         keys = rotate_tail_pairs(kv, cos, sin)[:, :, 0]                     # (B, T, D)
         mask = tf.logical_and(attention_mask, sliding_window_mask(t, self.sliding_window))
+        scores = None
         if self.compressor is not None:
-            c_keys, c_mask = self._compressed(x, q_latent, positions, cos, sin)
+            c_keys, c_mask, scores = self._compressed(x, q_latent, positions, cos, sin)
             keys = tf.concat([keys, tf.cast(c_keys, keys.dtype)], axis=1)   # (B, T + W, D)
             mask = tf.concat([mask, c_mask[:, None]], axis=-1)              # (B, 1, T, T + W)
         logits = tf.einsum("bthd,bsd->bhts", tf.cast(q, tf.float32), tf.cast(keys, tf.float32))
@@ -168,7 +174,12 @@ class V4Attention(keras.layers.Layer):
         grouped = tf.reshape(out, [b, t, self.o_groups, -1])                # (B, T, G, H*D/G)
         o_a = tf.reshape(tf.cast(self.o_a_proj, x.dtype), [self.o_groups, self.o_lora_rank, -1])
         y = tf.einsum("btgi,gri->btgr", grouped, o_a)                       # (B, T, G, r)
-        return self.o_b_proj(tf.reshape(y, [b, t, self.o_groups * self.o_lora_rank]))
+        y = self.o_b_proj(tf.reshape(y, [b, t, self.o_groups * self.o_lora_rank]))
+        if not return_aux or self.indexer is None:
+            return (y, {}) if return_aux else y
+        if scores is None:  # no complete entry yet
+            return y, {"indexer_kl": tf.zeros([b, t])}
+        return y, {"indexer_kl": indexer_kl(probs[..., t:], scores, c_mask)}
 
     def get_config(self):
         s = self.rotary.scaling
