@@ -156,7 +156,7 @@ class DeepSeekCausalLM(keras.Model):
     def init_cache(self, batch_size, max_length: int, dtype=None) -> tuple:
         """A zero KV cache: per decoder block a pair of (B, heads, max_length, width)
         tensors (GQA: keys, values; MLA: latent, rope key). See `layers.kv_cache`."""
-        self._check_cacheable()
+        self.check_cacheable()
         dtype = dtype or self.compute_dtype
         return tuple(tuple(tf.zeros(shape, dtype) for shape in
                            block.self_attn.cache_shape(batch_size, max_length))
@@ -183,7 +183,7 @@ class DeepSeekCausalLM(keras.Model):
             >>> logits, cache = model.call_cached(tf.constant([[5, 6, 7]]), cache, 0)
             >>> logits, cache = model.call_cached(tf.constant([[8]]), cache, 3)
         """
-        self._check_cacheable()
+        self.check_cacheable()
         inputs = tf.convert_to_tensor(inputs, tf.int32)
         b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
         pad = tf.zeros([b], tf.int32) if pad is None else tf.convert_to_tensor(pad, tf.int32)
@@ -200,11 +200,13 @@ class DeepSeekCausalLM(keras.Model):
             new_cache.append(layer_cache)
         return self.head(self.norm(x)), tuple(new_cache)
 
-    def _check_cacheable(self) -> None:
+    def check_cacheable(self) -> None:
+        """UserError if this model has no KV cache (DeepSeek-V4's is not built yet)."""
         cfg = self.config
         if cfg.attention_type == "v4" or cfg.hc_mult:
             raise UserError("cached generation of DeepSeek-V4 models (attention_type=v4, "
-                            "hc_mult > 0) is not implemented yet; score or train them instead.")
+                            "hc_mult > 0) is not implemented yet (generate, saved_model, tflite and "
+                            "litertlm need it); train them, or export --format=hf.")
 
     def _dropout_seed(self, training, dropout_seed):
         """The call's dropout seed, drawn outside any remat'd block when not given."""
