@@ -7,7 +7,7 @@ import inspect
 from typing import Any, Mapping, Optional
 
 from deepseek_tf.config.base import _Section, _split_list, knob, nested
-from deepseek_tf.config.v4 import V4_LAYER_TYPES, check_v4
+from deepseek_tf.config.v4 import V4_LAYER_TYPES, check_indexer, check_v4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,8 @@ class ModelConfig(_Section):
     kv_lora_rank: int = knob(64, "MLA: width of the compressed KV latent.")
     qk_nope_head_dim: int = knob(32, "MLA: per-head query/key width without RoPE.")
     qk_rope_head_dim: int = knob(16, "MLA: per-head query width with RoPE (and of the "
-                                 "key's shared RoPE part).")
+                                 "key's shared RoPE part); v4: each head's last dims "
+                                 "with RoPE.")
     v_head_dim: int = knob(32, "MLA: per-head value width.")
     rope_interleave: bool = knob(False, "RoPE on interleaved pairs (x0, x1), (x2, x3), ... "
                                  "(DeepSeek's checkpoint layout) instead of rotate-half.")
@@ -274,13 +275,7 @@ class ModelConfig(_Section):
               f"{self.attention_type}): the indexer selects tokens for MLA.")
             r(self.q_lora_rank > 0, "--model.use_dsa needs --model.q_lora_rank > 0: the "
                                     "indexer's queries come from the query latent.")
-            r(self.index_topk > 0, f"--model.index_topk must be > 0, got {self.index_topk}.")
-            r(self.index_n_heads > 0,
-              f"--model.index_n_heads must be > 0, got {self.index_n_heads}.")
-            r(self.index_head_dim >= self.qk_rope_head_dim,
-              f"--model.index_head_dim={self.index_head_dim} must be >= "
-              f"--model.qk_rope_head_dim={self.qk_rope_head_dim} (RoPE covers its first dims).")
-            r(self.indexer_loss_weight >= 0, "--model.indexer_loss_weight must be >= 0.")
+            check_indexer(self)
         if self.attention_type == "hybrid":
             r(self.sliding_window > 0, "--model.sliding_window must be > 0 for hybrid attention.")
             r(self.hybrid_global_weight >= 0 and self.hybrid_local_weight >= 0,

@@ -62,9 +62,15 @@ def check_v4(cfg) -> None:
             r(getattr(cfg, name) > 0,
               f"--model.{name} must be > 0, got {getattr(cfg, name)}.")
     if "compressed_sparse_attention" in types:
-        r(cfg.index_topk > 0, f"--model.index_topk must be > 0, got {cfg.index_topk}.")
-        r(cfg.index_n_heads > 0,
-          f"--model.index_n_heads must be > 0, got {cfg.index_n_heads}.")
-        r(cfg.index_head_dim >= cfg.qk_rope_head_dim,
-          f"--model.index_head_dim={cfg.index_head_dim} must be >= "
-          f"--model.qk_rope_head_dim={cfg.qk_rope_head_dim} (RoPE covers its last dims).")
+        check_indexer(cfg)
+
+
+def check_indexer(cfg) -> None:
+    """The lightning indexer's fields (V3.2's DSA and V4's CSA layers)."""
+    r = cfg._require
+    r(cfg.index_topk > 0, f"--model.index_topk must be > 0, got {cfg.index_topk}.")
+    r(cfg.index_n_heads > 0, f"--model.index_n_heads must be > 0, got {cfg.index_n_heads}.")
+    r(cfg.index_head_dim >= cfg.qk_rope_head_dim,
+      f"--model.index_head_dim={cfg.index_head_dim} must be >= --model.qk_rope_head_dim="
+      f"{cfg.qk_rope_head_dim} (RoPE covers qk_rope_head_dim of its dims).")
+    r(cfg.indexer_loss_weight >= 0, "--model.indexer_loss_weight must be >= 0.")

@@ -46,9 +46,15 @@ def _norm(name: str, norm) -> Entry:
     return Entry(f"{name}.weight", norm.scale)
 
 
-def _mlp(prefix: str, mlp) -> list[Entry]:
+#: HF names of a DeepSeekMoE's parts (V2/V3 classes) and of DeepSeek-V4's checkpoints.
+MOE_NAMES = {"bias": "e_score_correction_bias", "gate_proj": "gate_proj",
+             "up_proj": "up_proj", "down_proj": "down_proj"}
+V4_MOE_NAMES = {"bias": "bias", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _mlp(prefix: str, mlp, names=MOE_NAMES) -> list[Entry]:
     return [e for p in ("gate_proj", "up_proj", "down_proj")
-            for e in _linear(f"{prefix}.{p}", getattr(mlp, p))]
+            for e in _linear(f"{prefix}.{names[p]}", getattr(mlp, p))]
 
 
 def _attention(prefix: str, attn) -> list[Entry]:
@@ -99,22 +105,7 @@ def v4_attention_entries(prefix: str, attn) -> list[Entry]:
 def v4_moe_entries(prefix: str, moe) -> list[Entry]:
     """A `DeepSeekMoE` under DeepSeek-V4's names (`layers.{i}.ffn`: experts' w1 = gate,
     w3 = up, w2 = down; `gate.bias` the correction bias, `gate.tid2eid` the hash table)."""
-    f = moe.moe_intermediate_size
-    out = [Entry(f"{prefix}.gate.weight", moe.gate.kernel, transpose=True)]
-    if moe.gate.e_score_correction_bias is not None:
-        out.append(Entry(f"{prefix}.gate.bias", moe.gate.e_score_correction_bias))
-    if moe.gate.tid2eid is not None:
-        out.append(Entry(f"{prefix}.gate.tid2eid", moe.gate.tid2eid))
-    for i in range(moe.num_experts):
-        p = f"{prefix}.experts.{i}"
-        out += [Entry(f"{p}.w1.weight", moe.gate_up_proj, (i, slice(None), slice(0, f)), True),
-                Entry(f"{p}.w3.weight", moe.gate_up_proj, (i, slice(None), slice(f, 2 * f)), True),
-                Entry(f"{p}.w2.weight", moe.down_proj, (i,), True)]
-    if moe.shared_experts is not None:
-        sh = moe.shared_experts
-        out += [e for n, layer in (("w1", sh.gate_proj), ("w3", sh.up_proj), ("w2", sh.down_proj))
-                for e in _linear(f"{prefix}.shared_experts.{n}", layer)]
-    return out
+    return _moe(prefix, moe, V4_MOE_NAMES)
 
 
 def hyper_entries(prefix: str, hc, head: bool = False) -> list[Entry]:
@@ -136,19 +127,20 @@ def _v4_block(prefix: str, block) -> list[Entry]:
         f"{prefix}.hc_ffn", block.ffn_hc)
 
 
-def _moe(prefix: str, moe) -> list[Entry]:
-    f = moe.moe_intermediate_size
+def _moe(prefix: str, moe, names=MOE_NAMES) -> list[Entry]:
+    f, n = moe.moe_intermediate_size, names
     out = [Entry(f"{prefix}.gate.weight", moe.gate.kernel, transpose=True)]
     if moe.gate.e_score_correction_bias is not None:
-        out.append(Entry(f"{prefix}.gate.e_score_correction_bias",
-                         moe.gate.e_score_correction_bias))
+        out.append(Entry(f"{prefix}.gate.{n['bias']}", moe.gate.e_score_correction_bias))
+    if moe.gate.tid2eid is not None:
+        out.append(Entry(f"{prefix}.gate.tid2eid", moe.gate.tid2eid))
     for i in range(moe.num_experts):
         p = f"{prefix}.experts.{i}"
-        out += [Entry(f"{p}.gate_proj.weight", moe.gate_up_proj, (i, slice(None), slice(0, f)), True),
-                Entry(f"{p}.up_proj.weight", moe.gate_up_proj, (i, slice(None), slice(f, 2 * f)), True),
-                Entry(f"{p}.down_proj.weight", moe.down_proj, (i,), True)]
+        out += [Entry(f"{p}.{n['gate_proj']}.weight", moe.gate_up_proj, (i, slice(None), slice(0, f)), True),
+                Entry(f"{p}.{n['up_proj']}.weight", moe.gate_up_proj, (i, slice(None), slice(f, 2 * f)), True),
+                Entry(f"{p}.{n['down_proj']}.weight", moe.down_proj, (i,), True)]
     if moe.shared_experts is not None:
-        out += _mlp(f"{prefix}.shared_experts", moe.shared_experts)
+        out += _mlp(f"{prefix}.shared_experts", moe.shared_experts, names)
     return out
 
 
