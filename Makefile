@@ -40,7 +40,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 BENCHES := compare_hf decode train_throughput moe_scaling data_throughput remat_memory \
-	mwms_scaling edge
+	mwms_scaling edge dsa
 
 bench: $(STAMP)
 	for b in $(BENCHES); do $(BIN)/python bench/$$b.py $(ARGS) || exit 1; done

@@ -19,9 +19,7 @@ which sparse fwd+bwd is cheaper than dense. The sides take turns round after rou
 figures only from a quiet machine. `--smoke` runs tiny lengths once (for tests).
 """
 
-import argparse
-
-from common import cpu_summary, interleaved_medians
+import common  # before TensorFlow: keeps its start-up lines off the console
 
 import tensorflow as tf
 
@@ -76,17 +74,15 @@ def runners(mla, t: int, jit: bool) -> dict:
     return out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    p = common.parser(__doc__)
     p.add_argument("--lengths", default="1024,4096,8192")
     p.add_argument("--topk", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--jit_compile", action="store_true", help="XLA-compile each runner")
-    p.add_argument("--smoke", action="store_true", help="tiny lengths, one round (tests)")
-    a = p.parse_args()
+    a = common.start(p, argv)
     lengths = [64, 128] if a.smoke else [int(v) for v in a.lengths.split(",")]
     topk, rounds = (16, 1) if a.smoke else (a.topk, a.rounds)
-    print(cpu_summary())
     print(f"MLA {SHAPE}; indexer {INDEXER['index_n_heads']} heads x "
           f"{INDEXER['index_head_dim']}; top-{topk}; batch 1; XLA {a.jit_compile}")
     dense, sparse = layer(0), layer(topk)
@@ -95,7 +91,7 @@ def main():
     crossover = None
     for t in lengths:
         d, s = runners(dense, t, a.jit_compile), runners(sparse, t, a.jit_compile)
-        m = interleaved_medians({"d": d["fwd+bwd"], "s": s["fwd+bwd"], "i": s["indexer"],
+        m = common.interleaved_medians({"d": d["fwd+bwd"], "s": s["fwd+bwd"], "i": s["indexer"],
                                  "dd": d["decode"], "sd": s["decode"]}, rounds, warmup=1)
         ratio = m["s"] / m["d"]
         if crossover is None and ratio < 1:

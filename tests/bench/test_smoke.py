@@ -26,6 +26,8 @@ RESULTS = {
                    r"^deepseek_tf float32 \+XLA +[\d,]+",
                    r"^best medians: deepseek_tf [\d,]+ tokens/s \(.*\), transformers [\d,]+ "
                    r"tokens/s \(.*\): ratio [\d.]+x$", r"^the trainer's auto settings here: "],
+    "dsa": [r"^ +128 +[\d.]+s +[\d.]+s +[\d.]+x",
+            r"^sparse/dense fwd\+bwd at T=128: [\d.]+x; crossover: "],
     "decode": [r"^hf pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
                r"^saved_model_xla pos 8 ", r"^keras: transformers / ours decode time "
                r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],
