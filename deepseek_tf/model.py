@@ -14,7 +14,9 @@ import keras
 import tensorflow as tf
 
 from deepseek_tf.config import ModelConfig
+from deepseek_tf.errors import UserError
 from deepseek_tf.layers import DecoderBlock, RMSNorm, attention_mask
+from deepseek_tf.layers.hyper import HyperHead
 from deepseek_tf.layers.kv_cache import cache_masks, slot_positions
 from deepseek_tf.layers.mtp import MTPModule, shift_left
 from deepseek_tf.layers.remat import fold_seed, maybe_remat
@@ -69,6 +71,9 @@ class DeepSeekCausalLM(keras.Model):
         self.blocks = [DecoderBlock(cfg, i, remat=remat, name=f"layers_{i}")
                        for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, name="norm")
+        # Hyper-connections (V4): hc_mult streams per token, collapsed before the norm.
+        self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps,
+                                 cfg.initializer_range, name="hc_head") if cfg.hc_mult else None
         self.mtp = [MTPModule(cfg, k, name=f"mtp_{k}")
                     for k in range(1, cfg.num_nextn_predict_layers + 1)]
         self.lm_head = None if cfg.tie_word_embeddings else keras.layers.Dense(
@@ -117,16 +122,25 @@ class DeepSeekCausalLM(keras.Model):
         if positions is None:
             positions = tf.broadcast_to(tf.range(t, dtype=tf.int32), [b, t])
         mask = attention_mask(segment_ids)                 # (B, 1, T, T)
+        if self.config.attention_type == "v4":
+            # As transformers: padding (segment 0) is no key of any query, so padding
+            # rows read only the sinks; their tokens still enter compressed entries.
+            mask = tf.logical_and(mask, (segment_ids > 0)[:, None, None, :])
         x = self.embed_tokens(inputs)                      # (B, T, D)
+        if self.hc_head is not None:                       # (B, T, N, D) streams
+            x = tf.tile(x[:, :, None], [1, 1, self.config.hc_mult, 1])
         seed = self._dropout_seed(training, dropout_seed)
         layer_aux = []
         for i, block in enumerate(self.blocks):
             run = lambda h, block=block, s=fold_seed(seed, i): block(  # noqa: E731
                 h, positions=positions, attention_mask=mask, training=training,
-                return_aux=return_aux, dropout_seed=s, moe_capacity_factor=moe_capacity_factor)
+                return_aux=return_aux, dropout_seed=s, moe_capacity_factor=moe_capacity_factor,
+                input_ids=inputs)
             out = maybe_remat(run, self.remat == "block")(x)
             x, a = out if return_aux else (out, {})
             layer_aux.append(a)
+        if self.hc_head is not None:
+            x = self.hc_head(x)                            # (B, T, D)
         logits = self.head(self.norm(x))
         if not return_aux:
             return logits
@@ -142,6 +156,7 @@ class DeepSeekCausalLM(keras.Model):
     def init_cache(self, batch_size, max_length: int, dtype=None) -> tuple:
         """A zero KV cache: per decoder block a pair of (B, heads, max_length, width)
         tensors (GQA: keys, values; MLA: latent, rope key). See `layers.kv_cache`."""
+        self.check_cacheable()
         dtype = dtype or self.compute_dtype
         return tuple(tuple(tf.zeros(shape, dtype) for shape in
                            block.self_attn.cache_shape(batch_size, max_length))
@@ -168,6 +183,7 @@ class DeepSeekCausalLM(keras.Model):
             >>> logits, cache = model.call_cached(tf.constant([[5, 6, 7]]), cache, 0)
             >>> logits, cache = model.call_cached(tf.constant([[8]]), cache, 3)
         """
+        self.check_cacheable()
         inputs = tf.convert_to_tensor(inputs, tf.int32)
         b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
         pad = tf.zeros([b], tf.int32) if pad is None else tf.convert_to_tensor(pad, tf.int32)
@@ -183,6 +199,14 @@ class DeepSeekCausalLM(keras.Model):
                                                local_mask, absorb=absorb, static_moe=static_moe)
             new_cache.append(layer_cache)
         return self.head(self.norm(x)), tuple(new_cache)
+
+    def check_cacheable(self) -> None:
+        """UserError if this model has no KV cache (DeepSeek-V4's is not built yet)."""
+        cfg = self.config
+        if cfg.attention_type == "v4" or cfg.hc_mult:
+            raise UserError("cached generation of DeepSeek-V4 models (attention_type=v4, "
+                            "hc_mult > 0) is not implemented yet (generate, saved_model, tflite and "
+                            "litertlm need it); train them, or export --format=hf.")
 
     def _dropout_seed(self, training, dropout_seed):
         """The call's dropout seed, drawn outside any remat'd block when not given."""

@@ -4,7 +4,8 @@ Counts a model's parameters analytically from its config (nothing is allocated, 
 TensorFlow is not imported): total, active per token (a token runs the shared
 experts and `num_experts_per_tok` of the routed ones), and the MTP modules apart
 (DeepSeek quotes V3 as 671B total / 37B active without its 14B of MTP weights).
-Counts include the non-trainable router correction biases. `flops_per_token` gives
+Counts include the non-trainable router correction biases (and V4's hash-routing
+tables, one expert id per token and choice). `flops_per_token` gives
 the training FLOPs per token that `bench/train_throughput.py` divides by for MFU.
 
 Example:
@@ -17,8 +18,39 @@ from __future__ import annotations
 from deepseek_tf.config import ModelConfig
 
 
-def attention_params(c: ModelConfig) -> int:
+def _compressor_params(c: ModelConfig, width: int, overlap: bool, rate: int) -> int:
+    """A V4 KVCompressor: kv_proj, gate_proj, position_bias, kv_norm."""
+    w = width * (2 if overlap else 1)
+    return 2 * c.hidden_size * w + rate * w + width
+
+
+def v4_attention_params(c: ModelConfig, layer_idx: int) -> int:
+    """A V4Attention: low-rank queries, shared KV, grouped output, sinks; compressors and
+    (CSA) the indexer."""
+    d, h, hd, r = c.hidden_size, c.num_attention_heads, c.resolved_head_dim, c.q_lora_rank
+    kinds = c.resolved_layer_types
+    kind = kinds[min(layer_idx, len(kinds) - 1)]
+    n = d * r + r + r * h * hd + d * hd + hd + h * hd * c.o_lora_rank
+    n += c.o_groups * c.o_lora_rank * d + h
+    if kind == "compressed_sparse_attention":
+        rate, ih, ihd = c.compress_rate_csa, c.index_n_heads, c.index_head_dim
+        n += _compressor_params(c, hd, True, rate) + _compressor_params(c, ihd, True, rate)
+        n += r * ih * ihd + d * ih
+    elif kind == "heavily_compressed_attention":
+        n += _compressor_params(c, hd, False, c.compress_rate_hca)
+    return n
+
+
+def hyper_params(c: ModelConfig) -> int:
+    """One HyperConnection (fn, base, scale); 0 without hyper-connections."""
+    n = c.hc_mult
+    return n * c.hidden_size * (2 + n) * n + (2 + n) * n + 3 if n else 0
+
+
+def attention_params(c: ModelConfig, layer_idx: int = 0) -> int:
     d, h, b = c.hidden_size, c.num_attention_heads, c.attention_bias
+    if c.attention_type == "v4":
+        return v4_attention_params(c, layer_idx)
     if c.uses_mla:
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         if c.q_lora_rank:
@@ -46,13 +78,17 @@ def mlp_params(c: ModelConfig, layer_idx: int) -> tuple[int, int]:
     if not c.is_moe_layer(layer_idx):
         return 3 * d * c.intermediate_size, 3 * d * c.intermediate_size
     e, k, f = c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size
-    router = d * e + (e if c.topk_method == "noaux_tc" else 0)
+    kinds = c.resolved_mlp_layer_types
+    if kinds[min(layer_idx, len(kinds) - 1)] == "hash_moe":  # tid2eid, no bias
+        router = d * e + c.vocab_size * k
+    else:
+        router = d * e + (e if c.topk_method == "noaux_tc" else 0)
     shared = 3 * d * f * c.n_shared_experts
     return router + shared + 3 * d * f * e, router + shared + 3 * d * f * k
 
 
 def block_params(c: ModelConfig, layer_idx: int) -> tuple[int, int]:
-    attn = attention_params(c) + 2 * c.hidden_size
+    attn = attention_params(c, layer_idx) + 2 * c.hidden_size + 2 * hyper_params(c)
     total, active = mlp_params(c, layer_idx)
     return attn + total, attn + active
 
@@ -62,6 +98,8 @@ def count_parameters(c: ModelConfig) -> dict[str, int]:
     d, v = c.hidden_size, c.vocab_size
     embedding = v * d
     total = active = embedding + d + (0 if c.tie_word_embeddings else v * d)
+    if c.hc_mult:  # HyperHead
+        total = active = total + c.hc_mult * d * c.hc_mult + c.hc_mult + 1
     for i in range(c.num_hidden_layers):
         t, a = block_params(c, i)
         total, active = total + t, active + a

@@ -8,6 +8,7 @@ from absl import flags
 from deepseek_tf import config as cfg
 from deepseek_tf import flags as dflags
 from deepseek_tf.errors import ConfigError, UserError
+from tests.helpers import tiny
 
 
 def test_defaults_validate_and_round_trip():
@@ -52,6 +53,25 @@ def test_defaults_validate_and_round_trip():
     ("model", dict(scoring_func="relu"), "not one of"),
     ("model", dict(use_dsa=True, q_lora_rank=8), "needs --model.attention_type=mla"),
     ("model", dict(use_dsa=True, attention_type="mla", q_lora_rank=0), "q_lora_rank > 0"),
+    # DeepSeek-V4 (tiny.V4 is valid; one field broken at a time)
+    ("model", dict(tiny.V4, layer_types="sliding_attention"), "has 1 entries but "
+     "--model.num_hidden_layers=3"),
+    ("model", dict(tiny.V4, layer_types="sliding_attention,full_attention,sliding_attention"),
+     "unknown full_attention"),
+    ("model", dict(tiny.V4, mlp_layer_types="moe,dense,moe"), "unknown dense"),
+    ("model", dict(tiny.V4, compress_rate_csa=0), "compress_rate_csa must be > 0"),
+    ("model", dict(tiny.V4, compress_rate_hca=-1), "compress_rate_hca must be > 0"),
+    ("model", dict(tiny.V4, hc_mult=0), "needs --model.hc_mult >= 1"),
+    ("model", dict(hc_mult=-1), "hc_mult must be >= 0"),
+    ("model", dict(tiny.V4, index_topk=0), "index_topk must be > 0"),
+    ("model", dict(tiny.V4, num_key_value_heads=2), "num_key_value_heads=1"),
+    ("model", dict(tiny.V4, o_groups=3), "o_groups=3 must divide"),
+    ("model", dict(tiny.V4, qk_rope_head_dim=32), "qk_rope_head_dim=32 must be even"),
+    ("model", dict(tiny.V4, swiglu_limit=-1.0), "swiglu_limit must be >= 0"),
+    ("model", dict(tiny.V4, num_nextn_predict_layers=1), "MTP over hyper-connection"),
+    ("model", dict(layer_types=",".join(["sliding_attention"] * 4)), "needs "
+     "--model.attention_type=v4"),
+    ("model", dict(mlp_layer_types="hash_moe,moe,moe,moe"), "needs MoE"),
 ])
 def test_bad_values_raise_one_clear_line(section, kw, needle):
     with pytest.raises(ConfigError) as e:

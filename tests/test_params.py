@@ -25,6 +25,7 @@ MOE = dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
          moe_layer_freq=2, num_hidden_layers=3, first_k_dense_replace=0),
     dict(MLA, **MOE, use_dsa=True, index_topk=4, index_head_dim=8, index_n_heads=2,
          num_nextn_predict_layers=1),
+    dict(tiny.V4, scoring_func="sqrtsoftplus"),
 ])
 def test_analytic_count_equals_the_built_model(kw):
     cfg = tiny.model_config(**kw)
@@ -59,10 +60,18 @@ def test_deepseek_presets_have_the_published_sizes():
     ("--model.index_head_dim=8", "--model.index_head_dim=8 must be >= "
                                  "--model.qk_rope_head_dim=16"),
     ("--model.attention_type=gqa", "--model.use_dsa needs --model.attention_type=mla"),
+    ("v4:--model.layer_types=sliding_attention,sliding_attention", "has 2 entries"),
+    ("v4:--model.mlp_layer_types=moe,moe,moe,hash", "unknown hash"),
+    ("v4:--model.compress_rate_hca=0", "--model.compress_rate_hca must be > 0"),
+    ("v4:--model.hc_mult=0", "needs --model.hc_mult >= 1"),
+    ("v4:--model.index_topk=-3", "--model.index_topk must be > 0"),
 ])
-def test_bad_dsa_settings_are_one_line_exit_2(flag, needle):
+def test_bad_dsa_and_v4_settings_are_one_line_exit_2(flag, needle):
+    preset = "deepseek-v32-tiny.flags"
+    if flag.startswith("v4:"):
+        preset, flag = "deepseek-v4-tiny.flags", flag[3:]
     proc = subprocess.run([sys.executable, "-m", "deepseek_tf.params",
-                           "--flagfile=configs/deepseek-v32-tiny.flags", flag],
+                           f"--flagfile=configs/{preset}", flag],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": ROOT})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

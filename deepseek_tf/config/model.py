@@ -6,7 +6,8 @@ import dataclasses
 import inspect
 from typing import Any, Mapping, Optional
 
-from deepseek_tf.config.base import _Section, knob, nested
+from deepseek_tf.config.base import _Section, _split_list, knob, nested
+from deepseek_tf.config.v4 import V4_LAYER_TYPES, check_indexer, check_v4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,16 +106,19 @@ class ModelConfig(_Section):
                                 "(DeepSeek-V2 style).")
     attention_type: str = knob("gqa", "Attention kind: gqa (dense Llama/Qwen2-style grouped-"
                                "query attention), mla (DeepSeek multi-head latent "
-                               "attention) or hybrid (global + sliding-window local mix "
-                               "on the hybrid_base projections).",
-                               choices=("gqa", "mla", "hybrid"))
+                               "attention), hybrid (global + sliding-window local mix "
+                               "on the hybrid_base projections) or v4 (DeepSeek-V4 shared-KV "
+                               "multi-query attention: a sliding window plus the compressed "
+                               "entries layer_types selects).",
+                               choices=("gqa", "mla", "hybrid", "v4"))
     # mla
     q_lora_rank: int = knob(0, "MLA: rank of the low-rank query path (q_a_proj -> norm -> "
                             "q_b_proj); 0 means a plain q_proj.")
     kv_lora_rank: int = knob(64, "MLA: width of the compressed KV latent.")
     qk_nope_head_dim: int = knob(32, "MLA: per-head query/key width without RoPE.")
     qk_rope_head_dim: int = knob(16, "MLA: per-head query width with RoPE (and of the "
-                                 "key's shared RoPE part).")
+                                 "key's shared RoPE part); v4: each head's last dims "
+                                 "with RoPE.")
     v_head_dim: int = knob(32, "MLA: per-head value width.")
     rope_interleave: bool = knob(False, "RoPE on interleaved pairs (x0, x1), (x2, x3), ... "
                                  "(DeepSeek's checkpoint layout) instead of rotate-half.")
@@ -132,9 +136,34 @@ class ModelConfig(_Section):
     hybrid_base: str = knob("mla", "hybrid: the projections the global and local "
                             "branches share.", choices=("mla", "gqa"))
     sliding_window: int = knob(128, "hybrid: the local branch attends to the last "
-                               "sliding_window tokens (the query's included).")
+                               "sliding_window tokens (the query's included); v4: every "
+                               "layer's window branch, the same way.")
     hybrid_global_weight: float = knob(0.7, "hybrid: weight of the global attention output.")
     hybrid_local_weight: float = knob(0.3, "hybrid: weight of the local attention output.")
+    # v4 (DeepSeek-V4; HF DeepseekV4Config names)
+    layer_types: str = knob("", "v4: comma-separated attention type of each layer: "
+                            "sliding_attention, compressed_sparse_attention (CSA: indexer "
+                            "top-k over entries compressing compress_rate_csa tokens) or "
+                            "heavily_compressed_attention (HCA: all entries compressing "
+                            "compress_rate_hca tokens); empty = HF's default (2 HCA, then "
+                            "CSA/HCA alternating).")
+    compress_rate_csa: int = knob(4, "v4: tokens per compressed entry of CSA layers.")
+    compress_rate_hca: int = knob(128, "v4: tokens per compressed entry of HCA layers.")
+    compress_rope_theta: float = knob(160000.0, "v4: RoPE base of CSA/HCA layers (their "
+                                      "window, compressed entries and indexer); sliding "
+                                      "layers use rope_theta.")
+    o_groups: int = knob(2, "v4: head groups of the grouped output projection.")
+    o_lora_rank: int = knob(64, "v4: per-group width of the grouped output projection.")
+    hc_mult: int = knob(0, "Hyper-connections (mHC, V4): residual streams per token; 0 = "
+                        "a plain residual (V3).")
+    hc_sinkhorn_iters: int = knob(20, "mHC: Sinkhorn-Knopp iterations of the stream mixing.")
+    hc_eps: float = knob(1e-6, "mHC: epsilon of the pre/comb weights and Sinkhorn sums.")
+    mlp_layer_types: str = knob("", "Comma-separated MoE kind of each layer: hash_moe (V4: "
+                                "experts from the frozen token->expert table tid2eid) or moe "
+                                "(learned top-k); empty = first_k_dense_replace / "
+                                "moe_layer_freq decide (V3).")
+    swiglu_limit: float = knob(0.0, "V4: clip the experts' gate pre-activations to <= limit "
+                               "and their up ones to [-limit, limit]; 0 = off.")
     # rope scaling: one RopeScaling; flags and config.json keys stay flat (ROPE_FLAGS)
     rope_scaling: RopeScaling = nested(RopeScaling, "RoPE scaling (flags: RopeScaling's).")
     # ModelConfig(rope_scaling_type=..., beta_fast=..., ...) and replace() with the flat
@@ -156,8 +185,9 @@ class ModelConfig(_Section):
                                  "width n_shared_experts * moe_intermediate_size).")
     num_experts_per_tok: int = knob(2, "DeepSeekMoE: routed experts per token (top-k).")
     moe_intermediate_size: int = knob(128, "DeepSeekMoE: hidden width of each expert.")
-    scoring_func: str = knob("sigmoid", "Router affinity: sigmoid (V3) or softmax (V2).",
-                             choices=("sigmoid", "softmax"))
+    scoring_func: str = knob("sigmoid", "Router affinity: sigmoid (V3), softmax (V2) or "
+                             "sqrtsoftplus (V4: sqrt(softplus(logit))).",
+                             choices=("sigmoid", "softmax", "sqrtsoftplus"))
     topk_method: str = knob("noaux_tc", "Expert selection: noaux_tc (V3: scores + "
                             "e_score_correction_bias, groups ranked by the sum of their top-2), "
                             "greedy (plain top-k) or group_limited_greedy (V2: groups ranked "
@@ -226,6 +256,7 @@ class ModelConfig(_Section):
               f"--model.{name} must be in [0, 1), got {getattr(self, name)}.")
         self._check_mla()
         self._check_moe()
+        check_v4(self)
         r(self.num_nextn_predict_layers >= 0, "--model.num_nextn_predict_layers must be >= 0.")
         r(self.mtp_loss_weight >= 0, "--model.mtp_loss_weight must be >= 0.")
 
@@ -244,13 +275,7 @@ class ModelConfig(_Section):
               f"{self.attention_type}): the indexer selects tokens for MLA.")
             r(self.q_lora_rank > 0, "--model.use_dsa needs --model.q_lora_rank > 0: the "
                                     "indexer's queries come from the query latent.")
-            r(self.index_topk > 0, f"--model.index_topk must be > 0, got {self.index_topk}.")
-            r(self.index_n_heads > 0,
-              f"--model.index_n_heads must be > 0, got {self.index_n_heads}.")
-            r(self.index_head_dim >= self.qk_rope_head_dim,
-              f"--model.index_head_dim={self.index_head_dim} must be >= "
-              f"--model.qk_rope_head_dim={self.qk_rope_head_dim} (RoPE covers its first dims).")
-            r(self.indexer_loss_weight >= 0, "--model.indexer_loss_weight must be >= 0.")
+            check_indexer(self)
         if self.attention_type == "hybrid":
             r(self.sliding_window > 0, "--model.sliding_window must be > 0 for hybrid attention.")
             r(self.hybrid_global_weight >= 0 and self.hybrid_local_weight >= 0,
@@ -284,12 +309,33 @@ class ModelConfig(_Section):
         r(self.routed_scaling_factor > 0, "--model.routed_scaling_factor must be > 0.")
 
     @property
+    def resolved_layer_types(self) -> tuple[str, ...]:
+        """v4: each layer's attention type (`layer_types`, or HF's default schedule)."""
+        got, n = _split_list(self.layer_types), self.num_hidden_layers
+        if got:
+            return got
+        alternate = tuple(V4_LAYER_TYPES[1] if i % 2 else V4_LAYER_TYPES[2]
+                          for i in range(max(n - 2, 0)))
+        return (V4_LAYER_TYPES[2],) * min(n, 2) + alternate
+
+    @property
+    def resolved_mlp_layer_types(self) -> tuple[str, ...]:
+        """Each layer's feed-forward kind: dense, moe or hash_moe."""
+        got = _split_list(self.mlp_layer_types)
+        if got:
+            return got
+        return tuple("moe" if self.is_moe_layer(i) else "dense"
+                     for i in range(self.num_hidden_layers))
+
+    @property
     def uses_mla(self) -> bool:
         return self.attention_type == "mla" or (
             self.attention_type == "hybrid" and self.hybrid_base == "mla")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """True if decoder block `layer_idx` has a DeepSeekMoE feed-forward layer."""
+        if self.mlp_layer_types:
+            return self.n_routed_experts > 0
         return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
                 and layer_idx % self.moe_layer_freq == 0)
 

@@ -64,8 +64,9 @@ def _unsupported(hf: dict, arch: str) -> list[str]:
 
 def _missing(hf: dict, arch: str) -> tuple[list[str], list[str]]:
     """(absent or null required fields, `field=value` of those not positive integers)."""
-    need = list(COMMON)
-    if arch.startswith("Deepseek"):
+    from deepseek_tf.convert.hf_v4 import REQUIRED as V4_REQUIRED
+    need = list(V4_REQUIRED if arch == "DeepseekV4ForCausalLM" else COMMON)
+    if arch.startswith("Deepseek") and arch != "DeepseekV4ForCausalLM":
         need += MLA + (MOE if hf.get("n_routed_experts") else ())
     rope = _rope_params(hf)
     if (rope.get("rope_type") or rope.get("type")) == "llama3":
@@ -75,7 +76,7 @@ def _missing(hf: dict, arch: str) -> tuple[list[str], list[str]]:
         value: Any = hf.get(name, rope.get(name))
         if value is None:
             missing.append(name)
-        elif name in COMMON + MLA + MOE and (isinstance(value, bool) or
+        elif name in COMMON + MLA + MOE + V4_REQUIRED and (isinstance(value, bool) or
                                              not isinstance(value, int) or value <= 0):
             invalid.append(f"{name}={value!r}")
     return missing, invalid

@@ -1,6 +1,6 @@
 """Hugging Face `config.json` <-> `ModelConfig`, per architecture.
 
-Supported: DeepseekV32ForCausalLM (V3 + DeepSeek Sparse Attention),
+Supported: DeepseekV4ForCausalLM (`hf_v4.py`), DeepseekV32ForCausalLM (V3 + DeepSeek Sparse Attention),
 DeepseekV3ForCausalLM, DeepseekV2ForCausalLM, LlamaForCausalLM and Qwen2ForCausalLM (transformers 4.x `rope_theta` / `rope_scaling` and 5.x
 `rope_parameters` styles). Settings that transformers' own implementation ignores
 are mapped to what it computes (e.g. DeepSeek-V2's router never normalises its
@@ -18,9 +18,10 @@ from typing import Any
 
 from deepseek_tf.config import ModelConfig
 from deepseek_tf.convert.hf_checks import check_hf_config
+from deepseek_tf.convert.hf_v4 import check_exportable, v4_fields_from_hf, v4_hf_config
 from deepseek_tf.errors import UserError
 
-ARCHITECTURES = ("DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "LlamaForCausalLM",
+ARCHITECTURES = ("DeepseekV4ForCausalLM", "DeepseekV32ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "LlamaForCausalLM",
                  "Qwen2ForCausalLM")
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu", "gelu_new": "gelu"}
 _ACTS_BACK = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
@@ -82,14 +83,20 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, list[str]]:
     check_hf_config(hf, arch)
     act = _get(hf, "hidden_act", "silu")
     heads = hf["num_attention_heads"]
+    v4 = arch == "DeepseekV4ForCausalLM"
     kw: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+        intermediate_size=hf["moe_intermediate_size" if v4 else "intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
         num_attention_heads=heads, hidden_act=_ACTS[act],
         rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
         max_position_embeddings=hf["max_position_embeddings"],
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        initializer_range=float(_get(hf, "initializer_range", 0.02)), **_rope(hf))
+        initializer_range=float(_get(hf, "initializer_range", 0.02)))
+    if v4:
+        fields, notes = v4_fields_from_hf(hf, _rope)
+        return ModelConfig(**kw, **fields), notes
+    kw.update(_rope(hf))
     notes: list[str] = []
     if arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
         head_dim = _get(hf, "head_dim", hf["hidden_size"] // heads)
@@ -155,6 +162,12 @@ def export_architecture(cfg: ModelConfig) -> str:
     if cfg.attention_type == "hybrid":
         raise UserError("hybrid attention has no Hugging Face equivalent; export it with "
                         "another format.")
+    if cfg.attention_type == "v4":
+        check_exportable(cfg)
+        return "DeepseekV4ForCausalLM"
+    if cfg.hc_mult or cfg.mlp_layer_types or cfg.swiglu_limit:
+        raise UserError("hyper-connections, mlp_layer_types and swiglu_limit export only "
+                        "with --model.attention_type=v4 (DeepseekV4ForCausalLM).")
     moe = cfg.n_routed_experts > 0
     if cfg.use_dsa:
         _check_v32(cfg, moe)
@@ -211,6 +224,9 @@ def hf_config_from_model(cfg: ModelConfig) -> dict:
         tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.initializer_range,
         rope_parameters=_rope_parameters(cfg), rope_theta=cfg.rope_theta,
         attention_dropout=0.0, use_cache=True, dtype="float32")
+    if arch == "DeepseekV4ForCausalLM":
+        d.pop("intermediate_size")
+        return {**d, **v4_hf_config(cfg, _rope_parameters(cfg))}
     if arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
         d.update(model_type="llama" if arch == "LlamaForCausalLM" else "qwen2",
                  num_key_value_heads=cfg.resolved_kv_heads, head_dim=cfg.resolved_head_dim)

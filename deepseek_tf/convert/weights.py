@@ -46,9 +46,15 @@ def _norm(name: str, norm) -> Entry:
     return Entry(f"{name}.weight", norm.scale)
 
 
-def _mlp(prefix: str, mlp) -> list[Entry]:
+#: HF names of a DeepSeekMoE's parts (V2/V3 classes) and of DeepSeek-V4's checkpoints.
+MOE_NAMES = {"bias": "e_score_correction_bias", "gate_proj": "gate_proj",
+             "up_proj": "up_proj", "down_proj": "down_proj"}
+V4_MOE_NAMES = {"bias": "bias", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _mlp(prefix: str, mlp, names=MOE_NAMES) -> list[Entry]:
     return [e for p in ("gate_proj", "up_proj", "down_proj")
-            for e in _linear(f"{prefix}.{p}", getattr(mlp, p))]
+            for e in _linear(f"{prefix}.{names[p]}", getattr(mlp, p))]
 
 
 def _attention(prefix: str, attn) -> list[Entry]:
@@ -72,23 +78,75 @@ def _indexer(prefix: str, ix) -> list[Entry]:
                   Entry(f"{prefix}.k_norm.bias", ix.k_norm.beta)]
 
 
-def _moe(prefix: str, moe) -> list[Entry]:
-    f = moe.moe_intermediate_size
+def _compressor(prefix: str, c) -> list[Entry]:
+    """A V4 `KVCompressor` (DeepSeek's `compressor.{wkv, wgate, ape, norm}`)."""
+    return (_linear(f"{prefix}.wkv", c.kv_proj) + _linear(f"{prefix}.wgate", c.gate_proj)
+            + [Entry(f"{prefix}.ape", c.position_bias), _norm(f"{prefix}.norm", c.kv_norm)])
+
+
+def v4_attention_entries(prefix: str, attn) -> list[Entry]:
+    """A `V4Attention` under DeepSeek-V4's checkpoint names (`layers.{i}.attn`), which
+    transformers' save_pretrained writes and from_pretrained renames; `wo_a` keeps
+    its [groups * o_lora_rank, per-group input] layout."""
+    out = [e for n, layer in (("wq_a", attn.q_a_proj), ("wq_b", attn.q_b_proj),
+                              ("wkv", attn.kv_proj), ("wo_b", attn.o_b_proj))
+           for e in _linear(f"{prefix}.{n}", layer)]
+    out += [_norm(f"{prefix}.q_norm", attn.q_a_norm), _norm(f"{prefix}.norm", attn.kv_norm),
+            Entry(f"{prefix}.wo_a.weight", attn.o_a_proj), Entry(f"{prefix}.attn_sink", attn.sinks)]
+    if attn.compressor is not None:
+        out += _compressor(f"{prefix}.compressor", attn.compressor)
+    if attn.indexer is not None:
+        out += _compressor(f"{prefix}.indexer.compressor", attn.index_compressor)
+        out += _linear(f"{prefix}.indexer.wq_b", attn.indexer.wq_b)
+        out += _linear(f"{prefix}.indexer.weights_proj", attn.indexer.weights_proj)
+    return out
+
+
+def v4_moe_entries(prefix: str, moe) -> list[Entry]:
+    """A `DeepSeekMoE` under DeepSeek-V4's names (`layers.{i}.ffn`: experts' w1 = gate,
+    w3 = up, w2 = down; `gate.bias` the correction bias, `gate.tid2eid` the hash table)."""
+    return _moe(prefix, moe, V4_MOE_NAMES)
+
+
+def hyper_entries(prefix: str, hc, head: bool = False) -> list[Entry]:
+    """A `HyperConnection` (`{prefix}_fn/_base/_scale`, e.g. `layers.0.hc_attn`) or the
+    `HyperHead` (`hc_head.hc_fn/...`); fn is stored [out, in]."""
+    sep = "." if head else "_"
+    return [Entry(f"{prefix}{sep}hc_fn" if head else f"{prefix}_fn", hc.fn, transpose=True),
+            Entry(f"{prefix}{sep}hc_base" if head else f"{prefix}_base", hc.base),
+            Entry(f"{prefix}{sep}hc_scale" if head else f"{prefix}_scale", hc.scale)]
+
+
+def _v4_block(prefix: str, block) -> list[Entry]:
+    """A V4 decoder block under DeepSeek-V4's names."""
+    out = [_norm(f"{prefix}.attn_norm", block.input_layernorm),
+           _norm(f"{prefix}.ffn_norm", block.post_attention_layernorm)]
+    out += v4_attention_entries(f"{prefix}.attn", block.self_attn)
+    out += v4_moe_entries(f"{prefix}.ffn", block.mlp)
+    return out + hyper_entries(f"{prefix}.hc_attn", block.attn_hc) + hyper_entries(
+        f"{prefix}.hc_ffn", block.ffn_hc)
+
+
+def _moe(prefix: str, moe, names=MOE_NAMES) -> list[Entry]:
+    f, n = moe.moe_intermediate_size, names
     out = [Entry(f"{prefix}.gate.weight", moe.gate.kernel, transpose=True)]
     if moe.gate.e_score_correction_bias is not None:
-        out.append(Entry(f"{prefix}.gate.e_score_correction_bias",
-                         moe.gate.e_score_correction_bias))
+        out.append(Entry(f"{prefix}.gate.{n['bias']}", moe.gate.e_score_correction_bias))
+    if moe.gate.tid2eid is not None:
+        out.append(Entry(f"{prefix}.gate.tid2eid", moe.gate.tid2eid))
     for i in range(moe.num_experts):
         p = f"{prefix}.experts.{i}"
-        out += [Entry(f"{p}.gate_proj.weight", moe.gate_up_proj, (i, slice(None), slice(0, f)), True),
-                Entry(f"{p}.up_proj.weight", moe.gate_up_proj, (i, slice(None), slice(f, 2 * f)), True),
-                Entry(f"{p}.down_proj.weight", moe.down_proj, (i,), True)]
+        out += [Entry(f"{p}.{n['gate_proj']}.weight", moe.gate_up_proj, (i, slice(None), slice(0, f)), True),
+                Entry(f"{p}.{n['up_proj']}.weight", moe.gate_up_proj, (i, slice(None), slice(f, 2 * f)), True),
+                Entry(f"{p}.{n['down_proj']}.weight", moe.down_proj, (i,), True)]
     if moe.shared_experts is not None:
-        out += _mlp(f"{prefix}.shared_experts", moe.shared_experts)
+        out += _mlp(f"{prefix}.shared_experts", moe.shared_experts, names)
     return out
 
 
 def _block(prefix: str, block) -> list[Entry]:
+    if block.config.attention_type == "v4":
+        return _v4_block(prefix, block)
     out = [_norm(f"{prefix}.input_layernorm", block.input_layernorm),
            _norm(f"{prefix}.post_attention_layernorm", block.post_attention_layernorm)]
     out += _attention(f"{prefix}.self_attn", block.self_attn)
@@ -102,8 +160,12 @@ def weight_entries(model, include_mtp: bool = True) -> list[Entry]:
     for i, block in enumerate(model.blocks):
         out += _block(f"model.layers.{i}", block)
     out.append(_norm("model.norm", model.norm))
+    v4 = model.config.attention_type == "v4"
+    if v4:
+        out += hyper_entries("model.hc_head", model.hc_head, head=True)
     if model.lm_head is not None:
-        out.append(Entry("lm_head.weight", model.lm_head.kernel, transpose=True))
+        out.append(Entry("head.weight" if v4 else "lm_head.weight", model.lm_head.kernel,
+                         transpose=True))
     if include_mtp:
         for k, m in enumerate(model.mtp, start=1):
             p = f"model.layers.{model.config.num_hidden_layers + k - 1}"
@@ -152,11 +214,14 @@ def checked_entries(model, names, shape_of, include_mtp: bool = True) -> list[En
 
 
 def export_tensors(model, include_mtp: bool = True) -> dict[str, np.ndarray]:
-    """HF name -> float32 numpy array for every weight of `model`."""
+    """HF name -> float32 numpy array for every weight of `model` (int64 for integer
+    ones: V4's hash-routing table)."""
     values, out = {}, {}
     for e in weight_entries(model, include_mtp):
         if id(e.variable) not in values:
-            values[id(e.variable)] = np.asarray(e.variable.numpy(), np.float32)
+            v = e.variable.numpy()
+            values[id(e.variable)] = np.asarray(
+                v, np.int64 if np.issubdtype(v.dtype, np.integer) else np.float32)
         a = values[id(e.variable)][e.index]
         out[e.name] = np.ascontiguousarray(a.T if e.transpose else a)
     return out

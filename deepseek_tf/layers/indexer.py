@@ -12,6 +12,11 @@ This is Hugging Face's `DeepseekV32Indexer` (which skips DeepSeek's Hadamard
 rotation and FP8 scoring: both keep the scores). MLA then attends only to each
 query's `index_topk` best tokens (`select`).
 
+DeepSeek-V4's CSA layers score the same way, over compressed entries instead of
+tokens: `token_keys=False` drops wk/k_norm (the keys come from a `KVCompressor`)
+and `rope_layout="tail_pairs"` rotates the queries' last dims in interleaved pairs
+(HF `DeepseekV4Indexer`).
+
 Training (V3.2 paper, section 2.1): `indexer_kl` is the KL divergence between the
 main attention's distribution (summed over heads, L1-normalised, no gradient) and
 the softmax of the index scores, over the causal keys (dense warm-up) or over the
@@ -32,7 +37,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from deepseek_tf.layers.rope import apply_rotary
+from deepseek_tf.layers.rope import apply_rotary, rotate_tail_pairs
 
 NEG_INF = -1e9
 NORM_EPS = 1e-6
@@ -44,6 +49,9 @@ def _rope_front(x, cos, sin, rope: int):
     return tf.concat([apply_rotary(x_rot, cos, sin, interleave=False), x_pass], axis=-1)
 
 
+ROPE_LAYOUTS = ("front", "tail_pairs")
+
+
 @keras.saving.register_keras_serializable(package="deepseek_tf")
 class LightningIndexer(keras.layers.Layer):
     """The DSA indexer (HF `DeepseekV32Indexer` weights: wq_b, wk, k_norm, weights_proj).
@@ -53,17 +61,25 @@ class LightningIndexer(keras.layers.Layer):
       q_lora_rank: width of MLA's query latent (the input of wq_b).
       num_heads: indexer query heads (`index_n_heads`).
       head_dim: indexer query/key width (`index_head_dim`).
-      rope_head_dim: leading dims that get RoPE (`qk_rope_head_dim`).
+      rope_head_dim: dims that get RoPE (`qk_rope_head_dim`).
       initializer_range: stddev of the normal initializer.
+      rope_layout: "front" (V3.2: rotate-half on the first dims) or "tail_pairs" (V4:
+        interleaved pairs on the last dims; cos/sin of `RotaryEmbedding(rope_head_dim)`).
+      token_keys: True (V3.2): wk/k_norm key every token (`keys`); False (V4): the
+        caller passes compressed keys to `scores`.
 
     Example: see the module docstring.
     """
 
     def __init__(self, hidden_size: int, q_lora_rank: int, num_heads: int, head_dim: int,
-                 rope_head_dim: int, initializer_range: float = 0.02, **kwargs):
+                 rope_head_dim: int, initializer_range: float = 0.02, rope_layout: str = "front",
+                 token_keys: bool = True, **kwargs):
         super().__init__(**kwargs)
         if head_dim < rope_head_dim:
             raise ValueError(f"head_dim={head_dim} must be >= rope_head_dim={rope_head_dim}")
+        if rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout={rope_layout!r} is not one of {ROPE_LAYOUTS}")
+        self.rope_layout, self.token_keys = rope_layout, token_keys
         self.hidden_size, self.q_lora_rank = hidden_size, q_lora_rank
         self.num_heads, self.head_dim, self.rope_head_dim = num_heads, head_dim, rope_head_dim
         self.initializer_range = initializer_range
@@ -71,8 +87,9 @@ class LightningIndexer(keras.layers.Layer):
         dense = lambda n, name: keras.layers.Dense(  # noqa: E731
             n, use_bias=False, kernel_initializer=init, name=name)
         self.wq_b = dense(num_heads * head_dim, "wq_b")
-        self.wk = dense(head_dim, "wk")
-        self.k_norm = keras.layers.LayerNormalization(epsilon=NORM_EPS, name="k_norm")
+        self.wk = dense(head_dim, "wk") if token_keys else None
+        self.k_norm = keras.layers.LayerNormalization(
+            epsilon=NORM_EPS, name="k_norm") if token_keys else None
         # HF keeps weights_proj in float32 (`_keep_in_fp32_modules`).
         self.weights_proj = keras.layers.Dense(num_heads, use_bias=False, dtype="float32",
                                                kernel_initializer=init, name="weights_proj")
@@ -80,8 +97,9 @@ class LightningIndexer(keras.layers.Layer):
     def build(self, input_shape):
         lead = tuple(input_shape[:-1])
         self.wq_b.build(lead + (self.q_lora_rank,))
-        self.wk.build(input_shape)
-        self.k_norm.build(lead + (self.head_dim,))
+        if self.token_keys:
+            self.wk.build(input_shape)
+            self.k_norm.build(lead + (self.head_dim,))
         self.weights_proj.build(input_shape)
 
     def keys(self, x, cos, sin):
@@ -99,7 +117,11 @@ class LightningIndexer(keras.layers.Layer):
         """
         b, t = tf.shape(x)[0], tf.shape(x)[1]
         q = tf.reshape(self.wq_b(q_latent), [b, t, self.num_heads, self.head_dim])
-        q = tf.cast(_rope_front(q, cos, sin, self.rope_head_dim), tf.float32)  # (B, T, H, D)
+        if self.rope_layout == "front":
+            q = _rope_front(q, cos, sin, self.rope_head_dim)
+        else:
+            q = rotate_tail_pairs(q, cos, sin)
+        q = tf.cast(q, tf.float32)                                             # (B, T, H, D)
         keys = tf.cast(keys, tf.float32)                                       # (B, S, D)
         w = tf.cast(self.weights_proj(tf.cast(x, tf.float32)), tf.float32)
         w = w * (self.num_heads ** -0.5 * self.head_dim ** -0.5)               # (B, T, H)
@@ -114,7 +136,8 @@ class LightningIndexer(keras.layers.Layer):
         return {**super().get_config(), "hidden_size": self.hidden_size,
                 "q_lora_rank": self.q_lora_rank, "num_heads": self.num_heads,
                 "head_dim": self.head_dim, "rope_head_dim": self.rope_head_dim,
-                "initializer_range": self.initializer_range}
+                "initializer_range": self.initializer_range, "rope_layout": self.rope_layout,
+                "token_keys": self.token_keys}
 
 
 def select(index_scores: tf.Tensor, topk: int) -> tf.Tensor:

@@ -23,7 +23,7 @@ import math
 import keras
 import tensorflow as tf
 
-from deepseek_tf.layers.mlp import _ACTIVATIONS, GatedMLP
+from deepseek_tf.layers.mlp import GatedMLP, gated
 from deepseek_tf.layers.router import TopkRouter, router_z_loss, sequence_balance_loss
 
 
@@ -47,7 +47,8 @@ def dropless_factor(cfg, static: bool) -> float:
         else 0.0
 
 
-def dispatch_combine(x, indices, weights, gate_up, down, capacity=None, activation="silu"):
+def dispatch_combine(x, indices, weights, gate_up, down, capacity=None, activation="silu",
+                     swiglu_limit: float = 0.0):
     """Runs every token through its chosen experts with static-capacity buffers.
 
     Args:
@@ -56,6 +57,7 @@ def dispatch_combine(x, indices, weights, gate_up, down, capacity=None, activati
       gate_up: (E, d, 2f) stacked fused gate/up weights; down: (E, f, d).
       capacity: rows per expert buffer (int or scalar tensor); None = dropless.
       activation: "silu" or "gelu".
+      swiglu_limit: > 0 clips the experts' pre-activations (see `gated`).
 
     Returns (y (N, d), load (E,) float32 pairs routed per expert, dropped float32 pairs).
     """
@@ -79,7 +81,7 @@ def dispatch_combine(x, indices, weights, gate_up, down, capacity=None, activati
     x_pad = tf.pad(x, [[0, 1], [0, 0]])                                    # (N+1, d)
     xe = tf.reshape(tf.gather(x_pad, index_map), [e, capacity, d])         # (E, C, d)
     gate, up = tf.split(tf.einsum("ecd,edf->ecf", xe, gate_up), 2, axis=-1)  # (E, C, f)
-    ye = tf.einsum("ecf,efd->ecd", _ACTIVATIONS[activation](gate) * up, down)  # (E, C, d)
+    ye = tf.einsum("ecf,efd->ecd", gated(gate, up, activation, swiglu_limit), down)  # (E, C, d)
     y_pad = tf.pad(tf.reshape(ye, [trash, d]), [[0, 1], [0, 0]])           # (E*C+1, d)
     yk = tf.reshape(tf.gather(y_pad, slot), [k, n, d])                     # (k, N, d)
     w = tf.expand_dims(tf.cast(tf.transpose(weights), yk.dtype), -1)       # (k, N, 1)
@@ -104,8 +106,11 @@ class DeepSeekMoE(keras.layers.Layer):
       inference_capacity_factor: the same outside training.
       activation: "silu" or "gelu".
       initializer_range: stddev of the normal initializer.
+      swiglu_limit: > 0 clips routed and shared experts' pre-activations (V4).
+      vocab_size: the token->expert table's rows with `topk_method="hash"`.
 
-    Call: `moe(x, training=False, return_aux=False, capacity_factor=None)` with x
+    Call: `moe(x, training=False, return_aux=False, capacity_factor=None,
+    input_ids=None)` (input_ids (B, T): hash routing's tokens) with x
     (B, T, d) returns y (B, T, d), or (y, aux) where aux has float32 `load` (E,) routed pairs per
     expert, `dropped` pairs, `balance_loss` (sequence-wise, unweighted) and
     `z_loss`. `capacity_factor` overrides the configured factor (0 = dropless).
@@ -123,19 +128,21 @@ class DeepSeekMoE(keras.layers.Layer):
                  n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
                  routed_scaling_factor: float = 1.0, capacity_factor: float = 1.25,
                  inference_capacity_factor: float = 0.0, activation: str = "silu",
-                 initializer_range: float = 0.02, **kwargs):
+                 initializer_range: float = 0.02, swiglu_limit: float = 0.0,
+                 vocab_size: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.swiglu_limit = swiglu_limit
         self.moe_intermediate_size, self.n_shared_experts = moe_intermediate_size, n_shared_experts
         self.capacity_factor = capacity_factor
         self.inference_capacity_factor = inference_capacity_factor
         self.activation, self.initializer_range = activation, initializer_range
         self.gate = TopkRouter(num_experts, top_k, scoring_func, topk_method, n_group,
                                topk_group, norm_topk_prob, routed_scaling_factor,
-                               initializer_range, name="gate")
+                               initializer_range, vocab_size, name="gate")
         self.shared_experts = GatedMLP(
             hidden_size, moe_intermediate_size * n_shared_experts, activation,
-            initializer_range, name="shared_experts") if n_shared_experts else None
+            initializer_range, swiglu_limit, name="shared_experts") if n_shared_experts else None
 
     def build(self, input_shape):
         init = keras.initializers.RandomNormal(stddev=self.initializer_range)
@@ -147,11 +154,12 @@ class DeepSeekMoE(keras.layers.Layer):
         if self.shared_experts is not None:
             self.shared_experts.build(input_shape)
 
-    def call(self, x, training=False, return_aux=False, capacity_factor=None):
+    def call(self, x, training=False, return_aux=False, capacity_factor=None, input_ids=None):
         b, t = tf.shape(x)[0], tf.shape(x)[1]
         static = x.shape[0] is not None and x.shape[1] is not None
         n = x.shape[0] * x.shape[1] if static else b * t
-        route = self.gate(tf.reshape(x, [-1, self.hidden_size]))           # (N, ...) float32
+        ids = None if input_ids is None else tf.reshape(input_ids, [-1])
+        route = self.gate(tf.reshape(x, [-1, self.hidden_size]), ids)      # (N, ...) float32
         factor = self.capacity_factor if training else self.inference_capacity_factor
         if capacity_factor is not None:  # the caller's choice (cached decoding: dropless)
             factor = capacity_factor
@@ -159,7 +167,7 @@ class DeepSeekMoE(keras.layers.Layer):
         y, load, dropped = dispatch_combine(
             tf.reshape(x, [-1, self.hidden_size]), route["indices"], route["weights"],
             tf.cast(self.gate_up_proj, x.dtype), tf.cast(self.down_proj, x.dtype),
-            capacity, self.activation)
+            capacity, self.activation, self.swiglu_limit)
         y = tf.reshape(y, tf.shape(x))                                     # (B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -183,4 +191,5 @@ class DeepSeekMoE(keras.layers.Layer):
                 "routed_scaling_factor": g.routed_scaling_factor,
                 "capacity_factor": self.capacity_factor,
                 "inference_capacity_factor": self.inference_capacity_factor,
-                "activation": self.activation, "initializer_range": self.initializer_range}
+                "activation": self.activation, "initializer_range": self.initializer_range,
+                "swiglu_limit": self.swiglu_limit, "vocab_size": g.vocab_size}

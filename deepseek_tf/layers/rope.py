@@ -136,3 +136,17 @@ def apply_rotary(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, interleave: bool 
     x1, x2 = tf.split(x32, 2, axis=-1)                      # (B, T, H, D/2) each
     rotated = tf.concat([-x2, x1], axis=-1)
     return tf.cast(x32 * cos + rotated * sin, x.dtype)
+
+
+def rotate_tail_pairs(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor) -> tf.Tensor:
+    """DeepSeek-V4 RoPE: rotates the interleaved pairs of the last `cos.shape[-1]` dims of
+    `x` (B, T, H, D) and keeps their layout (V4's values carry RoPE, so the layout
+    matters); the leading dims pass. cos/sin (B, T, R) come from `RotaryEmbedding(R)`;
+    negate `sin` to undo the rotation.
+    """
+    r = cos.shape[-1]
+    nope, rope = tf.split(x, [x.shape[-1] - r, r], axis=-1)
+    # apply_rotary's interleave leaves evens then odds: gather them back into pairs.
+    back = [i // 2 + (r // 2) * (i % 2) for i in range(r)]
+    rope = tf.gather(apply_rotary(rope, cos, sin, interleave=True), back, axis=-1)
+    return tf.concat([nope, rope], axis=-1)

@@ -7,6 +7,9 @@ Selection (`topk_method`):
     step nudges toward balanced load (aux-loss-free balancing).
   - `group_limited_greedy` (DeepSeek-V2): groups ranked by their max score.
   - `greedy`: plain top-k.
+  - `hash` (DeepSeek-V4's first layers): the experts of token id i are the frozen
+    table row `tid2eid[i]` (a non-trainable int32 weight from the checkpoint).
+Scores: sigmoid (V3), softmax (V2) or sqrtsoftplus (V4: sqrt(softplus(logit))).
 Combine weights are the *unbiased* scores of the chosen experts, normalised to sum
 1 if `norm_topk_prob`, times `routed_scaling_factor` (as HF's DeepseekV3TopkRouter /
 DeepseekV2TopkRouter).
@@ -25,14 +28,15 @@ class TopkRouter(keras.layers.Layer):
     Args:
       num_experts: routed experts.
       top_k: experts per token.
-      scoring_func: "sigmoid" (V3) or "softmax" (V2).
-      topk_method: "noaux_tc", "greedy" or "group_limited_greedy".
+      scoring_func: "sigmoid" (V3), "softmax" (V2) or "sqrtsoftplus" (V4).
+      topk_method: "noaux_tc", "greedy", "group_limited_greedy" or "hash".
       n_group, topk_group: group-limited routing (1, 1 = off).
       norm_topk_prob: normalise the chosen weights to sum 1.
       routed_scaling_factor: multiplies the combine weights.
       initializer_range: stddev of the normal initializer.
+      vocab_size: rows of the `hash` table tid2eid (vocab_size, top_k).
 
-    Call: x (N, d) -> dict of float32 `logits` (N, E), `scores` (N, E), `weights`
+    Call: x (N, d), input_ids (N,) (hash routing only) -> dict of float32 `logits` (N, E), `scores` (N, E), `weights`
     (N, k) and int32 `indices` (N, k).
 
     Example:
@@ -44,14 +48,16 @@ class TopkRouter(keras.layers.Layer):
     def __init__(self, num_experts: int, top_k: int, scoring_func: str = "sigmoid",
                  topk_method: str = "noaux_tc", n_group: int = 1, topk_group: int = 1,
                  norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0,
-                 initializer_range: float = 0.02, **kwargs):
+                 initializer_range: float = 0.02, vocab_size: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.num_experts, self.top_k = num_experts, top_k
+        if topk_method == "hash" and vocab_size <= 0:
+            raise ValueError("hash routing needs vocab_size > 0 (the rows of tid2eid)")
+        self.num_experts, self.top_k, self.vocab_size = num_experts, top_k, vocab_size
         self.scoring_func, self.topk_method = scoring_func, topk_method
         self.n_group, self.topk_group = n_group, topk_group
         self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
         self.initializer_range = initializer_range
-        self.e_score_correction_bias = None
+        self.e_score_correction_bias = self.tid2eid = None
 
     def build(self, input_shape):
         # autocast=False: both weights are read in float32 even under a mixed policy
@@ -66,6 +72,12 @@ class TopkRouter(keras.layers.Layer):
                 name="e_score_correction_bias", shape=(self.num_experts,), dtype="float32",
                 initializer="zeros", trainable=False, aggregation="only_first_replica",
                 autocast=False)
+        if self.topk_method == "hash":
+            # Frozen: the checkpoint's table; a fresh model spreads tokens over experts.
+            self.tid2eid = self.add_weight(
+                name="tid2eid", shape=(self.vocab_size, self.top_k), dtype="int32",
+                initializer=_spread_table(self.num_experts), trainable=False,
+                aggregation="only_first_replica", autocast=False)
 
     def _group_mask(self, choice: tf.Tensor) -> tf.Tensor:
         """Bool (N, E): experts inside the `topk_group` best groups."""
@@ -80,18 +92,23 @@ class TopkRouter(keras.layers.Layer):
         mask = tf.tile(tf.expand_dims(chosen, -1), [1, 1, per])              # (N, G, E/G)
         return tf.reshape(mask, [-1, self.num_experts]) > 0
 
-    def call(self, x):
+    def call(self, x, input_ids=None):
         logits = tf.matmul(tf.cast(x, tf.float32), self.kernel.value)       # (N, E) float32
-        if self.scoring_func == "sigmoid":
-            scores = tf.sigmoid(logits)
-        else:
-            scores = tf.nn.softmax(logits, axis=-1)
+        scores = score(logits, self.scoring_func)
+        if self.tid2eid is not None:
+            if input_ids is None:
+                raise ValueError("hash routing needs the tokens' input_ids")
+            indices = tf.gather(self.tid2eid.value, input_ids)              # (N, k)
+            return self._combine(logits, scores, indices)
         choice = scores
         if self.e_score_correction_bias is not None:
             choice = scores + self.e_score_correction_bias.value
         if self.topk_method != "greedy" and self.n_group > 1:
             choice = tf.where(self._group_mask(choice), choice, float("-inf"))
-        indices = tf.math.top_k(choice, self.top_k).indices                 # (N, k)
+        return self._combine(logits, scores, tf.math.top_k(choice, self.top_k).indices)
+
+    def _combine(self, logits, scores, indices):
+        """The routing dict of the chosen `indices` (N, k)."""
         weights = tf.gather(scores, indices, batch_dims=1)                  # (N, k)
         if self.norm_topk_prob:
             weights = weights / (tf.reduce_sum(weights, -1, keepdims=True) + 1e-20)
@@ -104,7 +121,24 @@ class TopkRouter(keras.layers.Layer):
                 "n_group": self.n_group, "topk_group": self.topk_group,
                 "norm_topk_prob": self.norm_topk_prob,
                 "routed_scaling_factor": self.routed_scaling_factor,
-                "initializer_range": self.initializer_range}
+                "initializer_range": self.initializer_range, "vocab_size": self.vocab_size}
+
+
+def score(logits: tf.Tensor, scoring_func: str) -> tf.Tensor:
+    """Expert affinities (float32) of router logits."""
+    if scoring_func == "sigmoid":
+        return tf.sigmoid(logits)
+    if scoring_func == "sqrtsoftplus":
+        return tf.sqrt(tf.nn.softplus(logits))
+    return tf.nn.softmax(logits, axis=-1)
+
+
+def _spread_table(num_experts: int):
+    """Initializer of a fresh tid2eid (V, k): token i gets experts i, i+1, ... mod E."""
+    def init(shape, dtype=None):
+        rows = tf.range(shape[0])[:, None] + tf.range(shape[1])[None, :]
+        return tf.cast(rows % num_experts, dtype or "int32")
+    return init
 
 
 def sequence_balance_loss(scores: tf.Tensor, indices: tf.Tensor, num_experts: int) -> tf.Tensor:

@@ -62,6 +62,30 @@ CONFIGS = {
         MLA, num_hidden_layers=2, q_lora_rank=24, n_routed_experts=4, n_shared_experts=1,
         num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
         index_topk=32, index_head_dim=12, index_n_heads=2)),
+    # DeepSeek-V4: every attention type (window 6 < T; CSA entries of 4 with the
+    # indexer keeping 2; HCA entries of 8, so T = 20 leaves a partial tail), hash-routed
+    # then top-k MoE with swiglu_limit clipping, 3 hyper-connection streams.
+    "deepseek_v4": ("DeepseekV4", dict(
+        vocab_size=VOCAB, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=4, head_dim=16, partial_rotary_factor=0.5, q_lora_rank=24,
+        num_experts_per_tok=2, n_routed_experts=4, routed_scaling_factor=1.5,
+        max_position_embeddings=64, layer_types=[
+            "sliding_attention", "compressed_sparse_attention",
+            "heavily_compressed_attention", "compressed_sparse_attention"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+        hc_mult=3, mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], swiglu_limit=0.5,
+        sliding_window=6, o_groups=2, o_lora_rank=8, index_n_heads=8, index_head_dim=12,
+        index_topk=2, initializer_range=0.1, num_nextn_predict_layers=0)),
+    # V4 with the sigmoid router, legacy keys (compress_ratios, num_hash_layers) and
+    # HF's default schedule shapes.
+    "deepseek_v4_sigmoid": ("DeepseekV4", dict(
+        vocab_size=VOCAB, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, head_dim=16, qk_rope_head_dim=4, q_lora_rank=16,
+        num_experts_per_tok=2, n_routed_experts=4, scoring_func="sigmoid",
+        max_position_embeddings=64, compress_ratios=[4, 0], num_hash_layers=1,
+        hc_mult=2, swiglu_limit=1.0, sliding_window=8, o_groups=4, o_lora_rank=4,
+        index_n_heads=8, index_head_dim=8, index_topk=3, initializer_range=0.1,
+        num_nextn_predict_layers=0)),
     # R1-Distill-Llama style llama3 RoPE scaling.
     "llama3_rope": ("Llama", dict(DENSE, max_position_embeddings=128, rope_parameters=dict(
         rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
@@ -105,17 +129,26 @@ def dsa_outputs(model, ids):
     return padded, np.stack(picks)
 
 
+V4_ZERO_INIT = ("sinks", "position_bias", "hc.base", "hc.scale", "hc_base", "hc_scale")
+
+
 def perturb(model, gen):
-    """Norm weights away from 1 and correction biases away from 0, so they matter."""
+    """Norm weights away from 1 and correction biases away from 0, so they matter; V4's
+    sinks, compressor position biases and hyper-connection base/scale random and its
+    hash table a random expert choice per token (transformers initialises them to 0/1)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias") or name.endswith(V4_ZERO_INIT):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen) + name.endswith("scale"))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.2 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("tid2eid"):
+                experts = model.config.n_routed_experts
+                b.copy_(torch.stack([torch.randperm(experts, generator=gen)[:b.shape[1]]
+                                     for _ in range(b.shape[0])]))
 
 
 def build(out_dir, names):
@@ -132,6 +165,13 @@ def build(out_dir, names):
         result[name] = logits_of(model, ids)
         if family == "DeepseekV32":
             result[f"{name}_padded"], result[f"{name}_topk"] = dsa_outputs(model, ids)
+        if family == "DeepseekV4":  # left-padded, and shorter than window and rates
+            p_ids, p_mask, p_pos = padded_batch(ids)
+            with torch.no_grad():
+                result[f"{name}_padded"] = model(
+                    torch.tensor(p_ids), attention_mask=torch.tensor(p_mask),
+                    position_ids=torch.tensor(p_pos)).logits.float().numpy()
+            result[f"{name}_short"] = logits_of(model, ids[:, :3])
     np.savez(os.path.join(out_dir, "reference.npz"), **result)
 
 

@@ -56,6 +56,48 @@ def build_reference(tmp_path_factory, names):
     return out, dict(np.load(out / "reference.npz"))
 
 
+def convert_references(hf_dir, names, tmp_path_factory) -> dict:
+    """name -> (workdir, loaded model) of each tiny HF model in `hf_dir`, converted."""
+    out = {}
+    for name in names:
+        wd = str(tmp_path_factory.mktemp(f"wd-{name}") / "wd")
+        convert_hf(str(hf_dir / name), wd, Experiment(data=tiny.data_config()), log=quiet)
+        out[name] = (wd, load_workdir(wd)[0])
+    return out
+
+
+def left_padded_diff(model, tokens, expected, pad: int = 5) -> float:
+    """Max |our logits - `expected`| over the real tokens of `tokens` with row 0
+    left-padded by `pad` (hf_reference.padded_batch: token 0, positions from 0)."""
+    padded = tokens.copy()
+    padded[0, :pad] = 0
+    seg = np.ones_like(padded)
+    seg[0, :pad] = 0
+    pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
+    ours = model(tf.constant(padded, tf.int32), segment_ids=tf.constant(seg, tf.int32),
+                 positions=tf.constant(pos, tf.int32)).numpy()
+    return float(np.abs(ours - expected)[seg.astype(bool)].max())
+
+
+def check_hf_exports_reload(reference, converted, names, architecture, tmp_path) -> None:
+    """Exports each converted model to HF; transformers reloads every one with no
+    missing, unexpected or misshapen tensor and reproduces the reference logits."""
+    _, ref = reference
+    for name in names:
+        out = tmp_path / name
+        export(converted[name][1], load_workdir(converted[name][0])[1], "hf", str(out),
+               log=quiet)
+        np.save(out / "tokens.npy", ref["tokens"])
+        assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
+    _torch("reload", *(str(tmp_path / n) for n in names))
+    for name in names:
+        info = json.loads((tmp_path / name / "loading_info.json").read_text())
+        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys",
+                                             "mismatched_keys")), info
+        reloaded = np.load(tmp_path / name / "reloaded.npz")["logits"]
+        assert float(np.abs(reloaded - ref[name]).max()) <= TOL, name
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     return build_reference(tmp_path_factory, NAMES)

@@ -8,21 +8,19 @@ decode (absorbed and naive MLA, XLA on and off, SavedModel, TFLite) and the HF
 export reloaded by transformers.
 """
 
-import json
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from deepseek_tf.config import Experiment
-from deepseek_tf.convert import convert_hf
 from deepseek_tf.export import export, load_workdir
 from deepseek_tf.generate import Generator
 from deepseek_tf.layers import attention_mask
 from deepseek_tf.layers.indexer import select
-from tests.convert.test_hf_parity import TOL, _torch, build_reference, quiet
-from tests.helpers import tiny
+from tests.convert.test_hf_parity import (TOL, _torch, build_reference,
+                                          check_hf_exports_reload, convert_references,
+                                          left_padded_diff, quiet)
 
 NAMES = ("deepseek_v32", "deepseek_v32_dense")
 PAD = 5  # hf_reference.PAD
@@ -37,13 +35,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(reference, tmp_path_factory):
-    hf_dir, _ = reference
-    out = {}
-    for name in NAMES:
-        wd = str(tmp_path_factory.mktemp(f"wd-{name}") / "wd")
-        convert_hf(str(hf_dir / name), wd, Experiment(data=tiny.data_config()), log=quiet)
-        out[name] = (wd, load_workdir(wd)[0])
-    return out
+    return convert_references(reference[0], NAMES, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -53,14 +45,7 @@ def test_logits_match_transformers_also_left_padded(reference, converted, name):
     assert model.config.use_dsa and model.config.rope_interleave
     tokens = ref["tokens"]
     diff = float(np.abs(model(tf.constant(tokens, tf.int32)).numpy() - ref[name]).max())
-    padded = tokens.copy()
-    padded[0, :PAD] = 0
-    seg = np.ones_like(padded)
-    seg[0, :PAD] = 0
-    pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
-    ours = model(tf.constant(padded, tf.int32), segment_ids=tf.constant(seg, tf.int32),
-                 positions=tf.constant(pos, tf.int32)).numpy()
-    pad_diff = float(np.abs(ours - ref[f"{name}_padded"])[seg.astype(bool)].max())
+    pad_diff = left_padded_diff(model, tokens, ref[f"{name}_padded"], PAD)
     print(f"parity {name}: max-abs-diff {diff:.2e}, left-padded {pad_diff:.2e}")
     assert diff <= TOL and pad_diff <= TOL, (diff, pad_diff)
 
@@ -142,19 +127,5 @@ def test_savedmodel_and_tflite_generate_transformers_tokens(converted, hf_tokens
 
 
 def test_hf_export_reloads_in_transformers(reference, converted, tmp_path):
-    _, ref = reference
-    for name in NAMES:
-        out = tmp_path / name
-        export(converted[name][1], load_workdir(converted[name][0])[1], "hf", str(out),
-               log=quiet)
-        np.save(out / "tokens.npy", ref["tokens"])
-        assert json.loads((out / "config.json").read_text())["architectures"] == [
-            "DeepseekV32ForCausalLM"]
-    _torch("reload", *(str(tmp_path / n) for n in NAMES))
-    for name in NAMES:
-        info = json.loads((tmp_path / name / "loading_info.json").read_text())
-        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys",
-                                             "mismatched_keys")), info
-        reloaded = np.load(tmp_path / name / "reloaded.npz")["logits"]
-        assert float(np.abs(reloaded - ref[name]).max()) <= TOL, name
+    check_hf_exports_reload(reference, converted, NAMES, "DeepseekV32ForCausalLM", tmp_path)
     assert os.path.exists(tmp_path / NAMES[0] / "model.safetensors")

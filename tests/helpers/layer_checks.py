@@ -4,7 +4,8 @@
 through JSON (a layer rebuilt from its serialized config, given the same weights,
 gives the same output), that `get_config` names every argument of `__init__` (so a
 forgotten field fails even when the test uses its default), and that every
-trainable weight receives a gradient. Layers that return a tuple are
+trainable weight receives a gradient (but those under `no_gradient` sub-layers,
+e.g. an indexer that only its own loss trains). Layers that return a tuple are
 checked on its first element; layers that return a dict on `output_key`.
 """
 
@@ -24,7 +25,8 @@ def _first(out, output_key):
 
 
 def check_layer(layer, args: tuple, kwargs: dict | None = None, *, expected_shape,
-                expected_dtype=tf.float32, atol: float = 1e-6, output_key: str | None = None):
+                expected_dtype=tf.float32, atol: float = 1e-6, output_key: str | None = None,
+                no_gradient: tuple[str, ...] = ()):
     kwargs = kwargs or {}
     with tf.GradientTape() as tape:
         out = layer(*args, **kwargs)
@@ -36,7 +38,8 @@ def check_layer(layer, args: tuple, kwargs: dict | None = None, *, expected_shap
 
     if layer.trainable_weights:
         grads = tape.gradient(loss, layer.trainable_weights)
-        missing = [w.path for w, g in zip(layer.trainable_weights, grads) if g is None]
+        missing = [w.path for w, g in zip(layer.trainable_weights, grads) if g is None
+                   and not any(f"/{n}/" in w.path for n in no_gradient)]
         assert not missing, f"no gradient for {missing}"
 
     config = layer.get_config()

@@ -9,6 +9,18 @@ def model_config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+#: A tiny DeepSeek-V4 (`model_config(**V4)`): every attention type (sliding, CSA with
+#: entries of 4, HCA with entries of 8), hash-routed then top-k MoE, 2 streams.
+V4 = dict(attention_type="v4", num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
+          qk_rope_head_dim=8, q_lora_rank=16, o_groups=2, o_lora_rank=8, sliding_window=6,
+          layer_types="sliding_attention,compressed_sparse_attention,"
+                      "heavily_compressed_attention",
+          compress_rate_csa=4, compress_rate_hca=8, index_n_heads=2, index_head_dim=8,
+          index_topk=2, hc_mult=2, n_routed_experts=4, n_shared_experts=1,
+          num_experts_per_tok=2, moe_intermediate_size=16, mlp_layer_types="hash_moe,moe,moe",
+          scoring_func="sqrtsoftplus", swiglu_limit=10.0, routed_scaling_factor=1.5)
+
+
 def data_config(**kw) -> DataConfig:
     base = dict(seq_len=32, max_samples=40, val_size=4, shard_size_mb=0.1,
                 shuffle_buffer=64, cycle_length=2)

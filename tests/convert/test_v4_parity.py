@@ -1,0 +1,45 @@
+"""DeepSeek-V4 against transformers' DeepseekV4ForCausalLM, both ways.
+
+The subprocess of test_hf_parity builds two tiny random V4 models (every attention
+type, hash-routed and top-k MoE, sqrtsoftplus and sigmoid routers, swiglu_limit
+active, legacy config keys in the second); we convert them and compare logits: on
+T = 20 (compressed entries and a partial tail), on a left-padded batch, and on
+T = 3 (below the window and every compress rate). Then we export to HF and
+transformers reloads the export with no missing or unexpected tensor.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.convert.test_hf_parity import (TOL, build_reference, check_hf_exports_reload,
+                                          convert_references, left_padded_diff)
+
+NAMES = ("deepseek_v4", "deepseek_v4_sigmoid")
+PAD = 5  # hf_reference.PAD
+
+
+@pytest.fixture(scope="module")
+def v4(tmp_path_factory):
+    """((HF dir, reference outputs), name -> (our workdir, our model))."""
+    reference = build_reference(tmp_path_factory, NAMES)
+    return reference, convert_references(reference[0], NAMES, tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers_long_short_and_left_padded(v4, name):
+    (_, ref), converted = v4
+    model = converted[name][1]
+    assert model.config.attention_type == "v4" and model.config.hc_mult > 1
+    tokens = ref["tokens"]
+    diff = float(np.abs(model(tf.constant(tokens, tf.int32)).numpy() - ref[name]).max())
+    short = model(tf.constant(tokens[:, :3], tf.int32)).numpy()
+    short_diff = float(np.abs(short - ref[f"{name}_short"]).max())
+    pad_diff = left_padded_diff(model, tokens, ref[f"{name}_padded"], PAD)
+    print(f"parity {name}: max-abs-diff {diff:.2e}, T=3 {short_diff:.2e}, "
+          f"left-padded {pad_diff:.2e}")
+    assert max(diff, short_diff, pad_diff) <= TOL, (diff, short_diff, pad_diff)
+
+
+def test_hf_export_reloads_in_transformers(v4, tmp_path):
+    check_hf_exports_reload(*v4, NAMES, "DeepseekV4ForCausalLM", tmp_path)
