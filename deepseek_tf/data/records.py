@@ -15,6 +15,12 @@ from deepseek_tf.errors import UserError
 REFERENCE_KEYS = ("output", "reference", "answer")
 
 
+def normalize_answer(text: str) -> str:
+    """What exact match compares (evaluate's metric, GRPO's reward): the answer without
+    surrounding whitespace."""
+    return text.strip()
+
+
 def read_records(paths: list[str], max_samples: int = 0) -> list[dict]:
     """Records of JSON Lines / JSON array files; a .txt/.md/.py file is one {"text"}."""
     out = []

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import re
 
+from deepseek_tf.data.records import normalize_answer as normalize  # noqa: F401 (tasks)
+
 #: Scripts written without spaces between words: one token per character (CJK
 #: ideographs and their extensions, compatibility ideographs, hiragana, katakana).
 CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
                  "\U00020000-\U0002fa1f]")
 #: A word: a CJK character, or a run of letters/digits of any other script.
 _WORD = re.compile(f"{CJK.pattern}|(?:(?!{CJK.pattern})[^\\W_])+")
-
-
-def normalize(text: str) -> str:
-    """Exact match compares answers without surrounding whitespace."""
-    return text.strip()
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:

@@ -33,6 +33,7 @@ import re
 import numpy as np
 
 from deepseek_tf.config import GRPOConfig
+from deepseek_tf.data.records import normalize_answer
 from deepseek_tf.errors import ConfigError, UserError
 
 EPS = 1e-4
@@ -54,7 +55,7 @@ def extract_answer(text: str, marker: str) -> str | None:
 
 def exact_match(prompt, completion, reference, *, cfg: GRPOConfig, num_tokens: int) -> float:
     answer = extract_answer(completion, cfg.answer_marker)
-    return float(answer is not None and answer == reference.strip())
+    return float(answer is not None and normalize_answer(answer) == normalize_answer(reference))
 
 
 def format_reward(prompt, completion, reference, *, cfg: GRPOConfig, num_tokens: int) -> float:
