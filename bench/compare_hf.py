@@ -40,7 +40,7 @@ def ours(spec: dict) -> dict:
     it = iter(tf.data.Dataset.from_tensors(b).repeat())
     seconds = {}
     for precision in spec["precisions"]:
-        for jit in (False, True):
+        for jit in spec["jit"]:
             run = common.train_step_runner(cfg, batch, seq, jit, precision, it=it)
             name = f"{precision}{' +XLA' if jit else ''}"
             seconds[name] = common.time_calls(run, spec["steps"], spec["warmup"])
@@ -63,8 +63,10 @@ def main(argv=None):
     args = common.start(p, argv)
     if common.run_as_side(args, {"ours": ours}):
         return
-    if args.smoke:
+    jit = (False, True)
+    if args.smoke:  # one setting, no compile (the auto choice below compiles once)
         args.rounds, args.steps, args.warmup, args.precisions = 1, 1, 1, "float32"
+        jit = (False,)
 
     import numpy as np
     from deepseek_tf.convert.hf_config import hf_config_from_model
@@ -77,7 +79,7 @@ def main(argv=None):
     np.savez(os.path.join(tmp, "batch.npz"), **b)
     np.savez(os.path.join(tmp, "batch_hf.npz"), inputs=b["inputs"][0], targets=b["targets"][0])
     spec = {"smoke": args.smoke, "steps": args.steps, "warmup": args.warmup,
-            "precisions": args.precisions.split(","), "hf_config": hf_cfg}
+            "precisions": args.precisions.split(","), "jit": jit, "hf_config": hf_cfg}
     ours_spec = dict(spec, batch=os.path.join(tmp, "batch.npz"), auto=False)
     specs = {"ours": ours_spec, "ours_last": dict(ours_spec, auto=True),  # + the auto choice
              "transformers": dict(spec, batch=os.path.join(tmp, "batch_hf.npz"))}

@@ -41,6 +41,9 @@ MODELS = {
                         max_position_embeddings=1024),
 }
 OURS = ("keras", "keras_xla", "saved_model", "saved_model_xla")
+# `--smoke`: each of our decode paths once, XLA once; a one-layer tiny model.
+SMOKE_SIDES = ("keras", "saved_model_xla")
+MODELS["smoke"] = MODELS["tiny"].replace(num_hidden_layers=1)
 
 
 def _latencies(call, spec):
@@ -87,17 +90,21 @@ def ours(spec: dict) -> dict:
         latency[name] = {}
         for jit in (False, True):
             suffix = "_xla" if jit else ""
-            gen = Generator(model, spec["max_length"], jit_compile=jit)
-            latency[name]["keras" + suffix] = _latencies(
-                lambda p, n: gen.generate(p, [p.shape[1]], max_new_tokens=n)[0].numpy(), spec)
-            latency[name]["saved_model" + suffix] = _latencies(
-                _signature_call(paths["sm" + suffix]), spec)
+            if "keras" + suffix in spec["sides"]:
+                gen = Generator(model, spec["max_length"], jit_compile=jit)
+                latency[name]["keras" + suffix] = _latencies(
+                    lambda p, n: gen.generate(p, [p.shape[1]], max_new_tokens=n)[0].numpy(),
+                    spec)
+            if "saved_model" + suffix in spec["sides"]:
+                latency[name]["saved_model" + suffix] = _latencies(
+                    _signature_call(paths["sm" + suffix]), spec)
     return {"latency": latency, "threads": common.tf_threads(),
             "version": f"TensorFlow {tf.__version__}"}
 
 
-def prepare(names, max_length, tmp) -> dict:
-    """Builds each model (seed 0) and writes its weights, HF export and SavedModels."""
+def prepare(names, max_length, tmp, sides=OURS) -> dict:
+    """Builds each model (seed 0) and writes its weights, HF export and the SavedModels
+    that `sides` time."""
     import tensorflow as tf
 
     from deepseek_tf.config import Experiment
@@ -116,11 +123,14 @@ def prepare(names, max_length, tmp) -> dict:
                        "hf": export_hf(model, Experiment(model=MODELS[name]), f"{d}/hf",
                                        log=quiet)}
         for jit in (False, True):
+            if "saved_model" + ("_xla" if jit else "") not in sides:
+                continue
             paths[name]["sm" + ("_xla" if jit else "")] = export_saved_model(
                 model, Experiment(model=MODELS[name]), f"{d}/sm{'_xla' if jit else ''}",
                 log=quiet, max_length=max_length, tokenizer=ByteTokenizer(), jit_compile=jit)
+        sm = paths[name].get("sm") or paths[name]["sm_xla"]
         info[name] = (model, sum(os.path.getsize(os.path.join(r, f))
-                                 for r, _, fs in os.walk(paths[name]["sm"]) for f in fs))
+                                 for r, _, fs in os.walk(sm) for f in fs))
     return paths, info
 
 
@@ -146,15 +156,17 @@ def main(argv=None):
     args = common.start(p, argv)
     if common.run_as_side(args, {"ours": ours}):
         return
-    lengths = [16, 512]
+    lengths, ours_sides = [16, 512], OURS
     if args.smoke:
-        args.rounds, args.runs, args.new_tokens, args.models, lengths = 1, 1, 4, "tiny", [8, 32]
+        args.rounds, args.runs, args.new_tokens, args.models, lengths = 1, 1, 4, "smoke", [8, 32]
+        ours_sides = SMOKE_SIDES
     names = args.models.split(",")
     tmp = tempfile.mkdtemp(prefix="decode-bench-")
     try:
-        paths, info = prepare(names, max(lengths) + args.new_tokens, tmp)
+        paths, info = prepare(names, max(lengths) + args.new_tokens, tmp, ours_sides)
         spec = {"models": paths, "lengths": lengths, "new_tokens": args.new_tokens,
-                "runs": args.runs, "max_length": max(lengths) + args.new_tokens}
+                "runs": args.runs, "max_length": max(lengths) + args.new_tokens,
+                "sides": ours_sides}
         with open(os.path.join(tmp, "spec.json"), "w") as f:
             json.dump(spec, f)
         sides = {"deepseek_tf": [__file__, "--side=ours", f"--spec={tmp}/spec.json"],
@@ -167,10 +179,10 @@ def main(argv=None):
     print()
     common.print_side_info(results)
     for name in names:
-        summarize(name, info[name], results, lengths)
+        summarize(name, info[name], results, lengths, ours_sides)
 
 
-def summarize(name, info, results, lengths):
+def summarize(name, info, results, lengths, ours_sides=OURS):
     """Per model: ms/token and prefill ms per side and position (min / median / max over
     rounds), ratios of medians against transformers, latency growth with the position."""
     cfg, (model, size) = MODELS[name], info
@@ -182,12 +194,12 @@ def summarize(name, info, results, lengths):
     med = {}
     for i, (what, unit) in enumerate((("prefill", "ms"), ("decode", "ms/token"))):
         rows = {f"{side} pos {n}": [1e3 * r[side][str(n)][i] for r in rounds]
-                for side in (*OURS, "hf") for n in lengths}
+                for side in (*ours_sides, "hf") for n in lengths}
         common.print_stats(what, rows, unit, "{:,.2f}")
         med.update({(what, k): statistics.median(v) for k, v in rows.items()})
     dec = {k: v for (what, k), v in med.items() if what == "decode"}
     lo, hi = lengths[0], lengths[-1]
-    for side in OURS:
+    for side in ours_sides:
         ratios = ", ".join(f"at {n}: {dec[f'hf pos {n}'] / dec[f'{side} pos {n}']:.2f}x"
                            for n in lengths)
         print(f"{side}: transformers / ours decode time (ratio of medians) {ratios}; "

@@ -107,6 +107,8 @@ def main(argv=None):
     else:
         tf.keras.utils.set_random_seed(0)
         cfg = ModelConfig(**(QUICKSTART if args.family == "gqa" else V3_STYLE))
+        if args.smoke:  # one layer: every export traces and converts the whole model
+            cfg = cfg.replace(num_hidden_layers=1, first_k_dense_replace=0)
         model, exp, tok = DeepSeekCausalLM(cfg), Experiment(model=cfg), ByteTokenizer()
     p, n, c = args.prompt_tokens, args.decode_tokens, args.context
     rng = np.random.default_rng(0)
@@ -130,6 +132,8 @@ def main(argv=None):
             sizes[f"tflite {name}"] = os.path.getsize(path)
             rows.append((f"TFLite {name} (ai-edge-litert)",
                          *bench_tflite(path, prompt, n, args.repeats, args.threads)))
+            if args.smoke and q == "none":  # smoke: the LiteRT-LM engine once (int8)
+                continue
             bundle = os.path.join(tmp, f"{q}.litertlm")
             export(model, exp, "litertlm", bundle, log=quiet, tokenizer=tok, max_length=c,
                    prefill_lengths=(p,), quantize=q)

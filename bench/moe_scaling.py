@@ -30,8 +30,8 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (grad_fn_runner, interleaved_medians, parser, start, time_calls,  # noqa: E402
-                    trainer_choice, train_step_runner, update_runner)
+from common import (SMOKE, grad_fn_runner, interleaved_medians, parser, start,  # noqa: E402
+                    time_calls, trainer_choice, train_step_runner, update_runner)
 
 import tensorflow as tf  # noqa: E402
 
@@ -74,7 +74,9 @@ def time_layer(experts: int, tokens: int, jit: bool, dense: bool, steps: int,
     return statistics.median(time_calls(lambda: float(step(x)[0]), steps, warmup=1))
 
 
-def model_config(experts: int) -> ModelConfig:
+def model_config(experts: int, smoke: bool = False) -> ModelConfig:
+    if smoke:  # the smoke model (bench/common.py): one MoE layer, tiny
+        return SMOKE.replace(n_routed_experts=experts)
     return ModelConfig(vocab_size=512, hidden_size=D, num_hidden_layers=2, num_attention_heads=8,
                        intermediate_size=768, attention_type="mla", q_lora_rank=128,
                        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
@@ -119,14 +121,19 @@ def main(argv=None):
         if not args.skip_model:
             runners = {}
             for e in (lo, hi):
-                runners[f"step{e}"] = train_step_runner(model_config(e), 8, args.seq, jit, prec)
-                runners[f"grad{e}"] = grad_fn_runner(model_config(e), 8, args.seq, jit, prec)
-                runners[f"update{e}"] = update_runner(model_config(e), prec)
-            t = {k: v * 1e3 for k, v in interleaved_medians(runners, args.steps).items()}
+                cfg = model_config(e, args.smoke)
+                runners[f"step{e}"] = train_step_runner(cfg, 8, args.seq, jit, prec)
+                if not args.smoke:  # smoke: the train step alone (each runner is a trace)
+                    runners[f"grad{e}"] = grad_fn_runner(cfg, 8, args.seq, jit, prec)
+                    runners[f"update{e}"] = update_runner(cfg, prec)
+            t = {k: v * 1e3 for k, v in
+                 interleaved_medians(runners, args.steps, 1 if args.smoke else 2).items()}
             dropped = float(runners[f"step{hi}"].out["dropped_frac"].numpy().mean())
             print(f"{name} model  train step: E={lo} {t[f'step{lo}']:7.1f} ms  E={hi} "
                   f"{t[f'step{hi}']:7.1f} ms  ratio {t[f'step{hi}'] / t[f'step{lo}']:.2f}  "
                   f"(8 x {args.seq} tokens; E={hi} dropped {100 * dropped:.1f}%)")
+            if args.smoke:
+                continue
             print(f"{name} model  fwd+bwd:    E={lo} {t[f'grad{lo}']:7.1f} ms  E={hi} "
                   f"{t[f'grad{hi}']:7.1f} ms  ratio {t[f'grad{hi}'] / t[f'grad{lo}']:.2f}")
             print(f"{name} model  update:     E={lo} {t[f'update{lo}']:7.1f} ms  E={hi} "

@@ -59,7 +59,7 @@ def main(argv=None):
         return
     if args.smoke:
         args.modes, args.layers, args.seq_len, args.hidden_size, args.batch_size, args.steps = (
-            "none,block", 2, 64, 64, 2, 1)
+            "none,block", 1, 64, 64, 2, 1)
     print(f"model: {args.layers} layers x {args.hidden_size}, {args.heads} heads; batch "
           f"{args.batch_size} x seq {args.seq_len}; XLA {'on' if args.jit_compile else 'off'}; "
           f"median of {args.steps} steps")

@@ -104,7 +104,7 @@ def main(argv=None):
     if common.run_as_side(args, {"clients": clients}):
         return
     if args.smoke:
-        args.requests, args.max_tokens, args.prompt_tokens = 1, 4, 8
+        args.requests, args.max_tokens, args.prompt_tokens, args.levels = 1, 4, 8, "1,16"
         args.jit_compile = "false"  # no XLA compile per batch size: seconds
     levels = [int(x) for x in args.levels.split(",")]
 

@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=8, help="timed steps per mode")
     args = common.start(p, argv)
     if args.smoke:
-        args.steps = 2
+        args.steps = 1
     cfg, batch, seq = common.bench_config(args.smoke)
     params = count_parameters(cfg)
     fpt = flops_per_token(cfg, seq)

@@ -1,0 +1,67 @@
+"""The benches' smoke runs, shared by tests/bench/test_smoke.py (benches that run in the
+test's process) and tests/bench/test_smoke_sides.py (benches that start TensorFlow or
+torch side processes): two files, so `pytest -n 2 --dist loadfile` runs them in parallel.
+Each file runs its benches in one process (tests/bench/smoke_runner.py: TensorFlow is
+imported once); their sides start their own."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# bench -> lines its smoke run must print (regular expressions, one line each).
+RESULTS = {
+    "train_throughput": [r"^no XLA +[\d,]+ +[\d,]+ +[\d,]+$", r"^XLA: MFU [\d.]+% \(median\)$"],
+    "moe_scaling": [r"layer  sparse: E=4 .* ratio [\d.]+", r"model  train step: E=4 .* ratio [\d.]+"],
+    "data_throughput": [r"^prepare \[.*documents/s", r"^pipeline / training: [\d.]+x"],
+    "remat_memory": [r"^remat=block +peak step memory", r"^block / none: memory [\d.]+x"],
+    "mwms_scaling": [r"^2 workers +[\d,]+", r"^speed-up 2 vs 1 worker: median [\d.]+x"],
+    "edge": [r"^TFLite int8 \(ai-edge-litert\) +[\d,]+",
+             r"^TFLite int8 \(LiteRT-LM engine\) +[\d,]+", r"^targets: int8 decode"],
+    "compare_hf": [r"^transformers: torch .*, 2 threads$|^transformers: torch .* threads$",
+                   r"^transformers bf16 autocast +[\d,]+ +[\d,]+ +[\d,]+$",
+                   r"^deepseek_tf float32 +[\d,]+",
+                   r"^best medians: deepseek_tf [\d,]+ tokens/s \(.*\), transformers [\d,]+ "
+                   r"tokens/s \(.*\): ratio [\d.]+x$", r"^the trainer's auto settings here: "],
+    "dsa": [r"^ +128 +[\d.]+s +[\d.]+s +[\d.]+x",
+            r"^sparse/dense fwd\+bwd at T=128: [\d.]+x; crossover: "],
+    "serve_load": [r"^clients +requests/s +TTFT p50 ms +TTFT p99 ms +tokens/s$",
+                   r"^16 +[\d,.]+ +[\d,.]+ +[\d,.]+ +[\d,.]+$",
+                   r"^batching: 16 clients give [\d.]+x the tokens/s of 1$"],
+    "decode": [r"^hf pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
+               r"^saved_model_xla pos 8 ", r"^keras: transformers / ours decode time "
+               r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],
+}
+# The benches whose smoke runs start TensorFlow or torch processes of their own.
+SIDES = ("remat_memory", "mwms_scaling", "compare_hf", "decode")
+IN_PROCESS = tuple(sorted(set(RESULTS) - set(SIDES)))
+# What TensorFlow prints at start-up unless TF_CPP_MIN_LOG_LEVEL silences it.
+START_UP = ("cuInit", "cuda drivers", "cpu_feature_guard", "oneDNN custom operations",
+            "XLA service", "StreamExecutor device")
+
+
+def run_smoke(names) -> tuple[dict, str]:
+    """({bench: its smoke_runner record}, the runner's stderr) of `names`, in one process."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # the benches'
+    proc = subprocess.run([sys.executable, "tests/bench/smoke_runner.py", *names], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(l[6:]) for l in proc.stdout.splitlines() if l.startswith("SMOKE ")]
+    return {r["name"]: r for r in runs}, proc.stderr
+
+
+def check_run(runs: dict, name: str) -> None:
+    """The bench exited cleanly and printed the machine line and its result lines."""
+    run = runs[name]
+    assert run["ok"], run["error"][-3000:]
+    lines = run["stdout"].splitlines()
+    assert re.match(r"machine: .+, \d+ cores; flags: .+; load average [\d.]+", lines[0]), lines[0]
+    for pattern in RESULTS[name]:
+        assert any(re.search(pattern, l) for l in lines), (pattern, run["stdout"])
+
+
+def check_start_up(stderr: str) -> None:
+    """None of TensorFlow's start-up lines reached the console."""
+    assert not [s for s in START_UP if s in stderr], stderr[-3000:]
