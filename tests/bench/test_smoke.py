@@ -7,10 +7,7 @@ processes run in tests/bench/test_smoke_sides.py, in parallel under `pytest -n 2
 import glob
 import os
 
-import pytest
-
-from tests.helpers.bench_smoke import (IN_PROCESS, RESULTS, ROOT, check_run, check_start_up,
-                                       run_smoke)
+from tests.helpers.bench_smoke import IN_PROCESS, RESULTS, ROOT, smoke_tests
 
 
 def test_every_bench_script_is_smoke_tested():
@@ -21,15 +18,4 @@ def test_every_bench_script_is_smoke_tested():
     assert scripts - {"common", "hf_train", "hf_decode", "convert_memory"} == set(RESULTS)
 
 
-@pytest.fixture(scope="module")
-def smoke():
-    return run_smoke(IN_PROCESS)
-
-
-@pytest.mark.parametrize("name", IN_PROCESS)
-def test_smoke(smoke, name):
-    check_run(smoke[0], name)
-
-
-def test_no_tensorflow_start_up_lines(smoke):
-    check_start_up(smoke[1])
+smoke, test_smoke, test_no_tensorflow_start_up_lines = smoke_tests(IN_PROCESS)

@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # bench -> lines its smoke run must print (regular expressions, one line each).
 RESULTS = {
@@ -65,3 +67,23 @@ def check_run(runs: dict, name: str) -> None:
 def check_start_up(stderr: str) -> None:
     """None of TensorFlow's start-up lines reached the console."""
     assert not [s for s in START_UP if s in stderr], stderr[-3000:]
+
+
+def smoke_tests(names):
+    """(smoke fixture, test_smoke, test_no_tensorflow_start_up_lines) of a test file that
+    runs the benches `names` in one process (module-scoped: once per file).
+
+        smoke, test_smoke, test_no_tensorflow_start_up_lines = smoke_tests(SIDES)
+    """
+    @pytest.fixture(scope="module")
+    def smoke():
+        return run_smoke(names)
+
+    @pytest.mark.parametrize("name", names)
+    def test_smoke(smoke, name):
+        check_run(smoke[0], name)
+
+    def test_no_tensorflow_start_up_lines(smoke):
+        check_start_up(smoke[1])
+
+    return smoke, test_smoke, test_no_tensorflow_start_up_lines
