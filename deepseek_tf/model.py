@@ -19,6 +19,7 @@ from deepseek_tf.layers import DecoderBlock, RMSNorm, attention_mask
 from deepseek_tf.layers.hyper import HyperHead
 from deepseek_tf.layers.kv_cache import cache_masks, slot_positions
 from deepseek_tf.layers.mtp import MTPModule, shift_left
+from deepseek_tf.layers.quantized import declare_int8
 from deepseek_tf.layers.remat import fold_seed, maybe_remat
 
 
@@ -82,6 +83,8 @@ class DeepSeekCausalLM(keras.Model):
         for block in self.blocks + [m.block for m in self.mtp]:
             block.self_attn.dsa_dense = dsa_stage == "dense_warmup"
         self.build_weights()
+        if cfg.weight_quantization == "int8":  # Keras' int8 Dense kernels (layers/quantized.py)
+            declare_int8(self)
 
     def build_weights(self) -> None:
         """Creates every variable (a forward pass on a tiny batch)."""

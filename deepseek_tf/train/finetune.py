@@ -90,11 +90,26 @@ def freeze_all_but_indexers(model) -> int:
     return len(model.trainable_variables)
 
 
+def check_quantized_base(exp: Experiment, resuming: bool) -> None:
+    """An int8 base (`--model.weight_quantization`) trains adapters only, from weights."""
+    q = exp.model.weight_quantization
+    if exp.train.finetuning_type != "lora":
+        raise ConfigError(f"the model's weights are stored as {q} "
+                          f"(--model.weight_quantization={q}), which cannot be trained "
+                          f"directly: use --train.finetuning_type=lora (adapters on the frozen "
+                          f"{q} base), or convert without --convert.keep_quantized.")
+    if not (exp.train.init_from or resuming):
+        raise ConfigError(f"--model.weight_quantization={q} needs the base weights: give "
+                          f"--train.init_from=WORKDIR (a keep-quantized conversion).")
+
+
 def prepare_model(model, exp: Experiment, log=print, resuming: bool = False) -> None:
     """Loads `--train.init_from` weights (unless `resuming`: the run's own checkpoint
     then holds every weight and is restored over the model), then applies
     `--train.finetuning_type` (and the DSA dense warm-up's freeze)."""
     tcfg = exp.train
+    if exp.model.weight_quantization != "none":
+        check_quantized_base(exp, resuming)
     if tcfg.init_from and not resuming:
         load_init_weights(model, tcfg.init_from, log)
     if tcfg.finetuning_type == "lora":

@@ -1,0 +1,183 @@
+"""Keep-quantized workdirs: an FP8 release converted to int8 weights + scales, run with
+on-the-fly dequantization, fine-tuned with LoRA on the frozen int8 base and merged.
+
+The FP8 shards come from our own export (`export --format=hf --quantize=fp8`) of a tiny
+random DeepSeek-V3-style model (MLA + MoE + shared expert), so no torch process runs.
+"""
+
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deepseek_tf.config import Experiment, LoraConfig
+from deepseek_tf.convert import convert_hf
+from deepseek_tf.errors import ConfigError, UserError
+from deepseek_tf.export.hf import export_hf
+from deepseek_tf.layers.quantized import (FLOAT_LAYERS, dequantize_int8, int8_config,
+                                         quantize_int8)
+from deepseek_tf.train.loop import train
+from deepseek_tf.workdir import load_workdir
+from deepseek_tf.workdir_files import LOG_FILE
+from tests.convert.test_hf_parity import _cli
+from tests.helpers import tiny
+from tests.helpers.workdirs import make_workdir
+
+quiet = lambda *_: None  # noqa: E731
+IDS = tf.constant([[256, 5, 17, 99, 3, 200, 41, 7, 64]])
+#: int8 with one scale per output channel moves each weight by at most max|w| / 254 of
+#: its channel; on this random model (init stddev 0.2) the logits' RMS error against the
+#: float conversion of the same FP8 files is ~2.6% of their RMS. The bound leaves room for
+#: that, not for a wrong scale or a transposed one (those give errors of order 100%).
+REL_RMS_BOUND = 0.06
+
+
+def _rel_rms(a, b) -> float:
+    return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
+
+
+def _ckpt_bytes(workdir: str) -> int:
+    d = os.path.join(workdir, "checkpoints")
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if ".data-" in f)
+
+
+@pytest.fixture(scope="module")
+def fp8_release(tmp_path_factory):
+    """(dir, FP8 HF shards, float workdir, int8 workdir) of one tiny MLA + MoE model."""
+    root = tmp_path_factory.mktemp("keepq")
+    src, _ = make_workdir(str(root / "src"), "mla_moe", seed=4)
+    model, exp = load_workdir(src)
+    hf = str(root / "hf")
+    export_hf(model, exp, hf, log=quiet, quantize="fp8", shard_mb=0.05)
+    flt, q8 = str(root / "float"), str(root / "int8")
+    convert_hf(hf, flt, Experiment(data=tiny.data_config()), log=quiet)
+    convert_hf(hf, q8, Experiment(data=tiny.data_config()), log=quiet,
+               keep_quantized="int8", part_bytes=20_000)  # several parts: slices of scales
+    return root, hf, flt, q8
+
+
+def test_int8_workdir_runs_close_to_the_float_one_and_is_smaller(fp8_release):
+    _, _, flt, q8 = fp8_release
+    fmodel, _ = load_workdir(flt)
+    qmodel, qexp = load_workdir(q8)
+    assert qexp.model.weight_quantization == "int8"
+    rel = _rel_rms(qmodel(IDS).numpy(), fmodel(IDS).numpy())
+    print(f"int8 vs float logits: RMS error {rel:.4f} of their RMS; checkpoint bytes "
+          f"{_ckpt_bytes(q8):,} vs {_ckpt_bytes(flt):,}")
+    assert 0 < rel <= REL_RMS_BOUND, rel
+    reader = tf.train.load_checkpoint(os.path.join(q8, "checkpoints"))
+    dtypes = reader.get_variable_to_dtype_map()
+    int8 = [k for k, d in dtypes.items() if d == tf.int8]
+    assert any("gate_up_proj" in k for k in int8) and any("kv_b_proj" in k for k in int8)
+    assert not any("lm_head" in k or "embed_tokens" in k for k in int8)
+    # The embeddings and head (vocab 264 x 32 each) stay float in this tiny model; the
+    # quantized projections and experts take a quarter of their float32 bytes.
+    assert _ckpt_bytes(q8) < 0.7 * _ckpt_bytes(flt)
+    stored = json.load(open(os.path.join(q8, "convert.json")))["stored_as"]
+    assert stored == "int8"
+
+
+def test_int8_values_are_keras_int8_quantization_of_the_float_conversion(fp8_release):
+    """Streaming (slice by slice, expert by expert) gives bitwise what Keras'
+    `Dense.quantize("int8")` gives on the whole float kernel: one scheme."""
+    _, _, flt, q8 = fp8_release
+    fmodel, _ = load_workdir(flt)
+    qmodel, _ = load_workdir(q8)
+    qvars = {v.path.split("/", 1)[1]: v.numpy() for v in qmodel.variables}
+    for layer in fmodel._flatten_layers(include_self=False):
+        if not isinstance(layer, keras.layers.Dense) or layer.name in FLOAT_LAYERS:
+            continue
+        path = layer._kernel.path.split("/", 1)[1]                  # .../q_a_proj/kernel
+        layer.quantize("int8", config=int8_config())
+        np.testing.assert_array_equal(layer._kernel.numpy(), qvars[path], err_msg=path)
+        np.testing.assert_array_equal(layer.kernel_scale.numpy(), qvars[path + "_scale"])
+    moe = fmodel.moe_layers[0]
+    q, s = quantize_int8(moe.gate_up_proj.numpy())
+    qmoe = qmodel.moe_layers[0]
+    np.testing.assert_array_equal(qmoe.gate_up_proj.numpy(), q)
+    np.testing.assert_array_equal(qmoe.gate_up_proj_scale.numpy(), s)
+
+
+def test_generate_runs_on_the_int8_workdir(fp8_release):
+    from deepseek_tf.generate import Generator
+    _, _, _, q8 = fp8_release
+    model, _ = load_workdir(q8)
+    prompt = [256, 5, 17, 99]
+    tokens, _ = Generator(model, max_length=16).generate([prompt], [4], max_new_tokens=6)
+    out = tokens.numpy()[0].tolist()
+    seq = prompt + out[:5]  # cached (absorbed MLA) decoding equals full recomputation
+    full = model(tf.constant([seq])).numpy()[0]
+    assert [int(full[len(prompt) - 1 + i].argmax()) for i in range(6)] == out
+
+
+def test_lora_on_the_int8_base_trains_adapters_only_and_merges_requantized(
+        fp8_release, stdlib_data):
+    from deepseek_tf.tools.merge_lora import merge
+    root, _, _, q8 = fp8_release
+    _, data_dir, _ = stdlib_data
+    model_cfg = Experiment.load(os.path.join(q8, "config.json")).model
+    exp = tiny.experiment(data_dir, model=model_cfg.to_dict(), optim={"learning_rate": 3e-2},
+                          train={"steps": 4, "log_every": 1, "checkpoint_every": 4,
+                                 "eval_every": 0, "init_from": q8, "finetuning_type": "lora"})
+    exp = dataclasses.replace(exp, lora=LoraConfig(rank=2, alpha=4.0, targets="all"))
+    wd = str(root / "lora")
+    train(exp, wd, log=quiet)
+    losses = [r["loss"] for r in map(json.loads, open(os.path.join(wd, LOG_FILE)))
+              if r.get("kind", "train") == "train" and "loss" in r]
+    assert losses[-1] < losses[0], losses
+    base = tf.train.load_checkpoint(os.path.join(q8, "checkpoints"))
+    tuned = tf.train.load_checkpoint(os.path.join(wd, "checkpoints"))
+    for k, d in base.get_variable_to_dtype_map().items():  # the int8 base bitwise untouched
+        if k.startswith("model/") and d == tf.int8:
+            np.testing.assert_array_equal(tuned.get_tensor(k), base.get_tensor(k), err_msg=k)
+    assert os.path.exists(os.path.join(wd, "adapter", "adapter.safetensors"))
+
+    lora_model, _ = load_workdir(wd)
+    out = str(root / "merged")
+    merge(out, workdir=wd, log=quiet)
+    merged, mexp = load_workdir(out)
+    assert mexp.model.weight_quantization == "int8" and mexp.train.finetuning_type == "full"
+    # Dequantize -> merge -> requantize: the merged int8 kernel is within half a step of
+    # (base + alpha/r A B) per channel, and the logits stay within int8 rounding.
+    layer = lora_model.blocks[0].self_attn.kv_b_proj
+    mlayer = merged.blocks[0].self_attn.kv_b_proj
+    want = (dequantize_int8(layer._kernel.numpy(), layer.kernel_scale.numpy())
+            + layer.lora_alpha / layer.lora_rank
+            * layer.lora_kernel_a.numpy() @ layer.lora_kernel_b.numpy())
+    got = dequantize_int8(mlayer._kernel.numpy(), mlayer.kernel_scale.numpy())
+    step = 1 / mlayer.kernel_scale.numpy()
+    assert mlayer._kernel.dtype == "int8"
+    assert np.all(np.abs(got - want) <= 0.5 * step + 1e-6)
+    assert not np.array_equal(mlayer._kernel.numpy(), layer._kernel.numpy())  # it learned
+    rel = _rel_rms(merged(IDS).numpy(), lora_model(IDS).numpy())
+    assert rel <= REL_RMS_BOUND, rel
+
+
+def test_an_int8_base_trains_only_lora_from_weights(fp8_release):
+    from deepseek_tf.train.finetune import check_quantized_base
+    _, _, _, q8 = fp8_release
+    model_cfg = Experiment.load(os.path.join(q8, "config.json")).model
+    for train_cfg, words in (({"init_from": q8}, "finetuning_type=lora"),
+                             ({"finetuning_type": "lora"}, "--train.init_from")):
+        exp = tiny.experiment("data", model=model_cfg.to_dict(), train=train_cfg)
+        with pytest.raises(ConfigError, match=words):
+            check_quantized_base(exp, resuming=False)
+    check_quantized_base(tiny.experiment("data", model=model_cfg.to_dict(), train={
+        "init_from": q8, "finetuning_type": "lora"}), resuming=False)
+
+
+def test_keep_quantized_bad_values_are_one_error_line(fp8_release, tmp_path):
+    _, hf, _, _ = fp8_release
+    with pytest.raises(UserError, match="keep_quantized"):
+        convert_hf(hf, str(tmp_path / "x"), Experiment(data=tiny.data_config()), log=quiet,
+                   keep_quantized="fp4")
+    proc = _cli("deepseek_tf.convert", f"--hf_dir={hf}", f"--workdir={tmp_path / 'y'}",
+                "--convert.keep_quantized=int4")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "int4" in lines[0], lines
+    assert not os.path.exists(tmp_path / "y" / "config.json")
