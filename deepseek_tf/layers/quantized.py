@@ -78,7 +78,9 @@ def declare_int8(model) -> int:
         shape = tuple(layer._kernel.shape)
         layer._tracker.unlock()
         try:
-            del layer._kernel
+            # `del layer._kernel` without Keras' gc.collect() per variable (~0.5 s each)
+            layer._untrack_variable(layer._kernel)
+            super(keras.layers.Layer, layer).__delattr__("_kernel")
             layer.quantization_config = int8_config()
             layer.quantized_build(shape, INT8, layer.quantization_config)
         finally:
