@@ -5,7 +5,7 @@ The model is never materialised. Its variables are declared inside a
 checkpoint of that structure (one marker value per variable) gives the object graph
 and each variable's checkpoint key. Then, shard by shard, each HF tensor is read,
 dequantized (FP8 / FP4, `quant.py`) to float32, transposed to our layout and saved
-as its slice of the target variable (TF checkpoints store a variable as slices, as
+in the variable's dtype (float32 or bfloat16) as its slice of the target variable (TF checkpoints store a variable as slices, as
 they did partitioned variables: one expert of a stacked `[E, d, 2f]` weight is the
 slice `i, :, :f`). A keep-quantized conversion (`weight_quantization="int8"`) saves
 each projection and expert as int8 plus its scale slice instead (`layers/quantized.py`;
@@ -85,9 +85,15 @@ def _marker(n: int, v) -> np.ndarray:
     """`n` as a tiny value of `v`'s rank and dtype; int8 (quantized) weights hold it in
     base-100 digits along the last axis."""
     if v.dtype != "int8":
-        return np.full([1] * len(v.shape), n).astype(v.dtype)
+        return np.full([1] * len(v.shape), n).astype(_np_dtype(v))
     digits = [n // 10000, n // 100 % 100, n % 100]
     return np.asarray(digits, np.int8).reshape([1] * (len(v.shape) - 1) + [3])
+
+
+def _np_dtype(v):
+    """The numpy dtype of variable `v` (bfloat16 is ml_dtypes')."""
+    import tensorflow as tf
+    return tf.as_dtype(v.dtype).as_numpy_dtype
 
 
 def _marked(value: np.ndarray) -> int:
@@ -227,7 +233,7 @@ def write_streaming(model, entries, tensors, ckpt_dir: str, quant: Quantization,
                 specs.append(spec)
                 scale = scales.get(id(e.variable))
                 if scale is None:
-                    values.append(a.astype(e.variable.dtype))
+                    values.append(a.astype(_np_dtype(e.variable)))
                     continue
                 q, s = quantize_int8(a)  # kept quantized: int8 + its scale slice
                 values.append(q)
@@ -235,7 +241,7 @@ def write_streaming(model, entries, tensors, ckpt_dir: str, quant: Quantization,
                 spec, shape = _slice_spec(tuple(scale.shape),
                                           _scale_index(e.index, len(e.variable.shape)))
                 specs.append(spec)
-                values.append(s.reshape(shape))
+                values.append(s.reshape(shape).astype(_np_dtype(scale)))
             _save(prefix, names, specs, values)
             del values
         done_bytes += nbytes

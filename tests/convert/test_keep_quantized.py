@@ -1,5 +1,6 @@
 """Keep-quantized workdirs: an FP8 release converted to int8 weights + scales, run with
-on-the-fly dequantization, fine-tuned with LoRA on the frozen int8 base and merged.
+on-the-fly dequantization, fine-tuned with LoRA on the frozen int8 base and merged; and
+`--convert.dtype=bfloat16` storage.
 
 The FP8 shards come from our own export (`export --format=hf --quantize=fp8`) of a tiny
 random DeepSeek-V3-style model (MLA + MoE + shared expert), so no torch process runs.
@@ -61,14 +62,17 @@ def fp8_release(tmp_path_factory):
     convert_hf(hf, flt, Experiment(data=tiny.data_config()), log=quiet)
     convert_hf(hf, q8, Experiment(data=tiny.data_config()), log=quiet,
                keep_quantized="int8", part_bytes=20_000)  # several parts: slices of scales
+    convert_hf(hf, str(root / "bf16"), Experiment(data=tiny.data_config()), log=quiet,
+               dtype="bfloat16")
     return root, hf, flt, q8
 
 
 @pytest.fixture(scope="module")
 def loaded(fp8_release):
     """{"float": (model, exp), "int8": (model, exp)} of the two conversions."""
-    _, _, flt, q8 = fp8_release
-    return {"float": load_workdir(flt), "int8": load_workdir(q8)}
+    root, _, flt, q8 = fp8_release
+    return {"float": load_workdir(flt), "int8": load_workdir(q8),
+            "bf16": load_workdir(str(root / "bf16"))}
 
 
 def test_int8_workdir_runs_close_to_the_float_one_and_is_smaller(fp8_release, loaded):
@@ -102,6 +106,25 @@ def test_int8_workdir_runs_close_to_the_float_one_and_is_smaller(fp8_release, lo
                                dequantize_int8(moe.gate_up_proj.numpy(),
                                                moe.gate_up_proj_scale.numpy())[3, :, f:].T,
                                rtol=1e-6)
+
+
+def test_convert_dtype_bfloat16_stores_and_runs_bfloat16(fp8_release, loaded):
+    root, _, flt, _ = fp8_release
+    model, exp = loaded["bf16"]
+    assert exp.model.weight_dtype == "bfloat16"
+    kinds = {v.path.split("/", 1)[1]: v.dtype for v in model.variables}
+    assert kinds["layers_0/self_attn/kv_b_proj/kernel"] == "bfloat16"
+    assert kinds["layers_0/mlp/gate_up_proj"] == "bfloat16"
+    assert kinds["layers_0/mlp/gate/kernel"] == "float32"  # routers and norms stay float32
+    assert kinds["norm/scale"] == "float32"
+    dtypes = tf.train.load_checkpoint(str(root / "bf16" / "checkpoints")) \
+        .get_variable_to_dtype_map()
+    assert dtypes["model/layers_0/mlp/down_proj/.ATTRIBUTES/VARIABLE_VALUE"] == tf.bfloat16
+    assert _ckpt_bytes(str(root / "bf16")) < 0.6 * _ckpt_bytes(flt)
+    # bfloat16 weights and compute (8 mantissa bits): ~1% RMS error on these logits.
+    rel = _rel_rms(model(IDS).numpy(), loaded["float"][0](IDS).numpy())
+    print(f"bfloat16 vs float32 logits: RMS error {rel:.4f} of their RMS")
+    assert 0 < rel <= REL_RMS_BOUND, rel
 
 
 def test_generate_runs_on_the_int8_workdir(loaded):
@@ -168,6 +191,10 @@ def test_an_int8_base_trains_only_lora_from_weights(fp8_release):
             check_quantized_base(exp, resuming=False)
     check_quantized_base(tiny.experiment("data", model=model_cfg.to_dict(), train={
         "init_from": q8, "finetuning_type": "lora"}), resuming=False)
+    bf16 = model_cfg.replace(weight_quantization="none", weight_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="weight_dtype=bfloat16"):
+        check_quantized_base(tiny.experiment("data", model=bf16.to_dict(), train={
+            "init_from": q8}), resuming=False)
 
 
 def test_keep_quantized_bad_values_are_one_error_line(fp8_release, tmp_path):
@@ -175,6 +202,9 @@ def test_keep_quantized_bad_values_are_one_error_line(fp8_release, tmp_path):
     with pytest.raises(UserError, match="keep_quantized"):
         convert_hf(hf, str(tmp_path / "x"), Experiment(data=tiny.data_config()), log=quiet,
                    keep_quantized="fp4")
+    with pytest.raises(UserError, match="--convert.dtype"):
+        convert_hf(hf, str(tmp_path / "x"), Experiment(data=tiny.data_config()), log=quiet,
+                   dtype="float16")
     proc = _cli("deepseek_tf.convert", f"--hf_dir={hf}", f"--workdir={tmp_path / 'y'}",
                 "--convert.keep_quantized=int4")
     assert proc.returncode == 2, proc.stderr
