@@ -5,8 +5,8 @@ The model is never materialised. Its variables are declared inside a
 checkpoint of that structure (one marker value per variable) gives the object graph
 and each variable's checkpoint key. Then, shard by shard, each HF tensor is read,
 dequantized (FP8 / FP4, `quant.py`) to float32, transposed to our layout and saved
-in the variable's dtype (float32 or bfloat16) as its slice of the target variable (TF checkpoints store a variable as slices, as
-they did partitioned variables: one expert of a stacked `[E, d, 2f]` weight is the
+in the variable's dtype (float32 or bfloat16) as its slice of the target variable (TF
+checkpoints store a variable as slices, as they did partitioned variables: one expert of a stacked `[E, d, 2f]` weight is the
 slice `i, :, :f`). A keep-quantized conversion (`weight_quantization="int8"`) saves
 each projection and expert as int8 plus its scale slice instead (`layers/quantized.py`;
 an expert's per-output scales are the slice `i, :f` of the stack's [E, 2f] scale).
