@@ -72,6 +72,8 @@ class RunState:
     collectives: strategy_lib.Collectives
     exp: Experiment | None = None  # the experiment, with precision "auto" resolved
     objective: Objective | None = None
+    #: jit_compile=auto's timed grad functions by XLA on/off, for the train step to reuse
+    grad_fns: dict = dataclasses.field(default_factory=dict)
 
 
 def build_state(exp: Experiment, workdir: str, objective: Objective,
@@ -137,16 +139,26 @@ def _describe(state: RunState, tcfg) -> str:
             f"remat {tcfg.remat}")
 
 
+def _token_objective(state: RunState):
+    """The run's objective if the timing's random token batch fits it (then the timed
+    grad function is the train step's own), else None (time the token loss)."""
+    return state.objective if type(state.objective) is TokenObjective else None
+
+
 def _resolve_jit(state: RunState, log) -> Experiment:
     """`state.exp` with `--train.jit_compile=auto` decided on this machine (and logged)."""
     exp = state.exp
     if exp.train.jit_compile != "auto":
         return exp
+    token_objective = _token_objective(state)
     with state.strategy.scope():
         choice, why = autotune.resolve_jit_compile(exp, state.model,
                                                    agree=state.collectives.chief_value, log=log,
                                                    strategy=state.strategy,
-                                                   measure=state.role.is_chief)
+                                                   measure=state.role.is_chief,
+                                                   objective=token_objective,
+                                                   built=state.grad_fns if token_objective
+                                                   else None)
     log(f"jit_compile: {why}")
     return autotune.with_train(exp, jit_compile=choice,
                                auto_decisions=autotune.note(exp, jit_compile=why))
@@ -202,7 +214,8 @@ class Runner:
         self.tokens_per_step = objective.tokens_per_step(exp,
                                                          state.strategy.num_replicas_in_sync)
         train_step = make_train_step(state.model, state.optimizer, state.strategy, tcfg,
-                                     exp.optim, objective=objective)
+                                     exp.optim, objective=objective,
+                                     grad_fn=state.grad_fns.get(tcfg.xla))
         self.train_step = objective.guard(train_step)
         self.eval_step = objective.guard(make_eval_step(state.model, state.strategy, objective))
         self.logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
