@@ -101,14 +101,13 @@ def test_kl_to_an_moe_teacher_falls_and_the_teacher_stays_frozen(stdlib_data, te
     assert {"loss", "lm_loss", "perplexity", "kl_forward"} <= set(result["eval"])
 
 
-def test_a_lora_student_trains_with_accumulation(stdlib_data, teacher,
-                                                                    tmp_path):
+def test_a_lora_student_trains_with_accumulation(stdlib_data, teacher, tmp_path):
     from deepseek_tf.train.loop import train
 
     _, data_dir, _ = stdlib_data
     exp = _exp(data_dir, teacher, {"loss": "mix", "mix_weight": 0.3, "alpha": 0.7},
-               train={"finetuning_type": "lora", "grad_accum_steps": 2, "batch_size": 2, "steps": 4,
-                      "checkpoint_every": 4})
+               train={"finetuning_type": "lora", "grad_accum_steps": 2,
+                      "batch_size": 2, "steps": 3, "checkpoint_every": 3, "eval_steps": 1})
     wd = str(tmp_path / "lora")
     result = train(exp, wd, log=quiet)
     rows = [r for r in read_log(wd) if r["kind"] == "train"]
