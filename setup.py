@@ -22,7 +22,6 @@ INSTALL_REQUIRES = [
     # about on every start.
     "setuptools>=70,<80.9",
     "absl-py>=1.4,<3",
-    "matplotlib>=3.8,<4",
     "numpy>=1.26,<3",
     "ml_dtypes>=0.5,<1",  # bfloat16 / float8 numpy dtypes of safetensors files (convert)
     # convert/export: safetensors' numpy API reads and writes the plain dtypes (float8
@@ -31,7 +30,6 @@ INSTALL_REQUIRES = [
     # evaluate: BLEU, ROUGE, classification F1
     "sacrebleu>=2.4,<3",
     "rouge-score==0.1.2",
-    "scikit-learn>=1.5,<2",
 ]
 
 EXTRAS = {

@@ -21,4 +21,4 @@ TENSORBOARD_DIR = "tensorboard"
 #: One JSON line per logged step / evaluation.
 LOG_FILE = "log.jsonl"
 #: The loss curve drawn at the end of a run.
-PLOT_FILE = "loss.png"
+PLOT_FILE = "loss.svg"

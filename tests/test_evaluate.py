@@ -36,6 +36,9 @@ def test_classification_scores_on_known_values():
     assert s["accuracy"] == pytest.approx(0.75)
     assert s["micro_f1"] == pytest.approx(0.75)
     assert s["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    # A label only ever predicted counts in the macro mean with F1 0 (zero_division=0).
+    s = metrics.classification_scores(["a", "a"], ["a", "z"])
+    assert s["macro_f1"] == pytest.approx((2 / 3 + 0) / 2) and s["accuracy"] == 0.5
 
 
 @pytest.fixture(scope="module")

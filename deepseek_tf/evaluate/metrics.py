@@ -6,7 +6,8 @@ per Chinese character, when a reference holds CJK characters); ROUGE is Google's
 rouge1 / rouge2 / rougeL, with a tokenizer that keeps every script (rouge-score's own
 keeps only a-z and 0-9, so Chinese, Japanese, Cyrillic... scored 0): words are runs of
 letters and digits, lowercased, and each CJK ideograph or kana is a word of its own;
-ASCII text tokenizes exactly as rouge-score's default. F1 is scikit-learn's. Every
+ASCII text tokenizes exactly as rouge-score's default. F1 is computed here (see
+`classification_scores`). Every
 score is in [0, 100] except accuracy and F1 in [0, 1].
 
 Example:
@@ -75,9 +76,22 @@ def generation_scores(predictions: list[str], references: list[str]) -> dict[str
 
 
 def classification_scores(truth: list[str], predicted: list[str]) -> dict[str, float]:
-    """accuracy, macro_f1 and micro_f1 of predicted labels."""
-    from sklearn.metrics import accuracy_score, f1_score
+    """accuracy, macro_f1 and micro_f1 of predicted labels.
 
-    return {"accuracy": float(accuracy_score(truth, predicted)),
-            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
-            "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0))}
+    F1 per label over every label seen in `truth` or `predicted` (a label with no true
+    and no predicted positives scores 0, as scikit-learn's `zero_division=0`); macro is
+    their mean, micro pools the counts (for one label per example it equals accuracy).
+    """
+    n = len(truth)
+    if n != len(predicted):
+        raise ValueError(f"{n} true labels but {len(predicted)} predictions")
+    hits = sum(t == p for t, p in zip(truth, predicted))
+    f1s = []
+    for label in sorted(set(truth) | set(predicted)):
+        tp = sum(t == p == label for t, p in zip(truth, predicted))
+        fp = sum(p == label != t for t, p in zip(truth, predicted))
+        fn = sum(t == label != p for t, p in zip(truth, predicted))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    accuracy = hits / n if n else 0.0
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+            "micro_f1": accuracy}

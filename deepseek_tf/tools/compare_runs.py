@@ -1,6 +1,6 @@
-"""Plot the loss curves (or any logged metric) of several runs in one PNG.
+"""Plot the loss curves (or any logged metric) of several runs in one SVG chart.
 
-    python -m deepseek_tf.tools.compare_runs --workdirs=runs/tiny,runs/tiny-long --output=compare.png
+    python -m deepseek_tf.tools.compare_runs --workdirs=runs/tiny,runs/tiny-long --output=compare.svg
     python -m deepseek_tf.tools.compare_runs --workdirs=runs/a,runs/b --metric=rewards/accuracy
 
 Reads each workdir's log.jsonl; draws the train series (solid) and the eval series
@@ -22,7 +22,8 @@ from deepseek_tf.errors import UserError
 def define_flags():
     """The command line's flags (defined only when run as a command)."""
     flags.DEFINE_string("workdirs", "", "Comma-separated run directories (each with log.jsonl).")
-    flags.DEFINE_string("output", "compare.png", "The PNG to write.")
+    flags.DEFINE_string("output", "compare.svg", "The SVG file to write (open it in a "
+                        "browser).")
     flags.DEFINE_string("metric", "loss", "The logged metric to plot (loss, accuracy, "
                         "rewards/margin, ...).")
     flags.DEFINE_enum("kinds", "both", ["both", "train", "eval"], "Which series to draw.")
@@ -30,7 +31,6 @@ def define_flags():
 
 def read_series(workdir: str, metric: str, kind: str) -> list[tuple[int, float]]:
     """(step, value) of `metric` in `workdir`'s log.jsonl rows of `kind`."""
-    from deepseek_tf.errors import UserError
     path = os.path.join(workdir, "log.jsonl")
     if not os.path.exists(path):
         raise UserError(f"{workdir} has no log.jsonl: not a training run.")
@@ -49,37 +49,28 @@ def read_series(workdir: str, metric: str, kind: str) -> list[tuple[int, float]]
 
 def compare(workdirs: list[str], output: str, metric: str = "loss", kinds: str = "both",
             log=print) -> str:
-    """Writes the plot; returns its path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Writes the chart (SVG); returns its path."""
+    from deepseek_tf.atomic import atomic_write
+    from deepseek_tf.plot import COLORS, Series, line_chart
 
-    from deepseek_tf.errors import UserError
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    drawn = 0
+    if not output.endswith(".svg"):
+        raise UserError(f"--output={output}: the chart is an SVG file; name it *.svg.")
+    series = []
     for i, wd in enumerate(workdirs):
         name = os.path.basename(os.path.normpath(wd))
-        color = f"C{i % 10}"
-        for kind, style in (("train", "-"), ("eval", "o--")):
+        for kind in ("train", "eval"):
             if kinds not in ("both", kind):
                 continue
-            series = read_series(wd, metric, kind)
-            if series:
-                xs, ys = zip(*series)
-                ax.plot(xs, ys, style, color=color, label=f"{name} {kind}", markersize=4)
-                log(f"{name:<24} {kind:<5} {metric} at step {xs[-1]}: {ys[-1]:.4f}")
-                drawn += 1
-    if not drawn:
-        plt.close(fig)
+            points = read_series(wd, metric, kind)
+            if points:
+                series.append(Series(f"{name} {kind}", points, lines=kind == "train",
+                                     dots=kind == "eval", color=COLORS[i % len(COLORS)]))
+                log(f"{name:<24} {kind:<5} {metric} at step {points[-1][0]}: "
+                    f"{points[-1][1]:.4f}")
+    if not series:
         raise UserError(f"no {metric!r} values in the logs of {', '.join(workdirs)}.")
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output)
-    plt.close(fig)
+    atomic_write(output, line_chart(series, "step", metric))
     log(f"wrote {output}")
     return output
 

@@ -1,4 +1,4 @@
-"""Metrics out: one JSON line per log step, TensorBoard scalars, a progress line, loss.png.
+"""Metrics out: one JSON line per log step, TensorBoard scalars, a progress line, loss.svg.
 
 Example:
     >>> log = MetricLogger("/tmp/run", total_steps=100)
@@ -15,7 +15,7 @@ import time
 
 import tensorflow as tf
 
-from deepseek_tf.atomic import atomic_open, atomic_write
+from deepseek_tf.atomic import atomic_write
 from deepseek_tf.workdir_files import LOG_FILE, PLOT_FILE, TENSORBOARD_DIR
 
 
@@ -147,32 +147,20 @@ class MetricLogger:
 
 
 def plot_losses(workdir: str) -> str | None:
-    """Writes loss.png (train and eval loss against step) from log.jsonl."""
+    """Writes loss.svg (train and eval loss against step) from log.jsonl."""
+    from deepseek_tf.plot import Series, line_chart
+
     rows = read_log(workdir)
     train = [(r["step"], r.get("loss_avg", r.get("loss"))) for r in rows
              if r.get("kind") == "train" and "loss" in r]
     evals = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "eval" and "loss" in r]
-    if not train and not evals:
+    series = [Series("train (mean since last log)", train),
+              Series("eval", evals, dots=True)]
+    series = [s for s in series if any(math.isfinite(v) for _, v in s.points)]
+    if not series:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for series, label, style in ((train, "train (mean since last log)", "-"),
-                                 (evals, "eval", "o-")):
-        if series:
-            xs, ys = zip(*[(s, v) for s, v in series if math.isfinite(v)])
-            ax.plot(xs, ys, style, label=label, markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
     path = os.path.join(workdir, PLOT_FILE)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    atomic_write(path, line_chart(series, "step", "loss (nats/token)"))
     return path
 
 

@@ -9,7 +9,7 @@ runs the loop as `begin` / `run_step` (with its log / eval / checkpoint interval
 `end`, the same for every stage.
 
 With several workers (train/strategy.py) every worker runs this same loop; only
-the chief writes config.json, log.jsonl, summaries, loss.png and the real
+the chief writes config.json, log.jsonl, summaries, loss.svg and the real
 checkpoints (train/checkpoint.py). SIGTERM on any worker makes all of them save
 and raise `Preempted` (train/preemption.py).
 

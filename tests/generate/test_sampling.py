@@ -4,7 +4,6 @@ seed reproduces."""
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy import stats
 
 from deepseek_tf.generate.decode import Generator
 from deepseek_tf.generate.sampling import resolve_seeds, sample_tokens
@@ -33,6 +32,14 @@ def _exact(temperature, top_k=0, top_p=1.0):
     return q / q.sum()
 
 
+def _chisquare_pvalue(counts, probs):
+    """Pearson's chi-square goodness-of-fit p-value of `counts` against `probs`: the
+    chi2(k - 1) survival function is the regularized upper incomplete gamma Q(k/2 - 1/2, x/2)."""
+    expected = probs / probs.sum() * counts.sum()
+    x = float(((counts - expected) ** 2 / expected).sum())
+    return float(tf.math.igammac((len(counts) - 1) / 2.0, x / 2.0))
+
+
 @tf.function
 def _draw(temperature, top_k, top_p):
     b = DRAWS
@@ -48,13 +55,19 @@ def test_frequencies_match_the_exact_distribution(temperature, top_k, top_p):
     expected = _exact(temperature, top_k, top_p)
     assert (counts[expected == 0] == 0).all()  # filtered tokens never come out
     kept = expected > 0
-    fit = stats.chisquare(counts[kept], expected[kept] / expected[kept].sum() * counts.sum())
-    assert fit.pvalue > 1e-3, (counts, expected * DRAWS)
+    assert _chisquare_pvalue(counts[kept], expected[kept]) > 1e-3, (counts, expected * DRAWS)
     # The test has power: the distribution at another temperature is rejected.
     wrong = _exact(1.0 if temperature != 1.0 else 0.5, top_k, top_p)
     if (wrong[kept] > 0).all() and not np.allclose(wrong, expected):
-        assert stats.chisquare(counts[kept], wrong[kept] / wrong[kept].sum()
-                               * counts.sum()).pvalue < 1e-6
+        assert _chisquare_pvalue(counts[kept], wrong[kept]) < 1e-6
+
+
+def test_the_chisquare_pvalue_matches_known_values():
+    # chi2 with 1 degree of freedom: P(X > 3.841) = 0.05; with 4: P(X > 9.488) = 0.05.
+    assert _chisquare_pvalue(np.array([60.0, 40.0]), np.array([0.5, 0.5])) == \
+        pytest.approx(0.0455, abs=1e-4)  # x = 4
+    counts = np.array([30.0, 10, 20, 20, 20])
+    assert _chisquare_pvalue(counts, np.ones(5)) == pytest.approx(0.0404, abs=1e-4)  # x = 10
 
 
 def test_negative_seeds_are_drawn_and_others_kept():

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import keras
 import numpy as np
@@ -22,6 +23,7 @@ from deepseek_tf.tools import compare_runs, inspect_checkpoint, merge_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 quiet = lambda *_: None  # noqa: E731
+NS = "{http://www.w3.org/2000/svg}"
 IDS = tf.constant([[256, 7, 8, 9, 10]])
 
 
@@ -89,11 +91,18 @@ def test_compare_runs_draws_every_run(tmp_path):
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         dirs.append(str(d))
     lines = []
-    png = compare_runs.compare(dirs, str(tmp_path / "cmp.png"), log=lines.append)
-    assert os.path.getsize(png) > 5000
+    svg = ElementTree.parse(compare_runs.compare(dirs, str(tmp_path / "cmp.svg"),
+                                                 log=lines.append)).getroot()
+    # Per run: its train curve (a 5-point line) and its eval point (a dot), one colour.
+    lines_drawn = svg.findall(f"{NS}polyline")
+    assert [len(l.get("points").split()) for l in lines_drawn] == [5, 5]
+    dots = svg.findall(f"{NS}circle")
+    assert [d.get("fill") for d in dots] == [l.get("stroke") for l in lines_drawn]
     assert any(line.startswith("b") and "eval" in line and "0.5000" in line for line in lines)
     with pytest.raises(UserError, match="no 'nope' values"):
-        compare_runs.compare(dirs, str(tmp_path / "x.png"), metric="nope", log=quiet)
+        compare_runs.compare(dirs, str(tmp_path / "x.svg"), metric="nope", log=quiet)
+    with pytest.raises(UserError, match=r"name it \*\.svg"):
+        compare_runs.compare(dirs, str(tmp_path / "x.png"), log=quiet)
 
 
 def test_inspect_checkpoint_lists_model_and_adapter_variables(lora_run):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -42,7 +43,8 @@ def test_short_run_learns_and_writes_every_artifact(stdlib_data, tmp_path):
     assert tf.train.latest_checkpoint(os.path.join(wd, "checkpoints")).endswith("-30")
     events = [f for _, _, fs in os.walk(os.path.join(wd, "tensorboard")) for f in fs]
     assert any(f.startswith("events.out.tfevents") for f in events)
-    assert os.path.getsize(os.path.join(wd, "loss.png")) > 1000
+    svg = ElementTree.parse(os.path.join(wd, "loss.svg")).getroot()
+    assert svg.find("{http://www.w3.org/2000/svg}polyline") is not None  # the train curve
     rows = read_log(wd)
     train_keys = {"loss", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "accuracy"}
     assert train_keys <= set(rows[0])

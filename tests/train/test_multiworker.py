@@ -101,7 +101,7 @@ def test_two_workers_preempted_resumed_identical_and_equal_to_one_process(one_sh
     assert "[worker 1] step" not in output and "[worker 0] step      6/6" in output
     steps = [r["step"] for r in read_log(workdir) if r["kind"] == "train"]
     assert steps == list(range(1, STEPS + 1))
-    assert os.path.exists(os.path.join(workdir, "loss.png"))
+    assert os.path.exists(os.path.join(workdir, "loss.svg"))
     names = os.listdir(os.path.join(workdir, "checkpoints"))
     assert {n for n in names if not n.startswith("ckpt-")} == {
         "checkpoint", "data-worker-0", "data-worker-1"}
