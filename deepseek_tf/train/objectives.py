@@ -53,6 +53,7 @@ from deepseek_tf.data.prepare import prepare
 from deepseek_tf.data.tokenizer import copy_tokenizer, load_tokenizer
 from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.model import token_losses
+from deepseek_tf.scoring import perplexity_scorer
 from deepseek_tf.train import aux_losses
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.workdir_files import DATA_DIR
@@ -157,7 +158,7 @@ def prepare_run(exp: Experiment, workdir: str, log=print,
     if not os.path.exists(data_dir):
         source = exp.data.inputs or f"the '{exp.data.corpus}' corpus"
         log(f"data directory {data_dir} does not exist yet: preparing {source}")
-        prepare(exp.data, data_dir, exp.tokenizer, log=log)
+        prepare(exp.data, data_dir, exp.tokenizer, log=log, scorer=perplexity_scorer(exp.data))
     meta = shards.read_metadata(data_dir)
     tok = load_tokenizer(data_dir)
     if tok.vocab_size > exp.model.vocab_size:

@@ -16,7 +16,6 @@ from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import Runner, weights_fingerprint
 from tests.helpers import tiny
 from tests.helpers.corpora import build_hf_tokenizer
-from tests.helpers.workdirs import FAMILIES
 from tests.train.test_cli import _error_lines, run
 
 quiet = lambda *_: None  # noqa: E731
@@ -48,20 +47,10 @@ def test_loss_at_a_temperature_equals_numpy():
         DistillConfig(mix_weight=0.2)
 
 
-@pytest.fixture(scope="module")
-def teacher(stdlib_data, tmp_path_factory):
-    """An MLA + MoE teacher trained a little on the data (so that its distributions hold
-    what a student can learn in a few steps), byte tokenizer; the students are dense."""
-    from deepseek_tf.train.loop import train
-
-    _, data_dir, _ = stdlib_data
-    exp = tiny.experiment(data_dir, model=FAMILIES["mla_moe"],
-                          train={"steps": 12, "log_every": 12, "eval_every": 0,
-                                 "checkpoint_every": 12},
-                          optim={"learning_rate": 2e-2, "warmup_steps": 0})
-    path = str(tmp_path_factory.mktemp("teacher") / "run")
-    train(exp, path, log=quiet)
-    return path
+@pytest.fixture
+def teacher(trained_moe_run):
+    """An MLA + MoE teacher (conftest); the students are dense."""
+    return trained_moe_run
 
 
 def _exp(data_dir, teacher, distill=None, **sections):
