@@ -16,6 +16,12 @@ like the router and the norms; the shared experts and attention carry the
 adaptation. With `--lora.dropout` > 0 the adapted layers compute
 `x W + b + (alpha / r) dropout(x) A B` instead (the same function at inference).
 
+On an int8 base (`--model.weight_quantization=int8`, a keep-quantized conversion) the
+same `enable_lora` runs on Keras' int8 Dense: the int8 kernels and their scales stay
+frozen and bitwise unchanged, the adapters train in float32 (QLoRA-style), and
+`merged_model` dequantizes, adds the update and requantizes each adapted kernel with
+the same per-channel scheme (Keras' `_get_kernel_with_merged_lora`).
+
 Adapters are saved on their own (`adapter/adapter.safetensors` + `adapter_config.json`,
 names like `layers_0/self_attn/q_proj/lora_kernel_a`) and merged into plain weights
 for export (`merged_model`).
@@ -37,6 +43,7 @@ import tensorflow as tf
 
 from deepseek_tf.config import LoraConfig
 from deepseek_tf.errors import ConfigError, UserError
+from deepseek_tf.layers.quantized import base_kernel
 
 #: Names of the projections that can take an adapter (`--lora.targets`).
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj",
@@ -70,7 +77,7 @@ def _dropout_call(layer, rate: float, generator):
     """`layer.call` with dropout on the adapter's input, masks drawn from `generator`."""
 
     def call(inputs, training=None):
-        y = tf.matmul(inputs, tf.cast(layer._kernel, inputs.dtype))
+        y = tf.matmul(inputs, tf.cast(base_kernel(layer), inputs.dtype))
         if layer.bias is not None:
             y = y + tf.cast(layer.bias, y.dtype)
         x = keras.random.dropout(inputs, rate, seed=generator) if training else inputs
@@ -144,7 +151,12 @@ def merged_model(model):
 
     values = {_rel(v.path): v for v in model.variables}
     for layer in model._flatten_layers(include_self=False):
-        if getattr(layer, "lora_enabled", False):
+        if getattr(layer, "lora_enabled", False) and layer.quantization_mode == "int8":
+            # Keras: dequantize, add (alpha / r) A B, requantize (same per-channel scheme)
+            kernel, scale, _ = layer._get_kernel_with_merged_lora()
+            values[_rel(layer._kernel.path)] = kernel
+            values[_rel(layer.kernel_scale.path)] = scale
+        elif getattr(layer, "lora_enabled", False):
             values[_rel(layer._kernel.path)] = layer.kernel  # merged by Keras
     plain = DeepSeekCausalLM(model.config, dtype=model.dtype_policy)
     for v in plain.variables:

@@ -10,6 +10,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -19,7 +21,24 @@ from deepseek_tf.layers import DecoderBlock, RMSNorm, attention_mask
 from deepseek_tf.layers.hyper import HyperHead
 from deepseek_tf.layers.kv_cache import cache_masks, slot_positions
 from deepseek_tf.layers.mtp import MTPModule, shift_left
+from deepseek_tf.layers.quantized import declare_int8
 from deepseek_tf.layers.remat import fold_seed, maybe_remat
+
+
+@contextlib.contextmanager
+def policy_scope(policy: str):
+    """Layers built inside use the `policy` dtype policy; the global policy is restored.
+
+    Example:
+        >>> with policy_scope("mixed_float16"):
+        ...     model = DeepSeekCausalLM(cfg)
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -58,9 +77,15 @@ class DeepSeekCausalLM(keras.Model):
     """
 
     def __init__(self, config, remat: str = "none", dsa_stage: str = "sparse", **kwargs):
+        cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+        # bfloat16 storage (--convert.dtype): every layer is built with bfloat16 variables
+        with policy_scope(cfg.weight_dtype) if cfg.weight_dtype != "float32" else \
+                contextlib.nullcontext():
+            self._build_model(cfg, remat, dsa_stage, **kwargs)
+
+    def _build_model(self, cfg, remat: str, dsa_stage: str, **kwargs):
         super().__init__(**kwargs)
-        self.config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
-        cfg = self.config
+        self.config = cfg
         self.remat = remat
         if dsa_stage not in ("sparse", "dense_warmup"):
             raise ValueError(f"dsa_stage={dsa_stage!r} is not sparse or dense_warmup")
@@ -82,6 +107,8 @@ class DeepSeekCausalLM(keras.Model):
         for block in self.blocks + [m.block for m in self.mtp]:
             block.self_attn.dsa_dense = dsa_stage == "dense_warmup"
         self.build_weights()
+        if cfg.weight_quantization == "int8":  # Keras' int8 Dense kernels (layers/quantized.py)
+            declare_int8(self)
 
     def build_weights(self) -> None:
         """Creates every variable (a forward pass on a tiny batch)."""

@@ -226,6 +226,19 @@ class ModelConfig(_Section):
     hidden_dropout: float = knob(0.0, "Dropout rate on each attention and MLP output "
                                  "before its residual add.")
 
+    # storage of the weights (set by `convert --convert.dtype / --convert.keep_quantized`)
+    weight_dtype: str = knob("float32", "dtype of the model's float variables: float32, or "
+                             "bfloat16 (half the memory and checkpoint; computes in "
+                             "bfloat16; a --convert.dtype=bfloat16 conversion sets it; such "
+                             "a base trains only with --train.finetuning_type=lora).",
+                             choices=("float32", "bfloat16"))
+    weight_quantization: str = knob("none", "How the projection kernels and routed experts "
+                                    "are stored: none (float) or int8 (weight-only, one "
+                                    "scale per output channel, dequantized inside the "
+                                    "matmul; a keep-quantized conversion sets it; such a "
+                                    "base trains only with --train.finetuning_type=lora).",
+                                    choices=("none", "int8"))
+
     def __post_init__(self, *rope_flags):
         self._coerce_and_check_types()
         # Flat rope keys given (flags, config.json, HF conversion) override rope_scaling's.

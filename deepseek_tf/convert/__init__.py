@@ -5,7 +5,8 @@ DeepseekV32 / DeepseekV3 / DeepseekV2 / Llama / Qwen2 causal LM, builds the matc
 `DeepSeekCausalLM`, fills every weight (a missing, extra or misshapen tensor is an
 error naming it) and writes a workdir the trainer continues from. Sharded
 checkpoints (`model.safetensors.index.json`) and DeepSeek's FP8 releases
-(`quantization_config.quant_method = fp8`, dequantized to float32) stream in a few
+(`quantization_config.quant_method = fp8`, dequantized to float32 or `dtype="bfloat16"`,
+or kept as int8 with `keep_quantized="int8"`) stream in a few
 tensors at a time (`stream.py`); an interrupted conversion resumes when run again:
 
     <workdir>/config.json          the Experiment (model from HF, the rest from flags)
@@ -51,7 +52,8 @@ PART_BYTES = (16 << 20, 2 << 30)
 
 
 def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict | None = None,
-               log=print, explicit_data=(), part_bytes: int = 0) -> Experiment:
+               log=print, explicit_data=(), part_bytes: int = 0,
+               keep_quantized: str = "none", dtype: str = "float32") -> Experiment:
     """Converts the HF model in `hf_dir` into a new workdir; returns its Experiment.
 
     Args:
@@ -66,6 +68,10 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
         (seq_len no longer than its max_position_embeddings).
       part_bytes: float32 bytes converted per step (bounds memory; the unit of
         resuming); 0 = half the largest shard, between 16 MiB and 2 GiB.
+      keep_quantized: "int8" stores projections and routed experts as int8 + scales
+        (`ModelConfig.weight_quantization`); "none" stores them as `dtype`.
+      dtype: storage dtype of the float weights, "float32" or "bfloat16"
+        (`ModelConfig.weight_dtype`).
     """
     hf = read_hf_config(hf_dir)
     arch = architecture_of(hf)
@@ -81,6 +87,17 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     overrides = dict(model_overrides or {})
     fresh_mtp = overrides.get("num_nextn_predict_layers", depth) if not mtp_in_files else depth
     overrides["num_nextn_predict_layers"] = fresh_mtp
+    if keep_quantized not in ("none", "int8"):
+        raise UserError(f"--convert.keep_quantized={keep_quantized!r}: none or int8.")
+    if keep_quantized == "int8" and fresh_mtp and not mtp_in_files:
+        raise UserError("--model.num_nextn_predict_layers adds MTP modules that start from "
+                        "random weights, which an int8 base cannot train: convert without "
+                        "one of --model.num_nextn_predict_layers and "
+                        "--convert.keep_quantized.")
+    overrides["weight_quantization"] = keep_quantized
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--convert.dtype={dtype!r}: float32 or bfloat16.")
+    overrides["weight_dtype"] = dtype
     cfg = cfg.replace(**overrides)
     tokenizer = exp.tokenizer
     if tokenizer == TokenizerConfig() and os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
@@ -122,6 +139,8 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
         json.dump({"source": os.path.abspath(hf_dir), "architecture": arch, "notes": notes,
                    "quantization": quant.method or "none",
                    "weight_block_size": list(quant.block) if quant.method else None,
+                   "stored_as": "int8" if keep_quantized == "int8" else dtype,
+                   "dtype": dtype,
                    "parameters": total,
                    "checkpoint": os.path.basename(path)}, f, indent=2)
     exp.save(os.path.join(workdir, CONFIG_FILE))  # last: marks the conversion complete

@@ -2,10 +2,11 @@
 
 Converts a Hugging Face causal LM (DeepseekV32ForCausalLM, DeepseekV3ForCausalLM,
 DeepseekV2ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM; config.json +
-*.safetensors or a sharded model.safetensors.index.json set, never pickle files; bf16/fp16/fp32 tensors or
-DeepSeek's block-scaled FP8 release, dequantized to float32) into a deepseek_tf
-workdir, streaming a few tensors at a time (an interrupted conversion continues
-when the same command runs again). `python -m deepseek_tf.train --workdir=OUT` then
+*.safetensors or a sharded model.safetensors.index.json set, never pickle files;
+bf16/fp16/fp32 tensors or DeepSeek's block-scaled FP8 release, dequantized to float32
+or --convert.dtype=bfloat16, or with --convert.keep_quantized=int8 kept as int8
+weights plus scales) into a deepseek_tf workdir, streaming a few tensors at a time
+(an interrupted conversion continues when the same command runs again). `python -m deepseek_tf.train --workdir=OUT` then
 continues training from it. The architecture comes from config.json; data, optimizer
 and loop settings from the flags given here or to the first `train` run. Model
 flags that do not change the checkpoint's shape (loss weights, capacity factors,
@@ -28,6 +29,17 @@ flags.DEFINE_float("part_mb", 0.0, "MiB of float32 weights converted and written
                    "(bounds memory; an interrupted conversion resumes from the last whole "
                    "step when run again); 0 = half the largest shard, 16 MiB to 2 GiB.",
                    lower_bound=0.0)
+flags.DEFINE_enum("convert.dtype", "float32", ["float32", "bfloat16"],
+                  "Storage dtype of the converted float weights (FP8/FP4 sources are "
+                  "dequantized into it): float32, or bfloat16 (half the memory and disk; "
+                  "the model then computes in bfloat16; sets --model.weight_dtype).")
+flags.DEFINE_enum("convert.keep_quantized", "none", ["none", "int8"],
+                  "Store the projections and routed experts as int8 (weight-only, one scale "
+                  "per output channel, Keras' int8 Dense; ~1/4 of float32's bytes) and "
+                  "compute with them dequantized on the fly; sets "
+                  "--model.weight_quantization of the workdir. FP8 sources are dequantized "
+                  "first, then requantized. Such a base trains only with "
+                  "--train.finetuning_type=lora.")
 flags.adopt_module_key_flags(dflags)
 
 _SHAPE_FREE = ("num_nextn_predict_layers",)
@@ -52,6 +64,8 @@ def main(argv):
     from deepseek_tf.convert import convert_hf  # imports TensorFlow lazily
     convert_hf(dflags.FLAGS.hf_dir, dflags.FLAGS.workdir, exp, model_overrides=given["model"],
                explicit_data=tuple(given["data"]),
+               keep_quantized=dflags.FLAGS["convert.keep_quantized"].value,
+               dtype=dflags.FLAGS["convert.dtype"].value,
                part_bytes=int(dflags.FLAGS.part_mb * 2**20))
 
 

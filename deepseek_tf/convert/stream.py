@@ -5,9 +5,12 @@ The model is never materialised. Its variables are declared inside a
 checkpoint of that structure (one marker value per variable) gives the object graph
 and each variable's checkpoint key. Then, shard by shard, each HF tensor is read,
 dequantized (FP8 / FP4, `quant.py`) to float32, transposed to our layout and saved
-as its slice of the target variable (TF checkpoints store a variable as slices, as
-they did partitioned variables: one expert of a stacked `[E, d, 2f]` weight is the
-slice `i, :, :f`). Tensors are grouped into parts of about `part_bytes`; each part is
+in the variable's dtype (float32 or bfloat16) as its slice of the target variable (TF
+checkpoints store a variable as slices, as they did partitioned variables: one expert of a stacked `[E, d, 2f]` weight is the
+slice `i, :, :f`). A keep-quantized conversion (`weight_quantization="int8"`) saves
+each projection and expert as int8 plus its scale slice instead (`layers/quantized.py`;
+an expert's per-output scales are the slice `i, :f` of the stack's [E, 2f] scale).
+Tensors are grouped into parts of about `part_bytes`; each part is
 a small checkpoint bundle, marked done once written. `MergeV2Checkpoints` joins the
 parts into `checkpoints/ckpt-0` at the end (it renames the data files: nothing is
 copied), and only then is the checkpoint state file written.
@@ -60,8 +63,8 @@ def _skeleton(model, directory: str) -> tuple[dict, dict]:
     import tensorflow as tf
 
     variables = model.variables
-    for i, v in enumerate(variables):  # the declared variables get a 1-element value
-        v._initialize(np.full([1] * len(v.shape), i + 1).astype(v.dtype))
+    for i, v in enumerate(variables):  # the declared variables get a tiny marker value
+        v._initialize(_marker(i + 1, v))
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step), directory,
                                max_to_keep=1, step_counter=step).save(checkpoint_number=0)
@@ -70,12 +73,40 @@ def _skeleton(model, directory: str) -> tuple[dict, dict]:
     for key in reader.get_variable_to_shape_map():
         value = reader.get_tensor(key)
         if key.startswith("model/") and key.endswith(SUFFIX):
-            keys[id(variables[int(np.ravel(value)[0]) - 1])] = key
+            keys[id(variables[_marked(value) - 1])] = key
         else:
             other[key] = value
     if len(keys) != len(variables):
         raise RuntimeError(f"the checkpoint names {len(keys)} of {len(variables)} variables")
     return keys, other
+
+
+def _marker(n: int, v) -> np.ndarray:
+    """`n` as a tiny value of `v`'s rank and dtype; int8 (quantized) weights hold it in
+    base-100 digits along the last axis."""
+    if v.dtype != "int8":
+        return np.full([1] * len(v.shape), n).astype(_np_dtype(v))
+    digits = [n // 10000, n // 100 % 100, n % 100]
+    return np.asarray(digits, np.int8).reshape([1] * (len(v.shape) - 1) + [3])
+
+
+def _np_dtype(v):
+    """The numpy dtype of variable `v` (bfloat16 is ml_dtypes')."""
+    import tensorflow as tf
+    return tf.as_dtype(v.dtype).as_numpy_dtype
+
+
+def _marked(value: np.ndarray) -> int:
+    flat = np.ravel(value)
+    return int(flat[0]) if flat.size == 1 else int(flat[0]) * 10000 + int(flat[1]) * 100 \
+        + int(flat[2])
+
+
+def _scale_index(index, ndim: int) -> tuple:
+    """The index into an int8 weight's scale (its shape without axis -2) of `index`
+    into the weight."""
+    full = tuple(index) + (slice(None),) * (ndim - len(index))
+    return full[:ndim - 2] + full[ndim - 1:]
 
 
 def _slice_spec(shape, index) -> tuple[str, tuple]:
@@ -170,7 +201,11 @@ def write_streaming(model, entries, tensors, ckpt_dir: str, quant: Quantization,
     with open(stamp, "w") as f:
         f.write(fingerprint)
     keys, other = _skeleton(model, os.path.join(work, "skeleton"))
+    from deepseek_tf.layers.quantized import quantize_int8, scale_variables
+
+    scales = scale_variables(model)  # int8 weights (a keep-quantized conversion)
     filled = {id(e.variable) for e in entries}
+    filled |= {id(scales[i]) for i in filled if i in scales}
     fresh = [v for v in model.variables if id(v) not in filled]  # e.g. new MTP modules
     prefixes = [os.path.join(work, "part-meta")]
     if not _done(prefixes[0]):
@@ -193,10 +228,20 @@ def write_streaming(model, entries, tensors, ckpt_dir: str, quant: Quantization,
             for e in part:
                 a = hf_value(tensors, e.name, quant)
                 spec, shape = _slice_spec(tuple(e.variable.shape), e.index)
+                a = np.ascontiguousarray(a.T if e.transpose else a).reshape(shape)
                 names.append(keys[id(e.variable)])
                 specs.append(spec)
-                values.append(np.ascontiguousarray(a.T if e.transpose else a).reshape(shape)
-                              .astype(e.variable.dtype))
+                scale = scales.get(id(e.variable))
+                if scale is None:
+                    values.append(a.astype(_np_dtype(e.variable)))
+                    continue
+                q, s = quantize_int8(a)  # kept quantized: int8 + its scale slice
+                values.append(q)
+                names.append(keys[id(scale)])
+                spec, shape = _slice_spec(tuple(scale.shape),
+                                          _scale_index(e.index, len(e.variable.shape)))
+                specs.append(spec)
+                values.append(s.reshape(shape).astype(_np_dtype(scale)))
             _save(prefix, names, specs, values)
             del values
         done_bytes += nbytes

@@ -215,10 +215,16 @@ def checked_entries(model, names, shape_of, include_mtp: bool = True) -> list[En
 
 def export_tensors(model, include_mtp: bool = True) -> dict[str, np.ndarray]:
     """HF name -> float32 numpy array for every weight of `model` (int64 for integer
-    ones: V4's hash-routing table)."""
+    ones: V4's hash-routing table; int8-stored weights dequantized)."""
+    from deepseek_tf.layers.quantized import dequantize_int8, scale_variables
+
+    scales = scale_variables(model)
     values, out = {}, {}
     for e in weight_entries(model, include_mtp):
-        if id(e.variable) not in values:
+        if id(e.variable) in scales and id(e.variable) not in values:
+            values[id(e.variable)] = dequantize_int8(e.variable.numpy(),
+                                                     scales[id(e.variable)].numpy())
+        elif id(e.variable) not in values:
             v = e.variable.numpy()
             values[id(e.variable)] = np.asarray(
                 v, np.int64 if np.issubdtype(v.dtype, np.integer) else np.float32)

@@ -203,8 +203,9 @@ def quantize_int8(model) -> None:
 
     keep = {id(model.embed_tokens)} if model.lm_head is None else set()
 
-    def wanted(layer):
-        return id(layer) not in keep and layer.name != "kv_b_proj"
+    def wanted(layer):  # a keep-quantized workdir's int8 layers stay as they are
+        return id(layer) not in keep and layer.name != "kv_b_proj" and \
+            getattr(layer, "quantization_mode", None) is None
 
     with warnings.catch_warnings():  # "Layer RMSNorm does not have a quantize method"
         warnings.simplefilter("ignore")

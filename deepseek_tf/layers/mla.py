@@ -23,6 +23,7 @@ from deepseek_tf.layers.attention import _dense, attention_probs, masked_softmax
 from deepseek_tf.layers.indexer import LightningIndexer, indexer_kl, select
 from deepseek_tf.layers.kv_cache import write_slots
 from deepseek_tf.layers.norm import RMSNorm
+from deepseek_tf.layers.quantized import float_kernel
 from deepseek_tf.layers.remat import stateless_dropout
 from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary, yarn_get_mscale
 
@@ -179,7 +180,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         over the latent itself, the value up-projection applied after attention."""
         b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
         h, nope, dv = self.num_heads, self.qk_nope_head_dim, self.v_head_dim
-        w = tf.reshape(tf.cast(self.kv_b_proj.kernel, q_nope.dtype),
+        w = tf.reshape(tf.cast(float_kernel(self.kv_b_proj), q_nope.dtype),
                        [self.kv_lora_rank, h, nope + dv])            # (c, H, nope+dv)
         w_uk, w_uv = tf.split(w, [nope, dv], axis=-1)
         q_latent = tf.einsum("bthn,chn->bthc", q_nope, w_uk)         # (B, T, H, c)
@@ -203,7 +204,7 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         valid = tf.gather(mask[:, 0], idx, batch_dims=2)             # (B, T, K)
         rope_scores = tf.einsum("bthd,btkd->bhtk", q_rope, sel_rope)
         if absorb:
-            w = tf.reshape(tf.cast(self.kv_b_proj.kernel, q_nope.dtype),
+            w = tf.reshape(tf.cast(float_kernel(self.kv_b_proj), q_nope.dtype),
                            [self.kv_lora_rank, h, nope + dv])        # (c, H, nope+dv)
             w_uk, w_uv = tf.split(w, [nope, dv], axis=-1)
             q_latent = tf.einsum("bthn,chn->bthc", q_nope, w_uk)     # (B, T, H, c)

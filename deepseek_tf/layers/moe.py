@@ -108,6 +108,8 @@ class DeepSeekMoE(keras.layers.Layer):
       initializer_range: stddev of the normal initializer.
       swiglu_limit: > 0 clips routed and shared experts' pre-activations (V4).
       vocab_size: the token->expert table's rows with `topk_method="hash"`.
+      weight_quantization: "int8" stores the expert stacks as int8 with a float32
+        `<name>_scale` [E, out] each (`layers/quantized.py`), dequantized per call.
 
     Call: `moe(x, training=False, return_aux=False, capacity_factor=None,
     input_ids=None)` (input_ids (B, T): hash routing's tokens) with x
@@ -129,8 +131,12 @@ class DeepSeekMoE(keras.layers.Layer):
                  routed_scaling_factor: float = 1.0, capacity_factor: float = 1.25,
                  inference_capacity_factor: float = 0.0, activation: str = "silu",
                  initializer_range: float = 0.02, swiglu_limit: float = 0.0,
-                 vocab_size: int = 0, **kwargs):
+                 vocab_size: int = 0, weight_quantization: str = "none", **kwargs):
         super().__init__(**kwargs)
+        self.weight_quantization = weight_quantization
+        #: The int8 weights (each with a `<name>_scale`), for `quantized.scale_variables`.
+        self.int8_weights = ("gate_up_proj", "down_proj") if weight_quantization == "int8" \
+            else ()
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.swiglu_limit = swiglu_limit
         self.moe_intermediate_size, self.n_shared_experts = moe_intermediate_size, n_shared_experts
@@ -148,9 +154,18 @@ class DeepSeekMoE(keras.layers.Layer):
         init = keras.initializers.RandomNormal(stddev=self.initializer_range)
         e, d, f = self.num_experts, self.hidden_size, self.moe_intermediate_size
         self.gate.build((None, d))
-        self.gate_up_proj = self.add_weight(name="gate_up_proj", shape=(e, d, 2 * f),
-                                            initializer=init)
-        self.down_proj = self.add_weight(name="down_proj", shape=(e, f, d), initializer=init)
+        if self.int8_weights:  # filled by a restore or a conversion
+            for name, shape in (("gate_up_proj", (e, d, 2 * f)), ("down_proj", (e, f, d))):
+                setattr(self, name, self.add_weight(name=name, shape=shape, dtype="int8",
+                                                    initializer="zeros", trainable=False))
+                setattr(self, name + "_scale", self.add_weight(
+                    name=name + "_scale", shape=(e, shape[2]), dtype="float32",
+                    initializer="ones", trainable=False, autocast=False))
+        else:
+            self.gate_up_proj = self.add_weight(name="gate_up_proj", shape=(e, d, 2 * f),
+                                                initializer=init)
+            self.down_proj = self.add_weight(name="down_proj", shape=(e, f, d),
+                                             initializer=init)
         if self.shared_experts is not None:
             self.shared_experts.build(input_shape)
 
@@ -166,7 +181,8 @@ class DeepSeekMoE(keras.layers.Layer):
         capacity = expert_capacity(n, self.top_k, self.num_experts, factor)
         y, load, dropped = dispatch_combine(
             tf.reshape(x, [-1, self.hidden_size]), route["indices"], route["weights"],
-            tf.cast(self.gate_up_proj, x.dtype), tf.cast(self.down_proj, x.dtype),
+            self._expert_weight("gate_up_proj", x.dtype),
+            self._expert_weight("down_proj", x.dtype),
             capacity, self.activation, self.swiglu_limit)
         y = tf.reshape(y, tf.shape(x))                                     # (B, T, d)
         if self.shared_experts is not None:
@@ -180,6 +196,14 @@ class DeepSeekMoE(keras.layers.Layer):
                "z_loss": router_z_loss(route["logits"])}
         return y, aux
 
+    def _expert_weight(self, name: str, dtype):
+        """A stacked expert weight in `dtype` (int8 ones dequantized: q / scale)."""
+        w = getattr(self, name)
+        if not self.int8_weights:
+            return tf.cast(w, dtype)
+        scale = getattr(self, name + "_scale")                            # (E, out)
+        return tf.cast(tf.cast(w, tf.float32) / scale[:, None, :], dtype)
+
     def get_config(self):
         g = self.gate
         return {**super().get_config(), "hidden_size": self.hidden_size,
@@ -192,4 +216,5 @@ class DeepSeekMoE(keras.layers.Layer):
                 "capacity_factor": self.capacity_factor,
                 "inference_capacity_factor": self.inference_capacity_factor,
                 "activation": self.activation, "initializer_range": self.initializer_range,
-                "swiglu_limit": self.swiglu_limit, "vocab_size": g.vocab_size}
+                "swiglu_limit": self.swiglu_limit, "vocab_size": g.vocab_size,
+                "weight_quantization": self.weight_quantization}

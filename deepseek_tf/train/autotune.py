@@ -15,8 +15,10 @@ slower; bfloat16 matmuls run 2-3x faster than float32 on CPUs with AMX or AVX512
 
 The loop resolves both before training, prints each decision with its reason and saves
 them in config.json (`jit_compile`, `precision`, `auto_decisions`); a resumed run reads
-them back and decides nothing again. With several workers every worker times (inside the strategy, where the train step runs)
-and the chief's decision is broadcast to all, so every worker compiles the same way.
+them back and decides nothing again. With several workers the chief times (inside the
+strategy, where the train step runs: mirrored variables can only be read in a replica
+context; the timed forward+backward has no collectives) while the others wait, and its
+decision is broadcast to all, so every worker compiles the same way.
 
 Example:
     >>> precision, why = resolve_precision("auto")
@@ -153,22 +155,26 @@ def choose_jit(times: dict[str, float], margin: float = 1.0) -> tuple[bool, str]
     return choose_xla(times, "forward+backward", margin)
 
 
-def resolve_jit_compile(exp, model, agree=lambda v: v, log=print,
-                        strategy=None) -> tuple[str, str]:
+def resolve_jit_compile(exp, model, agree=lambda v: v, log=print, strategy=None,
+                        measure: bool = True) -> tuple[str, str]:
     """("true"/"false", reason) for `exp.train.jit_compile` ("auto" is measured with
-    `model` inside `strategy`); `agree(int) -> int` makes every worker take the chief's
-    answer (each worker times; the chief's decision is broadcast)."""
+    `model` inside `strategy`); `agree(int) -> int` gives every worker the chief's answer.
+    Only the worker with `measure` (the chief) times; the others wait in `agree` and
+    compile nothing for the timing (with W workers on one machine, W timings would
+    share its cores and take W times the CPU for one decision)."""
     value = exp.train.jit_compile
     if value != "auto":
         return value, f"{value} (given)"
     if exp.model.n_routed_experts and exp.model.capacity_factor <= 0:
         return "false", "auto -> false: dropless MoE has data-dependent shapes (no XLA)"
+    if not measure:
+        log("jit_compile=auto: waiting for the chief's timing ...")
+        choice = "true" if agree(0) else "false"
+        return choice, f"auto -> {choice}: the chief's timing"
     log("jit_compile=auto: timing the step's forward+backward with and without XLA ...")
     use, why = choose_jit(time_grad_fn(model, exp.train, exp.data.seq_len, strategy))
-    chief = bool(agree(int(use)))
-    if chief != use:
-        why += f"; the chief chose {'XLA' if chief else 'no XLA'}"
-    choice = "true" if chief else "false"
+    agree(int(use))
+    choice = "true" if use else "false"
     return choice, f"auto -> {choice}: {why}"
 
 

@@ -90,11 +90,30 @@ def freeze_all_but_indexers(model) -> int:
     return len(model.trainable_variables)
 
 
+def check_quantized_base(exp: Experiment, resuming: bool) -> None:
+    """An int8 or bfloat16 base (`--model.weight_quantization` / `--model.weight_dtype`)
+    trains adapters only (no float32 master weights), from its converted weights."""
+    m = exp.model
+    flag, q = (("weight_quantization", m.weight_quantization)
+               if m.weight_quantization != "none" else ("weight_dtype", m.weight_dtype))
+    if exp.train.finetuning_type != "lora":
+        raise ConfigError(f"the model's weights are stored as {q} (--model.{flag}={q}), "
+                          f"which this trainer does not update directly: use "
+                          f"--train.finetuning_type=lora (adapters on the frozen {q} base), "
+                          f"or convert with float32 weights (no --convert.keep_quantized, "
+                          f"--convert.dtype=float32).")
+    if not (exp.train.init_from or resuming):
+        raise ConfigError(f"--model.{flag}={q} needs the base weights: give "
+                          f"--train.init_from=WORKDIR (the conversion).")
+
+
 def prepare_model(model, exp: Experiment, log=print, resuming: bool = False) -> None:
     """Loads `--train.init_from` weights (unless `resuming`: the run's own checkpoint
     then holds every weight and is restored over the model), then applies
     `--train.finetuning_type` (and the DSA dense warm-up's freeze)."""
     tcfg = exp.train
+    if exp.model.weight_quantization != "none" or exp.model.weight_dtype != "float32":
+        check_quantized_base(exp, resuming)
     if tcfg.init_from and not resuming:
         load_init_weights(model, tcfg.init_from, log)
     if tcfg.finetuning_type == "lora":

@@ -148,7 +148,8 @@ def _resolve_jit(state: RunState, log) -> Experiment:
     with state.strategy.scope():
         choice, why = autotune.resolve_jit_compile(exp, state.model,
                                                    agree=state.collectives.chief_value, log=log,
-                                                   strategy=state.strategy)
+                                                   strategy=state.strategy,
+                                                   measure=state.role.is_chief)
     log(f"jit_compile: {why}")
     return autotune.with_train(exp, jit_compile=choice,
                                auto_decisions=autotune.note(exp, jit_compile=why))

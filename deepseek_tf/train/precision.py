@@ -28,23 +28,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-
 import keras
 import tensorflow as tf
 
 from deepseek_tf.config import TrainConfig
-
-
-@contextlib.contextmanager
-def policy_scope(precision: str):
-    """Layers built inside use the `precision` dtype policy; the global policy is restored."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(precision)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
+from deepseek_tf.model import policy_scope  # noqa: F401  (train.precision.policy_scope)
 
 
 def uses_loss_scale(precision: str) -> bool:
