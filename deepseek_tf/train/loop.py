@@ -1,7 +1,8 @@
 """The training runner: set up, (resume,) train, evaluate, checkpoint, log, plot.
 
 The split follows TF Model Garden's task/runner idea: the stage's objective
-(train/objectives.py: pretrain / sft token loss, train/dpo.py, train/kto.py, train/grpo.py) checks everything a
+(train/objectives.py: pretrain / sft token loss, train/dpo.py, train/kto.py, train/grpo.py,
+train/distill.py) checks everything a
 user can get wrong before any graph is built and owns data, loss and metrics;
 `build_state` makes model, optimizer and data under the strategy scope; `Runner`
 runs the loop as `begin` / `run_step` (with its log / eval / checkpoint intervals) /
@@ -39,6 +40,7 @@ from deepseek_tf.train import finetune
 from deepseek_tf.train import precision
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.best import BestCheckpoint
+from deepseek_tf.train.distill import DistillObjective
 from deepseek_tf.train.dpo import DPOObjective
 from deepseek_tf.train.grpo import GRPOObjective
 from deepseek_tf.train.kto import KTOObjective
@@ -54,7 +56,8 @@ from deepseek_tf.workdir_files import CONFIG_FILE, TENSORBOARD_DIR, TOKENIZER_DI
 
 def make_objective(exp: Experiment) -> Objective:
     """The objective of `--train.stage` (auto, pretrain and sft: the token loss)."""
-    stages = {"dpo": DPOObjective, "kto": KTOObjective, "grpo": GRPOObjective}
+    stages = {"dpo": DPOObjective, "kto": KTOObjective, "grpo": GRPOObjective,
+              "distill": DistillObjective}
     return stages.get(exp.train.stage, TokenObjective)()
 
 
