@@ -28,7 +28,9 @@ def main(argv):
     exp = dflags.experiment_from_flags(dflags.FLAGS)  # validates every section
     data_dir = exp.data.data_dir or os.path.join(dflags.FLAGS.workdir, "data")
     from deepseek_tf.data.prepare import prepare  # imports TensorFlow
-    prepare(exp.data, data_dir, exp.tokenizer, progress=True)
+    from deepseek_tf.scoring import perplexity_scorer
+    prepare(exp.data, data_dir, exp.tokenizer, progress=True,
+            scorer=perplexity_scorer(exp.data))
 
 
 def entry():

@@ -1,5 +1,6 @@
 """Next-token log-probabilities: the one scorer behind generate's `score` signature,
-DPO's sequence log-probabilities and `evaluate`'s perplexity and classification.
+DPO's sequence log-probabilities, `evaluate`'s perplexity and classification, and
+prepare's perplexity filter (`perplexity_scorer`).
 
 Convention: entry t of every (B, T) output is about token t given tokens[:t]; entry 0
 is always 0 (nothing predicts the first token). A `mask` (B, T) selects which tokens
@@ -55,3 +56,43 @@ def score_tokens(model, ids: tf.Tensor, mask: tf.Tensor | None = None,
 def length_mask(lengths: tf.Tensor, width) -> tf.Tensor:
     """(B, T) float32: 1 at t < lengths[b] (the real tokens of right-padded rows)."""
     return tf.cast(tf.range(width)[tf.newaxis, :] < lengths[:, tf.newaxis], tf.float32)
+
+
+def perplexity_scorer(data_cfg, batch_size: int = 16):
+    """`texts -> per-token perplexities` (list of floats) under the model and tokenizer of
+    workdir `data_cfg.ppl_filter_model` (prepare's perplexity filter), or None when the
+    filter is off. Each text's first `data_cfg.seq_len` tokens (at most the model's
+    context) are scored in batches of `batch_size`, padded to one shape."""
+    import math
+
+    import numpy as np
+
+    from deepseek_tf.errors import UserError
+    from deepseek_tf.workdir import load_run_tokenizer, load_workdir
+
+    if not data_cfg.ppl_filter_model:
+        return None
+    try:
+        model, exp = load_workdir(data_cfg.ppl_filter_model)
+        tok = load_run_tokenizer(data_cfg.ppl_filter_model, exp)
+    except UserError as e:
+        raise UserError(f"--data.ppl_filter_model: {e}") from e
+    width = min(data_cfg.seq_len, exp.model.max_position_embeddings)
+    fn = tf.function(lambda ids, mask: tf.reduce_sum(score_tokens(model, ids, mask)[0], 1))
+
+    def score(texts: list[str]) -> list[float]:
+        out = []
+        for lo in range(0, len(texts), batch_size):
+            ids = np.full((batch_size, width), tok.pad_id, np.int32)
+            lengths = np.zeros(batch_size, np.int32)
+            for i, text in enumerate(texts[lo:lo + batch_size]):
+                enc = tok.encode(text, add_eos=False)[:width]
+                ids[i, :len(enc)], lengths[i] = enc, len(enc)
+            mask = length_mask(tf.constant(lengths), width).numpy()
+            mask[:, 0] = 0.0  # nothing predicts the first token
+            nll = -fn(tf.constant(ids), tf.constant(mask)).numpy()
+            n = len(texts[lo:lo + batch_size])
+            out += [math.exp(min(nll[i] / max(lengths[i] - 1, 1), 80.0)) for i in range(n)]
+        return out
+
+    return score

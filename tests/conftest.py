@@ -30,6 +30,23 @@ def stdlib_data(tmp_path_factory):
     return cfg, data_dir, meta
 
 
+@pytest.fixture(scope="session")
+def trained_moe_run(stdlib_data, tmp_path_factory):
+    """An MLA + MoE model trained 12 steps on `stdlib_data` (it has learned the corpus'
+    byte statistics): a distillation teacher, a perplexity-filter model. Its workdir."""
+    from deepseek_tf.train.loop import train
+    from tests.helpers.workdirs import FAMILIES
+
+    _, data_dir, _ = stdlib_data
+    exp = tiny.experiment(data_dir, model=FAMILIES["mla_moe"],
+                          train={"steps": 12, "log_every": 12, "eval_every": 0,
+                                 "checkpoint_every": 12},
+                          optim={"learning_rate": 2e-2, "warmup_steps": 0})
+    path = str(tmp_path_factory.mktemp("trained-moe") / "run")
+    train(exp, path, log=lambda *_: None)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _op_determinism_off_after_each_test():
     """Training turns TF op determinism on for the whole process (as a training process

@@ -4,7 +4,7 @@ This package is the single source of truth for every knob of the framework. It
 imports nothing from the rest of the package but `atomic` (file writes) and
 `errors`. One module per concern: `base` (the `knob` field and the `_Section`
 mixin), `model` (`ModelConfig`, `RopeScaling`), `data` (`DataConfig`,
-`TokenizerConfig`), `train` (optimizer, loop, LoRA, freeze, DPO, GRPO); this module joins
+`TokenizerConfig`), `train` (optimizer, loop, LoRA, freeze, DPO, GRPO, distillation); this module joins
 them into the `Experiment` saved as config.json. Each dataclass validates itself on
 construction and raises `ConfigError` (a one-line, user-facing message) for a bad
 value, so that a wrong flag is reported before any graph is built.
@@ -30,11 +30,11 @@ from deepseek_tf.atomic import atomic_write
 from deepseek_tf.config.base import _Section, knob, nested
 from deepseek_tf.config.data import DATA_STAGES, DataConfig, TokenizerConfig
 from deepseek_tf.config.model import ROPE_FLAGS, ModelConfig, RopeScaling
-from deepseek_tf.config.train import (DPOConfig, FreezeConfig, GRPOConfig, LoraConfig,
-                                      OptimConfig, TrainConfig)
+from deepseek_tf.config.train import (DistillConfig, DPOConfig, FreezeConfig, GRPOConfig,
+                                      LoraConfig, OptimConfig, TrainConfig)
 from deepseek_tf.errors import ConfigError, UserError
 
-__all__ = ["CONFIG_VERSION", "DATA_STAGES", "DPOConfig", "DataConfig", "Experiment",
+__all__ = ["CONFIG_VERSION", "DATA_STAGES", "DPOConfig", "DistillConfig", "DataConfig", "Experiment",
            "FreezeConfig", "GRPOConfig", "LoraConfig", "ModelConfig", "OptimConfig", "ROPE_FLAGS",
            "RopeScaling", "SECTIONS", "TokenizerConfig", "TrainConfig", "iter_fields",
            "knob", "nested"]
@@ -45,7 +45,7 @@ CONFIG_VERSION = 1
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig, "data": DataConfig, "tokenizer": TokenizerConfig,
     "optim": OptimConfig, "train": TrainConfig, "lora": LoraConfig, "freeze": FreezeConfig,
-    "dpo": DPOConfig, "grpo": GRPOConfig}
+    "dpo": DPOConfig, "grpo": GRPOConfig, "distill": DistillConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Experiment:
     freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
     def __post_init__(self):
         if self.data.seq_len > self.model.max_position_embeddings:
@@ -81,11 +82,17 @@ class Experiment:
                 "--train.remat=none.")
         if self.train.dsa_stage == "dense_warmup" and not (
                 self.model.use_dsa and self.train.finetuning_type == "full"
-                and self.train.stage not in ("dpo", "kto", "grpo")):
+                and self.train.stage not in ("dpo", "kto", "grpo", "distill")):
             raise ConfigError(
                 "--train.dsa_stage=dense_warmup trains the indexer of a --model.use_dsa model "
                 "and freezes the rest itself: it needs --model.use_dsa, "
-                "--train.finetuning_type=full and a next-token --train.stage (not dpo, kto or grpo).")
+                "--train.finetuning_type=full and a next-token --train.stage (not dpo, kto, grpo "
+                "or distill).")
+        if (self.train.stage == "distill") != bool(self.distill.teacher):
+            raise ConfigError(
+                "--train.stage=distill needs --distill.teacher=WORKDIR (the frozen teacher)"
+                if self.distill.teacher == "" else
+                f"--distill.teacher={self.distill.teacher} needs --train.stage=distill.")
         if self.train.jit_compile == "true" and self.model.n_routed_experts and \
                 self.model.capacity_factor <= 0 and self.train.stage not in ("dpo", "kto", "grpo"):
             raise ConfigError(

@@ -85,6 +85,13 @@ class DataConfig(_Section):
     dedup_ngram: int = knob(5, "Words per shingle for near-duplicate detection.", stage="prepare")
     dedup_num_perm: int = knob(128, "MinHash permutations for near-duplicate detection.",
                                stage="prepare")
+    ppl_filter_model: str = knob("", "Perplexity filter: score every document (its first "
+                                 "--data.seq_len tokens) with this workdir's model and "
+                                 "tokenizer, and drop those above --data.ppl_max (empty = "
+                                 "off).", stage="prepare")
+    ppl_max: float = knob(0.0, "Perplexity filter: the highest per-token perplexity kept "
+                          "(of the filter model's tokens: per byte with the byte tokenizer).",
+                          stage="prepare")
     # -- instruction data (format=alpaca / sharegpt)
     template: str = knob("deepseek3", "Chat template of SFT samples (see README).",
                          choices=("deepseek3", "deepseek-r1", "chatml", "plain"), stage="sft")
@@ -137,6 +144,9 @@ class DataConfig(_Section):
         r(0 <= self.dedup_threshold <= 1,
           f"--data.dedup_threshold must be in [0, 1] (0 = off), got {self.dedup_threshold}.")
         r(self.dedup_ngram >= 1, "--data.dedup_ngram must be >= 1.")
+        r(bool(self.ppl_filter_model) == (self.ppl_max > 0),
+          "--data.ppl_filter_model=WORKDIR and --data.ppl_max > 0 go together (the filter "
+          "model and the highest perplexity kept).")
         r(8 <= self.dedup_num_perm <= 1024, "--data.dedup_num_perm must be in [8, 1024].")
         for name in ("replace_regex", "drop_regex"):
             pattern = getattr(self, name)
@@ -166,7 +176,8 @@ class DataConfig(_Section):
         """The values that shape the prepared data (prepare fingerprints them in
         metadata.json): the "prepare" fields, plus the "sft" ones (cutoff_len resolved)
         for SFT formats."""
-        d = {k: getattr(self, k) for k in self.fields_of("prepare")}
+        d = {k: getattr(self, k) for k in self.fields_of("prepare")
+             if self.ppl_filter_model or not k.startswith("ppl_")}  # off: as before it existed
         if self.is_sft:
             d.update({k: getattr(self, k) for k in self.fields_of("sft")},
                      cutoff_len=self.resolved_cutoff_len)

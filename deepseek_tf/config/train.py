@@ -1,5 +1,5 @@
 """The optimizer, the training loop and the fine-tuning methods (LoRA, freeze, DPO,
-GRPO)."""
+GRPO, distillation)."""
 
 from __future__ import annotations
 
@@ -133,9 +133,11 @@ class TrainConfig(_Section):
                       "on plain text), sft (the same loss on the answer tokens of chat-format "
                       "data), dpo (preference pairs, --dpo.*), kto (answers labelled desirable or "
                       "not, --dpo.*), grpo (reinforcement learning on prompts with sampled, "
-                      "rewarded completions, --grpo.*), or auto = sft for chat-format data, "
-                      "else pretrain (resolved at the start and saved in config.json).",
-                      choices=("auto", "pretrain", "sft", "dpo", "kto", "grpo"))
+                      "rewarded completions, --grpo.*), distill (the next-token loss plus a KL "
+                      "to a frozen teacher's logits on the same data, --distill.*), or auto = "
+                      "sft for chat-format data, else pretrain (resolved at the start and "
+                      "saved in config.json).",
+                      choices=("auto", "pretrain", "sft", "dpo", "kto", "grpo", "distill"))
     dsa_stage: str = knob("sparse", "DeepSeek Sparse Attention training stage (with "
                           "--model.use_dsa; V3.2 paper): dense_warmup = the main model frozen "
                           "and attending densely, only the indexer trains (KL to the dense "
@@ -355,3 +357,45 @@ class GRPOConfig(_Section):
     @property
     def reward_list(self) -> tuple[str, ...]:
         return _split_list(self.reward)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(_Section):
+    """Logit distillation from a frozen teacher (`--train.stage=distill`, train/distill.py).
+
+    Per loss token, with p = softmax(teacher logits / T) and q = softmax(student logits / T):
+    loss = alpha T^2 D(p, q) + (1 - alpha) cross-entropy(student, next token), D the
+    forward KL(p || q), the reverse KL(q || p), or mix = mix_weight forward + (1 -
+    mix_weight) reverse.
+
+    Example:
+        >>> DistillConfig(teacher="runs/big", loss="mix", temperature=2.0).alpha
+        0.5
+    """
+
+    SECTION = "distill"
+
+    teacher: str = knob("", "The teacher's workdir (any supported model family; it must use "
+                        "the student's tokenizer). It runs frozen, in inference mode, beside "
+                        "the student in every step.")
+    loss: str = knob("forward_kl", "forward_kl = KL(teacher || student) (mass-covering, "
+                     "Hinton et al.); reverse_kl = KL(student || teacher) (mode-seeking, as "
+                     "MiniLLM); mix = --distill.mix_weight x forward + (1 - mix_weight) x "
+                     "reverse.", choices=("forward_kl", "reverse_kl", "mix"))
+    temperature: float = knob(1.0, "Softmax temperature T of both distributions (> 0); the "
+                              "KL term is multiplied by T^2 so that its gradients keep their "
+                              "scale.")
+    alpha: float = knob(0.5, "Weight of the KL term in [0, 1]; the next-token cross-entropy "
+                        "on the data gets 1 - alpha (1 = pure distillation).")
+    mix_weight: float = knob(0.5, "--distill.loss=mix: weight of the forward KL in [0, 1]; "
+                             "the reverse KL gets the rest.")
+
+    def __post_init__(self):
+        self._coerce_and_check_types()
+        r = self._require
+        r(self.temperature > 0, f"--distill.temperature must be > 0, got {self.temperature}.")
+        r(0 <= self.alpha <= 1, f"--distill.alpha must be in [0, 1], got {self.alpha}.")
+        r(0 <= self.mix_weight <= 1,
+          f"--distill.mix_weight must be in [0, 1], got {self.mix_weight}.")
+        r(self.mix_weight == 0.5 or self.loss == "mix",
+          f"--distill.mix_weight applies to --distill.loss=mix only, not {self.loss}.")

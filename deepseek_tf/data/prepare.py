@@ -3,7 +3,9 @@
 Three resumable phases, all under `data_dir`:
 
   1. stage     read inputs (ingest.py) -> parse / clean / filter (clean.py) ->
-               exact + near dedup (dedup.py) -> `.stage/docs.jsonl`, in input order
+               exact + near dedup (dedup.py) -> perplexity filter (optional: a
+               workdir's model scores the documents in batches) ->
+               `.stage/docs.jsonl`, in input order
   2. tokenizer build, load or train it (on the staged text); saved in data_dir
   3. shards    split by document name, tokenize (SFT: render the chat template
                with its loss mask), write atomic shards; `.stage/progress.json`
@@ -127,8 +129,10 @@ def _bar(progress: bool, total=None, unit="doc", desc=""):
                 mininterval=1.0, dynamic_ncols=True, smoothing=0.1)
 
 
-def _stage(cfg: DataConfig, sources, prog: _Progress, progress: bool, data_dir: str) -> dict:
-    """Phase 1: read, clean, filter, dedup -> docs.jsonl. Returns the stage state."""
+def _stage(cfg: DataConfig, sources, prog: _Progress, progress: bool, data_dir: str,
+           scorer=None) -> dict:
+    """Phase 1: read, clean, filter, dedup (, perplexity filter) -> docs.jsonl. Returns
+    the stage state."""
     report = Report()
     report.counts.update({"documents_in": 0, "normalized": 0, "replaced": 0})
     exact = ExactDedup() if cfg.dedup_exact else None
@@ -137,7 +141,21 @@ def _stage(cfg: DataConfig, sources, prog: _Progress, progress: bool, data_dir: 
     report.info["near_dedup"] = None if near is None else {
         "threshold": cfg.dedup_threshold, "num_perm": cfg.dedup_num_perm,
         "ngram": cfg.dedup_ngram, "bands": near.bands, "rows": near.rows}
+    if scorer is not None:
+        report.info["ppl_filter"] = {"model": cfg.ppl_filter_model, "max": cfg.ppl_max}
     keys = array.array("Q")
+    kept: list[dict] = []  # documents past dedup, waiting for the perplexity filter
+
+    def flush(out):
+        ppls = scorer([stages.training_text(d, cfg) for d in kept]) if scorer else kept
+        for doc, ppl in zip(kept, ppls):
+            if scorer and not ppl <= cfg.ppl_max:  # NaN too
+                report.remove("perplexity")
+                continue
+            out.write(json.dumps(doc, ensure_ascii=False) + "\n")
+            keys.append(split_key(doc["n"]))
+        kept.clear()
+
     tmp = prog.docs_path + ".tmp"
     items = ingest.read_sources(sources, cfg.max_samples)
     results = ordered_map(stages.clean_chunk, chunked(items, CHUNK), cfg.num_proc,
@@ -161,8 +179,10 @@ def _stage(cfg: DataConfig, sources, prog: _Progress, progress: bool, data_dir: 
                 elif near is not None and near.add_signature(r[3]):
                     report.remove("near_duplicate")
                 else:
-                    out.write(json.dumps(r[1], ensure_ascii=False) + "\n")
-                    keys.append(split_key(r[1]["n"]))
+                    kept.append(r[1])
+            if len(kept) >= CHUNK or not scorer:
+                flush(out)
+        flush(out)
     os.replace(tmp, prog.docs_path)
     stage = {"documents": len(keys), "val_threshold": val_threshold(keys, cfg.val_size),
              "report": report.to_dict()}
@@ -293,7 +313,7 @@ def _why_no_training(prog: _Progress) -> str:
 
 
 def prepare(cfg: DataConfig, data_dir: str, tokenizer_cfg: TokenizerConfig | None = None,
-            log=print, progress: bool | None = None) -> dict:
+            log=print, progress: bool | None = None, scorer=None) -> dict:
     """Prepares the configured corpus into `data_dir` and returns its metadata.
 
     Args:
@@ -302,7 +322,11 @@ def prepare(cfg: DataConfig, data_dir: str, tokenizer_cfg: TokenizerConfig | Non
       tokenizer_cfg: which tokenizer to build or train (default: byte).
       log: printer for progress lines and the report.
       progress: show progress bars on stderr (default: when stderr is a terminal).
+      scorer: with `cfg.ppl_filter_model`, `texts -> perplexities` of that model
+        (`scoring.perplexity_scorer`; the data engine does not import models).
     """
+    if bool(cfg.ppl_filter_model) != (scorer is not None):
+        raise ValueError("prepare needs a scorer exactly when --data.ppl_filter_model is set")
     tcfg = tokenizer_cfg or TokenizerConfig()
     progress = sys.stderr.isatty() if progress is None else progress
     sources, corpus_info = _sources(cfg)
@@ -321,7 +345,8 @@ def prepare(cfg: DataConfig, data_dir: str, tokenizer_cfg: TokenizerConfig | Non
     resumed = bool(prog["stage"]) and os.path.exists(prog.docs_path)
     if resumed:
         log(f"resuming the interrupted prepare in {data_dir}")
-    stage = prog["stage"] if resumed else _stage(cfg, sources, prog, progress, data_dir)
+    stage = prog["stage"] if resumed else _stage(cfg, sources, prog, progress, data_dir,
+                                                 scorer)
     t_stage = time.time() - t0
     tok = _tokenizer(cfg, tcfg, data_dir, prog, log)
     written = _shards(cfg, tok, data_dir, prog, progress)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 
 REMOVAL_STEPS = ("drop_regex", "too_short", "too_long", "exact_duplicate", "near_duplicate",
-                 "no_target")
+                 "perplexity", "no_target")
 MAX_LISTED = 1000  # bad inputs listed by location; all are counted
 
 
@@ -66,6 +66,8 @@ class Report:
         for step in REMOVAL_STEPS:
             if step == "near_duplicate" and not self.info.get("near_dedup"):
                 steps.append("near_duplicate off")
+            elif step == "perplexity" and not self.info.get("ppl_filter"):
+                continue
             elif step != "no_target" or self.removed[step]:
                 steps.append(f"{step} {self.removed[step]:,}")
         out.append("  removed            " + " | ".join(steps))

@@ -6,7 +6,9 @@ streamed as it is produced, then a speed line goes to stderr. `--chat` wraps the
 prompt in the run's chat template (`--data.template` of the run, or --template)
 and stops at its end-of-turn marker. `--input_file=prompts.jsonl` (one
 {"prompt": ...} or {"instruction": ..., "input": ...} per line) with
-`--output_file=out.jsonl` generates in batches of --batch_size.
+`--output_file=out.jsonl` generates in batches of --batch_size; `--output_format=alpaca`
+writes {instruction, output} records, an SFT dataset `prepare` reads as is (a teacher's
+answers for sequence-level distillation).
 
 `--tflite=model.tflite` runs a file from `export --format=tflite` in ai-edge-litert's
 interpreter instead (the same samplers; the tokenizer and chat template come from
@@ -37,6 +39,12 @@ flags.DEFINE_string("prompt", None, "The prompt text.")
 flags.DEFINE_string("input_file", None, "JSONL prompts: {\"prompt\": ...} or alpaca-style "
                     "{\"instruction\", \"input\"} per line.")
 flags.DEFINE_string("output_file", None, "JSONL results of --input_file (default: stdout).")
+flags.DEFINE_enum("output_format", "results", ["results", "alpaca"],
+                  "--input_file results: results = {prompt, completion, num_tokens, "
+                  "stop_reason} per prompt; alpaca = {instruction: prompt, output: "
+                  "completion} (an SFT dataset `prepare --data.format=alpaca` reads as is: "
+                  "sequence-level distillation; empty answers are left out (none left is an "
+                  "error), and the count of answers cut at --max_new_tokens goes to stderr).")
 flags.DEFINE_bool("chat", False, "Wrap each prompt in the run's chat template and stop at "
                   "its end-of-turn marker.")
 flags.DEFINE_string("template", "", "Chat template for --chat (default: the run's "
@@ -175,14 +183,30 @@ def main(argv):
         streamer.finish()
         print(f"[{streamer.speed(start)}]", file=sys.stderr)
         return
-    lines = [json.dumps({"prompt": p, **r}, ensure_ascii=False) for p, r in zip(prompts, results)]
+    _write_results([{"prompt": p, **r} for p, r in zip(prompts, results)])
+    print(f"[{len(prompts)} prompts, {total} tokens in {seconds:.2f} s: "
+          f"{total / seconds:.1f} tokens/s incl. graph build]", file=sys.stderr)
+
+
+def _write_results(rows: list[dict]) -> None:
+    """--input_file results to --output_file (or stdout) in --output_format."""
+    if FLAGS.output_format == "alpaca":
+        cut = sum(r["stop_reason"] == "length" for r in rows)
+        kept = [r for r in rows if r["completion"].strip()]
+        print(f"[alpaca: {len(kept)} records; {len(rows) - len(kept)} empty answers left "
+              f"out; {cut} answers cut at --max_new_tokens={FLAGS.max_new_tokens}]",
+              file=sys.stderr)
+        if not kept:
+            raise UserError("every answer was empty: no SFT record to write; raise "
+                            "--max_new_tokens or check the teacher's chat template (--chat, "
+                            "--template).")
+        rows = [{"instruction": r["prompt"], "output": r["completion"]} for r in kept]
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     if FLAGS.output_file:
         with open(FLAGS.output_file, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
     else:
         print("\n".join(lines))
-    print(f"[{len(prompts)} prompts, {total} tokens in {seconds:.2f} s: "
-          f"{total / seconds:.1f} tokens/s incl. graph build]", file=sys.stderr)
 
 
 def _run_tflite(tok, profile):
@@ -221,14 +245,9 @@ def _run_tflite(tok, profile):
             return
         text, cut = gtext.cut_at_stop(tok.decode(gtext.strip_special(out, tok)), stops)
         stopped = cut or any(tuple(out[-len(s):]) == s for s in stop_ids)
-        lines.append(json.dumps({"prompt": prompt, "completion": text, "num_tokens": len(out),
-                                 "stop_reason": "stop" if stopped else "length"},
-                                ensure_ascii=False))
-    if FLAGS.output_file:
-        with open(FLAGS.output_file, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-    else:
-        print("\n".join(lines))
+        lines.append({"prompt": prompt, "completion": text, "num_tokens": len(out),
+                      "stop_reason": "stop" if stopped else "length"})
+    _write_results(lines)
     seconds = time.perf_counter() - start
     print(f"[{len(prompts)} prompts, {total} tokens in {seconds:.2f} s (TFLite): "
           f"{total / seconds:.1f} tokens/s]", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Trains a DeepSeek-style decoder. Every config field is a flag (`--model.*`,
 `--data.*`, `--optim.*`, `--train.*`, and the stages' `--lora.*`, `--dpo.*`,
-`--grpo.*`); `--help` lists them. A workdir that already holds a run is resumed from
+`--grpo.*`, `--distill.*`); `--help` lists them. A workdir that already holds a run is resumed from
 its latest checkpoint.
 
 With TF_CONFIG set this process is one worker of a multi-worker run (see

@@ -108,43 +108,55 @@ def random_batch(vocab_size: int, accum: int, batch: int, seq: int, seed: int = 
     return {k: tf.constant(v) for k, v in b.items()}
 
 
-def time_grad_fn(model, tcfg, seq_len: int, strategy=None, rounds: int = 3) -> dict[str, float]:
+def time_grad_fn(model, tcfg, seq_len: int, strategy=None, rounds: int = 3,
+                 objective=None, built: dict | None = None) -> dict[str, float]:
     """{"xla": s, "no_xla": s}: median seconds of the step's forward + backward, each mode
     warmed up (traced / compiled) and then timed in alternating rounds.
 
     The forward + backward runs inside `strategy.run` (the default strategy if None), as
     in the train step: distributed (mirrored) variables can only be read in a replica
-    context. It has no collectives, so each worker times its own copy.
-    """
-    import tensorflow as tf
-
-    strategy = strategy or tf.distribute.get_strategy()
-    batch = random_batch(model.config.vocab_size, tcfg.grad_accum_steps, tcfg.batch_size,
-                         seq_len, tcfg.seed)
-    return median_times({"no_xla": grad_norm_fn(model, tcfg, batch, False, strategy),
-                         "xla": grad_norm_fn(model, tcfg, batch, True, strategy)}, rounds)
-
-
-def grad_norm_fn(model, tcfg, batch, jit: bool, strategy):
-    """A callable running the step's forward + backward on `batch` -> the gradients'
-    global norm (a float).
-
-    It returns a value computed from every gradient on purpose: the uncompiled grad
-    function is inlined into the caller's graph, and a caller that kept only the loss
-    would let TensorFlow prune the whole backward pass from the timing (it did: `auto`
-    compared XLA's forward + backward with a forward alone and chose no XLA wrongly).
+    context. It has no collectives, so each worker times its own copy. With `built` (a
+    dict), the two grad functions are left in it keyed by `jit` (True / False): the
+    train step may call the chosen one, whose trace and XLA compilation are then done
+    (`objective` must be the run's token objective for that; None times the token
+    cross entropy).
     """
     import tensorflow as tf
 
     from deepseek_tf.train.step import make_grad_fn
 
-    grad_fn = make_grad_fn(model, tcfg.grad_accum_steps, jit)
+    strategy = strategy or tf.distribute.get_strategy()
+    batch = random_batch(model.config.vocab_size, tcfg.grad_accum_steps, tcfg.batch_size,
+                         seq_len, tcfg.seed)
+    fns = {jit: make_grad_fn(model, tcfg.grad_accum_steps, jit, objective)
+           for jit in (False, True)}
+    if built is not None:
+        built.update(fns)
+    return median_times({"no_xla": grad_norm_fn(fns[False], tcfg, batch, strategy),
+                         "xla": grad_norm_fn(fns[True], tcfg, batch, strategy)}, rounds)
+
+
+def grad_norm_fn(grad_fn, tcfg, batch, strategy):
+    """A callable running `grad_fn` (`step.make_grad_fn`) on `batch` inside `strategy`
+    -> the gradients' global norm (a float).
+
+    It returns a value computed from every gradient on purpose: the uncompiled grad
+    function is inlined into the caller's graph, and a caller that kept only the loss
+    would let TensorFlow prune the whole backward pass from the timing (it did: `auto`
+    compared XLA's forward + backward with a forward alone and chose no XLA wrongly).
+    The arguments have the types the train step passes (tensors), so the step reuses
+    the traced function.
+    """
+    import tensorflow as tf
+
     denom = tf.constant(float(np.prod(batch["targets"].shape)))
-    seed = tf.constant([tcfg.seed, 0], tf.int64)
+    scale = tf.constant(1.0)
+    seed = tf.constant([tcfg.seed, 0], tf.int32)  # the dtype of the step's folded seed
 
     @tf.function
     def run():
-        norm = strategy.run(lambda: tf.linalg.global_norm(grad_fn(batch, denom, 1.0, seed)[0]))
+        norm = strategy.run(lambda: tf.linalg.global_norm(grad_fn(batch, denom, scale,
+                                                                  seed)[0]))
         return strategy.experimental_local_results(norm)[0]
 
     return lambda: float(run())
@@ -156,12 +168,14 @@ def choose_jit(times: dict[str, float], margin: float = 1.0) -> tuple[bool, str]
 
 
 def resolve_jit_compile(exp, model, agree=lambda v: v, log=print, strategy=None,
-                        measure: bool = True) -> tuple[str, str]:
+                        measure: bool = True, objective=None,
+                        built: dict | None = None) -> tuple[str, str]:
     """("true"/"false", reason) for `exp.train.jit_compile` ("auto" is measured with
     `model` inside `strategy`); `agree(int) -> int` gives every worker the chief's answer.
     Only the worker with `measure` (the chief) times; the others wait in `agree` and
     compile nothing for the timing (with W workers on one machine, W timings would
-    share its cores and take W times the CPU for one decision)."""
+    share its cores and take W times the CPU for one decision). `objective`, `built`: as
+    in `time_grad_fn`."""
     value = exp.train.jit_compile
     if value != "auto":
         return value, f"{value} (given)"
@@ -172,7 +186,8 @@ def resolve_jit_compile(exp, model, agree=lambda v: v, log=print, strategy=None,
         choice = "true" if agree(0) else "false"
         return choice, f"auto -> {choice}: the chief's timing"
     log("jit_compile=auto: timing the step's forward+backward with and without XLA ...")
-    use, why = choose_jit(time_grad_fn(model, exp.train, exp.data.seq_len, strategy))
+    use, why = choose_jit(time_grad_fn(model, exp.train, exp.data.seq_len, strategy,
+                                       objective=objective, built=built))
     agree(int(use))
     choice = "true" if use else "false"
     return choice, f"auto -> {choice}: {why}"

@@ -1,7 +1,8 @@
 """The training runner: set up, (resume,) train, evaluate, checkpoint, log, plot.
 
 The split follows TF Model Garden's task/runner idea: the stage's objective
-(train/objectives.py: pretrain / sft token loss, train/dpo.py, train/kto.py, train/grpo.py) checks everything a
+(train/objectives.py: pretrain / sft token loss, train/dpo.py, train/kto.py, train/grpo.py,
+train/distill.py) checks everything a
 user can get wrong before any graph is built and owns data, loss and metrics;
 `build_state` makes model, optimizer and data under the strategy scope; `Runner`
 runs the loop as `begin` / `run_step` (with its log / eval / checkpoint intervals) /
@@ -39,6 +40,7 @@ from deepseek_tf.train import finetune
 from deepseek_tf.train import precision
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.best import BestCheckpoint
+from deepseek_tf.train.distill import DistillObjective
 from deepseek_tf.train.dpo import DPOObjective
 from deepseek_tf.train.grpo import GRPOObjective
 from deepseek_tf.train.kto import KTOObjective
@@ -54,7 +56,8 @@ from deepseek_tf.workdir_files import CONFIG_FILE, TENSORBOARD_DIR, TOKENIZER_DI
 
 def make_objective(exp: Experiment) -> Objective:
     """The objective of `--train.stage` (auto, pretrain and sft: the token loss)."""
-    stages = {"dpo": DPOObjective, "kto": KTOObjective, "grpo": GRPOObjective}
+    stages = {"dpo": DPOObjective, "kto": KTOObjective, "grpo": GRPOObjective,
+              "distill": DistillObjective}
     return stages.get(exp.train.stage, TokenObjective)()
 
 
@@ -72,6 +75,8 @@ class RunState:
     collectives: strategy_lib.Collectives
     exp: Experiment | None = None  # the experiment, with precision "auto" resolved
     objective: Objective | None = None
+    #: jit_compile=auto's timed grad functions by XLA on/off, for the train step to reuse
+    grad_fns: dict = dataclasses.field(default_factory=dict)
 
 
 def build_state(exp: Experiment, workdir: str, objective: Objective,
@@ -137,16 +142,26 @@ def _describe(state: RunState, tcfg) -> str:
             f"remat {tcfg.remat}")
 
 
+def _token_objective(state: RunState):
+    """The run's objective if the timing's random token batch fits it (then the timed
+    grad function is the train step's own), else None (time the token loss)."""
+    return state.objective if type(state.objective) is TokenObjective else None
+
+
 def _resolve_jit(state: RunState, log) -> Experiment:
     """`state.exp` with `--train.jit_compile=auto` decided on this machine (and logged)."""
     exp = state.exp
     if exp.train.jit_compile != "auto":
         return exp
+    token_objective = _token_objective(state)
     with state.strategy.scope():
         choice, why = autotune.resolve_jit_compile(exp, state.model,
                                                    agree=state.collectives.chief_value, log=log,
                                                    strategy=state.strategy,
-                                                   measure=state.role.is_chief)
+                                                   measure=state.role.is_chief,
+                                                   objective=token_objective,
+                                                   built=state.grad_fns if token_objective
+                                                   else None)
     log(f"jit_compile: {why}")
     return autotune.with_train(exp, jit_compile=choice,
                                auto_decisions=autotune.note(exp, jit_compile=why))
@@ -202,7 +217,8 @@ class Runner:
         self.tokens_per_step = objective.tokens_per_step(exp,
                                                          state.strategy.num_replicas_in_sync)
         train_step = make_train_step(state.model, state.optimizer, state.strategy, tcfg,
-                                     exp.optim, objective=objective)
+                                     exp.optim, objective=objective,
+                                     grad_fn=state.grad_fns.get(tcfg.xla))
         self.train_step = objective.guard(train_step)
         self.eval_step = objective.guard(make_eval_step(state.model, state.strategy, objective))
         self.logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)

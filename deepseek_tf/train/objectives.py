@@ -29,8 +29,8 @@ plugs in an `Objective`, which owns
 
 Stages: pretrain and sft (`TokenObjective`: next-token cross-entropy on the loss mask,
 plus the MoE / MTP aux terms; "auto" picks sft for chat-format data, else pretrain),
-dpo (train/dpo.py), kto (train/kto.py), grpo (train/grpo.py). Later stages
-(distillation) plug in the same way.
+dpo (train/dpo.py), kto (train/kto.py), grpo (train/grpo.py), distill (train/distill.py:
+the token loss plus a KL to a frozen teacher co-run in the step).
 
 Example:
     >>> objective = TokenObjective()
@@ -53,6 +53,7 @@ from deepseek_tf.data.prepare import prepare
 from deepseek_tf.data.tokenizer import copy_tokenizer, load_tokenizer
 from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.model import token_losses
+from deepseek_tf.scoring import perplexity_scorer
 from deepseek_tf.train import aux_losses
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.workdir_files import DATA_DIR
@@ -157,7 +158,7 @@ def prepare_run(exp: Experiment, workdir: str, log=print,
     if not os.path.exists(data_dir):
         source = exp.data.inputs or f"the '{exp.data.corpus}' corpus"
         log(f"data directory {data_dir} does not exist yet: preparing {source}")
-        prepare(exp.data, data_dir, exp.tokenizer, log=log)
+        prepare(exp.data, data_dir, exp.tokenizer, log=log, scorer=perplexity_scorer(exp.data))
     meta = shards.read_metadata(data_dir)
     tok = load_tokenizer(data_dir)
     if tok.vocab_size > exp.model.vocab_size:
@@ -170,22 +171,33 @@ def prepare_run(exp: Experiment, workdir: str, log=print,
     return meta
 
 
-def token_loss(model, batch: dict, training: bool, with_aux: bool = False,
-               dropout_seed=None) -> tuple:
-    """(CE loss sum, hits) over the loss mask or, `with_aux`, (CE loss sum, hits, extra
-    loss sum, aux stats) of one batch of (B, T) tensors."""
-    out = model(batch["inputs"], segment_ids=batch["segment_ids"],
-                positions=batch["positions"], training=training, return_aux=with_aux,
-                dropout_seed=dropout_seed)
-    logits = out[0] if with_aux else out                                  # (B, T, V)
+def batch_logits(model, batch: dict, training: bool, with_aux: bool = False,
+                 dropout_seed=None, **kwargs):
+    """`model`'s output on one packed batch of (B, T) tensors: logits (B, T, V), or with
+    `with_aux` (logits, aux); `kwargs` go to the model (e.g. `moe_capacity_factor`)."""
+    return model(batch["inputs"], segment_ids=batch["segment_ids"],
+                 positions=batch["positions"], training=training, return_aux=with_aux,
+                 dropout_seed=dropout_seed, **kwargs)
+
+
+def masked_token_loss(logits, batch: dict) -> tuple:
+    """(CE loss sum, hits) of `logits` (B, T, V) against the batch's targets over its loss
+    mask."""
     mask = batch["loss_mask"]
     loss_sum = tf.reduce_sum(token_losses(logits, batch["targets"]) * mask)
     hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), batch["targets"]),
                    tf.float32)
+    return loss_sum, tf.reduce_sum(hits * mask)
+
+
+def token_loss(model, batch: dict, training: bool, with_aux: bool = False,
+               dropout_seed=None) -> tuple:
+    """(CE loss sum, hits) over the loss mask or, `with_aux`, (CE loss sum, hits, extra
+    loss sum, aux stats) of one batch of (B, T) tensors."""
+    out = batch_logits(model, batch, training, with_aux, dropout_seed)
     if not with_aux:
-        return loss_sum, tf.reduce_sum(hits * mask)
-    return (loss_sum, tf.reduce_sum(hits * mask)) + aux_losses.aux_terms(model.config, out[1],
-                                                                         batch)
+        return masked_token_loss(out, batch)
+    return masked_token_loss(out[0], batch) + aux_losses.aux_terms(model.config, out[1], batch)
 
 
 class TokenObjective(Objective):

@@ -117,17 +117,20 @@ def apply_scaled(optimizer, grads, variables, coef) -> None:
 
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cfg: TrainConfig,
-                    optim_cfg: OptimConfig, *, objective=None, grad_hook=None):
+                    optim_cfg: OptimConfig, *, objective=None, grad_hook=None, grad_fn=None):
     """Returns `step(iterator) -> dict of float32 tensors` (loss, grad_norm, skipped: 1
     if the step was skipped because a gradient overflowed, and the objective's
     `step_metrics`: for pretrain / sft accuracy, loss_tokens and the
     `aux_losses.step_metrics` of MoE / MTP models).
 
     `grad_hook(grads, replica_id) -> grads`, if given, edits each replica's local
-    gradients before the all-reduce (tests inject faults with it).
+    gradients before the all-reduce (tests inject faults with it). `grad_fn`: the
+    `make_grad_fn` of this model, objective and `train_cfg` already built (by
+    `jit_compile=auto`'s timing, traced and compiled); None builds it here.
     """
     objective = objective or TokenObjective()
-    grad_fn = make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.xla, objective)
+    grad_fn = grad_fn or make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.xla,
+                                      objective)
     finish = make_finish_fn(optim_cfg.clip_norm, train_cfg.xla)
     variables = model.trainable_variables
 

@@ -45,7 +45,8 @@ def test_prepare_applies_and_reports_every_step(tmp_path):
     assert report["counts"]["documents_in"] == 7
     assert report["counts"]["normalized"] == 1 and report["counts"]["replaced"] == 1
     assert report["removed"] == {"drop_regex": 1, "too_short": 1, "too_long": 1,
-                                 "exact_duplicate": 1, "near_duplicate": 0, "no_target": 0}
+                                 "exact_duplicate": 1, "near_duplicate": 0, "perplexity": 0,
+                                 "no_target": 0}
     tok = ByteTokenizer()
     assert [tok.decode(ids) for ids, _ in read_split(out, meta)] == [
         "keep me, I am fine", "Caf\u00e9 au lait", "write to <email> please"]

@@ -103,6 +103,30 @@ def test_bad_prompt_file_names_the_line(workdir, tmp_path):
     assert proc.returncode == 2 and f"{bad}:2:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_alpaca_output_is_an_sft_dataset_prepare_reads_as_is(tmp_path):
+    """Sequence-level distillation: a teacher's answers become SFT records."""
+    from deepseek_tf.config import DataConfig
+    from deepseek_tf.data.prepare import prepare
+    from tests.helpers.corpora import read_split, write_jsonl
+
+    path, _ = make_workdir(str(tmp_path / "teacher"), "gqa")  # the cheapest to build
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"instruction": f"Add {i} and 2.",
+                                                  "input": "Be brief."} for i in range(6)])
+    out = tmp_path / "sft.jsonl"
+    proc = run("deepseek_tf.generate", f"--workdir={path}", f"--input_file={prompts}",
+               "--chat", "--max_new_tokens=6", f"--output_file={out}",
+               "--output_format=alpaca", "--jit_compile=false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records and all(set(r) == {"instruction", "output"} and r["output"].strip()
+                           for r in records)
+    assert records[0]["instruction"] == "Add 0 and 2.\nBe brief."
+    assert f"[alpaca: {len(records)} records;" in proc.stderr
+    meta = prepare(DataConfig(inputs=str(out), format="alpaca", template="plain", seq_len=64,
+                              val_size=0), str(tmp_path / "data"), log=lambda *_: None)
+    assert meta["kind"] == "sft" and len(read_split(str(tmp_path / "data"), meta)) == len(records)
+
+
 def test_export_saved_model_cli_and_its_errors(workdir, tmp_path):
     path, _ = workdir
     out = tmp_path / "models" / "deepseek" / "1"

@@ -32,6 +32,10 @@ RESULTS = {
     "serve_load": [r"^clients +requests/s +TTFT p50 ms +TTFT p99 ms +tokens/s$",
                    r"^16 +[\d,.]+ +[\d,.]+ +[\d,.]+ +[\d,.]+$",
                    r"^batching: 16 clients give [\d.]+x the tokens/s of 1$"],
+    "distill": [r"^student \+ teacher +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
+                r"^student alone +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
+                r"^distillation: eval CE [\d.]+ vs [\d.]+ alone \([-+][\d.]+ nats/byte\) at 2 "
+                r"steps; time [\d.]+x$"],
     "decode": [r"^hf pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
                r"^saved_model_xla pos 8 ", r"^keras: transformers / ours decode time "
                r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],

@@ -54,12 +54,14 @@ def test_the_timed_step_runs_the_backward_pass(jit):
     import tensorflow as tf
 
     from deepseek_tf.model import DeepSeekCausalLM, token_losses
+    from deepseek_tf.train.step import make_grad_fn
 
     model = DeepSeekCausalLM(tiny.model_config())
     tcfg = TrainConfig(batch_size=2)
     batch = autotune.random_batch(264, 1, 2, 16)
     model(batch["inputs"][0])
-    norm = autotune.grad_norm_fn(model, tcfg, batch, jit, tf.distribute.get_strategy())()
+    norm = autotune.grad_norm_fn(make_grad_fn(model, 1, jit), tcfg, batch,
+                                 tf.distribute.get_strategy())()
     with tf.GradientTape() as tape:
         logits = model(batch["inputs"][0], training=True)
         loss = tf.reduce_sum(token_losses(logits, batch["targets"][0])) / 32.0
@@ -85,11 +87,19 @@ def test_given_auto_keeps_a_saved_choice():
 
 
 def test_resumed_auto_run_keeps_the_saved_choice(stdlib_data, tmp_path, monkeypatch):
+    """...and the first run's train step calls the grad function the timing traced and
+    compiled (one trace in all: no second trace or XLA compilation of the model)."""
+    from deepseek_tf.train import loop
+
     _, data_dir, _ = stdlib_data
     auto = {"precision": "auto", "jit_compile": "auto", "eval_every": 0, "log_every": 1}
+    given, make_step = [], loop.make_train_step
+    monkeypatch.setattr(loop, "make_train_step", lambda *a, **k: given.append(
+        k["grad_fn"]) or make_step(*a, **k))
     msgs = []
     train(tiny.experiment(data_dir, train={**auto, "steps": 2, "checkpoint_every": 2}),
           str(tmp_path), log=msgs.append)
+    assert given[0] is not None and given[0].experimental_get_tracing_count() == 1
     saved = json.loads((tmp_path / "config.json").read_text())["train"]
     assert saved["precision"] in autotune.PRECISIONS
     assert saved["jit_compile"] in ("true", "false")
