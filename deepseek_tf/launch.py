@@ -261,7 +261,8 @@ class Cluster:
 
     def preempt_on_sigterm(self) -> None:
         """Installs a SIGTERM handler that forwards the signal to every worker (they save
-        a checkpoint and exit with code 42; `wait` then applies its grace period)."""
+        a checkpoint and exit with code 42; `wait` then applies its grace period), and
+        Python's own SIGINT handler (KeyboardInterrupt) even where SIGINT was ignored."""
 
         def handler(signum, frame):
             del signum, frame
@@ -269,6 +270,10 @@ class Cluster:
             self.signal_all(signal.SIGTERM)
 
         signal.signal(signal.SIGTERM, handler)
+        # Ctrl-C stops every worker (`wait`). Set explicitly: a process started in the
+        # background of a non-interactive shell, or by a parent that ignores SIGINT,
+        # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -55,6 +55,20 @@ def test_sigterm_is_forwarded_as_preemption_and_ctrl_c_stops_all(sig, code):
     assert not any(_alive(pid) for pid in launcher.children())
 
 
+def test_ctrl_c_stops_all_even_when_the_launcher_inherited_sigint_ignored():
+    """A launcher started in the background of a non-interactive shell (or by a test
+    runner's worker) inherits SIGINT ignored; it used to hang on Ctrl-C."""
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        launcher = _fake(2, "-1", "0")  # inherits SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    launcher.wait_for(r"child \d+$", count=2)
+    launcher.proc.send_signal(signal.SIGINT)
+    assert launcher.finish() == exit_codes.INTERRUPTED
+    assert not any(_alive(pid) for pid in launcher.children())
+
+
 def test_usage_errors_exit_2():
     proc = subprocess.run([sys.executable, "-m", "deepseek_tf.launch", "--num_workers=0"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
