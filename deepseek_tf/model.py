@@ -114,6 +114,11 @@ class DeepSeekCausalLM(keras.Model):
         """Creates every variable (a forward pass on a tiny batch)."""
         self(tf.zeros((1, 2), tf.int32), return_aux=bool(self.mtp))
 
+    def build(self, input_shape=None):
+        """Nothing to do: every layer builds itself from its input shape during the
+        eager pass of `build_weights`. (Without this method, Keras would first trace the
+        whole model symbolically to build it: seconds of CPU per model of a few layers.)"""
+
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # Keras 3 keeps layer lists in a TrackedList that tf.train.Checkpoint does not
         # follow: without this, block weights reached checkpoints only through the
