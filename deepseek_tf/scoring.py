@@ -78,7 +78,8 @@ def perplexity_scorer(data_cfg, batch_size: int = 16):
     except UserError as e:
         raise UserError(f"--data.ppl_filter_model: {e}") from e
     width = min(data_cfg.seq_len, exp.model.max_position_embeddings)
-    fn = tf.function(lambda ids, mask: tf.reduce_sum(score_tokens(model, ids, mask)[0], 1))
+    fn = tf.function(lambda ids, mask: tf.reduce_sum(score_tokens(model, ids, mask)[0], 1),
+                     autograph=False)
 
     def score(texts: list[str]) -> list[float]:
         out = []

@@ -112,7 +112,7 @@ def token_scorer(model):
         return (tf.reduce_sum(log_probs, 1), tf.reduce_sum(hits, 1),
                 tf.reduce_sum(valid, 1))
 
-    return tf.function(step, input_signature=SCORE_SPECS)
+    return tf.function(step, input_signature=SCORE_SPECS, autograph=False)
 
 
 def generate_task(model, tok, records: list, template, max_length: int, batch_size: int = 8,

@@ -114,7 +114,7 @@ class ServingModule(tf.Module):
                 top_p=top_p, seed=seed))
             return {"output_ids": ids, "output_lengths": n}
 
-        return tf.function(generate_ids_signature, input_signature=[
+        return tf.function(generate_ids_signature, autograph=False, input_signature=[
             *IDS_SPECS.values(), *SAMPLING_SPECS.values()])
 
     def score_fn(self):
@@ -122,7 +122,8 @@ class ServingModule(tf.Module):
             log_probs, total = score_ids(self.model, input_ids, lengths)
             return {"log_probs": log_probs, "total_log_prob": total}
 
-        return tf.function(score_signature, input_signature=list(IDS_SPECS.values()))
+        return tf.function(score_signature, input_signature=list(IDS_SPECS.values()),
+                           autograph=False)
 
     def _text(self, out, n):
         """Generated ids -> text: up to each row's length, without a trailing stop and
@@ -161,7 +162,7 @@ class ServingModule(tf.Module):
                 top_p=top_p, seed=seed))
             return {"text": self._text(out, n), "num_tokens": n}
 
-        return tf.function(text_signature, input_signature=[
+        return tf.function(text_signature, autograph=False, input_signature=[
             tf.TensorSpec([None], tf.string, name="prompt"), *SAMPLING_SPECS.values()])
 
     def chat_fn(self):
@@ -176,7 +177,7 @@ class ServingModule(tf.Module):
                 top_p=top_p, seed=seed))
             return {"reply": self._text(out, n), "num_tokens": n}
 
-        return tf.function(chat_signature, input_signature=[
+        return tf.function(chat_signature, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.string, name="roles"),
             tf.TensorSpec([None, None], tf.string, name="contents"),
             tf.TensorSpec([None], tf.int32, name="num_messages"), *SAMPLING_SPECS.values()])

@@ -89,7 +89,7 @@ class EdgeModule(tf.Module):
                 out["logits"] = tf.identity(logits, name="logits")
             return out
 
-        return tf.function(signature, input_signature=[
+        return tf.function(signature, autograph=False, input_signature=[
             tf.TensorSpec([1, n], tf.int32, name="tokens"),
             tf.TensorSpec([n], tf.int32, name="input_pos"), *self.cache_specs])
 

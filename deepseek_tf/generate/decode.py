@@ -145,7 +145,7 @@ def decode_step(model, absorb=True, jit_compile=False):
     def step(tokens, cache, start, pad):
         return model.call_cached(tokens, cache, start, pad, absorb=absorb,
                                  static_moe=jit_compile)
-    return tf.function(step, jit_compile=True) if jit_compile else step
+    return tf.function(step, jit_compile=True, autograph=False) if jit_compile else step
 
 
 def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, top_p,
@@ -263,7 +263,8 @@ class Generator(tf.Module):
                                     absorb=self.absorb, jit_compile=self.jit_compile,
                                     streamer=streamer, decode_fn=self._decode)
             self._compiled[key] = tf.function(
-                fn, input_signature=[*IDS_SPECS.values(), *SAMPLING_SPECS.values()])
+                fn, autograph=False,
+                input_signature=[*IDS_SPECS.values(), *SAMPLING_SPECS.values()])
         return self._compiled[key]
 
     def generate(self, input_ids, lengths, max_new_tokens=None, temperature=None, top_k=None,

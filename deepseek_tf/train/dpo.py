@@ -152,7 +152,7 @@ def answer_logps(model, ids, mask, xla=False):
 
 def precompute_reference(ref, pairs: dict, batch_size: int) -> np.ndarray:
     """float32 (N, 2) summed answer log-probs of every pair under the reference."""
-    fn = tf.function(lambda ids, mask: answer_logps(ref, ids, mask)[0])
+    fn = tf.function(lambda ids, mask: answer_logps(ref, ids, mask)[0], autograph=False)
     out = []
     for lo in range(0, len(pairs["ids"]), batch_size):
         ids, mask = pairs["ids"][lo:lo + batch_size], pairs["mask"][lo:lo + batch_size]

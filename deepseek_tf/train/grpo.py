@@ -184,9 +184,9 @@ class GRPOObjective(Objective):
             return
         factor = dropless_factor(model.config, False)
         score = lambda m, ids, mask: score_tokens(m, ids, mask, False, factor)[0]  # noqa: E731
-        self._score = tf.function(lambda ids, mask: score(model, ids, mask))
+        self._score = tf.function(lambda ids, mask: score(model, ids, mask), autograph=False)
         ref = self.ref_model or model
-        self._score_ref = tf.function(lambda ids, mask: score(ref, ids, mask))
+        self._score_ref = tf.function(lambda ids, mask: score(ref, ids, mask), autograph=False)
         self.generator = Generator(model, self.seq_len, self.profile.stops, self.tok.pad_id,
                                    jit_compile=xla)
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 from deepseek_tf.config import OptimConfig
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _fused_adamw(var, grad, m, v, lr, decay, alpha, beta_1, beta_2, epsilon, grad_scale):
     """One AdamW update as one XLA kernel: returns the new (var, m, v).
 

@@ -178,7 +178,7 @@ class Collectives:
 
         self.active = is_multi_worker(strategy)
 
-        @tf.function
+        @tf.function(autograph=False)
         def _gather(value):  # every replica's int64 `value`, as a (replicas,) vector
             def fn():
                 ctx = tf.distribute.get_replica_context()
