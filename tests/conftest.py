@@ -24,6 +24,27 @@ tf.config.set_logical_device_configuration(
 from tests.helpers import tiny  # noqa: E402
 
 
+#: Test files with the longest runs (multi-process trainings, exports, parity against
+#: transformers), slowest first by `pytest --durations`. They are collected first, so
+#: `pytest -n 2 --dist loadfile` starts them first and the two processes end together
+#: on short files, not one of them alone on a long one.
+HEAVY_FIRST = (
+    "train/test_presets_multiworker.py", "train/test_precision_families.py",
+    "export/test_saved_model.py", "train/test_dpo.py", "export/test_tflite.py",
+    "convert/test_hf_parity.py", "export/test_litertlm.py", "convert/test_v32_parity.py",
+    "bench/test_smoke_sides.py", "generate/test_cli.py", "bench/test_smoke.py",
+    "train/test_finetune.py", "train/test_multiworker.py", "generate/test_decode.py",
+    "convert/test_v4_parity.py", "train/test_grpo.py", "train/test_v4_training.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return HEAVY_FIRST.index(path) if path in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a file is kept
+
+
 @pytest.fixture(scope="session")
 def stdlib_data(tmp_path_factory):
     """A small prepared slice of the embedded corpus: (DataConfig, data_dir, metadata)."""

@@ -1,15 +1,16 @@
 """`.litertlm` bundles run by Google's LiteRT-LM Engine (the `litert-lm-api` wheel,
 installed by the `edge` extra): the quickstart-sized model, a DeepSeek-V3-style
 model (MLA + MoE with a shared expert) and a DeepSeek-V3.2-style one (+ sparse
-attention) generate greedily exactly the tokens our SavedModel generates."""
+attention) generate greedily exactly the tokens of our decode loop (`Generator`, whose
+tokens the SavedModel, TFLite and transformers tests compare with theirs)."""
 
 import pytest
-import tensorflow as tf
 
 from deepseek_tf.data.templates import TEMPLATES
 from deepseek_tf.data.tokenizer.byte import ByteTokenizer
 from deepseek_tf.export import export
 from deepseek_tf.export.litertlm import byte_tokenizer_json, jinja_template
+from deepseek_tf.generate import Generator
 from deepseek_tf.workdir import load_experiment
 from tests.helpers.workdirs import make_workdir
 
@@ -51,7 +52,7 @@ def test_chat_template_renders_like_ours():
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    """name -> (.litertlm path, SavedModel output ids of PROMPT)."""
+    """name -> (.litertlm path, the decode loop's greedy ids after PROMPT)."""
     tok = ByteTokenizer()
     ids = tok.encode(PROMPT, add_bos=True, add_eos=False)
     out = {}
@@ -61,19 +62,14 @@ def bundles(tmp_path_factory):
         exp = load_experiment(workdir)
         path = export(model, exp, "litertlm", str(root / f"{name}.litertlm"), log=quiet,
                       workdir=workdir, max_length=CONTEXT, prefill_lengths=(8, 32))
-        sm_dir = export(model, exp, "saved_model", str(root / "sm" / "1"), log=quiet,
-                        workdir=workdir, max_length=CONTEXT, max_new_tokens=NEW)
-        sig = tf.saved_model.load(sm_dir).signatures["generate_ids"]
-        res = sig(input_ids=tf.constant([ids]), lengths=tf.constant([len(ids)]),
-                  max_new_tokens=tf.constant([NEW]), temperature=tf.constant([0.0]),
-                  top_k=tf.constant([0]), top_p=tf.constant([1.0]), seed=tf.constant([0]))
-        n = int(res["output_lengths"][0])
-        out[name] = (path, res["output_ids"].numpy()[0, :n].tolist())
+        gen = Generator(model, CONTEXT, stop_ids=(257,), pad_id=258)
+        got, lengths = gen.generate([ids], [len(ids)], max_new_tokens=NEW)
+        out[name] = (path, got.numpy()[0, :int(lengths[0])].tolist())
     return out
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_litert_lm_engine_generates_the_savedmodel_tokens(bundles, name):
+def test_litert_lm_engine_generates_the_decode_loops_tokens(bundles, name):
     path, want = bundles[name]
     assert len(want) >= 32 and 257 not in want[:-1]
     engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(), max_num_tokens=CONTEXT,

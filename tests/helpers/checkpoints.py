@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -25,6 +27,25 @@ def all_checkpoints(workdir: str) -> list[str]:
     for root, _, files in os.walk(os.path.join(workdir, "checkpoints")):
         out += [os.path.join(root, f[:-len(".index")]) for f in files if f.endswith(".index")]
     return sorted(out)
+
+
+def rewind(workdir: str, dst: str, step: int) -> str:
+    """A copy of `workdir` at `dst` as the run would have left it had it stopped after
+    `step` (it must have kept that step's checkpoint): the later checkpoints are gone.
+    Resuming the copy and comparing it with the straight run tests a resume at `step`
+    without training a separate run up to `step`. Returns `dst`."""
+    from deepseek_tf.train import ckpt_health
+
+    shutil.copytree(workdir, dst)
+    directory = os.path.join(dst, "checkpoints")
+    later = [p for p in tf.train.get_checkpoint_state(directory).all_model_checkpoint_paths
+             if int(p.rsplit("-", 1)[1]) > step]
+    for p in later:
+        for f in glob.glob(os.path.join(directory, os.path.basename(p)) + ".*"):
+            os.remove(f)
+    ckpt_health.forget(directory, later)
+    assert tf.train.latest_checkpoint(directory).endswith(f"ckpt-{step}"), os.listdir(directory)
+    return dst
 
 
 def nonfinite_tensors(path: str) -> list[str]:
