@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import os
 import threading
@@ -184,6 +185,12 @@ def train(exp: Experiment, workdir: str, log=print) -> dict:
     `Preempted` after saving a checkpoint if any worker got SIGTERM.
     """
     with contextlib.ExitStack() as cleanup:  # SIGTERM handler, temporary dirs, writers
+        # Last on the way out: free the run's objects now. Its tf.data iterators sit in
+        # reference cycles (through the checkpoint), so only the garbage collector frees
+        # them, at some later moment in whatever the program does next; there,
+        # destroying an idle iterator has blocked a process for up to a minute (it waits
+        # for tf.data's autotuning thread), in the middle of an unrelated call.
+        cleanup.callback(gc.collect)
         return _train(exp, workdir, log, cleanup)
 
 

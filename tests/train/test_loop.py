@@ -1,6 +1,7 @@
 """The training loop in-process: learning, artifacts, bitwise resume, accumulation."""
 
 import dataclasses
+import gc
 import json
 import os
 from xml.etree import ElementTree
@@ -27,11 +28,19 @@ def _train_losses(workdir):
     return [(r["step"], r["loss"]) for r in read_log(workdir) if r["kind"] == "train"]
 
 
+def _live_iterators() -> int:
+    return sum(isinstance(o, tf.data.Iterator) for o in gc.get_objects())
+
+
 def test_short_run_learns_and_writes_every_artifact(stdlib_data, tmp_path):
     _, data_dir, _ = stdlib_data
     exp = tiny.experiment(data_dir, train={"steps": 30, "log_every": 5, "eval_every": 15})
     wd = str(tmp_path / "run")
+    iterators = _live_iterators()
     result = train(exp, wd, log=quiet)
+    # The run's input iterators are freed when it returns, not left to a later garbage
+    # collection (whose destroying an idle tf.data iterator could block for a minute).
+    assert _live_iterators() == iterators
     losses = [l for _, l in _train_losses(wd)]
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 1.0, losses
