@@ -47,7 +47,7 @@ grpo-demo: $(STAMP)
 	    --data.inputs=data/sft-demo/heldout.jsonl --task=generate --max_new_tokens=16 --batch_size=50
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 BENCHES := compare_hf decode train_throughput moe_scaling data_throughput remat_memory \
 	mwms_scaling edge dsa serve_load distill

@@ -1,5 +1,6 @@
 """Shared fixtures. TF is imported once per pytest session (it takes seconds)."""
 
+import gc
 import os
 import sys
 
@@ -25,17 +26,21 @@ tf.config.set_logical_device_configuration(
 from tests.helpers import tiny  # noqa: E402
 
 
-#: Test files with the longest runs (multi-process trainings, exports, parity against
-#: transformers), slowest first by `pytest --durations`. They are collected first, so
-#: `pytest -n 2 --dist loadfile` starts them first and the two processes end together
-#: on short files, not one of them alone on a long one.
+#: Test files with the most CPU time (their own and their subprocesses'; measured per
+#: test with a `pytest_runtest_protocol` hook on the 2-core EPYC), most first. They are
+#: collected first and `make test` passes `--no-loadscope-reorder` (else pytest-xdist
+#: hands out the files with the most tests first), so `pytest -n 2 --dist loadfile`
+#: starts them first and the two processes end together on short files, not one of
+#: them alone on a long one.
 HEAVY_FIRST = (
     "train/test_presets_multiworker.py", "train/test_precision_families.py",
-    "export/test_saved_model.py", "train/test_dpo.py", "export/test_tflite.py",
-    "convert/test_hf_parity.py", "export/test_litertlm.py", "convert/test_v32_parity.py",
-    "bench/test_smoke_sides.py", "generate/test_cli.py", "bench/test_smoke.py",
-    "train/test_finetune.py", "train/test_multiworker.py", "generate/test_decode.py",
-    "convert/test_v4_parity.py", "train/test_grpo.py", "train/test_v4_training.py")
+    "export/test_saved_model.py", "train/test_multiworker.py", "bench/test_smoke_sides.py",
+    "convert/test_v32_parity.py", "train/test_dpo.py", "export/test_tflite.py",
+    "generate/test_cli.py", "convert/test_hf_parity.py", "train/test_grpo.py",
+    "generate/test_decode.py", "bench/test_smoke.py", "convert/test_fp8.py",
+    "train/test_moe_training.py", "train/test_finetune.py", "export/test_litertlm.py",
+    "train/test_loop.py", "test_chat_flows.py", "export/test_chat.py", "train/test_cli.py",
+    "test_entry_points.py", "train/test_precision.py", "train/test_v4_training.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,6 +77,19 @@ def trained_moe_run(stdlib_data, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("trained-moe") / "run")
     train(exp, path, log=lambda *_: None)
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_and_freeze_after_each_file():
+    """One full garbage collection at the end of each test file, then everything still
+    alive is frozen (`gc.freeze`: left out of later collections). A test process holds
+    millions of objects after a few files (traced graphs, models of module fixtures),
+    and Python's automatic full collections walked all of them again and again, each
+    time in the middle of some later test: 8% of the suite's CPU time, and pauses of
+    up to a minute when a collection freed an old tf.data iterator."""
+    yield
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)
