@@ -128,7 +128,7 @@ def flops_per_token(c: ModelConfig, seq_len: int) -> float:
 
 
 def _human(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(int(n))

@@ -7,9 +7,10 @@ import sys
 import pytest
 
 from deepseek_tf import flags as dflags
+from deepseek_tf.convert.hf_config import model_config_from_hf
 from deepseek_tf.model import DeepSeekCausalLM, count_params
 from deepseek_tf.params import count_parameters, flops_per_token
-from tests.helpers import tiny
+from tests.helpers import tiny, v4_released
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLA = dict(attention_type="mla", q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
@@ -55,6 +56,29 @@ def test_deepseek_presets_have_the_published_sizes():
     assert abs((lite["active"] - lite["embedding"]) / 1e9 - 2.4) < 0.1
 
 
+@pytest.mark.parametrize("name,released,total,card_total,card_unit,card_active", [
+    # transformers' DeepseekV4ForCausalLM: 284,332,230,231 parameters + 2,337,280 buffers
+    # (tid2eid of the 3 hash-routed layers, the other layers' router correction biases).
+    ("deepseek-v4-flash.flags", v4_released.FLASH, 284_334_567_511, 284e9, 1e9, 13e9),
+    # 1,572,997,179,491 + 2,349,312; the card's "1.6T" is 1.57T rounded.
+    ("deepseek-v4-pro.flags", v4_released.PRO, 1_572_999_528_803, 1.6e12, 1e11, 49e9),
+], ids=["flash", "pro"])
+def test_deepseek_v4_presets_are_the_released_shapes_and_sizes(name, released, total,
+                                                                card_total, card_unit,
+                                                                card_active):
+    cfg = _preset(name)
+    # What convert reads from the released config.json (mscale is unused: the attention
+    # factor is given).
+    assert cfg == model_config_from_hf(released)[0].replace(mscale=1.0)
+    p = count_parameters(cfg)
+    assert p["total"] == total and p["mtp_total"] == 0  # the card counts no MTP either
+    assert round(p["total"] / card_unit) * card_unit == card_total
+    # The card's active count is without the embedding lookup (13.27B -> 13B, 48.85B ->
+    # 49B; with it, 13.80B and 49.78B would round to 14B and 50B).
+    assert round((p["active"] - p["embedding"]) / 1e9) == card_active / 1e9
+    assert round(p["active"] / 1e9) == card_active / 1e9 + 1
+
+
 @pytest.mark.parametrize("flag,needle", [
     ("--model.index_topk=0", "--model.index_topk must be > 0"),
     ("--model.index_head_dim=8", "--model.index_head_dim=8 must be >= "
@@ -92,3 +116,16 @@ def test_params_cli_prints_without_allocating():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=120)
     assert "1.84M" in proc.stdout and "tensorflow imported: False" in proc.stdout, proc.stdout
+
+
+def test_params_cli_prints_total_and_active_of_the_v4_presets():
+    for name, total, active in (("flash", "284.33B", "13.80B; 13.27B without the embedding"),
+                                ("pro", "1.57T", "49.78B; 48.85B without the embedding")):
+        proc = subprocess.run([sys.executable, "-m", "deepseek_tf.params",
+                               f"--flagfile=configs/deepseek-v4-{name}.flags"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120,
+                              env={**os.environ, "PYTHONPATH": ROOT})
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0].startswith("total parameters:") and f"({total})" in lines[0], lines
+        assert lines[1].startswith("active per token:") and f"({active})" in lines[1], lines

@@ -69,12 +69,13 @@ def v4_fields_from_hf(hf: dict, rope) -> tuple[dict, list[str]]:
     `hf_config._rope` (flattened RoPE fields of one rope-parameters dict)."""
     n, notes = hf["num_hidden_layers"], []
     head_dim = hf["head_dim"]
-    params = hf.get("rope_parameters") or {}
+    # Legacy `rope_scaling` (DeepSeek's own config.json) wins, as in transformers.
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     main, compress = params.get("main"), params.get("compress")
     if not isinstance(main, dict) or not isinstance(compress, dict):  # flat (pre-fold) style
         flat = {k: v for k, v in params.items() if k not in ("main", "compress")}
         main = {"rope_type": "default", "rope_theta": _get(hf, "rope_theta", 10000.0)}
-        compress = {"rope_type": "default", **flat,
+        compress = {"rope_type": flat.get("type", "default"), **flat,
                     "rope_theta": _get(hf, "compress_rope_theta", 160000.0)}
         if compress["rope_type"] == "yarn":
             compress.setdefault("attention_factor", 1.0)

@@ -9,7 +9,7 @@ from deepseek_tf.convert import convert_hf
 from deepseek_tf.convert.hf_checks import COMMON, MLA, MOE, check_hf_config
 from deepseek_tf.convert.hf_config import hf_config_from_model, model_config_from_hf
 from deepseek_tf.errors import ConfigError, UserError
-from tests.helpers import tiny
+from tests.helpers import tiny, v4_released
 from tests.train.test_cli import _error_lines, run
 
 quiet = lambda *_: None  # noqa: E731
@@ -45,6 +45,25 @@ def test_every_problem_is_named_in_one_line():
     assert "mlp_bias=true" in msg
     check_hf_config(LLAMA, "LlamaForCausalLM")  # a complete config passes
     check_hf_config(V3_MOE, "DeepseekV3ForCausalLM")
+
+
+@pytest.mark.parametrize("hf", [v4_released.FLASH, v4_released.PRO])
+def test_released_v4_config_keeps_the_yarn_of_compressed_layers(hf):
+    # DeepSeek's config.json has the compressed layers' YaRN in the legacy `rope_scaling`
+    # key; transformers' DeepseekV4Config reads it as rope_parameters["compress"]: yarn,
+    # factor 16 from 65536, betas 32 / 1, attention_factor 1.0 (sliding layers: plain).
+    cfg, notes = model_config_from_hf(hf)
+    assert cfg.rope_scaling.to_dict() == dict(
+        type="yarn", factor=16.0, original_max_position_embeddings=65536, beta_fast=32.0,
+        beta_slow=1.0, mscale=0.0, mscale_all_dim=0.0, attention_factor=1.0,
+        low_freq_factor=1.0, high_freq_factor=4.0)
+    assert (cfg.rope_theta, cfg.compress_rope_theta, notes) == (10000.0, 160000.0, [])
+    # ... and the nested rope_parameters transformers saves give the same model.
+    saved = {k: v for k, v in hf.items() if k != "rope_scaling"}
+    saved["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": 10000.0},
+                                "compress": {**hf["rope_scaling"], "rope_type": "yarn",
+                                             "rope_theta": 160000.0, "attention_factor": 1.0}}
+    assert model_config_from_hf(saved)[0] == cfg
 
 
 def test_cli_names_every_missing_field_and_writes_nothing(tmp_path):
