@@ -85,8 +85,9 @@ def _collect_and_freeze_after_each_file():
     alive is frozen (`gc.freeze`: left out of later collections). A test process holds
     millions of objects after a few files (traced graphs, models of module fixtures),
     and Python's automatic full collections walked all of them again and again, each
-    time in the middle of some later test: 8% of the suite's CPU time, and pauses of
-    up to a minute when a collection freed an old tf.data iterator."""
+    time in the middle of some later test (104 to 216 s per test process in three
+    suite runs, the tf.data pauses of BUILD.md's "Known traps" included; 37 and 46 s
+    with this)."""
     yield
     gc.collect()
     gc.freeze()
