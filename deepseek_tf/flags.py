@@ -256,7 +256,8 @@ def parse_flags(argv: list[str]) -> list[str]:
             sys.exit(0)
         raise
     except flags.Error as e:
-        print(f"error: {e}. See --help for the valid flags.", file=sys.stderr)
+        message = str(e).removeprefix("ERROR:: ")  # absl's own prefix (a missing flagfile)
+        print(f"error: {message}. See --help for the valid flags.", file=sys.stderr)
         sys.exit(2)
 
 

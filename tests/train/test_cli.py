@@ -41,13 +41,14 @@ def test_help_explains_every_flag():
     ("--model.hidden_act=relu", "hidden_act"),
     ("--train.stepz=3", "stepz"),
     ("--optim.learning_rate=-1", "learning_rate"),
+    ("--flagfile=configs/no-such.flags", "Unable to open flagfile: [Errno 2] No such file"),
 ])
 def test_bad_flag_is_one_line_and_exit_2(flag, needle, tmp_path):
     proc = run("deepseek_tf.train", f"--workdir={tmp_path / 'w'}", flag)
     assert proc.returncode == 2, proc.stderr
     errors = _error_lines(proc)
     assert len(errors) == 1 and needle in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "ERROR" not in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists()  # nothing written
 
 
