@@ -24,7 +24,7 @@ import common  # before TensorFlow: keeps its start-up lines off the console
 import tensorflow as tf
 
 from deepseek_tf.layers import attention_mask
-from deepseek_tf.layers.indexer import select
+from deepseek_tf.layers.indexer import INDEX_CHUNK
 from deepseek_tf.layers.kv_cache import cache_masks
 from deepseek_tf.layers.mla import MultiHeadLatentAttention
 
@@ -67,9 +67,9 @@ def runners(mla, t: int, jit: bool) -> dict:
         def indexer():
             _, _, q_latent = mla._queries(x, pos)
             cos, sin = mla.rotary(pos)
-            scores = mla.indexer.scores(x, q_latent, mla.indexer.keys(x, cos, sin), cos, sin,
-                                        mask[:, 0])
-            return tf.reduce_sum(select(scores, mla.index_topk))
+            idx, _ = mla.indexer.top_k(x, q_latent, mla.indexer.keys(x, cos, sin), cos, sin,
+                                       mask[:, 0], mla.index_topk, INDEX_CHUNK)
+            return tf.reduce_sum(idx)
         out["indexer"] = lambda: float(indexer())
     return out
 

@@ -41,6 +41,7 @@ from deepseek_tf.layers.rope import apply_rotary, rotate_tail_pairs
 
 NEG_INF = -1e9
 NORM_EPS = 1e-6
+INDEX_CHUNK = 512  # queries per step of `LightningIndexer.top_k` in training (bench/dsa.py)
 
 
 def _rope_front(x, cos, sin, rope: int):
@@ -131,6 +132,34 @@ class LightningIndexer(keras.layers.Layer):
             logits = tf.nn.relu(tf.einsum("btd,bsd->bts", q_h, keys))
             index += tf.expand_dims(w_h, -1) * logits                          # (B, T, S)
         return tf.where(mask, index, NEG_INF)
+
+    def top_k(self, x, q_latent, keys, cos, sin, mask, k: int, chunk: int | None = None):
+        """Each query's K = min(k, S) best keys: (int32 positions (B, T, K), their
+        float32 scores (B, T, K), differentiable for `indexer_kl`).
+
+        With `chunk` and a static T, for causal self-attention (keys = the queries'
+        own tokens, `mask` causal): queries go `chunk` at a time against only the keys
+        up to the chunk's last one (at least K of them), so the (B, T, S) score
+        matrix is never built and the masked half of it never scored. The sets equal
+        `select` over the whole matrix (masked keys tie at -1e9, lower position first).
+        """
+        t, s = x.shape[1], keys.shape[1]
+        if chunk is None or t is None or t <= chunk:
+            scores = self.scores(x, q_latent, keys, cos, sin, mask)           # (B, T, S)
+            idx = select(scores, k)
+            return idx, tf.gather(scores, idx, batch_dims=2)
+        k = min(k, s)
+        idx, values = [], []
+        for start in range(0, t, chunk):
+            end = min(start + chunk, t)
+            keys_end = min(max(end, k), s)
+            part = self.scores(x[:, start:end], q_latent[:, start:end], keys[:, :keys_end],
+                               cos[:, start:end], sin[:, start:end],
+                               mask[:, start:end, :keys_end])                # (B, n, S')
+            top = tf.math.top_k(part, k=k, sorted=False)
+            idx.append(top.indices)
+            values.append(top.values)
+        return tf.concat(idx, 1), tf.concat(values, 1)
 
     def get_config(self):
         return {**super().get_config(), "hidden_size": self.hidden_size,

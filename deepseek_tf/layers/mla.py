@@ -20,12 +20,13 @@ import tensorflow as tf
 
 from deepseek_tf.config import RopeScaling
 from deepseek_tf.layers.attention import _dense, attention_probs, masked_softmax
-from deepseek_tf.layers.indexer import LightningIndexer, indexer_kl, select
+from deepseek_tf.layers.indexer import INDEX_CHUNK, LightningIndexer, indexer_kl
 from deepseek_tf.layers.kv_cache import write_slots
 from deepseek_tf.layers.norm import RMSNorm
 from deepseek_tf.layers.quantized import float_kernel
 from deepseek_tf.layers.remat import stateless_dropout
 from deepseek_tf.layers.rope import RotaryEmbedding, apply_rotary, yarn_get_mscale
+from deepseek_tf.layers.sparse_attention import CHUNK, gathered_attention
 
 LATENT_NORM_EPS = 1e-6
 
@@ -175,14 +176,18 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         out = self.o_proj(tf.reshape(out, [b, t, self.num_heads * self.v_head_dim]))
         return (out, probs) if return_probs else out
 
+    def _absorbed_weights(self, dtype):
+        """`kv_b_proj`'s kernel split into the key (c, H, nope) and value (c, H, dv)
+        up-projections that the absorbed path folds into queries and outputs."""
+        w = tf.reshape(tf.cast(float_kernel(self.kv_b_proj), dtype),
+                       [self.kv_lora_rank, self.num_heads, self.qk_nope_head_dim + self.v_head_dim])
+        return tf.split(w, [self.qk_nope_head_dim, self.v_head_dim], axis=-1)
+
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask, local_mask=None):
         """The absorbed path: the key up-projection folded into the query, attention
         over the latent itself, the value up-projection applied after attention."""
         b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
-        h, nope, dv = self.num_heads, self.qk_nope_head_dim, self.v_head_dim
-        w = tf.reshape(tf.cast(float_kernel(self.kv_b_proj), q_nope.dtype),
-                       [self.kv_lora_rank, h, nope + dv])            # (c, H, nope+dv)
-        w_uk, w_uv = tf.split(w, [nope, dv], axis=-1)
+        w_uk, w_uv = self._absorbed_weights(q_nope.dtype)            # (c, H, nope|dv)
         q_latent = tf.einsum("bthn,chn->bthc", q_nope, w_uk)         # (B, T, H, c)
         scores = (tf.einsum("bthc,bsc->bhts", q_latent, latent)
                   + tf.einsum("bthd,bsd->bhts", q_rope, k_rope))     # (B, H, T, S)
@@ -190,38 +195,37 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                                 self.global_weight, self.local_weight, local_mask)
         context = tf.einsum("bhts,bsc->bthc", tf.cast(probs, latent.dtype), latent)
         out = tf.einsum("bthc,chd->bthd", context, w_uv)             # (B, T, H, dv)
-        return self.o_proj(tf.reshape(out, [b, t, h * dv]))
+        return self.o_proj(tf.reshape(out, [b, t, self.num_heads * self.v_head_dim]))
 
     def _attend_selected(self, q_nope, q_rope, latent, k_rope, mask, idx, absorb=True,
-                         dropout_seed=None):
+                         dropout_seed=None, chunk=None):
         """DSA: each query attends only to its K keys `idx` (B, T, K), gathered from the
-        latent (B, S, c) and RoPE keys (B, S, r): O(T K) work, not O(T S). Returns
+        latent (B, S, c) and RoPE keys (B, S, r): O(T K) work, not O(T S). Absorbed
+        (`layers.sparse_attention`, `chunk` queries at a time; attention dropout takes
+        the naive path) or naive (the selected latents expanded per head). Returns
         ((B, T, hidden), probs (B, H, T, K), the gathered mask (B, T, K))."""
         b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
         h, nope, dv = self.num_heads, self.qk_nope_head_dim, self.v_head_dim
+        valid = tf.gather(mask[:, 0], idx, batch_dims=2)             # (B, T, K)
+        if absorb and not (self.attention_dropout and dropout_seed is not None):
+            w_uk, w_uv = self._absorbed_weights(q_nope.dtype)        # (c, H, nope|dv)
+            q_latent = tf.einsum("bthn,chn->bthc", q_nope, w_uk)     # (B, T, H, c)
+            context, probs = gathered_attention(
+                tf.concat([q_latent, q_rope], -1), (latent, k_rope), idx,
+                valid, self.scale, chunk)                            # (B, T, H, c + r)
+            out = tf.einsum("bthc,chd->bthd", context[..., :self.kv_lora_rank], w_uv)
+            return self.o_proj(tf.reshape(out, [b, t, h * dv])), probs, valid
         sel = tf.gather(latent, idx, batch_dims=1)                   # (B, T, K, c)
         sel_rope = tf.gather(k_rope, idx, batch_dims=1)              # (B, T, K, r)
-        valid = tf.gather(mask[:, 0], idx, batch_dims=2)             # (B, T, K)
-        rope_scores = tf.einsum("bthd,btkd->bhtk", q_rope, sel_rope)
-        if absorb:
-            w = tf.reshape(tf.cast(float_kernel(self.kv_b_proj), q_nope.dtype),
-                           [self.kv_lora_rank, h, nope + dv])        # (c, H, nope+dv)
-            w_uk, w_uv = tf.split(w, [nope, dv], axis=-1)
-            q_latent = tf.einsum("bthn,chn->bthc", q_nope, w_uk)     # (B, T, H, c)
-            scores = tf.einsum("bthc,btkc->bhtk", q_latent, sel) + rope_scores
-        else:
-            k = tf.shape(idx)[2]
-            kv = tf.reshape(self.kv_b_proj(sel), [b, t, k, h, nope + dv])
-            k_nope, v = tf.split(kv, [nope, dv], axis=-1)            # (B, T, K, H, nope|dv)
-            scores = tf.einsum("bthd,btkhd->bhtk", q_nope, k_nope) + rope_scores
+        k = tf.shape(idx)[2]
+        kv = tf.reshape(self.kv_b_proj(sel), [b, t, k, h, nope + dv])
+        k_nope, v = tf.split(kv, [nope, dv], axis=-1)                # (B, T, K, H, nope|dv)
+        scores = (tf.einsum("bthd,btkhd->bhtk", q_nope, k_nope)
+                  + tf.einsum("bthd,btkd->bhtk", q_rope, sel_rope))
         probs = masked_softmax(scores * self.scale, tf.expand_dims(valid, 1))  # (B, H, T, K)
         dropped = tf.cast(stateless_dropout(probs, self.attention_dropout, dropout_seed),
-                          sel.dtype)
-        if absorb:
-            context = tf.einsum("bhtk,btkc->bthc", dropped, sel)     # (B, T, H, c)
-            out = tf.einsum("bthc,chd->bthd", context, w_uv)         # (B, T, H, dv)
-        else:
-            out = tf.einsum("bhtk,btkhd->bthd", dropped, v)
+                          v.dtype)
+        out = tf.einsum("bhtk,btkhd->bthd", dropped, v)
         return self.o_proj(tf.reshape(out, [b, t, h * dv])), probs, valid
 
     def _dsa(self, x, q_nope, q_rope, q_latent, latent, k_rope, index_keys, positions, mask,
@@ -237,18 +241,24 @@ class MultiHeadLatentAttention(keras.layers.Layer):
             return self._attend(q_nope, q_rope, latent, k_rope, mask, dropout_seed=dropout_seed)
         cos, sin = self.rotary(positions)
         # The indexer learns only from its KL loss: no gradient into the main model.
-        scores = self.indexer.scores(tf.stop_gradient(x), tf.stop_gradient(q_latent),
-                                     index_keys, cos, sin, mask[:, 0])   # (B, T, S)
+        x_in, q_in = tf.stop_gradient(x), tf.stop_gradient(q_latent)
         if self.dsa_dense:
             out, probs = self._attend(q_nope, q_rope, latent, k_rope, mask,
                                       dropout_seed=dropout_seed, return_probs=True)
-            kl_mask, kl_scores = mask[:, 0], scores
+            kl_mask = mask[:, 0]
+            kl_scores = self.indexer.scores(x_in, q_in, index_keys, cos, sin, kl_mask)
         else:
-            idx = select(scores, self.index_topk)                        # (B, T, K)
+            # Training and scoring (`absorb` None: causal self-attention) go through the
+            # queries in chunks; cached calls run in one piece (no loop or custom
+            # gradient in the export graphs).
+            chunked = absorb is None
+            idx, kl_scores = self.indexer.top_k(
+                x_in, q_in, index_keys, cos, sin, mask[:, 0], self.index_topk,
+                INDEX_CHUNK if chunked else None)                        # (B, T, K)
             out, probs, kl_mask = self._attend_selected(
                 q_nope, q_rope, latent, k_rope, mask, idx,
-                self._absorbable() if absorb is None else absorb, dropout_seed)
-            kl_scores = tf.gather(scores, idx, batch_dims=2)
+                self._absorbable() if chunked else absorb, dropout_seed,
+                CHUNK if chunked else None)
         if not return_aux:
             return out
         return out, {"indexer_kl": indexer_kl(probs, kl_scores, kl_mask)}
