@@ -5,9 +5,17 @@ projections, `sum_j softmax_j(gate_j + position_bias_j) * kv_j`, RMS-normalised,
 RoPE (interleaved pairs on the last dims, `rotate_tail_pairs`) at position w*m.
 HCA layers use it plain (m' = 128). CSA layers (m = 4) use the overlapping form:
 the projections are twice as wide, and entry w pools window w's second half with
-window w-1's first half (2m slots; window 0 has no predecessor). A query at position
-p may read entry w only once its window is complete: w < (p + 1) // m
-(`compressed_mask`). The trailing tokens of an incomplete window are not compressed.
+window w-1's first half (2m slots; window 0 has no predecessor). The trailing tokens
+of an incomplete window are not compressed.
+
+Windows are counted within each document from its position 0, so packed training
+rows (several documents, `positions` restarting at each) compress every document
+as if it were alone: `window_ends` finds each complete window's last token (a token
+whose position p has (p + 1) % m == 0), in order, and the entries are pooled from
+the tokens before it. A query may read an entry when it may attend that last token
+(same document, not in its future): `compressed_mask`. For one document from
+position 0, entry w ends at token w*m + m - 1: the query at position p reads entries
+w < (p + 1) // m, as Hugging Face's does.
 This is Hugging Face's `DeepseekV4HCACompressor` / the compressor half of
 `DeepseekV4CSACompressor` and `DeepseekV4Indexer` (same weight names).
 
@@ -29,10 +37,25 @@ from deepseek_tf.layers.rope import RotaryEmbedding, rotate_tail_pairs
 _EMPTY_GATE = -1e30  # the missing predecessor of window 0: softmax weight exactly 0
 
 
-def compressed_mask(positions: tf.Tensor, num_entries, compress_rate: int) -> tf.Tensor:
-    """Boolean (B, T, W): query at `positions` (B, T) may read compressed entry w."""
-    ready = (positions + 1) // compress_rate                                 # (B, T)
-    return tf.range(num_entries)[None, None, :] < ready[:, :, None]
+def window_ends(positions: tf.Tensor, num_entries: int, compress_rate: int):
+    """(int32 (B, W) the sequence index of each complete window's last token, in
+    order, boolean (B, W) which of the W = T // m slots hold one).
+
+    A row has at most T // m complete windows however its documents are packed.
+    """
+    t = tf.shape(positions)[1]
+    is_end = tf.equal((positions + 1) % compress_rate, 0)                   # (B, T)
+    index = tf.range(t)[None]
+    order = tf.argsort(tf.where(is_end, index, index + t), axis=1, stable=True)
+    ends = order[:, :num_entries]                                            # (B, W)
+    return ends, tf.gather(is_end, ends, batch_dims=1)
+
+
+def compressed_mask(attention_mask: tf.Tensor, ends: tf.Tensor, valid: tf.Tensor) -> tf.Tensor:
+    """Boolean (B, T, W): the query may read entry w, i.e. may attend its window's last
+    token `ends` (B, W) under `attention_mask` (B, 1, T, T), and the slot holds one."""
+    return tf.logical_and(tf.gather(attention_mask[:, 0], ends, axis=2, batch_dims=1),
+                          valid[:, None, :])
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -78,22 +101,35 @@ class KVCompressor(keras.layers.Layer):
                                              dtype="float32", autocast=False)
         self.kv_norm.build(tuple(input_shape[:-1]) + (self.head_dim,))
 
-    def call(self, x):
+    def call(self, x, positions=None):
+        """Entries (B, W, head_dim), W = T // m, of tokens x (B, T, hidden) at
+        per-document `positions` (B, T) (default 0..T-1); slots past the row's
+        complete windows hold unused values (`window_ends` flags them)."""
         m, d = self.compress_rate, self.head_dim
-        b = tf.shape(x)[0]
-        w = x.shape[1] // m if x.shape[1] is not None else tf.shape(x)[1] // m
-        x = x[:, :w * m]
-        kv = tf.reshape(tf.cast(self.kv_proj(x), tf.float32), [b, w, m, self.width])
-        gate = tf.reshape(tf.cast(self.gate_proj(x), tf.float32), [b, w, m, self.width])
-        gate = gate + self.position_bias.value                              # (B, W, m, width)
+        b, t = tf.shape(x)[0], tf.shape(x)[1]
+        w = x.shape[1] // m if x.shape[1] is not None else t // m
+        if positions is None:
+            positions = tf.broadcast_to(tf.range(t)[None], [b, t])
+        ends, _ = window_ends(positions, w, m)                              # (B, W)
+        window = ends[:, :, None] - (m - 1) + tf.range(m)                   # (B, W, m) tokens
+        first = tf.gather(positions, ends, batch_dims=1) - (m - 1)          # (B, W) w * m
+
+        def rows(proj, index):  # the projection at token `index` (clamped), float32
+            return tf.cast(tf.gather(proj, tf.maximum(index, 0), batch_dims=1), tf.float32)
+
+        kv_all, gate_all = self.kv_proj(x), self.gate_proj(x)               # (B, T, width)
+        kv, gate = rows(kv_all, window), rows(gate_all, window)             # (B, W, m, width)
+        gate = gate + self.position_bias.value
         if self.overlap:  # slots: window w-1's first half, then window w's second half
-            shift = [[0, 0], [1, 0], [0, 0], [0, 0]]
-            kv = tf.concat([tf.pad(kv[..., :d], shift)[:, :w], kv[..., d:]], axis=2)
-            gate = tf.concat([tf.pad(gate[..., :d], shift, constant_values=_EMPTY_GATE)[:, :w],
-                              gate[..., d:]], axis=2)                       # (B, W, 2m, d)
+            before = window - m
+            has_before = (first >= m)[:, :, None, None]                     # window 0: none
+            gate_b = tf.where(has_before, rows(gate_all, before)[..., :d]
+                              + self.position_bias.value[:, :d], _EMPTY_GATE)
+            kv = tf.concat([rows(kv_all, before)[..., :d], kv[..., d:]], axis=2)
+            gate = tf.concat([gate_b, gate[..., d:]], axis=2)               # (B, W, 2m, d)
         pooled = tf.reduce_sum(kv * tf.nn.softmax(gate, axis=2), axis=2)    # (B, W, d)
         pooled = self.kv_norm(tf.cast(pooled, x.dtype))
-        cos, sin = self.rotary(tf.broadcast_to(tf.range(w)[None] * m, [b, w]))
+        cos, sin = self.rotary(tf.maximum(first, 0))
         return tf.squeeze(rotate_tail_pairs(pooled[:, :, None], cos, sin), 2)
 
     def get_config(self):

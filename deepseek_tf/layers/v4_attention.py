@@ -35,7 +35,7 @@ import tensorflow as tf
 from deepseek_tf.config import RopeScaling
 from deepseek_tf.config.v4 import V4_LAYER_TYPES
 from deepseek_tf.layers.attention import attention_mask, sliding_window_mask  # noqa: F401 (doc)
-from deepseek_tf.layers.compressor import KVCompressor, compressed_mask
+from deepseek_tf.layers.compressor import KVCompressor, compressed_mask, window_ends
 from deepseek_tf.layers.hyper import unweighted_rms_norm
 from deepseek_tf.layers.indexer import LightningIndexer, indexer_kl, select
 from deepseek_tf.layers.norm import RMSNorm
@@ -140,15 +140,17 @@ class V4Attention(keras.layers.Layer):
             if layer is not None:
                 layer.build(input_shape)
 
-    def _compressed(self, x, q_latent, positions, cos, sin):
+    def _compressed(self, x, q_latent, positions, attention_mask, cos, sin):
         """(compressed keys (B, W, D), boolean (B, T, W) entries each query reads, the
         indexer's (B, T, W) scores or None)."""
-        keys = self.compressor(x)
-        mask = compressed_mask(positions, tf.shape(keys)[1], self.compress_rate)
+        keys = self.compressor(x, positions)
+        ends, valid = window_ends(positions, tf.shape(keys)[1], self.compress_rate)
+        mask = compressed_mask(attention_mask, ends, valid)
         if self.indexer is None or keys.shape[1] == 0:
             return keys, mask, None
         x, q_latent = tf.stop_gradient(x), tf.stop_gradient(q_latent)  # trained by its KL
-        scores = self.indexer.scores(x, q_latent, self.index_compressor(x), cos, sin, mask)
+        scores = self.indexer.scores(x, q_latent, self.index_compressor(x, positions), cos,
+                                     sin, mask)
         picked = select(scores, self.index_topk)                            # (B, T, K)
         chosen = tf.reduce_max(tf.one_hot(picked, tf.shape(keys)[1], dtype=tf.int8), 2)
         return keys, tf.logical_and(mask, chosen > 0), scores
@@ -164,7 +166,8 @@ class V4Attention(keras.layers.Layer):
         mask = tf.logical_and(attention_mask, sliding_window_mask(t, self.sliding_window))
         scores = None
         if self.compressor is not None:
-            c_keys, c_mask, scores = self._compressed(x, q_latent, positions, cos, sin)
+            c_keys, c_mask, scores = self._compressed(x, q_latent, positions, attention_mask,
+                                                      cos, sin)
             keys = tf.concat([keys, tf.cast(c_keys, keys.dtype)], axis=1)   # (B, T + W, D)
             mask = tf.concat([mask, c_mask[:, None]], axis=-1)              # (B, 1, T, T + W)
         logits = tf.einsum("bthd,bsd->bhts", tf.cast(q, tf.float32), tf.cast(keys, tf.float32))

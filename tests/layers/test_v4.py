@@ -116,7 +116,8 @@ def test_moe_matches_transformers_with_swiglu_limit(ref, scoring, kind):
 def test_attention_matches_transformers(ref, layer_type, padded):
     """T = 19: 4 complete CSA entries and 2 HCA entries (of 4 and 8 tokens) plus a
     partial tail, window 6; CSA's indexer keeps 2 entries per query. Padded: row 0
-    left-padded by 3 with positions counting from its first token."""
+    left-padded by 3 with positions counting from its first token (compressed layers:
+    equal to the row alone, see below)."""
     c = ref[f"attn_{layer_type}{'_padded' if padded else ''}"]
     x, pos = tf.constant(c["in"]["x"]), tf.constant(c["in"]["positions"], tf.int32)
     keep = c["in"]["keep"]
@@ -132,8 +133,40 @@ def test_attention_matches_transformers(ref, layer_type, padded):
     attn(x, pos, mask)
     load_entries(v4_attention_entries("a", attn), {f"a.{k}": v for k, v in c["w"].items()})
     ours = attn(x, pos, mask).numpy()
-    _close(ours[keep], c["out"]["y"][keep])
+    if padded and compressed:
+        # transformers compresses windows from the row's first slot, padding included,
+        # so its left-padded row differs from the same tokens alone; ours counts
+        # windows from the first real token: row 0 equals itself unpadded.
+        pad = int((~keep[0]).sum())
+        alone = attn(x[:1, pad:], pos[:1, pad:], attention_mask(tf.constant(keep[:1, pad:],
+                                                                             tf.int32)))
+        _close(ours[0, pad:], alone.numpy()[0])
+        _close(ours[1:], c["out"]["y"][1:])
+    else:
+        _close(ours[keep], c["out"]["y"][keep])
     if not padded:
         # The indexer picks entries (top-k): only its own KL loss trains it.
         check_layer(attn, (x, pos, mask), expected_shape=x.shape,
                     no_gradient=("indexer", "index_compressor"))
+
+
+@pytest.mark.parametrize("layer_type", ["compressed_sparse_attention",
+                                        "heavily_compressed_attention"])
+def test_packed_documents_compress_as_if_alone(layer_type):
+    """A packed row [doc A (9 tokens), doc B (14)] with positions restarting at B: each
+    document's outputs equal the layer run on that document alone (B's compressed
+    entries count windows from its own first token and never pool or read A's)."""
+    tf.keras.utils.set_random_seed(7)
+    attn = V4Attention(hidden_size=32, num_heads=4, head_dim=16, rope_head_dim=8,
+                       q_lora_rank=24, o_groups=2, o_lora_rank=8, sliding_window=6,
+                       layer_type=layer_type,
+                       compress_rate=4 if layer_type == "compressed_sparse_attention" else 8,
+                       index_n_heads=8, index_head_dim=12, index_topk=2)
+    x = tf.random.stateless_normal((1, 23, 32), seed=[1, 7])
+    seg = tf.constant([[1] * 9 + [2] * 14], tf.int32)
+    pos = tf.constant([list(range(9)) + list(range(14))], tf.int32)
+    packed = attn(x, pos, attention_mask(seg)).numpy()
+    for lo, hi in ((0, 9), (9, 23)):
+        n = hi - lo
+        alone = attn(x[:, lo:hi], tf.range(n)[None], attention_mask(tf.ones((1, n), tf.int32)))
+        np.testing.assert_allclose(packed[:, lo:hi], alone.numpy(), atol=1e-5)
