@@ -81,13 +81,14 @@ class Experiment:
                 "(--train.remat) would advance again: use --lora.dropout=0 or "
                 "--train.remat=none.")
         if self.train.dsa_stage == "dense_warmup" and not (
-                self.model.use_dsa and self.train.finetuning_type == "full"
+                self.model.has_indexer and self.train.finetuning_type == "full"
                 and self.train.stage not in ("dpo", "kto", "grpo", "distill")):
             raise ConfigError(
-                "--train.dsa_stage=dense_warmup trains the indexer of a --model.use_dsa model "
-                "and freezes the rest itself: it needs --model.use_dsa, "
-                "--train.finetuning_type=full and a next-token --train.stage (not dpo, kto, grpo "
-                "or distill).")
+                "--train.dsa_stage=dense_warmup trains the lightning indexers and freezes the "
+                "rest itself: it needs a model with indexers (--model.use_dsa, or "
+                "--model.attention_type=v4 with compressed_sparse_attention layers), "
+                "--train.finetuning_type=full and a next-token --train.stage (not dpo, kto, "
+                "grpo or distill).")
         if (self.train.stage == "distill") != bool(self.distill.teacher):
             raise ConfigError(
                 "--train.stage=distill needs --distill.teacher=WORKDIR (the frozen teacher)"

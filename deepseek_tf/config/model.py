@@ -332,6 +332,12 @@ class ModelConfig(_Section):
         return (V4_LAYER_TYPES[2],) * min(n, 2) + alternate
 
     @property
+    def has_indexer(self) -> bool:
+        """Lightning indexers to train: V3.2's DSA, or V4's CSA layers."""
+        return self.use_dsa or (self.attention_type == "v4" and
+                                "compressed_sparse_attention" in self.resolved_layer_types)
+
+    @property
     def resolved_mlp_layer_types(self) -> tuple[str, ...]:
         """Each layer's feed-forward kind: dense, moe or hash_moe."""
         got = _split_list(self.mlp_layer_types)

@@ -139,8 +139,9 @@ class TrainConfig(_Section):
                       "saved in config.json).",
                       choices=("auto", "pretrain", "sft", "dpo", "kto", "grpo", "distill"))
     dsa_stage: str = knob("sparse", "DeepSeek Sparse Attention training stage (with "
-                          "--model.use_dsa; V3.2 paper): dense_warmup = the main model frozen "
-                          "and attending densely, only the indexer trains (KL to the dense "
+                          "--model.use_dsa, or V4's CSA layers; V3.2 paper): dense_warmup = "
+                          "the main model frozen and attending densely (V4: to every "
+                          "compressed entry), only the indexers train (KL to the dense "
                           "attention's distribution); sparse = top-k sparse attention, the "
                           "main model trains on the LM loss and the indexer, its input "
                           "detached, on the KL over the selected tokens. Start the sparse "

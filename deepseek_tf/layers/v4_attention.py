@@ -114,6 +114,9 @@ class V4Attention(keras.layers.Layer):
         self.compressor = None if layer_type == "sliding_attention" else KVCompressor(
             hidden_size, head_dim, compress_rate, overlap=csa, name="compressor", **rope)
         self.index_compressor = self.indexer = None
+        # Set by the model for the dense warm-up stage (V3.2's): CSA layers read every
+        # complete entry while the indexer learns the main attention's distribution.
+        self.dsa_dense = False
         if csa:
             self.index_compressor = KVCompressor(hidden_size, index_head_dim, compress_rate,
                                                  overlap=True, name="index_compressor", **rope)
@@ -151,6 +154,8 @@ class V4Attention(keras.layers.Layer):
         x, q_latent = tf.stop_gradient(x), tf.stop_gradient(q_latent)  # trained by its KL
         scores = self.indexer.scores(x, q_latent, self.index_compressor(x, positions), cos,
                                      sin, mask)
+        if self.dsa_dense:
+            return keys, mask, scores
         picked = select(scores, self.index_topk)                            # (B, T, K)
         chosen = tf.reduce_max(tf.one_hot(picked, tf.shape(keys)[1], dtype=tf.int8), 2)
         return keys, tf.logical_and(mask, chosen > 0), scores

@@ -82,11 +82,12 @@ def apply_freeze(model, cfg: FreezeConfig) -> None:
 
 
 def freeze_all_but_indexers(model) -> int:
-    """DSA dense warm-up: every variable outside the indexers is frozen (router bias
-    updates stop with their routers). Returns the number of indexer variables."""
+    """DSA dense warm-up: every variable outside the indexers (V4's CSA layers: with
+    their own compressors) is frozen (router bias updates stop with their routers).
+    Returns the number of indexer variables."""
     for v in model.variables:
         if v.trainable:
-            v.trainable = "indexer" in _parts(v)[:-1]
+            v.trainable = bool({"indexer", "index_compressor"} & set(_parts(v)[:-1]))
     return len(model.trainable_variables)
 
 

@@ -1,6 +1,7 @@
 """DeepSeek-V4 training: the tiny V4 (every attention type, hash and top-k MoE,
 hyper-connections) trains with the indexers of its CSA layers on their KL (V3.2's
-sparse stage), the hash tables frozen; the shipped preset builds every layer type."""
+sparse stage), the hash tables frozen, and then through V3.2's dense warm-up stage;
+the shipped preset builds every layer type."""
 
 import os
 import sys
@@ -50,6 +51,20 @@ def test_tiny_v4_trains_indexer_on_its_kl_and_keeps_hash_tables(stdlib_data, tmp
                   lambda: export(model, exp, "saved_model", str(tmp_path / "sm"), log=quiet)):
         with pytest.raises(UserError, match="not implemented yet"):
             build()
+    # The dense warm-up stage from that run: CSA layers read every complete entry,
+    # only the indexers (with their compressors) train, and their KL falls.
+    warm = str(tmp_path / "warm")
+    train(tiny.experiment(data_dir, model=tiny.V4, optim={"learning_rate": 1e-2}, train={
+        "steps": 10, "log_every": 1, "eval_every": 0, "jit_compile": "false",
+        "dsa_stage": "dense_warmup", "init_from": workdir}), warm, log=quiet)
+    warmed = _weights(load_workdir(warm)[0])
+    for k in after:
+        if k in indexer:
+            assert not np.array_equal(after[k], warmed[k]), k
+        else:
+            np.testing.assert_array_equal(after[k], warmed[k], err_msg=k)
+    kl = [r["indexer_loss"] for r in read_log(warm) if r["kind"] == "train"]
+    assert np.mean(kl[-3:]) < np.mean(kl[:3]), kl
 
 
 def test_lm_loss_never_reaches_the_indexer_and_kl_only_reaches_it():
