@@ -112,10 +112,31 @@ def count_parameters(c: ModelConfig) -> dict[str, int]:
             "mtp_total": mtp_t, "mtp_active": mtp_a}
 
 
+def _keys_per_query(c: ModelConfig, layer_idx: int, t: int) -> tuple[int, int, int]:
+    """(keys one query attends, indexer heads x width, keys its indexer scores) in
+    block `layer_idx` at length t: dense T; V3.2's DSA the top-k; V4 its window plus
+    the compressed entries it reads (CSA: the top-k of T / m, HCA: all T / m')."""
+    if c.attention_type == "v4":
+        kind = c.resolved_layer_types[min(layer_idx, c.num_hidden_layers - 1)]
+        window = min(c.sliding_window, t)
+        if kind == "compressed_sparse_attention":
+            entries = t // c.compress_rate_csa
+            return (window + min(c.index_topk, entries),
+                    c.index_n_heads * c.index_head_dim, entries)
+        if kind == "heavily_compressed_attention":
+            return window + t // c.compress_rate_hca, 0, 0
+        return window, 0, 0
+    if c.use_dsa:
+        return min(c.index_topk, t), c.index_n_heads * c.index_head_dim, t
+    return t, 0, 0
+
+
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:
     """Training (forward + backward) matmul FLOPs per token: 6 x active matmul weights
     (the embedding lookup excluded, every output head included) + attention
-    6 * T * heads * (qk width + v width) per block (PaLM's convention, no causal discount)."""
+    6 x heads x (qk width + v width) x the keys each query attends per block (PaLM's
+    convention, no causal discount; sparse layers count their selected keys, V4 its
+    window and compressed entries) + 6 x the lightning indexers' scoring."""
     p = count_parameters(c)
     d, h = c.hidden_size, c.num_attention_heads
     head = c.vocab_size * d
@@ -123,8 +144,11 @@ def flops_per_token(c: ModelConfig, seq_len: int) -> float:
               + head * (1 + c.num_nextn_predict_layers) + p["mtp_active"])
     qk, dv = ((c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.uses_mla
               else (c.resolved_head_dim, c.resolved_head_dim))
-    blocks = c.num_hidden_layers + c.num_nextn_predict_layers
-    return 6.0 * matmul + 6.0 * blocks * seq_len * h * (qk + dv)
+    attention = 0
+    for i in range(c.num_hidden_layers + c.num_nextn_predict_layers):
+        keys, index_width, index_keys = _keys_per_query(c, i, seq_len)
+        attention += h * (qk + dv) * keys + index_width * index_keys
+    return 6.0 * matmul + 6.0 * attention
 
 
 def _human(n: float) -> str:

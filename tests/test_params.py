@@ -129,3 +129,22 @@ def test_params_cli_prints_total_and_active_of_the_v4_presets():
         lines = proc.stdout.splitlines()
         assert lines[0].startswith("total parameters:") and f"({total})" in lines[0], lines
         assert lines[1].startswith("active per token:") and f"({active})" in lines[1], lines
+
+
+def test_attention_flops_count_the_keys_each_query_attends():
+    """Per block and token 6 x heads x (qk + v width) x keys, hand-counted: dense T;
+    DSA its top-k (+ 6 x the indexer's width x T); V4 the window plus the compressed
+    entries it reads (tiny.V4: window 6, CSA m = 4 top-2 + indexer 2 x 8, HCA m' = 8)."""
+    def grow(kw, t0, t1):
+        cfg = tiny.model_config(**kw)
+        return cfg, flops_per_token(cfg, t1) - flops_per_token(cfg, t0)
+
+    cfg, d = grow(MLA, 32, 64)
+    h, qkv = cfg.num_attention_heads, 8 + 4 + cfg.v_head_dim
+    assert d == 6 * cfg.num_hidden_layers * h * qkv * 32
+    cfg, d = grow(dict(MLA, use_dsa=True, index_topk=4, index_head_dim=8, index_n_heads=2),
+                  32, 64)
+    assert d == 6 * cfg.num_hidden_layers * 16 * 32  # top-4 of both: only the indexer grows
+    cfg, d = grow(tiny.V4, 32, 64)
+    # T 32 -> 64: CSA 8 -> 16 entries (top-2 of both; its indexer scores 8 more), HCA 4 -> 8.
+    assert d == 6 * (cfg.num_attention_heads * 2 * 16 * 4 + 16 * 8)
