@@ -186,9 +186,9 @@ class DeepSeekCausalLM(keras.Model):
         return logits, collect_aux(layer_aux, mtp_logits)
 
     def init_cache(self, batch_size, max_length: int, dtype=None) -> tuple:
-        """A zero KV cache: per decoder block a pair of (B, heads, max_length, width)
-        tensors (GQA: keys, values; MLA: latent, rope key). See `layers.kv_cache`."""
-        self.check_cacheable()
+        """A zero KV cache: per decoder block a tuple of (B, heads, max_length, width)
+        tensors (GQA: keys, values; MLA: latent, rope key; V4: keys and the compressors'
+        projections). See `layers.kv_cache`."""
         dtype = dtype or self.compute_dtype
         return tuple(tuple(tf.zeros(shape, dtype) for shape in
                            block.self_attn.cache_shape(batch_size, max_length))
@@ -215,30 +215,39 @@ class DeepSeekCausalLM(keras.Model):
             >>> logits, cache = model.call_cached(tf.constant([[5, 6, 7]]), cache, 0)
             >>> logits, cache = model.call_cached(tf.constant([[8]]), cache, 3)
         """
-        self.check_cacheable()
         inputs = tf.convert_to_tensor(inputs, tf.int32)
         b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
         pad = tf.zeros([b], tf.int32) if pad is None else tf.convert_to_tensor(pad, tf.int32)
         slots = tf.convert_to_tensor(start, tf.int32) + tf.range(t)                 # (T,)
         max_length = tf.shape(cache[0][0])[2]
-        window = self.config.sliding_window if self.config.attention_type == "hybrid" else 0
+        cfg = self.config
+        window = cfg.sliding_window if cfg.attention_type in ("hybrid", "v4") else 0
         mask, local_mask = cache_masks(slots, pad, max_length, window)             # (B, 1, T, M)
         positions = slot_positions(slots, pad)                                      # (B, T)
         x = self.embed_tokens(inputs)                                               # (B, T, D)
+        if self.hc_head is not None:                                                # streams
+            x = tf.tile(x[:, :, None], [1, 1, cfg.hc_mult, 1])
+        extra = {}
+        if cfg.attention_type == "v4":  # hash routing; the compressors' slot positions
+            extra = dict(input_ids=inputs,
+                         key_positions=slot_positions(tf.range(max_length), pad))  # (B, M)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block.call_cached(x, positions, layer_cache, slots, mask,
-                                               local_mask, absorb=absorb, static_moe=static_moe)
+                                               local_mask, absorb=absorb, static_moe=static_moe,
+                                               **extra)
             new_cache.append(layer_cache)
+        if self.hc_head is not None:
+            x = self.hc_head(x)
         return self.head(self.norm(x)), tuple(new_cache)
 
-    def check_cacheable(self) -> None:
-        """UserError if this model has no KV cache (DeepSeek-V4's is not built yet)."""
+    def check_exportable(self) -> None:
+        """UserError if this model cannot be exported for serving yet (DeepSeek-V4)."""
         cfg = self.config
         if cfg.attention_type == "v4" or cfg.hc_mult:
-            raise UserError("cached generation of DeepSeek-V4 models (attention_type=v4, "
-                            "hc_mult > 0) is not implemented yet (generate, saved_model, tflite and "
-                            "litertlm need it); train them, or export --format=hf.")
+            raise UserError("SavedModel / TFLite / LiteRT-LM export of DeepSeek-V4 models "
+                            "(attention_type=v4, hc_mult > 0) is not implemented yet; "
+                            "generate runs them, and export --format=hf writes them.")
 
     def _dropout_seed(self, training, dropout_seed):
         """The call's dropout seed, drawn outside any remat'd block when not given."""

@@ -246,7 +246,6 @@ class Generator(tf.Module):
     def __init__(self, model, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True,
                  jit_compile=False):
         super().__init__()
-        model.check_cacheable()  # before any tracing: one clear line
         self.model, self.max_length = model, int(max_length)
         self.stop_ids, self.pad_id, self.absorb = normalize_stops(stop_ids), pad_id, absorb
         self.jit_compile = bool(jit_compile)

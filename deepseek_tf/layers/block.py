@@ -180,22 +180,31 @@ class DecoderBlock(keras.layers.Layer):
         return (x, {**aux, **attn_aux}) if return_aux else x
 
     def call_cached(self, x, positions, cache, slots, mask, local_mask=None, absorb=True,
-                    static_moe=False):
+                    static_moe=False, input_ids=None, key_positions=None):
         """The block on new tokens against a KV cache (inference: no dropout, MoE
         dropless). `static_moe` gives every expert a buffer of all the call's tokens
         (static shapes, still exact; for TFLite) instead of the largest load (a
-        data-dependent shape). Returns (x, updated cache); see
-        `DeepSeekCausalLM.call_cached`."""
-        kwargs = {"absorb": absorb} if self.config.uses_mla else {}
-        out, cache = self.self_attn.call_cached(self.input_layernorm(x), positions, cache,
-                                                slots, mask, local_mask, **kwargs)
-        x = x + out
-        h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            out = self.mlp(h, capacity_factor=dropless_factor(self.config, static_moe))
+        data-dependent shape). V4 blocks also take the tokens' `input_ids` (hash
+        routing) and every slot's `key_positions` (B, M). Returns (x, updated cache);
+        see `DeepSeekCausalLM.call_cached`."""
+        if self.config.attention_type == "v4":
+            kwargs = {"key_positions": key_positions}
         else:
-            out = self.mlp(h)
-        return x + out, cache
+            kwargs = {"absorb": absorb} if self.config.uses_mla else {}
+
+        def attn(h):
+            return self.self_attn.call_cached(self.input_layernorm(h), positions, cache,
+                                              slots, mask, local_mask, **kwargs)
+
+        def mlp(h):
+            h = self.post_attention_layernorm(h)
+            if not self.is_moe:
+                return self.mlp(h), None
+            return self.mlp(h, capacity_factor=dropless_factor(self.config, static_moe),
+                            input_ids=input_ids), None
+
+        x, cache = self._residual(self.attn_hc, attn, x)
+        return self._residual(self.ffn_hc, mlp, x)[0], cache
 
     def get_config(self):
         return {**super().get_config(), "config": self.config.to_dict(),

@@ -101,23 +101,33 @@ class KVCompressor(keras.layers.Layer):
                                              dtype="float32", autocast=False)
         self.kv_norm.build(tuple(input_shape[:-1]) + (self.head_dim,))
 
+    def project(self, x):
+        """Per-token (B, T, 2 * width): kv_proj(x) then gate_proj(x), what a KV cache
+        keeps for compressing later."""
+        return tf.concat([self.kv_proj(x), self.gate_proj(x)], -1)
+
     def call(self, x, positions=None):
         """Entries (B, W, head_dim), W = T // m, of tokens x (B, T, hidden) at
         per-document `positions` (B, T) (default 0..T-1); slots past the row's
         complete windows hold unused values (`window_ends` flags them)."""
-        m, d = self.compress_rate, self.head_dim
-        b, t = tf.shape(x)[0], tf.shape(x)[1]
-        w = x.shape[1] // m if x.shape[1] is not None else t // m
         if positions is None:
-            positions = tf.broadcast_to(tf.range(t)[None], [b, t])
+            positions = tf.broadcast_to(tf.range(tf.shape(x)[1])[None], tf.shape(x)[:2])
+        return self.pool(self.project(x), positions)
+
+    def pool(self, projections, positions):
+        """Entries (B, W, head_dim) from `project`'s (B, S, 2 * width) at `positions`
+        (B, S); W = S // m."""
+        m, d = self.compress_rate, self.head_dim
+        s = projections.shape[1] if projections.shape[1] is not None else tf.shape(projections)[1]
+        w = s // m
         ends, _ = window_ends(positions, w, m)                              # (B, W)
         window = ends[:, :, None] - (m - 1) + tf.range(m)                   # (B, W, m) tokens
         first = tf.gather(positions, ends, batch_dims=1) - (m - 1)          # (B, W) w * m
+        kv_all, gate_all = tf.split(projections, 2, axis=-1)                # (B, S, width)
 
         def rows(proj, index):  # the projection at token `index` (clamped), float32
             return tf.cast(tf.gather(proj, tf.maximum(index, 0), batch_dims=1), tf.float32)
 
-        kv_all, gate_all = self.kv_proj(x), self.gate_proj(x)               # (B, T, width)
         kv, gate = rows(kv_all, window), rows(gate_all, window)             # (B, W, m, width)
         gate = gate + self.position_bias.value
         if self.overlap:  # slots: window w-1's first half, then window w's second half
@@ -128,7 +138,7 @@ class KVCompressor(keras.layers.Layer):
             kv = tf.concat([rows(kv_all, before)[..., :d], kv[..., d:]], axis=2)
             gate = tf.concat([gate_b, gate[..., d:]], axis=2)               # (B, W, 2m, d)
         pooled = tf.reduce_sum(kv * tf.nn.softmax(gate, axis=2), axis=2)    # (B, W, d)
-        pooled = self.kv_norm(tf.cast(pooled, x.dtype))
+        pooled = self.kv_norm(tf.cast(pooled, projections.dtype))
         cos, sin = self.rotary(tf.maximum(first, 0))
         return tf.squeeze(rotate_tail_pairs(pooled[:, :, None], cos, sin), 2)
 

@@ -15,8 +15,8 @@ and a grouped output projection (`o_a_proj` per head group, then `o_b_proj`).
     as the lightning indexer (`LightningIndexer` on its own compressor's keys)
     ranks them.
 Sliding layers use RoPE base `rope_theta`; compressed layers pass
-`compress_rope_theta`. This is Hugging Face's `DeepseekV4Attention` (its weight names;
-eager, no cache).
+`compress_rope_theta`. This is Hugging Face's `DeepseekV4Attention` (its weight names);
+`call_cached` is the static-size KV-cache call of generation.
 
 Example:
     >>> attn = V4Attention(hidden_size=32, num_heads=4, head_dim=16, rope_head_dim=8,
@@ -38,6 +38,7 @@ from deepseek_tf.layers.attention import attention_mask, sliding_window_mask  # 
 from deepseek_tf.layers.compressor import KVCompressor, compressed_mask, window_ends
 from deepseek_tf.layers.hyper import unweighted_rms_norm
 from deepseek_tf.layers.indexer import LightningIndexer, indexer_kl, select
+from deepseek_tf.layers.kv_cache import write_slots
 from deepseek_tf.layers.norm import RMSNorm
 from deepseek_tf.layers.rope import RotaryEmbedding, rotate_tail_pairs
 
@@ -143,51 +144,111 @@ class V4Attention(keras.layers.Layer):
             if layer is not None:
                 layer.build(input_shape)
 
-    def _compressed(self, x, q_latent, positions, attention_mask, cos, sin):
+    def _compressed(self, x, q_latent, cos, sin, key_mask, projections, key_positions):
         """(compressed keys (B, W, D), boolean (B, T, W) entries each query reads, the
-        indexer's (B, T, W) scores or None)."""
-        keys = self.compressor(x, positions)
-        ends, valid = window_ends(positions, tf.shape(keys)[1], self.compress_rate)
-        mask = compressed_mask(attention_mask, ends, valid)
+        indexer's (B, T, W) scores or None).
+
+        Args:
+          key_mask: boolean (B, 1, T, S) which of the S key tokens each query may see.
+          projections: the compressor's and (CSA) the index compressor's `project`
+            outputs (B, S, ...) of the key tokens, at per-document `key_positions` (B, S).
+        """
+        keys = self.compressor.pool(projections[0], key_positions)
+        ends, valid = window_ends(key_positions, tf.shape(keys)[1], self.compress_rate)
+        mask = compressed_mask(key_mask, ends, valid)
         if self.indexer is None or keys.shape[1] == 0:
             return keys, mask, None
         x, q_latent = tf.stop_gradient(x), tf.stop_gradient(q_latent)  # trained by its KL
-        scores = self.indexer.scores(x, q_latent, self.index_compressor(x, positions), cos,
-                                     sin, mask)
+        index_keys = self.index_compressor.pool(projections[1], key_positions)
+        scores = self.indexer.scores(x, q_latent, index_keys, cos, sin, mask)
         if self.dsa_dense:
             return keys, mask, scores
         picked = select(scores, self.index_topk)                            # (B, T, K)
         chosen = tf.reduce_max(tf.one_hot(picked, tf.shape(keys)[1], dtype=tf.int8), 2)
         return keys, tf.logical_and(mask, chosen > 0), scores
 
-    def call(self, x, positions, attention_mask, return_aux=False):
+    def _project(self, x, positions):
+        """(query latent (B, T, r), rotated queries (B, T, H, D), rotated keys (B, T, D),
+        cos, sin) of tokens x."""
         b, t = tf.shape(x)[0], tf.shape(x)[1]
         q_latent = self.q_a_norm(self.q_a_proj(x))                          # (B, T, r)
         q = tf.reshape(self.q_b_proj(q_latent), [b, t, self.num_heads, self.head_dim])
         cos, sin = self.rotary(positions)
         q = rotate_tail_pairs(unweighted_rms_norm(q, self.norm_eps), cos, sin)  # (B, T, H, D)
         kv = self.kv_norm(self.kv_proj(x))[:, :, None]
-        keys = rotate_tail_pairs(kv, cos, sin)[:, :, 0]                     # (B, T, D)
-        mask = tf.logical_and(attention_mask, sliding_window_mask(t, self.sliding_window))
-        scores = None
-        if self.compressor is not None:
-            c_keys, c_mask, scores = self._compressed(x, q_latent, positions, attention_mask,
-                                                      cos, sin)
-            keys = tf.concat([keys, tf.cast(c_keys, keys.dtype)], axis=1)   # (B, T + W, D)
-            mask = tf.concat([mask, c_mask[:, None]], axis=-1)              # (B, 1, T, T + W)
+        return q_latent, q, rotate_tail_pairs(kv, cos, sin)[:, :, 0], cos, sin
+
+    def _attend(self, x, q, cos, sin, keys, mask):
+        """(output (B, T, hidden), float32 probs (B, H, T, S)) of queries q over keys
+        (B, S, D), which are also the values, under mask (B, 1, T, S)."""
+        b, t = tf.shape(x)[0], tf.shape(x)[1]
         logits = tf.einsum("bthd,bsd->bhts", tf.cast(q, tf.float32), tf.cast(keys, tf.float32))
         probs = sink_softmax(logits * self.head_dim ** -0.5, mask, self.sinks.value)
-        out = tf.einsum("bhts,bsd->bthd", tf.cast(probs, x.dtype), keys)    # (B, T, H, D)
-        out = rotate_tail_pairs(out, cos, -sin)
+        out = tf.einsum("bhts,bsd->bthd", tf.cast(probs, x.dtype), tf.cast(keys, x.dtype))
+        out = rotate_tail_pairs(out, cos, -sin)                             # (B, T, H, D)
         grouped = tf.reshape(out, [b, t, self.o_groups, -1])                # (B, T, G, H*D/G)
         o_a = tf.reshape(tf.cast(self.o_a_proj, x.dtype), [self.o_groups, self.o_lora_rank, -1])
         y = tf.einsum("btgi,gri->btgr", grouped, o_a)                       # (B, T, G, r)
-        y = self.o_b_proj(tf.reshape(y, [b, t, self.o_groups * self.o_lora_rank]))
+        return self.o_b_proj(tf.reshape(y, [b, t, self.o_groups * self.o_lora_rank])), probs
+
+    def _projections(self, x):
+        """The compressors' `project` outputs of tokens x (the indexer's on x without
+        gradient: only its KL trains it)."""
+        out = [self.compressor.project(x)]
+        if self.indexer is not None:
+            out.append(self.index_compressor.project(tf.stop_gradient(x)))
+        return out
+
+    def call(self, x, positions, attention_mask, return_aux=False):
+        b, t = tf.shape(x)[0], tf.shape(x)[1]
+        q_latent, q, keys, cos, sin = self._project(x, positions)
+        mask = tf.logical_and(attention_mask, sliding_window_mask(t, self.sliding_window))
+        scores = None
+        if self.compressor is not None:
+            c_keys, c_mask, scores = self._compressed(
+                x, q_latent, cos, sin, attention_mask, self._projections(x), positions)
+            keys = tf.concat([keys, tf.cast(c_keys, keys.dtype)], axis=1)   # (B, T + W, D)
+            mask = tf.concat([mask, c_mask[:, None]], axis=-1)              # (B, 1, T, T + W)
+        y, probs = self._attend(x, q, cos, sin, keys, mask)
         if not return_aux or self.indexer is None:
             return (y, {}) if return_aux else y
         if scores is None:  # no complete entry yet
             return y, {"indexer_kl": tf.zeros([b, t])}
         return y, {"indexer_kl": indexer_kl(probs[..., t:], scores, c_mask)}
+
+    def call_cached(self, x, positions, cache, slots, mask, local_mask, key_positions):
+        """Attends `x`'s tokens, written into cache slots `slots`, to the cache.
+
+        Args:
+          x: (B, T, hidden) the new tokens; positions: int32 (B, T) their positions.
+          cache: (keys (B, 1, M, D)[, the compressor's projections (B, 1, M, 2 width)
+            [, the index compressor's]]) (`cache_shape`): compressed entries are pooled
+            again from the cached projections on each call, so none is ever partial.
+          slots: int32 (T,) the new tokens' slots; mask, local_mask: boolean
+            (B, 1, T, M) from `kv_cache.cache_masks` (local: the sliding window).
+          key_positions: int32 (B, M) every slot's position (padding slots 0).
+
+        Returns ((B, T, hidden), the updated cache).
+        """
+        q_latent, q, new_keys, cos, sin = self._project(x, positions)
+        new = [write_slots(cache[0], new_keys[:, None], slots)]              # (B, 1, M, D)
+        keys, window = new[0][:, 0], local_mask
+        if self.compressor is not None:
+            for c, p in zip(cache[1:], self._projections(x)):
+                new.append(write_slots(c, p[:, None], slots))
+            c_keys, c_mask, _ = self._compressed(x, q_latent, cos, sin, mask,
+                                                 [c[:, 0] for c in new[1:]], key_positions)
+            keys = tf.concat([keys, tf.cast(c_keys, keys.dtype)], axis=1)   # (B, M + W, D)
+            window = tf.concat([window, c_mask[:, None]], axis=-1)          # (B, 1, T, M + W)
+        return self._attend(x, q, cos, sin, keys, window)[0], tuple(new)
+
+    def cache_shape(self, batch: int, max_length: int) -> tuple:
+        """Shapes of this layer's cache (see `call_cached`)."""
+        shapes = [(batch, 1, max_length, self.head_dim)]
+        for c in (self.compressor, self.index_compressor):
+            if c is not None:
+                shapes.append((batch, 1, max_length, 2 * c.width))
+        return tuple(shapes)
 
     def get_config(self):
         s = self.rotary.scaling

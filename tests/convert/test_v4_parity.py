@@ -4,7 +4,8 @@ The subprocess of test_hf_parity builds two tiny random V4 models (every attenti
 type, hash-routed and top-k MoE, sqrtsoftplus and sigmoid routers, swiglu_limit
 active, legacy config keys in the second); we convert them and compare logits: on
 T = 20 (compressed entries and a partial tail), on a left-padded batch, and on
-T = 3 (below the window and every compress rate). Then we export to HF and
+T = 3 (below the window and every compress rate); greedy tokens of our KV-cache
+decoding against transformers' `generate` (its own cache); then we export to HF and
 transformers reloads the export with no missing or unexpected tensor.
 """
 
@@ -12,11 +13,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.convert.test_hf_parity import (TOL, build_reference, check_hf_exports_reload,
-                                          convert_references, left_padded_diff)
+from deepseek_tf.generate import Generator
+from tests.convert.test_hf_parity import (TOL, _torch, build_reference,
+                                          check_hf_exports_reload, convert_references,
+                                          left_padded_diff)
 
 NAMES = ("deepseek_v4", "deepseek_v4_sigmoid")
 PAD = 5  # hf_reference.PAD
+PROMPTS = [[1, 17, 42, 99, 250, 7, 64, 12, 5, 80, 33], [3, 3, 140, 5, 288, 61, 12]]
+NEW = 32
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +54,23 @@ def test_logits_match_transformers_long_short_and_left_padded(v4, name):
 
 def test_hf_export_reloads_in_transformers(v4, tmp_path):
     check_hf_exports_reload(*v4, NAMES, "DeepseekV4ForCausalLM", tmp_path)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_tokens_equal_transformers_generate(v4, name):
+    """32 new tokens past the window and several compressed entries of every rate (the
+    cache pools entries from cached projections), one prompt at a time and the two as
+    one left-padded batch (ours equals each prompt alone)."""
+    (hf_dir, _), converted = v4
+    np.save(hf_dir / name / "prompts.npy", np.array(PROMPTS, dtype=object), allow_pickle=True)
+    _torch("generate", str(NEW), str(hf_dir / name))
+    expected = np.load(hf_dir / name / "generated.npy").tolist()
+    gen = Generator(converted[name][1], max_length=48)
+    for prompt, expect in zip(PROMPTS, expected):
+        ours, _ = gen.generate([prompt], [len(prompt)], max_new_tokens=NEW)
+        assert ours.numpy()[0].tolist() == expect
+    ids = np.zeros((2, len(PROMPTS[0])), np.int32)
+    for i, p in enumerate(PROMPTS):
+        ids[i, :len(p)] = p
+    batch, _ = gen.generate(ids, [len(p) for p in PROMPTS], max_new_tokens=NEW)
+    assert batch.numpy().tolist() == expected
