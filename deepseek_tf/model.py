@@ -241,13 +241,14 @@ class DeepSeekCausalLM(keras.Model):
             x = self.hc_head(x)
         return self.head(self.norm(x)), tuple(new_cache)
 
-    def check_exportable(self) -> None:
-        """UserError if this model cannot be exported for serving yet (DeepSeek-V4)."""
+    def check_edge_exportable(self) -> None:
+        """UserError if this model has no TFLite / LiteRT-LM export yet (DeepSeek-V4:
+        its cache is not one K/V pair per layer)."""
         cfg = self.config
         if cfg.attention_type == "v4" or cfg.hc_mult:
-            raise UserError("SavedModel / TFLite / LiteRT-LM export of DeepSeek-V4 models "
+            raise UserError("TFLite / LiteRT-LM export of DeepSeek-V4 models "
                             "(attention_type=v4, hc_mult > 0) is not implemented yet; "
-                            "generate runs them, and export --format=hf writes them.")
+                            "export --format=saved_model or --format=hf.")
 
     def _dropout_seed(self, training, dropout_seed):
         """The call's dropout seed, drawn outside any remat'd block when not given."""

@@ -98,7 +98,8 @@ class TopkRouter(keras.layers.Layer):
         if self.tid2eid is not None:
             if input_ids is None:
                 raise ValueError("hash routing needs the tokens' input_ids")
-            indices = tf.gather(self.tid2eid.value, input_ids)              # (N, k)
+            # (int32: Keras traces a saved model's default signature with float ids)
+            indices = tf.gather(self.tid2eid.value, tf.cast(input_ids, tf.int32))  # (N, k)
             return self._combine(logits, scores, indices)
         choice = scores
         if self.e_score_correction_bias is not None:

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from deepseek_tf.export import export, load_workdir
 from deepseek_tf.generate import Generator
 from tests.convert.test_hf_parity import (TOL, _torch, build_reference,
                                           check_hf_exports_reload, convert_references,
-                                          left_padded_diff)
+                                          left_padded_diff, quiet)
 
 NAMES = ("deepseek_v4", "deepseek_v4_sigmoid")
 PAD = 5  # hf_reference.PAD
@@ -57,10 +58,10 @@ def test_hf_export_reloads_in_transformers(v4, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_greedy_tokens_equal_transformers_generate(v4, name):
+def test_greedy_tokens_equal_transformers_generate(v4, name, tmp_path):
     """32 new tokens past the window and several compressed entries of every rate (the
     cache pools entries from cached projections), one prompt at a time and the two as
-    one left-padded batch (ours equals each prompt alone)."""
+    one left-padded batch (ours equals each prompt alone); the SavedModel too."""
     (hf_dir, _), converted = v4
     np.save(hf_dir / name / "prompts.npy", np.array(PROMPTS, dtype=object), allow_pickle=True)
     _torch("generate", str(NEW), str(hf_dir / name))
@@ -74,3 +75,12 @@ def test_greedy_tokens_equal_transformers_generate(v4, name):
         ids[i, :len(p)] = p
     batch, _ = gen.generate(ids, [len(p) for p in PROMPTS], max_new_tokens=NEW)
     assert batch.numpy().tolist() == expected
+    wd, model = converted[name]
+    sm = export(model, load_workdir(wd)[1], "saved_model", str(tmp_path / "sm"), log=quiet,
+                workdir=wd, max_length=48, max_new_tokens=NEW)
+    sig = tf.saved_model.load(sm).signatures["generate_ids"]
+    out = sig(input_ids=tf.constant(ids), lengths=tf.constant([len(p) for p in PROMPTS]),
+              max_new_tokens=tf.constant([NEW] * 2), temperature=tf.constant([0.0] * 2),
+              top_k=tf.constant([0] * 2), top_p=tf.constant([1.0] * 2),
+              seed=tf.constant([0] * 2))
+    assert out["output_ids"].numpy().tolist() == expected

@@ -46,7 +46,7 @@ def test_tiny_v4_trains_indexer_on_its_kl_and_keeps_hash_tables(stdlib_data, tmp
     np.testing.assert_array_equal(before[tables[0]], after[tables[0]])
     assert any(not np.array_equal(before[k], after[k]) for k in indexer)
     # The trained model generates from its KV cache (greedy = argmax of the uncached
-    # forward, token by token); the cache-based exports refuse in one line.
+    # forward, token by token); the edge exports refuse in one line.
     model, exp = load_workdir(workdir)
     ids, _ = Generator(model, 32).generate([[5, 6, 7, 8, 9]], [5], max_new_tokens=12)
     seq = [5, 6, 7, 8, 9]
@@ -54,7 +54,7 @@ def test_tiny_v4_trains_indexer_on_its_kl_and_keeps_hash_tables(stdlib_data, tmp
         seq.append(int(np.argmax(model(tf.constant([seq], tf.int32)).numpy()[0, -1])))
     assert ids.numpy()[0].tolist() == seq[5:]
     with pytest.raises(UserError, match="not implemented yet"):
-        export(model, exp, "saved_model", str(tmp_path / "sm"), log=quiet)
+        export(model, exp, "tflite", str(tmp_path / "m.tflite"), log=quiet)
     # The dense warm-up stage from that run: CSA layers read every complete entry,
     # only the indexers (with their compressors) train, and their KL falls.
     warm = str(tmp_path / "warm")
