@@ -10,10 +10,17 @@
         Also DIR/fp8-dequant/: the same weights dequantized by transformers' own
         `_dequantize_fp8_weight` (float32), its logits.npy on the reference tokens and
         generated.npy, transformers' greedy tokens for PROMPTS.
+    python fp8_reference.py quantize SRC OUT ROWS COLS SHARDS
+        Only the re-quantization of `make` (OUT from the saved model SRC), no references.
     python fp8_reference.py reload DIR...
-        An FP8 export DIR: dequantized by transformers' code into DIR-dequant/, loaded
-        with from_pretrained; logits on DIR/tokens.npy -> DIR/reloaded.npz. Whether
-        from_pretrained(DIR) itself loads on this CPU goes to DIR/fp8_load.txt.
+        An FP8 export DIR, logits on DIR/tokens.npy -> DIR/reloaded.npz: `logits` of it
+        dequantized by transformers' `_dequantize_fp8_weight` into DIR-dequant/ and
+        loaded with from_pretrained; `fp8_loader` of from_pretrained(DIR) itself, i.e.
+        transformers' fine-grained FP8 integration (it needs accelerate; without a GPU it
+        dequantizes every weight at load time, here into float32, and runs plain
+        Linear layers: there is no FP8 matmul on CPU). That loader takes the block size
+        from the scale grid (rows / scale rows), so it is exact only where every weight
+        is a whole number of blocks. DIR/fp8_load.txt says how the two compare.
     python fp8_reference.py fp4 OUT.npz
         Random FP4-packed expert weights (V4's layout: int8 [E, out, in / 2], scales per
         32 inputs as uint8 exponents and as float32) and transformers' own
@@ -110,7 +117,7 @@ def load_dequantized(src_dir, cfg, tensors, block, out_dir):
         out_dir, attn_implementation="eager", dtype=torch.float32).eval()
 
 
-def cmd_quantize(src, out, rows, cols, shards):
+def cmd_quantize(src, out, rows, cols, shards, references=True):
     block = [int(rows), int(cols)]
     gen = torch.Generator().manual_seed(1)
     cfg = json.load(open(os.path.join(src, "config.json")))
@@ -129,6 +136,8 @@ def cmd_quantize(src, out, rows, cols, shards):
         quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=block))
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+    if not references:
+        return
     model = load_dequantized(out, cfg, tensors, block, out + "-dequant")
     np.save(os.path.join(out + "-dequant", "logits.npy"), logits_of(model, tokens()))
     np.save(os.path.join(out + "-dequant", "prompts.npy"), np.array(PROMPTS, dtype=object),
@@ -152,13 +161,16 @@ def cmd_reload(dirs):
             tensors.update(load_file(os.path.join(d, shard)))
         ids = np.load(os.path.join(d, "tokens.npy"))
         model = load_dequantized(d, cfg, tensors, block, d + "-dequant")
-        np.savez(os.path.join(d, "reloaded.npz"), logits=logits_of(model, ids))
-        try:  # transformers' own FP8 loader (dequantizes to bf16 without a GPU)
-            fp8 = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
-            diff = np.abs(logits_of(fp8, ids) - logits_of(model, ids)).max()
+        out = {"logits": logits_of(model, ids)}
+        try:  # transformers' fine-grained FP8 integration (dequantizes at load on CPU)
+            fp8 = transformers.AutoModelForCausalLM.from_pretrained(
+                d, attn_implementation="eager", dtype=torch.float32).eval()
+            out["fp8_loader"] = logits_of(fp8, ids)
+            diff = np.abs(out["fp8_loader"] - out["logits"]).max()
             note = f"loaded; max-abs-diff to the float32 dequantized model {diff:.3e}"
         except Exception as e:  # noqa: BLE001 - reported, not hidden
             note = f"from_pretrained failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+        np.savez(os.path.join(d, "reloaded.npz"), **out)
         with open(os.path.join(d, "fp8_load.txt"), "w") as f:
             f.write(note + "\n")
         shutil.rmtree(d + "-dequant")
@@ -182,6 +194,8 @@ if __name__ == "__main__":
     transformers.logging.set_verbosity_error()
     if sys.argv[1] == "make":
         cmd_make(*sys.argv[2:6])
+    elif sys.argv[1] == "quantize":
+        cmd_quantize(*sys.argv[2:7], references=False)
     elif sys.argv[1] == "fp4":
         cmd_fp4(sys.argv[2])
     else:
