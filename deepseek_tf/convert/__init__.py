@@ -119,7 +119,7 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     for note in notes:
         log(f"note: {note}")
 
-    from deepseek_tf.convert.stream import declared_model, write_streaming
+    from deepseek_tf.convert.stream import declared_model, hf_shape, write_streaming
     from deepseek_tf.convert.weights import checked_entries
     from deepseek_tf.params import count_parameters
 
@@ -127,7 +127,8 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     if fresh_mtp and not mtp_in_files:
         log(f"note: {fresh_mtp} MTP module(s) start from random initialisation")
     names = [n for n in tensors.names() if not n.endswith(SCALE_SUFFIX)]
-    entries = checked_entries(model, names, tensors.shape, include_mtp=mtp_in_files)
+    entries = checked_entries(model, names, lambda n: hf_shape(tensors, n),
+                              include_mtp=mtp_in_files)
     largest = max(s.size for s in tensors.shards)
     part_bytes = part_bytes or min(max(largest // 2, PART_BYTES[0]), PART_BYTES[1])
     os.makedirs(ckpt_dir, exist_ok=True)

@@ -154,6 +154,18 @@ def _slice_spec(shape, index) -> tuple[str, tuple]:
     return " ".join(map(str, shape)) + " " + ":".join(parts), tuple(sub)
 
 
+def _packed_fp4(tensors, name: str) -> bool:
+    """Whether HF tensor `name` is FP4-packed (int8/uint8 with a scale: V4's experts)."""
+    return tensors.info(name)["dtype"] in ("I8", "U8") and name + SCALE_SUFFIX in tensors.index
+
+
+def hf_shape(tensors, name: str) -> tuple[int, ...]:
+    """The shape of the weight HF tensor `name` holds (an FP4-packed one holds two values
+    per byte of its last axis)."""
+    shape = tensors.shape(name)
+    return shape[:-1] + (2 * shape[-1],) if _packed_fp4(tensors, name) else shape
+
+
 def hf_value(tensors, name: str, quant: Quantization, transpose: bool = False
              ) -> np.ndarray:
     """HF tensor `name` as contiguous float32 (transposed if asked), dequantized with its
@@ -169,7 +181,7 @@ def hf_value(tensors, name: str, quant: Quantization, transpose: bool = False
     if not quant.method:
         raise UserError(f"the checkpoint has {scale} but config.json has no "
                         f"quantization_config: add the release's quantization_config.")
-    if dtype in ("I8", "U8"):
+    if _packed_fp4(tensors, name):
         a = dequantize_fp4(tensors.load(name), tensors.load(scale), name)
     else:
         a = dequantize_fp8(tensors.load(name), tensors.load(scale), quant.block, name)
