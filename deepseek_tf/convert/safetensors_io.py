@@ -88,6 +88,18 @@ class ShardFile:
             self._file = safe_open(self.path, framework="numpy")
         return self._file.get_tensor(name)
 
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of tensor `name` (axis 0), read alone from the file."""
+        info = self.header[name]
+        if info["dtype"] not in DTYPES:
+            raise UserError(f"tensor {name} in {self.path} has unsupported dtype "
+                            f"{info['dtype']}.")
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        row = int(np.prod(info["shape"][1:])) if len(info["shape"]) > 1 else 1
+        a = np.fromfile(self.path, dtype=dtype, count=(stop - start) * row,
+                        offset=self.start + info["data_offsets"][0] + start * row * dtype.itemsize)
+        return a.reshape([stop - start] + list(info["shape"][1:]))
+
     def close(self) -> None:
         self._file = None  # the library unmaps the file when its handle is dropped
 
@@ -152,8 +164,10 @@ class SafetensorsDir:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.info(name)["shape"])
 
-    def load(self, name: str) -> np.ndarray:
-        return self.index[name].load(name)
+    def load(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor `name`, or only its rows [start, stop) along axis 0."""
+        shard = self.index[name]
+        return shard.load(name) if rows is None else shard.load_rows(name, *rows)
 
     def close(self) -> None:
         for shard in self.shards:

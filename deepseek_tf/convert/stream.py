@@ -166,17 +166,18 @@ def hf_shape(tensors, name: str) -> tuple[int, ...]:
     return shape[:-1] + (2 * shape[-1],) if _packed_fp4(tensors, name) else shape
 
 
-def hf_value(tensors, name: str, quant: Quantization, transpose: bool = False
-             ) -> np.ndarray:
-    """HF tensor `name` as contiguous float32 (transposed if asked), dequantized with its
-    `_scale_inv` if it has one; a plain tensor is cast and transposed in one copy."""
+def hf_value(tensors, name: str, quant: Quantization, transpose: bool = False,
+             rows: tuple[int, int] | None = None) -> np.ndarray:
+    """HF tensor `name` (or its rows [start, stop); FP8: `start` a multiple of the block's
+    rows) as contiguous float32, transposed if asked, dequantized with its `_scale_inv` if
+    it has one; a plain tensor is cast and transposed in one copy."""
     dtype = tensors.info(name)["dtype"]
     scale = name + SCALE_SUFFIX
     if scale not in tensors.index:
         if dtype.startswith("F8") or dtype in ("I8", "U8"):
             raise UserError(f"tensor {name} is {dtype} but the checkpoint has no "
                             f"{scale} to dequantize it with.")
-        a = tensors.load(name)
+        a = tensors.load(name, rows)
         return np.asarray(a.T if transpose else a, np.float32, order="C")
     if not quant.method:
         raise UserError(f"the checkpoint has {scale} but config.json has no "
@@ -184,12 +185,36 @@ def hf_value(tensors, name: str, quant: Quantization, transpose: bool = False
     if _packed_fp4(tensors, name):
         a = dequantize_fp4(tensors.load(name), tensors.load(scale), name)
     else:
-        a = dequantize_fp8(tensors.load(name), tensors.load(scale), quant.block, name)
+        scale_rows = rows and (rows[0] // quant.block[0], -(-rows[1] // quant.block[0]))
+        a = dequantize_fp8(tensors.load(name, rows), tensors.load(scale, scale_rows),
+                           quant.block, name)
     return np.ascontiguousarray(a.T) if transpose else a
 
 
-def _plan(entries, keys, tensors, part_bytes: int) -> list[list]:
-    """Parts: lists of entries, shard by shard in file order, ~part_bytes each."""
+def _pieces(e, tensors, quant: Quantization, part_bytes: int, whole: bool) -> list:
+    """[(entry, rows)]: a whole 2-D float-stored tensor larger than `part_bytes` in float32
+    (an embedding, the head) goes in row ranges of about `part_bytes` (FP8: whole blocks),
+    each saved as its slice of the variable; anything else whole (rows None)."""
+    shape = tensors.shape(e.name)
+    if whole or e.index or len(shape) != 2 or 4 * shape[0] * shape[1] <= part_bytes \
+            or _packed_fp4(tensors, e.name):
+        return [(e, None)]
+    step = max(part_bytes // (4 * shape[1]), 1)
+    if e.name + SCALE_SUFFIX in tensors.index:
+        step = max(step // quant.block[0], 1) * quant.block[0]
+    return [(e, (r, min(r + step, shape[0]))) for r in range(0, shape[0], step)]
+
+
+def _nbytes(piece) -> int:
+    e, rows = piece
+    shape = e.hf_shape()
+    return 4 * int(np.prod(shape)) * (rows[1] - rows[0]) // shape[0] if rows else \
+        4 * int(np.prod(shape))
+
+
+def _plan(entries, tensors, quant: Quantization, part_bytes: int, whole) -> list[list]:
+    """Parts: lists of (entry, rows) pieces, shard by shard in file order, ~part_bytes
+    each; `whole` holds the ids of variables that are never split (int8-kept ones)."""
     by_name = {e.name: e for e in entries}
     parts, current, size = [], [], 0
     for shard in tensors.shards:
@@ -197,12 +222,13 @@ def _plan(entries, keys, tensors, part_bytes: int) -> list[list]:
                        key=lambda n: shard.header[n]["data_offsets"][0])
         for n in names:
             e = by_name[n]
-            nbytes = 4 * int(np.prod(e.hf_shape()))
-            if current and size + nbytes > part_bytes:
-                parts.append(current)
-                current, size = [], 0
-            current.append(e)
-            size += nbytes
+            for piece in _pieces(e, tensors, quant, part_bytes, id(e.variable) in whole):
+                nbytes = _nbytes(piece)
+                if current and size + nbytes > part_bytes:
+                    parts.append(current)
+                    current, size = [], 0
+                current.append(piece)
+                size += nbytes
     return parts + ([current] if current else [])
 
 
@@ -221,7 +247,7 @@ def _last_use(tensors, parts) -> dict[int, list]:
     the library's file mappings, whose pages count in RSS) can go."""
     last = {}
     for i, part in enumerate(parts):
-        for e in part:
+        for e, _ in part:
             last[id(tensors.index[e.name])] = i
     out: dict[int, list] = {}
     for shard in tensors.shards:
@@ -286,21 +312,24 @@ def write_streaming(model, entries, tensors, ckpt_dir: str, quant: Quantization,
         names += [keys[id(v)] for v in fresh]
         values += [v._initializer(tuple(v.shape), v.dtype) for v in fresh]
         _save(prefixes[0], names, [""] * len(names), values)
-    parts = _plan(entries, keys, tensors, part_bytes)
+    parts = _plan(entries, tensors, quant, part_bytes, set(scales))
     done_with = _last_use(tensors, parts)
-    total = sum(4 * int(np.prod(e.hf_shape())) for p in parts for e in p)
+    total = sum(_nbytes(piece) for p in parts for piece in p)
     done_bytes, resumed, start = 0, 0, time.time()
     for i, part in enumerate(parts):
         prefix = os.path.join(work, f"part-{i:05d}")
         prefixes.append(prefix)
-        nbytes = sum(4 * int(np.prod(e.hf_shape())) for e in part)
+        nbytes = sum(_nbytes(piece) for piece in part)
         if _done(prefix):
             resumed += nbytes
         else:
             names, specs, values = [], [], []
-            for e in part:
-                a = hf_value(tensors, e.name, quant, e.transpose)
-                spec, shape = _slice_spec(tuple(e.variable.shape), e.index)
+            for e, rows in part:
+                a = hf_value(tensors, e.name, quant, e.transpose, rows)
+                index = e.index
+                if rows:  # HF rows: our rows, or our columns of a transposed kernel
+                    index = (slice(None), slice(*rows)) if e.transpose else (slice(*rows),)
+                spec, shape = _slice_spec(tuple(e.variable.shape), index)
                 a = a.reshape(shape)
                 names.append(keys[id(e.variable)])
                 specs.append(spec)

@@ -101,6 +101,23 @@ def test_the_mtp_layer_is_converted_from_its_fp8_tensors(fp8):
                                atol=1e-7)
 
 
+def test_row_ranges_of_fp8_and_bf16_tensors_read_as_slices_of_the_whole(fp8):
+    """What a conversion reads for a tensor larger than its part (the embedding, the
+    head): rows [start, stop), FP8 ones in whole blocks, equal to the same slice of the
+    whole tensor (16x32 blocks: rows 16-48 are blocks 1-2; the last range a partial one)."""
+    from deepseek_tf.convert.quant import Quantization
+    from deepseek_tf.convert.stream import hf_value
+    out, _ = fp8
+    files = SafetensorsDir(str(out / "fp8"))
+    quant = Quantization.from_hf(json.loads((out / "fp8" / "config.json").read_text()))
+    for name, rows in (("model.layers.1.self_attn.kv_b_proj.weight", (16, 48)),
+                       ("model.layers.1.self_attn.kv_b_proj.weight", (64, 80)),
+                       ("lm_head.weight", (7, 290))):
+        whole = hf_value(files, name, quant, transpose=True)
+        part = hf_value(files, name, quant, transpose=True, rows=rows)
+        np.testing.assert_array_equal(part, whole[:, rows[0]:rows[1]], err_msg=name)
+
+
 def _bad_copy(src, dst, how):
     shutil.copytree(src, dst)
     index = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
