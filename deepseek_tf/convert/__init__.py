@@ -23,6 +23,7 @@ import json
 import os
 
 from deepseek_tf.config import Experiment, TokenizerConfig
+from deepseek_tf.convert import hf_v4
 from deepseek_tf.convert.hf_checks import check_hf_config, fit_data_to_model
 from deepseek_tf.convert.hf_config import architecture_of, model_config_from_hf
 from deepseek_tf.convert.quant import SCALE_SUFFIX, Quantization
@@ -80,6 +81,12 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     quant = Quantization.from_hf(hf, where)
     cfg, notes = model_config_from_hf(hf)
     tensors = SafetensorsDir(hf_dir)
+    if arch == hf_v4.ARCHITECTURE and hf_v4.is_release_layout(tensors.index):
+        skipped = sum(n.startswith("mtp.") for n in tensors.index)
+        tensors = SafetensorsDir(hf_dir, rename=hf_v4.from_release_name)
+        notes.append("DeepSeek's own V4 tensor names read as transformers names them"
+                     + (f"; the MTP layer's {skipped} tensors (mtp.*) are skipped: MTP with "
+                        f"hyper-connections is not built yet" if skipped else ""))
     mtp_in_files = _has_mtp_weights(tensors, cfg.num_hidden_layers)
     depth = int(hf.get("num_nextn_predict_layers") or 0) if mtp_in_files else 0
     if not mtp_in_files and hf.get("num_nextn_predict_layers"):

@@ -112,9 +112,11 @@ class SafetensorsDir:
 
     Args:
       directory: a Hugging Face model directory.
+      rename: maps a stored tensor name to the name it is known by here (None: the
+        tensor is skipped), e.g. `hf_v4.from_release_name`; default: as stored.
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, rename=None):
         index = os.path.join(directory, INDEX_FILE)
         self._expected: dict[str, str] = {}  # tensor -> shard, as the index says
         if os.path.exists(index):
@@ -129,10 +131,17 @@ class SafetensorsDir:
             raise UserError(f"no *.safetensors files in {directory}{extra}.")
         self.shards = [ShardFile(p) for p in files]
         self.index: dict[str, ShardFile] = {}
+        self._stored: dict[str, str] = {}  # name here -> name in the file, where they differ
+        stored = set()
         for shard in self.shards:
             for name in shard.header:
-                self.index[name] = shard
-        missing = sorted(set(self._expected) - set(self.index))
+                stored.add(name)
+                known = rename(name) if rename else name
+                if known is not None:
+                    self.index[known] = shard
+                    if known != name:
+                        self._stored[known] = name
+        missing = sorted(set(self._expected) - stored)
         if missing:
             raise UserError(f"{index}: tensor {missing[0]} is not in "
                             f"{self._expected[missing[0]]}: the shard does not match its "
@@ -159,15 +168,15 @@ class SafetensorsDir:
 
     def info(self, name: str) -> dict:
         """{"dtype": "BF16", "shape": [...], "data_offsets": [...]} of a tensor."""
-        return self.index[name].header[name]
+        return self.index[name].header[self._stored.get(name, name)]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.info(name)["shape"])
 
     def load(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Tensor `name`, or only its rows [start, stop) along axis 0."""
-        shard = self.index[name]
-        return shard.load(name) if rows is None else shard.load_rows(name, *rows)
+        shard, stored = self.index[name], self._stored.get(name, name)
+        return shard.load(stored) if rows is None else shard.load_rows(stored, *rows)
 
     def close(self) -> None:
         for shard in self.shards:

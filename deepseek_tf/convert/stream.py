@@ -216,10 +216,13 @@ def _plan(entries, tensors, quant: Quantization, part_bytes: int, whole) -> list
     """Parts: lists of (entry, rows) pieces, shard by shard in file order, ~part_bytes
     each; `whole` holds the ids of variables that are never split (int8-kept ones)."""
     by_name = {e.name: e for e in entries}
+    by_shard: dict[int, list] = {}
+    for n in by_name:
+        by_shard.setdefault(id(tensors.index[n]), []).append(n)
     parts, current, size = [], [], 0
     for shard in tensors.shards:
-        names = sorted((n for n in shard.header if n in by_name),
-                       key=lambda n: shard.header[n]["data_offsets"][0])
+        names = sorted(by_shard.get(id(shard), ()),
+                       key=lambda n: tensors.info(n)["data_offsets"][0])
         for n in names:
             e = by_name[n]
             for piece in _pieces(e, tensors, quant, part_bytes, id(e.variable) in whole):

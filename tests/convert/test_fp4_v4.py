@@ -8,6 +8,8 @@ code. We convert the shards (streaming, in parts) and compare.
 """
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ import tensorflow as tf
 
 from deepseek_tf.config import Experiment
 from deepseek_tf.convert import convert_hf
-from deepseek_tf.convert.safetensors_io import SafetensorsDir
+from deepseek_tf.convert.safetensors_io import INDEX_FILE, SafetensorsDir, ShardFile, \
+    write_safetensors
 from deepseek_tf.export import load_workdir
 from tests.convert.test_fp8 import torch_fp8
 from tests.convert.test_hf_parity import quiet
@@ -72,3 +75,41 @@ def test_greedy_tokens_equal_transformers_on_the_dequantized_weights(fp4):
         for _ in range(len(expect)):
             ids.append(int(model(tf.constant([ids], tf.int32)).numpy()[0, -1].argmax()))
         assert ids[len(prompt):] == expect.tolist()
+
+
+def _release_name(name: str) -> str:
+    """transformers' save_pretrained name -> DeepSeek's own (the inverse of
+    `hf_v4.from_release_name`, written out here from transformers' V4 renames)."""
+    name = {"model.embed_tokens.weight": "embed.weight",
+            "model.norm.weight": "norm.weight"}.get(name, name)
+    name = re.sub(r"^model\.hc_head\.hc_", "hc_head_", name)
+    name = re.sub(r"^model\.layers\.", "layers.", name)
+    return re.sub(r"\.weight_scale_inv$", ".scale", name)
+
+
+def test_deepseeks_own_v4_tensor_names_convert_to_the_same_model(fp4, tmp_path):
+    """DeepSeek's V4 shards name tensors as its reference code does (`embed.weight`,
+    `layers.*`, scales `*.scale`, the MTP layer `mtp.*`): the same weights under those
+    names convert to the same logits, the MTP tensors skipped with a note."""
+    out, _, model = fp4
+    src, dst = out / "fp4", tmp_path / "release"
+    os.makedirs(dst)
+    index = json.loads((src / INDEX_FILE).read_text())
+    for i, shard in enumerate(sorted(set(index["weight_map"].values()))):
+        f = ShardFile(str(src / shard))
+        tensors = {_release_name(n): f.load(n) for n in f.names()}
+        if i == 0:  # an MTP tensor, as V4's shards carry one MTP layer
+            tensors["mtp.0.enorm.weight"] = np.ones(32, np.float32)
+        write_safetensors(str(dst / shard), tensors)
+    weight_map = {_release_name(k): v for k, v in index["weight_map"].items()}
+    weight_map["mtp.0.enorm.weight"] = sorted(set(weight_map.values()))[0]
+    (dst / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    assert "layers.2.ffn.experts.1.w2.scale" in weight_map and "embed.weight" in weight_map
+    notes = []
+    convert_hf(str(dst), str(tmp_path / "wd"), Experiment(data=tiny.data_config()),
+               log=notes.append)
+    assert any("mtp.*" in n and "skipped" in n for n in notes), notes
+    ids = tf.constant(np.load(out / "reference.npz")["tokens"], tf.int32)
+    np.testing.assert_array_equal(load_workdir(str(tmp_path / "wd"))[0](ids).numpy(),
+                                  model(ids).numpy())
