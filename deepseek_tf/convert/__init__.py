@@ -1,12 +1,13 @@
 """Hugging Face checkpoints -> deepseek_tf workdirs (`python -m deepseek_tf.convert`).
 
 `convert_hf(hf_dir, workdir, exp)` reads `config.json` and `*.safetensors` of a
-DeepseekV32 / DeepseekV3 / DeepseekV2 / Llama / Qwen2 causal LM, builds the matching
-`DeepSeekCausalLM`, fills every weight (a missing, extra or misshapen tensor is an
-error naming it) and writes a workdir the trainer continues from. Sharded
+DeepseekV4 / DeepseekV32 / DeepseekV3 / DeepseekV2 / Llama / Qwen2 causal LM, builds
+the matching `DeepSeekCausalLM`, fills every weight (a missing, extra or misshapen
+tensor is an error naming it) and writes a workdir the trainer continues from. Sharded
 checkpoints (`model.safetensors.index.json`) and DeepSeek's FP8 releases
-(`quantization_config.quant_method = fp8`, dequantized to float32 or `dtype="bfloat16"`,
-or kept as int8 with `keep_quantized="int8"`) stream in a few
+(`quantization_config.quant_method = fp8`; V4's routed experts FP4 with `expert_dtype =
+fp4`), dequantized to float32 or `dtype="bfloat16"` or kept as int8 with
+`keep_quantized="int8"`, stream in a few
 tensors at a time (`stream.py`); an interrupted conversion resumes when run again:
 
     <workdir>/config.json          the Experiment (model from HF, the rest from flags)
