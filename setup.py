@@ -41,7 +41,8 @@ EXTRAS = {
     "dev": ["pytest>=8,<10", "pytest-xdist>=3,<4", "PyYAML>=6,<7", "pandas>=2,<4", "Jinja2>=3,<4",
             "grpcio>=1.60,<2", "protobuf>=5,<8", "openai==3.57.0"],
     # Reference implementations for the parity tests; CPU torch from a local wheel.
-    "parity": ["torch==2.13.0", "transformers>=5,<6"],
+    # accelerate: transformers' fine-grained FP8 loader refuses to run without it.
+    "parity": ["torch==2.13.0", "transformers>=5,<6", "accelerate>=1,<2"],
     # Edge export: TFLite interpreter, the LiteRT-LM bundle builder, its runtime (Python
     # API, a manylinux x86_64 wheel) and command line; versions the tests ran with.
     # The OpenAI-compatible HTTP server (python -m deepseek_tf.serve); the tests drive it

@@ -1,6 +1,6 @@
 """Peak memory of `python -m deepseek_tf.convert` on a sharded FP8 checkpoint.
 
-    python bench/convert_memory.py                 # ~440 MB of FP8 shards (4 shards)
+    python bench/convert_memory.py                 # ~1 GB of FP8 shards (5, hidden 2048)
     python bench/convert_memory.py --format=bf16   # the same model stored in bf16
     python bench/convert_memory.py --smoke         # ~9 MB
 
@@ -33,11 +33,11 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
 SIZES = {  # name: (ModelConfig overrides, shards)
-    "full": (dict(vocab_size=16384, hidden_size=1024, intermediate_size=2816,
-                  num_hidden_layers=6, num_attention_heads=8, q_lora_rank=384,
+    "full": (dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                  num_hidden_layers=7, num_attention_heads=16, q_lora_rank=512,
                   kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-                  n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4,
-                  moe_intermediate_size=704, first_k_dense_replace=1), 4),
+                  n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+                  moe_intermediate_size=1024, first_k_dense_replace=1), 5),
     "smoke": (dict(vocab_size=2048, hidden_size=256, intermediate_size=512,
                    num_hidden_layers=3, num_attention_heads=4, q_lora_rank=96,
                    kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,

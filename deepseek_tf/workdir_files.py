@@ -8,6 +8,9 @@ generation, export and evaluation read back. This module imports nothing.
 CONFIG_FILE = "config.json"
 #: Written by `convert`: where the weights came from (its presence marks a converted workdir).
 CONVERT_FILE = "convert.json"
+#: Written by `tools/merge_lora`: the LoRA run (or base + adapter) it merged, so that
+#: `export --quantize=fp8` finds the block size of the conversion the weights came from.
+MERGE_FILE = "merge.json"
 #: Checkpoints (`tf.train.CheckpointManager`); `best/` inside holds the best one.
 CHECKPOINT_DIR = "checkpoints"
 #: The tokenizer a trained run used (copied from the prepared data).

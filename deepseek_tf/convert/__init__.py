@@ -1,12 +1,13 @@
 """Hugging Face checkpoints -> deepseek_tf workdirs (`python -m deepseek_tf.convert`).
 
 `convert_hf(hf_dir, workdir, exp)` reads `config.json` and `*.safetensors` of a
-DeepseekV32 / DeepseekV3 / DeepseekV2 / Llama / Qwen2 causal LM, builds the matching
-`DeepSeekCausalLM`, fills every weight (a missing, extra or misshapen tensor is an
-error naming it) and writes a workdir the trainer continues from. Sharded
+DeepseekV4 / DeepseekV32 / DeepseekV3 / DeepseekV2 / Llama / Qwen2 causal LM, builds
+the matching `DeepSeekCausalLM`, fills every weight (a missing, extra or misshapen
+tensor is an error naming it) and writes a workdir the trainer continues from. Sharded
 checkpoints (`model.safetensors.index.json`) and DeepSeek's FP8 releases
-(`quantization_config.quant_method = fp8`, dequantized to float32 or `dtype="bfloat16"`,
-or kept as int8 with `keep_quantized="int8"`) stream in a few
+(`quantization_config.quant_method = fp8`; V4's routed experts FP4 with `expert_dtype =
+fp4`), dequantized to float32 or `dtype="bfloat16"` or kept as int8 with
+`keep_quantized="int8"`, stream in a few
 tensors at a time (`stream.py`); an interrupted conversion resumes when run again:
 
     <workdir>/config.json          the Experiment (model from HF, the rest from flags)
@@ -23,6 +24,7 @@ import json
 import os
 
 from deepseek_tf.config import Experiment, TokenizerConfig
+from deepseek_tf.convert import hf_v4
 from deepseek_tf.convert.hf_checks import check_hf_config, fit_data_to_model
 from deepseek_tf.convert.hf_config import architecture_of, model_config_from_hf
 from deepseek_tf.convert.quant import SCALE_SUFFIX, Quantization
@@ -80,6 +82,12 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     quant = Quantization.from_hf(hf, where)
     cfg, notes = model_config_from_hf(hf)
     tensors = SafetensorsDir(hf_dir)
+    if arch == hf_v4.ARCHITECTURE and hf_v4.is_release_layout(tensors.index):
+        skipped = sum(n.startswith("mtp.") for n in tensors.index)
+        tensors = SafetensorsDir(hf_dir, rename=hf_v4.from_release_name)
+        notes.append("DeepSeek's own V4 tensor names read as transformers names them"
+                     + (f"; the MTP layer's {skipped} tensors (mtp.*) are skipped: MTP with "
+                        f"hyper-connections is not built yet" if skipped else ""))
     mtp_in_files = _has_mtp_weights(tensors, cfg.num_hidden_layers)
     depth = int(hf.get("num_nextn_predict_layers") or 0) if mtp_in_files else 0
     if not mtp_in_files and hf.get("num_nextn_predict_layers"):
@@ -119,7 +127,7 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     for note in notes:
         log(f"note: {note}")
 
-    from deepseek_tf.convert.stream import declared_model, write_streaming
+    from deepseek_tf.convert.stream import declared_model, hf_shape, write_streaming
     from deepseek_tf.convert.weights import checked_entries
     from deepseek_tf.params import count_parameters
 
@@ -127,7 +135,8 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     if fresh_mtp and not mtp_in_files:
         log(f"note: {fresh_mtp} MTP module(s) start from random initialisation")
     names = [n for n in tensors.names() if not n.endswith(SCALE_SUFFIX)]
-    entries = checked_entries(model, names, tensors.shape, include_mtp=mtp_in_files)
+    entries = checked_entries(model, names, lambda n: hf_shape(tensors, n),
+                              include_mtp=mtp_in_files)
     largest = max(s.size for s in tensors.shards)
     part_bytes = part_bytes or min(max(largest // 2, PART_BYTES[0]), PART_BYTES[1])
     os.makedirs(ckpt_dir, exist_ok=True)

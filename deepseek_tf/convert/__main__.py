@@ -1,9 +1,10 @@
 """`python -m deepseek_tf.convert --hf_dir=DIR --workdir=OUT [--data.* --optim.* --train.*]`
 
-Converts a Hugging Face causal LM (DeepseekV32ForCausalLM, DeepseekV3ForCausalLM,
-DeepseekV2ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM; config.json +
-*.safetensors or a sharded model.safetensors.index.json set, never pickle files;
-bf16/fp16/fp32 tensors or DeepSeek's block-scaled FP8 release, dequantized to float32
+Converts a Hugging Face causal LM (DeepseekV4ForCausalLM, DeepseekV32ForCausalLM,
+DeepseekV3ForCausalLM, DeepseekV2ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM;
+config.json + *.safetensors or a sharded model.safetensors.index.json set, never pickle
+files; bf16/fp16/fp32 tensors or DeepSeek's block-scaled FP8 release, with V4's FP4
+routed experts, under transformers' or DeepSeek's own V4 names, dequantized to float32
 or --convert.dtype=bfloat16, or with --convert.keep_quantized=int8 kept as int8
 weights plus scales) into a deepseek_tf workdir, streaming a few tensors at a time
 (an interrupted conversion continues when the same command runs again). `python -m deepseek_tf.train --workdir=OUT` then

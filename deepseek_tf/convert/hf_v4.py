@@ -113,6 +113,30 @@ def v4_fields_from_hf(hf: dict, rope) -> tuple[dict, list[str]]:
     return kw, notes
 
 
+_RELEASE_ROOT = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                 "hc_head_fn": "model.hc_head.hc_fn", "hc_head_base": "model.hc_head.hc_base",
+                 "hc_head_scale": "model.hc_head.hc_scale"}
+
+
+def is_release_layout(names) -> bool:
+    """Whether tensor `names` are DeepSeek's own V4 names (`embed.weight`, `layers.*`)
+    rather than those transformers' `save_pretrained` writes (`model.*`)."""
+    return "embed.weight" in names
+
+
+def from_release_name(name: str) -> str | None:
+    """The name transformers' `save_pretrained` gives DeepSeek's own V4 tensor `name`
+    (`layers.0.attn.wq_a.scale` -> `model.layers.0.attn.wq_a.weight_scale_inv`; the
+    renames transformers' loader applies, plus the `model.` prefix); None for the MTP
+    layer (`mtp.*`), which a model with hyper-connections cannot take yet."""
+    if name.startswith("mtp."):
+        return None
+    name = _RELEASE_ROOT.get(name, name)
+    if name.startswith("layers."):
+        name = "model." + name
+    return name[:-len(".scale")] + ".weight_scale_inv" if name.endswith(".scale") else name
+
+
 def check_exportable(cfg: ModelConfig) -> None:
     """What DeepseekV4ForCausalLM hard-codes; UserError naming the first mismatch."""
     problems = [

@@ -88,6 +88,18 @@ class ShardFile:
             self._file = safe_open(self.path, framework="numpy")
         return self._file.get_tensor(name)
 
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of tensor `name` (axis 0), read alone from the file."""
+        info = self.header[name]
+        if info["dtype"] not in DTYPES:
+            raise UserError(f"tensor {name} in {self.path} has unsupported dtype "
+                            f"{info['dtype']}.")
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        row = int(np.prod(info["shape"][1:])) if len(info["shape"]) > 1 else 1
+        a = np.fromfile(self.path, dtype=dtype, count=(stop - start) * row,
+                        offset=self.start + info["data_offsets"][0] + start * row * dtype.itemsize)
+        return a.reshape([stop - start] + list(info["shape"][1:]))
+
     def close(self) -> None:
         self._file = None  # the library unmaps the file when its handle is dropped
 
@@ -100,9 +112,11 @@ class SafetensorsDir:
 
     Args:
       directory: a Hugging Face model directory.
+      rename: maps a stored tensor name to the name it is known by here (None: the
+        tensor is skipped), e.g. `hf_v4.from_release_name`; default: as stored.
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, rename=None):
         index = os.path.join(directory, INDEX_FILE)
         self._expected: dict[str, str] = {}  # tensor -> shard, as the index says
         if os.path.exists(index):
@@ -117,10 +131,17 @@ class SafetensorsDir:
             raise UserError(f"no *.safetensors files in {directory}{extra}.")
         self.shards = [ShardFile(p) for p in files]
         self.index: dict[str, ShardFile] = {}
+        self._stored: dict[str, str] = {}  # name here -> name in the file, where they differ
+        stored = set()
         for shard in self.shards:
             for name in shard.header:
-                self.index[name] = shard
-        missing = sorted(set(self._expected) - set(self.index))
+                stored.add(name)
+                known = rename(name) if rename else name
+                if known is not None:
+                    self.index[known] = shard
+                    if known != name:
+                        self._stored[known] = name
+        missing = sorted(set(self._expected) - stored)
         if missing:
             raise UserError(f"{index}: tensor {missing[0]} is not in "
                             f"{self._expected[missing[0]]}: the shard does not match its "
@@ -147,13 +168,15 @@ class SafetensorsDir:
 
     def info(self, name: str) -> dict:
         """{"dtype": "BF16", "shape": [...], "data_offsets": [...]} of a tensor."""
-        return self.index[name].header[name]
+        return self.index[name].header[self._stored.get(name, name)]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.info(name)["shape"])
 
-    def load(self, name: str) -> np.ndarray:
-        return self.index[name].load(name)
+    def load(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor `name`, or only its rows [start, stop) along axis 0."""
+        shard, stored = self.index[name], self._stored.get(name, name)
+        return shard.load(stored) if rows is None else shard.load_rows(stored, *rows)
 
     def close(self) -> None:
         for shard in self.shards:

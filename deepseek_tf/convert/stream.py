@@ -15,8 +15,10 @@ a small checkpoint bundle, marked done once written. `MergeV2Checkpoints` joins 
 parts into `checkpoints/ckpt-0` at the end (it renames the data files: nothing is
 copied), and only then is the checkpoint state file written.
 
-Peak memory: one part plus the tensor being converted (and the shard pages the
-`safetensors` library maps while a shard is open). An interrupted run leaves its done
+Peak memory: one part plus the tensor being converted (read, cast to float32 and
+handed to TensorFlow: ~3x its float32 bytes at once) and the shard pages the
+`safetensors` library maps while a shard is open (each shard is closed after its last
+part; freed heap pages go back to the OS after each part). An interrupted run leaves its done
 parts in `checkpoints/.convert/`; running the same command again redoes only the rest
 and writes the same bytes.
 
@@ -44,13 +46,43 @@ SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 def declared_model(cfg):
-    """A DeepSeekCausalLM whose variables have shapes but no values (nothing allocated
-    but the transient values of its build pass)."""
-    import keras
+    """A DeepSeekCausalLM whose variables have shapes but no values.
+
+    The model is built (one eager pass) inside a `keras.StatelessScope`, where a variable
+    without a value reads as a placeholder: Keras' placeholder is the variable's initial
+    value, drawn each read (random normal: ~3 float32 copies of the largest variable at
+    once); here it is zeros (one copy, `_declaring_scope`). Keras' scope also initialises
+    every variable created inside it when it exits (`initialize_variables=True`, its
+    default), which held the whole model in float32 (3.2 GB for a 0.93 GB FP8
+    checkpoint): here they stay uninitialised and are taken off Keras' list of variables
+    to initialise later (`_skeleton` gives each a marker value).
+    """
+    from keras.src.backend.common import global_state
 
     from deepseek_tf.model import DeepSeekCausalLM
-    with keras.StatelessScope():
-        return DeepSeekCausalLM(cfg)
+    with _declaring_scope():
+        model = DeepSeekCausalLM(cfg)
+    ours = {id(v) for v in model.variables}
+    pending = global_state.get_global_attribute("uninitialized_variables") or []
+    global_state.set_global_attribute("uninitialized_variables",
+                                      [v for v in pending if id(v) not in ours])
+    return model
+
+
+def _declaring_scope():
+    """A stateless scope in which an uninitialised variable reads as zeros and that
+    initialises nothing when it exits."""
+    import keras
+    import tensorflow as tf
+
+    class Declaring(keras.StatelessScope):
+        def get_current_value(self, variable):
+            value = super().get_current_value(variable)
+            if value is None and getattr(variable, "_value", True) is None:
+                value = tf.zeros(variable.shape, variable.dtype)
+            return value
+
+    return Declaring(initialize_variables=False)
 
 
 def _skeleton(model, directory: str) -> tuple[dict, dict]:
@@ -122,39 +154,108 @@ def _slice_spec(shape, index) -> tuple[str, tuple]:
     return " ".join(map(str, shape)) + " " + ":".join(parts), tuple(sub)
 
 
-def hf_value(tensors, name: str, quant: Quantization) -> np.ndarray:
-    """HF tensor `name` as float32, dequantized with its `_scale_inv` if it has one."""
+def _packed_fp4(tensors, name: str) -> bool:
+    """Whether HF tensor `name` is FP4-packed (int8/uint8 with a scale: V4's experts)."""
+    return tensors.info(name)["dtype"] in ("I8", "U8") and name + SCALE_SUFFIX in tensors.index
+
+
+def hf_shape(tensors, name: str) -> tuple[int, ...]:
+    """The shape of the weight HF tensor `name` holds (an FP4-packed one holds two values
+    per byte of its last axis)."""
+    shape = tensors.shape(name)
+    return shape[:-1] + (2 * shape[-1],) if _packed_fp4(tensors, name) else shape
+
+
+def hf_value(tensors, name: str, quant: Quantization, transpose: bool = False,
+             rows: tuple[int, int] | None = None) -> np.ndarray:
+    """HF tensor `name` (or its rows [start, stop); FP8: `start` a multiple of the block's
+    rows) as contiguous float32, transposed if asked, dequantized with its `_scale_inv` if
+    it has one; a plain tensor is cast and transposed in one copy."""
     dtype = tensors.info(name)["dtype"]
     scale = name + SCALE_SUFFIX
     if scale not in tensors.index:
         if dtype.startswith("F8") or dtype in ("I8", "U8"):
             raise UserError(f"tensor {name} is {dtype} but the checkpoint has no "
                             f"{scale} to dequantize it with.")
-        return np.asarray(tensors.load(name), np.float32)
+        a = tensors.load(name, rows)
+        return np.asarray(a.T if transpose else a, np.float32, order="C")
     if not quant.method:
         raise UserError(f"the checkpoint has {scale} but config.json has no "
                         f"quantization_config: add the release's quantization_config.")
-    if dtype in ("I8", "U8"):
-        return dequantize_fp4(tensors.load(name), tensors.load(scale), name)
-    return dequantize_fp8(tensors.load(name), tensors.load(scale), quant.block, name)
+    if _packed_fp4(tensors, name):
+        a = dequantize_fp4(tensors.load(name), tensors.load(scale), name)
+    else:
+        scale_rows = rows and (rows[0] // quant.block[0], -(-rows[1] // quant.block[0]))
+        a = dequantize_fp8(tensors.load(name, rows), tensors.load(scale, scale_rows),
+                           quant.block, name)
+    return np.ascontiguousarray(a.T) if transpose else a
 
 
-def _plan(entries, keys, tensors, part_bytes: int) -> list[list]:
-    """Parts: lists of entries, shard by shard in file order, ~part_bytes each."""
+def _pieces(e, tensors, quant: Quantization, part_bytes: int, whole: bool) -> list:
+    """[(entry, rows)]: a whole 2-D float-stored tensor larger than `part_bytes` in float32
+    (an embedding, the head) goes in row ranges of about `part_bytes` (FP8: whole blocks),
+    each saved as its slice of the variable; anything else whole (rows None)."""
+    shape = tensors.shape(e.name)
+    if whole or e.index or len(shape) != 2 or 4 * shape[0] * shape[1] <= part_bytes \
+            or _packed_fp4(tensors, e.name):
+        return [(e, None)]
+    step = max(part_bytes // (4 * shape[1]), 1)
+    if e.name + SCALE_SUFFIX in tensors.index:
+        step = max(step // quant.block[0], 1) * quant.block[0]
+    return [(e, (r, min(r + step, shape[0]))) for r in range(0, shape[0], step)]
+
+
+def _nbytes(piece) -> int:
+    e, rows = piece
+    shape = e.hf_shape()
+    return 4 * int(np.prod(shape)) * (rows[1] - rows[0]) // shape[0] if rows else \
+        4 * int(np.prod(shape))
+
+
+def _plan(entries, tensors, quant: Quantization, part_bytes: int, whole) -> list[list]:
+    """Parts: lists of (entry, rows) pieces, shard by shard in file order, ~part_bytes
+    each; `whole` holds the ids of variables that are never split (int8-kept ones)."""
     by_name = {e.name: e for e in entries}
+    by_shard: dict[int, list] = {}
+    for n in by_name:
+        by_shard.setdefault(id(tensors.index[n]), []).append(n)
     parts, current, size = [], [], 0
     for shard in tensors.shards:
-        names = sorted((n for n in shard.header if n in by_name),
-                       key=lambda n: shard.header[n]["data_offsets"][0])
+        names = sorted(by_shard.get(id(shard), ()),
+                       key=lambda n: tensors.info(n)["data_offsets"][0])
         for n in names:
             e = by_name[n]
-            nbytes = 4 * int(np.prod(e.hf_shape()))
-            if current and size + nbytes > part_bytes:
-                parts.append(current)
-                current, size = [], 0
-            current.append(e)
-            size += nbytes
+            for piece in _pieces(e, tensors, quant, part_bytes, id(e.variable) in whole):
+                nbytes = _nbytes(piece)
+                if current and size + nbytes > part_bytes:
+                    parts.append(current)
+                    current, size = [], 0
+                current.append(piece)
+                size += nbytes
     return parts + ([current] if current else [])
+
+
+def _release_free_memory() -> None:
+    """Hands the heap's free pages back to the OS (glibc keeps them, and the RSS of a
+    long conversion crept up by ~350 MB of freed part buffers without this)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _last_use(tensors, parts) -> dict[int, list]:
+    """{part index: the shards no later part reads}: after that part their handles (and
+    the library's file mappings, whose pages count in RSS) can go."""
+    last = {}
+    for i, part in enumerate(parts):
+        for e, _ in part:
+            last[id(tensors.index[e.name])] = i
+    out: dict[int, list] = {}
+    for shard in tensors.shards:
+        out.setdefault(last.get(id(shard), -1), []).append(shard)
+    return out
 
 
 def _fingerprint(tensors, part_bytes: int, quant: Quantization) -> str:
@@ -214,26 +315,32 @@ def write_streaming(model, entries, tensors, ckpt_dir: str, quant: Quantization,
         names += [keys[id(v)] for v in fresh]
         values += [v._initializer(tuple(v.shape), v.dtype) for v in fresh]
         _save(prefixes[0], names, [""] * len(names), values)
-    parts = _plan(entries, keys, tensors, part_bytes)
-    total = sum(4 * int(np.prod(e.hf_shape())) for p in parts for e in p)
+    parts = _plan(entries, tensors, quant, part_bytes, set(scales))
+    done_with = _last_use(tensors, parts)
+    total = sum(_nbytes(piece) for p in parts for piece in p)
     done_bytes, resumed, start = 0, 0, time.time()
     for i, part in enumerate(parts):
         prefix = os.path.join(work, f"part-{i:05d}")
         prefixes.append(prefix)
-        nbytes = sum(4 * int(np.prod(e.hf_shape())) for e in part)
+        nbytes = sum(_nbytes(piece) for piece in part)
         if _done(prefix):
             resumed += nbytes
         else:
             names, specs, values = [], [], []
-            for e in part:
-                a = hf_value(tensors, e.name, quant)
-                spec, shape = _slice_spec(tuple(e.variable.shape), e.index)
-                a = np.ascontiguousarray(a.T if e.transpose else a).reshape(shape)
+            for e, rows in part:
+                a = hf_value(tensors, e.name, quant, e.transpose, rows)
+                index = e.index
+                if rows:  # HF rows: our rows, or our columns of a transposed kernel
+                    index = (slice(None), slice(*rows)) if e.transpose else (slice(*rows),)
+                spec, shape = _slice_spec(tuple(e.variable.shape), index)
+                a = a.reshape(shape)
                 names.append(keys[id(e.variable)])
                 specs.append(spec)
                 scale = scales.get(id(e.variable))
-                if scale is None:
-                    values.append(a.astype(_np_dtype(e.variable)))
+                if scale is None:  # a TF tensor now: SaveV2 would copy the whole part
+                    values.append(tf.convert_to_tensor(a.astype(_np_dtype(e.variable),
+                                                                copy=False)))
+                    del a
                     continue
                 q, s = quantize_int8(a)  # kept quantized: int8 + its scale slice
                 values.append(q)
@@ -244,6 +351,9 @@ def write_streaming(model, entries, tensors, ckpt_dir: str, quant: Quantization,
                 values.append(s.reshape(shape).astype(_np_dtype(scale)))
             _save(prefix, names, specs, values)
             del values
+            _release_free_memory()
+        for shard in done_with.get(i, ()):
+            shard.close()
         done_bytes += nbytes
         rate = (done_bytes - resumed) / max(time.time() - start, 1e-6)
         eta = (total - done_bytes) / rate if rate > 0 else 0.0

@@ -8,8 +8,10 @@ transformers skips them, inference engines that speculate with MTP read them.
 Weights are float32, or with `quantize="fp8"` as DeepSeek releases V3: every 2-D
 projection (`*_proj.weight`) float8_e4m3fn with a float32 `weight_scale_inv` per
 block and `quantization_config` in config.json (embeddings, norms, router and lm_head
-stay float32); the block is the one the workdir was converted from (`convert.json`),
-else DeepSeek's 128x128, so a fine-tuned release goes back in its own layout. Past `shard_mb` the tensors go into shards with a
+stay float32); the block is the one the workdir was converted from (`convert.json`,
+found through a merged workdir's `merge.json` and `--train.init_from`), else DeepSeek's
+128x128, so a fine-tuned release goes back in its own layout. Past `shard_mb` the
+tensors go into shards with a
 `model.safetensors.index.json`. A Hugging Face tokenizer the run trained with
 (`<workdir>/tokenizer/tokenizer.json`) is copied along.
 """
@@ -26,7 +28,7 @@ from deepseek_tf.convert.quant import SCALE_SUFFIX, Quantization, quantize_fp8
 from deepseek_tf.convert.safetensors_io import write_sharded
 from deepseek_tf.convert.weights import export_tensors
 from deepseek_tf.errors import UserError
-from deepseek_tf.workdir_files import CONFIG_FILE, CONVERT_FILE
+from deepseek_tf.workdir_files import CONFIG_FILE, CONVERT_FILE, MERGE_FILE
 
 
 def quantize_tensors(tensors: dict, quant: Quantization) -> dict:
@@ -41,8 +43,9 @@ def quantize_tensors(tensors: dict, quant: Quantization) -> dict:
 
 
 def _source_block(workdir: str | None) -> tuple[int, int]:
-    """The FP8 block of the checkpoint `workdir` (or the run it started from, through
-    --train.init_from) was converted from, else DeepSeek's 128x128."""
+    """The FP8 block of the checkpoint `workdir` was converted from, else DeepSeek's
+    128x128. The trail goes back through a merged workdir's merge.json (its LoRA run or
+    base) and a run's --train.init_from."""
     seen = set()
     while workdir and workdir not in seen:
         seen.add(workdir)
@@ -50,6 +53,12 @@ def _source_block(workdir: str | None) -> tuple[int, int]:
             with open(os.path.join(workdir, CONVERT_FILE)) as f:
                 block = json.load(f).get("weight_block_size")
             return tuple(block) if block else (128, 128)
+        except (OSError, ValueError):
+            pass
+        try:
+            with open(os.path.join(workdir, MERGE_FILE)) as f:
+                workdir = json.load(f).get("from", "")
+            continue
         except (OSError, ValueError):
             pass
         try:

@@ -9,9 +9,11 @@ applies a saved adapter directory (adapter.safetensors + adapter_config.json) to
 weights of any workdir with the same model, taking the data settings (the chat
 template) from the LoRA run that wrote it (`<run>/adapter`). The output is an ordinary
 workdir (config.json with finetuning_type=full, checkpoints/ckpt-0 with the merged
-weights, tokenizer/): generate, evaluate, export and --train.init_from take it as it is.
+weights, tokenizer/, and merge.json naming what was merged; an int8 base stays int8:
+dequantize -> add the update -> requantize): generate, evaluate, export and --train.init_from take it as it is.
 """
 
+import json
 import os
 
 from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
@@ -42,7 +44,7 @@ def merge(output: str, workdir: str = "", base: str = "", adapter: str = "", log
     from deepseek_tf.lora import is_lora, load_adapter, merged_model
     from deepseek_tf.workdir import (load_experiment, load_run_tokenizer, load_workdir,
                                      write_workdir)
-    from deepseek_tf.workdir_files import CONFIG_FILE
+    from deepseek_tf.workdir_files import CONFIG_FILE, MERGE_FILE
 
     if bool(workdir) == bool(base and adapter):
         raise UserError("give --workdir=LORA_RUN, or --base=WORKDIR with --adapter=DIR.")
@@ -70,6 +72,9 @@ def merge(output: str, workdir: str = "", base: str = "", adapter: str = "", log
     exp = dataclasses.replace(exp, train=exp.train.replace(finetuning_type="full", init_from=""))
     os.makedirs(output)
     write_workdir(output, plain, exp, tok)
+    with open(os.path.join(output, MERGE_FILE), "w") as f:
+        json.dump({"from": os.path.abspath(workdir or base),
+                   "adapter": os.path.abspath(adapter) if adapter else ""}, f, indent=2)
     log(f"wrote {output}: merged weights of {workdir or base}"
         + (f" + {adapter}" if adapter else ""))
     return output

@@ -10,10 +10,28 @@
         Also DIR/fp8-dequant/: the same weights dequantized by transformers' own
         `_dequantize_fp8_weight` (float32), its logits.npy on the reference tokens and
         generated.npy, transformers' greedy tokens for PROMPTS.
+    python fp8_reference.py quantize SRC OUT ROWS COLS SHARDS
+        Only the re-quantization of `make` (OUT from the saved model SRC), no references.
     python fp8_reference.py reload DIR...
-        An FP8 export DIR: dequantized by transformers' code into DIR-dequant/, loaded
-        with from_pretrained; logits on DIR/tokens.npy -> DIR/reloaded.npz. Whether
-        from_pretrained(DIR) itself loads on this CPU goes to DIR/fp8_load.txt.
+        An FP8 export DIR, logits on DIR/tokens.npy -> DIR/reloaded.npz: `logits` of it
+        dequantized by transformers' `_dequantize_fp8_weight` into DIR-dequant/ and
+        loaded with from_pretrained; `fp8_loader` of from_pretrained(DIR) itself, i.e.
+        transformers' fine-grained FP8 integration (it needs accelerate; without a GPU it
+        dequantizes every weight at load time, here into float32, and runs plain
+        Linear layers: there is no FP8 matmul on CPU). That loader takes the block size
+        from the scale grid (rows / scale rows), so it is exact only where every weight
+        is a whole number of blocks. DIR/fp8_load.txt says how the two compare.
+    python fp8_reference.py v4 DIR ROWS COLS SHARDS
+        DIR/deepseek_v4_fp4 (hf_reference's tiny V4, saved by save_pretrained), then
+        DIR/fp4 = it re-quantized as DeepSeek releases V4: routed experts FP4 (int8 [out,
+        in / 2], two e2m1 values per byte, low nibble first; one float8_e8m0fnu scale
+        per 32 inputs, the format of transformers' mxfp4 / `expert_dtype: fp4`), the
+        other 2-D projections FP8 with a float32 `weight_scale_inv` per ROWSxCOLS block,
+        embeddings / norms / head bf16, the rest as saved; SHARDS shards + index,
+        `quantization_config` with `expert_dtype: fp4`. DIR/fp4-dequant/: the weights
+        dequantized by transformers' own code (`Fp8Dequantize._dequantize_one` for FP4,
+        `_dequantize_fp8_weight` for FP8), its logits.npy on the reference tokens and
+        generated.npy, greedy tokens of PROMPTS (argmax, no cache: our V4 has none).
     python fp8_reference.py fp4 OUT.npz
         Random FP4-packed expert weights (V4's layout: int8 [E, out, in / 2], scales per
         32 inputs as uint8 exponents and as float32) and transformers' own
@@ -36,6 +54,7 @@ from hf_reference import build, generate, logits_of, tokens  # noqa: E402
 
 PROMPTS = [[1, 17, 42, 99, 250, 7], [3, 3, 140, 5, 288, 61, 12, 30, 44]]
 NEW_TOKENS = 16
+V4_NEW_TOKENS = 6  # each is a full forward pass on both sides (no V4 KV cache in ours)
 
 KEEP = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_head.head")
 
@@ -110,7 +129,7 @@ def load_dequantized(src_dir, cfg, tensors, block, out_dir):
         out_dir, attn_implementation="eager", dtype=torch.float32).eval()
 
 
-def cmd_quantize(src, out, rows, cols, shards):
+def cmd_quantize(src, out, rows, cols, shards, references=True):
     block = [int(rows), int(cols)]
     gen = torch.Generator().manual_seed(1)
     cfg = json.load(open(os.path.join(src, "config.json")))
@@ -129,6 +148,8 @@ def cmd_quantize(src, out, rows, cols, shards):
         quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=block))
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+    if not references:
+        return
     model = load_dequantized(out, cfg, tensors, block, out + "-dequant")
     np.save(os.path.join(out + "-dequant", "logits.npy"), logits_of(model, tokens()))
     np.save(os.path.join(out + "-dequant", "prompts.npy"), np.array(PROMPTS, dtype=object),
@@ -152,16 +173,96 @@ def cmd_reload(dirs):
             tensors.update(load_file(os.path.join(d, shard)))
         ids = np.load(os.path.join(d, "tokens.npy"))
         model = load_dequantized(d, cfg, tensors, block, d + "-dequant")
-        np.savez(os.path.join(d, "reloaded.npz"), logits=logits_of(model, ids))
-        try:  # transformers' own FP8 loader (dequantizes to bf16 without a GPU)
-            fp8 = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
-            diff = np.abs(logits_of(fp8, ids) - logits_of(model, ids)).max()
+        out = {"logits": logits_of(model, ids)}
+        try:  # transformers' fine-grained FP8 integration (dequantizes at load on CPU)
+            fp8 = transformers.AutoModelForCausalLM.from_pretrained(
+                d, attn_implementation="eager", dtype=torch.float32).eval()
+            out["fp8_loader"] = logits_of(fp8, ids)
+            diff = np.abs(out["fp8_loader"] - out["logits"]).max()
             note = f"loaded; max-abs-diff to the float32 dequantized model {diff:.3e}"
         except Exception as e:  # noqa: BLE001 - reported, not hidden
             note = f"from_pretrained failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+        np.savez(os.path.join(d, "reloaded.npz"), **out)
         with open(os.path.join(d, "fp8_load.txt"), "w") as f:
             f.write(note + "\n")
         shutil.rmtree(d + "-dequant")
+
+
+FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def quantize_fp4(w):
+    """(int8 [out, in / 2] packed e2m1 codes, float8_e8m0fnu [out, in / 32] scales): the
+    power-of-two scale puts each group's max |w| at or below 6, the largest e2m1."""
+    out, n = w.shape
+    groups = w.float().reshape(out, n // 32, 32)
+    amax = groups.abs().amax(-1, keepdim=True).clamp_min(2.0 ** -100)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 6.0)))
+    x = groups / scale
+    code = (x.abs()[..., None] - FP4_GRID).abs().argmin(-1) + 8 * (x < 0)
+    code = code.reshape(out, n).to(torch.uint8)
+    packed = (code[:, 0::2] | (code[:, 1::2] << 4)).view(torch.int8)
+    return packed, scale.reshape(out, n // 32).to(torch.float8_e8m0fnu)
+
+
+def dequantized_v4(tensors, block):
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    fp4 = Fp8Dequantize(None)
+    out = {}
+    for k, t in tensors.items():
+        if k.endswith("_scale_inv"):
+            continue
+        s = tensors.get(k + "_scale_inv")
+        if s is None:
+            out[k] = t.float() if t.is_floating_point() else t
+        elif t.dtype == torch.int8:
+            out[k] = fp4._dequantize_one(t, s, torch.float32)
+        else:
+            out[k] = _dequantize_fp8_weight(t, s, block, torch.float32)
+    return out
+
+
+def cmd_v4(out_dir, rows, cols, shards):
+    from hf_reference import build as build_models
+    block = [int(rows), int(cols)]
+    build_models(out_dir, ["deepseek_v4_fp4"])
+    src, out = os.path.join(out_dir, "deepseek_v4_fp4"), os.path.join(out_dir, "fp4")
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    tensors = {}
+    for k, t in load_file(os.path.join(src, "model.safetensors")).items():
+        if ".ffn.experts." in k:
+            tensors[k], tensors[k + "_scale_inv"] = quantize_fp4(t)
+        elif t.ndim == 2 and k.endswith(".weight") and not any(
+                n in k for n in ("embed_tokens", "head", "norm", "gate.weight")):
+            tensors[k], tensors[k + "_scale_inv"] = quantize(t.float(), block)
+        elif k.endswith(("embed_tokens.weight", "head.weight", "norm.weight")):
+            tensors[k] = t.to(torch.bfloat16)
+        else:
+            tensors[k] = t
+    os.makedirs(out, exist_ok=True)
+    write_shards(out, tensors, int(shards))
+    cfg["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                      weight_block_size=block, expert_dtype="fp4")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    dq = out + "-dequant"
+    os.makedirs(dq, exist_ok=True)
+    with open(os.path.join(dq, "config.json"), "w") as f:
+        json.dump({k: v for k, v in cfg.items() if k != "quantization_config"}, f)
+    save_file(dequantized_v4(tensors, block), os.path.join(dq, "model.safetensors"),
+              metadata={"format": "pt"})
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        dq, attn_implementation="eager", dtype=torch.float32).eval()
+    np.save(os.path.join(dq, "logits.npy"), logits_of(model, tokens()))
+    rows_out = []
+    for prompt in PROMPTS:
+        ids = list(prompt)
+        for _ in range(V4_NEW_TOKENS):
+            ids.append(int(logits_of(model, np.array([ids]))[0, -1].argmax()))
+        rows_out.append(ids[len(prompt):])
+    np.save(os.path.join(dq, "generated.npy"), np.array(rows_out))
+    np.save(os.path.join(dq, "prompts.npy"), np.array(PROMPTS, dtype=object),
+            allow_pickle=True)
 
 
 def cmd_fp4(path):
@@ -182,6 +283,10 @@ if __name__ == "__main__":
     transformers.logging.set_verbosity_error()
     if sys.argv[1] == "make":
         cmd_make(*sys.argv[2:6])
+    elif sys.argv[1] == "quantize":
+        cmd_quantize(*sys.argv[2:7], references=False)
+    elif sys.argv[1] == "v4":
+        cmd_v4(*sys.argv[2:6])
     elif sys.argv[1] == "fp4":
         cmd_fp4(sys.argv[2])
     else:

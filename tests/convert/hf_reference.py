@@ -28,6 +28,20 @@ DENSE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
              initializer_range=0.1)
 
+# DeepSeek-V4: every attention type (window 6 < T; CSA entries of 4 with the indexer
+# keeping 2; HCA entries of 8, so T = 20 leaves a partial tail), hash-routed then top-k
+# MoE with swiglu_limit clipping, 3 hyper-connection streams.
+V4 = dict(vocab_size=VOCAB, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4,
+          num_attention_heads=4, head_dim=16, partial_rotary_factor=0.5, q_lora_rank=24,
+          num_experts_per_tok=2, n_routed_experts=4, routed_scaling_factor=1.5,
+          max_position_embeddings=64, layer_types=[
+              "sliding_attention", "compressed_sparse_attention",
+              "heavily_compressed_attention", "compressed_sparse_attention"],
+          compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+          hc_mult=3, mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], swiglu_limit=0.5,
+          sliding_window=6, o_groups=2, o_lora_rank=8, index_n_heads=8, index_head_dim=12,
+          index_topk=2, initializer_range=0.1, num_nextn_predict_layers=0)
+
 CONFIGS = {
     # V3: sigmoid router with a non-zero correction bias, group-limited routing, q_lora.
     "deepseek_v3": ("DeepseekV3", dict(
@@ -62,20 +76,10 @@ CONFIGS = {
         MLA, num_hidden_layers=2, q_lora_rank=24, n_routed_experts=4, n_shared_experts=1,
         num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
         index_topk=32, index_head_dim=12, index_n_heads=2)),
-    # DeepSeek-V4: every attention type (window 6 < T; CSA entries of 4 with the
-    # indexer keeping 2; HCA entries of 8, so T = 20 leaves a partial tail), hash-routed
-    # then top-k MoE with swiglu_limit clipping, 3 hyper-connection streams.
-    "deepseek_v4": ("DeepseekV4", dict(
-        vocab_size=VOCAB, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4,
-        num_attention_heads=4, head_dim=16, partial_rotary_factor=0.5, q_lora_rank=24,
-        num_experts_per_tok=2, n_routed_experts=4, routed_scaling_factor=1.5,
-        max_position_embeddings=64, layer_types=[
-            "sliding_attention", "compressed_sparse_attention",
-            "heavily_compressed_attention", "compressed_sparse_attention"],
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
-        hc_mult=3, mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], swiglu_limit=0.5,
-        sliding_window=6, o_groups=2, o_lora_rank=8, index_n_heads=8, index_head_dim=12,
-        index_topk=2, initializer_range=0.1, num_nextn_predict_layers=0)),
+    "deepseek_v4": ("DeepseekV4", dict(V4)),
+    # deepseek_v4 with experts 32 wide: FP4's groups of 32 inputs fit every expert weight
+    # (fp8_reference.py v4 re-quantizes it as DeepSeek releases V4).
+    "deepseek_v4_fp4": ("DeepseekV4", dict(V4, moe_intermediate_size=32)),
     # V4 with the sigmoid router, legacy keys (compress_ratios, num_hash_layers) and
     # HF's default schedule shapes.
     "deepseek_v4_sigmoid": ("DeepseekV4", dict(
