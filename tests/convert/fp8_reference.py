@@ -31,7 +31,7 @@
         `quantization_config` with `expert_dtype: fp4`. DIR/fp4-dequant/: the weights
         dequantized by transformers' own code (`Fp8Dequantize._dequantize_one` for FP4,
         `_dequantize_fp8_weight` for FP8), its logits.npy on the reference tokens and
-        generated.npy, greedy tokens of PROMPTS (argmax, no cache: our V4 has none).
+        generated.npy, greedy tokens of PROMPTS (argmax of full forward passes).
     python fp8_reference.py fp4 OUT.npz
         Random FP4-packed expert weights (V4's layout: int8 [E, out, in / 2], scales per
         32 inputs as uint8 exponents and as float32) and transformers' own
@@ -54,7 +54,7 @@ from hf_reference import build, generate, logits_of, tokens  # noqa: E402
 
 PROMPTS = [[1, 17, 42, 99, 250, 7], [3, 3, 140, 5, 288, 61, 12, 30, 44]]
 NEW_TOKENS = 16
-V4_NEW_TOKENS = 6  # each is a full forward pass on both sides (no V4 KV cache in ours)
+V4_NEW_TOKENS = 6  # transformers side: a full forward pass each
 
 KEEP = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "shared_head.head")
 
