@@ -57,15 +57,25 @@ def test_hf_export_reloads_in_transformers(v4, tmp_path):
     check_hf_exports_reload(*v4, NAMES, "DeepseekV4ForCausalLM", tmp_path)
 
 
+@pytest.fixture(scope="module")
+def hf_generated(v4):
+    """name -> transformers' greedy tokens for PROMPTS (one subprocess for both)."""
+    (hf_dir, _), _ = v4
+    for name in NAMES:
+        np.save(hf_dir / name / "prompts.npy", np.array(PROMPTS, dtype=object),
+                allow_pickle=True)
+    _torch("generate", str(NEW), *(str(hf_dir / name) for name in NAMES))
+    return {name: np.load(hf_dir / name / "generated.npy").tolist() for name in NAMES}
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_greedy_tokens_equal_transformers_generate(v4, name, tmp_path):
+def test_greedy_tokens_equal_transformers_generate(v4, hf_generated, name, tmp_path):
     """32 new tokens past the window and several compressed entries of every rate (the
     cache pools entries from cached projections), one prompt at a time and the two as
-    one left-padded batch (ours equals each prompt alone); the SavedModel too."""
-    (hf_dir, _), converted = v4
-    np.save(hf_dir / name / "prompts.npy", np.array(PROMPTS, dtype=object), allow_pickle=True)
-    _torch("generate", str(NEW), str(hf_dir / name))
-    expected = np.load(hf_dir / name / "generated.npy").tolist()
+    one left-padded batch (ours equals each prompt alone); the first model's SavedModel
+    too."""
+    _, converted = v4
+    expected = hf_generated[name]
     gen = Generator(converted[name][1], max_length=48)
     for prompt, expect in zip(PROMPTS, expected):
         ours, _ = gen.generate([prompt], [len(prompt)], max_new_tokens=NEW)
@@ -75,6 +85,8 @@ def test_greedy_tokens_equal_transformers_generate(v4, name, tmp_path):
         ids[i, :len(p)] = p
     batch, _ = gen.generate(ids, [len(p) for p in PROMPTS], max_new_tokens=NEW)
     assert batch.numpy().tolist() == expected
+    if name != NAMES[0]:
+        return
     wd, model = converted[name]
     sm = export(model, load_workdir(wd)[1], "saved_model", str(tmp_path / "sm"), log=quiet,
                 workdir=wd, max_length=48, max_new_tokens=NEW)
