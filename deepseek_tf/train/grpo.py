@@ -293,8 +293,9 @@ class GRPOObjective(Objective):
         return exp.train.global_batch(replicas) * exp.grpo.group_size * exp.data.seq_len
 
     # ------------------------------------------------------------- evaluation
-    def evaluate(self, state, eval_step):
-        """Greedy completions of every held-out prompt, scored by the rewards."""
+    def heldout_rewards(self, state) -> tuple[np.ndarray, dict]:
+        """(total (N,), {part: (N,)}) rewards of greedy completions of the held-out
+        prompts by the current policy."""
         self._tf_fns(state.model, state.exp.train.xla)
         totals, parts, batch = [], {}, self.buffer.ids.shape[1]
         for lo in range(0, len(self.val_set), batch):
@@ -304,7 +305,11 @@ class GRPOObjective(Objective):
             totals.append(total)
             for k, v in part.items():
                 parts.setdefault(k, []).append(v)
-        total = np.concatenate(totals)
+        return np.concatenate(totals), {k: np.concatenate(v) for k, v in parts.items()}
+
+    def evaluate(self, state, eval_step):
+        """Greedy completions of every held-out prompt, scored by the rewards."""
+        total, parts = self.heldout_rewards(state)
         reward = float(np.mean(total))
         return {"loss": -reward, "reward": reward,
-                **{f"rewards/{k}": float(np.mean(np.concatenate(v))) for k, v in parts.items()}}
+                **{f"rewards/{k}": float(np.mean(v)) for k, v in parts.items()}}
