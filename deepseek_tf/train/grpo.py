@@ -36,14 +36,18 @@ prompt: eval "loss" = -mean reward (best checkpoint, early stopping), plus each 
 part.
 
 Reproducibility: rollout seeds are a function of (--train.seed, rollout number, row),
-the prompt order a checkpointed tf.data iterator, and the buffer is in the checkpoint:
-a resumed run samples exactly what the uninterrupted one did. One replica only.
+the prompt order a checkpointed tf.data iterator, and the buffer (with its rollout's
+log figures) is in the checkpoint: a resumed run samples exactly what the uninterrupted
+one did. A NaN rollback (train/recovery.py) restores the buffer's batch with the
+weights (`rollback_objects`) but not the prompt order: the steps after the restored one
+train on the batch they had, the prompts of the skipped steps stay skipped. One replica
+only.
 
 Logged per step: loss, kl (mean k3 per token), clip_fraction (tokens whose ratio was
 clipped), and of the latest rollout: reward (mean), reward_std, zero_variance_groups
 (share of groups whose rewards are all equal), rewards/<part> means, rollout_seconds
-(sampling, rewards and scoring; the step's own time is not in it) and
-sample_tokens_per_sec (generated tokens per second of sampling).
+(sampling, rewards and scoring; the step's own time is not in it), sample_seconds
+(sampling alone), sample_tokens (generated) and sample_tokens_per_sec (their ratio).
 
 Example:
     >>> exp = Experiment(..., train=TrainConfig(stage="grpo", init_from="runs/sft"))
@@ -52,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -97,9 +102,13 @@ def rollout_seeds(seed: int, rollout: int, rows: int) -> np.ndarray:
     return (state % (2**31 - 1)).astype(np.int32)
 
 
+BATCH = ("ids", "mask", "old", "ref", "adv")
+
+
 class RolloutBuffer(tf.Module):
-    """The sampled batch the train step reads (`next` gives its tensors), and the
-    prompt order; both checkpointed with the run (the Runner's data iterator)."""
+    """The sampled batch the train step reads (`next` gives its tensors), the log
+    figures of its rollout (`stats`, JSON) and the prompt order; all checkpointed with
+    the run (the Runner's data iterator)."""
 
     def __init__(self, prompt_iter, accum: int, rows: int, width: int):
         super().__init__(name="rollout")
@@ -110,12 +119,22 @@ class RolloutBuffer(tf.Module):
         self.old = tf.Variable(tf.zeros(shape), trainable=False)
         self.ref = tf.Variable(tf.zeros(shape), trainable=False)
         self.adv = tf.Variable(tf.zeros(shape[:2]), trainable=False)
+        self.stats = tf.Variable("{}", trainable=False)
+
+    def batch_only(self) -> tf.Module:
+        """The buffer without its prompt order (same checkpoint keys): what a NaN
+        rollback restores, so the steps after it train on the batch the restored policy
+        had while the prompts of the skipped steps stay skipped."""
+        view = tf.Module(name="rollout_batch")
+        for k in BATCH + ("stats",):
+            setattr(view, k, getattr(self, k))
+        return view
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return {k: getattr(self, k).read_value() for k in ("ids", "mask", "old", "ref", "adv")}
+        return {k: getattr(self, k).read_value() for k in BATCH}
 
 
 class GRPOObjective(Objective):
@@ -163,8 +182,11 @@ class GRPOObjective(Objective):
                  .batch(self.prompts_per_step))
         self.buffer = RolloutBuffer(iter(order), tcfg.grad_accum_steps,
                                     tcfg.batch_size * exp.grpo.group_size, exp.data.seq_len)
-        self.seq_len, self.seed, self.rollout_log = exp.data.seq_len, tcfg.seed, {}
+        self.seq_len, self.seed = exp.data.seq_len, tcfg.seed
         return self.buffer, None
+
+    def rollback_objects(self):
+        return {"data": self.buffer.batch_only()}
 
     def build(self, model, exp, log):
         freeze_mtp(model)
@@ -239,9 +261,10 @@ class GRPOObjective(Objective):
             var = getattr(self.buffer, key)
             var.assign(tf.reshape(value, var.shape))
         generated = sum(r["num_tokens"] for r in results)
-        self.rollout_log = {**reward_stats(total, parts, g),
-                            "rollout_seconds": time.perf_counter() - t0,
-                            "sample_tokens_per_sec": generated / max(t_sample, 1e-9)}
+        self.buffer.stats.assign(json.dumps({
+            **reward_stats(total, parts, g), "rollout_seconds": time.perf_counter() - t0,
+            "sample_seconds": t_sample, "sample_tokens": generated,
+            "sample_tokens_per_sec": generated / max(t_sample, 1e-9)}))
 
     # ------------------------------------------------------------- the step
     def weight(self, batch):
@@ -260,14 +283,19 @@ class GRPOObjective(Objective):
         return {k: stats[k] / denom for k in STATS}
 
     def log_metrics(self, model, out):
-        return {**{k: float(out[k]) for k in STATS}, **self.rollout_log}
+        return {**{k: float(out[k]) for k in STATS}, **self.rollout_stats()}
+
+    def rollout_stats(self) -> dict:
+        """The log figures of the buffer's rollout (restored with it on resume)."""
+        return json.loads(self.buffer.stats.numpy().decode())
 
     def tokens_per_step(self, exp, replicas):
         return exp.train.global_batch(replicas) * exp.grpo.group_size * exp.data.seq_len
 
     # ------------------------------------------------------------- evaluation
-    def evaluate(self, state, eval_step):
-        """Greedy completions of every held-out prompt, scored by the rewards."""
+    def heldout_rewards(self, state) -> tuple[np.ndarray, dict]:
+        """(total (N,), {part: (N,)}) rewards of greedy completions of the held-out
+        prompts by the current policy."""
         self._tf_fns(state.model, state.exp.train.xla)
         totals, parts, batch = [], {}, self.buffer.ids.shape[1]
         for lo in range(0, len(self.val_set), batch):
@@ -277,7 +305,11 @@ class GRPOObjective(Objective):
             totals.append(total)
             for k, v in part.items():
                 parts.setdefault(k, []).append(v)
-        total = np.concatenate(totals)
+        return np.concatenate(totals), {k: np.concatenate(v) for k, v in parts.items()}
+
+    def evaluate(self, state, eval_step):
+        """Greedy completions of every held-out prompt, scored by the rewards."""
+        total, parts = self.heldout_rewards(state)
         reward = float(np.mean(total))
         return {"loss": -reward, "reward": reward,
-                **{f"rewards/{k}": float(np.mean(np.concatenate(v))) for k, v in parts.items()}}
+                **{f"rewards/{k}": float(np.mean(v)) for k, v in parts.items()}}

@@ -25,7 +25,8 @@ plugs in an `Objective`, which owns
     step number `step` (0-based); an objective whose batches are sampled from the
     current policy fills the batch the step will read there (GRPO: its `datasets`
     iterator is a checkpointed buffer of variables it refills every `inner_steps`).
-    No-op by default.
+    No-op by default. `rollback_objects`: what a NaN rollback restores besides model,
+    optimizer, step and RNG (GRPO: the buffer's batch, not its prompt position).
 
 Stages: pretrain and sft (`TokenObjective`: next-token cross-entropy on the loss mask,
 plus the MoE / MTP aux terms; "auto" picks sft for chat-format data, else pretrain),
@@ -94,6 +95,11 @@ class Objective:
 
     def before_step(self, state, step: int) -> None:
         """Host work before step `step` (0-based), e.g. sampling on-policy batches."""
+
+    def rollback_objects(self) -> dict:
+        """Trackables a NaN rollback (train/recovery.py) restores from the checkpoint
+        with the model, beyond the data position it keeps (e.g. GRPO's sampled batch)."""
+        return {}
 
     def eval_batches(self, exp: Experiment) -> int:
         """Batches (per replica) of one evaluation."""

@@ -2,7 +2,8 @@
 
 As in TF Model Garden: a step whose loss or gradients are non-finite (or whose loss
 exceeds `--train.loss_upper_bound`) rolls the model, optimizer, step and RNG back to
-the last checkpoint this run saved, keeps the data iterator where it is (so the
+the last checkpoint this run saved (with what the objective adds, e.g. GRPO's sampled
+batch: `Objective.rollback_objects`), keeps the data iterator where it is (so the
 batches since that checkpoint, the offending one included, are skipped), logs it and
 goes on; after `--train.recovery_max_trials` such rollbacks the run stops with one
 error. mixed_float16 keeps skipping overflowing steps through its loss scale; only a
@@ -93,7 +94,8 @@ class Recovery:
         s = self.state  # everything but the data iterator, which stays past the bad batches
         # Every worker reads the chief's checkpoint: the same weights everywhere.
         restore_checkpoint(tf.train.Checkpoint(model=s.model, optimizer=s.optimizer,
-                                               step=s.step, rng=s.rng),
+                                               step=s.step, rng=s.rng,
+                                               **s.objective.rollback_objects()),
                            checkpoints.path(good), what=f"{reason}; rolling back: ",
                            partial=True)
         if self.logger.enabled:

@@ -36,6 +36,11 @@ RESULTS = {
                 r"^student alone +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
                 r"^distillation: eval CE [\d.]+ vs [\d.]+ alone \([-+][\d.]+ nats/byte\) at 2 "
                 r"steps; time [\d.]+x$"],
+    "grpo": [r"^ +3 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +\d+ +[\d,]+$",
+             r"^update \(s\) +[\d.]+ +[\d.]+ +[\d.]+$",
+             r"^sampling \(s\) +[\d.]+ +[\d.]+ +[\d.]+$",
+             r"^tokens/s +[\d,]+ +[\d,]+ +[\d,]+$",
+             r"^rollout share of step time: \d+%; median generator [\d,]+ tokens/s$"],
     "decode": [r"^hf pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
                r"^saved_model_xla pos 8 ", r"^keras: transformers / ours decode time "
                r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],

@@ -143,6 +143,16 @@ def test_rewards_and_config_validation():
         Rewards(GRPOConfig(reward="no_such_module_x:f"))
 
 
+def test_more_than_one_replica_is_refused_in_one_line():
+    from types import SimpleNamespace
+    for replicas, pipelines in ((2, 1), (1, 2)):
+        ctx = SimpleNamespace(num_replicas_in_sync=replicas, num_input_pipelines=pipelines)
+        with pytest.raises(UserError, match="runs on one replica: use --train.strategy="
+                           "default") as e:
+            GRPOObjective().datasets(None, None, ctx)
+        assert "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------ through the Runner
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
