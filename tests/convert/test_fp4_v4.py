@@ -22,7 +22,7 @@ from deepseek_tf.convert.safetensors_io import INDEX_FILE, SafetensorsDir, Shard
     write_safetensors
 from deepseek_tf.export import load_workdir
 from deepseek_tf.generate import Generator
-from tests.convert.test_fp8 import torch_fp8
+from tests.convert.test_fp8 import quantized_release
 from tests.convert.test_hf_parity import quiet
 from tests.helpers import tiny
 
@@ -38,11 +38,7 @@ REL_RMS_BOUND = 0.5
 @pytest.fixture(scope="module")
 def fp4(tmp_path_factory):
     """(dir with fp4/, fp4-dequant/, reference.npz; our model converted from fp4/)."""
-    out = tmp_path_factory.mktemp("fp4")
-    torch_fp8("v4", str(out), "16", "16", "3")
-    wd = str(out / "wd")
-    convert_hf(str(out / "fp4"), wd, Experiment(data=tiny.data_config()), log=quiet,
-               part_bytes=20_000)
+    out, wd = quantized_release(tmp_path_factory, "fp4", (16, 16), 20_000)
     return out, wd, load_workdir(wd)[0]
 
 

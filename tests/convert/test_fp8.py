@@ -47,15 +47,22 @@ def torch_fp8(*args):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def quantized_release(tmp_path_factory, kind: str, block: tuple, part_bytes: int):
+    """(dir with <kind>/, <kind>-dequant/, reference.npz, workdir converted from <kind>/):
+    fp8_reference.py's tiny release (`fp8`: V3 FP8; `fp4`: V4 with FP4 experts) in 3
+    shards with `block` (rows, cols) FP8 blocks."""
+    out = tmp_path_factory.mktemp(kind)
+    torch_fp8({"fp8": "make", "fp4": "v4"}[kind], str(out), *map(str, block), "3")
+    wd = str(out / "wd")
+    convert_hf(str(out / kind), wd, Experiment(data=tiny.data_config()), log=quiet,
+               part_bytes=part_bytes)
+    return out, wd
+
+
 @pytest.fixture(scope="module")
 def fp8(tmp_path_factory):
     """(dir with fp8/, fp8-dequant/, reference.npz; workdir converted from fp8/)."""
-    out = tmp_path_factory.mktemp("fp8")
-    torch_fp8("make", str(out), "16", "32", "3")
-    wd = str(out / "wd")
-    convert_hf(str(out / "fp8"), wd, Experiment(data=tiny.data_config()), log=quiet,
-               part_bytes=int(PART_MB * 2**20))
-    return out, wd
+    return quantized_release(tmp_path_factory, "fp8", (16, 32), int(PART_MB * 2**20))
 
 
 def test_fp8_shards_convert_to_what_transformers_computes(fp8):

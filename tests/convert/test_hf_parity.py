@@ -66,6 +66,21 @@ def convert_references(hf_dir, names, tmp_path_factory) -> dict:
     return out
 
 
+def check_greedy(gen, prompts, expected, new: int) -> np.ndarray:
+    """Our `Generator` gives transformers' greedy tokens `expected` for `prompts`, one
+    prompt at a time and all as one left-padded batch. Returns the batch's right-padded
+    input ids (B, T), for checking other runtimes on it."""
+    for prompt, expect in zip(prompts, expected):
+        ours, _ = gen.generate([prompt], [len(prompt)], max_new_tokens=new)
+        assert ours.numpy()[0].tolist() == expect
+    ids = np.zeros((len(prompts), max(len(p) for p in prompts)), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = p
+    batch, _ = gen.generate(ids, [len(p) for p in prompts], max_new_tokens=new)
+    assert batch.numpy().tolist() == expected
+    return ids
+
+
 def left_padded_diff(model, tokens, expected, pad: int = 5) -> float:
     """Max |our logits - `expected`| over the real tokens of `tokens` with row 0
     left-padded by `pad` (hf_reference.padded_batch: token 0, positions from 0)."""

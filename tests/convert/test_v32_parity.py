@@ -18,7 +18,7 @@ from deepseek_tf.export import export, load_workdir
 from deepseek_tf.generate import Generator
 from deepseek_tf.layers import attention_mask
 from deepseek_tf.layers.indexer import select
-from tests.convert.test_hf_parity import (TOL, _torch, build_reference,
+from tests.convert.test_hf_parity import (TOL, _torch, build_reference, check_greedy,
                                           check_hf_exports_reload, convert_references,
                                           left_padded_diff, quiet)
 
@@ -92,16 +92,8 @@ def hf_tokens(reference):
 def test_greedy_tokens_equal_transformers_generate(converted, hf_tokens, absorb, xla):
     """32 new tokens per prompt (positions beyond index_topk: sparse), one prompt at a
     time and the two as one left-padded batch."""
-    model = converted[NAMES[0]][1]
-    gen = Generator(model, max_length=48, absorb=absorb, jit_compile=xla)
-    for prompt, expect in zip(PROMPTS, hf_tokens):
-        ours, _ = gen.generate([prompt], [len(prompt)], max_new_tokens=NEW)
-        assert ours.numpy()[0].tolist() == expect
-    ids = np.zeros((2, len(PROMPTS[0])), np.int32)
-    for i, p in enumerate(PROMPTS):
-        ids[i, :len(p)] = p
-    batch, _ = gen.generate(ids, [len(p) for p in PROMPTS], max_new_tokens=NEW)
-    assert batch.numpy().tolist() == hf_tokens
+    gen = Generator(converted[NAMES[0]][1], max_length=48, absorb=absorb, jit_compile=xla)
+    check_greedy(gen, PROMPTS, hf_tokens, NEW)
 
 
 def test_savedmodel_and_tflite_generate_transformers_tokens(converted, hf_tokens, tmp_path):

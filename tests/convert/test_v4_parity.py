@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from deepseek_tf.export import export, load_workdir
 from deepseek_tf.generate import Generator
-from tests.convert.test_hf_parity import (TOL, _torch, build_reference,
+from tests.convert.test_hf_parity import (TOL, _torch, build_reference, check_greedy,
                                           check_hf_exports_reload, convert_references,
                                           left_padded_diff, quiet)
 
@@ -76,15 +76,7 @@ def test_greedy_tokens_equal_transformers_generate(v4, hf_generated, name, tmp_p
     too."""
     _, converted = v4
     expected = hf_generated[name]
-    gen = Generator(converted[name][1], max_length=48)
-    for prompt, expect in zip(PROMPTS, expected):
-        ours, _ = gen.generate([prompt], [len(prompt)], max_new_tokens=NEW)
-        assert ours.numpy()[0].tolist() == expect
-    ids = np.zeros((2, len(PROMPTS[0])), np.int32)
-    for i, p in enumerate(PROMPTS):
-        ids[i, :len(p)] = p
-    batch, _ = gen.generate(ids, [len(p) for p in PROMPTS], max_new_tokens=NEW)
-    assert batch.numpy().tolist() == expected
+    ids = check_greedy(Generator(converted[name][1], max_length=48), PROMPTS, expected, NEW)
     if name != NAMES[0]:
         return
     wd, model = converted[name]
