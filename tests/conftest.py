@@ -37,11 +37,12 @@ HEAVY_FIRST = (
     "export/test_saved_model.py", "train/test_multiworker.py", "bench/test_smoke_sides.py",
     "convert/test_v32_parity.py", "train/test_dpo.py", "export/test_tflite.py",
     "generate/test_cli.py", "convert/test_hf_parity.py", "train/test_grpo.py",
-    "generate/test_decode.py", "bench/test_smoke.py", "convert/test_fp8.py",
+    "train/test_grpo_runs.py", "generate/test_decode.py", "bench/test_smoke.py",
+    "convert/test_fp8.py", "train/test_v4_training.py", "convert/test_v4_parity.py",
     "convert/test_fp4_v4.py", "train/test_moe_training.py", "train/test_finetune.py",
     "export/test_litertlm.py",
     "train/test_loop.py", "test_chat_flows.py", "export/test_chat.py", "train/test_cli.py",
-    "test_entry_points.py", "train/test_precision.py", "train/test_v4_training.py")
+    "test_entry_points.py", "train/test_precision.py")
 
 
 def pytest_collection_modifyitems(config, items):
