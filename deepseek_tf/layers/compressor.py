@@ -114,13 +114,14 @@ class KVCompressor(keras.layers.Layer):
             positions = tf.broadcast_to(tf.range(tf.shape(x)[1])[None], tf.shape(x)[:2])
         return self.pool(self.project(x), positions)
 
-    def pool(self, projections, positions):
+    def pool(self, projections, positions, ends=None):
         """Entries (B, W, head_dim) from `project`'s (B, S, 2 * width) at `positions`
-        (B, S); W = S // m."""
+        (B, S); W = S // m. `ends`: `window_ends(positions, W, m)[0]` if the caller
+        has it already."""
         m, d = self.compress_rate, self.head_dim
         s = projections.shape[1] if projections.shape[1] is not None else tf.shape(projections)[1]
-        w = s // m
-        ends, _ = window_ends(positions, w, m)                              # (B, W)
+        if ends is None:
+            ends, _ = window_ends(positions, s // m, m)                     # (B, W)
         window = ends[:, :, None] - (m - 1) + tf.range(m)                   # (B, W, m) tokens
         first = tf.gather(positions, ends, batch_dims=1) - (m - 1)          # (B, W) w * m
         kv_all, gate_all = tf.split(projections, 2, axis=-1)                # (B, S, width)

@@ -153,13 +153,15 @@ class V4Attention(keras.layers.Layer):
           projections: the compressor's and (CSA) the index compressor's `project`
             outputs (B, S, ...) of the key tokens, at per-document `key_positions` (B, S).
         """
-        keys = self.compressor.pool(projections[0], key_positions)
-        ends, valid = window_ends(key_positions, tf.shape(keys)[1], self.compress_rate)
+        s = key_positions.shape[1] if key_positions.shape[1] is not None else tf.shape(
+            key_positions)[1]
+        ends, valid = window_ends(key_positions, s // self.compress_rate, self.compress_rate)
+        keys = self.compressor.pool(projections[0], key_positions, ends)   # (B, W, D)
         mask = compressed_mask(key_mask, ends, valid)
         if self.indexer is None or keys.shape[1] == 0:
             return keys, mask, None
         x, q_latent = tf.stop_gradient(x), tf.stop_gradient(q_latent)  # trained by its KL
-        index_keys = self.index_compressor.pool(projections[1], key_positions)
+        index_keys = self.index_compressor.pool(projections[1], key_positions, ends)
         scores = self.indexer.scores(x, q_latent, index_keys, cos, sin, mask)
         if self.dsa_dense:
             return keys, mask, scores
