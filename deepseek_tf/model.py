@@ -16,7 +16,6 @@ import keras
 import tensorflow as tf
 
 from deepseek_tf.config import ModelConfig
-from deepseek_tf.errors import UserError
 from deepseek_tf.layers import DecoderBlock, RMSNorm, attention_mask
 from deepseek_tf.layers.hyper import HyperHead
 from deepseek_tf.layers.kv_cache import cache_masks, slot_positions
@@ -240,15 +239,6 @@ class DeepSeekCausalLM(keras.Model):
         if self.hc_head is not None:
             x = self.hc_head(x)
         return self.head(self.norm(x)), tuple(new_cache)
-
-    def check_edge_exportable(self) -> None:
-        """UserError if this model has no TFLite / LiteRT-LM export yet (DeepSeek-V4:
-        its cache is not one K/V pair per layer)."""
-        cfg = self.config
-        if cfg.attention_type == "v4" or cfg.hc_mult:
-            raise UserError("TFLite / LiteRT-LM export of DeepSeek-V4 models "
-                            "(attention_type=v4, hc_mult > 0) is not implemented yet; "
-                            "export --format=saved_model or --format=hf.")
 
     def _dropout_seed(self, training, dropout_seed):
         """The call's dropout seed, drawn outside any remat'd block when not given."""

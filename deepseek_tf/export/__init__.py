@@ -51,8 +51,6 @@ def export(model, exp: Experiment, fmt: str, output: str, log=print,
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}.")
     from deepseek_tf.lora import is_lora, merged_model
-    if fmt in ("tflite", "litertlm"):  # LiteRT-LM's layout: a K/V pair per layer
-        model.check_edge_exportable()
     if is_lora(model):  # every format gets plain weights: W + (alpha / r) A B
         log("merging the LoRA adapters into the base weights")
         model = merged_model(model)

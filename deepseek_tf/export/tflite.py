@@ -12,7 +12,10 @@ Every cache tensor is [1, heads, context, width] (the context on axis 2, where
 the runtime reads it): GQA keys / values [1, K, C, head_dim]; MLA the compressed
 latent [1, 1, C, kv_lora_rank] as `kv_cache_k_<i>` and the rotated RoPE key
 [1, 1, C, qk_rope_head_dim] as `kv_cache_v_<i>` (absorbed decode), so the edge
-cache is as small as the server's. The caller owns the cache tensors and feeds
+cache is as small as the server's; DeepSeek-V4 the window keys [1, 1, C, head_dim]
+as `k` and its compressors' per-token projections side by side as `v` (a
+sliding-window layer: a [1, 1, C, 1] placeholder), from which the compressed entries
+are pooled at every call. The caller owns the cache tensors and feeds
 each call's outputs to the next call.
 
 Positions: a call's tokens go to cache slots input_pos[0] + j. A runtime pads a
@@ -48,6 +51,35 @@ def cache_names(num_layers: int) -> list[str]:
     return [f"kv_cache_{kv}_{i}" for i in range(num_layers) for kv in ("k", "v")]
 
 
+def edge_pair_shapes(shapes) -> tuple:
+    """A layer's cache shapes as the contract's one K/V pair: GQA and MLA caches are
+    pairs already; DeepSeek-V4's window keys are `k`, its compressors' per-token
+    projections side by side on the last axis are `v` (a sliding-window layer, which
+    has none, gets a [1, 1, C, 1] placeholder)."""
+    if len(shapes) == 2:
+        return tuple(shapes)
+    rest = shapes[1:] or [shapes[0][:3] + (1,)]
+    return shapes[0], shapes[0][:3] + (sum(s[3] for s in rest),)
+
+
+def pack_edge_pair(cache) -> tuple:
+    """A layer's cache tensors as (k, v) (`edge_pair_shapes`)."""
+    if len(cache) == 2:
+        return tuple(cache)
+    if len(cache) == 1:
+        return cache[0], tf.zeros(tf.concat([tf.shape(cache[0])[:3], [1]], 0), cache[0].dtype)
+    return cache[0], tf.concat(cache[1:], axis=-1)
+
+
+def unpack_edge_pair(k, v, shapes) -> tuple:
+    """The inverse of `pack_edge_pair` for a layer whose `cache_shape` is `shapes`."""
+    if len(shapes) == 2:
+        return k, v
+    if len(shapes) == 1:
+        return (k,)
+    return (k, *tf.split(v, [s[3] for s in shapes[1:]], axis=-1))
+
+
 class EdgeModule(tf.Module):
     """The exported module: the model's variables and the signature functions.
 
@@ -67,17 +99,19 @@ class EdgeModule(tf.Module):
         self.context, self.absorb = int(context), absorb
         self.prefill_lengths = tuple(sorted({int(n) for n in prefill_lengths}))
         self.names = cache_names(len(model.blocks))
-        shapes = [s for block in model.blocks
-                  for s in block.self_attn.cache_shape(1, self.context)]
+        self.layer_shapes = [block.self_attn.cache_shape(1, self.context)
+                             for block in model.blocks]
+        shapes = [s for layer in self.layer_shapes for s in edge_pair_shapes(layer)]
         self.cache_specs = [tf.TensorSpec(s, tf.float32, name=n)
                             for s, n in zip(shapes, self.names)]
 
     def step(self, tokens, input_pos, caches):
         """(logits (1, T, V), {name: updated cache}) for one call of the contract."""
-        pairs = tuple(zip(caches[0::2], caches[1::2]))
-        logits, new = self.model.call_cached(tokens, pairs, input_pos[0], absorb=self.absorb,
+        layers = tuple(unpack_edge_pair(k, v, shapes) for k, v, shapes in
+                       zip(caches[0::2], caches[1::2], self.layer_shapes))
+        logits, new = self.model.call_cached(tokens, layers, input_pos[0], absorb=self.absorb,
                                              static_moe=True)
-        flat = [t for pair in new for t in pair]
+        flat = [t for layer in new for t in pack_edge_pair(layer)]
         return logits, {n: tf.identity(t, name=n) for n, t in zip(self.names, flat)}
 
     def function(self, n: int, with_logits: bool):

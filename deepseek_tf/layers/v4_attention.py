@@ -166,8 +166,10 @@ class V4Attention(keras.layers.Layer):
         if self.dsa_dense:
             return keys, mask, scores
         picked = select(scores, self.index_topk)                            # (B, T, K)
-        chosen = tf.reduce_max(tf.one_hot(picked, tf.shape(keys)[1], dtype=tf.int8), 2)
-        return keys, tf.logical_and(mask, chosen > 0), scores
+        # (B, T, W): entry w is among the query's picks (an int8 one-hot max is not a
+        # TFLite builtin; equal + any is).
+        chosen = tf.reduce_any(tf.equal(picked[..., None], tf.range(tf.shape(keys)[1])), 2)
+        return keys, tf.logical_and(mask, chosen), scores
 
     def _project(self, x, positions):
         """(query latent (B, T, r), rotated queries (B, T, H, D), rotated keys (B, T, D),

@@ -5,7 +5,8 @@ type, hash-routed and top-k MoE, sqrtsoftplus and sigmoid routers, swiglu_limit
 active, legacy config keys in the second); we convert them and compare logits: on
 T = 20 (compressed entries and a partial tail), on a left-padded batch, and on
 T = 3 (below the window and every compress rate); greedy tokens of our KV-cache
-decoding against transformers' `generate` (its own cache); then we export to HF and
+decoding (eager and XLA), the SavedModel and the builtin-only TFLite model against
+transformers' `generate` (its own cache); then we export to HF and
 transformers reloads the export with no missing or unexpected tensor.
 """
 
@@ -22,7 +23,8 @@ from tests.convert.test_hf_parity import (TOL, _torch, build_reference, check_gr
 NAMES = ("deepseek_v4", "deepseek_v4_sigmoid")
 PAD = 5  # hf_reference.PAD
 PROMPTS = [[1, 17, 42, 99, 250, 7, 64, 12, 5, 80, 33], [3, 3, 140, 5, 288, 61, 12]]
-NEW = 32
+NEW = 48  # longer than one HCA block (rate 8) many times over; 11 + 48 <= 64 positions
+CONTEXT = 64
 
 
 @pytest.fixture(scope="module")
@@ -68,23 +70,39 @@ def hf_generated(v4):
     return {name: np.load(hf_dir / name / "generated.npy").tolist() for name in NAMES}
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_greedy_tokens_equal_transformers_generate(v4, hf_generated, name, tmp_path):
-    """32 new tokens past the window and several compressed entries of every rate (the
+@pytest.mark.parametrize("name,xla", [(NAMES[0], False), (NAMES[1], False), (NAMES[0], True)])
+def test_greedy_tokens_equal_transformers_generate(v4, hf_generated, name, xla):
+    """48 new tokens past the window and many compressed entries of every rate (the
     cache pools entries from cached projections), one prompt at a time and the two as
-    one left-padded batch (ours equals each prompt alone); the first model's SavedModel
-    too."""
+    one left-padded batch (ours equals each prompt alone), eager and XLA."""
     _, converted = v4
-    expected = hf_generated[name]
-    ids = check_greedy(Generator(converted[name][1], max_length=48), PROMPTS, expected, NEW)
-    if name != NAMES[0]:
-        return
-    wd, model = converted[name]
-    sm = export(model, load_workdir(wd)[1], "saved_model", str(tmp_path / "sm"), log=quiet,
-                workdir=wd, max_length=48, max_new_tokens=NEW)
+    gen = Generator(converted[name][1], max_length=CONTEXT, jit_compile=xla)
+    check_greedy(gen, PROMPTS, hf_generated[name], NEW)
+
+
+def test_savedmodel_and_tflite_generate_transformers_tokens(v4, hf_generated, tmp_path):
+    from deepseek_tf.export.tflite import op_names
+    from deepseek_tf.generate.tflite_runner import TFLiteRunner
+    _, converted = v4
+    expected = hf_generated[NAMES[0]]
+    wd, model = converted[NAMES[0]]
+    _, exp = load_workdir(wd)
+    sm = export(model, exp, "saved_model", str(tmp_path / "sm"), log=quiet, workdir=wd,
+                max_length=CONTEXT, max_new_tokens=NEW)
     sig = tf.saved_model.load(sm).signatures["generate_ids"]
+    ids = np.zeros((2, max(map(len, PROMPTS))), np.int32)
+    for i, p in enumerate(PROMPTS):
+        ids[i, :len(p)] = p
     out = sig(input_ids=tf.constant(ids), lengths=tf.constant([len(p) for p in PROMPTS]),
               max_new_tokens=tf.constant([NEW] * 2), temperature=tf.constant([0.0] * 2),
               top_k=tf.constant([0] * 2), top_p=tf.constant([1.0] * 2),
               seed=tf.constant([0] * 2))
     assert out["output_ids"].numpy().tolist() == expected
+    lite = export(model, exp, "tflite", str(tmp_path / "m.tflite"), log=quiet, workdir=wd,
+                  max_length=CONTEXT, prefill_lengths=(4, 8))
+    with open(lite, "rb") as f:
+        ops = op_names(f.read())
+    assert "TOPK_V2" in ops and not any("Flex" in o for o in ops), ops
+    runner = TFLiteRunner(lite)
+    for prompt, expect in zip(PROMPTS, expected):
+        assert runner.generate(prompt, NEW) == expect

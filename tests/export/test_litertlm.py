@@ -1,7 +1,8 @@
 """`.litertlm` bundles run by Google's LiteRT-LM Engine (the `litert-lm-api` wheel,
 installed by the `edge` extra): the quickstart-sized model, a DeepSeek-V3-style
-model (MLA + MoE with a shared expert) and a DeepSeek-V3.2-style one (+ sparse
-attention) generate greedily exactly the tokens of our decode loop (`Generator`, whose
+model (MLA + MoE with a shared expert), a DeepSeek-V3.2-style one (+ sparse
+attention) and a DeepSeek-V4-style one (sliding, compressed sparse and heavily compressed
+attention, hyper-connections, hash-routed MoE) generate greedily exactly the tokens of our decode loop (`Generator`, whose
 tokens the SavedModel, TFLite and transformers tests compare with theirs)."""
 
 import pytest
@@ -24,7 +25,7 @@ PROMPT = "The quick brown fox"
 QUICKSTART = dict(vocab_size=320, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
 MODELS = {"quickstart": ("gqa", QUICKSTART), "deepseek_v3_style": ("mla_moe", {}),
-          "deepseek_v32_style": ("mla_dsa", {})}
+          "deepseek_v32_style": ("mla_dsa", {}), "deepseek_v4_style": ("v4", {})}
 quiet = lambda *_: None  # noqa: E731
 
 

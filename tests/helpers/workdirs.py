@@ -33,6 +33,8 @@ FAMILIES = {
                     num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
                     n_group=2, topk_group=1, rope_interleave=True, use_dsa=True,
                     index_topk=8, index_head_dim=8, index_n_heads=4),
+    # DeepSeek-V4: sliding, CSA and HCA layers, hyper-connections, hash-routed MoE.
+    "v4": tiny.V4,
 }
 
 

@@ -7,12 +7,9 @@ import os
 import sys
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from deepseek_tf import flags as dflags
-from deepseek_tf.errors import UserError
-from deepseek_tf.export import export
 from deepseek_tf.generate import Generator
 from deepseek_tf.model import DeepSeekCausalLM, token_losses
 from deepseek_tf.train.logger import read_log
@@ -46,15 +43,13 @@ def test_tiny_v4_trains_indexer_on_its_kl_and_keeps_hash_tables(stdlib_data, tmp
     np.testing.assert_array_equal(before[tables[0]], after[tables[0]])
     assert any(not np.array_equal(before[k], after[k]) for k in indexer)
     # The trained model generates from its KV cache (greedy = argmax of the uncached
-    # forward, token by token); the edge exports refuse in one line.
-    model, exp = load_workdir(workdir)
+    # forward, token by token).
+    model, _ = load_workdir(workdir)
     ids, _ = Generator(model, 32).generate([[5, 6, 7, 8, 9]], [5], max_new_tokens=12)
     seq = [5, 6, 7, 8, 9]
     for _ in range(12):
         seq.append(int(np.argmax(model(tf.constant([seq], tf.int32)).numpy()[0, -1])))
     assert ids.numpy()[0].tolist() == seq[5:]
-    with pytest.raises(UserError, match="not implemented yet"):
-        export(model, exp, "tflite", str(tmp_path / "m.tflite"), log=quiet)
     # The dense warm-up stage from that run: CSA layers read every complete entry,
     # only the indexers (with their compressors) train, and their KL falls.
     warm = str(tmp_path / "warm")
