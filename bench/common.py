@@ -254,6 +254,24 @@ def batches(batch: int, seq: int, vocab: int, seed: int = 0):
     return iter(tf.data.Dataset.from_tensors(random_batch(batch, seq, vocab, seed)).repeat())
 
 
+def flag_values(argv: list[str]):
+    """Parsed trainer flags (absl), in a FlagValues of their own."""
+    from absl import flags
+
+    from deepseek_tf.flags import define_flags
+    fv = flags.FlagValues()
+    define_flags(flag_values=fv)
+    fv(["bench", *argv])
+    return fv
+
+
+def preset_model(name: str, **overrides):
+    """The ModelConfig of configs/`name`.flags, with `overrides` replaced."""
+    from deepseek_tf.flags import experiment_from_flags
+    fv = flag_values([f"--flagfile={os.path.join(ROOT, 'configs', name + '.flags')}"])
+    return experiment_from_flags(fv).model.replace(**overrides)
+
+
 def _model(cfg, precision: str, remat: str = "none"):
     import tensorflow as tf
     from deepseek_tf.model import DeepSeekCausalLM

@@ -36,17 +36,6 @@ SMOKE_FLAGS = ["--grpo.group_size=2", "--grpo.max_new_tokens=4", "--train.batch_
                "--data.seq_len=64", "--data.val_size=2", "--train.jit_compile=false"]
 
 
-def flag_values(argv: list[str]):
-    """Parsed trainer flags (absl), in a FlagValues of their own."""
-    from absl import flags
-
-    from deepseek_tf.flags import define_flags
-    fv = flags.FlagValues()
-    define_flags(flag_values=fv)
-    fv(["bench", *argv])
-    return fv
-
-
 def random_source(path: str, smoke: bool) -> str:
     """A workdir of random weights: configs/tiny.flags' model (`--smoke`: one small layer)."""
     from deepseek_tf.data.tokenizer.byte import ByteTokenizer
@@ -54,7 +43,8 @@ def random_source(path: str, smoke: bool) -> str:
     from deepseek_tf.model import DeepSeekCausalLM
     from deepseek_tf.workdir import write_workdir
 
-    exp = experiment_from_flags(flag_values([f"--flagfile={common.ROOT}/configs/tiny.flags"]))
+    exp = experiment_from_flags(
+        common.flag_values([f"--flagfile={common.ROOT}/configs/tiny.flags"]))
     if smoke:
         exp = dataclasses.replace(exp, model=exp.model.replace(
             hidden_size=32, intermediate_size=64, num_hidden_layers=1))
@@ -94,7 +84,7 @@ def main(argv=None):
                 f"--data.inputs={data}", f"--train.steps={total}", "--train.eval_every=0",
                 f"--train.checkpoint_every={total}", f"--train.log_every={total}",
                 *(SMOKE_FLAGS if a.smoke else []), *filter(None, a.flags.split(","))]
-        fv = flag_values(argv)
+        fv = common.flag_values(argv)
         exp = resolve_experiment(fv, fv["workdir"].value)
         g, cfg = exp.grpo, exp.train
         print(f"policy: {src if a.init_from or src == default_src else 'random weights'} "

@@ -36,6 +36,9 @@ RESULTS = {
                 r"^student alone +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
                 r"^distillation: eval CE [\d.]+ vs [\d.]+ alone \([-+][\d.]+ nats/byte\) at 2 "
                 r"steps; time [\d.]+x$"],
+    "v4": [r"^train 2x32 +min", r"^v4 \(float32, XLA off\) +[\d,]+",
+           r"^train tokens/s V4 / V3: [\d.]+x$",
+           r"^decode ms/token at T=64: V4 [\d.]+, V3 [\d.]+, V4 / V3 [\d.]+x$"],
     "grpo": [r"^ +3 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +\d+ +[\d,]+$",
              r"^update \(s\) +[\d.]+ +[\d.]+ +[\d.]+$",
              r"^sampling \(s\) +[\d.]+ +[\d.]+ +[\d.]+$",
