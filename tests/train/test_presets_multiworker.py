@@ -6,7 +6,7 @@ trainer times the step's forward+backward with and without XLA *inside the strat
 (mirrored variables can only be read in a replica context) on every worker, and the
 chief's choice is broadcast. These tests keep each preset's flagfile and override only
 the run length and batch shape (2 steps of 2 x 64 tokens), so they run the path users
-run: the preset's model family (GQA; MLA + MoE + MTP; LoRA on a base), its auto
+run: the preset's model family (GQA; MLA + MoE + MTP; V3.2's DSA; V4; LoRA on a base), its auto
 settings, and the launcher.
 """
 
@@ -77,6 +77,9 @@ def test_tiny_preset_on_two_workers(tiny_run):
     ("deepseek-v3-tiny.flags", r"\| mtp .*moe max/mean load"),
     # V3.2: the same + DSA in its sparse stage (the indexer KL as its own loss).
     ("deepseek-v32-tiny.flags", r"\| mtp .*\| indexer kl \d"),
+    # V4: sliding / CSA (+ indexer KL) / HCA attention, hyper-connections, hash-routed
+    # then top-2 MoE.
+    ("deepseek-v4-tiny.flags", r"\| indexer kl \d"),
 ])
 def test_deepseek_tiny_presets_on_two_workers(stdlib_data, tmp_path, preset, needle):
     _, data_dir, _ = stdlib_data
