@@ -47,7 +47,12 @@ from deepseek_tf.layers.quantized import base_kernel
 
 #: Names of the projections that can take an adapter (`--lora.targets`).
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj",
-           "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj", "up_proj", "down_proj")
+           "kv_a_proj_with_mqa", "kv_b_proj", "kv_proj", "o_b_proj", "gate_proj", "up_proj",
+           "down_proj")
+#: Modules whose projections never take an adapter (V4's KV compressors and V3.2/V4's
+#: indexers: their `kv_proj` / `gate_proj` are not the attention's or the MLP's, and the
+#: indexer side sits behind a stop-gradient, trained on its own KL).
+_NO_ADAPTER = ("compressor/", "indexer/")
 ADAPTER_DIR = "adapter"
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -66,7 +71,8 @@ def target_layers(model, targets: tuple[str, ...]) -> list:
         raise ConfigError(f"--lora.targets: unknown name(s) {', '.join(sorted(unknown))}; "
                           f"use {', '.join(TARGETS)} or all.")
     found = [layer for layer in model._flatten_layers(include_self=False)
-             if isinstance(layer, keras.layers.Dense) and layer.name in names]
+             if isinstance(layer, keras.layers.Dense) and layer.name in names
+             and not any(m in layer.path for m in _NO_ADAPTER)]
     if not found:
         raise ConfigError(f"--lora.targets={','.join(targets)} matches no projection of this "
                           f"model (e.g. MLA has no k_proj; use all).")

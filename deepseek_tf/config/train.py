@@ -203,7 +203,8 @@ class LoraConfig(_Section):
     dropout: float = knob(0.0, "Dropout on the adapter's input during training.")
     targets: str = knob("all", "Comma-separated projection names to adapt (q_proj, k_proj, "
                         "v_proj, o_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, "
-                        "gate_proj, up_proj, down_proj; shared experts included), or all.")
+                        "V4's kv_proj and o_b_proj, gate_proj, up_proj, down_proj; shared "
+                        "experts included), or all.")
 
     def __post_init__(self):
         self._coerce_and_check_types()

@@ -92,3 +92,32 @@ def test_preset_has_every_layer_type_and_both_moe_kinds():
         "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"}
     assert set(cfg.resolved_mlp_layer_types) == {"hash_moe", "moe"}
     assert cfg.hc_mult == 4 and cfg.swiglu_limit > 0
+
+
+def test_lora_dpo_on_v4_trains_adapters_only_and_starts_at_zero_margin(tmp_path):
+    """DPO with LoRA on a tiny V4 (hyper-connections, hash and top-k MoE) through the
+    one Runner: policy == reference at the first step (rewards exactly 0), the margin
+    grows, and only adapters change (the base, hash tables included, stays bitwise)."""
+    from deepseek_tf.config import DPOConfig
+    from tests.helpers.corpora import write_jsonl
+    from tests.helpers.workdirs import make_workdir
+    src, base = make_workdir(str(tmp_path / "src"), "v4", seed=2)
+    rows = [{"instruction": f"Q{i}", "chosen": "yes", "rejected": "no"} for i in range(12)]
+    exp = tiny.fine_tuning(src, write_jsonl(tmp_path / "pairs.jsonl", rows),
+                           train={"steps": 4, "batch_size": 2, "checkpoint_every": 4,
+                                  "stage": "dpo", "finetuning_type": "lora",
+                                  "jit_compile": "false"})
+    exp = exp.replace(dpo=DPOConfig(beta=0.5)) if hasattr(exp, "replace") else \
+        __import__("dataclasses").replace(exp, dpo=DPOConfig(beta=0.5))
+    wd = str(tmp_path / "dpo")
+    train(exp, wd, log=quiet)
+    records = [r for r in read_log(wd) if r["kind"] == "train"]
+    assert records[0]["rewards/margin"] == 0.0 and records[0]["rewards/chosen"] == 0.0
+    assert records[-1]["rewards/margin"] > 0, [r["rewards/margin"] for r in records]
+    assert os.path.exists(os.path.join(wd, "adapter", "adapter.safetensors"))
+    before = _weights(base)
+    model = load_workdir(wd)[0]
+    raw = {v.path.split("/", 1)[1]: v.numpy() for v in model.variables}
+    for k, v in before.items():
+        np.testing.assert_array_equal(raw[k], v, err_msg=k)
+    assert any("lora" in k for k in raw)
