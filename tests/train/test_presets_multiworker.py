@@ -6,8 +6,8 @@ trainer times the step's forward+backward with and without XLA *inside the strat
 (mirrored variables can only be read in a replica context) on every worker, and the
 chief's choice is broadcast. These tests keep each preset's flagfile and override only
 the run length and batch shape (2 steps of 2 x 64 tokens), so they run the path users
-run: the preset's model family (GQA; MLA + MoE + MTP; V3.2's DSA; V4; LoRA on a base), its auto
-settings, and the launcher.
+run: the preset's model family (GQA; MLA + MoE + MTP; V3.2's DSA; V4; LoRA on a base; a
+distilled student), its auto settings, and the launcher.
 """
 
 import json
@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from tests.helpers import tiny
 from tests.helpers.launcher import ENV, ROOT, Launcher
@@ -124,3 +125,15 @@ def test_mirrored_strategy_with_auto_settings(stdlib_data, tmp_path):
     assert "jit_compile: auto" in train_cfg["auto_decisions"]
     assert "precision: auto" in train_cfg["auto_decisions"]
     assert any("MirroredStrategy, 2 replicas" in line for line in lines), lines
+
+
+def test_distill_tiny_preset_on_two_workers(tiny_run, tmp_path):
+    """configs/distill-tiny.flags as shipped, its teacher the 2-worker tiny run (as the
+    README's `make train` then distill): the teacher is built under the strategy on every
+    worker, and both workers end with the same student."""
+    teacher, _ = tiny_run
+    workdir = str(tmp_path / "run")
+    output = _launch("distill-tiny.flags", workdir, f"--distill.teacher={teacher}")
+    _check_resolved(workdir, output)
+    rows = [r for r in read_log(workdir) if r["kind"] == "train"]
+    assert len(rows) == 2 and all(r["kl_forward"] > 0 and r["lm_loss"] > 0 for r in rows), rows

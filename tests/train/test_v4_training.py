@@ -1,8 +1,9 @@
 """DeepSeek-V4 training: the tiny V4 (every attention type, hash and top-k MoE,
 hyper-connections) trains with the indexers of its CSA layers on their KL (V3.2's
 sparse stage), the hash tables frozen, and then through V3.2's dense warm-up stage;
-the shipped preset builds every layer type."""
+the shipped preset builds every layer type; LoRA DPO on a tiny V4."""
 
+import dataclasses
 import os
 import sys
 
@@ -10,12 +11,15 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf import flags as dflags
+from deepseek_tf.config import DPOConfig
 from deepseek_tf.generate import Generator
 from deepseek_tf.model import DeepSeekCausalLM, token_losses
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from deepseek_tf.workdir import load_workdir
 from tests.helpers import tiny
+from tests.helpers.corpora import write_jsonl
+from tests.helpers.workdirs import make_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 quiet = lambda *_: None  # noqa: E731
@@ -98,17 +102,13 @@ def test_lora_dpo_on_v4_trains_adapters_only_and_starts_at_zero_margin(tmp_path)
     """DPO with LoRA on a tiny V4 (hyper-connections, hash and top-k MoE) through the
     one Runner: policy == reference at the first step (rewards exactly 0), the margin
     grows, and only adapters change (the base, hash tables included, stays bitwise)."""
-    from deepseek_tf.config import DPOConfig
-    from tests.helpers.corpora import write_jsonl
-    from tests.helpers.workdirs import make_workdir
     src, base = make_workdir(str(tmp_path / "src"), "v4", seed=2)
     rows = [{"instruction": f"Q{i}", "chosen": "yes", "rejected": "no"} for i in range(12)]
     exp = tiny.fine_tuning(src, write_jsonl(tmp_path / "pairs.jsonl", rows),
                            train={"steps": 4, "batch_size": 2, "checkpoint_every": 4,
                                   "stage": "dpo", "finetuning_type": "lora",
                                   "jit_compile": "false"})
-    exp = exp.replace(dpo=DPOConfig(beta=0.5)) if hasattr(exp, "replace") else \
-        __import__("dataclasses").replace(exp, dpo=DPOConfig(beta=0.5))
+    exp = dataclasses.replace(exp, dpo=DPOConfig(beta=0.5))
     wd = str(tmp_path / "dpo")
     train(exp, wd, log=quiet)
     records = [r for r in read_log(wd) if r["kind"] == "train"]
