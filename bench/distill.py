@@ -1,14 +1,14 @@
 """Logit distillation: a student with a teacher vs the same student alone, at equal steps.
 
     python bench/distill.py [--teacher=runs/tiny] [--steps=200] [--teacher_steps=400]
-                            [--smoke]
+                            [--settings=1:0.5,2:0.5] [--loss=forward_kl] [--smoke]
 
 On the embedded corpus (byte tokenizer): a teacher (`--teacher=WORKDIR`, e.g. the
-quickstart's runs/tiny; by default one is trained here first: configs/tiny.flags' model,
-`--teacher_steps` steps), then the student of configs/distill-tiny.flags (2 x 64) twice
-from the same seed, data order and step count: `--train.stage=distill` (forward KL,
-T = 2, alpha 0.5: the preset's settings) and `--train.stage=pretrain` (the LM loss
-alone). Prints each run's validation cross-entropy (nats per byte, the same validation
+quickstart's runs/tiny; by default, or if that directory does not exist yet, one is
+trained there first: configs/tiny.flags' model, `--teacher_steps` steps), then the
+student of configs/distill-tiny.flags (2 x 64) from the same seed, data order and step
+count: `--train.stage=distill` once per `--settings` pair temperature:alpha (default
+1:0.5, the preset's, and 2:0.5) and `--train.stage=pretrain` (the LM loss alone). Prints each run's validation cross-entropy (nats per byte, the same validation
 batches), perplexity, accuracy and wall time, then the difference. The distilled run
 also pays the teacher's forward pass in every step. Figures only (no pass/fail); quote
 them only from a quiet machine. `--smoke` uses tiny models, an untrained teacher and two
@@ -75,6 +75,9 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--eval_steps", type=int, default=20)
+    p.add_argument("--settings", default="1:0.5,2:0.5",
+                   help="comma-separated temperature:alpha pairs, one distilled run each")
+    p.add_argument("--loss", default="forward_kl", help="--distill.loss of every run")
     a = common.start(p, argv)
     from deepseek_tf.data.prepare import prepare
 
@@ -92,8 +95,8 @@ def main(argv=None):
                                      os.path.join(tmp, "teacher"))
             print(f"teacher: {teacher_cfg.num_hidden_layers} x {teacher_cfg.hidden_size}, "
                   f"random weights (--smoke)")
-        elif not teacher:
-            teacher = os.path.join(tmp, "teacher")
+        elif not teacher or not os.path.exists(teacher):
+            teacher = teacher or os.path.join(tmp, "teacher")
             t_eval, t_sec = run(experiment(teacher_cfg, data_dir, t_steps, seq, batch, evals),
                                 teacher)
             print(f"teacher: {teacher_cfg.num_hidden_layers} x {teacher_cfg.hidden_size}, "
@@ -101,23 +104,29 @@ def main(argv=None):
         else:
             print(f"teacher: {teacher}")
         base = experiment(student_cfg, data_dir, steps, seq, batch, evals)
-        distill = dataclasses.replace(
-            base, train=base.train.replace(stage="distill"),
-            distill=DistillConfig(teacher=teacher, temperature=2.0, alpha=0.5))
-        alone = dataclasses.replace(base, train=base.train.replace(stage="pretrain"))
+        runs = {}
+        for pair in a.settings.split(","):
+            t, alpha = (float(v) for v in pair.split(":"))
+            runs[f"teacher T={t:g} a={alpha:g}"] = dataclasses.replace(
+                base, train=base.train.replace(stage="distill"), distill=DistillConfig(
+                    teacher=teacher, temperature=t, alpha=alpha, loss=a.loss))
+        runs["student alone"] = dataclasses.replace(base, train=base.train.replace(
+            stage="pretrain"))
         print(f"student: {student_cfg.num_hidden_layers} x {student_cfg.hidden_size}, {steps} "
               f"steps of {batch} x {seq} tokens; validation: {evals} batches")
         print(f"{'run':<22} {'eval CE':>8} {'ppl':>8} {'accuracy':>9} {'seconds':>8}")
         out = {}
-        for name, exp in (("student + teacher", distill), ("student alone", alone)):
-            m, sec = run(exp, os.path.join(tmp, name.replace(" ", "_").replace("+", "")))
+        for i, (name, exp) in enumerate(runs.items()):
+            m, sec = run(exp, os.path.join(tmp, f"student{i}"))
             ce = m["lm_loss"] if "lm_loss" in m else m["loss"]
             out[name] = (ce, sec)
             print(f"{name:<22} {ce:>8.4f} {m['perplexity']:>8.2f} {m['accuracy']:>9.3f} "
                   f"{sec:>8.1f}")
-        (d, d_sec), (s, s_sec) = out["student + teacher"], out["student alone"]
-        print(f"distillation: eval CE {d:.4f} vs {s:.4f} alone ({d - s:+.4f} nats/byte) at "
-              f"{steps} steps; time {d_sec / s_sec:.2f}x")
+        s, s_sec = out.pop("student alone")
+        best = min(out, key=lambda k: out[k][0])
+        d, d_sec = out[best]
+        print(f"distillation ({best}): eval CE {d:.4f} vs {s:.4f} alone ({d - s:+.4f} "
+              f"nats/byte) at {steps} steps; time {d_sec / s_sec:.2f}x")
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ RESULTS = {
     "serve_load": [r"^clients +requests/s +TTFT p50 ms +TTFT p99 ms +tokens/s$",
                    r"^16 +[\d,.]+ +[\d,.]+ +[\d,.]+ +[\d,.]+$",
                    r"^batching: 16 clients give [\d.]+x the tokens/s of 1$"],
-    "distill": [r"^student \+ teacher +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
+    "distill": [r"^teacher T=1 a=0.5 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
                 r"^student alone +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
-                r"^distillation: eval CE [\d.]+ vs [\d.]+ alone \([-+][\d.]+ nats/byte\) at 2 "
-                r"steps; time [\d.]+x$"],
+                r"^distillation \(teacher T=[12] a=0.5\): eval CE [\d.]+ vs [\d.]+ alone "
+                r"\([-+][\d.]+ nats/byte\) at 2 steps; time [\d.]+x$"],
     "v4": [r"^train 2x32 +min", r"^v4 \(float32, XLA off\) +[\d,]+",
            r"^train tokens/s V4 / V3: [\d.]+x$",
            r"^decode ms/token at T=64: V4 [\d.]+, V3 [\d.]+, V4 / V3 [\d.]+x$"],
