@@ -1,7 +1,6 @@
 """DeepSeek-V4-tiny vs DeepSeek-V3-tiny: training tokens/s and decode ms/token by context.
 
-    python bench/v4.py [--lengths=1024,8192] [--rounds=3] [--new_tokens=8]
-                       [--jit_compile] [--smoke]
+    python bench/v4.py [--lengths=1024,8192] [--rounds=3] [--jit_compile] [--smoke]
 
 The models of configs/deepseek-v4-tiny.flags (sliding / CSA / HCA attention, 4
 hyper-connection streams, hash-routed then top-2 MoE) and configs/deepseek-v3-tiny.flags
@@ -11,12 +10,12 @@ their parameter counts (total, active per token) print first.
   train   one real optimizer step of the trainer (`make_train_step`) on the presets'
           batch, 16 x 256, in the precision and XLA mode `--train.precision=auto` /
           `--train.jit_compile=auto` choose on this machine for each model (printed)
-  decode  our KV-cache `Generator`, greedy, batch 1, a prompt of T - new_tokens - 1
-          tokens in a static cache of T: per token = (time of new_tokens tokens - time
-          of 1) / (new_tokens - 1), the fastest of 2 runs in a round; `--jit_compile`
-          XLA-compiles the decode step (default: not). V3's cache is static, so its
-          step reads all T slots; V4's step re-pools every compressed entry from the
-          cached projections (no incremental compression yet), O(T) per token too.
+  decode  one step of our KV-cache decoding (the generator's `decode_step`, batch 1)
+          at position T - 1 against a cache of T slots prefilled with T - 1 random
+          tokens, the fastest of 5 in a round; `--jit_compile` XLA-compiles it as
+          `generate --jit_compile=true` does (default: a plain tf.function). V3's step
+          reads all T cache slots; V4's reads its sliding window, the compressed entries
+          (T / 4 for CSA, T / 32 for HCA here) and the indexer's keys over them.
 Both models take turns round after round (a noisy machine slows them alike); min /
 median / max over the rounds and the V4/V3 ratios of medians print. Quote figures from
 a quiet machine. `--smoke`: one layer each, T = 64, one round, fp32, no XLA.
@@ -58,28 +57,46 @@ def train_runners(cfgs: dict, smoke: bool) -> tuple[dict, dict]:
     return runners, modes
 
 
-def decode_runners(cfgs: dict, length: int, new: int, jit: bool) -> dict:
-    """{name: () -> seconds per decode token at context `length`} (greedy, batch 1)."""
-    import numpy as np
+def train(cfgs: dict, rounds: int, smoke: bool) -> None:
+    """Prints train tokens/s of both models, min / median / max over the rounds."""
+    runners, modes = train_runners(cfgs, smoke)
+    for fn in runners.values():
+        fn()  # trace / compile
+    batch, seq = (2, 32) if smoke else (BATCH, SEQ)
+    steps = alternate({k: lambda fn=fn: common.time_calls(fn, 1)[0] for k, fn in
+                       runners.items()}, rounds)
+    tokens = {f"{k} ({modes[k]})": [batch * seq / s for s in v] for k, v in steps.items()}
+    common.print_stats(f"train {batch}x{seq}", tokens, "tokens/s")
+    med = {k[:2]: common.stats(v)[1] for k, v in tokens.items()}
+    print(f"train tokens/s V4 / V3: {med['v4'] / med['v3']:.2f}x")
 
-    from deepseek_tf.generate import Generator
+
+def decode_runners(cfgs: dict, length: int, jit: bool) -> dict:
+    """{name: () -> seconds of one decode step at position `length` - 1} (batch 1): the
+    generator's own step (`generate.decode.decode_step`) against a cache of `length`
+    slots prefilled with `length` - 1 random tokens; the fastest of 5 steps."""
+    import numpy as np
+    import tensorflow as tf
+
+    from deepseek_tf.generate.decode import decode_step
     from deepseek_tf.model import DeepSeekCausalLM
-    prompt = np.random.default_rng(0).integers(0, 256, (1, length - new - 1)).astype(np.int32)
+    prompt = np.random.default_rng(0).integers(0, 256, (1, length - 1)).astype(np.int32)
+    pad, token = tf.zeros([1], tf.int32), tf.constant([[7]])
     out = {}
     for key, cfg in cfgs.items():
-        import tensorflow as tf
         tf.keras.utils.set_random_seed(0)
-        gen = Generator(DeepSeekCausalLM(cfg), length, jit_compile=jit)
+        model = DeepSeekCausalLM(cfg)
+        prefill = tf.function(lambda p, c, model=model: model.call_cached(p, c, 0, pad)[1],
+                              autograph=False)
+        cache = prefill(tf.constant(prompt), model.init_cache(1, length))
+        step = decode_step(model, jit_compile=jit)
+        if not jit:
+            step = tf.function(step, autograph=False)
 
-        def call(n, gen=gen):
-            gen.generate(prompt, [prompt.shape[1]], max_new_tokens=n)[0].numpy()
-
-        def per_token(call=call):
-            one = min(common.time_calls(lambda: call(1), 2))
-            full = min(common.time_calls(lambda: call(new), 2))
-            return (full - one) / (new - 1)
-        call(1), call(new)  # trace / compile
-        out[key] = per_token
+        def one(step=step, cache=cache):
+            return float(tf.reduce_sum(step(token, cache, length - 1, pad)[0]))
+        one()  # trace / compile
+        out[key] = lambda one=one: min(common.time_calls(one, 5))
     return out
 
 
@@ -97,30 +114,21 @@ def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--lengths", default="1024,8192")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--new_tokens", type=int, default=8)
     p.add_argument("--jit_compile", action="store_true", help="XLA-compile the decode step")
+    p.add_argument("--no_train", action="store_true", help="decode only")
     a = common.start(p, argv)
     lengths = [64] if a.smoke else [int(v) for v in a.lengths.split(",")]
-    rounds, new = (1, 3) if a.smoke else (a.rounds, a.new_tokens)
+    rounds = 1 if a.smoke else a.rounds
     cfgs = models(max(lengths), a.smoke)
     for key, cfg in cfgs.items():
         n = count_parameters(cfg)
         print(f"{key}: configs/{NAMES[key]}.flags, {n['total'] / 1e6:.2f}M params, "
               f"{n['active'] / 1e6:.2f}M active per token")
 
-    runners, modes = train_runners(cfgs, a.smoke)
-    for fn in runners.values():
-        fn()  # trace / compile
-    batch, seq = (2, 32) if a.smoke else (BATCH, SEQ)
-    steps = alternate({k: lambda fn=fn: common.time_calls(fn, 1)[0] for k, fn in
-                       runners.items()}, rounds)
-    tokens = {f"{k} ({modes[k]})": [batch * seq / s for s in v] for k, v in steps.items()}
-    common.print_stats(f"train {batch}x{seq}", tokens, "tokens/s")
-    med = {k[:2]: common.stats(v)[1] for k, v in tokens.items()}
-    print(f"train tokens/s V4 / V3: {med['v4'] / med['v3']:.2f}x")
-
+    if not a.no_train:
+        train(cfgs, rounds, a.smoke)
     for t in lengths:
-        ms = alternate(decode_runners(cfgs, t, new, a.jit_compile), rounds)
+        ms = alternate(decode_runners(cfgs, t, a.jit_compile), rounds)
         rows = {k: [v * 1e3 for v in vals] for k, vals in ms.items()}
         common.print_stats(f"decode T={t} (XLA {'on' if a.jit_compile else 'off'})", rows,
                            "ms/token", "{:,.2f}")

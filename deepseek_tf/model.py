@@ -187,7 +187,7 @@ class DeepSeekCausalLM(keras.Model):
     def init_cache(self, batch_size, max_length: int, dtype=None) -> tuple:
         """A zero KV cache: per decoder block a tuple of (B, heads, max_length, width)
         tensors (GQA: keys, values; MLA: latent, rope key; V4: keys and the compressors'
-        projections). See `layers.kv_cache`."""
+        projections and compressed entries). See `layers.kv_cache`."""
         dtype = dtype or self.compute_dtype
         return tuple(tuple(tf.zeros(shape, dtype) for shape in
                            block.self_attn.cache_shape(batch_size, max_length))

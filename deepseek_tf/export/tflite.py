@@ -13,9 +13,9 @@ the runtime reads it): GQA keys / values [1, K, C, head_dim]; MLA the compressed
 latent [1, 1, C, kv_lora_rank] as `kv_cache_k_<i>` and the rotated RoPE key
 [1, 1, C, qk_rope_head_dim] as `kv_cache_v_<i>` (absorbed decode), so the edge
 cache is as small as the server's; DeepSeek-V4 the window keys [1, 1, C, head_dim]
-as `k` and its compressors' per-token projections side by side as `v` (a
-sliding-window layer: a [1, 1, C, 1] placeholder), from which the compressed entries
-are pooled at every call. The caller owns the cache tensors and feeds
+as `k` and, side by side as `v`, its compressors' per-token projections (the
+not-yet-compressed tail) and their compressed entries (entry w in row w; a
+sliding-window layer: a [1, 1, C, 1] placeholder). The caller owns the cache tensors and feeds
 each call's outputs to the next call.
 
 Positions: a call's tokens go to cache slots input_pos[0] + j. A runtime pads a
@@ -54,7 +54,7 @@ def cache_names(num_layers: int) -> list[str]:
 def edge_pair_shapes(shapes) -> tuple:
     """A layer's cache shapes as the contract's one K/V pair: GQA and MLA caches are
     pairs already; DeepSeek-V4's window keys are `k`, its compressors' per-token
-    projections side by side on the last axis are `v` (a sliding-window layer, which
+    projections and entries side by side on the last axis are `v` (a sliding layer, which
     has none, gets a [1, 1, C, 1] placeholder)."""
     if len(shapes) == 2:
         return tuple(shapes)

@@ -160,16 +160,57 @@ class V4Attention(keras.layers.Layer):
         mask = compressed_mask(key_mask, ends, valid)
         if self.indexer is None or keys.shape[1] == 0:
             return keys, mask, None
-        x, q_latent = tf.stop_gradient(x), tf.stop_gradient(q_latent)  # trained by its KL
         index_keys = self.index_compressor.pool(projections[1], key_positions, ends)
+        return (keys, *self._select(x, q_latent, cos, sin, index_keys, mask))
+
+    def _select(self, x, q_latent, cos, sin, index_keys, mask):
+        """CSA: (boolean (B, T, W) `mask` narrowed to each query's `index_topk` entries
+        as the indexer ranks `index_keys` (B, W, Di), its (B, T, W) scores)."""
+        x, q_latent = tf.stop_gradient(x), tf.stop_gradient(q_latent)  # trained by its KL
         scores = self.indexer.scores(x, q_latent, index_keys, cos, sin, mask)
         if self.dsa_dense:
-            return keys, mask, scores
+            return mask, scores
         picked = select(scores, self.index_topk)                            # (B, T, K)
         # (B, T, W): entry w is among the query's picks (an int8 one-hot max is not a
         # TFLite builtin; equal + any is).
-        chosen = tf.reduce_any(tf.equal(picked[..., None], tf.range(tf.shape(keys)[1])), 2)
-        return keys, tf.logical_and(mask, chosen), scores
+        chosen = tf.reduce_any(tf.equal(picked[..., None], tf.range(tf.shape(mask)[2])), 2)
+        return tf.logical_and(mask, chosen), scores
+
+    def _cached_entries(self, x, q_latent, cos, sin, positions, slots, projections, entries,
+                        key_positions):
+        """Incremental compression for `call_cached`: the entries whose window the new
+        tokens complete are pooled (from the cached projections, so a window may span
+        earlier calls) and written to entry slot w = (p + 1) // m - 1 of their row; the
+        queries read entry w iff w < (p + 1) // m (the row is one document from slot
+        `pad`). Returns (keys (B, E, D), boolean (B, T, E) mask, the updated entry
+        caches); E = M // m.
+
+        Args:
+          positions: int32 (B, T) the new tokens' positions; slots: int32 (T,) theirs.
+          projections: the updated projection caches (B, M, 2 width) per compressor.
+          entries: the entry caches (B, 1, M, width) per compressor (rows < E used).
+          key_positions: int32 (B, M) every slot's position.
+        """
+        m = self.compress_rate
+        e = entries[0].shape[2] // m if entries[0].shape[2] is not None else (
+            tf.shape(entries[0])[2] // m)
+        ends = tf.broadcast_to(slots[None], tf.shape(positions))             # (B, T)
+        is_end = tf.equal((positions + 1) % m, 0)                            # (B, T)
+        slot = tf.where(is_end, (positions + 1) // m - 1, -1)               # (B, T) entry
+        hit = tf.one_hot(slot, tf.shape(entries[0])[2], dtype=tf.float32)   # (B, T, M)
+        written = tf.reduce_max(hit, axis=1)[:, None, :, None] > 0          # (B, 1, M, 1)
+        new = []
+        for c, proj, cache in zip((self.compressor, self.index_compressor), projections,
+                                  entries):
+            fresh = c.pool(proj, key_positions, ends)                       # (B, T, width)
+            scattered = tf.einsum("btd,btm->bmd", tf.cast(fresh, tf.float32), hit)
+            new.append(tf.where(written, tf.cast(scattered[:, None], cache.dtype), cache))
+        readable = tf.range(e)[None, None] < ((positions + 1) // m)[..., None]  # (B, T, E)
+        keys = new[0][:, 0, :e]
+        if self.indexer is None:
+            return keys, readable, new
+        mask, _ = self._select(x, q_latent, cos, sin, new[1][:, 0, :e], readable)
+        return keys, mask, new
 
     def _project(self, x, positions):
         """(query latent (B, T, r), rotated queries (B, T, H, D), rotated keys (B, T, D),
@@ -225,34 +266,53 @@ class V4Attention(keras.layers.Layer):
 
         Args:
           x: (B, T, hidden) the new tokens; positions: int32 (B, T) their positions.
-          cache: (keys (B, 1, M, D)[, the compressor's projections (B, 1, M, 2 width)
-            [, the index compressor's]]) (`cache_shape`): compressed entries are pooled
-            again from the cached projections on each call, so none is ever partial.
+          cache: (keys (B, 1, M, D)[, per compressor (the compressor's, then CSA's
+            index compressor's) its projections (B, 1, M, 2 width), then per compressor
+            its entries (B, 1, M, width)]) (`cache_shape`). Each entry is pooled once,
+            when the token ending its window arrives (`_cached_entries`); the
+            projections keep the not-yet-compressed tail (and the window before it,
+            which CSA's overlapping entries read).
           slots: int32 (T,) the new tokens' slots; mask, local_mask: boolean
             (B, 1, T, M) from `kv_cache.cache_masks` (local: the sliding window).
           key_positions: int32 (B, M) every slot's position (padding slots 0).
 
         Returns ((B, T, hidden), the updated cache).
         """
+        del mask  # the window's local_mask and the entries' own rule cover every key
         q_latent, q, new_keys, cos, sin = self._project(x, positions)
         new = [write_slots(cache[0], new_keys[:, None], slots)]              # (B, 1, M, D)
-        keys, window = new[0][:, 0], local_mask
+        keys, window = self._window(new[0][:, 0], local_mask, slots, x.shape[1])  # (B, L, D)
         if self.compressor is not None:
-            for c, p in zip(cache[1:], self._projections(x)):
-                new.append(write_slots(c, p[:, None], slots))
-            c_keys, c_mask, _ = self._compressed(x, q_latent, cos, sin, mask,
-                                                 [c[:, 0] for c in new[1:]], key_positions)
-            keys = tf.concat([keys, tf.cast(c_keys, keys.dtype)], axis=1)   # (B, M + W, D)
-            window = tf.concat([window, c_mask[:, None]], axis=-1)          # (B, 1, T, M + W)
+            n = (len(cache) - 1) // 2
+            projections = [write_slots(c, p[:, None], slots)
+                           for c, p in zip(cache[1:1 + n], self._projections(x))]
+            c_keys, c_mask, entries = self._cached_entries(
+                x, q_latent, cos, sin, positions, slots, [p[:, 0] for p in projections],
+                cache[1 + n:], key_positions)
+            new += projections + entries
+            keys = tf.concat([keys, tf.cast(c_keys, keys.dtype)], axis=1)   # (B, L + E, D)
+            window = tf.concat([window, c_mask[:, None]], axis=-1)          # (B, 1, T, L + E)
         return self._attend(x, q, cos, sin, keys, window)[0], tuple(new)
+
+    def _window(self, keys, local_mask, slots, t=None):
+        """(keys (B, L, D), local mask (B, 1, T, L)): the L = min(M, window + T - 1)
+        cache slots that the new tokens' sliding windows can reach (a decode step reads
+        `sliding_window` keys, not the whole cache of M); `t`: T if static."""
+        t, m = t or slots.shape[0], keys.shape[1]
+        if t is not None and m is not None:
+            length = min(m, self.sliding_window + t - 1)
+        else:
+            length = tf.minimum(tf.shape(keys)[1], self.sliding_window + tf.shape(slots)[0] - 1)
+        start = tf.clip_by_value(slots[0] - self.sliding_window + 1, 0,
+                                 tf.shape(keys)[1] - length)
+        return keys[:, start:start + length], local_mask[..., start:start + length]
 
     def cache_shape(self, batch: int, max_length: int) -> tuple:
         """Shapes of this layer's cache (see `call_cached`)."""
-        shapes = [(batch, 1, max_length, self.head_dim)]
-        for c in (self.compressor, self.index_compressor):
-            if c is not None:
-                shapes.append((batch, 1, max_length, 2 * c.width))
-        return tuple(shapes)
+        compressors = [c for c in (self.compressor, self.index_compressor) if c is not None]
+        return ((batch, 1, max_length, self.head_dim),
+                *((batch, 1, max_length, 2 * c.width) for c in compressors),
+                *((batch, 1, max_length, c.head_dim) for c in compressors))
 
     def get_config(self):
         s = self.rotary.scaling
