@@ -281,7 +281,7 @@ class V4Attention(keras.layers.Layer):
         del mask  # the window's local_mask and the entries' own rule cover every key
         q_latent, q, new_keys, cos, sin = self._project(x, positions)
         new = [write_slots(cache[0], new_keys[:, None], slots)]              # (B, 1, M, D)
-        keys, window = self._window(new[0][:, 0], local_mask, slots, x.shape[1])  # (B, L, D)
+        keys, window = new[0][:, 0], local_mask
         if self.compressor is not None:
             n = (len(cache) - 1) // 2
             projections = [write_slots(c, p[:, None], slots)
@@ -290,22 +290,9 @@ class V4Attention(keras.layers.Layer):
                 x, q_latent, cos, sin, positions, slots, [p[:, 0] for p in projections],
                 cache[1 + n:], key_positions)
             new += projections + entries
-            keys = tf.concat([keys, tf.cast(c_keys, keys.dtype)], axis=1)   # (B, L + E, D)
-            window = tf.concat([window, c_mask[:, None]], axis=-1)          # (B, 1, T, L + E)
+            keys = tf.concat([keys, tf.cast(c_keys, keys.dtype)], axis=1)   # (B, M + E, D)
+            window = tf.concat([window, c_mask[:, None]], axis=-1)          # (B, 1, T, M + E)
         return self._attend(x, q, cos, sin, keys, window)[0], tuple(new)
-
-    def _window(self, keys, local_mask, slots, t=None):
-        """(keys (B, L, D), local mask (B, 1, T, L)): the L = min(M, window + T - 1)
-        cache slots that the new tokens' sliding windows can reach (a decode step reads
-        `sliding_window` keys, not the whole cache of M); `t`: T if static."""
-        t, m = t or slots.shape[0], keys.shape[1]
-        if t is not None and m is not None:
-            length = min(m, self.sliding_window + t - 1)
-        else:
-            length = tf.minimum(tf.shape(keys)[1], self.sliding_window + tf.shape(slots)[0] - 1)
-        start = tf.clip_by_value(slots[0] - self.sliding_window + 1, 0,
-                                 tf.shape(keys)[1] - length)
-        return keys[:, start:start + length], local_mask[..., start:start + length]
 
     def cache_shape(self, batch: int, max_length: int) -> tuple:
         """Shapes of this layer's cache (see `call_cached`)."""
