@@ -8,7 +8,8 @@ quickstart's runs/tiny; by default, or if that directory does not exist yet, one
 trained there first: configs/tiny.flags' model, `--teacher_steps` steps), then the
 student of configs/distill-tiny.flags (2 x 64) from the same seed, data order and step
 count: `--train.stage=distill` once per `--settings` pair temperature:alpha (default
-1:0.5, the preset's, and 2:0.5) and `--train.stage=pretrain` (the LM loss alone). Prints each run's validation cross-entropy (nats per byte, the same validation
+1:0.5, the preset's, and 2:0.5) and `--train.stage=pretrain` (the LM loss alone).
+Prints each run's validation cross-entropy (nats per byte, the same validation
 batches), perplexity, accuracy and wall time, then the difference. The distilled run
 also pays the teacher's forward pass in every step. Figures only (no pass/fail); quote
 them only from a quiet machine. `--smoke` uses tiny models, an untrained teacher and two

@@ -14,9 +14,9 @@ their parameter counts (total, active per token) print first.
           at position T - 1 against a cache of T slots prefilled with T - 1 random
           tokens, the fastest of 5 in a round; `--jit_compile` XLA-compiles it as
           `generate --jit_compile=true` does (default: a plain tf.function). V3's step
-          reads all T cache slots; V4's masks its sliding window over the T slots, and reads
-          the compressed entries
-          (T / 4 for CSA, T / 32 for HCA here) and the indexer's keys over them.
+          reads all T cache slots; V4's masks its sliding window over the T slots and
+          reads the compressed entries (T / 4 for CSA, T / 32 for HCA here) and the
+          indexer's keys over them.
 Both models take turns round after round (a noisy machine slows them alike); min /
 median / max over the rounds and the V4/V3 ratios of medians print. Quote figures from
 a quiet machine. `--smoke`: one layer each, T = 64, one round, fp32, no XLA.

@@ -15,8 +15,8 @@ latent [1, 1, C, kv_lora_rank] as `kv_cache_k_<i>` and the rotated RoPE key
 cache is as small as the server's; DeepSeek-V4 the window keys [1, 1, C, head_dim]
 as `k` and, side by side as `v`, its compressors' per-token projections (the
 not-yet-compressed tail) and their compressed entries (entry w in row w; a
-sliding-window layer: a [1, 1, C, 1] placeholder). The caller owns the cache tensors and feeds
-each call's outputs to the next call.
+sliding-window layer: a [1, 1, C, 1] placeholder). The caller owns the cache tensors
+and feeds each call's outputs to the next call.
 
 Positions: a call's tokens go to cache slots input_pos[0] + j. A runtime pads a
 short prefill chunk with token 0 at input_pos 0; those entries land in the slots

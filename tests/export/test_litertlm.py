@@ -1,9 +1,10 @@
 """`.litertlm` bundles run by Google's LiteRT-LM Engine (the `litert-lm-api` wheel,
 installed by the `edge` extra): the quickstart-sized model, a DeepSeek-V3-style
 model (MLA + MoE with a shared expert), a DeepSeek-V3.2-style one (+ sparse
-attention) and a DeepSeek-V4-style one (sliding, compressed sparse and heavily compressed
-attention, hyper-connections, hash-routed MoE) generate greedily exactly the tokens of our decode loop (`Generator`, whose
-tokens the SavedModel, TFLite and transformers tests compare with theirs)."""
+attention) and a DeepSeek-V4-style one (sliding, compressed sparse and heavily
+compressed attention, hyper-connections, hash-routed MoE) generate greedily exactly the
+tokens of our decode loop (`Generator`, whose tokens the SavedModel, TFLite and
+transformers tests compare with theirs)."""
 
 import pytest
 
