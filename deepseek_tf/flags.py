@@ -85,6 +85,38 @@ def define_jit_compile(default: str, help_text: str,
                       module_name=sys.argv[0] if caller == "__main__" else caller)
 
 
+def define_quantize(help_text: str = "", choices=None) -> None:
+    """`--quantize` (default: the modes of `deepseek_tf.quantize`) with `--group_size`,
+    `--calibration_data` and `--calibration_samples` of export, generate and evaluate."""
+    from deepseek_tf.quantize import MODES
+
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    module = sys.argv[0] if caller == "__main__" else caller
+    flags.DEFINE_enum("quantize", "none", list(choices or MODES), help_text or (
+        "Quantize the loaded weights in memory first with Keras, as export "
+        "--format=saved_model does: int8, int4 (4-bit round-to-nearest per --group_size), "
+        "gptq or awq (4-bit, calibrated on --calibration_data); kv_b_proj, a tied "
+        "embedding, norms, routers and MoE expert stacks stay float."), module_name=module)
+    flags.DEFINE_integer("group_size", 128, "int4/gptq/awq: input channels per 4-bit scale; "
+                         "must divide each quantized layer's input width; -1 = one scale per "
+                         "output channel.", lower_bound=-1, module_name=module)
+    flags.DEFINE_string("calibration_data", "", "gptq/awq: a JSONL/text file or a prepared "
+                        "data directory to calibrate on; empty = the run's own prepared data "
+                        "(--data.data_dir in its config.json).", module_name=module)
+    flags.DEFINE_integer("calibration_samples", 256, "gptq/awq: calibration windows (each "
+                         "the run's --data.seq_len tokens).", lower_bound=1,
+                         module_name=module)
+
+
+def quantize_options(flag_values=FLAGS) -> dict | None:
+    """The `define_quantize` flags as `quantize_run` keyword arguments (None: none)."""
+    if flag_values.quantize == "none":
+        return None
+    return dict(mode=flag_values.quantize, group_size=flag_values.group_size,
+                calibration_data=flag_values.calibration_data,
+                calibration_samples=flag_values.calibration_samples)
+
+
 def _section_values(flag_values, section: str, only_present: bool) -> dict:
     out = {}
     for key, _, _ in cfg.SECTIONS[section].flag_fields():

@@ -34,7 +34,8 @@ def format_table(metrics: dict) -> str:
 
 def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", template: str = "",
                      max_samples: int = 0, max_length: int = 0, output: str = "",
-                     checkpoint: str = "", log=print, **options) -> dict:
+                     checkpoint: str = "", log=print, quantize: dict | None = None,
+                     **options) -> dict:
     """Evaluates `workdir`'s model on `inputs`; writes and returns the results.
 
     Args:
@@ -48,6 +49,8 @@ def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", templa
         generate: the longest prompt + max_new_tokens).
       output: the results file (default `<workdir>/eval/<task>-<data name>.json`).
       checkpoint: a checkpoint path instead of the latest.
+      quantize: keyword arguments of `deepseek_tf.quantize.quantize_run` (mode=...,
+        group_size, calibration_data, calibration_samples): score the quantized model.
       options: batch_size; generate: max_new_tokens and jit_compile (auto, true or
         false); classify: normalize ("none" or "tokens", see `tasks.NORMALIZE`).
     """
@@ -61,6 +64,9 @@ def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", templa
     task = detect_task(records[0]) if task == "auto" else task
     model, exp = load_workdir(workdir, checkpoint)
     tok = load_run_tokenizer(workdir, exp)
+    if quantize:
+        from deepseek_tf.quantize import quantize_run
+        quantize_run(model, exp, tok, log=log, **quantize)
     tmpl = chat_profile(exp, tok, template).template
     name = tmpl.name if tmpl else ""
     if not max_length and task != "generate":
@@ -69,7 +75,7 @@ def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", templa
         f"{name or 'none'}")
     result = run_task(task, model, tok, records, tmpl, max_length, log=log, **options)
     result = {"task": task, "workdir": os.path.abspath(workdir), "inputs": list(inputs),
-              "template": name, **result}
+              "template": name, **({"quantize": quantize} if quantize else {}), **result}
     stem = os.path.splitext(os.path.basename(inputs[0]))[0]
     path = output or os.path.join(workdir, RESULTS_DIR, f"{task}-{stem}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -44,6 +44,7 @@ dflags.define_jit_compile("auto", "generate: XLA-compile each decode step: true,
                           "auto = time a few steps both ways on this machine first.")
 flags.DEFINE_string("output", "", "Results file (default <workdir>/eval/<task>-<name>.json).")
 flags.DEFINE_string("checkpoint", "", "A checkpoint path instead of the latest.")
+dflags.define_quantize()
 
 
 def main(argv):
@@ -54,7 +55,7 @@ def main(argv):
                      FLAGS.max_samples, FLAGS.max_length, FLAGS.output, FLAGS.checkpoint,
                      batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
                      jit_compile=FLAGS.jit_compile,
-                     normalize=FLAGS.normalize)
+                     normalize=FLAGS.normalize, quantize=dflags.quantize_options(FLAGS))
 
 
 def entry():

@@ -58,12 +58,15 @@ dflags.define_jit_compile("false", "saved_model: XLA-compile each decode step: t
                           "(serve on similar hardware). XLA is several times faster for small "
                           "models; TF Serving must then run with "
                           "--xla_cpu_compilation_enabled=true (serving/Dockerfile does).")
-flags.DEFINE_enum("quantize", "none", ["none", "fp16", "int8", "fp8"], "hf: fp8 = block-scaled "
-                  "FP8 projections as DeepSeek releases V3 (quantization_config in config.json). "
-                  "saved_model: int8 stores "
-                  "the dense projections and embeddings as int8 weights (Keras quantize); MoE "
-                  "expert stacks stay float. tflite/litertlm: fp16 = float16 weights, int8 = "
-                  "dynamic-range int8 weights (float activations).")
+dflags.define_quantize("hf: fp8 = block-scaled FP8 projections as DeepSeek releases V3 "
+                       "(quantization_config in config.json). saved_model: int8 stores the "
+                       "dense projections and embeddings as int8 weights (Keras quantize); "
+                       "int4 = 4-bit round-to-nearest per --group_size; gptq/awq = 4-bit "
+                       "calibrated on --calibration_data (Keras GPTQ/AWQ); kv_b_proj, a tied "
+                       "embedding, norms, routers and MoE expert stacks stay float. "
+                       "tflite/litertlm: fp16 = float16 weights, int8 = dynamic-range int8 "
+                       "weights (float activations).",
+                       ["none", "fp16", "int8", "fp8", "int4", "gptq", "awq"])
 
 
 def main(argv):
@@ -76,6 +79,9 @@ def main(argv):
     options = {}
     if FLAGS.quantize == "fp8" and FLAGS.format != "hf":
         raise UserError("--quantize=fp8 applies to --format=hf.")
+    if FLAGS.quantize in ("int4", "gptq", "awq") and FLAGS.format != "saved_model":
+        raise UserError(f"--quantize={FLAGS.quantize} applies to --format=saved_model; "
+                        f"tflite/litertlm take fp16 or int8.")
     if FLAGS.format == "hf":
         options = dict(quantize=FLAGS.quantize, shard_mb=FLAGS.shard_mb)
         if (FLAGS.quantize not in ("none", "fp8") or FLAGS["max_length"].present
@@ -85,9 +91,11 @@ def main(argv):
     elif FLAGS.format == "saved_model":
         if FLAGS.quantize == "fp16":
             raise UserError("--quantize=fp16 applies to tflite/litertlm; the "
-                                       "SavedModel takes none or int8.")
+                            "SavedModel takes none, int8, int4, gptq or awq.")
         options = dict(max_length=FLAGS.max_length, max_new_tokens=FLAGS.max_new_tokens,
-                       quantize=FLAGS.quantize, jit_compile=FLAGS.jit_compile)
+                       quantize=FLAGS.quantize, jit_compile=FLAGS.jit_compile,
+                       group_size=FLAGS.group_size, calibration_data=FLAGS.calibration_data,
+                       calibration_samples=FLAGS.calibration_samples)
     elif FLAGS.jit_compile != "false":
         raise UserError("--jit_compile applies to --format=saved_model.")
     elif FLAGS.format in ("tflite", "litertlm"):

@@ -42,6 +42,7 @@ import os
 import tensorflow as tf
 
 from deepseek_tf.errors import UserError
+from deepseek_tf.quantize import quantize_run
 from deepseek_tf.generate.decode import (IDS_SPECS, SAMPLING_SPECS, SERVING_MAX_NEW_TOKENS,
                                          generate_ids, score_ids, stop_suffix)
 from deepseek_tf.generate.text import ChatProfile
@@ -193,29 +194,11 @@ class ServingModule(tf.Module):
         return sigs
 
 
-def quantize_int8(model) -> None:
-    """Keras' int8 weight quantization of the dense projections and the embedding.
-
-    Kept in float: MLA's `kv_b_proj` (the absorbed decode folds its kernel into the
-    query; it is small), a tied embedding (it doubles as the output head), norms,
-    routers and the stacked MoE expert weights (not Keras Dense layers).
-    """
-    import warnings
-
-    keep = {id(model.embed_tokens)} if model.lm_head is None else set()
-
-    def wanted(layer):  # a keep-quantized workdir's int8 layers stay as they are
-        return id(layer) not in keep and layer.name != "kv_b_proj" and \
-            getattr(layer, "quantization_mode", None) is None
-
-    with warnings.catch_warnings():  # "Layer RMSNorm does not have a quantize method"
-        warnings.simplefilter("ignore")
-        model.quantize("int8", filters=wanted)
-
-
 def export_saved_model(model, exp, output: str, log=print, workdir: str | None = None,
                        max_length: int = 0, max_new_tokens: int = SERVING_MAX_NEW_TOKENS,
-                       quantize: str = "none", jit_compile="false", tokenizer=None) -> str:
+                       quantize: str = "none", jit_compile="false", tokenizer=None,
+                       group_size: int = 128, calibration_data: str = "",
+                       calibration_samples: int = 256) -> str:
     """Writes the SavedModel to `output` (e.g. MODEL_BASE/NAME/VERSION).
 
     Args:
@@ -224,8 +207,13 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
       workdir: the run directory, for its tokenizer (or pass `tokenizer`).
       max_length: cache length; 0 = the model's max_position_embeddings.
       max_new_tokens: the signatures' default.
-      quantize: "none" or "int8" (Keras' own int8 weight quantization of the dense
-        projections and embeddings).
+      quantize: "none", "int8", "int4", "gptq" or "awq": Keras' own weight quantization
+        of the dense projections and embeddings (`export/quantize.py` lists what stays
+        float).
+      group_size: 4-bit modes: inputs per scale (-1 = per output channel).
+      calibration_data: gptq/awq: a JSONL/text file or a prepared data directory;
+        "" = the run's own prepared data (`--data.data_dir` of its config).
+      calibration_samples: gptq/awq: windows of the run's sequence length to use.
       jit_compile: "true" = XLA-compiled decode steps (several times faster for small
         models; the server must allow XLA: `--xla_cpu_compilation_enabled=true`),
         "false", or "auto" = time decoding both ways on this machine (the export's, so
@@ -242,10 +230,8 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
     if max_length < 2:
         raise UserError(f"--max_length={max_length} leaves no room to generate; use >= 2.")
     tok = tokenizer or load_run_tokenizer(workdir, exp)
-    if quantize == "int8":
-        quantize_int8(model)
-    elif quantize != "none":
-        raise UserError(f"--quantize={quantize!r}: choose none or int8.")
+    quantize_run(model, exp, tok, quantize, group_size, calibration_data, calibration_samples,
+                 min(exp.data.seq_len, max_length))
     profile = chat_profile(exp, tok)
     jit = jit_value(jit_compile)
     if jit == "auto":

@@ -62,6 +62,7 @@ flags.DEFINE_integer("batch_size", 8, "Prompts per batch with --input_file.", lo
 flags.DEFINE_integer("max_length", 0, "Cache length (prompt + new tokens); 0 = just enough "
                      "for the longest prompt, at most the model's max_position_embeddings.",
                      lower_bound=0)
+dflags.define_quantize()
 dflags.define_jit_compile("auto", "Compile each decode step with XLA: true, false, or auto "
                           "= time a few steps both ways on this machine first and keep the "
                           "faster.")
@@ -167,6 +168,10 @@ def main(argv):
     from deepseek_tf.generate.run import pick_generator, run_batches
     from deepseek_tf.workdir import load_workdir
     model, _ = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
+    quantize = dflags.quantize_options(FLAGS)
+    if quantize:
+        from deepseek_tf.quantize import quantize_run
+        quantize_run(model, exp, tok, log=lambda m: print(m, file=sys.stderr), **quantize)
     gen = None if FLAGS.jit_compile != "auto" else pick_generator(  # before the clock starts
         model, max_length, profile.stops, tok.pad_id, FLAGS.absorb,
         log=lambda m: print(m, file=sys.stderr))

@@ -1,0 +1,220 @@
+"""Keras' own weight quantization of a loaded model for the SavedModel export.
+
+Modes: int8 (per-channel), int4 (round-to-nearest, one scale per `group_size` inputs),
+gptq and awq (4-bit, `group_size`, calibrated with Keras' `GPTQConfig` / `AWQConfig`
+on token sequences walked through the decoder blocks one after the other).
+
+Kept in float in every mode: MLA's `kv_b_proj` (the absorbed decode folds its kernel
+into the query; it is small), a tied embedding (it doubles as the output head), norms,
+routers and the stacked MoE expert weights (our own (E, D, F) variables, not Keras
+Dense layers; Keras has no quantizer for them). GPTQ/AWQ calibrate the projections
+inside the decoder blocks; the untied output head and the embedding, outside the
+blocks, get plain int4 there.
+
+`quantize_run` is the entry point of export, generate and evaluate (`--quantize`).
+
+Example:
+    >>> quantize_weights(model, "gptq", group_size=64, calibration=windows)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+
+import numpy as np
+
+from deepseek_tf.errors import UserError
+
+MODES = ("none", "int8", "int4", "gptq", "awq")
+
+
+def _kept(model):
+    """Layer filter: True for the layers Keras may quantize (see the module docstring)."""
+    keep = {id(model.embed_tokens)} if model.lm_head is None else set()
+
+    def wanted(layer):  # a keep-quantized workdir's int8 layers stay as they are
+        return id(layer) not in keep and layer.name != "kv_b_proj" and \
+            getattr(layer, "quantization_mode", None) is None
+    return wanted
+
+
+def _check_group_size(model, wanted, group_size: int) -> None:
+    """Every 4-bit layer's input width must be a multiple of `group_size`."""
+    import keras
+    for layer in model._flatten_layers():
+        if not wanted(layer) or not isinstance(layer, (keras.layers.Dense,
+                                                        keras.layers.EinsumDense)):
+            continue
+        width = int(layer.kernel.shape[0])
+        if width % group_size:
+            raise UserError(f"--group_size={group_size} does not divide the input width "
+                            f"{width} of layer {layer.path}; pick a divisor (e.g. 32) or -1 "
+                            f"(one scale per output channel).")
+
+
+def _calibration_blocks(model) -> list:
+    """The decoder blocks called the way Keras' GPTQ/AWQ walk calls one: hidden states
+    in, hidden states out (causal mask and positions 0..T-1 built here)."""
+    import keras
+    import tensorflow as tf
+
+    from deepseek_tf.layers.attention import attention_mask
+
+    class CalibrationBlock(keras.layers.Layer):
+        def __init__(self, inner):
+            super().__init__(name=f"calibrate_{inner.name}")
+            self.inner = inner
+
+        def call(self, x):                                      # (1, T, D)
+            b, t = tf.shape(x)[0], tf.shape(x)[1]
+            positions = tf.broadcast_to(tf.range(t, dtype=tf.int32), [b, t])
+            mask = attention_mask(tf.ones([b, t], tf.int32))   # (B, 1, T, T)
+            return self.inner(x, positions=positions, attention_mask=mask)
+
+    return [CalibrationBlock(b) for b in model.blocks]
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """Keras' GPTQ/AWQ print a progress bar per model; the export logs one line."""
+    import keras
+    was = keras.utils.is_interactive_logging_enabled()
+    keras.utils.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        if was:
+            keras.utils.enable_interactive_logging()
+
+
+class _TokenIds:
+    """Keras' GPTQ/AWQ configs want a tokenizer; the dataset is already token ids."""
+
+    def tokenize(self, ids):
+        return np.asarray(ids, np.int32)
+
+
+def calibration_windows(path: str, tok, seq_len: int, count: int = 256) -> np.ndarray:
+    """Token windows (count, seq_len) int32 for GPTQ/AWQ calibration.
+
+    Args:
+      path: a prepared data directory (its train split, so that validation stays
+        unseen; else validation), a JSONL file
+        (each record's "text", or its prompt + response) or a plain text file.
+      tok: the run's tokenizer (for files).
+      seq_len: tokens per window.
+      count: at most this many windows.
+    """
+    if not path or not os.path.exists(path):
+        raise UserError(f"--calibration_data={path!r}: no such file or directory; give a "
+                        f"JSONL/text file or a prepared data directory.")
+    pieces = []
+    if os.path.isdir(path):
+        from deepseek_tf.data.pipeline import documents
+        from deepseek_tf.data.shards import read_metadata, shard_paths
+        meta = read_metadata(path)
+        paths = shard_paths(path, meta, "train") or shard_paths(path, meta, "validation")
+        for tokens, _ in documents(paths, meta["token_dtype"], shuffle_seed=None,
+                                   cycle_length=1, repeat=False).take(4 * count):
+            pieces.append(tokens.numpy())
+    else:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        for line in lines[:4 * count]:
+            text = line
+            if path.endswith(".jsonl"):
+                rec = json.loads(line)
+                text = rec.get("text") or " ".join(str(rec.get(k, "")) for k in (
+                    "prompt", "instruction", "response", "output"))
+            pieces.append(np.asarray(tok.encode(text), np.int32))
+    flat = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
+    n = min(count, flat.size // seq_len)
+    if n < 1:
+        raise UserError(f"--calibration_data={path}: {flat.size} tokens, fewer than one "
+                        f"window of {seq_len}; give more text.")
+    return flat[:n * seq_len].reshape(n, seq_len).astype(np.int32)
+
+
+def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
+                     tokenizer=None) -> None:
+    """Quantizes `model`'s weights in place with Keras (see the module docstring).
+
+    Args:
+      model: a built `DeepSeekCausalLM`.
+      mode: one of `MODES`.
+      group_size: 4-bit modes: inputs per scale (-1 = one scale per output channel).
+      calibration: gptq/awq: int32 token windows (N, T), e.g. `calibration_windows`.
+      tokenizer: passed on to Keras' configs, which insist on one; they never call it on
+        token windows (None: an identity stand-in).
+    """
+    import keras
+    if mode not in MODES:
+        raise UserError(f"--quantize={mode!r}: the SavedModel takes {', '.join(MODES)}.")
+    if mode == "none":
+        return
+    if mode in ("gptq", "awq") and (calibration is None or len(calibration) == 0):
+        raise UserError(f"--quantize={mode} needs calibration data: pass --calibration_data "
+                        f"(a JSONL/text file or a prepared data dir) or train on prepared data.")
+    if group_size == 0 or group_size < -1:
+        raise UserError(f"--group_size={group_size}: a positive integer or -1.")
+    wanted = _kept(model)
+    if mode != "int8" and group_size > 0:
+        _check_group_size(model, wanted, group_size)
+    with warnings.catch_warnings(), _no_progress_bar():
+        warnings.simplefilter("ignore")  # "Layer RMSNorm does not have a quantize method"
+        if mode == "int8":
+            model.quantize("int8", filters=wanted)
+            return
+        if mode in ("gptq", "awq"):
+            windows = np.asarray(calibration, np.int32)
+            blocks = _calibration_blocks(model)
+            structure = {"pre_block_layers": [model.embed_tokens], "sequential_blocks": blocks}
+            inside = {id(x) for b in model.blocks for x in b._flatten_layers() if wanted(x)}
+            options = dict(dataset=list(windows), tokenizer=tokenizer or _TokenIds(), weight_bits=4,
+                           num_samples=len(windows), sequence_length=windows.shape[1],
+                           group_size=group_size, quantization_layer_structure=structure)
+            config = (keras.quantizers.GPTQConfig(**options) if mode == "gptq"
+                      else keras.quantizers.AWQConfig(**options))
+            try:
+                model.quantize(mode, config=config,  # the walk filters gptq/awq layers again
+                               filters=lambda layer: id(layer) in inside)
+            except ValueError as e:
+                raise UserError(f"--quantize={mode}: Keras refused: {e}") from None
+        int4 = keras.quantizers.Int4QuantizationConfig(block_size=group_size)
+        try:  # plain int4; after gptq/awq: the head and embedding outside the blocks
+            model.quantize("int4", config=int4, filters=wanted)
+        except ValueError as e:
+            raise UserError(f"--quantize={mode}: Keras refused: {e}") from None
+
+
+def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_data: str = "",
+                 calibration_samples: int = 256, seq_len: int = 0, log=None) -> None:
+    """`quantize_weights` for a loaded run: gptq/awq calibrate on `calibration_data` or,
+    when empty, on the run's own prepared data.
+
+    Args:
+      model, exp, tok: the loaded run (`load_workdir`, `load_run_tokenizer`).
+      mode: one of `MODES`.
+      group_size: 4-bit modes: inputs per scale (-1 = per output channel).
+      calibration_data: a JSONL/text file or a prepared data dir ("" = `exp.data.data_dir`).
+      calibration_samples: calibration windows at most.
+      seq_len: tokens per window (0 = the run's `--data.seq_len`).
+      log: gets one line on what was quantized.
+    """
+    windows = None
+    if mode in ("gptq", "awq"):
+        source = calibration_data or exp.data.data_dir
+        if not source:
+            raise UserError(f"--quantize={mode} needs calibration data and the run names no "
+                            f"prepared data: pass --calibration_data=FILE_OR_DIR.")
+        windows = calibration_windows(source, tok, seq_len or exp.data.seq_len,
+                                      calibration_samples)
+    quantize_weights(model, mode, group_size, windows, tok)
+    if log and mode != "none":
+        log(f"quantized weights: {mode}" + (f", group size {group_size}" if mode != "int8"
+                                           else "")
+            + (f", calibrated on {len(windows)} windows of {windows.shape[1]} tokens"
+               if windows is not None else ""))
