@@ -78,6 +78,27 @@ def _calibration_blocks(model) -> list:
 
 
 @contextlib.contextmanager
+def _calibration_hooks_reachable(layers):
+    """Keras 3.15's GPTQ/AWQ walks record each layer's inputs by patching `layer.call`,
+    but a layer in gptq/awq mode is called through `quantized_call`, which never
+    reaches `call`: the Hessians / activation statistics stay empty and both degrade
+    to round-to-nearest. Until a layer is calibrated, `call` (float kernel, the same
+    output) is routed to, so the patches see the inputs."""
+    for layer in layers:
+        def routed(*args, _layer=layer, _quantized=layer.quantized_call, **kwargs):
+            if getattr(_layer, "is_gptq_calibrated", False) or \
+                    getattr(_layer, "is_awq_calibrated", False):
+                return _quantized(*args, **kwargs)
+            return _layer.call(*args, **kwargs)
+        object.__setattr__(layer, "quantized_call", routed)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            object.__delattr__(layer, "quantized_call")
+
+
+@contextlib.contextmanager
 def _no_progress_bar():
     """Keras' GPTQ/AWQ print a progress bar per model; the export logs one line."""
     import keras
@@ -178,9 +199,11 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
                            group_size=group_size, quantization_layer_structure=structure)
             config = (keras.quantizers.GPTQConfig(**options) if mode == "gptq"
                       else keras.quantizers.AWQConfig(**options))
+            targets = [x for b in model.blocks for x in b._flatten_layers() if id(x) in inside]
             try:
-                model.quantize(mode, config=config,  # the walk filters gptq/awq layers again
-                               filters=lambda layer: id(layer) in inside)
+                with _calibration_hooks_reachable(targets):
+                    model.quantize(mode, config=config,  # the walk filters layers again
+                                   filters=lambda layer: id(layer) in inside)
             except ValueError as e:
                 raise UserError(f"--quantize={mode}: Keras refused: {e}") from None
         int4 = keras.quantizers.Int4QuantizationConfig(block_size=group_size)
