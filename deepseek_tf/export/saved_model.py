@@ -42,10 +42,10 @@ import os
 import tensorflow as tf
 
 from deepseek_tf.errors import UserError
-from deepseek_tf.quantize import quantize_run
 from deepseek_tf.generate.decode import (IDS_SPECS, SAMPLING_SPECS, SERVING_MAX_NEW_TOKENS,
                                          generate_ids, score_ids, stop_suffix)
 from deepseek_tf.generate.text import ChatProfile
+from deepseek_tf.quantize import quantize_run
 
 
 def _rows(x, b):
@@ -208,8 +208,8 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
       max_length: cache length; 0 = the model's max_position_embeddings.
       max_new_tokens: the signatures' default.
       quantize: "none", "int8", "int4", "gptq" or "awq": Keras' own weight quantization
-        of the dense projections and embeddings (`export/quantize.py` lists what stays
-        float).
+        of the dense projections and embeddings (`deepseek_tf/quantize.py` lists what
+        stays float).
       group_size: 4-bit modes: inputs per scale (-1 = per output channel).
       calibration_data: gptq/awq: a JSONL/text file or a prepared data directory;
         "" = the run's own prepared data (`--data.data_dir` of its config).

@@ -1,0 +1,147 @@
+"""Weight quantization: size, decode speed and quality for none / int8 / int4 / gptq / awq.
+
+    python bench/quantize.py [--workdir=runs/tiny] [--group_size=32]
+                             [--demo_run=runs/sft-lora-tiny
+                              --demo_data=data/sft-demo/heldout.jsonl] [--smoke]
+
+The model of `--workdir` (default: configs/tiny.flags' model trained here for
+`--train_steps` steps on the embedded corpus) is loaded once per mode and quantized in
+memory by `deepseek_tf.quantize.quantize_run` (what `export --quantize=MODE` does;
+gptq/awq calibrate on `--calibration_samples` windows of the run's train split). Per
+mode it prints:
+  size       the SavedModel's variables file (MiB) and its ratio to float32
+  decode     ms/token of the SavedModel's `generate_ids` (greedy, batch 1, no XLA):
+             (time of --new_tokens tokens - time of 1) / (--new_tokens - 1), the
+             median of --repeats
+  val loss   mean next-token cross-entropy (nats per token) on the run's validation
+             split, cut in windows of the run's sequence length (at most 64 windows)
+  demo EM    with `--demo_run` (e.g. `make demo`'s LoRA run): exact match of greedy
+             answers to `--demo_data` (`evaluate` with --quantize; first --demo_samples)
+Figures only; quote them from a quiet machine. `--smoke`: a 2-step model, 2 windows.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (before TensorFlow)
+
+MODES = ("none", "int8", "int4", "gptq", "awq")
+
+
+def trained_run(path: str, steps: int, smoke: bool) -> str:
+    """configs/tiny.flags' model trained `steps` steps on the embedded corpus, at `path`."""
+    import contextlib
+    import dataclasses
+    import io
+
+    from deepseek_tf.config import TrainConfig
+    from deepseek_tf.flags import experiment_from_flags
+    from deepseek_tf.train.loop import train
+    exp = experiment_from_flags(common.flag_values(
+        [f"--flagfile={os.path.join(common.ROOT, 'configs', 'tiny.flags')}"]))
+    data = exp.data.replace(data_dir=os.path.join(path, "data"))
+    if smoke:
+        data = data.replace(max_samples=40, seq_len=32)
+        exp = dataclasses.replace(exp, model=exp.model.replace(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1))
+    exp = dataclasses.replace(exp, data=data, train=TrainConfig(
+        steps=steps, batch_size=2 if smoke else 16, log_every=steps, eval_every=0,
+        checkpoint_every=steps, jit_compile="false"))
+    run = os.path.join(path, "run")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(exp, run, log=lambda *_: None)
+    return run
+
+
+def validation_loss(model, exp, windows: int) -> float:
+    """Mean next-token NLL over the validation split of `exp`'s prepared data."""
+    import numpy as np
+    import tensorflow as tf
+
+    from deepseek_tf.data.pipeline import documents
+    from deepseek_tf.data.shards import read_metadata, shard_paths
+    from deepseek_tf.scoring import score_tokens
+    meta = read_metadata(exp.data.data_dir)
+    docs = documents(shard_paths(exp.data.data_dir, meta, "validation"), meta["token_dtype"],
+                     shuffle_seed=None, cycle_length=1, repeat=False)
+    flat = np.concatenate([t.numpy() for t, _ in docs])
+    t = exp.data.seq_len
+    n = min(windows, flat.size // t)
+    ids = tf.constant(flat[:n * t].reshape(n, t).astype(np.int32))
+    log_probs, _ = score_tokens(model, ids)
+    return float(-tf.reduce_sum(log_probs) / (n * (t - 1)))
+
+
+def decode_ms(path: str, new: int, repeats: int) -> float:
+    import tensorflow as tf
+    sig = tf.saved_model.load(path).signatures["generate_ids"]
+    prompt = tf.constant([[256, 84, 104, 101, 32]])
+
+    def run(k):
+        return lambda: sig(input_ids=prompt, lengths=tf.constant([5]),
+                           max_new_tokens=tf.constant([k]), temperature=tf.constant([0.0]),
+                           top_k=tf.constant([0]), top_p=tf.constant([1.0]),
+                           seed=tf.constant([0]))["output_ids"].numpy()
+    one = statistics.median(common.time_calls(run(1), repeats, warmup=1))
+    many = statistics.median(common.time_calls(run(new), repeats, warmup=1))
+    return 1e3 * (many - one) / (new - 1)
+
+
+def main(argv=None):
+    p = common.parser(__doc__)
+    p.add_argument("--workdir", default="", help="a trained run (default: train one here)")
+    p.add_argument("--train_steps", type=int, default=300)
+    p.add_argument("--group_size", type=int, default=32)
+    p.add_argument("--calibration_samples", type=int, default=128)
+    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--demo_run", default="")
+    p.add_argument("--demo_data", default=os.path.join("data", "sft-demo", "heldout.jsonl"))
+    p.add_argument("--demo_samples", type=int, default=200)
+    a = common.start(p, argv)
+    from deepseek_tf.evaluate import evaluate_workdir
+    from deepseek_tf.export import export
+    from deepseek_tf.quantize import quantize_run
+    from deepseek_tf.workdir import load_run_tokenizer, load_workdir
+
+    quiet = lambda *_: None  # noqa: E731
+    modes = ("none", "int4", "awq") if a.smoke else MODES
+    samples, windows, new = (2, 2, 3) if a.smoke else (a.calibration_samples, 64, a.new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = a.workdir or trained_run(tmp, 2 if a.smoke else a.train_steps, a.smoke)
+        group = 16 if a.smoke else a.group_size
+        print(f"model: {workdir if a.workdir else 'configs/tiny.flags trained here'}; "
+              f"group size {group}; gptq/awq on {samples} calibration windows")
+        print(f"{'mode':<6} {'MiB':>7} {'x fp32':>7} {'ms/token':>9} {'val loss':>9}"
+              + (f" {'demo EM':>8}" if a.demo_run else ""))
+        base = None
+        for mode in modes:
+            model, exp = load_workdir(workdir)
+            tok = load_run_tokenizer(workdir, exp)
+            quantize_run(model, exp, tok, mode, group, calibration_samples=samples)
+            loss = validation_loss(model, exp, windows)
+            path = os.path.join(tmp, f"sm_{mode}")
+            export(model, exp, "saved_model", path, log=quiet, workdir=workdir,
+                   max_length=64)          # already quantized in memory
+            size = os.path.getsize(os.path.join(path, "variables",
+                                                "variables.data-00000-of-00001"))
+            base = base or size
+            row = (f"{mode:<6} {size / 2 ** 20:>7.2f} {size / base:>7.2f} "
+                   f"{decode_ms(path, new, a.repeats):>9.2f} {loss:>9.4f}")
+            if a.demo_run:
+                q = None if mode == "none" else dict(mode=mode, group_size=group,
+                                                     calibration_samples=samples)
+                result = evaluate_workdir(a.demo_run, [a.demo_data], max_samples=a.demo_samples,
+                                          output=os.path.join(tmp, f"eval_{mode}.json"),
+                                          log=quiet, quantize=q)
+                row += f" {100 * result['metrics']['exact_match']:>7.1f}%"
+            print(row)
+
+
+if __name__ == "__main__":
+    main()
