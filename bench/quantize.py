@@ -58,16 +58,18 @@ def trained_run(path: str, steps: int, smoke: bool) -> str:
     return run
 
 
-def validation_loss(model, exp, windows: int) -> float:
-    """Mean next-token NLL over the validation split of `exp`'s prepared data."""
+def validation_loss(model, exp, windows: int, workdir: str) -> float:
+    """Mean next-token NLL over the validation split of the run's prepared data."""
     import numpy as np
     import tensorflow as tf
 
     from deepseek_tf.data.pipeline import documents
     from deepseek_tf.data.shards import read_metadata, shard_paths
     from deepseek_tf.scoring import score_tokens
-    meta = read_metadata(exp.data.data_dir)
-    docs = documents(shard_paths(exp.data.data_dir, meta, "validation"), meta["token_dtype"],
+    from deepseek_tf.workdir_files import prepared_data_dir
+    data_dir = prepared_data_dir(exp.data.data_dir, workdir)
+    meta = read_metadata(data_dir)
+    docs = documents(shard_paths(data_dir, meta, "validation"), meta["token_dtype"],
                      shuffle_seed=None, cycle_length=1, repeat=False)
     flat = np.concatenate([t.numpy() for t, _ in docs])
     t = exp.data.seq_len
@@ -123,8 +125,9 @@ def main(argv=None):
         for mode in modes:
             model, exp = load_workdir(workdir)
             tok = load_run_tokenizer(workdir, exp)
-            quantize_run(model, exp, tok, mode, group, calibration_samples=samples)
-            loss = validation_loss(model, exp, windows)
+            quantize_run(model, exp, tok, mode, group, calibration_samples=samples,
+                         workdir=workdir)
+            loss = validation_loss(model, exp, windows, workdir)
             path = os.path.join(tmp, f"sm_{mode}")
             export(model, exp, "saved_model", path, log=quiet, workdir=workdir,
                    max_length=64)          # already quantized in memory

@@ -28,8 +28,8 @@ from absl import app, flags
 
 from deepseek_tf import config as cfg
 from deepseek_tf.errors import ConfigError, UserError
-from deepseek_tf.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, CONVERT_FILE, DATA_DIR,
-                                       METADATA_FILE)
+from deepseek_tf.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, CONVERT_FILE,
+                                       METADATA_FILE, prepared_data_dir)
 
 FLAGS = flags.FLAGS
 # Extra flag names for existing fields: --data.output_dir reads naturally for prepare.
@@ -216,7 +216,7 @@ def adopt_prepared_data(exp: cfg.Experiment, given: dict[str, dict],
     (no `--data.inputs`): the embedded corpus is only the default directory's fallback.
     """
     data = exp.data
-    data_dir = data.data_dir or os.path.join(workdir, DATA_DIR)
+    data_dir = prepared_data_dir(data.data_dir, workdir)
     meta_path = os.path.join(data_dir, METADATA_FILE)
     if not os.path.exists(meta_path):
         if data.data_dir and not data.inputs and not os.path.exists(data.data_dir):

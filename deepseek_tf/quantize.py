@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 
 from deepseek_tf.errors import UserError
+from deepseek_tf.workdir_files import prepared_data_dir
 
 MODES = ("none", "int8", "int4", "gptq", "awq")
 
@@ -41,15 +42,27 @@ def _kept(model):
     return wanted
 
 
-def _check_group_size(model, wanted, group_size: int) -> None:
-    """Every 4-bit layer's input width must be a multiple of `group_size`."""
+#: Keras 3.15's GPTQ works through a kernel's inputs in blocks of this many and, with
+#: `group_size=-1`, makes one scale per block instead of one per output channel: the
+#: scale variable then refuses the result for wider inputs.
+GPTQ_BLOCK = 128
+
+
+def _check_group_size(model, wanted, mode: str, group_size: int) -> None:
+    """Every 4-bit layer's input width must be a multiple of `group_size`; GPTQ with one
+    scale per channel (-1) only takes inputs up to `GPTQ_BLOCK` wide."""
     import keras
     for layer in model._flatten_layers():
         if not wanted(layer) or not isinstance(layer, (keras.layers.Dense,
                                                         keras.layers.EinsumDense)):
             continue
         width = int(layer.kernel.shape[0])
-        if width % group_size:
+        if group_size == -1 and mode == "gptq" and width > GPTQ_BLOCK:
+            raise UserError(f"--quantize=gptq --group_size=-1: Keras' GPTQ makes one scale "
+                            f"per {GPTQ_BLOCK} inputs, not per channel, and layer "
+                            f"{layer.path} has {width}; give a group size that divides "
+                            f"the input widths (e.g. 32 or 128).")
+        if group_size > 0 and width % group_size:
             raise UserError(f"--group_size={group_size} does not divide the input width "
                             f"{width} of layer {layer.path}; pick a divisor (e.g. 32) or -1 "
                             f"(one scale per output channel).")
@@ -182,8 +195,8 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
     if group_size == 0 or group_size < -1:
         raise UserError(f"--group_size={group_size}: a positive integer or -1.")
     wanted = _kept(model)
-    if mode != "int8" and group_size > 0:
-        _check_group_size(model, wanted, group_size)
+    if mode != "int8":
+        _check_group_size(model, wanted, mode, group_size)
     with warnings.catch_warnings(), _no_progress_bar():
         warnings.simplefilter("ignore")  # "Layer RMSNorm does not have a quantize method"
         if mode == "int8":
@@ -214,9 +227,11 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
 
 
 def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_data: str = "",
-                 calibration_samples: int = 256, seq_len: int = 0, log=None) -> None:
+                 calibration_samples: int = 256, seq_len: int = 0, log=None,
+                 workdir: str = "") -> None:
     """`quantize_weights` for a loaded run: gptq/awq calibrate on `calibration_data` or,
-    when empty, on the run's own prepared data.
+    when empty, on the run's own prepared data (`--data.data_dir`, else the workdir's
+    `data/`, where training on the embedded corpus prepares it).
 
     Args:
       model, exp, tok: the loaded run (`load_workdir`, `load_run_tokenizer`).
@@ -226,13 +241,17 @@ def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_
       calibration_samples: calibration windows at most.
       seq_len: tokens per window (0 = the run's `--data.seq_len`).
       log: gets one line on what was quantized.
+      workdir: the run's directory (finds its default prepared data).
     """
     windows = None
-    if mode in ("gptq", "awq"):
-        source = calibration_data or exp.data.data_dir
-        if not source:
-            raise UserError(f"--quantize={mode} needs calibration data and the run names no "
-                            f"prepared data: pass --calibration_data=FILE_OR_DIR.")
+    if mode in ("gptq", "awq"):                   # bad flags before reading any data
+        _check_group_size(model, _kept(model), mode, group_size)
+        source = calibration_data or (prepared_data_dir(exp.data.data_dir, workdir)
+                                      if exp.data.data_dir or workdir else "")
+        if not source or not (calibration_data or os.path.exists(source)):
+            where = f" (none at {source})" if source else ""
+            raise UserError(f"--quantize={mode} needs calibration data and found no prepared "
+                            f"data of the run{where}: pass --calibration_data=FILE_OR_DIR.")
         windows = calibration_windows(source, tok, seq_len or exp.data.seq_len,
                                       calibration_samples)
     quantize_weights(model, mode, group_size, windows, tok)

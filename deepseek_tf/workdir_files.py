@@ -17,6 +17,15 @@ CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 #: Default prepared-data directory when `--data.data_dir` is empty.
 DATA_DIR = "data"
+
+
+def prepared_data_dir(data_dir: str, workdir: str) -> str:
+    """A run's prepared data: `--data.data_dir`, else `DATA_DIR` inside its workdir
+    (where training on the embedded corpus prepares it)."""
+    import os
+    return data_dir or os.path.join(workdir, DATA_DIR)
+
+
 #: In a prepared-data directory: its settings, splits and shards (written last by prepare).
 METADATA_FILE = "metadata.json"
 #: TensorBoard event files and profiler traces.

@@ -57,7 +57,7 @@ from deepseek_tf.model import token_losses
 from deepseek_tf.scoring import perplexity_scorer
 from deepseek_tf.train import aux_losses
 from deepseek_tf.train import strategy as strategy_lib
-from deepseek_tf.workdir_files import DATA_DIR
+from deepseek_tf.workdir_files import prepared_data_dir
 
 
 class Objective:
@@ -128,7 +128,7 @@ class Objective:
 
 # ----------------------------------------------------------------- token data
 def data_dir_of(exp: Experiment, workdir: str) -> str:
-    return exp.data.data_dir or os.path.join(workdir, DATA_DIR)
+    return prepared_data_dir(exp.data.data_dir, workdir)
 
 
 def _wait_for_data(data_dir: str, timeout: float, log) -> None:

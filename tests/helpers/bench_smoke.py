@@ -44,6 +44,10 @@ RESULTS = {
              r"^sampling \(s\) +[\d.]+ +[\d.]+ +[\d.]+$",
              r"^tokens/s +[\d,]+ +[\d,]+ +[\d,]+$",
              r"^rollout share of step time: \d+%; median generator [\d,]+ tokens/s$"],
+    "quantize": [r"^mode +MiB +x fp32 +ms/token +val loss$",
+                 r"^none +[\d.]+ +1\.00 +-?[\d.]+ +[\d.]+$",
+                 r"^int4 +[\d.]+ +0\.\d+ +-?[\d.]+ +[\d.]+$",
+                 r"^awq +[\d.]+ +0\.\d+ +-?[\d.]+ +[\d.]+$"],
     "decode": [r"^hf pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
                r"^saved_model_xla pos 8 ", r"^keras: transformers / ours decode time "
                r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],
