@@ -11,8 +11,8 @@ gptq/awq calibrate on `--calibration_samples` windows of the run's train split).
 mode it prints:
   size       the SavedModel's variables file (MiB) and its ratio to float32
   decode     ms/token of the SavedModel's `generate_ids` (greedy, batch 1, no XLA):
-             (time of --new_tokens tokens - time of 1) / (--new_tokens - 1), the
-             median of --repeats
+             (time of --new_tokens tokens - time of 1) / (--new_tokens - 1); min /
+             median / max over --repeats rounds
   val loss   mean next-token cross-entropy (nats per token) on the run's validation
              split, cut in windows of the run's sequence length (at most 64 windows)
   demo EM    with `--demo_run` (e.g. `make demo`'s LoRA run): exact match of greedy
@@ -23,7 +23,6 @@ Figures only; quote them from a quiet machine. `--smoke`: a 2-step model, 2 wind
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
 
@@ -79,7 +78,9 @@ def validation_loss(model, exp, windows: int, workdir: str) -> float:
     return float(-tf.reduce_sum(log_probs) / (n * (t - 1)))
 
 
-def decode_ms(path: str, new: int, repeats: int) -> float:
+def decode_ms(path: str, new: int, repeats: int) -> tuple[float, float, float]:
+    """(min, median, max) over `repeats` rounds of one decode step's ms: a round times
+    `new` tokens and 1 token, one after the other."""
     import tensorflow as tf
     sig = tf.saved_model.load(path).signatures["generate_ids"]
     prompt = tf.constant([[256, 84, 104, 101, 32]])
@@ -89,9 +90,12 @@ def decode_ms(path: str, new: int, repeats: int) -> float:
                            max_new_tokens=tf.constant([k]), temperature=tf.constant([0.0]),
                            top_k=tf.constant([0]), top_p=tf.constant([1.0]),
                            seed=tf.constant([0]))["output_ids"].numpy()
-    one = statistics.median(common.time_calls(run(1), repeats, warmup=1))
-    many = statistics.median(common.time_calls(run(new), repeats, warmup=1))
-    return 1e3 * (many - one) / (new - 1)
+    run(1)(), run(new)()                                               # trace, warm up
+    rounds = []
+    for _ in range(repeats):
+        one, many = common.time_calls(run(1), 1)[0], common.time_calls(run(new), 1)[0]
+        rounds.append(1e3 * (many - one) / (new - 1))
+    return common.stats(rounds)
 
 
 def main(argv=None):
@@ -119,7 +123,8 @@ def main(argv=None):
         group = 16 if a.smoke else a.group_size
         print(f"model: {workdir if a.workdir else 'configs/tiny.flags trained here'}; "
               f"group size {group}; gptq/awq on {samples} calibration windows")
-        print(f"{'mode':<6} {'MiB':>7} {'x fp32':>7} {'ms/token':>9} {'val loss':>9}"
+        print(f"{'mode':<6} {'MiB':>7} {'x fp32':>7} {'ms/token min/med/max':>21} "
+              f"{'val loss':>9}"
               + (f" {'demo EM':>8}" if a.demo_run else ""))
         base = None
         for mode in modes:
@@ -134,8 +139,8 @@ def main(argv=None):
             size = os.path.getsize(os.path.join(path, "variables",
                                                 "variables.data-00000-of-00001"))
             base = base or size
-            row = (f"{mode:<6} {size / 2 ** 20:>7.2f} {size / base:>7.2f} "
-                   f"{decode_ms(path, new, a.repeats):>9.2f} {loss:>9.4f}")
+            ms = "/".join(f"{v:.2f}" for v in decode_ms(path, new, a.repeats))
+            row = f"{mode:<6} {size / 2 ** 20:>7.2f} {size / base:>7.2f} {ms:>21} {loss:>9.4f}"
             if a.demo_run:
                 q = None if mode == "none" else dict(mode=mode, group_size=group,
                                                      calibration_samples=samples)

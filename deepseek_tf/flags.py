@@ -98,11 +98,12 @@ def define_quantize(help_text: str = "", choices=None) -> None:
         "gptq or awq (4-bit, calibrated on --calibration_data); kv_b_proj, a tied "
         "embedding, norms, routers and MoE expert stacks stay float."), module_name=module)
     flags.DEFINE_integer("group_size", 128, "int4/gptq/awq: input channels per 4-bit scale; "
-                         "must divide each quantized layer's input width; -1 = one scale per "
-                         "output channel.", lower_bound=-1, module_name=module)
+                         "must divide each quantized layer's input width (configs/tiny.flags: "
+                         "32); -1 = one scale per output channel (gptq: only for inputs up to "
+                         "128 wide).", lower_bound=-1, module_name=module)
     flags.DEFINE_string("calibration_data", "", "gptq/awq: a JSONL/text file or a prepared "
                         "data directory to calibrate on; empty = the run's own prepared data "
-                        "(--data.data_dir in its config.json).", module_name=module)
+                        "(its --data.data_dir, else WORKDIR/data).", module_name=module)
     flags.DEFINE_integer("calibration_samples", 256, "gptq/awq: calibration windows (each "
                          "the run's --data.seq_len tokens).", lower_bound=1,
                          module_name=module)
