@@ -44,12 +44,13 @@ EXTRAS = {
     # accelerate: transformers' fine-grained FP8 loader refuses to run without it.
     "parity": ["torch==2.13.0", "transformers>=5,<6", "accelerate>=1,<2"],
     # Edge export: TFLite interpreter, the LiteRT-LM bundle builder, its runtime (Python
-    # API, a manylinux x86_64 wheel) and command line; versions the tests ran with.
+    # API, a manylinux x86_64 wheel) and command line, LiteRT's quantizer (int4 weights);
+    # versions the tests ran with.
     # The OpenAI-compatible HTTP server (python -m deepseek_tf.serve); the tests drive it
     # with the official openai client (in dev).
     "serve": ["fastapi==0.165.0", "uvicorn==0.54.0", "prometheus-client==0.26.0"],
     "edge": ["ai-edge-litert==2.3.0", "litert-lm-builder==0.18.1", "litert-lm-api==0.18.1",
-             "litert-lm==0.18.1"],
+             "litert-lm==0.18.1", "ai-edge-quantizer==0.10.0"],
 }
 
 setup(

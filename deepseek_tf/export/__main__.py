@@ -65,7 +65,9 @@ dflags.define_quantize("hf: fp8 = block-scaled FP8 projections as DeepSeek relea
                        "calibrated on --calibration_data (Keras GPTQ/AWQ); kv_b_proj, a tied "
                        "embedding, norms, routers and MoE expert stacks stay float. "
                        "tflite/litertlm: fp16 = float16 weights, int8 = dynamic-range int8 "
-                       "weights (float activations).",
+                       "weights (float activations), int4 = 4-bit weights per --group_size "
+                       "(32, 64, 128, 256 or -1; LiteRT's ai-edge-quantizer; activations "
+                       "quantized on the fly).",
                        ["none", "fp16", "int8", "fp8", "int4", "gptq", "awq"])
 
 
@@ -79,9 +81,9 @@ def main(argv):
     options = {}
     if FLAGS.quantize == "fp8" and FLAGS.format != "hf":
         raise UserError("--quantize=fp8 applies to --format=hf.")
-    if FLAGS.quantize in ("int4", "gptq", "awq") and FLAGS.format != "saved_model":
+    if FLAGS.quantize in ("gptq", "awq") and FLAGS.format != "saved_model":
         raise UserError(f"--quantize={FLAGS.quantize} applies to --format=saved_model; "
-                        f"tflite/litertlm take fp16 or int8.")
+                        f"tflite/litertlm take fp16, int8 or int4.")
     if FLAGS.format == "hf":
         options = dict(quantize=FLAGS.quantize, shard_mb=FLAGS.shard_mb)
         if (FLAGS.quantize not in ("none", "fp8") or FLAGS["max_length"].present
@@ -105,7 +107,7 @@ def main(argv):
             raise UserError(f"--prefill_lengths={','.join(FLAGS.prefill_lengths)}: "
                                        f"give integers, e.g. 32,128.") from None
         options = dict(max_length=FLAGS.max_length, prefill_lengths=lengths,
-                       quantize=FLAGS.quantize)
+                       quantize=FLAGS.quantize, group_size=FLAGS.group_size)
     from deepseek_tf.export import export, load_workdir
     model, exp = load_workdir(FLAGS.workdir, FLAGS.checkpoint)
     export(model, exp, FLAGS.format, FLAGS.output, workdir=FLAGS.workdir, **options)

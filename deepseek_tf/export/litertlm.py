@@ -114,7 +114,7 @@ def _metadata_text(tok, stops, context: int, jinja: str | None) -> str:
 
 def export_litertlm(model, exp, output: str, log=print, workdir: str | None = None,
                     max_length: int = 0, prefill_lengths=(32,), quantize: str = "none",
-                    tokenizer=None, absorb: bool = True) -> str:
+                    tokenizer=None, absorb: bool = True, group_size: int = 32) -> str:
     """Writes the `.litertlm` bundle `output` (see the module docstring); returns it.
 
     Args as `export_tflite`, plus the run `workdir` (for its tokenizer) or `tokenizer`.
@@ -131,7 +131,7 @@ def export_litertlm(model, exp, output: str, log=print, workdir: str | None = No
     profile = chat_profile(exp, tok)
     template, stops = profile.template, profile.stops
     data, context = tflite_model(model, exp, max_length, prefill_lengths, quantize, absorb,
-                                 log)
+                                 log, group_size)
     with tempfile.TemporaryDirectory() as tmp:  # only the bundle is kept
         model_path = os.path.join(tmp, "model.tflite")
         with open(model_path, "wb") as f:

@@ -36,6 +36,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 
@@ -43,7 +45,9 @@ import tensorflow as tf
 
 from deepseek_tf.errors import UserError
 
-QUANTIZE = ("none", "fp16", "int8")
+QUANTIZE = ("none", "fp16", "int8", "int4")
+#: int4 block sizes (inputs per scale) LiteRT's quantizer offers; -1 = one per channel.
+INT4_GROUPS = (32, 64, 128, 256, -1)
 
 
 def cache_names(num_layers: int) -> list[str]:
@@ -134,8 +138,10 @@ class EdgeModule(tf.Module):
         return sigs
 
 
-def convert(saved_model_dir: str, signature_keys, quantize: str = "none") -> bytes:
-    """The TFLite flatbuffer of a SavedModel's signatures, builtin ops only."""
+def convert(saved_model_dir: str, signature_keys, quantize: str = "none",
+            group_size: int = 32) -> bytes:
+    """The TFLite flatbuffer of a SavedModel's signatures, builtin ops only (int4: the
+    float flatbuffer through `int4_weights`)."""
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir,
                                                          signature_keys=list(signature_keys))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -162,7 +168,40 @@ def convert(saved_model_dir: str, signature_keys, quantize: str = "none") -> byt
     if flex:
         raise UserError(f"the converted model holds non-builtin ops {sorted(set(flex))}; "
                         f"LiteRT runtimes cannot run them.")
-    return data
+    return int4_weights(data, group_size) if quantize == "int4" else data
+
+
+def int4_weights(data: bytes, group_size: int = 32) -> bytes:
+    """`data` with 4-bit weights (LiteRT's own quantizer, `ai-edge-quantizer`): every op
+    it supports with a constant weight (FULLY_CONNECTED, BATCH_MATMUL, EMBEDDING_LOOKUP,
+    ...) gets int4 weights with one scale per `group_size` inputs (-1: per channel);
+    activations stay float and are quantized on the fly by the runtime's kernels.
+    Weights too small for the quantizer (under 1,024 elements) and every other op stay
+    float."""
+    if group_size not in INT4_GROUPS:
+        raise UserError(f"--quantize=int4 --group_size={group_size}: TFLite int4 takes a "
+                        f"group size of {', '.join(map(str, INT4_GROUPS))}.")
+    try:
+        from ai_edge_quantizer import qtyping, quantizer, recipe_manager
+    except ImportError as e:
+        raise UserError("TFLite --quantize=int4 needs ai-edge-quantizer: pip install "
+                        "'deepseek_tf[edge]' (or ai-edge-quantizer==0.10.0).") from e
+    granularity = (qtyping.QuantGranularity.CHANNELWISE if group_size == -1 else
+                   qtyping.QuantGranularity(f"BLOCKWISE_{group_size}"))
+    recipes = recipe_manager.RecipeManager()
+    recipes.add_dynamic_config(regex=".*", num_bits=4, granularity=granularity,
+                               operation_name=qtyping.TFLOperationName.ALL_SUPPORTED)
+    from deepseek_tf.quiet import quiet_stderr
+    try:
+        with quiet_stderr(), contextlib.redirect_stdout(io.StringIO()):  # its size report
+            result = quantizer.Quantizer(bytearray(data), recipes.get_quantization_recipe()
+                                         ).quantize()
+    except ValueError as e:  # e.g. "Quantized dimension 352 ... not divisible by block size"
+        reason = str(e).split("Error: ")[-1]
+        raise UserError(f"--quantize=int4 --group_size={group_size}: LiteRT's quantizer "
+                        f"refused: {reason} Pick a group size that divides the layers' "
+                        f"input widths (e.g. 32) or -1.") from None
+    return bytes(result.quantized_model)
 
 
 def _tf_ops_in(text: str):
@@ -189,7 +228,8 @@ def op_names(data: bytes) -> list[str]:
 
 
 def tflite_model(model, exp, max_length: int = 0, prefill_lengths=(32,),
-                 quantize: str = "none", absorb: bool = True, log=print) -> tuple[bytes, int]:
+                 quantize: str = "none", absorb: bool = True, log=print,
+                 group_size: int = 32) -> tuple[bytes, int]:
     """(the `.tflite` flatbuffer, its context C) of `model` (see `export_tflite`)."""
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize={quantize!r}: choose one of {', '.join(QUANTIZE)}.")
@@ -207,23 +247,25 @@ def tflite_model(model, exp, max_length: int = 0, prefill_lengths=(32,),
         f"quantize={quantize}) ...")
     with tempfile.TemporaryDirectory() as tmp:
         tf.saved_model.save(module, tmp, signatures=sigs)
-        return convert(tmp, sigs, quantize), context
+        return convert(tmp, sigs, quantize, group_size), context
 
 
 def export_tflite(model, exp, output: str, log=print, workdir: str | None = None,
                   max_length: int = 0, prefill_lengths=(32,), quantize: str = "none",
-                  absorb: bool = True) -> str:
+                  absorb: bool = True, group_size: int = 32) -> str:
     """Writes the `.tflite` file `output`; returns its path.
 
     Args:
       model, exp: from `load_workdir` (float32 weights).
       max_length: the context C (cache length); 0 = min(max_position_embeddings, 1024).
       prefill_lengths: the `prefill_<N>` signatures (each N <= C).
-      quantize: "none", "fp16" (float16 weights) or "int8" (dynamic-range int8
-        weights, float activations).
+      quantize: "none", "fp16" (float16 weights), "int8" (dynamic-range int8
+        weights, float activations) or "int4" (`int4_weights`).
+      group_size: int4: inputs per scale (32, 64, 128, 256; -1 = per channel).
     """
     del workdir
-    data, _ = tflite_model(model, exp, max_length, prefill_lengths, quantize, absorb, log)
+    data, _ = tflite_model(model, exp, max_length, prefill_lengths, quantize, absorb, log,
+                           group_size)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "wb") as f:
         f.write(data)
