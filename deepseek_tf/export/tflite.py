@@ -171,6 +171,12 @@ def convert(saved_model_dir: str, signature_keys, quantize: str = "none",
     return int4_weights(data, group_size) if quantize == "int4" else data
 
 
+def _check_int4_group(group_size: int) -> None:
+    if group_size not in INT4_GROUPS:
+        raise UserError(f"--quantize=int4 --group_size={group_size}: TFLite int4 takes a "
+                        f"group size of {', '.join(map(str, INT4_GROUPS))}.")
+
+
 def int4_weights(data: bytes, group_size: int = 32) -> bytes:
     """`data` with 4-bit weights (LiteRT's own quantizer, `ai-edge-quantizer`): every op
     it supports with a constant weight (FULLY_CONNECTED, BATCH_MATMUL, EMBEDDING_LOOKUP,
@@ -178,9 +184,7 @@ def int4_weights(data: bytes, group_size: int = 32) -> bytes:
     activations stay float and are quantized on the fly by the runtime's kernels.
     Weights too small for the quantizer (under 1,024 elements) and every other op stay
     float."""
-    if group_size not in INT4_GROUPS:
-        raise UserError(f"--quantize=int4 --group_size={group_size}: TFLite int4 takes a "
-                        f"group size of {', '.join(map(str, INT4_GROUPS))}.")
+    _check_int4_group(group_size)
     try:
         from ai_edge_quantizer import qtyping, quantizer, recipe_manager
     except ImportError as e:
@@ -233,6 +237,8 @@ def tflite_model(model, exp, max_length: int = 0, prefill_lengths=(32,),
     """(the `.tflite` flatbuffer, its context C) of `model` (see `export_tflite`)."""
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize={quantize!r}: choose one of {', '.join(QUANTIZE)}.")
+    if quantize == "int4":
+        _check_int4_group(group_size)
     context = max_length or min(exp.model.max_position_embeddings, 1024)
     lengths = tuple(sorted({int(n) for n in prefill_lengths}))
     if context < 2 or not lengths or min(lengths) < 1 or max(lengths) > context:

@@ -172,4 +172,12 @@ def test_bad_options_are_one_line_errors(files, tmp_path):
         export(model, exp, "tflite", str(tmp_path / "x.tflite"), log=quiet, max_length=8,
                prefill_lengths=(16,))
     with pytest.raises(UserError, match="quantize"):
-        export(model, exp, "tflite", str(tmp_path / "x.tflite"), log=quiet, quantize="int4")
+        export(model, exp, "tflite", str(tmp_path / "x.tflite"), log=quiet, quantize="gptq")
+    with pytest.raises(UserError, match="int4 --group_size=48: TFLite int4 takes a group size "
+                                        "of 32, 64, 128, 256, -1"):
+        export(model, exp, "tflite", str(tmp_path / "x.tflite"), log=quiet, quantize="int4",
+               group_size=48, max_length=16, prefill_lengths=(4,))
+    with pytest.raises(UserError, match="group_size=64: LiteRT's quantizer refused: .*not "
+                                        "divisible by block size 64.* or -1"):   # width 32
+        export(model, exp, "tflite", str(tmp_path / "x.tflite"), log=quiet, quantize="int4",
+               group_size=64, max_length=16, prefill_lengths=(4,))
