@@ -130,7 +130,7 @@ def main(argv=None):
         for mode in modes:
             model, exp = load_workdir(workdir)
             tok = load_run_tokenizer(workdir, exp)
-            quantize_run(model, exp, tok, mode, group, calibration_samples=samples,
+            model = quantize_run(model, exp, tok, mode, group, calibration_samples=samples,
                          workdir=workdir)
             loss = validation_loss(model, exp, windows, workdir)
             path = os.path.join(tmp, f"sm_{mode}")

@@ -228,8 +228,10 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
 
 def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_data: str = "",
                  calibration_samples: int = 256, seq_len: int = 0, log=None,
-                 workdir: str = "") -> None:
-    """`quantize_weights` for a loaded run: gptq/awq calibrate on `calibration_data` or,
+                 workdir: str = "") -> object:
+    """`quantize_weights` for a loaded run; returns the quantized model: `model` itself,
+    or for a LoRA run its adapters merged first (as export does), so that generate and
+    evaluate score what the export serves. gptq/awq calibrate on `calibration_data` or,
     when empty, on the run's own prepared data (`--data.data_dir`, else the workdir's
     `data/`, where training on the embedded corpus prepares it).
 
@@ -243,6 +245,10 @@ def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_
       log: gets one line on what was quantized.
       workdir: the run's directory (finds its default prepared data).
     """
+    if mode == "none":
+        return model
+    from deepseek_tf.lora import merged_model
+    model = merged_model(model)                     # unchanged without adapters
     windows = None
     if mode in ("gptq", "awq"):                   # bad flags before reading any data
         _check_group_size(model, _kept(model), mode, group_size)
@@ -260,3 +266,4 @@ def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_
                                            else "")
             + (f", calibrated on {len(windows)} windows of {windows.shape[1]} tokens"
                if windows is not None else ""))
+    return model

@@ -66,7 +66,7 @@ def evaluate_workdir(workdir: str, inputs: list[str], task: str = "auto", templa
     tok = load_run_tokenizer(workdir, exp)
     if quantize:
         from deepseek_tf.quantize import quantize_run
-        quantize_run(model, exp, tok, log=log, workdir=workdir, **quantize)
+        model = quantize_run(model, exp, tok, log=log, workdir=workdir, **quantize)
     tmpl = chat_profile(exp, tok, template).template
     name = tmpl.name if tmpl else ""
     if not max_length and task != "generate":

@@ -230,8 +230,9 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
     if max_length < 2:
         raise UserError(f"--max_length={max_length} leaves no room to generate; use >= 2.")
     tok = tokenizer or load_run_tokenizer(workdir, exp)
-    quantize_run(model, exp, tok, quantize, group_size, calibration_data, calibration_samples,
-                 min(exp.data.seq_len, max_length), workdir=workdir or "")
+    model = quantize_run(model, exp, tok, quantize, group_size, calibration_data,
+                         calibration_samples, min(exp.data.seq_len, max_length),
+                         workdir=workdir or "")
     profile = chat_profile(exp, tok)
     jit = jit_value(jit_compile)
     if jit == "auto":

@@ -171,7 +171,7 @@ def main(argv):
     quantize = dflags.quantize_options(FLAGS)
     if quantize:
         from deepseek_tf.quantize import quantize_run
-        quantize_run(model, exp, tok, log=lambda m: print(m, file=sys.stderr),
+        model = quantize_run(model, exp, tok, log=lambda m: print(m, file=sys.stderr),
                      workdir=FLAGS.workdir, **quantize)
     gen = None if FLAGS.jit_compile != "auto" else pick_generator(  # before the clock starts
         model, max_length, profile.stops, tok.pad_id, FLAGS.absorb,
