@@ -206,3 +206,25 @@ def test_tflite_int4_runs_in_litert_and_the_litert_lm_engine(trained_dense_run, 
     shown = want[:-1] if want[-1] == 257 else want    # the engine does not print a stop
     spell = tokenizers.Tokenizer.from_str(byte_tokenizer_json(tok))
     assert session.run_decode().texts[0] == spell.decode(shown, skip_special_tokens=False)
+
+
+def test_a_lora_model_is_merged_before_it_is_quantized(trained_dense_run):
+    """generate/evaluate --quantize on a LoRA run quantize W + (alpha / r) A B, as the
+    export (which merges first) does: same log-probs as quantizing the merged model."""
+    from deepseek_tf.config import LoraConfig
+    from deepseek_tf.lora import apply_lora, is_lora, merged_model
+    exp = load_experiment(trained_dense_run)
+    tok = load_run_tokenizer(trained_dense_run, exp)
+    model, _ = load_workdir(trained_dense_run)
+    apply_lora(model, LoraConfig(rank=4, targets="all"))
+    rng = np.random.default_rng(0)
+    for v in model.variables:
+        if "lora_kernel_b" in v.path:       # B starts at zero: give the adapters an effect
+            v.assign(rng.normal(0, 0.05, v.shape).astype(np.float32))
+    ids = tf.constant([PROMPT])
+    want = score_tokens(quantize_run(merged_model(model), exp, tok, "int4", 32), ids)[0]
+    quantized = quantize_run(model, exp, tok, "int4", 32)
+    assert not is_lora(quantized)
+    np.testing.assert_allclose(score_tokens(quantized, ids)[0], want, atol=1e-5)
+    assert not np.allclose(score_tokens(load_workdir(trained_dense_run)[0], ids)[0], want,
+                           atol=1e-2)                       # the adapters did count
