@@ -147,7 +147,7 @@ def main(argv=None):
                 result = evaluate_workdir(a.demo_run, [a.demo_data], max_samples=a.demo_samples,
                                           output=os.path.join(tmp, f"eval_{mode}.json"),
                                           log=quiet, quantize=q)
-                row += f" {100 * result['metrics']['exact_match']:>7.1f}%"
+                row += f" {result['metrics']['exact_match']:>7.1f}%"
             print(row)
 
 
