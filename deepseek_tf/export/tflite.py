@@ -178,12 +178,11 @@ def _check_int4_group(group_size: int) -> None:
 
 
 def int4_weights(data: bytes, group_size: int = 32) -> bytes:
-    """`data` with 4-bit weights (LiteRT's own quantizer, `ai-edge-quantizer`): every op
-    it supports with a constant weight (FULLY_CONNECTED, BATCH_MATMUL, EMBEDDING_LOOKUP,
-    ...) gets int4 weights with one scale per `group_size` inputs (-1: per channel);
-    activations stay float and are quantized on the fly by the runtime's kernels.
-    Weights too small for the quantizer (under 1,024 elements) and every other op stay
-    float."""
+    """`data` with 4-bit weights (LiteRT's own quantizer, `ai-edge-quantizer`): the
+    constant weights of FULLY_CONNECTED ops (the projections, an untied output head) get
+    int4 with one scale per `group_size` inputs (-1: per channel); activations stay float
+    and are quantized on the fly by the runtime's kernels. The embedding's GATHER and the
+    BATCH_MATMUL weights (MoE expert stacks, MLA's absorbed kv_b_proj) stay float."""
     _check_int4_group(group_size)
     try:
         from ai_edge_quantizer import qtyping, quantizer, recipe_manager
@@ -203,8 +202,8 @@ def int4_weights(data: bytes, group_size: int = 32) -> bytes:
     except ValueError as e:  # e.g. "Quantized dimension 352 ... not divisible by block size"
         reason = str(e).split("Error: ")[-1]
         raise UserError(f"--quantize=int4 --group_size={group_size}: LiteRT's quantizer "
-                        f"refused: {reason} Pick a group size that divides the layers' "
-                        f"input widths (e.g. 32) or -1.") from None
+                        f"refused: {reason} Pick a group size that divides every layer's "
+                        f"input width, or -1 (one scale per channel).") from None
     return bytes(result.quantized_model)
 
 
