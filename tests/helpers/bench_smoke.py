@@ -44,6 +44,10 @@ RESULTS = {
              r"^sampling \(s\) +[\d.]+ +[\d.]+ +[\d.]+$",
              r"^tokens/s +[\d,]+ +[\d,]+ +[\d,]+$",
              r"^rollout share of step time: \d+%; median generator [\d,]+ tokens/s$"],
+    "moe_decode": [r"^E=8: top-2, expert width 96, ",
+                   r"^decode at T=16 \(XLA off\) +min +median +max +ms/token",
+                   r"^XLA off: E=8 / E=4 decode time [\d.]+x \(target <= 1.2\)$",
+                   r"^XLA on: E=8 / E=4 decode time [\d.]+x \(target <= 1.2\)$"],
     "decode": [r"^hf pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
                r"^saved_model_xla pos 8 ", r"^keras: transformers / ours decode time "
                r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],
