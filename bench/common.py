@@ -10,6 +10,8 @@ the path. It imports no TensorFlow itself, so a reference side (torch) can use i
 - `side_env`, `run_side`, `alternate`, `report`: each side of a comparison runs alone,
   in a fresh process with its library's defaults, sides taking turns round after round.
 - `train_step_runner` & co.: the trainer's real step on synthetic batches.
+- `decode_runners`, `take_turns`: our KV-cache decode step for several models in one
+  process, the models taking turns round after round.
 """
 
 from __future__ import annotations
@@ -252,6 +254,44 @@ def batches(batch: int, seq: int, vocab: int, seed: int = 0):
     """An endless iterator of one random packed batch (as the pipeline yields, A=1)."""
     import tensorflow as tf
     return iter(tf.data.Dataset.from_tensors(random_batch(batch, seq, vocab, seed)).repeat())
+
+
+def decode_runners(cfgs: dict, length: int, jit: bool) -> dict:
+    """{name: () -> seconds of one decode step at position `length` - 1} (batch 1): the
+    generator's own step (`generate.decode.decode_step`) against a cache of `length`
+    slots prefilled with `length` - 1 random tokens; the fastest of 5 steps."""
+    import numpy as np
+    import tensorflow as tf
+
+    from deepseek_tf.generate.decode import decode_step
+    from deepseek_tf.model import DeepSeekCausalLM
+    prompt = np.random.default_rng(0).integers(0, 256, (1, length - 1)).astype(np.int32)
+    pad, token = tf.zeros([1], tf.int32), tf.constant([[7]])
+    out = {}
+    for key, cfg in cfgs.items():
+        tf.keras.utils.set_random_seed(0)
+        model = DeepSeekCausalLM(cfg)
+        prefill = tf.function(lambda p, c, model=model: model.call_cached(p, c, 0, pad)[1],
+                              autograph=False)
+        cache = prefill(tf.constant(prompt), model.init_cache(1, length))
+        step = decode_step(model, jit_compile=jit)
+        if not jit:
+            step = tf.function(step, autograph=False)
+
+        def one(step=step, cache=cache):
+            return float(tf.reduce_sum(step(token, cache, length - 1, pad)[0]))
+        one()  # trace / compile
+        out[key] = lambda one=one: min(time_calls(one, 5))
+    return out
+
+
+def take_turns(runners: dict, rounds: int) -> dict:
+    """{name: [value per round]}: the runners take turns, round after round."""
+    values = {k: [] for k in runners}
+    for _ in range(rounds):
+        for k, fn in runners.items():
+            values[k].append(fn())
+    return values
 
 
 def flag_values(argv: list[str]):

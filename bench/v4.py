@@ -64,50 +64,12 @@ def train(cfgs: dict, rounds: int, smoke: bool) -> None:
     for fn in runners.values():
         fn()  # trace / compile
     batch, seq = (2, 32) if smoke else (BATCH, SEQ)
-    steps = alternate({k: lambda fn=fn: common.time_calls(fn, 1)[0] for k, fn in
+    steps = common.take_turns({k: lambda fn=fn: common.time_calls(fn, 1)[0] for k, fn in
                        runners.items()}, rounds)
     tokens = {f"{k} ({modes[k]})": [batch * seq / s for s in v] for k, v in steps.items()}
     common.print_stats(f"train {batch}x{seq}", tokens, "tokens/s")
     med = {k[:2]: common.stats(v)[1] for k, v in tokens.items()}
     print(f"train tokens/s V4 / V3: {med['v4'] / med['v3']:.2f}x")
-
-
-def decode_runners(cfgs: dict, length: int, jit: bool) -> dict:
-    """{name: () -> seconds of one decode step at position `length` - 1} (batch 1): the
-    generator's own step (`generate.decode.decode_step`) against a cache of `length`
-    slots prefilled with `length` - 1 random tokens; the fastest of 5 steps."""
-    import numpy as np
-    import tensorflow as tf
-
-    from deepseek_tf.generate.decode import decode_step
-    from deepseek_tf.model import DeepSeekCausalLM
-    prompt = np.random.default_rng(0).integers(0, 256, (1, length - 1)).astype(np.int32)
-    pad, token = tf.zeros([1], tf.int32), tf.constant([[7]])
-    out = {}
-    for key, cfg in cfgs.items():
-        tf.keras.utils.set_random_seed(0)
-        model = DeepSeekCausalLM(cfg)
-        prefill = tf.function(lambda p, c, model=model: model.call_cached(p, c, 0, pad)[1],
-                              autograph=False)
-        cache = prefill(tf.constant(prompt), model.init_cache(1, length))
-        step = decode_step(model, jit_compile=jit)
-        if not jit:
-            step = tf.function(step, autograph=False)
-
-        def one(step=step, cache=cache):
-            return float(tf.reduce_sum(step(token, cache, length - 1, pad)[0]))
-        one()  # trace / compile
-        out[key] = lambda one=one: min(common.time_calls(one, 5))
-    return out
-
-
-def alternate(runners: dict, rounds: int) -> dict:
-    """{name: [value per round]}: the runners take turns, round after round."""
-    values = {k: [] for k in runners}
-    for _ in range(rounds):
-        for k, fn in runners.items():
-            values[k].append(fn())
-    return values
 
 
 def main(argv=None):
@@ -129,7 +91,7 @@ def main(argv=None):
     if not a.no_train:
         train(cfgs, rounds, a.smoke)
     for t in lengths:
-        ms = alternate(decode_runners(cfgs, t, a.jit_compile), rounds)
+        ms = common.take_turns(common.decode_runners(cfgs, t, a.jit_compile), rounds)
         rows = {k: [v * 1e3 for v in vals] for k, vals in ms.items()}
         common.print_stats(f"decode T={t} (XLA {'on' if a.jit_compile else 'off'})", rows,
                            "ms/token", "{:,.2f}")

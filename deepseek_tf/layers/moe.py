@@ -14,6 +14,11 @@ Sparse dispatch (compute grows with top_k, not with the number of experts):
 Capacity `C = ceil(capacity_factor * N * k / E)` (at most N). `capacity_factor <= 0`
 is dropless: C is the largest expert load of the batch (exact, but a data-dependent
 shape, so not under XLA). Dropped pairs are counted.
+
+Few tokens (a decode step: N * k <= E), dropless and not training: each token gathers
+its k experts' weights and runs them as batched matmuls (`gathered_experts`): a step
+reads k experts' weights per token instead of all E (the buffers above would give every
+expert every token once C = N, as static-shape decoding must).
 """
 
 from __future__ import annotations
@@ -88,6 +93,24 @@ def dispatch_combine(x, indices, weights, gate_up, down, capacity=None, activati
     y = tf.reduce_sum(yk * w, axis=0)                                      # (N, d)
     dropped = tf.cast(tf.size(keep), tf.float32) - tf.reduce_sum(tf.cast(keep, tf.float32))
     return y, tf.cast(load, tf.float32), dropped
+
+
+def gathered_experts(x, weights, gate_up, down, activation="silu", swiglu_limit: float = 0.0):
+    """Every token through its own chosen experts' gathered weights (exact, dropless).
+
+    Args:
+      x: (N, d) tokens.
+      weights: (N, k) combine weights.
+      gate_up: (N, k, d, 2f) each token's chosen experts' fused gate/up weights.
+      down: (N, k, f, d).
+      activation, swiglu_limit: as `dispatch_combine`.
+
+    Returns y (N, d).
+    """
+    gate, up = tf.split(tf.einsum("nd,nkdf->nkf", x, gate_up), 2, axis=-1)  # (N, k, f)
+    yk = tf.einsum("nkf,nkfd->nkd", gated(gate, up, activation, swiglu_limit), down)  # (N, k, d)
+    w = tf.expand_dims(tf.cast(weights, yk.dtype), -1)                     # (N, k, 1)
+    return tf.reduce_sum(yk * w, axis=1)                                   # (N, d)
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -178,12 +201,22 @@ class DeepSeekMoE(keras.layers.Layer):
         factor = self.capacity_factor if training else self.inference_capacity_factor
         if capacity_factor is not None:  # the caller's choice (cached decoding: dropless)
             factor = capacity_factor
-        capacity = expert_capacity(n, self.top_k, self.num_experts, factor)
-        y, load, dropped = dispatch_combine(
-            tf.reshape(x, [-1, self.hidden_size]), route["indices"], route["weights"],
+        flat = tf.reshape(x, [-1, self.hidden_size])                       # (N, d)
+        dispatch = lambda: dispatch_combine(  # noqa: E731
+            flat, route["indices"], route["weights"],
             self._expert_weight("gate_up_proj", x.dtype),
             self._expert_weight("down_proj", x.dtype),
-            capacity, self.activation, self.swiglu_limit)
+            expert_capacity(n, self.top_k, self.num_experts, factor), self.activation,
+            self.swiglu_limit)
+        dropless = factor <= 0 or factor * self.top_k >= self.num_experts
+        if training or not dropless or (isinstance(n, int) and
+                                        n * self.top_k > self.num_experts):
+            y, load, dropped = dispatch()
+        elif isinstance(n, int):                    # a static decode step: few tokens
+            y, load, dropped = self._gathered(flat, route)
+        else:                                       # decided per call (graph mode)
+            y, load, dropped = tf.cond(n * self.top_k <= self.num_experts,
+                                       lambda: self._gathered(flat, route), dispatch)
         y = tf.reshape(y, tf.shape(x))                                     # (B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -195,6 +228,24 @@ class DeepSeekMoE(keras.layers.Layer):
                                                      self.num_experts),
                "z_loss": router_z_loss(route["logits"])}
         return y, aux
+
+    def _gathered(self, flat, route):
+        """`gathered_experts` with the aux values of `dispatch_combine` (nothing dropped)."""
+        idx = route["indices"]                                             # (N, k)
+        y = gathered_experts(flat, route["weights"],
+                             self._expert_rows("gate_up_proj", idx, flat.dtype),
+                             self._expert_rows("down_proj", idx, flat.dtype),
+                             self.activation, self.swiglu_limit)
+        load = tf.reduce_sum(tf.one_hot(tf.reshape(idx, [-1]), self.num_experts), axis=0)
+        return y, load, tf.constant(0.0)                                   # load (E,)
+
+    def _expert_rows(self, name: str, idx, dtype):
+        """The stacked weight `name` of the experts in `idx` (N, k): (N, k, in, out)."""
+        w = tf.gather(getattr(self, name), idx)
+        if not self.int8_weights:
+            return tf.cast(w, dtype)
+        scale = tf.gather(getattr(self, name + "_scale"), idx)            # (N, k, out)
+        return tf.cast(tf.cast(w, tf.float32) / scale[:, :, None, :], dtype)
 
     def _expert_weight(self, name: str, dtype):
         """A stacked expert weight in `dtype` (int8 ones dequantized: q / scale)."""

@@ -48,6 +48,10 @@ RESULTS = {
                  r"^none +[\d.]+ +1\.00 +(-?[\d.]+/){2}-?[\d.]+ +[\d.]+$",
                  r"^int4 +[\d.]+ +0\.\d+ +(-?[\d.]+/){2}-?[\d.]+ +[\d.]+$",
                  r"^awq +[\d.]+ +0\.\d+ +(-?[\d.]+/){2}-?[\d.]+ +[\d.]+$"],
+    "moe_decode": [r"^E=8: top-2, expert width 96, ",
+                   r"^decode at T=16 \(XLA off\) +min +median +max +ms/token",
+                   r"^XLA off: E=8 / E=4 decode time [\d.]+x \(target <= 1.2\)$",
+                   r"^XLA on: E=8 / E=4 decode time [\d.]+x \(target <= 1.2\)$"],
     "decode": [r"^hf pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
                r"^saved_model_xla pos 8 ", r"^keras: transformers / ours decode time "
                r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],

@@ -98,6 +98,52 @@ def test_dropless_moe_equals_dense_reference():
     assert float(aux["dropped"]) == 0.0 and float(tf.reduce_sum(aux["load"])) == 18 * 2
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_few_tokens_gather_their_experts_and_equal_the_reference(int8, monkeypatch):
+    """A decode-sized call (N * k <= E, dropless, inference) runs on each token's gathered
+    expert weights (int8 stacks dequantized after the gather): the numpy reference's
+    output and `dispatch_combine`'s load, eagerly, in a graph whose batch is unknown
+    until it runs, and under XLA with the static decode's capacity."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 1, 16)).astype(np.float32)              # N = 3, k = 2, E = 8
+    moe = _moe(inference_capacity_factor=0.0)
+    moe(tf.constant(x))
+    if int8:                                 # the keep-quantized layout, built by hand
+        q = DeepSeekMoE(hidden_size=16, num_experts=8, top_k=2, moe_intermediate_size=8,
+                        n_shared_experts=1, n_group=4, topk_group=2,
+                        weight_quantization="int8")
+        q(tf.constant(x))
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(moe, name).numpy()
+            scale = 127 / np.abs(w).max(axis=1)                      # (E, out)
+            getattr(q, name).assign(np.round(w * scale[:, None, :]).astype(np.int8))
+            getattr(q, name + "_scale").assign(scale)
+            getattr(moe, name).assign(np.round(w * scale[:, None, :]) / scale[:, None, :])
+        for v, src in zip(q.gate.weights + q.shared_experts.weights,
+                          moe.gate.weights + moe.shared_experts.weights):
+            v.assign(src)
+        layer = q
+    else:
+        layer = moe
+    gathered = []
+    real = DeepSeekMoE._gathered
+    monkeypatch.setattr(DeepSeekMoE, "_gathered",
+                        lambda self, *a: gathered.append(1) or real(self, *a))
+    route = moe.gate(tf.constant(x.reshape(3, 16)))
+    idx = route["indices"].numpy()
+    ref = _experts_reference(moe, x.reshape(3, 16), idx, route["weights"].numpy())
+    graph = tf.function(lambda v: layer(v, return_aux=True),
+                        input_signature=[tf.TensorSpec([None, 1, 16])])
+    xla = tf.function(lambda v: layer(v, capacity_factor=8 / 2), jit_compile=True)
+    for y, aux in (layer(tf.constant(x), return_aux=True), graph(tf.constant(x)),
+                   (xla(tf.constant(x)), None)):
+        np.testing.assert_allclose(y.numpy().reshape(3, 16), ref, rtol=1e-4, atol=1e-5)
+        if aux is not None:
+            assert float(aux["dropped"]) == 0.0
+            np.testing.assert_array_equal(aux["load"], np.bincount(idx.ravel(), minlength=8))
+    assert len(gathered) == 3                   # eager, the graph's cond branch, XLA
+
+
 def test_small_capacity_drops_later_choices_first_and_counts_them():
     x = np.random.default_rng(2).normal(size=(1, 24, 16)).astype(np.float32)
     moe = _moe(capacity_factor=0.5)
