@@ -42,6 +42,15 @@ ISSUE3 = ModelConfig(
     n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
     n_group=4, topk_group=2, first_k_dense_replace=1, capacity_factor=1.25)
 BATCH, SEQ = 8, 256
+# A matmul-bound config: hidden 1024, 4 layers (first dense), 16 heads, MLA (q_lora 512,
+# kv_lora 256, nope 64, rope 32, v 64), dense MLP 2816, 16 routed experts of width 1024
+# + 1 shared, top-2, vocab 512; batch 4 x 512 tokens (8 layers and 8 x 512 take over a
+# minute per float32 step on 2 cores and two such models do not fit 24 GB).
+MATMUL = ISSUE3.replace(
+    hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=2816,
+    max_position_embeddings=512, q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64,
+    qk_rope_head_dim=32, v_head_dim=64, moe_intermediate_size=1024)
+MATMUL_BATCH, MATMUL_SEQ = 4, 512
 # `--smoke`: the same kind of model (MLA + MoE + shared expert), tiny and one layer (MoE):
 # tracing costs ~proportionally to layers, and the smoke set runs in the test suite.
 SMOKE = ISSUE3.replace(hidden_size=64, num_hidden_layers=1, first_k_dense_replace=0,
@@ -376,11 +385,11 @@ def update_runner(cfg, precision: str = "float32"):
     return lambda: int(update())
 
 
-def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
-    """Measured float32 matmul FLOP/s: the best of plain TF and XLA on n x n matmuls."""
+def matmul_peak(n: int = 1024, repeats: int = 20, dtype: str = "float32") -> float:
+    """Measured `dtype` matmul FLOP/s: the best of plain TF and XLA on n x n matmuls."""
     import tensorflow as tf
-    a = tf.random.normal((n, n))
-    b = tf.random.normal((n, n))
+    a = tf.cast(tf.random.normal((n, n)), dtype)
+    b = tf.cast(tf.random.normal((n, n)), dtype)
     best = 0.0
     def matmul_sum(x, y):
         return tf.reduce_sum(tf.matmul(x, y))

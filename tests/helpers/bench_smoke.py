@@ -15,7 +15,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # bench -> lines its smoke run must print (regular expressions, one line each).
 RESULTS = {
-    "train_throughput": [r"^no XLA +[\d,]+ +[\d,]+ +[\d,]+$", r"^XLA: MFU [\d.]+% \(median\)$"],
+    "train_throughput": [r"^float32 no XLA +[\d,]+ +[\d,]+ +[\d,]+$",
+                         r"^mixed_bfloat16 XLA: MFU [\d.]+% of the bfloat16 peak, ",
+                         r"^bfloat16 / float32 step, best modes: [\d.]+x$"],
     "moe_scaling": [r"layer  sparse: E=4 .* ratio [\d.]+", r"model  train step: E=4 .* ratio [\d.]+"],
     "data_throughput": [r"^prepare \[.*documents/s", r"^pipeline / training: [\d.]+x"],
     "remat_memory": [r"^remat=block +peak step memory", r"^block / none: memory [\d.]+x"],
