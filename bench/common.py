@@ -10,8 +10,8 @@ the path. It imports no TensorFlow itself, so a reference side (torch) can use i
 - `side_env`, `run_side`, `alternate`, `report`: each side of a comparison runs alone,
   in a fresh process with its library's defaults, sides taking turns round after round.
 - `train_step_runner` & co.: the trainer's real step on synthetic batches.
-- `decode_runners`, `take_turns`: our KV-cache decode step for several models in one
-  process, the models taking turns round after round.
+- `decode_runners`, `take_turns`, `decode_table`: our KV-cache decode step for several
+  models in one process, the models taking turns round after round.
 """
 
 from __future__ import annotations
@@ -292,6 +292,15 @@ def decode_runners(cfgs: dict, length: int, jit: bool) -> dict:
         one()  # trace / compile
         out[key] = lambda one=one: min(time_calls(one, 5))
     return out
+
+
+def decode_table(title: str, cfgs: dict, length: int, jit: bool, rounds: int) -> dict:
+    """`decode_runners` taking turns for `rounds`: prints min / median / max ms/token per
+    model under `title`; returns {name: median ms}."""
+    ms = take_turns(decode_runners(cfgs, length, jit), rounds)
+    rows = {k: [v * 1e3 for v in vals] for k, vals in ms.items()}
+    print_stats(title, rows, "ms/token", "{:,.2f}")
+    return {k: stats(v)[1] for k, v in rows.items()}
 
 
 def take_turns(runners: dict, rounds: int) -> dict:

@@ -45,11 +45,8 @@ def main(argv=None):
               f"{n['active'] / 1e6:.2f}M active per token")
     first, last = f"E={experts[0]}", f"E={experts[-1]}"
     for jit in (False, True):
-        ms = common.take_turns(common.decode_runners(cfgs, length, jit), rounds)
-        rows = {k: [v * 1e3 for v in vals] for k, vals in ms.items()}
-        common.print_stats(f"decode at T={length} (XLA {'on' if jit else 'off'})", rows,
-                           "ms/token", "{:,.2f}")
-        m = {k: common.stats(v)[1] for k, v in rows.items()}
+        m = common.decode_table(f"decode at T={length} (XLA {'on' if jit else 'off'})", cfgs,
+                                length, jit, rounds)
         print(f"XLA {'on' if jit else 'off'}: {last} / {first} decode time "
               f"{m[last] / m[first]:.2f}x (target <= 1.2)")
 

@@ -91,11 +91,8 @@ def main(argv=None):
     if not a.no_train:
         train(cfgs, rounds, a.smoke)
     for t in lengths:
-        ms = common.take_turns(common.decode_runners(cfgs, t, a.jit_compile), rounds)
-        rows = {k: [v * 1e3 for v in vals] for k, vals in ms.items()}
-        common.print_stats(f"decode T={t} (XLA {'on' if a.jit_compile else 'off'})", rows,
-                           "ms/token", "{:,.2f}")
-        m = {k: common.stats(v)[1] for k, v in rows.items()}
+        m = common.decode_table(f"decode T={t} (XLA {'on' if a.jit_compile else 'off'})",
+                                cfgs, t, a.jit_compile, rounds)
         print(f"decode ms/token at T={t}: V4 {m['v4']:.2f}, V3 {m['v3']:.2f}, "
               f"V4 / V3 {m['v4'] / m['v3']:.2f}x")
 
