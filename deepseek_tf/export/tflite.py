@@ -195,14 +195,16 @@ def int4_weights(data: bytes, group_size: int = 32) -> bytes:
     recipes.add_dynamic_config(regex=".*", num_bits=4, granularity=granularity,
                                operation_name=qtyping.TFLOperationName.ALL_SUPPORTED)
     from deepseek_tf.quiet import quiet_stderr
-    try:
-        with quiet_stderr(), contextlib.redirect_stdout(io.StringIO()):  # its size report
+    refused = ""
+    with quiet_stderr(), contextlib.redirect_stdout(io.StringIO()):  # progress, size report
+        try:  # a refusal is caught inside, so that quiet_stderr does not replay the bars
             result = quantizer.Quantizer(bytearray(data), recipes.get_quantization_recipe()
                                          ).quantize()
-    except ValueError as e:  # e.g. "Quantized dimension 352 ... not divisible by block size"
-        reason = str(e).split("Error: ")[-1]
+        except ValueError as e:  # "Quantized dimension 352 ... not divisible by block size"
+            refused = str(e).split("Error: ")[-1]
+    if refused:
         raise UserError(f"--quantize=int4 --group_size={group_size}: LiteRT's quantizer "
-                        f"refused: {reason} Pick a group size that divides every layer's "
+                        f"refused: {refused} Pick a group size that divides every layer's "
                         f"input width, or -1 (one scale per channel).") from None
     return bytes(result.quantized_model)
 
