@@ -170,6 +170,7 @@ class DeepSeekCausalLM(keras.Model):
             out = maybe_remat(run, self.remat == "block")(x)
             x, a = out if return_aux else (out, {})
             layer_aux.append(a)
+        h = x                                              # MTP input: V4 the streams
         if self.hc_head is not None:
             x = self.hc_head(x)                            # (B, T, D)
         logits = self.head(self.norm(x))
@@ -177,7 +178,7 @@ class DeepSeekCausalLM(keras.Model):
             return logits
         mtp_logits = []
         for k, module in enumerate(self.mtp, start=1):
-            normed, x, a = module(x, self.embed_tokens(shift_left(inputs, k)), positions, mask,
+            normed, h, a = module(h, self.embed_tokens(shift_left(inputs, k)), positions, mask,
                                   training=training, return_aux=True,
                                   dropout_seed=fold_seed(seed, len(self.blocks) + k))
             layer_aux.append(a)

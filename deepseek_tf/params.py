@@ -28,8 +28,7 @@ def v4_attention_params(c: ModelConfig, layer_idx: int) -> int:
     """A V4Attention: low-rank queries, shared KV, grouped output, sinks; compressors and
     (CSA) the indexer."""
     d, h, hd, r = c.hidden_size, c.num_attention_heads, c.resolved_head_dim, c.q_lora_rank
-    kinds = c.resolved_layer_types
-    kind = kinds[min(layer_idx, len(kinds) - 1)]
+    kind = c.layer_type(layer_idx)
     n = d * r + r + r * h * hd + d * hd + hd + h * hd * c.o_lora_rank
     n += c.o_groups * c.o_lora_rank * d + h
     if kind == "compressed_sparse_attention":
@@ -78,8 +77,7 @@ def mlp_params(c: ModelConfig, layer_idx: int) -> tuple[int, int]:
     if not c.is_moe_layer(layer_idx):
         return 3 * d * c.intermediate_size, 3 * d * c.intermediate_size
     e, k, f = c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size
-    kinds = c.resolved_mlp_layer_types
-    if kinds[min(layer_idx, len(kinds) - 1)] == "hash_moe":  # tid2eid, no bias
+    if c.mlp_layer_type(layer_idx) == "hash_moe":  # tid2eid, no bias
         router = d * e + c.vocab_size * k
     else:
         router = d * e + (e if c.topk_method == "noaux_tc" else 0)
@@ -107,6 +105,8 @@ def count_parameters(c: ModelConfig) -> dict[str, int]:
     for k in range(1, c.num_nextn_predict_layers + 1):
         t, a = block_params(c, c.num_hidden_layers + k - 1)
         extra = 3 * d + 2 * d * d  # enorm, hnorm, shared_head.norm, eh_proj
+        if c.hc_mult:              # V4: the module's own HyperHead
+            extra += c.hc_mult * d * c.hc_mult + c.hc_mult + 1
         mtp_t, mtp_a = mtp_t + t + extra, mtp_a + a + extra
     return {"total": total, "active": active, "embedding": embedding,
             "mtp_total": mtp_t, "mtp_active": mtp_a}
@@ -117,7 +117,7 @@ def _keys_per_query(c: ModelConfig, layer_idx: int, t: int) -> tuple[int, int, i
     block `layer_idx` at length t: dense T; V3.2's DSA the top-k; V4 its window plus
     the compressed entries it reads (CSA: the top-k of T / m, HCA: all T / m')."""
     if c.attention_type == "v4":
-        kind = c.resolved_layer_types[min(layer_idx, c.num_hidden_layers - 1)]
+        kind = c.layer_type(layer_idx)
         window = min(c.sliding_window, t)
         if kind == "compressed_sparse_attention":
             entries = t // c.compress_rate_csa

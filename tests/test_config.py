@@ -68,7 +68,6 @@ def test_defaults_validate_and_round_trip():
     ("model", dict(tiny.V4, o_groups=3), "o_groups=3 must divide"),
     ("model", dict(tiny.V4, qk_rope_head_dim=32), "qk_rope_head_dim=32 must be even"),
     ("model", dict(tiny.V4, swiglu_limit=-1.0), "swiglu_limit must be >= 0"),
-    ("model", dict(tiny.V4, num_nextn_predict_layers=1), "MTP over hyper-connection"),
     ("model", dict(layer_types=",".join(["sliding_attention"] * 4)), "needs "
      "--model.attention_type=v4"),
     ("model", dict(mlp_layer_types="hash_moe,moe,moe,moe"), "needs MoE"),

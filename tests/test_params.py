@@ -27,6 +27,7 @@ MOE = dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
     dict(MLA, **MOE, use_dsa=True, index_topk=4, index_head_dim=8, index_n_heads=2,
          num_nextn_predict_layers=1),
     dict(tiny.V4, scoring_func="sqrtsoftplus"),
+    dict(tiny.V4, num_nextn_predict_layers=2),
 ])
 def test_analytic_count_equals_the_built_model(kw):
     cfg = tiny.model_config(**kw)
@@ -56,22 +57,26 @@ def test_deepseek_presets_have_the_published_sizes():
     assert abs((lite["active"] - lite["embedding"]) / 1e9 - 2.4) < 0.1
 
 
-@pytest.mark.parametrize("name,released,total,card_total,card_unit,card_active", [
+@pytest.mark.parametrize("name,released,total,mtp,card_total,card_unit,card_active", [
     # transformers' DeepseekV4ForCausalLM: 284,332,230,231 parameters + 2,337,280 buffers
     # (tid2eid of the 3 hash-routed layers, the other layers' router correction biases).
-    ("deepseek-v4-flash.flags", v4_released.FLASH, 284_334_567_511, 284e9, 1e9, 13e9),
+    ("deepseek-v4-flash.flags", v4_released.FLASH, 284_334_567_511, 6_610_048_891,
+     284e9, 1e9, 13e9),
     # 1,572,997,179,491 + 2,349,312; the card's "1.6T" is 1.57T rounded.
-    ("deepseek-v4-pro.flags", v4_released.PRO, 1_572_999_528_803, 1.6e12, 1e11, 49e9),
+    ("deepseek-v4-pro.flags", v4_released.PRO, 1_572_999_528_803, 25_840_145_979,
+     1.6e12, 1e11, 49e9),
 ], ids=["flash", "pro"])
-def test_deepseek_v4_presets_are_the_released_shapes_and_sizes(name, released, total,
+def test_deepseek_v4_presets_are_the_released_shapes_and_sizes(name, released, total, mtp,
                                                                 card_total, card_unit,
                                                                 card_active):
     cfg = _preset(name)
-    # What convert reads from the released config.json (mscale is unused: the attention
-    # factor is given).
-    assert cfg == model_config_from_hf(released)[0].replace(mscale=1.0)
+    # What convert reads from the released config.json and its one MTP layer (mscale is
+    # unused: the attention factor is given).
+    assert cfg == model_config_from_hf(released)[0].replace(mscale=1.0,
+                                                           num_nextn_predict_layers=1)
     p = count_parameters(cfg)
-    assert p["total"] == total and p["mtp_total"] == 0  # the card counts no MTP either
+    # The card counts no MTP (its count is the formula the built tiny V4 MTP checks).
+    assert p["total"] == total and p["mtp_total"] == mtp
     assert round(p["total"] / card_unit) * card_unit == card_total
     # The card's active count is without the embedding lookup (13.27B -> 13B, 48.85B ->
     # 49B; with it, 13.80B and 49.78B would round to 14B and 50B).

@@ -331,6 +331,21 @@ class ModelConfig(_Section):
                           for i in range(max(n - 2, 0)))
         return (V4_LAYER_TYPES[2],) * min(n, 2) + alternate
 
+    def layer_type(self, layer_idx: int) -> str:
+        """v4: the attention type of block `layer_idx`. MTP blocks (past the last layer)
+        attend through the sliding window only, as in DeepSeek-V4's released config
+        (`compress_ratios` ends with a 0 for its MTP layer)."""
+        kinds = self.resolved_layer_types
+        return kinds[layer_idx] if layer_idx < len(kinds) else V4_LAYER_TYPES[0]
+
+    def mlp_layer_type(self, layer_idx: int) -> str:
+        """The feed-forward kind of block `layer_idx` (dense, moe or hash_moe). MTP
+        blocks are never hash-routed (DeepSeek-V4 hashes only its first layers)."""
+        kinds = self.resolved_mlp_layer_types
+        if layer_idx < len(kinds):
+            return kinds[layer_idx]
+        return "moe" if self.is_moe_layer(layer_idx) else "dense"
+
     @property
     def has_indexer(self) -> bool:
         """Lightning indexers to train: V3.2's DSA, or V4's CSA layers."""

@@ -27,10 +27,6 @@ def check_v4(cfg) -> None:
                                     f"--model.num_hidden_layers={n}: give one per layer.")
         bad = sorted(set(got) - set(allowed))
         r(not bad, f"--model.{name}: unknown {', '.join(bad)}; use {', '.join(allowed)}.")
-    if cfg.hc_mult:
-        r(not cfg.num_nextn_predict_layers, "--model.num_nextn_predict_layers > 0 with "
-          "--model.hc_mult > 0: MTP over hyper-connection streams is not implemented yet; "
-          "set --model.num_nextn_predict_layers=0.")
     if cfg.mlp_layer_types:
         r(cfg.n_routed_experts > 0, "--model.mlp_layer_types needs MoE "
                                      "(--model.n_routed_experts > 0).")

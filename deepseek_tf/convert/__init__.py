@@ -46,7 +46,9 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def _has_mtp_weights(tensors: SafetensorsDir, num_layers: int) -> bool:
-    return f"model.layers.{num_layers}.eh_proj.weight" in tensors.index
+    """V3's layout (`model.layers.{L}.eh_proj`) or V4's (`mtp.0.e_proj`)."""
+    return any(n in tensors.index for n in (f"model.layers.{num_layers}.eh_proj.weight",
+                                            "mtp.0.e_proj.weight"))
 
 
 #: Default part size: half the largest shard, within these bounds (bytes of float32).
@@ -83,11 +85,8 @@ def convert_hf(hf_dir: str, workdir: str, exp: Experiment, model_overrides: dict
     cfg, notes = model_config_from_hf(hf)
     tensors = SafetensorsDir(hf_dir)
     if arch == hf_v4.ARCHITECTURE and hf_v4.is_release_layout(tensors.index):
-        skipped = sum(n.startswith("mtp.") for n in tensors.index)
         tensors = SafetensorsDir(hf_dir, rename=hf_v4.from_release_name)
-        notes.append("DeepSeek's own V4 tensor names read as transformers names them"
-                     + (f"; the MTP layer's {skipped} tensors (mtp.*) are skipped: MTP with "
-                        f"hyper-connections is not built yet" if skipped else ""))
+        notes.append("DeepSeek's own V4 tensor names read as transformers names them")
     mtp_in_files = _has_mtp_weights(tensors, cfg.num_hidden_layers)
     depth = int(hf.get("num_nextn_predict_layers") or 0) if mtp_in_files else 0
     if not mtp_in_files and hf.get("num_nextn_predict_layers"):

@@ -127,10 +127,8 @@ def is_release_layout(names) -> bool:
 def from_release_name(name: str) -> str | None:
     """The name transformers' `save_pretrained` gives DeepSeek's own V4 tensor `name`
     (`layers.0.attn.wq_a.scale` -> `model.layers.0.attn.wq_a.weight_scale_inv`; the
-    renames transformers' loader applies, plus the `model.` prefix); None for the MTP
-    layer (`mtp.*`), which a model with hyper-connections cannot take yet."""
-    if name.startswith("mtp."):
-        return None
+    renames transformers' loader applies, plus the `model.` prefix). The MTP layer
+    (`mtp.*`) keeps DeepSeek's names, which transformers does not load."""
     name = _RELEASE_ROOT.get(name, name)
     if name.startswith("layers."):
         name = "model." + name
@@ -177,7 +175,7 @@ def v4_hf_config(cfg: ModelConfig, rope_parameters: dict) -> dict:
         swiglu_limit=cfg.swiglu_limit, sliding_window=cfg.sliding_window,
         o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank, index_n_heads=cfg.index_n_heads,
         index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk,
-        num_nextn_predict_layers=0, mlp_bias=False, attention_bias=False,
+        num_nextn_predict_layers=cfg.num_nextn_predict_layers, mlp_bias=False, attention_bias=False,
         rope_parameters={
             "main": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                      "partial_rotary_factor": cfg.qk_rope_head_dim / cfg.resolved_head_dim},

@@ -6,7 +6,9 @@ Linear weights are transposed). HF stores experts one by one
 (`mlp.experts.{i}.{gate,up,down}_proj.weight`); we stack them: `gate_up_proj`
 [E, d, 2f] holds gate in [..., :f] and up in [..., f:], `down_proj` is [E, f, d].
 MTP modules use DeepSeek-V3's released layout: `model.layers.{L + k - 1}.{enorm,
-hnorm, eh_proj, shared_head.norm}` plus a decoder block under the same prefix.
+hnorm, eh_proj, shared_head.norm}` plus a decoder block under the same prefix; V4's
+use DeepSeek-V4's: `mtp.{k - 1}.{enorm, hnorm, e_proj, h_proj, norm, hc_head_*}` plus
+the block (transformers' V4 class has no MTP and ignores these).
 
 Example:
     >>> entries = weight_entries(model)
@@ -167,12 +169,24 @@ def weight_entries(model, include_mtp: bool = True) -> list[Entry]:
         out.append(Entry("head.weight" if v4 else "lm_head.weight", model.lm_head.kernel,
                          transpose=True))
     if include_mtp:
-        for k, m in enumerate(model.mtp, start=1):
+        out += _mtp_entries(model)
+    return out
+
+
+def _mtp_entries(model) -> list[Entry]:
+    out = []
+    for k, m in enumerate(model.mtp, start=1):
+        if model.config.attention_type == "v4":  # DeepSeek-V4's own names: mtp.{k-1}.*
+            p = f"mtp.{k - 1}"
+            out += [_norm(f"{p}.enorm", m.enorm), _norm(f"{p}.hnorm", m.hnorm),
+                    *_linear(f"{p}.e_proj", m.e_proj), *_linear(f"{p}.h_proj", m.h_proj),
+                    _norm(f"{p}.norm", m.norm), *hyper_entries(f"{p}.hc_head", m.hc_head)]
+        else:
             p = f"model.layers.{model.config.num_hidden_layers + k - 1}"
             out += [_norm(f"{p}.enorm", m.enorm), _norm(f"{p}.hnorm", m.hnorm),
                     Entry(f"{p}.eh_proj.weight", m.eh_proj.kernel, transpose=True),
                     _norm(f"{p}.shared_head.norm", m.norm)]
-            out += _block(p, m.block)
+        out += _block(p, m.block)
     return out
 
 

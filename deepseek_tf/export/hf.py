@@ -3,8 +3,9 @@
 The architecture is the HF class that represents the config exactly
 (`convert.hf_config.export_architecture`; anything else is refused with one line).
 Experts are written one by one (`mlp.experts.{i}.*`), the layout HF checkpoints
-use. MTP modules are written in DeepSeek-V3's layout (`model.layers.{L + k - 1}.*`);
-transformers skips them, inference engines that speculate with MTP read them.
+use. MTP modules are written in DeepSeek-V3's layout (`model.layers.{L + k - 1}.*`)
+or DeepSeek-V4's (`mtp.{k - 1}.*`); transformers skips them, inference engines that
+speculate with MTP read them, and `convert` reads them back.
 Weights are float32, or with `quantize="fp8"` as DeepSeek releases V3: every 2-D
 projection (`*_proj.weight`) float8_e4m3fn with a float32 `weight_scale_inv` per
 block and `quantization_config` in config.json (embeddings, norms, router and lm_head
@@ -75,7 +76,8 @@ def export_hf(model, exp: Experiment, output: str, log=print, workdir: str | Non
     if quantize not in ("none", "fp8"):
         raise UserError(f"--quantize={quantize}: the hf format takes none or fp8.")
     hf_cfg = hf_config_from_model(exp.model)  # refuses unrepresentable configs first
-    mtp = hf_cfg["architectures"][0] == "DeepseekV3ForCausalLM"
+    # V4's MTP tensors keep DeepSeek's names (mtp.*), which transformers skips on load.
+    mtp = hf_cfg["architectures"][0] in ("DeepseekV3ForCausalLM", "DeepseekV4ForCausalLM")
     if not mtp:
         hf_cfg.pop("num_nextn_predict_layers", None)
         if model.mtp:

@@ -15,14 +15,8 @@ from deepseek_tf.layers.remat import REMAT_MODES, fold_seed, maybe_remat, statel
 from deepseek_tf.layers.v4_attention import V4Attention
 
 
-def _layer_kind(kinds: tuple, layer_idx: int) -> str:
-    """Entry `layer_idx` of a per-layer schedule; MTP blocks (past the end) take the
-    last layer's."""
-    return kinds[min(layer_idx, len(kinds) - 1)]
-
-
 def _v4_attention(cfg: ModelConfig, layer_idx: int) -> V4Attention:
-    kind = _layer_kind(cfg.resolved_layer_types, layer_idx)
+    kind = cfg.layer_type(layer_idx)
     sliding = kind == "sliding_attention"
     # HF: sliding layers use the plain `main` RoPE; compressed ones `compress`, scaled.
     return V4Attention(
@@ -69,7 +63,7 @@ def make_mlp(cfg: ModelConfig, layer_idx: int) -> keras.layers.Layer:
     """The feed-forward layer of block `layer_idx`: dense SwiGLU or DeepSeekMoE (hash
     routing for `hash_moe` layers)."""
     if cfg.is_moe_layer(layer_idx):
-        hashed = _layer_kind(cfg.resolved_mlp_layer_types, layer_idx) == "hash_moe"
+        hashed = cfg.mlp_layer_type(layer_idx) == "hash_moe"
         return DeepSeekMoE(
             hidden_size=cfg.hidden_size, num_experts=cfg.n_routed_experts,
             top_k=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,

@@ -2,6 +2,7 @@
 and that the MTP loss trains the MTP weights."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from deepseek_tf.layers import attention_mask
@@ -29,9 +30,13 @@ def test_shift_left():
     np.testing.assert_array_equal(shift_left(t, 3).numpy(), [[4, 0, 0, 0]])
 
 
-def test_mtp_logits_are_causal():
+FAMILIES = {"v3": {}, "v4": tiny.V4}  # V4: MTP over hyper-connection streams
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mtp_logits_are_causal(family):
     """Depth k at position i sees tokens up to i + k only (it predicts i + k + 1)."""
-    model = DeepSeekCausalLM(tiny.model_config(num_nextn_predict_layers=2))
+    model = DeepSeekCausalLM(tiny.model_config(**FAMILIES[family], num_nextn_predict_layers=2))
     a = np.random.default_rng(1).integers(0, 256, size=(1, 12)).astype(np.int32)
     b = a.copy()
     b[0, 8:] = (b[0, 8:] + 7) % 256
@@ -58,9 +63,11 @@ def test_mtp_loss_targets_and_document_mask():
     assert abs(got - ce[valid].sum()) < 1e-5
 
 
-def test_mtp_loss_is_finite_and_trains_the_mtp_weights():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mtp_loss_is_finite_and_trains_the_mtp_weights(family):
     from deepseek_tf.train.step import make_grad_fn
-    model = DeepSeekCausalLM(tiny.model_config(num_nextn_predict_layers=1, mtp_loss_weight=0.3))
+    model = DeepSeekCausalLM(tiny.model_config(**FAMILIES[family], num_nextn_predict_layers=1,
+                                               mtp_loss_weight=0.3))
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, 256, size=(1, 2, 9)).astype(np.int32)
     batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],

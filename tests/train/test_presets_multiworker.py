@@ -79,8 +79,8 @@ def test_tiny_preset_on_two_workers(tiny_run):
     # V3.2: the same + DSA in its sparse stage (the indexer KL as its own loss).
     ("deepseek-v32-tiny.flags", r"\| mtp .*\| indexer kl \d"),
     # V4: sliding / CSA (+ indexer KL) / HCA attention, hyper-connections, hash-routed
-    # then top-2 MoE.
-    ("deepseek-v4-tiny.flags", r"\| indexer kl \d"),
+    # then top-2 MoE, MTP over the streams.
+    ("deepseek-v4-tiny.flags", r"\| mtp .*\| indexer kl \d"),
 ])
 def test_deepseek_tiny_presets_on_two_workers(stdlib_data, tmp_path, preset, needle):
     _, data_dir, _ = stdlib_data
