@@ -66,8 +66,8 @@ def _signature_call(sm_dir):
     import tensorflow as tf
     sig = tf.saved_model.load(sm_dir).signatures["generate_ids"]
 
-    def call(p, n):
-        one = lambda v, d: tf.constant([v], d)  # noqa: E731
+    def call(p, n):  # p: (B, T) prompts of one length
+        one = lambda v, d: tf.constant([v] * p.shape[0], d)  # noqa: E731
         return sig(input_ids=tf.constant(p), lengths=one(p.shape[1], tf.int32),
                    max_new_tokens=one(n, tf.int32), temperature=one(0.0, tf.float32),
                    top_k=one(0, tf.int32), top_p=one(1.0, tf.float32),

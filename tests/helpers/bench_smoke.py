@@ -54,6 +54,8 @@ RESULTS = {
                    r"^decode at T=16 \(XLA off\) +min +median +max +ms/token",
                    r"^XLA off: E=8 / E=4 decode time [\d.]+x \(target <= 1.2\)$",
                    r"^XLA on: E=8 / E=4 decode time [\d.]+x \(target <= 1.2\)$"],
+    "batch_decode": [r"^batch 2 +[\d,]+ +[\d,]+ +[\d,]+$",
+                     r"^batch curve \(median / batch 1's\): 1: 1\.00x, 2: [\d.]+x$"],
     "decode": [r"^hf pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
                r"^saved_model_xla pos 8 ", r"^keras: transformers / ours decode time "
                r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],
