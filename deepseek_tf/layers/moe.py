@@ -15,10 +15,11 @@ Capacity `C = ceil(capacity_factor * N * k / E)` (at most N). `capacity_factor <
 is dropless: C is the largest expert load of the batch (exact, but a data-dependent
 shape, so not under XLA). Dropped pairs are counted.
 
-Few tokens (a decode step: N * k <= E), dropless and not training: each token gathers
-its k experts' weights and runs them as batched matmuls (`gathered_experts`): a step
-reads k experts' weights per token instead of all E (the buffers above would give every
-expert every token once C = N, as static-shape decoding must).
+Few tokens (a decode step: N * k * GATHER_PAIRS_PER_EXPERT <= E), dropless and not
+training: each token gathers its k experts' weights and runs them as batched matmuls
+(`gathered_experts`): a step reads k experts' weights per token instead of all E (the
+buffers above would give every expert every token once C = N, as static-shape decoding
+must).
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ def gathered_experts(x, weights, gate_up, down, activation="silu", swiglu_limit:
     yk = tf.einsum("nkf,nkfd->nkd", gated(gate, up, activation, swiglu_limit), down)  # (N, k, d)
     w = tf.expand_dims(tf.cast(weights, yk.dtype), -1)                     # (N, k, 1)
     return tf.reduce_sum(yk * w, axis=1)                                   # (N, d)
+
+
+#: The gather path runs when tokens x top_k x this <= experts: it copies each token's
+#: experts' weights, which costs more than reading the whole stack once when the copies
+#: come near the stack's size (bench/batch_decode.py, 16 experts, top-2: batch 8 at 1 ran
+#: 0.45x the tokens/s of never gathering; at 4 the same).
+GATHER_PAIRS_PER_EXPERT = 4
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tf")
@@ -209,14 +217,13 @@ class DeepSeekMoE(keras.layers.Layer):
             expert_capacity(n, self.top_k, self.num_experts, factor), self.activation,
             self.swiglu_limit)
         dropless = factor <= 0 or factor * self.top_k >= self.num_experts
-        if training or not dropless or (isinstance(n, int) and
-                                        n * self.top_k > self.num_experts):
+        few = n * self.top_k * GATHER_PAIRS_PER_EXPERT <= self.num_experts
+        if training or not dropless or (isinstance(n, int) and not few):
             y, load, dropped = dispatch()
         elif isinstance(n, int):                    # a static decode step: few tokens
             y, load, dropped = self._gathered(flat, route)
         else:                                       # decided per call (graph mode)
-            y, load, dropped = tf.cond(n * self.top_k <= self.num_experts,
-                                       lambda: self._gathered(flat, route), dispatch)
+            y, load, dropped = tf.cond(few, lambda: self._gathered(flat, route), dispatch)
         y = tf.reshape(y, tf.shape(x))                                     # (B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -100,10 +100,14 @@ def test_dropless_moe_equals_dense_reference():
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_few_tokens_gather_their_experts_and_equal_the_reference(int8, monkeypatch):
-    """A decode-sized call (N * k <= E, dropless, inference) runs on each token's gathered
-    expert weights (int8 stacks dequantized after the gather): the numpy reference's
-    output and `dispatch_combine`'s load, eagerly, in a graph whose batch is unknown
-    until it runs, and under XLA with the static decode's capacity."""
+    """A decode-sized call (N * k * GATHER_PAIRS_PER_EXPERT <= E, dropless, inference)
+    runs on each token's gathered expert weights (int8 stacks dequantized after the
+    gather): the numpy reference's output and `dispatch_combine`'s load, eagerly, in a
+    graph whose batch is unknown until it runs, and under XLA with the static decode's
+    capacity. Past the threshold the same call dispatches."""
+    from deepseek_tf.layers import moe as moe_module
+    default = moe_module.GATHER_PAIRS_PER_EXPERT
+    monkeypatch.setattr(moe_module, "GATHER_PAIRS_PER_EXPERT", 1)   # 3 x 2 x 1 <= 8
     rng = np.random.default_rng(3)
     x = rng.normal(size=(3, 1, 16)).astype(np.float32)              # N = 3, k = 2, E = 8
     moe = _moe(inference_capacity_factor=0.0)
@@ -142,6 +146,11 @@ def test_few_tokens_gather_their_experts_and_equal_the_reference(int8, monkeypat
             assert float(aux["dropped"]) == 0.0
             np.testing.assert_array_equal(aux["load"], np.bincount(idx.ravel(), minlength=8))
     assert len(gathered) == 3                   # eager, the graph's cond branch, XLA
+    monkeypatch.setattr(moe_module, "GATHER_PAIRS_PER_EXPERT", default)
+    if 3 * 2 * default > 8:                     # 3 tokens are too many at the default
+        y = layer(tf.constant(x))
+        np.testing.assert_allclose(y.numpy().reshape(3, 16), ref, rtol=1e-4, atol=1e-5)
+        assert len(gathered) == 3
 
 
 def test_small_capacity_drops_later_choices_first_and_counts_them():
