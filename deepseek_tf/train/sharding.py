@@ -198,9 +198,10 @@ class ShardedAdamW:
         """LossScaleOptimizer's dynamic scale rule: halve on overflow, double after
         `dynamic_growth_steps` good steps in a row."""
         opt = self.optimizer
-        counter, scale = opt.step_counter, opt.dynamic_scale
+        counter, scale = tf.convert_to_tensor(opt.step_counter), opt.dynamic_scale
         grow = tf.logical_and(finite, tf.equal(counter, opt.dynamic_growth_steps - 1))
-        return [(counter, tf.where(finite, tf.where(grow, 0, counter + 1), 0)),
+        zero = tf.zeros_like(counter)
+        return [(opt.step_counter, tf.where(finite, tf.where(grow, zero, counter + 1), zero)),
                 (scale, tf.where(finite, tf.where(grow, scale * 2.0, scale * 1.0),
                                  scale * 0.5))]
 

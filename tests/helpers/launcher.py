@@ -51,3 +51,13 @@ class Launcher:
 
     def children(self):
         return [int(m.group(1)) for l in self.lines if (m := re.search(r"child (\d+)$", l))]
+
+
+def train_flags(exp, workdir) -> list[str]:
+    """The trainer's command-line flags of Experiment `exp` in `workdir` (every field, so
+    nothing depends on defaults)."""
+    out = [f"--workdir={workdir}"]
+    for section, values in exp.to_dict().items():
+        if section != "version":
+            out += [f"--{section}.{k}={v}" for k, v in values.items()]
+    return out
