@@ -143,11 +143,11 @@ class RunCheckpoints:
         saved = int(tf.train.load_variable(path, key)) if key in names else 1
         if saved != self.shards:
             def held(n):
-                return (f"sharded over {n} workers (--train.shard_optimizer)" if n > 1
-                        else "not sharded")
+                return f"sharded over {n} workers" if n > 1 else "not sharded"
 
             raise UserError(
-                f"checkpoint {os.path.basename(path)} holds AdamW state {held(saved)}, and "
+                f"checkpoint {os.path.basename(path)} holds AdamW state {held(saved)} "
+                f"(--train.shard_optimizer), and "
                 f"this run's is {held(self.shards)}: resume with the same number of workers "
                 f"and --train.shard_optimizer, or start a new --workdir from its weights with "
                 f"--train.init_from={os.path.dirname(self.directory)}.")
