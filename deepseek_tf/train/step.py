@@ -9,6 +9,11 @@ all accumulation micro-batches). Gradients are summed over micro-batches and
 all-reduced (SUM) once per step, so accumulation and any number of replicas give
 the large-batch step. Clipping uses the global norm of the all-reduced gradients.
 
+With `--train.shard_optimizer=zero1|zero2` (train/sharding.py) each worker reduces the
+gradients to its own shard of them (zero1: all-reduce, then its slice; zero2:
+reduce-scatter), takes the global norm from every worker's shard, updates its shard of
+the weights and all-gathers the rest; the decisions (clipping, skipping) are the same.
+
 Models with MoE layers or MTP modules also return side outputs; `aux_losses` adds
 their losses to the micro-batch loss, accumulates their stats (expert load, dropped
 tokens) with the gradients, and updates the router biases after `apply_gradients`.
