@@ -3,8 +3,10 @@ through the launcher, against plain MultiWorkerMirroredStrategy.
 
 One launcher run per configuration, shared by the tests (module fixture `runs`): plain
 MWMS, zero1 and zero2 over 12 steps of the tiny model with 2 accumulation steps and
-clipping that engages; zero2 resumed at step 6 of its own run; a mixed_float16 pair whose
-first steps overflow (skipped and the loss scale halved on both sides alike).
+clipping that engages, each with NaN gradients at step 8 that roll every worker back to
+its step-6 checkpoint (weights, and with sharding each worker's moments); zero2 resumed
+at step 6 of its own run; a mixed_float16 pair whose first steps overflow (skipped and the
+loss scale halved on both sides alike).
 """
 
 import os
@@ -23,6 +25,7 @@ from tests.helpers.checkpoints import checkpoint_tensors, rewind
 from tests.helpers.launcher import Launcher, train_flags
 
 STEPS = 12
+NAN_AT = 8  # the float32 runs roll back from a NaN at step 8 to ckpt-6 and go on
 TIMEOUT = 420  # seconds for one 2-worker run on a busy 2-core machine
 quiet = lambda *_: None  # noqa: E731
 
@@ -34,9 +37,12 @@ def _experiment(data_dir, **train):
                                   "checkpoint_every": 6, **train})
 
 
-def _launch(exp, workdir):
-    launcher = Launcher("--num_workers=2", f"--timeout={TIMEOUT}", "--",
-                        *train_flags(exp, workdir))
+def _launch(exp, workdir, nan_at=0):
+    """Runs `exp` on 2 workers; `nan_at`: their gradients are NaN at that optimizer step
+    (once), which rolls every worker back to the last checkpoint (tests/helpers/nan_train)."""
+    module = ["--module=tests.helpers.nan_train"] if nan_at else []
+    launcher = Launcher("--num_workers=2", f"--timeout={TIMEOUT}", *module, "--",
+                        *train_flags(exp, workdir), env={"NAN_AT_STEP": str(nan_at)})
     code = launcher.finish(TIMEOUT + 60)
     output = launcher.text()
     assert code == 0, output[-4000:]
@@ -57,7 +63,7 @@ def runs(one_shard_data, tmp_path_factory):
                 if precision else {}
             workdir = str(root / name)
             exp = _experiment(one_shard_data, shard_optimizer=mode, **extra)
-            done[name] = (workdir, *_launch(exp, workdir))
+            done[name] = (workdir, *_launch(exp, workdir, nan_at=0 if precision else NAN_AT))
         return done[name]
 
     return get
@@ -74,10 +80,12 @@ def _losses(workdir):
 
 @pytest.mark.parametrize("mode", ["zero1", "zero2"])
 def test_sharded_run_equals_plain_multiworker(runs, mode):
-    """12 steps with accumulation and clipping: losses and final weights of zero1 / zero2
-    equal plain MWMS's within 1e-6; each worker keeps half of the moments."""
+    """12 steps with accumulation, clipping and a NaN rollback: losses and final weights of
+    zero1 / zero2 equal plain MWMS's within 1e-6."""
     plain, _, _ = runs("none")
     workdir, output, _ = runs(mode)
+    for d in (plain, workdir):
+        assert [r["step"] for r in read_log(d) if r["kind"] == "recovery"] == [6]
     for w in (0, 1):
         assert re.search(rf"^\[worker {w}\] optimizer sharding: {mode} over 2 workers: this "
                          rf"worker keeps AdamW moments of [\d,]+ of [\d,]+ weights", output,
@@ -117,12 +125,13 @@ def test_each_worker_holds_half_of_the_optimizer_state(runs):
 
 
 def test_zero2_resumes_bitwise(runs, one_shard_data, tmp_path):
-    """The zero2 run rewound to its step-6 checkpoint and resumed by the same command ends
-    bitwise equal: weights and every worker's moments."""
+    """The zero2 run rewound to its step-6 checkpoint and resumed by the same command (its
+    NaN at step 8 and rollback included) ends bitwise equal: weights and every worker's
+    moments."""
     straight, _, sha = runs("zero2")
     workdir = rewind(straight, str(tmp_path / "resumed"), 6)
     exp = _experiment(one_shard_data, shard_optimizer="zero2")
-    output, resumed_sha = _launch(exp, workdir)
+    output, resumed_sha = _launch(exp, workdir, nan_at=NAN_AT)
     for w in (0, 1):
         assert re.search(rf"^\[worker {w}\] resumed from .*ckpt-6 at step 6$", output, re.M)
     assert resumed_sha == sha
