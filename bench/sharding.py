@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -35,24 +34,8 @@ def run(workers: int, mode: str, data_dir: str, workdir: str, args, steps: int) 
     """One launcher run: {"params", "optimizer" (bytes per worker), "rates"}."""
     from deepseek_tf.train.logger import read_log
 
-    flags = [f"--workdir={workdir}", f"--data.data_dir={data_dir}",
-             f"--data.seq_len={args.seq_len}", "--model.vocab_size=320",
-             f"--model.hidden_size={args.hidden_size}",
-             f"--model.intermediate_size={args.hidden_size * 11 // 4}",
-             f"--model.num_hidden_layers={args.layers}", "--model.num_attention_heads=4",
-             f"--model.max_position_embeddings={args.seq_len}", f"--train.steps={steps}",
-             f"--train.batch_size={args.batch_size}", f"--train.log_every={args.log_every}",
-             f"--train.eval_every={steps}", "--train.eval_steps=1",
-             f"--train.checkpoint_every={steps}", "--train.jit_compile=false",
-             f"--train.shard_optimizer={mode}"]
-    cmd = [sys.executable, "-m", "deepseek_tf.launch", f"--num_workers={workers}",
-           "--cpus_per_worker=1", "--timeout=3600", "--", *flags]
-    proc = subprocess.run(cmd, cwd=common.ROOT, env=common.side_env(), capture_output=True,
-                          text=True)
-    out = proc.stdout + proc.stderr
-    if proc.returncode:
-        sys.exit(f"error: the {workers}-worker {mode} run failed (exit {proc.returncode}):\n"
-                 f"{out[-3000:]}")
+    out = common.launch_small_run(workers, data_dir, workdir, args, steps,
+                                  (f"--train.shard_optimizer={mode}",))
     params = int(re.search(r"trainable params: ([\d,]+)", out).group(1).replace(",", ""))
     rates = [r["tokens_per_sec"] for r in read_log(workdir) if r["kind"] == "train"][1:]
     return {"params": params, "optimizer": optimizer_bytes(workdir, workers, mode, steps),
