@@ -125,6 +125,7 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
         rng = tf.random.Generator.from_seed(tcfg.seed)
     sharded = None
     if not slots:  # outside the scope: plain variables, one shard per worker
+        sharding.check_ranks(collectives.gather(role.index), shard)
         sharded = sharding.ShardedAdamW(optimizer, model.trainable_variables, strategy, shard,
                                         role.index, tcfg.collective_timeout)
         log(f"optimizer sharding: {sharded.describe()}")

@@ -79,6 +79,15 @@ def resolve(mode: str, strategy, optim_cfg, variables, log=print) -> str:
     return mode
 
 
+def check_ranks(order: list[int], mode: str) -> None:
+    """Worker i owns shard i: the collectives' ranks (the order of an all-gather of every
+    worker's index) must be the worker indices. Raises UserError if they are not."""
+    if order != list(range(len(order))):
+        raise UserError(f"--train.shard_optimizer={mode}: the workers' collective ranks do "
+                        f"not follow their indices (an all-gather of the indices gave "
+                        f"{order}); use --train.shard_optimizer=none on this cluster.")
+
+
 def _launcher(strategy):
     """The strategy's collective launcher of this worker's one device."""
     return strategy.extended._cross_device_ops._launchers[0]  # pylint: disable=protected-access

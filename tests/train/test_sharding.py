@@ -19,6 +19,7 @@ import pytest
 from deepseek_tf.errors import UserError
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
+from deepseek_tf.train.sharding import check_ranks
 from deepseek_tf.workdir import load_experiment, load_workdir
 from tests.helpers import tiny
 from tests.helpers.checkpoints import checkpoint_tensors, rewind
@@ -185,3 +186,11 @@ def test_one_worker_is_a_no_op_and_mirrored_replicas_are_refused(one_shard_data,
     with pytest.raises(UserError, match=r"shards over MultiWorkerMirroredStrategy workers, not "
                        r"the replicas of one process"):
         train(mirrored, str(tmp_path / "mirrored"), log=quiet)
+
+
+def test_collective_ranks_must_follow_the_worker_indices():
+    """Worker i updates shard i and receives row i of the all-to-all: a cluster whose
+    collective ranks (the all-gather order) differ from the indices is refused."""
+    check_ranks([0, 1, 2], "zero2")
+    with pytest.raises(UserError, match=r"an all-gather of the indices gave \[1, 0\]"):
+        check_ranks([1, 0], "zero1")
