@@ -60,11 +60,6 @@ def optimizer_bytes(workdir: str, workers: int, mode: str, step: int) -> list[in
                    "optimizer_shard/") for w in range(workers)]
 
 
-def gradient_bytes(params: int, workers: int, mode: str) -> int:
-    """Bytes of the summed gradients a worker holds (see the module doc)."""
-    return 4 * (-(-params // workers) if mode == "zero2" and workers > 1 else params)
-
-
 def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--workers", default="1,2,4", help="worker counts to measure bytes at")
@@ -85,6 +80,7 @@ def main(argv=None):
         sys.exit("error: --workers must include 2 (the step-time comparison)")
     from deepseek_tf.config import DataConfig
     from deepseek_tf.data.prepare import prepare
+    from deepseek_tf.train.sharding import summed_gradient_bytes
 
     tmp = tempfile.mkdtemp(prefix="sharding-bench-")
     data_dir = os.path.join(tmp, "data")
@@ -111,8 +107,8 @@ def main(argv=None):
     print(f"{'W':>2} {'mode':<6} {'optimizer MiB/worker':>21} {'gradients MiB/worker':>21} "
           f"{'opt+grad':>9} {'x plain':>8} {'1/W+10%':>8}")
     for (w, mode), res in sorted(results.items()):
-        opt, grad = max(res["optimizer"]), gradient_bytes(res["params"], w, mode)
-        plain = max(results[(w, "none")]["optimizer"]) + gradient_bytes(params, w, "none")
+        opt, grad = max(res["optimizer"]), summed_gradient_bytes(res["params"], w, mode)
+        plain = max(results[(w, "none")]["optimizer"]) + summed_gradient_bytes(params, w, "none")
         print(f"{w:>2} {mode:<6} {opt / 2**20:>21.3f} {grad / 2**20:>21.3f} "
               f"{(opt + grad) / 2**20:>9.3f} {(opt + grad) / plain:>8.3f} "
               f"{1 / w + 0.1:>8.3f}")

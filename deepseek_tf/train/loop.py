@@ -115,7 +115,7 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
             model = DeepSeekCausalLM(exp.model, remat=tcfg.remat, dsa_stage=tcfg.dsa_stage)
             finetune.prepare_model(model, exp, log, resuming=ckpt_lib.has_checkpoint(workdir))
             objective.build(model, exp, log)  # e.g. DPO's frozen reference
-        shard = sharding.resolve(tcfg.shard_optimizer, strategy, exp.optim,
+        shard = sharding.resolve(tcfg.shard_optimizer, strategy, role.num_workers, exp.optim,
                                  model.trainable_variables, log)
         slots = shard == "none"  # else this worker's share is kept by ShardedAdamW
         optimizer = precision.wrap_optimizer(

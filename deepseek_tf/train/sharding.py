@@ -50,7 +50,7 @@ SUM = tf.distribute.ReduceOp.SUM
 MODES = ("none", "zero1", "zero2")
 
 
-def resolve(mode: str, strategy, optim_cfg, variables, log=print) -> str:
+def resolve(mode: str, strategy, num_workers: int, optim_cfg, variables, log=print) -> str:
     """The sharding this run uses: `mode`, or "none" where sharding is a no-op (one
     worker; said in the log). Raises UserError where it cannot work."""
     if mode == "none":
@@ -63,10 +63,10 @@ def resolve(mode: str, strategy, optim_cfg, variables, log=print) -> str:
                             f"python -m deepseek_tf.launch, or use --train.shard_optimizer=none.")
         log(f"{flag}: one worker, nothing to shard; every optimizer state stays here")
         return "none"
-    if strategy.num_replicas_in_sync != strategy.extended._num_workers:
+    if strategy.num_replicas_in_sync != num_workers:
         raise UserError(f"{flag} needs one device per worker (this run has "
-                        f"{strategy.num_replicas_in_sync} replicas on "
-                        f"{strategy.extended._num_workers} workers): give each worker one "
+                        f"{strategy.num_replicas_in_sync} replicas on {num_workers} "
+                        f"workers): give each worker one "
                         f"GPU (python -m deepseek_tf.launch does), or use "
                         f"--train.shard_optimizer=none.")
     if not optim_cfg.fused:
@@ -77,6 +77,12 @@ def resolve(mode: str, strategy, optim_cfg, variables, log=print) -> str:
         raise UserError(f"{flag} shards float32 trainable weights, and this model trains "
                         f"{', '.join(others)} ones: use --train.shard_optimizer=none.")
     return mode
+
+
+def summed_gradient_bytes(numel: int, world: int, mode: str) -> int:
+    """Bytes of the summed float32 gradients a worker holds after the reduction: all of
+    them (none, zero1: all-reduced), or its shard of ceil(numel / world) (zero2)."""
+    return 4 * (math.ceil(numel / world) if mode == "zero2" else numel)
 
 
 def check_ranks(order: list[int], mode: str) -> None:
@@ -145,7 +151,7 @@ class ShardedAdamW:
 
     def gradient_bytes(self) -> int:
         """Bytes of the summed gradients this worker holds each step."""
-        return 4 * (self.shard if self.mode == "zero2" else self.numel)
+        return summed_gradient_bytes(self.numel, self.world, self.mode)
 
     def _flat(self, tensors) -> tf.Tensor:
         flat = tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
