@@ -51,10 +51,10 @@ test: $(STAMP)
 
 BENCHES := compare_hf decode train_throughput moe_scaling data_throughput remat_memory \
 	mwms_scaling edge dsa serve_load distill grpo v4 quantize moe_decode
-BENCHES += sharding
 
 bench: $(STAMP)
 	for b in $(BENCHES); do $(BIN)/python bench/$$b.py $(ARGS) || exit 1; done
+BENCHES += sharding
 
 wheel: $(STAMP)
 	$(BIN)/python -m pip wheel --no-deps -w dist .
