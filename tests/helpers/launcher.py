@@ -61,3 +61,10 @@ def train_flags(exp, workdir) -> list[str]:
         if section != "version":
             out += [f"--{section}.{k}={v}" for k, v in values.items()]
     return out
+
+
+def weights_sha(output: str, worker: int) -> str:
+    """The `weights sha256` that worker `worker` logged at the end of a launcher run."""
+    found = re.findall(rf"^\[worker {worker}\] weights sha256: (\w+)$", output, re.M)
+    assert len(found) == 1, output[-3000:]
+    return found[0]

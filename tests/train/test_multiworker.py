@@ -18,7 +18,7 @@ from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from tests.helpers import tiny
 from tests.helpers.checkpoints import checkpoint_tensors
-from tests.helpers.launcher import Launcher, train_flags
+from tests.helpers.launcher import Launcher, train_flags, weights_sha
 
 STEPS = 6
 TIMEOUT = 420  # seconds for one multi-worker run on a busy 2-core machine
@@ -39,12 +39,6 @@ def _experiment(data_dir, batch_size, accum):
                            train={"steps": STEPS, "batch_size": batch_size,
                                   "grad_accum_steps": accum, "log_every": 1, "eval_every": 3,
                                   "checkpoint_every": 3})
-
-
-def _sha(output, worker):
-    found = re.findall(rf"^\[worker {worker}\] weights sha256: (\w+)$", output, re.M)
-    assert len(found) == 1, output[-3000:]
-    return found[0]
 
 
 def test_two_workers_preempted_resumed_identical_and_equal_to_one_process(one_shard_data,
@@ -74,7 +68,7 @@ def test_two_workers_preempted_resumed_identical_and_equal_to_one_process(one_sh
     output = second.text()
     for w in (0, 1):
         assert re.search(rf"^\[worker {w}\] resumed from .* at step {step}$", output, re.M)
-    assert _sha(output, 0) == _sha(output, 1)  # bitwise-identical weights on both workers
+    assert weights_sha(output, 0) == weights_sha(output, 1)  # bitwise-identical workers
     assert "global batch: 8 sequences = 2 per replica x 2 replicas x 2 accumulation" in output
 
     # Only the chief wrote logs, plot and checkpoints (each worker its data position).
@@ -122,7 +116,7 @@ def test_nan_after_a_resume_rolls_every_worker_back_to_the_chiefs_checkpoint(one
     output = second.text()
     assert re.search(r"^\[worker 0\] recovery 1/3: gradients became non-finite at step 3; "
                      r"rolled back to ckpt-2", output, re.M), output[-3000:]
-    assert _sha(output, 0) == _sha(output, 1)
+    assert weights_sha(output, 0) == weights_sha(output, 1)
     rows = read_log(workdir)
     assert [r["step"] for r in rows if r["kind"] == "recovery"] == [2]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]

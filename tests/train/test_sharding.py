@@ -23,7 +23,7 @@ from deepseek_tf.train.sharding import check_ranks
 from deepseek_tf.workdir import load_experiment, load_workdir
 from tests.helpers import tiny
 from tests.helpers.checkpoints import checkpoint_tensors, rewind
-from tests.helpers.launcher import Launcher, train_flags
+from tests.helpers.launcher import Launcher, train_flags, weights_sha
 
 STEPS = 12
 NAN_AT = 8  # the float32 runs roll back from a NaN at step 8 to ckpt-6 and go on
@@ -47,9 +47,9 @@ def _launch(exp, workdir, nan_at=0):
     code = launcher.finish(TIMEOUT + 60)
     output = launcher.text()
     assert code == 0, output[-4000:]
-    shas = [re.findall(rf"^\[worker {w}\] weights sha256: (\w+)$", output, re.M) for w in (0, 1)]
-    assert len(shas[0]) == 1 and shas[0] == shas[1], output[-4000:]  # workers agree
-    return output, shas[0][0]
+    sha = weights_sha(output, 0)
+    assert weights_sha(output, 1) == sha, output[-4000:]  # the workers agree
+    return output, sha
 
 
 @pytest.fixture(scope="module")
