@@ -54,6 +54,7 @@ BENCHES := compare_hf decode train_throughput moe_scaling data_throughput remat_
 
 bench: $(STAMP)
 	for b in $(BENCHES); do $(BIN)/python bench/$$b.py $(ARGS) || exit 1; done
+BENCHES += sharding
 
 wheel: $(STAMP)
 	$(BIN)/python -m pip wheel --no-deps -w dist .

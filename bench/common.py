@@ -9,6 +9,7 @@ the path. It imports no TensorFlow itself, so a reference side (torch) can use i
 - `time_calls`, `stats`, `print_stats`: timing rounds, min / median / max.
 - `side_env`, `run_side`, `alternate`, `report`: each side of a comparison runs alone,
   in a fresh process with its library's defaults, sides taking turns round after round.
+- `launch_small_run`: a small model trained by N local workers through the launcher.
 - `train_step_runner` & co.: the trainer's real step on synthetic batches.
 - `decode_runners`, `take_turns`, `decode_table`: our KV-cache decode step for several
   models in one process, the models taking turns round after round.
@@ -193,6 +194,31 @@ def reference_spec(doc: str, argv=None) -> dict:
     p.add_argument("--spec", required=True, help="written by the bench, which prints the path")
     with open(p.parse_args(argv).spec) as f:
         return json.load(f)
+
+
+def launch_small_run(num_workers: int, data_dir: str, workdir: str, args, steps: int,
+                     extra: tuple = ()) -> str:
+    """Trains the multi-worker benches' small dense model (`args`: layers, hidden_size,
+    seq_len, batch_size, log_every) for `steps` steps with `python -m deepseek_tf.launch
+    --num_workers=N --cpus_per_worker=1`, XLA off unless `extra` says otherwise; returns
+    its output, exits with it if the run fails."""
+    flags = [f"--workdir={workdir}", f"--data.data_dir={data_dir}",
+             f"--data.seq_len={args.seq_len}", "--model.vocab_size=320",
+             f"--model.hidden_size={args.hidden_size}",
+             f"--model.intermediate_size={args.hidden_size * 11 // 4}",
+             f"--model.num_hidden_layers={args.layers}", "--model.num_attention_heads=4",
+             f"--model.max_position_embeddings={args.seq_len}", f"--train.steps={steps}",
+             f"--train.batch_size={args.batch_size}", f"--train.log_every={args.log_every}",
+             f"--train.eval_every={steps}", "--train.eval_steps=1",
+             f"--train.checkpoint_every={steps}", "--train.jit_compile=false", *extra]
+    cmd = [sys.executable, "-m", "deepseek_tf.launch", f"--num_workers={num_workers}",
+           "--cpus_per_worker=1", "--timeout=3600", "--", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=side_env(), capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    if proc.returncode:
+        sys.exit(f"error: the {num_workers}-worker run {' '.join(extra)} failed (exit "
+                 f"{proc.returncode}):\n{out[-3000:]}")
+    return out
 
 
 def run_side(args: list[str], extra_env: dict | None = None, timeout: float = 3600) -> dict:

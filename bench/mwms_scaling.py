@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -27,23 +26,8 @@ def run(num_workers: int, data_dir: str, workdir: str, args) -> list[float]:
     """The chief's logged tokens/s per log interval, the first (tracing) left out."""
     from deepseek_tf.train.logger import read_log
 
-    flags = [f"--workdir={workdir}", f"--data.data_dir={data_dir}",
-             f"--data.seq_len={args.seq_len}", "--model.vocab_size=320",
-             f"--model.hidden_size={args.hidden_size}",
-             f"--model.intermediate_size={args.hidden_size * 11 // 4}",
-             f"--model.num_hidden_layers={args.layers}", "--model.num_attention_heads=4",
-             f"--model.max_position_embeddings={args.seq_len}",
-             f"--train.steps={args.steps}", f"--train.batch_size={args.batch_size}",
-             f"--train.log_every={args.log_every}", f"--train.eval_every={args.steps}",
-             "--train.eval_steps=1", f"--train.checkpoint_every={args.steps}",
-             f"--train.jit_compile={'true' if args.jit_compile else 'false'}"]
-    cmd = [sys.executable, "-m", "deepseek_tf.launch", f"--num_workers={num_workers}",
-           "--cpus_per_worker=1", "--timeout=3600", "--", *flags]
-    proc = subprocess.run(cmd, cwd=common.ROOT, env=common.side_env(), capture_output=True,
-                          text=True)
-    if proc.returncode:
-        sys.exit(f"error: the {num_workers}-worker run failed (exit {proc.returncode}):\n"
-                 f"{(proc.stdout + proc.stderr)[-3000:]}")
+    common.launch_small_run(num_workers, data_dir, workdir, args, args.steps, (
+        f"--train.jit_compile={'true' if args.jit_compile else 'false'}",))
     return [r["tokens_per_sec"] for r in read_log(workdir) if r["kind"] == "train"][1:]
 
 

@@ -34,7 +34,7 @@ from tests.helpers import tiny  # noqa: E402
 #: them alone on a long one.
 HEAVY_FIRST = (
     "train/test_presets_multiworker.py", "train/test_precision_families.py",
-    "export/test_saved_model.py", "train/test_multiworker.py", "bench/test_smoke_sides.py",
+    "export/test_saved_model.py", "train/test_multiworker.py", "train/test_sharding.py", "bench/test_smoke_sides.py",
     "convert/test_v32_parity.py", "train/test_dpo.py", "export/test_tflite.py",
     "generate/test_cli.py", "convert/test_hf_parity.py", "train/test_grpo.py",
     "train/test_grpo_runs.py", "generate/test_decode.py", "bench/test_smoke.py",
@@ -62,6 +62,19 @@ def stdlib_data(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("stdlib-data"))
     meta = prepare(cfg, data_dir, log=lambda *_: None)
     return cfg, data_dir, meta
+
+
+@pytest.fixture(scope="session")
+def one_shard_data(tmp_path_factory):
+    """A prepared tiny corpus with a single train shard: the input pipelines of N workers
+    take alternate windows of one stream, whose union per step is exactly the batch one
+    process reads with the global batch size."""
+    from deepseek_tf.data.prepare import prepare
+
+    data_dir = str(tmp_path_factory.mktemp("one-shard") / "data")
+    meta = prepare(tiny.data_config(shard_size_mb=16.0), data_dir, log=lambda *_: None)
+    assert len(meta["splits"]["train"]["shards"]) == 1
+    return data_dir
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,14 @@ class TrainConfig(_Section):
                                      "collective (all-reduce) before failing, so a lone "
                                      "worker never hangs forever; 0 = wait forever.",
                                      resumable=True)
+    shard_optimizer: str = knob("none", "ZeRO-style sharding over MultiWorkerMirroredStrategy "
+                                "workers (train/sharding.py): zero1 = each of W workers keeps "
+                                "the AdamW moments of 1/W of the weights and updates that share, "
+                                "then the workers all-gather the weights; zero2 = the same, and "
+                                "the gradients are reduce-scattered, so a worker holds only its "
+                                "1/W of the summed gradients; none = every worker holds and "
+                                "updates everything. A no-op with one worker. Resume with the "
+                                "same number of workers.", choices=("none", "zero1", "zero2"))
     gpu_memory_growth: bool = knob(True, "Let TensorFlow allocate GPU memory as needed "
                                    "instead of all of it at start (no effect on CPU).",
                                    resumable=True)

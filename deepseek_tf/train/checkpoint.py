@@ -27,6 +27,8 @@ from deepseek_tf.train import ckpt_health
 from deepseek_tf.workdir import restore_checkpoint
 from deepseek_tf.workdir_files import CHECKPOINT_DIR
 
+SHARDS = "optimizer_shards"  # main-checkpoint key: workers the optimizer is sharded over
+
 
 def has_checkpoint(workdir: str) -> bool:
     """True when `workdir` holds a checkpoint of its own (a run to resume)."""
@@ -72,15 +74,22 @@ class RunCheckpoints:
       role: this worker's `strategy.Role`.
       keep: checkpoints to keep.
       barrier: callable that returns when every worker called it.
+      worker_objects: trackables that differ between workers (ZeRO's optimizer shard,
+        train/sharding.py), saved with worker i's data position; several workers only.
+      shards: the number of workers the optimizer state is sharded over (1 = not
+        sharded); recorded in the main checkpoint (`optimizer_shards`), and a resume with
+        another number is refused.
     """
 
     def __init__(self, workdir: str, objects: dict, data_iterator, role, keep: int,
-                 barrier=lambda: None):
+                 barrier=lambda: None, worker_objects: dict | None = None, shards: int = 1):
         self.directory = os.path.join(workdir, CHECKPOINT_DIR)
         self.multi = role.num_workers > 1
         self.barrier, self.last_saved = barrier, None
-        self.keep, self.is_chief = keep, role.is_chief
+        self.keep, self.is_chief, self.shards = keep, role.is_chief, shards
         extra = {} if self.multi else {"data": data_iterator}
+        if shards > 1:
+            extra[SHARDS] = tf.Variable(shards, dtype=tf.int64, trainable=False)
         self.checkpoint = tf.train.Checkpoint(**objects, **extra)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
                                                   max_to_keep=keep)
@@ -90,8 +99,9 @@ class RunCheckpoints:
             self._tmp = tempfile.mkdtemp(prefix=f"deepseek_tf-worker{role.index}-")
             self.writer = tf.train.CheckpointManager(self.checkpoint, self._tmp, max_to_keep=1)
         self.data_checkpoint = self.data_manager = None
+        self.worker_objects = worker_objects or {}
         if self.multi:
-            self.data_checkpoint = tf.train.Checkpoint(data=data_iterator)
+            self.data_checkpoint = tf.train.Checkpoint(data=data_iterator, **self.worker_objects)
             self.data_manager = tf.train.CheckpointManager(
                 self.data_checkpoint, os.path.join(self.directory, f"data-worker-{role.index}"),
                 max_to_keep=keep)
@@ -100,6 +110,7 @@ class RunCheckpoints:
         """Restores the chief's newest intact checkpoint (and this worker's data position
         of the same step); returns its step, 0 if there is none. The chief moves damaged
         newer ones into checkpoints/corrupt/ (see train/ckpt_health.py)."""
+        self._check_shards(self.manager.latest_checkpoint)
         said = []  # "resumed from ...": after the damaged ones are reported
         _, step, bad = ckpt_health.restore_newest(
             list(reversed(self.manager.checkpoints)),
@@ -118,6 +129,28 @@ class RunCheckpoints:
                                "position): use a new --workdir.")
         self.last_saved = step or None
         return step
+
+    def _check_shards(self, path: str | None) -> None:
+        """Refuses to resume a checkpoint whose optimizer state is sharded over another
+        number of workers than this run's (one line: what to do)."""
+        try:
+            names = {name for name, _ in tf.train.list_variables(path)} if path else set()
+        except (tf.errors.OpError, ValueError):  # damaged: the restore reports it
+            return
+        if not any(n.startswith("optimizer/") for n in names):
+            return  # none yet, or weights only (convert): initial weights
+        key = f"{SHARDS}/.ATTRIBUTES/VARIABLE_VALUE"
+        saved = int(tf.train.load_variable(path, key)) if key in names else 1
+        if saved != self.shards:
+            def held(n):
+                return f"sharded over {n} workers" if n > 1 else "not sharded"
+
+            raise UserError(
+                f"checkpoint {os.path.basename(path)} holds AdamW state {held(saved)} "
+                f"(--train.shard_optimizer), and "
+                f"this run's is {held(self.shards)}: resume with the same number of workers "
+                f"and --train.shard_optimizer, or start a new --workdir from its weights with "
+                f"--train.init_from={os.path.dirname(self.directory)}.")
 
     def _set_aside(self, bad: list[tuple[str, str]], log) -> None:
         """Reports the damaged checkpoints; the chief moves them into checkpoints/corrupt/
@@ -149,6 +182,15 @@ class RunCheckpoints:
             self.barrier()
         self.writer.save(checkpoint_number=step)
         self.last_saved = step
+
+    def restore_worker_objects(self, step: int) -> None:
+        """Restores this worker's `worker_objects` (not its data position) from its
+        checkpoint of `step` (a rollback, train/recovery.py)."""
+        if self.worker_objects:
+            restore_checkpoint(tf.train.Checkpoint(**self.worker_objects),
+                               f"{self.data_manager.directory}/ckpt-{step}",
+                               what="rolling back this worker's optimizer shard: ",
+                               partial=True)
 
     def close(self) -> None:
         """Deletes a non-chief worker's temporary checkpoint directory."""

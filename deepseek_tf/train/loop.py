@@ -39,6 +39,7 @@ from deepseek_tf.train import autotune
 from deepseek_tf.train import checkpoint as ckpt_lib
 from deepseek_tf.train import finetune
 from deepseek_tf.train import precision
+from deepseek_tf.train import sharding
 from deepseek_tf.train import strategy as strategy_lib
 from deepseek_tf.train.best import BestCheckpoint
 from deepseek_tf.train.distill import DistillObjective
@@ -78,6 +79,8 @@ class RunState:
     objective: Objective | None = None
     #: jit_compile=auto's timed grad functions by XLA on/off, for the train step to reuse
     grad_fns: dict = dataclasses.field(default_factory=dict)
+    #: ZeRO-1/2 (`--train.shard_optimizer`): this worker's share of the optimizer, or None
+    sharded: sharding.ShardedAdamW | None = None
 
 
 def build_state(exp: Experiment, workdir: str, objective: Objective,
@@ -112,16 +115,28 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
             model = DeepSeekCausalLM(exp.model, remat=tcfg.remat, dsa_stage=tcfg.dsa_stage)
             finetune.prepare_model(model, exp, log, resuming=ckpt_lib.has_checkpoint(workdir))
             objective.build(model, exp, log)  # e.g. DPO's frozen reference
-        optimizer = precision.wrap_optimizer(make_optimizer(exp.optim, exp.decay_steps, model),
-                                             tcfg, model.trainable_variables)
+        shard = sharding.resolve(tcfg.shard_optimizer, strategy, role.num_workers, exp.optim,
+                                 model.trainable_variables, log)
+        slots = shard == "none"  # else this worker's share is kept by ShardedAdamW
+        optimizer = precision.wrap_optimizer(
+            make_optimizer(exp.optim, exp.decay_steps, model, slots=slots), tcfg,
+            model.trainable_variables if slots else [])
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         rng = tf.random.Generator.from_seed(tcfg.seed)
+    sharded = None
+    if not slots:  # outside the scope: plain variables, one shard per worker
+        sharding.check_ranks(collectives.gather(role.index), shard)
+        sharded = sharding.ShardedAdamW(optimizer, model.trainable_variables, strategy, shard,
+                                        role.index, tcfg.collective_timeout)
+        log(f"optimizer sharding: {sharded.describe()}")
     train_iter = iter(train_ds)  # a plain tf.data iterator: checkpointable
     checkpoints = ckpt_lib.RunCheckpoints(
         workdir, {"model": model, "optimizer": optimizer, "step": step, "rng": rng},
-        train_iter, role, tcfg.keep_checkpoints, barrier=collectives.barrier)
+        train_iter, role, tcfg.keep_checkpoints, barrier=collectives.barrier,
+        worker_objects={"optimizer_shard": sharded.slots} if sharded else None,
+        shards=sharded.world if sharded else 1)
     return RunState(strategy, model, optimizer, step, rng, train_iter, eval_ds, role,
-                    checkpoints, collectives, exp, objective)
+                    checkpoints, collectives, exp, objective, sharded=sharded)
 
 
 def weights_fingerprint(model: keras.Model) -> str:
@@ -225,7 +240,8 @@ class Runner:
                                                          state.strategy.num_replicas_in_sync)
         train_step = make_train_step(state.model, state.optimizer, state.strategy, tcfg,
                                      exp.optim, objective=objective,
-                                     grad_fn=state.grad_fns.get(tcfg.xla))
+                                     grad_fn=state.grad_fns.get(tcfg.xla),
+                                     sharded=state.sharded)
         self.train_step = objective.guard(train_step)
         self.eval_step = objective.guard(make_eval_step(state.model, state.strategy, objective))
         self.logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)

@@ -93,22 +93,39 @@ class AdamW(keras.optimizers.AdamW):
             if scale is not None:
                 gradient = gradient * tf.cast(scale, gradient.dtype)
             return super().update_step(gradient, variable, learning_rate)
-        lr = tf.cast(learning_rate, tf.float32)
-        t = tf.cast(self.iterations + 1, tf.float32)
-        alpha = lr * tf.sqrt(1.0 - tf.pow(self.beta_2, t)) / (1.0 - tf.pow(self.beta_1, t))
-        decay = self.weight_decay if self.weight_decay and self._use_weight_decay(variable) \
-            else 0.0
         index = self._get_variable_index(variable)
         m, v = self._momentums[index], self._velocities[index]
-        new_var, new_m, new_v = _fused_adamw(
-            tf.convert_to_tensor(variable), tf.convert_to_tensor(gradient, tf.float32),
-            tf.convert_to_tensor(m), tf.convert_to_tensor(v), lr,
-            tf.constant(decay, tf.float32), alpha, tf.constant(self.beta_1, tf.float32),
-            tf.constant(self.beta_2, tf.float32), tf.constant(self.epsilon, tf.float32),
-            tf.constant(1.0) if scale is None else tf.cast(scale, tf.float32))
+        new_var, new_m, new_v = self.fused_update(
+            variable, gradient, m, v, learning_rate, self.decay_of(variable),
+            1.0 if scale is None else scale)
         self.assign(m, new_m)
         self.assign(v, new_v)
         self.assign(variable, new_var)
+
+    def decay_of(self, variable) -> float:
+        """The decoupled weight decay of `variable` (0 for the excluded ones)."""
+        return self.weight_decay if self.weight_decay and self._use_weight_decay(variable) \
+            else 0.0
+
+    def fused_update(self, var, grad, m, v, learning_rate, decay, grad_scale):
+        """The fused kernel's new (var, m, v) as tensors, at this optimizer's step count.
+
+        Args:
+          var, grad, m, v: float32 tensors (or variables) of one shape: a variable, or a
+            flat shard of several (train/sharding.py).
+          learning_rate: this step's learning rate.
+          decay: the weight decay, a scalar or one value per element of `var`.
+          grad_scale: scalar multiplied into `grad` (e.g. the clipping coefficient).
+        """
+        lr = tf.cast(learning_rate, tf.float32)
+        t = tf.cast(self.iterations + 1, tf.float32)
+        alpha = lr * tf.sqrt(1.0 - tf.pow(self.beta_2, t)) / (1.0 - tf.pow(self.beta_1, t))
+        return _fused_adamw(
+            tf.convert_to_tensor(var), tf.convert_to_tensor(grad, tf.float32),
+            tf.convert_to_tensor(m), tf.convert_to_tensor(v), lr,
+            tf.cast(decay, tf.float32), alpha, tf.constant(self.beta_1, tf.float32),
+            tf.constant(self.beta_2, tf.float32), tf.constant(self.epsilon, tf.float32),
+            tf.cast(grad_scale, tf.float32))
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> keras.optimizers.schedules.CosineDecay:
@@ -125,10 +142,12 @@ def no_decay(variable) -> bool:
     return len(variable.shape) < 2 or "embed" in variable.path
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, model: keras.Model) -> AdamW:
-    """Builds the optimizer and its slots for `model` (call inside a strategy scope)."""
+def make_optimizer(cfg: OptimConfig, total_steps: int, model: keras.Model,
+                   slots: bool = True) -> AdamW:
+    """Builds the optimizer and its slots for `model` (call inside a strategy scope);
+    `slots=False` builds it without moments (train/sharding.py keeps them, sharded)."""
     opt = AdamW(learning_rate=make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay,
                 beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon, fused=cfg.fused)
     opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if no_decay(v)])
-    opt.build(model.trainable_variables)
+    opt.build(model.trainable_variables if slots else [])
     return opt

@@ -98,6 +98,7 @@ class Recovery:
                                                **s.objective.rollback_objects()),
                            checkpoints.path(good), what=f"{reason}; rolling back: ",
                            partial=True)
+        checkpoints.restore_worker_objects(good)  # ZeRO: this worker's optimizer shard
         if self.logger.enabled:
             truncate_log(self.workdir, good)  # the log follows the weights
         self.logger.write_event(  # at the restored step: later rollbacks keep this line

@@ -9,6 +9,11 @@ all accumulation micro-batches). Gradients are summed over micro-batches and
 all-reduced (SUM) once per step, so accumulation and any number of replicas give
 the large-batch step. Clipping uses the global norm of the all-reduced gradients.
 
+With `--train.shard_optimizer=zero1|zero2` (train/sharding.py) each worker reduces the
+gradients to its own shard of them (zero1: all-reduce, then its slice; zero2:
+reduce-scatter), takes the global norm from every worker's shard, updates its shard of
+the weights and all-gathers the rest; the decisions (clipping, skipping) are the same.
+
 Models with MoE layers or MTP modules also return side outputs; `aux_losses` adds
 their losses to the micro-batch loss, accumulates their stats (expert load, dropped
 tokens) with the gradients, and updates the router biases after `apply_gradients`.
@@ -108,15 +113,23 @@ def make_finish_fn(clip_norm: float, jit_compile: bool):
 
     def finish(grads, scale):
         norm = tf.linalg.global_norm(grads)
-        finite = tf.math.is_finite(norm)
+        finite, coef = decide(norm, scale, clip_norm)
         grads = precision.poison(grads, finite)  # the same decision on every replica
-        coef = tf.constant(1.0)
-        if clip_norm > 0:  # as tf.clip_by_global_norm; 1 when the norm is not finite
-            limit = clip_norm * scale
-            coef = tf.where(finite, limit / tf.maximum(norm, limit), 1.0)
         return grads, norm, finite, coef
 
     return tf.function(finish, jit_compile=jit_compile, autograph=False)
+
+
+def decide(norm, scale, clip_norm: float):
+    """(finite, clipping coefficient) from the global norm of the scaled summed gradients:
+    the step is skipped when the norm is not finite; the coefficient clips the unscaled
+    gradients to `clip_norm` (as tf.clip_by_global_norm; 1 when off or not finite)."""
+    finite = tf.math.is_finite(norm)
+    coef = tf.constant(1.0)
+    if clip_norm > 0:
+        limit = clip_norm * scale
+        coef = tf.where(finite, limit / tf.maximum(norm, limit), 1.0)
+    return finite, coef
 
 
 def apply_scaled(optimizer, grads, variables, coef) -> None:
@@ -128,7 +141,8 @@ def apply_scaled(optimizer, grads, variables, coef) -> None:
 
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cfg: TrainConfig,
-                    optim_cfg: OptimConfig, *, objective=None, grad_hook=None, grad_fn=None):
+                    optim_cfg: OptimConfig, *, objective=None, grad_hook=None, grad_fn=None,
+                    sharded=None):
     """Returns `step(iterator) -> dict of float32 tensors` (loss, grad_norm, skipped: 1
     if the step was skipped because a gradient overflowed, and the objective's
     `step_metrics`: for pretrain / sft accuracy, loss_tokens and the
@@ -137,7 +151,9 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
     `grad_hook(grads, replica_id) -> grads`, if given, edits each replica's local
     gradients before the all-reduce (tests inject faults with it). `grad_fn`: the
     `make_grad_fn` of this model, objective and `train_cfg` already built (by
-    `jit_compile=auto`'s timing, traced and compiled); None builds it here.
+    `jit_compile=auto`'s timing, traced and compiled); None builds it here. `sharded`: a
+    `sharding.ShardedAdamW` (ZeRO-1/2: gradients reduced to this worker's shard, which
+    it updates) or None (every replica all-reduces and applies everything).
     """
     objective = objective or TokenObjective()
     grad_fn = grad_fn or make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.xla,
@@ -156,11 +172,19 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
         grads, loss, stats = grad_fn(batch, denom, scale, seed)
         if grad_hook is not None:
             grads = grad_hook(grads, ctx.replica_id_in_sync_group)
-        grads = ctx.all_reduce(SUM, grads)
+        if sharded is None:
+            grads = ctx.all_reduce(SUM, grads)
+        else:
+            shard = sharded.summed_shard(ctx, grads)  # (S,) of the flat gradients
         loss = ctx.all_reduce(SUM, loss)
         stats = ctx.all_reduce(SUM, stats)
-        grads, scaled_norm, finite, coef = finish(grads, scale)
-        apply_scaled(optimizer, grads, variables, coef)  # skipped if not finite (fp16)
+        if sharded is None:
+            grads, scaled_norm, finite, coef = finish(grads, scale)
+            apply_scaled(optimizer, grads, variables, coef)  # skipped if not finite (fp16)
+        else:  # the global norm from every worker's shard
+            scaled_norm = tf.sqrt(ctx.all_reduce(SUM, tf.reduce_sum(tf.square(shard))))
+            finite, coef = decide(scaled_norm, scale, optim_cfg.clip_norm)
+            sharded.apply(ctx, shard, coef / scale, finite)  # skipped if not finite
         # After the update: e.g. router biases move from the global load (not on a skipped step).
         metrics = objective.step_metrics(model, stats, denom, update=finite)
         return {"loss": loss, "grad_norm": scaled_norm / scale,

@@ -203,13 +203,22 @@ class Collectives:
             return value
         return int(self._gather(tf.constant(value, tf.int64)).numpy()[0])
 
+    def gather(self, value: int) -> list[int]:
+        """Every worker's `value`, in the order of the collectives' ranks (`[value]`
+        with one worker)."""
+        import tensorflow as tf
+
+        if not self.active:
+            return [value]
+        return [int(v) for v in self._gather(tf.constant(value, tf.int64)).numpy()]
+
     def check_same(self, value: int, what: str) -> None:
         """Raises UserError unless every worker passes the same `value`."""
         import tensorflow as tf
 
         if not self.active:
             return
-        values = sorted(set(int(v) for v in self._gather(tf.constant(value, tf.int64)).numpy()))
+        values = sorted(set(self.gather(value)))
         if len(values) > 1:
             raise UserError(f"workers disagree on the {what} ({values}): every worker must "
                             f"see the same --workdir (a shared filesystem) and the same flags.")

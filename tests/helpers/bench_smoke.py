@@ -22,6 +22,9 @@ RESULTS = {
     "data_throughput": [r"^prepare \[.*documents/s", r"^pipeline / training: [\d.]+x"],
     "remat_memory": [r"^remat=block +peak step memory", r"^block / none: memory [\d.]+x"],
     "mwms_scaling": [r"^2 workers +[\d,]+", r"^speed-up 2 vs 1 worker: median [\d.]+x"],
+    "sharding": [r"^ 2 none +[\d.]+ +[\d.]+ +[\d.]+ +1\.000 +0\.600$",
+                 r"^ 2 zero2 +[\d.]+ +[\d.]+ +[\d.]+ +0\.5\d\d +0\.600$",
+                 r"^zero2 / none step time at W = 2: [\d.]+x"],
     "edge": [r"^TFLite int8 \(ai-edge-litert\) +[\d,]+",
              r"^TFLite int8 \(LiteRT-LM engine\) +[\d,]+", r"^targets: int8 decode"],
     "compare_hf": [r"^transformers: torch .*, 2 threads$|^transformers: torch .* threads$",
@@ -61,7 +64,7 @@ RESULTS = {
                r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],
 }
 # The benches whose smoke runs start TensorFlow or torch processes of their own.
-SIDES = ("remat_memory", "mwms_scaling", "compare_hf", "decode")
+SIDES = ("remat_memory", "mwms_scaling", "sharding", "compare_hf", "decode")
 IN_PROCESS = tuple(sorted(set(RESULTS) - set(SIDES)))
 # What TensorFlow prints at start-up unless TF_CPP_MIN_LOG_LEVEL silences it.
 START_UP = ("cuInit", "cuda drivers", "cpu_feature_guard", "oneDNN custom operations",

@@ -51,3 +51,20 @@ class Launcher:
 
     def children(self):
         return [int(m.group(1)) for l in self.lines if (m := re.search(r"child (\d+)$", l))]
+
+
+def train_flags(exp, workdir) -> list[str]:
+    """The trainer's command-line flags of Experiment `exp` in `workdir` (every field, so
+    nothing depends on defaults)."""
+    out = [f"--workdir={workdir}"]
+    for section, values in exp.to_dict().items():
+        if section != "version":
+            out += [f"--{section}.{k}={v}" for k, v in values.items()]
+    return out
+
+
+def weights_sha(output: str, worker: int) -> str:
+    """The `weights sha256` that worker `worker` logged at the end of a launcher run."""
+    found = re.findall(rf"^\[worker {worker}\] weights sha256: (\w+)$", output, re.M)
+    assert len(found) == 1, output[-3000:]
+    return found[0]

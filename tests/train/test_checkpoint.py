@@ -165,3 +165,31 @@ def test_a_read_that_fails_once_is_retried_not_quarantined_and_a_clean_resume_re
                                                      "ckpt-2.index"]
     state = (ckpts / "checkpoint").read_text()  # the index file lists ckpt-1, relative
     assert 'model_checkpoint_path: "ckpt-1"' in state and "ckpt-2" not in state
+
+
+def test_worker_objects_are_each_workers_own_and_sharding_is_recorded(tmp_path):
+    """ZeRO's optimizer shards (`worker_objects`) go into each worker's own checkpoint,
+    come back on resume and on a rollback (`restore_worker_objects`); the main checkpoint
+    records the shard count, and a resume with another count is one error line."""
+    def run(index, value, shards=2):
+        shard = tf.Variable([value, value])
+        objects = {**_objects(3), "optimizer": tf.train.Checkpoint(t=tf.Variable(0))}
+        return shard, RunCheckpoints(str(tmp_path), objects, _iterator(),
+                                     Role("worker", index, 2), 3,
+                                     worker_objects={"optimizer_shard": shard}, shards=shards)
+
+    saved = [run(i, float(i + 1)) for i in (0, 1)]
+    for _, c in saved:
+        c.save(3)
+    for i, (shard, c) in enumerate(saved):
+        shard.assign([9.0, 9.0])
+        c.restore_worker_objects(3)
+        assert shard.numpy().tolist() == [i + 1.0] * 2
+    resumed = [run(i, 0.0) for i in (0, 1)]
+    for i, (shard, c) in enumerate(resumed):
+        assert c.restore(log=quiet) == 3
+        assert shard.numpy().tolist() == [i + 1.0] * 2
+    with pytest.raises(UserError, match=r"^checkpoint ckpt-3 holds AdamW state sharded over 2 "
+                       r"workers \(--train.shard_optimizer\), and this run's is sharded over 3 "
+                       r"workers: resume with the same number of workers"):
+        run(0, 0.0, shards=3)[1].restore(log=quiet)

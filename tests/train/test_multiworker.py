@@ -12,15 +12,13 @@ import re
 import signal
 
 import numpy as np
-import pytest
 
 from deepseek_tf import exit_codes
-from deepseek_tf.data.prepare import prepare
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from tests.helpers import tiny
 from tests.helpers.checkpoints import checkpoint_tensors
-from tests.helpers.launcher import Launcher
+from tests.helpers.launcher import Launcher, train_flags, weights_sha
 
 STEPS = 6
 TIMEOUT = 420  # seconds for one multi-worker run on a busy 2-core machine
@@ -43,30 +41,6 @@ def _experiment(data_dir, batch_size, accum):
                                   "checkpoint_every": 3})
 
 
-def _flags(exp, workdir):
-    """The command-line flags of `exp` (every field, so nothing depends on defaults)."""
-    out = [f"--workdir={workdir}"]
-    for section, values in exp.to_dict().items():
-        if section != "version":
-            out += [f"--{section}.{k}={v}" for k, v in values.items()]
-    return out
-
-
-@pytest.fixture(scope="module")
-def one_shard_data(tmp_path_factory):
-    cfg = tiny.data_config(shard_size_mb=16.0)
-    data_dir = str(tmp_path_factory.mktemp("one-shard") / "data")
-    meta = prepare(cfg, data_dir, log=quiet)
-    assert len(meta["splits"]["train"]["shards"]) == 1
-    return data_dir
-
-
-def _sha(output, worker):
-    found = re.findall(rf"^\[worker {worker}\] weights sha256: (\w+)$", output, re.M)
-    assert len(found) == 1, output[-3000:]
-    return found[0]
-
-
 def test_two_workers_preempted_resumed_identical_and_equal_to_one_process(one_shard_data,
                                                                             tmp_path):
     """The launcher runs 2 workers (2 per replica x 2 accumulation steps) of the tiny
@@ -76,7 +50,7 @@ def test_two_workers_preempted_resumed_identical_and_equal_to_one_process(one_sh
     with the global batch of 8 in one step."""
     workdir = str(tmp_path / "run")
     command = ["--num_workers=2", f"--timeout={TIMEOUT}", "--",
-               *_flags(_experiment(one_shard_data, batch_size=2, accum=2), workdir)]
+               *train_flags(_experiment(one_shard_data, batch_size=2, accum=2), workdir)]
 
     first = Launcher(*command)
     first.wait_for(r"^\[worker 1\] preemption:", timeout=TIMEOUT)
@@ -94,7 +68,7 @@ def test_two_workers_preempted_resumed_identical_and_equal_to_one_process(one_sh
     output = second.text()
     for w in (0, 1):
         assert re.search(rf"^\[worker {w}\] resumed from .* at step {step}$", output, re.M)
-    assert _sha(output, 0) == _sha(output, 1)  # bitwise-identical weights on both workers
+    assert weights_sha(output, 0) == weights_sha(output, 1)  # bitwise-identical workers
     assert "global batch: 8 sequences = 2 per replica x 2 replicas x 2 accumulation" in output
 
     # Only the chief wrote logs, plot and checkpoints (each worker its data position).
@@ -132,7 +106,7 @@ def test_nan_after_a_resume_rolls_every_worker_back_to_the_chiefs_checkpoint(one
             "steps": steps, "batch_size": 2, "log_every": 1, "eval_every": 0,
             "checkpoint_every": 2})
         return ["--num_workers=2", f"--timeout={TIMEOUT}", *module, "--",
-                *_flags(exp, workdir)]
+                *train_flags(exp, workdir)]
 
     first = Launcher(*command(2))
     assert first.finish(TIMEOUT) == 0, first.text()[-3000:]
@@ -142,7 +116,7 @@ def test_nan_after_a_resume_rolls_every_worker_back_to_the_chiefs_checkpoint(one
     output = second.text()
     assert re.search(r"^\[worker 0\] recovery 1/3: gradients became non-finite at step 3; "
                      r"rolled back to ckpt-2", output, re.M), output[-3000:]
-    assert _sha(output, 0) == _sha(output, 1)
+    assert weights_sha(output, 0) == weights_sha(output, 1)
     rows = read_log(workdir)
     assert [r["step"] for r in rows if r["kind"] == "recovery"] == [2]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
