@@ -50,11 +50,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 BENCHES := compare_hf decode train_throughput moe_scaling data_throughput remat_memory \
-	mwms_scaling edge dsa serve_load distill grpo v4 quantize moe_decode batch_decode
+	mwms_scaling edge dsa serve_load distill grpo v4 quantize moe_decode batch_decode sharding
 
 bench: $(STAMP)
 	for b in $(BENCHES); do $(BIN)/python bench/$$b.py $(ARGS) || exit 1; done
-BENCHES += sharding
 
 wheel: $(STAMP)
 	$(BIN)/python -m pip wheel --no-deps -w dist .
