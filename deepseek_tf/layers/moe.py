@@ -54,27 +54,35 @@ def dropless_factor(cfg, static: bool) -> float:
 
 
 def dispatch_combine(x, indices, weights, gate_up, down, capacity=None, activation="silu",
-                     swiglu_limit: float = 0.0):
+                     swiglu_limit: float = 0.0, exchange=None):
     """Runs every token through its chosen experts with static-capacity buffers.
 
     Args:
       x: (N, d) tokens.
       indices: int32 (N, k) chosen experts; weights: (N, k) combine weights.
-      gate_up: (E, d, 2f) stacked fused gate/up weights; down: (E, f, d).
-      capacity: rows per expert buffer (int or scalar tensor); None = dropless.
+      gate_up: (E, d, 2f) stacked fused gate/up weights; down: (E, f, d). With
+        `exchange`: this worker's E / W experts, (E / W, d, 2f) and (E / W, f, d).
+      capacity: rows per expert buffer (int or scalar tensor); None = dropless (with
+        `exchange`: N, the same on every worker, as its all-to-alls need).
       activation: "silu" or "gelu".
       swiglu_limit: > 0 clips the experts' pre-activations (see `gated`).
+      exchange: expert parallelism over W workers (`train/expert_parallel.py`), or None:
+        an object with `world` (W) and `to_experts` / `from_experts`, which move the
+        (E, C, d) buffers to the workers holding their experts, as (E / W, W C, d), and
+        the experts' outputs back. Every worker's buffers are its own tokens', so the
+        result equals the call with all E experts here.
 
     Returns (y (N, d), load (E,) float32 pairs routed per expert, dropped float32 pairs).
     """
     n = tf.shape(x)[0]
-    k, e, d = indices.shape[-1], gate_up.shape[0], x.shape[-1]
+    world = exchange.world if exchange is not None else 1
+    k, e, d = indices.shape[-1], gate_up.shape[0] * world, x.shape[-1]
     flat_e = tf.reshape(tf.transpose(indices), [-1])                       # (kN,) choice-major
     onehot = tf.one_hot(flat_e, e, dtype=tf.int32)                         # (kN, E)
     pos = tf.reduce_sum(tf.cumsum(onehot, axis=0, exclusive=True) * onehot, axis=1)  # (kN,)
     load = tf.reduce_sum(onehot, axis=0)                                   # (E,)
     if capacity is None:
-        capacity = tf.reduce_max(load)
+        capacity = tf.reduce_max(load) if exchange is None else n
     keep = pos < capacity
     trash = e * capacity
     slot = tf.where(keep, flat_e * capacity + pos, trash)                  # (kN,)
@@ -86,8 +94,12 @@ def dispatch_combine(x, indices, weights, gate_up, down, capacity=None, activati
     # data-dependent tf.where that makes XLA evaluate the whole step at compile time.
     x_pad = tf.pad(x, [[0, 1], [0, 0]])                                    # (N+1, d)
     xe = tf.reshape(tf.gather(x_pad, index_map), [e, capacity, d])         # (E, C, d)
+    if exchange is not None:
+        xe = exchange.to_experts(xe)                                       # (E/W, W C, d)
     gate, up = tf.split(tf.einsum("ecd,edf->ecf", xe, gate_up), 2, axis=-1)  # (E, C, f)
     ye = tf.einsum("ecf,efd->ecd", gated(gate, up, activation, swiglu_limit), down)  # (E, C, d)
+    if exchange is not None:
+        ye = exchange.from_experts(ye)                                     # (E, C, d)
     y_pad = tf.pad(tf.reshape(ye, [trash, d]), [[0, 1], [0, 0]])           # (E*C+1, d)
     yk = tf.reshape(tf.gather(y_pad, slot), [k, n, d])                     # (k, N, d)
     w = tf.expand_dims(tf.cast(tf.transpose(weights), yk.dtype), -1)       # (k, N, 1)

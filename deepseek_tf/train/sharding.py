@@ -99,6 +99,37 @@ def _launcher(strategy):
     return strategy.extended._cross_device_ops._launchers[0]  # pylint: disable=protected-access
 
 
+def _collective_args(strategy) -> dict:
+    """group_size, group_key, instance_key and ordering_token of the next collective op of
+    the strategy's launcher: its group, the next of its instance keys (taken at trace
+    time, in one order on every worker) and its ordering token (the op runs in program
+    order with the strategy's own all-reduces)."""
+    launcher = _launcher(strategy)
+    token = launcher._get_ordering_token()
+    return {"group_size": strategy.num_replicas_in_sync, "group_key": launcher._group_key,
+            "instance_key": launcher._next_instance_key(),
+            "ordering_token": [] if token is None else [token]}
+
+
+def all_to_all(strategy, x, timeout: float = 0.0) -> tf.Tensor:
+    """All-to-all over the workers of a MultiWorkerMirroredStrategy (one device each), in
+    its replica context: `x` (W * R, ...) is cut into W blocks of R rows along axis 0;
+    block j goes to worker j, and block i of the result (same shape) came from worker i.
+    No gradient is registered (see `expert_parallel.exchange`).
+
+    Args:
+      strategy: the run's MultiWorkerMirroredStrategy.
+      x: the tensor to exchange; its first dimension a multiple of the worker count.
+      timeout: seconds the op waits for its peers (0 = forever).
+    """
+    rows = tf.reshape(x, [strategy.num_replicas_in_sync, -1])  # the op's first dim is W
+    with tf.device(_launcher(strategy)._device):
+        rows = tf.raw_ops.CollectiveAllToAllV2(
+            input=rows, **_collective_args(strategy), communication_hint="auto",
+            timeout_seconds=timeout)
+    return tf.reshape(rows, tf.shape(x))
+
+
 class ShardedAdamW:
     """AdamW whose moments (and, for zero2, summed gradients) are sharded over workers.
 
@@ -169,18 +200,13 @@ class ShardedAdamW:
             return self._mine(ctx.all_reduce(SUM, grads))
         launcher = _launcher(self.strategy)
         flat = self._flat(grads)
-        key, token = launcher._next_instance_key(), launcher._get_ordering_token()
-        tokens = [] if token is None else [token]
-        with tf.device(launcher._device):
-            if "GPU" in launcher._device.upper():  # NCCL's reduce-scatter
+        if "GPU" in launcher._device.upper():  # NCCL's reduce-scatter
+            with tf.device(launcher._device):
                 return tf.raw_ops.CollectiveReduceScatterV2(
-                    input=flat, group_size=self.world, group_key=launcher._group_key,
-                    instance_key=key, ordering_token=tokens, merge_op="Add", final_op="Id",
-                    communication_hint="nccl", timeout_seconds=self.timeout)
-            rows = tf.raw_ops.CollectiveAllToAllV2(  # row j from worker j, (W, S)
-                input=tf.reshape(flat, [self.world, self.shard]), group_size=self.world,
-                group_key=launcher._group_key, instance_key=key, ordering_token=tokens,
-                communication_hint="auto", timeout_seconds=self.timeout)
+                    input=flat, **_collective_args(self.strategy), merge_op="Add",
+                    final_op="Id", communication_hint="nccl", timeout_seconds=self.timeout)
+        rows = all_to_all(self.strategy, tf.reshape(flat, [self.world, self.shard]),
+                          self.timeout)  # row j from worker j, (W, S)
         return tf.reduce_sum(rows, axis=0)
 
     def _decay(self) -> tf.Tensor:
