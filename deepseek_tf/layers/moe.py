@@ -24,6 +24,7 @@ must).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
@@ -42,6 +43,24 @@ def expert_capacity(num_tokens, top_k: int, num_experts: int, factor: float):
     c = tf.cast(tf.math.ceil(factor * tf.cast(num_tokens * top_k, tf.float32) / num_experts),
                 tf.int32)
     return tf.maximum(1, tf.minimum(num_tokens, c))
+
+
+@contextlib.contextmanager
+def local_variables():
+    """Variables created inside are plain `tf.Variable`s of this process, also under a
+    distribution strategy's scope (which would mirror them: one value on every worker,
+    initialized from the first): expert-parallel workers each hold experts of their own.
+    """
+    from tensorflow.python.ops.resource_variable_ops import ResourceVariable  # noqa: PLC0415
+
+    def plain(next_creator, **kwargs):  # skips the strategy's creator
+        del next_creator
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k in ("initial_value", "trainable", "name", "dtype", "shape")}
+        return ResourceVariable(**kwargs)
+
+    with tf.variable_creator_scope(plain):
+        yield
 
 
 def dropless_factor(cfg, static: bool) -> float:
@@ -153,6 +172,11 @@ class DeepSeekMoE(keras.layers.Layer):
       vocab_size: the token->expert table's rows with `topk_method="hash"`.
       weight_quantization: "int8" stores the expert stacks as int8 with a float32
         `<name>_scale` [E, out] each (`layers/quantized.py`), dequantized per call.
+      expert_parallel: W > 1 splits the routed experts over W MultiWorkerMirroredStrategy
+        workers: this layer holds E / W of them (worker r: experts [r E / W, (r + 1) E /
+        W)) as plain variables of its worker (`local_variables`; the caller gives them
+        their values), and runs only inside the strategy with
+        `exchange` set (`train/expert_parallel.ExpertExchange`); 1 = every expert here.
 
     Call: `moe(x, training=False, return_aux=False, capacity_factor=None,
     input_ids=None)` (input_ids (B, T): hash routing's tokens) with x
@@ -174,8 +198,17 @@ class DeepSeekMoE(keras.layers.Layer):
                  routed_scaling_factor: float = 1.0, capacity_factor: float = 1.25,
                  inference_capacity_factor: float = 0.0, activation: str = "silu",
                  initializer_range: float = 0.02, swiglu_limit: float = 0.0,
-                 vocab_size: int = 0, weight_quantization: str = "none", **kwargs):
+                 vocab_size: int = 0, weight_quantization: str = "none",
+                 expert_parallel: int = 1, **kwargs):
         super().__init__(**kwargs)
+        if expert_parallel > 1 and (num_experts % expert_parallel
+                                    or weight_quantization != "none"):
+            raise ValueError(f"expert_parallel={expert_parallel} needs float experts whose "
+                             f"number ({num_experts}) it divides")
+        self.expert_parallel = expert_parallel
+        #: expert parallelism's all-to-alls (`dispatch_combine`'s `exchange`), set by the
+        #: trainer inside the strategy; None with expert_parallel = 1
+        self.exchange = None
         self.weight_quantization = weight_quantization
         #: The int8 weights (each with a `<name>_scale`), for `quantized.scale_variables`.
         self.int8_weights = ("gate_up_proj", "down_proj") if weight_quantization == "int8" \
@@ -205,10 +238,12 @@ class DeepSeekMoE(keras.layers.Layer):
                     name=name + "_scale", shape=(e, shape[2]), dtype="float32",
                     initializer="ones", trainable=False, autocast=False))
         else:
-            self.gate_up_proj = self.add_weight(name="gate_up_proj", shape=(e, d, 2 * f),
-                                                initializer=init)
-            self.down_proj = self.add_weight(name="down_proj", shape=(e, f, d),
-                                             initializer=init)
+            local = e // self.expert_parallel
+            with local_variables() if self.expert_parallel > 1 else contextlib.nullcontext():
+                self.gate_up_proj = self.add_weight(name="gate_up_proj",
+                                                    shape=(local, d, 2 * f), initializer=init)
+                self.down_proj = self.add_weight(name="down_proj", shape=(local, f, d),
+                                                 initializer=init)
         if self.shared_experts is not None:
             self.shared_experts.build(input_shape)
 
@@ -227,10 +262,13 @@ class DeepSeekMoE(keras.layers.Layer):
             self._expert_weight("gate_up_proj", x.dtype),
             self._expert_weight("down_proj", x.dtype),
             expert_capacity(n, self.top_k, self.num_experts, factor), self.activation,
-            self.swiglu_limit)
+            self.swiglu_limit, self.exchange)
+        if self.expert_parallel > 1 and self.exchange is None:
+            raise ValueError(f"{self.name} holds 1/{self.expert_parallel} of its experts: "
+                             f"call it inside the strategy with `exchange` set")
         dropless = factor <= 0 or factor * self.top_k >= self.num_experts
         few = n * self.top_k * GATHER_PAIRS_PER_EXPERT <= self.num_experts
-        if training or not dropless or (isinstance(n, int) and not few):
+        if training or not dropless or (isinstance(n, int) and not few) or self.exchange:
             y, load, dropped = dispatch()
         elif isinstance(n, int):                    # a static decode step: few tokens
             y, load, dropped = self._gathered(flat, route)
@@ -287,4 +325,5 @@ class DeepSeekMoE(keras.layers.Layer):
                 "inference_capacity_factor": self.inference_capacity_factor,
                 "activation": self.activation, "initializer_range": self.initializer_range,
                 "swiglu_limit": self.swiglu_limit, "vocab_size": g.vocab_size,
-                "weight_quantization": self.weight_quantization}
+                "weight_quantization": self.weight_quantization,
+                "expert_parallel": self.expert_parallel}

@@ -265,3 +265,18 @@ def test_dispatch_gradients_match_dense_einsum():
             for a, b in zip(g, first):
                 np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
         first = g
+
+
+def test_expert_parallel_layer_holds_its_share_and_needs_an_exchange():
+    """`expert_parallel=2`: half the expert stacks, in the config; no call without the
+    all-to-alls (tests/train/test_expert_parallel.py runs it on 2 workers)."""
+    moe = DeepSeekMoE(hidden_size=8, num_experts=4, top_k=2, moe_intermediate_size=4,
+                      expert_parallel=2)
+    moe.build((None, None, 8))
+    assert moe.gate_up_proj.shape == (2, 8, 8) and moe.down_proj.shape == (2, 4, 8)
+    assert DeepSeekMoE.from_config(moe.get_config()).expert_parallel == 2
+    with pytest.raises(ValueError, match="exchange"):
+        moe(tf.ones((1, 3, 8)), training=True)
+    with pytest.raises(ValueError, match="divides"):
+        DeepSeekMoE(hidden_size=8, num_experts=4, top_k=2, moe_intermediate_size=4,
+                    expert_parallel=3)

@@ -1,7 +1,7 @@
 """Expert parallelism (train/expert_parallel.py) on 2 local CPU workers through the
-launcher: `dispatch_combine` with the experts split over the workers and tokens moved by
-all-to-all equals the replicated MoE (every worker all E experts, gradients
-all-reduced), dropless and with a capacity that drops pairs. One launcher run
+launcher: a `DeepSeekMoE` with `expert_parallel=2` (experts split over the workers,
+tokens moved by all-to-all) equals the replicated layer (every worker all E experts,
+gradients all-reduced), dropless and with a capacity that drops pairs. One launcher run
 (tests/helpers/expert_parallel_check.py) shared by the tests.
 """
 
@@ -36,7 +36,7 @@ def test_equals_replicated_moe(checks, factor):
         assert abs(r["loss_ep"] - r["loss_ref"]) <= 1e-6, r
         assert r["y"] <= 1e-5, r
         assert r["expert_grads"] <= 1e-5 and r["expert_grad_scale"] > 1e-2, r
-        assert r["router_grads"] <= 1e-5 and r["router_grad_scale"] > 1e-2, r
+        assert r["other_grads"] <= 1e-5 and r["other_grad_scale"] > 1e-2, r  # router, shared
         assert r["token_grads"] <= 1e-5, r  # the backward all-to-alls return each row home
         assert r["dropped_ep"] == r["dropped_ref"], r
     assert checks[(factor, 0)]["loss_ep"] == checks[(factor, 1)]["loss_ep"]
@@ -49,6 +49,9 @@ def test_capacity_drops_alike(checks):
 
 
 def test_each_worker_holds_its_share(checks):
+    """Under the strategy's scope: 1/W of the expert stacks, as plain variables; the
+    router and the shared expert mirrored."""
     for rank in range(WORKERS):
         r = checks[(0.0, rank)]
         assert r["expert_elements"] * WORKERS == r["stack_elements"], r
+        assert not r["experts_mirrored"] and r["others_mirrored"], r
