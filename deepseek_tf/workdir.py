@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from deepseek_tf.config import Experiment
@@ -43,12 +44,61 @@ def load_workdir(workdir: str, checkpoint: str = ""):
     path = checkpoint or tf.train.latest_checkpoint(os.path.join(workdir, CHECKPOINT_DIR))
     if not path:
         raise UserError(f"{workdir}/checkpoints holds no checkpoint.")
+    world = exp.model.expert_parallel
+    if world > 1:  # one model holding every worker's experts
+        exp = dataclasses.replace(exp, model=exp.model.replace(expert_parallel=1))
     model = DeepSeekCausalLM(exp.model)
     if exp.train.finetuning_type == "lora":  # the checkpoint holds base + adapters
         from deepseek_tf.lora import apply_lora
         apply_lora(model, exp.lora, seed=exp.train.seed)
-    restore_model(model, path)
+    if world > 1:
+        _restore_gathering_experts(model, path, world)
+    else:
+        restore_model(model, path)
     return model, exp
+
+
+def _restore_gathering_experts(model, path: str, world: int) -> None:
+    """Restores an expert-parallel run's checkpoint `path` into `model` (built with every
+    expert): worker i's experts come from its own checkpoint of the same step
+    (`checkpoints/data-worker-<i>/`, `experts/experts/<j>`: its j-th expert stack in the
+    model's order), the rest from the chief's (whose expert stacks hold only worker 0's
+    rows, and are restored into stand-ins of that shape)."""
+    import tensorflow as tf
+
+    from deepseek_tf.layers.moe import DeepSeekMoE
+
+    layers = [m for m in model._flatten_layers() if isinstance(m, DeepSeekMoE)]
+    names = ("gate_up_proj", "down_proj")
+    full = {(id(m), n): getattr(m, n) for m in layers for n in names}
+    for m in layers:  # the chief's checkpoint holds (E / W, ...) stacks
+        for n in names:
+            shape = (m.num_experts // world, *getattr(m, n).shape[1:])
+            object.__setattr__(m, n, tf.Variable(tf.zeros(shape), name=n))
+            m._track_trackable(getattr(m, n), n, overwrite=True)
+    try:
+        restore_model(model, path)
+    finally:
+        for m in layers:
+            for n in names:
+                object.__setattr__(m, n, full[(id(m), n)])
+                m._track_trackable(full[(id(m), n)], n, overwrite=True)
+    stacks = [v for v in model.trainable_variables
+              if any(v is w for w in full.values())]          # the model's order
+    step = os.path.basename(path)
+    parts = []
+    for i in range(world):
+        mine = os.path.join(os.path.dirname(path), f"data-worker-{i}", step)
+        try:
+            reader = tf.train.load_checkpoint(mine)
+            parts.append([reader.get_tensor(f"experts/experts/{j}/.ATTRIBUTES/VARIABLE_VALUE")
+                          for j in range(len(stacks))])
+        except (tf.errors.OpError, ValueError) as e:
+            raise UserError(f"expert-parallel run: cannot read worker {i}'s experts from "
+                            f"{mine} ({str(e).strip().splitlines()[0]}): every worker's "
+                            f"checkpoints/data-worker-<i>/ must be there.") from e
+    for j, var in enumerate(stacks):
+        var.assign(tf.concat([p[j] for p in parts], axis=0))  # worker i: rows [i L, (i+1) L)
 
 
 def restore_model(model, path: str, what: str = "") -> None:

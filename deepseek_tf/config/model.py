@@ -208,6 +208,11 @@ class ModelConfig(_Section):
     inference_capacity_factor: float = knob(0.0, "MoE outside training (eval, export, "
                                             "generation): like capacity_factor; <= 0 = "
                                             "dropless.", resumable=True)
+    expert_parallel: int = knob(1, "MoE expert parallelism: W > 1 splits each MoE layer's "
+                                "routed experts over W MultiWorkerMirroredStrategy workers "
+                                "(W = the worker count; each holds n_routed_experts / W) and "
+                                "moves tokens to them by all-to-all; 1 = every worker holds "
+                                "every expert.")
     aux_loss_alpha: float = knob(0.0, "Weight of the sequence-wise expert balance loss "
                                  "(DeepSeek-V3: 1e-4).", resumable=True)
     router_z_loss_coef: float = knob(0.0, "Weight of the router z-loss "
@@ -303,6 +308,13 @@ class ModelConfig(_Section):
         r(self.bias_update_speed >= 0, "--model.bias_update_speed must be >= 0.")
         r(self.aux_loss_alpha >= 0 and self.router_z_loss_coef >= 0,
           "--model.aux_loss_alpha and --model.router_z_loss_coef must be >= 0.")
+        w = self.expert_parallel
+        r(w >= 1, f"--model.expert_parallel={w} must be >= 1 (1 = off).")
+        r(w == 1 or (e and e % w == 0),
+          f"--model.expert_parallel={w} must divide --model.n_routed_experts={e}.")
+        r(w == 1 or self.weight_quantization == "none",
+          f"--model.expert_parallel={w} splits float experts: drop "
+          f"--model.weight_quantization={self.weight_quantization}.")
         if not e:
             return
         k, g, tg = self.num_experts_per_tok, self.n_group, self.topk_group

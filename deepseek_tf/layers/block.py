@@ -75,7 +75,8 @@ def make_mlp(cfg: ModelConfig, layer_idx: int) -> keras.layers.Layer:
             inference_capacity_factor=cfg.inference_capacity_factor,
             activation=cfg.hidden_act, initializer_range=cfg.initializer_range,
             swiglu_limit=cfg.swiglu_limit, vocab_size=cfg.vocab_size if hashed else 0,
-            weight_quantization=cfg.weight_quantization, name="mlp")
+            weight_quantization=cfg.weight_quantization,
+            expert_parallel=cfg.expert_parallel, name="mlp")
     return GatedMLP(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                     activation=cfg.hidden_act, initializer_range=cfg.initializer_range,
                     swiglu_limit=cfg.swiglu_limit, name="mlp")

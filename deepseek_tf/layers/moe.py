@@ -63,6 +63,22 @@ def local_variables():
         yield
 
 
+_EXCHANGES = []  # the `expert_exchange` scopes entered, innermost last
+
+
+@contextlib.contextmanager
+def expert_exchange(exchange):
+    """MoE layers with `expert_parallel > 1` created inside take `exchange` (an
+    `ExpertExchange`, train/expert_parallel.py): the trainer builds the model inside it, so
+    the layers run (and build, in the model's first forward pass) with their all-to-alls
+    and initialize their own block of experts (`exchange.rank`)."""
+    _EXCHANGES.append(exchange)
+    try:
+        yield
+    finally:
+        _EXCHANGES.pop()
+
+
 def dropless_factor(cfg, static: bool) -> float:
     """The capacity factor of an exact (dropless) MoE call: 0 (capacity = the largest
     expert load, a data-dependent shape), or with `static` E/k, which gives C = N (every
@@ -174,9 +190,9 @@ class DeepSeekMoE(keras.layers.Layer):
         `<name>_scale` [E, out] each (`layers/quantized.py`), dequantized per call.
       expert_parallel: W > 1 splits the routed experts over W MultiWorkerMirroredStrategy
         workers: this layer holds E / W of them (worker r: experts [r E / W, (r + 1) E /
-        W)) as plain variables of its worker (`local_variables`; the caller gives them
-        their values), and runs only inside the strategy with
-        `exchange` set (`train/expert_parallel.ExpertExchange`); 1 = every expert here.
+        W), initialized as those rows of the whole stack's draw) as plain variables of its
+        worker (`local_variables`), and runs only with an exchange (created inside an
+        `expert_exchange` scope, or `exchange` set); 1 = every expert here.
 
     Call: `moe(x, training=False, return_aux=False, capacity_factor=None,
     input_ids=None)` (input_ids (B, T): hash routing's tokens) with x
@@ -206,9 +222,9 @@ class DeepSeekMoE(keras.layers.Layer):
             raise ValueError(f"expert_parallel={expert_parallel} needs float experts whose "
                              f"number ({num_experts}) it divides")
         self.expert_parallel = expert_parallel
-        #: expert parallelism's all-to-alls (`dispatch_combine`'s `exchange`), set by the
-        #: trainer inside the strategy; None with expert_parallel = 1
-        self.exchange = None
+        #: expert parallelism's all-to-alls (`dispatch_combine`'s `exchange`; from the
+        #: `expert_exchange` scope around the layer's creation); None with expert_parallel = 1
+        self.exchange = _EXCHANGES[-1] if expert_parallel > 1 and _EXCHANGES else None
         self.weight_quantization = weight_quantization
         #: The int8 weights (each with a `<name>_scale`), for `quantized.scale_variables`.
         self.int8_weights = ("gate_up_proj", "down_proj") if weight_quantization == "int8" \
@@ -239,11 +255,16 @@ class DeepSeekMoE(keras.layers.Layer):
                     initializer="ones", trainable=False, autocast=False))
         else:
             local = e // self.expert_parallel
+            block = init
+            if self.expert_parallel > 1:  # this worker's rows of the whole stack's draw
+                first = local * (self.exchange.rank if self.exchange else 0)
+                block = lambda shape, dtype=None: init(  # noqa: E731
+                    (e, *shape[1:]), dtype)[first:first + local]
             with local_variables() if self.expert_parallel > 1 else contextlib.nullcontext():
                 self.gate_up_proj = self.add_weight(name="gate_up_proj",
-                                                    shape=(local, d, 2 * f), initializer=init)
+                                                    shape=(local, d, 2 * f), initializer=block)
                 self.down_proj = self.add_weight(name="down_proj", shape=(local, f, d),
-                                                 initializer=init)
+                                                 initializer=block)
         if self.shared_experts is not None:
             self.shared_experts.build(input_shape)
 

@@ -75,10 +75,12 @@ class RunCheckpoints:
       keep: checkpoints to keep.
       barrier: callable that returns when every worker called it.
       worker_objects: trackables that differ between workers (ZeRO's optimizer shard,
-        train/sharding.py), saved with worker i's data position; several workers only.
-      shards: the number of workers the optimizer state is sharded over (1 = not
-        sharded); recorded in the main checkpoint (`optimizer_shards`), and a resume with
-        another number is refused.
+        train/sharding.py; expert parallelism's experts and their moments,
+        train/expert_parallel.py), saved with worker i's data position; several workers
+        only.
+      shards: the number of workers the optimizer state (ZeRO) or the experts (expert
+        parallelism) are sharded over (1 = not sharded); recorded in the main checkpoint
+        (`optimizer_shards`), and a resume with another number is refused.
     """
 
     def __init__(self, workdir: str, objects: dict, data_iterator, role, keep: int,
@@ -147,9 +149,9 @@ class RunCheckpoints:
 
             raise UserError(
                 f"checkpoint {os.path.basename(path)} holds AdamW state {held(saved)} "
-                f"(--train.shard_optimizer), and "
+                f"(--train.shard_optimizer or --model.expert_parallel), and "
                 f"this run's is {held(self.shards)}: resume with the same number of workers "
-                f"and --train.shard_optimizer, or start a new --workdir from its weights with "
+                f"and the same flags, or start a new --workdir from its weights with "
                 f"--train.init_from={os.path.dirname(self.directory)}.")
 
     def _set_aside(self, bad: list[tuple[str, str]], log) -> None:
@@ -189,7 +191,7 @@ class RunCheckpoints:
         if self.worker_objects:
             restore_checkpoint(tf.train.Checkpoint(**self.worker_objects),
                                f"{self.data_manager.directory}/ckpt-{step}",
-                               what="rolling back this worker's optimizer shard: ",
+                               what="rolling back this worker's own state: ",
                                partial=True)
 
     def close(self) -> None:

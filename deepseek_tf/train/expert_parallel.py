@@ -30,7 +30,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from deepseek_tf.errors import UserError
+from deepseek_tf.layers.moe import local_variables
+from deepseek_tf.train import precision
 from deepseek_tf.train.sharding import all_to_all
+from deepseek_tf.train.strategy import is_multi_worker
 
 
 def exchange(strategy, x, timeout: float = 0.0) -> tf.Tensor:
@@ -53,11 +57,12 @@ class ExpertExchange:
 
     Args:
       strategy: the run's MultiWorkerMirroredStrategy.
+      rank: this worker's index (its replica id; it holds the rank-th block of experts).
       timeout: seconds an all-to-all waits for its peers (0 = forever).
     """
 
-    def __init__(self, strategy, timeout: float = 0.0):
-        self.strategy, self.timeout = strategy, timeout
+    def __init__(self, strategy, rank: int = 0, timeout: float = 0.0):
+        self.strategy, self.rank, self.timeout = strategy, rank, timeout
         self.world = strategy.num_replicas_in_sync
 
     def to_experts(self, xe) -> tf.Tensor:
@@ -78,3 +83,74 @@ class ExpertExchange:
         back = tf.transpose(tf.reshape(ye, [local, self.world, c, d]), [1, 0, 2, 3])
         return exchange(self.strategy, tf.reshape(back, [self.world * local, c, d]),
                         self.timeout)                                      # (E, C, d)
+
+
+def check_run(model_cfg, strategy, num_workers: int, train_cfg) -> None:
+    """Raises UserError where `--model.expert_parallel` cannot run: it needs W =
+    the number of MultiWorkerMirroredStrategy workers, one device each, without XLA (its
+    all-to-alls have no XLA kernel) and without --train.shard_optimizer (not combined yet)."""
+    w = model_cfg.expert_parallel
+    if w == 1:
+        return
+    flag = f"--model.expert_parallel={w}"
+    if not is_multi_worker(strategy) or strategy.num_replicas_in_sync != num_workers \
+            or num_workers != w:
+        raise UserError(f"{flag} places the experts on {w} workers, and this run has "
+                        f"{num_workers} worker(s) with {strategy.num_replicas_in_sync} "
+                        f"replica(s): start exactly {w} workers of one device each (python "
+                        f"-m deepseek_tf.launch --num_workers={w}), or set the flag to 1.")
+    if train_cfg.jit_compile == "true":
+        raise UserError(f"{flag} exchanges tokens with collectives XLA cannot compile: use "
+                        f"--train.jit_compile=false (or auto).")
+    if train_cfg.shard_optimizer != "none":
+        raise UserError(f"{flag} does not combine with --train.shard_optimizer yet: use "
+                        f"--train.shard_optimizer=none.")
+
+
+def local_weights(variables) -> list:
+    """The variables of `variables` that are this worker's own (expert-parallel experts,
+    made by `layers/moe.local_variables`), not mirrored over the workers."""
+    return [v for v in variables
+            if not isinstance(getattr(v, "value", v), tf.distribute.DistributedValues)]
+
+
+class LocalAdamW:
+    """AdamW of this worker's own expert weights: moments of its own (plain variables),
+    updated with the run's AdamW (`AdamW.fused_update`: its step count, schedule and
+    decay) from the worker's gradients, which need no all-reduce.
+
+    Args:
+      optimizer: the run's optimizer (our AdamW, or a LossScaleOptimizer around it),
+        built on the mirrored variables only.
+      variables: this worker's expert variables (`local_weights`).
+    """
+
+    def __init__(self, optimizer, variables):
+        self.inner = optimizer.inner_optimizer if precision.is_loss_scaled(optimizer) \
+            else optimizer
+        self.variables = list(variables)
+        with local_variables():
+            self.m = [tf.Variable(tf.zeros(v.shape), trainable=False, name="m")
+                      for v in self.variables]
+            self.v = [tf.Variable(tf.zeros(v.shape), trainable=False, name="v")
+                      for v in self.variables]
+        #: what the worker's own checkpoint saves: its experts and their moments
+        self.state = tf.train.Checkpoint(experts=self.variables, m=self.m, v=self.v)
+
+    def describe(self, world: int) -> str:
+        """One line: the expert weights this worker holds."""
+        mine = sum(v.shape.num_elements() for v in self.variables)
+        return (f"expert parallel over {world} workers: this worker holds {mine:,} of "
+                f"{mine * world:,} routed-expert weights (and their AdamW moments)")
+
+    def apply(self, grads, grad_scale, finite) -> None:
+        """Updates the experts with `grad_scale * grads` (if `finite`). Call before the
+        run's optimizer applies its gradients (the step count is the same)."""
+        inner = self.inner
+        for var, g, m, v in zip(self.variables, grads, self.m, self.v):
+            new, m2, v2 = inner.fused_update(var, g, m, v, inner.learning_rate,
+                                             inner.decay_of(var), grad_scale)
+            value = var.value if hasattr(var, "value") else var
+            value.assign(tf.where(finite, new, value))
+            m.assign(tf.where(finite, m2, m))
+            v.assign(tf.where(finite, v2, v))

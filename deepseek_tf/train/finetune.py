@@ -37,23 +37,41 @@ def _loose(model_cfg) -> dict:
             if f.metadata["resumable"]}
 
 
+def _own_rows(model, variable, value):
+    """`value`, or for an expert-parallel worker's expert stack (fewer rows than the
+    gathered `value`) the rows of its own experts."""
+    shape = tuple(variable.shape)
+    if not shape or shape[0] == value.shape[0]:
+        return value
+    rows = shape[0]
+    from deepseek_tf.layers.moe import DeepSeekMoE
+
+    rank = next(m.exchange.rank for m in model._flatten_layers()
+                if isinstance(m, DeepSeekMoE) and m.exchange is not None)
+    return value[rank * rows:(rank + 1) * rows]
+
+
 def load_init_weights(model, workdir: str, log=print) -> str:
     """Copies the model weights of `workdir`'s latest checkpoint into `model`; returns
     the checkpoint path. Refuses a model config that differs from the workdir's."""
     from deepseek_tf.workdir import load_experiment, load_workdir, restore_model
 
     src_exp = load_experiment(workdir)
-    if src_exp.model.replace(**_loose(model.config)) != model.config:
+    placed = model.config.expert_parallel  # the experts' placement may differ
+    if src_exp.model.replace(**_loose(model.config), expert_parallel=placed) != model.config:
         raise ConfigError(f"--train.init_from={workdir} holds another model config than "
                           f"this run; start a new --workdir without model flags.")
     path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     if not path:
         raise UserError(f"--train.init_from={workdir}: checkpoints/ holds no checkpoint.")
-    if src_exp.train.finetuning_type == "lora":  # merge its adapters into plain weights
+    lora = src_exp.train.finetuning_type == "lora"
+    if lora or src_exp.model.expert_parallel > 1 or placed > 1:
+        # LoRA: its adapters merged into plain weights; expert parallel: every worker's
+        # experts gathered (workdir.load_workdir), this run's worker takes its own rows
         src, _ = load_workdir(workdir)
-        values = {_rel(v.path): v for v in merged_model(src).variables}
+        values = {_rel(v.path): v for v in (merged_model(src) if lora else src).variables}
         for v in model.variables:
-            v.assign(values[_rel(v.path)])
+            v.assign(_own_rows(model, v, values[_rel(v.path)]))
     else:
         restore_model(model, path, what="--train.init_from: ")
     log(f"initialised the model weights from {path} (--train.init_from; optimizer, data "

@@ -33,10 +33,12 @@ import tensorflow as tf
 
 from deepseek_tf import exit_codes
 from deepseek_tf.config import Experiment
+from deepseek_tf.layers.moe import expert_exchange
 from deepseek_tf.lora import save_adapter
 from deepseek_tf.model import DeepSeekCausalLM, count_params
 from deepseek_tf.train import autotune
 from deepseek_tf.train import checkpoint as ckpt_lib
+from deepseek_tf.train import expert_parallel
 from deepseek_tf.train import finetune
 from deepseek_tf.train import precision
 from deepseek_tf.train import sharding
@@ -81,6 +83,8 @@ class RunState:
     grad_fns: dict = dataclasses.field(default_factory=dict)
     #: ZeRO-1/2 (`--train.shard_optimizer`): this worker's share of the optimizer, or None
     sharded: sharding.ShardedAdamW | None = None
+    #: `--model.expert_parallel`: this worker's experts and their AdamW, or None
+    experts: expert_parallel.LocalAdamW | None = None
 
 
 def build_state(exp: Experiment, workdir: str, objective: Objective,
@@ -110,17 +114,25 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
     ctx = strategy_lib.input_context(strategy, role)  # this worker's share of the data
     train_ds, eval_ds = objective.datasets(exp, workdir, ctx)
 
+    expert_parallel.check_run(exp.model, strategy, role.num_workers, tcfg)
+    ep = exp.model.expert_parallel
+    exchange = expert_parallel.ExpertExchange(strategy, role.index, tcfg.collective_timeout) \
+        if ep > 1 else None
+    if ep > 1:
+        sharding.check_ranks(collectives.gather(role.index), ep, "--model.expert_parallel")
     with strategy.scope():
-        with precision.policy_scope(tcfg.precision):
+        with precision.policy_scope(tcfg.precision), expert_exchange(exchange):
             model = DeepSeekCausalLM(exp.model, remat=tcfg.remat, dsa_stage=tcfg.dsa_stage)
             finetune.prepare_model(model, exp, log, resuming=ckpt_lib.has_checkpoint(workdir))
             objective.build(model, exp, log)  # e.g. DPO's frozen reference
         shard = sharding.resolve(tcfg.shard_optimizer, strategy, role.num_workers, exp.optim,
                                  model.trainable_variables, log)
         slots = shard == "none"  # else this worker's share is kept by ShardedAdamW
+        own = expert_parallel.local_weights(model.trainable_variables) if ep > 1 else []
+        mirrored = [v for v in model.trainable_variables if all(v is not o for o in own)]
         optimizer = precision.wrap_optimizer(
-            make_optimizer(exp.optim, exp.decay_steps, model, slots=slots), tcfg,
-            model.trainable_variables if slots else [])
+            make_optimizer(exp.optim, exp.decay_steps, model, slots=slots, variables=mirrored),
+            tcfg, mirrored if slots else [])
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         rng = tf.random.Generator.from_seed(tcfg.seed)
     sharded = None
@@ -129,20 +141,28 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
         sharded = sharding.ShardedAdamW(optimizer, model.trainable_variables, strategy, shard,
                                         role.index, tcfg.collective_timeout)
         log(f"optimizer sharding: {sharded.describe()}")
+    experts = expert_parallel.LocalAdamW(optimizer, own) if own else None
+    if experts:
+        log(experts.describe(ep))
+    worker_objects = {"optimizer_shard": sharded.slots} if sharded else {}
+    if experts:
+        worker_objects["experts"] = experts.state
     train_iter = iter(train_ds)  # a plain tf.data iterator: checkpointable
     checkpoints = ckpt_lib.RunCheckpoints(
         workdir, {"model": model, "optimizer": optimizer, "step": step, "rng": rng},
         train_iter, role, tcfg.keep_checkpoints, barrier=collectives.barrier,
-        worker_objects={"optimizer_shard": sharded.slots} if sharded else None,
-        shards=sharded.world if sharded else 1)
+        worker_objects=worker_objects or None,
+        shards=sharded.world if sharded else ep)
     return RunState(strategy, model, optimizer, step, rng, train_iter, eval_ds, role,
-                    checkpoints, collectives, exp, objective, sharded=sharded)
+                    checkpoints, collectives, exp, objective, sharded=sharded,
+                    experts=experts)
 
 
-def weights_fingerprint(model: keras.Model) -> str:
-    """sha256 (16 hex digits) of every model weight's bytes: equal iff bitwise equal."""
+def weights_fingerprint(model: keras.Model, only=None) -> str:
+    """sha256 (16 hex digits) of every model weight's bytes (or of those in `only`): equal
+    iff bitwise equal."""
     h = hashlib.sha256()
-    for v in model.weights:
+    for v in model.weights if only is None else only:
         h.update(v.path.split("/", 1)[-1].encode())  # without the model's (instance) name
         h.update(v.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -169,6 +189,11 @@ def _resolve_jit(state: RunState, log) -> Experiment:
     exp = state.exp
     if exp.train.jit_compile != "auto":
         return exp
+    if exp.model.expert_parallel > 1:
+        why = "auto -> false: expert parallelism's all-to-alls run outside XLA"
+        log(f"jit_compile: {why}")
+        return autotune.with_train(exp, jit_compile="false",
+                                   auto_decisions=autotune.note(exp, jit_compile=why))
     token_objective = _token_objective(state)
     with state.strategy.scope():
         choice, why = autotune.resolve_jit_compile(exp, state.model,
@@ -241,7 +266,7 @@ class Runner:
         train_step = make_train_step(state.model, state.optimizer, state.strategy, tcfg,
                                      exp.optim, objective=objective,
                                      grad_fn=state.grad_fns.get(tcfg.xla),
-                                     sharded=state.sharded)
+                                     sharded=state.sharded, experts=state.experts)
         self.train_step = objective.guard(train_step)
         self.eval_step = objective.guard(make_eval_step(state.model, state.strategy, objective))
         self.logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
@@ -375,10 +400,14 @@ class Runner:
         state, role, log = self.state, self.state.role, self.log
         seconds = time.time() - self.t_start
         self.logger.close()
-        fingerprint = weights_fingerprint(state.model)
+        own = state.experts.variables if state.experts else []  # expert parallel
+        fingerprint = weights_fingerprint(
+            state.model, [v for v in state.model.weights if all(v is not o for o in own)])
         if role.num_workers > 1:  # bitwise-identical replicas, or a bug: say so loudly
             state.collectives.check_same(int(fingerprint, 16) >> 1, "final weights")
         log(f"weights sha256: {fingerprint}")
+        if own:
+            log(f"this worker's expert weights sha256: {weights_fingerprint(state.model, own)}")
         if role.is_chief and self.tcfg.finetuning_type == "lora":
             path = save_adapter(state.model, self.workdir, self.exp.lora, self.tcfg.init_from)
             log(f"wrote the adapter to {path}")

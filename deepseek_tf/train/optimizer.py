@@ -143,11 +143,13 @@ def no_decay(variable) -> bool:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, model: keras.Model,
-                   slots: bool = True) -> AdamW:
+                   slots: bool = True, variables=None) -> AdamW:
     """Builds the optimizer and its slots for `model` (call inside a strategy scope);
-    `slots=False` builds it without moments (train/sharding.py keeps them, sharded)."""
+    `slots=False` builds it without moments (train/sharding.py keeps them, sharded);
+    `variables`: the ones it updates (default: every trainable one; expert parallelism
+    leaves out each worker's own experts, train/expert_parallel.py)."""
     opt = AdamW(learning_rate=make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay,
                 beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon, fused=cfg.fused)
     opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if no_decay(v)])
-    opt.build(model.trainable_variables if slots else [])
+    opt.build((model.trainable_variables if variables is None else variables) if slots else [])
     return opt

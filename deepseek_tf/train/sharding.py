@@ -85,13 +85,16 @@ def summed_gradient_bytes(numel: int, world: int, mode: str) -> int:
     return 4 * (math.ceil(numel / world) if mode == "zero2" else numel)
 
 
-def check_ranks(order: list[int], mode: str) -> None:
-    """Worker i owns shard i: the collectives' ranks (the order of an all-gather of every
-    worker's index) must be the worker indices. Raises UserError if they are not."""
+def check_ranks(order: list[int], mode: str, flag: str = "--train.shard_optimizer") -> None:
+    """Worker i owns shard i (with expert parallelism: block i of the experts): the
+    collectives' ranks (the order of an all-gather of every worker's index) must be the
+    worker indices. Raises UserError if they are not; `flag={mode}` is the setting that
+    needs them."""
     if order != list(range(len(order))):
-        raise UserError(f"--train.shard_optimizer={mode}: the workers' collective ranks do "
+        off = "none" if flag == "--train.shard_optimizer" else "1"
+        raise UserError(f"{flag}={mode}: the workers' collective ranks do "
                         f"not follow their indices (an all-gather of the indices gave "
-                        f"{order}); use --train.shard_optimizer=none on this cluster.")
+                        f"{order}); use {flag}={off} on this cluster.")
 
 
 def _launcher(strategy):

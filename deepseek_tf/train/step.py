@@ -102,8 +102,8 @@ def xla_twin(fn):
 
 
 def make_finish_fn(clip_norm: float, jit_compile: bool):
-    """(all-reduced grads, loss scale) -> (grads to apply, scaled global norm, finite,
-    clipping coefficient).
+    """(all-reduced grads, loss scale, squared norm of other gradients = 0) -> (grads to
+    apply, scaled global norm, finite, clipping coefficient).
 
     Decides the step (skipped on every replica alike when the norm of the all-reduced
     gradients is not finite) and computes the coefficient that clips to `clip_norm`
@@ -111,8 +111,8 @@ def make_finish_fn(clip_norm: float, jit_compile: bool):
     this is one XLA cluster.
     """
 
-    def finish(grads, scale):
-        norm = tf.linalg.global_norm(grads)
+    def finish(grads, scale, extra_square=0.0):
+        norm = tf.sqrt(tf.square(tf.linalg.global_norm(grads)) + extra_square)
         finite, coef = decide(norm, scale, clip_norm)
         grads = precision.poison(grads, finite)  # the same decision on every replica
         return grads, norm, finite, coef
@@ -142,7 +142,7 @@ def apply_scaled(optimizer, grads, variables, coef) -> None:
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cfg: TrainConfig,
                     optim_cfg: OptimConfig, *, objective=None, grad_hook=None, grad_fn=None,
-                    sharded=None):
+                    sharded=None, experts=None):
     """Returns `step(iterator) -> dict of float32 tensors` (loss, grad_norm, skipped: 1
     if the step was skipped because a gradient overflowed, and the objective's
     `step_metrics`: for pretrain / sft accuracy, loss_tokens and the
@@ -153,13 +153,18 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
     `make_grad_fn` of this model, objective and `train_cfg` already built (by
     `jit_compile=auto`'s timing, traced and compiled); None builds it here. `sharded`: a
     `sharding.ShardedAdamW` (ZeRO-1/2: gradients reduced to this worker's shard, which
-    it updates) or None (every replica all-reduces and applies everything).
+    it updates) or None (every replica all-reduces and applies everything). `experts`: an
+    `expert_parallel.LocalAdamW` (this worker's own experts: their gradients are not
+    all-reduced, their squares join the global norm) or None.
     """
     objective = objective or TokenObjective()
     grad_fn = grad_fn or make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.xla,
                                       objective)
     finish = make_finish_fn(optim_cfg.clip_norm, train_cfg.xla)
     variables = model.trainable_variables
+    mine = {id(v) for v in experts.variables} if experts else set()
+    is_mine = [id(v) in mine for v in variables]
+    replicated = [v for v, m in zip(variables, is_mine) if not m]
 
     def replica_step(batch):
         ctx = tf.distribute.get_replica_context()
@@ -172,6 +177,10 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
         grads, loss, stats = grad_fn(batch, denom, scale, seed)
         if grad_hook is not None:
             grads = grad_hook(grads, ctx.replica_id_in_sync_group)
+        own = [g for g, m in zip(grads, is_mine) if m]  # expert parallel: this worker's
+        grads = [g for g, m in zip(grads, is_mine) if not m]
+        own_square = ctx.all_reduce(SUM, tf.add_n([tf.reduce_sum(tf.square(g)) for g in own])) \
+            if own else 0.0
         if sharded is None:
             grads = ctx.all_reduce(SUM, grads)
         else:
@@ -179,8 +188,10 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
         loss = ctx.all_reduce(SUM, loss)
         stats = ctx.all_reduce(SUM, stats)
         if sharded is None:
-            grads, scaled_norm, finite, coef = finish(grads, scale)
-            apply_scaled(optimizer, grads, variables, coef)  # skipped if not finite (fp16)
+            grads, scaled_norm, finite, coef = finish(grads, scale, own_square)
+            if experts is not None:  # first: at the optimizer's step count
+                experts.apply(own, coef / scale, finite)
+            apply_scaled(optimizer, grads, replicated, coef)  # skipped if not finite (fp16)
         else:  # the global norm from every worker's shard
             scaled_norm = tf.sqrt(ctx.all_reduce(SUM, tf.reduce_sum(tf.square(shard))))
             finite, coef = decide(scaled_norm, scale, optim_cfg.clip_norm)

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.config import TrainConfig
-from deepseek_tf.layers.moe import DeepSeekMoE
+from deepseek_tf.layers.moe import DeepSeekMoE, expert_exchange
 from deepseek_tf.train.expert_parallel import ExpertExchange
 from deepseek_tf.train.strategy import cluster_role, make_strategy
 
@@ -43,7 +43,8 @@ def main():
                   n_shared_experts=1, scoring_func="softmax", topk_method="greedy")
     with strategy.scope():
         ref = DeepSeekMoE(**kwargs, name="ref")
-        ep = DeepSeekMoE(**kwargs, expert_parallel=world, name="ep")
+        with expert_exchange(ExpertExchange(strategy, rank, timeout=120)):
+            ep = DeepSeekMoE(**kwargs, expert_parallel=world, name="ep")
         for layer in (ref, ep):
             layer.build((None, None, D))
         rng = np.random.default_rng(0)  # the same values on every worker
@@ -51,7 +52,6 @@ def main():
             value = rng.normal(0, 0.3, r.shape).astype(np.float32)
             r.assign(value)
             e.assign(value[rank * local:(rank + 1) * local] if _is_expert(e) else value)
-    ep.exchange = ExpertExchange(strategy, timeout=120)
     target = rng.normal(size=(B, T, D)).astype(np.float32)
     x = np.random.default_rng(1 + rank).normal(size=(B, T, D)).astype(np.float32)
 

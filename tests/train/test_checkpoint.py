@@ -190,6 +190,7 @@ def test_worker_objects_are_each_workers_own_and_sharding_is_recorded(tmp_path):
         assert c.restore(log=quiet) == 3
         assert shard.numpy().tolist() == [i + 1.0] * 2
     with pytest.raises(UserError, match=r"^checkpoint ckpt-3 holds AdamW state sharded over 2 "
-                       r"workers \(--train.shard_optimizer\), and this run's is sharded over 3 "
-                       r"workers: resume with the same number of workers"):
+                       r"workers \(--train.shard_optimizer or --model.expert_parallel\), and "
+                       r"this run's is sharded over 3 workers: resume with the same number of "
+                       r"workers"):
         run(0, 0.0, shards=3)[1].restore(log=quiet)

@@ -1,36 +1,61 @@
-"""Expert parallelism (train/expert_parallel.py) on 2 local CPU workers through the
-launcher: a `DeepSeekMoE` with `expert_parallel=2` (experts split over the workers,
-tokens moved by all-to-all) equals the replicated layer (every worker all E experts,
-gradients all-reduced), dropless and with a capacity that drops pairs. One launcher run
-(tests/helpers/expert_parallel_check.py) shared by the tests.
+"""Expert parallelism (`--model.expert_parallel`, train/expert_parallel.py) on 2 local CPU
+workers through the launcher.
+
+- The layer: a `DeepSeekMoE` with `expert_parallel=2` (experts split over the workers,
+  tokens moved by all-to-all) equals the replicated layer (every worker all E experts,
+  gradients all-reduced), dropless and with a capacity that drops pairs
+  (tests/helpers/expert_parallel_check.py, one launcher run).
+- Training: a tiny DeepSeek-V3-style model (MLA, MoE) trained 4 steps with expert_parallel=2 and replicated
+  (module fixture `runs`, one launcher run each): losses and the final weights (the
+  experts gathered from the workers' checkpoints by `load_workdir`) equal within 1e-5;
+  each worker checkpoints half the experts; a resume from step 2 ends bitwise equal; one
+  worker is refused in one line.
 """
 
 import json
+import os
 import re
+import shutil
 
+import numpy as np
 import pytest
 
-from tests.helpers.launcher import Launcher
+from deepseek_tf.errors import ConfigError, UserError
+from deepseek_tf.train.logger import read_log
+from deepseek_tf.train.loop import train
+from deepseek_tf.workdir import load_experiment, load_workdir
+from tests.helpers import tiny
+from tests.helpers.checkpoints import checkpoint_tensors, rewind
+from tests.helpers.launcher import Launcher, train_flags, weights_sha
+from tests.helpers.workdirs import FAMILIES
 
 WORKERS = 2
-TIMEOUT = 240  # seconds for the 2-worker check on a busy 2-core machine
+STEPS = 4
+TIMEOUT = 300  # seconds for one 2-worker run on a busy 2-core machine
+MOE = FAMILIES["mla_moe"]  # DeepSeek-V3 style: MLA, a dense first layer, 8 experts
+quiet = lambda *_: None  # noqa: E731
+
+
+def _launch(*args, flags=()):
+    launcher = Launcher(f"--num_workers={WORKERS}", f"--timeout={TIMEOUT}", *args, "--",
+                        *flags)
+    code = launcher.finish(TIMEOUT + 60)
+    output = launcher.text()
+    assert code == 0, output[-4000:]
+    return output
 
 
 @pytest.fixture(scope="module")
 def checks():
     """{(capacity factor, worker): the worker's check line} of one launcher run."""
-    launcher = Launcher(f"--num_workers={WORKERS}", f"--timeout={TIMEOUT}",
-                        "--module=tests.helpers.expert_parallel_check")
-    code = launcher.finish(TIMEOUT + 60)
-    output = launcher.text()
-    assert code == 0, output[-4000:]
+    output = _launch("--module=tests.helpers.expert_parallel_check")
     rows = [json.loads(m) for m in re.findall(r"expert parallel check: (\{.*\})$", output, re.M)]
     assert len(rows) == 2 * WORKERS, output[-4000:]
     return {(r["factor"], r["rank"]): r for r in rows}
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.75])
-def test_equals_replicated_moe(checks, factor):
+def test_layer_equals_replicated_moe(checks, factor):
     for rank in range(WORKERS):
         r = checks[(factor, rank)]
         assert abs(r["loss_ep"] - r["loss_ref"]) <= 1e-6, r
@@ -42,16 +67,157 @@ def test_equals_replicated_moe(checks, factor):
     assert checks[(factor, 0)]["loss_ep"] == checks[(factor, 1)]["loss_ep"]
 
 
-def test_capacity_drops_alike(checks):
+def test_layer_capacity_drops_alike(checks):
     """Factor 0.75 overflows some experts (the comparison covers dropping); 0 drops none."""
     assert checks[(0.75, 0)]["dropped_ep"] > 0
     assert checks[(0.0, 0)]["dropped_ep"] == 0
 
 
-def test_each_worker_holds_its_share(checks):
+def test_layer_holds_its_share(checks):
     """Under the strategy's scope: 1/W of the expert stacks, as plain variables; the
     router and the shared expert mirrored."""
     for rank in range(WORKERS):
         r = checks[(0.0, rank)]
         assert r["expert_elements"] * WORKERS == r["stack_elements"], r
         assert not r["experts_mirrored"] and r["others_mirrored"], r
+
+
+def _experiment(data_dir, expert_parallel):
+    return tiny.experiment(data_dir, data={"shuffle_buffer": 0},
+                           model={**MOE, "expert_parallel": expert_parallel},
+                           train={"steps": STEPS, "batch_size": 2, "log_every": 1,
+                                  "eval_every": STEPS, "checkpoint_every": 2,
+                                  "jit_compile": "false"})
+
+
+@pytest.fixture(scope="module")
+def runs(one_shard_data, tmp_path_factory):
+    """{expert_parallel: (workdir, launcher output)} of the 2-worker runs, made on first use."""
+    root, done = tmp_path_factory.mktemp("expert-parallel"), {}
+
+    def get(ep):
+        if ep not in done:
+            workdir = str(root / f"ep{ep}")
+            done[ep] = workdir, _launch(flags=train_flags(_experiment(one_shard_data, ep),
+                                                          workdir))
+        return done[ep]
+
+    return get
+
+
+def _losses(workdir):
+    return [r["loss"] for r in read_log(workdir) if r["kind"] == "train"]
+
+
+def _weights(workdir):
+    model, exp = load_workdir(workdir)
+    assert exp.model.expert_parallel == 1  # gathered into one model
+    return {v.path.split("/", 1)[-1]: v.numpy() for v in model.weights}
+
+
+def test_training_equals_replicated_moe(runs):
+    """4 steps (clipping, the router's bias update on the global load, capacity drops):
+    losses and final weights equal the replicated MoE's within 1e-5."""
+    replicated, _ = runs(1)
+    workdir, output = runs(2)
+    for w in range(WORKERS):
+        assert re.search(rf"^\[worker {w}\] expert parallel over 2 workers: this worker holds "
+                         rf"6,144 of 12,288 routed-expert weights", output, re.M), output[-3000:]
+    assert re.search(r"moe max/mean load [\d.]+, dropped [1-9]", output)  # drops happen
+    np.testing.assert_allclose(_losses(workdir), _losses(replicated), rtol=0, atol=1e-5)
+    assert len(_losses(workdir)) == STEPS
+    a, b = _weights(replicated), _weights(workdir)
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5, err_msg=k)
+    bias = [k for k in a if k.endswith("e_score_correction_bias")]
+    assert bias and all(np.abs(a[k]).max() > 0 for k in bias)  # the bias moved, alike
+
+
+def test_each_worker_checkpoints_half_the_experts(runs):
+    """Measured in the checkpoints: each worker's experts (and their two moments) are half
+    of the replicated run's expert stacks."""
+    replicated, _ = runs(1)
+    workdir, _ = runs(2)
+    stacks = sum(v.size for k, v in _weights(replicated).items()
+                 if k.endswith(("gate_up_proj", "down_proj")))
+    for w in range(WORKERS):
+        path = os.path.join(workdir, "checkpoints", f"data-worker-{w}", f"ckpt-{STEPS}")
+        mine = checkpoint_tensors(path, ("experts/",))
+        for part in ("experts", "m", "v"):
+            held = sum(t.size for k, t in mine.items() if k.startswith(f"experts/{part}/"))
+            assert held * WORKERS == stacks, (part, held, stacks)
+
+
+def test_resumes_bitwise(runs, one_shard_data, tmp_path):
+    """The run rewound to its step-2 checkpoint and resumed ends bitwise equal: the
+    mirrored weights and each worker's experts."""
+    straight, output = runs(2)
+    workdir = rewind(straight, str(tmp_path / "resumed"), 2)
+    resumed = _launch(flags=train_flags(_experiment(one_shard_data, 2), workdir))
+    for w in range(WORKERS):
+        assert re.search(rf"^\[worker {w}\] resumed from .*ckpt-2 at step 2$", resumed, re.M)
+        assert weights_sha(resumed, w) == weights_sha(output, w)
+        own = rf"^\[worker {w}\] this worker's expert weights sha256: (\w+)$"
+        assert re.findall(own, resumed, re.M) == re.findall(own, output, re.M) != []
+    assert _losses(workdir) == _losses(straight)
+
+
+def test_another_worker_count_is_refused(runs, tmp_path):
+    """The run resumed by one process: refused in one line, its checkpoints left alone."""
+    straight, _ = runs(2)
+    workdir = str(tmp_path / "one")
+    shutil.copytree(straight, workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with pytest.raises(UserError, match=r"--model.expert_parallel=2 places the experts on 2 "
+                       r"workers, and this run has 1 worker\(s\)"):
+        train(load_experiment(workdir), workdir, log=quiet)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_config_refuses_what_cannot_split():
+    with pytest.raises(ConfigError, match=r"--model.expert_parallel=3 must divide "
+                       r"--model.n_routed_experts=8"):
+        tiny.model_config(**MOE, expert_parallel=3)
+
+
+def test_init_from_gathers_into_a_one_process_run(runs, tmp_path):
+    """`--train.init_from` an expert-parallel run into a replicated model (other
+    placement, same architecture): every worker's experts, gathered."""
+    from deepseek_tf.model import DeepSeekCausalLM
+    from deepseek_tf.train.finetune import load_init_weights
+
+    workdir, _ = runs(2)
+    exp = load_experiment(workdir)
+    model = DeepSeekCausalLM(exp.model.replace(expert_parallel=1))
+    load_init_weights(model, workdir, log=quiet)
+    want = _weights(workdir)
+    got = {v.path.split("/", 1)[-1]: v.numpy() for v in model.weights}
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    stack = got["layers_1/mlp/gate_up_proj"]
+    assert stack.shape[0] == 8 and not np.array_equal(stack[:4], stack[4:])
+
+
+def test_hf_export_gathers_every_expert(runs, tmp_path):
+    """`export --format=hf` of the expert-parallel run writes every expert
+    (`mlp.experts.<e>.*`), equal to the replicated run's export within 1e-5."""
+    from safetensors.numpy import load_file
+
+    from deepseek_tf.export import export
+
+    tensors = []
+    for ep in (1, 2):
+        model, exp = load_workdir(runs(ep)[0])
+        out = tmp_path / f"hf{ep}"
+        export(model, exp, "hf", str(out), log=quiet)
+        found = {}
+        for f in out.glob("*.safetensors"):
+            found.update(load_file(str(f)))
+        tensors.append(found)
+    a, b = tensors
+    assert a.keys() == b.keys()
+    assert {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(8)} <= b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5, err_msg=k)
