@@ -261,8 +261,10 @@ def adopt_init_from(exp: cfg.Experiment, given: dict[str, dict]) -> cfg.Experime
         if os.path.exists(f) and tok.type != "byte":
             tok = tok.replace(path=os.path.abspath(f))
     # Training knobs of the model section (loss weights, capacity factors, router bias
-    # speed: the fields marked resumable) may be set; the architecture may not.
+    # speed: the fields marked resumable) and the experts' placement (expert_parallel:
+    # the weights are gathered, train/finetune.py) may be set; the architecture may not.
     loose = {k for k, f, _ in cfg.ModelConfig.flag_fields() if f.metadata["resumable"]}
+    loose.add("expert_parallel")
     model = source.model.replace(**{k: v for k, v in given["model"].items() if k in loose})
     for s, fixed in (("model", model), ("tokenizer", tok)):
         values = fixed.to_dict()

@@ -182,14 +182,20 @@ def test_config_refuses_what_cannot_split():
 
 
 def test_init_from_gathers_into_a_one_process_run(runs, tmp_path):
-    """`--train.init_from` an expert-parallel run into a replicated model (other
-    placement, same architecture): every worker's experts, gathered."""
+    """`--train.init_from` an expert-parallel run with `--model.expert_parallel=1` (the
+    flag allowed: a placement, not the architecture): every worker's experts, gathered."""
+    from deepseek_tf.config import Experiment
+    from deepseek_tf.flags import adopt_init_from
     from deepseek_tf.model import DeepSeekCausalLM
     from deepseek_tf.train.finetune import load_init_weights
 
     workdir, _ = runs(2)
-    exp = load_experiment(workdir)
-    model = DeepSeekCausalLM(exp.model.replace(expert_parallel=1))
+    given = {s: {} for s in ("model", "data", "tokenizer", "optim", "train")}
+    given["model"] = {"expert_parallel": 1}  # the placement may change, not the model
+    start = Experiment(train=load_experiment(workdir).train.replace(init_from=workdir))
+    exp = adopt_init_from(start, given)
+    assert exp.model == load_experiment(workdir).model.replace(expert_parallel=1)
+    model = DeepSeekCausalLM(exp.model)
     load_init_weights(model, workdir, log=quiet)
     want = _weights(workdir)
     got = {v.path.split("/", 1)[-1]: v.numpy() for v in model.weights}
