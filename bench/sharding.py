@@ -1,5 +1,7 @@
 """ZeRO-1 / ZeRO-2 (`--train.shard_optimizer`) vs plain MultiWorkerMirroredStrategy:
-optimizer and gradient bytes per worker at W = 1, 2, 4 workers, step time at W = 2.
+optimizer and gradient bytes per worker at W = 1, 2, 4 workers, step time at W = 2; and
+expert parallelism (`--model.expert_parallel=2`) vs the replicated MoE: tokens/s and
+routed-expert weights per worker at W = 2.
 
     python bench/sharding.py                   # W = 1, 2, 4; 2 rounds of the W = 2 timing
     python bench/sharding.py --workers=1,2 --hidden_size=512
@@ -13,7 +15,10 @@ Every run goes through `python -m deepseek_tf.launch --cpus_per_worker=1` (W = 4
   and zero1: the all-reduced gradients, 4 N bytes; zero2: its reduce-scattered shard,
   4 ceil(N / W)). The local gradients of the backward pass are full-size in every mode.
 Step time: the chief's logged tokens/s per log interval after the first (tracing), the
-modes taking turns round after round; target ratio <= 1.3x plain at W = 2.
+modes taking turns round after round; target ratio <= 1.3x plain at W = 2. Expert
+parallel: the same model with every MLP a DeepSeekMoE of `--experts` routed experts
+(top-2, width hidden / 2, one shared expert), replicated and expert-parallel runs taking
+turns; weights per worker from the log line each run prints.
 """
 
 from __future__ import annotations
@@ -40,6 +45,22 @@ def run(workers: int, mode: str, data_dir: str, workdir: str, args, steps: int) 
     rates = [r["tokens_per_sec"] for r in read_log(workdir) if r["kind"] == "train"][1:]
     return {"params": params, "optimizer": optimizer_bytes(workdir, workers, mode, steps),
             "rates": rates}
+
+
+def expert_run(ep: int, data_dir: str, workdir: str, args, steps: int) -> dict:
+    """One W = 2 launcher run of the MoE model: {"rates", "experts" (routed-expert weights
+    per worker)}."""
+    from deepseek_tf.train.logger import read_log
+
+    moe = (f"--model.n_routed_experts={args.experts}", "--model.num_experts_per_tok=2",
+           f"--model.moe_intermediate_size={args.hidden_size // 2}",
+           "--model.n_shared_experts=1", f"--model.expert_parallel={ep}")
+    out = common.launch_small_run(2, data_dir, workdir, args, steps, moe)
+    held = re.search(r"this worker holds ([\d,]+) of", out)
+    total = args.layers * args.experts * 3 * args.hidden_size * (args.hidden_size // 2)
+    return {"rates": [r["tokens_per_sec"] for r in read_log(workdir)
+                      if r["kind"] == "train"][1:],
+            "experts": int(held.group(1).replace(",", "")) if held else total}
 
 
 def optimizer_bytes(workdir: str, workers: int, mode: str, step: int) -> list[int]:
@@ -70,12 +91,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30, help="steps of each timed W = 2 run")
     p.add_argument("--log_every", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="timed W = 2 runs per mode")
+    p.add_argument("--experts", type=int, default=8,
+                   help="routed experts of the expert-parallel comparison (0 = skip it)")
     args = common.start(p, argv)
     workers = [int(w) for w in args.workers.split(",")]
     modes = MODES
     if args.smoke:
         args.layers, args.hidden_size, args.seq_len, args.batch_size = 1, 64, 32, 2
         args.steps, args.log_every, args.rounds, workers, modes = 4, 1, 1, [2], ("none", "zero2")
+        args.experts = min(args.experts, 4)
     if 2 not in workers:
         sys.exit("error: --workers must include 2 (the step-time comparison)")
     from deepseek_tf.config import DataConfig
@@ -85,6 +109,7 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="sharding-bench-")
     data_dir = os.path.join(tmp, "data")
     results, rates = {}, {m: [] for m in modes}
+    ep_rates, ep_experts = {1: [], 2: []}, {}
     try:
         prepare(DataConfig(seq_len=args.seq_len, max_samples=40 if args.smoke else 400,
                            val_size=10), data_dir, log=lambda *_: None)
@@ -99,6 +124,11 @@ def main(argv=None):
             for mode in (("none",) if w == 1 else modes):
                 if (w, mode) not in results:
                     results[(w, mode)] = run(w, mode, data_dir, f"{tmp}/w{w}-{mode}", args, 2)
+        for r in range(args.rounds if args.experts else 0):  # expert parallel, in turns
+            for ep in (1, 2):
+                res = expert_run(ep, data_dir, f"{tmp}/moe-ep{ep}-{r}", args, args.steps)
+                ep_rates[ep] += res["rates"]
+                ep_experts[ep] = res["experts"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     params = results[(2, "none")]["params"]
@@ -117,6 +147,16 @@ def main(argv=None):
     for mode in modes[1:]:
         print(f"{mode} / none step time at W = 2: {none / common.stats(rates[mode])[1]:.2f}x "
               f"(ratio of median tokens/s; target <= 1.3x)")
+    if args.experts:
+        print(f"MoE: {args.experts} routed experts per layer, top-2, width "
+              f"{args.hidden_size // 2}, 1 shared; routed-expert weights per worker: "
+              f"replicated {ep_experts[1]:,}, expert parallel {ep_experts[2]:,} "
+              f"({ep_experts[2] / ep_experts[1]:.3f}x)")
+        named = {"replicated": ep_rates[1], "expert_parallel": ep_rates[2]}
+        common.print_stats("W = 2 MoE step", named, "tokens/s per log interval")
+        print(f"expert parallel / replicated tokens/s at W = 2: "
+              f"{common.stats(ep_rates[2])[1] / common.stats(ep_rates[1])[1]:.2f}x "
+              f"(ratio of medians)")
 
 
 if __name__ == "__main__":

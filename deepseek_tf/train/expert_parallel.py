@@ -93,18 +93,18 @@ def check_run(model_cfg, strategy, num_workers: int, train_cfg) -> None:
     if w == 1:
         return
     flag = f"--model.expert_parallel={w}"
-    if not is_multi_worker(strategy) or strategy.num_replicas_in_sync != num_workers \
-            or num_workers != w:
-        raise UserError(f"{flag} places the experts on {w} workers, and this run has "
-                        f"{num_workers} worker(s) with {strategy.num_replicas_in_sync} "
-                        f"replica(s): start exactly {w} workers of one device each (python "
-                        f"-m deepseek_tf.launch --num_workers={w}), or set the flag to 1.")
     if train_cfg.jit_compile == "true":
         raise UserError(f"{flag} exchanges tokens with collectives XLA cannot compile: use "
                         f"--train.jit_compile=false (or auto).")
     if train_cfg.shard_optimizer != "none":
         raise UserError(f"{flag} does not combine with --train.shard_optimizer yet: use "
                         f"--train.shard_optimizer=none.")
+    if not is_multi_worker(strategy) or strategy.num_replicas_in_sync != num_workers \
+            or num_workers != w:
+        raise UserError(f"{flag} places the experts on {w} workers, and this run has "
+                        f"{num_workers} worker(s) with {strategy.num_replicas_in_sync} "
+                        f"replica(s): start exactly {w} workers of one device each (python "
+                        f"-m deepseek_tf.launch --num_workers={w}), or set the flag to 1.")
 
 
 def local_weights(variables) -> list:

@@ -24,7 +24,10 @@ RESULTS = {
     "mwms_scaling": [r"^2 workers +[\d,]+", r"^speed-up 2 vs 1 worker: median [\d.]+x"],
     "sharding": [r"^ 2 none +[\d.]+ +[\d.]+ +[\d.]+ +1\.000 +0\.600$",
                  r"^ 2 zero2 +[\d.]+ +[\d.]+ +[\d.]+ +0\.5\d\d +0\.600$",
-                 r"^zero2 / none step time at W = 2: [\d.]+x"],
+                 r"^zero2 / none step time at W = 2: [\d.]+x",
+                 r"^MoE: 4 routed experts .* replicated [\d,]+, expert parallel [\d,]+ "
+                 r"\(0\.500x\)$",
+                 r"^expert parallel / replicated tokens/s at W = 2: [\d.]+x"],
     "edge": [r"^TFLite int8 \(ai-edge-litert\) +[\d,]+",
              r"^TFLite int8 \(LiteRT-LM engine\) +[\d,]+", r"^targets: int8 decode"],
     "compare_hf": [r"^transformers: torch .*, 2 threads$|^transformers: torch .* threads$",

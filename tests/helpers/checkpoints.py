@@ -71,3 +71,19 @@ def tf_warnings():
         yield seen
     finally:
         logger.removeHandler(handler)
+
+
+def assert_resume_refused(workdir: str, dst: str, match: str) -> None:
+    """A copy of run `workdir` at `dst`, resumed by this one process with its own config,
+    is refused with a UserError matching `match`, and its checkpoints are left alone."""
+    import pytest
+
+    from deepseek_tf.errors import UserError
+    from deepseek_tf.train.loop import train
+    from deepseek_tf.workdir import load_experiment
+
+    shutil.copytree(workdir, dst)
+    before = sorted(os.listdir(os.path.join(dst, "checkpoints")))
+    with pytest.raises(UserError, match=match):
+        train(load_experiment(dst), dst, log=lambda *_: None)
+    assert sorted(os.listdir(os.path.join(dst, "checkpoints"))) == before

@@ -12,10 +12,10 @@ workers through the launcher.
   worker is refused in one line.
 """
 
+import dataclasses
 import json
 import os
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -25,7 +25,7 @@ from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from deepseek_tf.workdir import load_experiment, load_workdir
 from tests.helpers import tiny
-from tests.helpers.checkpoints import checkpoint_tensors, rewind
+from tests.helpers.checkpoints import assert_resume_refused, checkpoint_tensors, rewind
 from tests.helpers.launcher import Launcher, train_flags, weights_sha
 from tests.helpers.workdirs import FAMILIES
 
@@ -87,7 +87,8 @@ def _experiment(data_dir, expert_parallel):
                            model={**MOE, "expert_parallel": expert_parallel},
                            train={"steps": STEPS, "batch_size": 2, "log_every": 1,
                                   "eval_every": STEPS, "checkpoint_every": 2,
-                                  "jit_compile": "false"})
+                                  # expert parallel: auto picks XLA off (tested)
+                                  "jit_compile": "auto" if expert_parallel > 1 else "false"})
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,8 @@ def test_training_equals_replicated_moe(runs):
         assert re.search(rf"^\[worker {w}\] expert parallel over 2 workers: this worker holds "
                          rf"6,144 of 12,288 routed-expert weights", output, re.M), output[-3000:]
     assert re.search(r"moe max/mean load [\d.]+, dropped [1-9]", output)  # drops happen
+    assert re.search(r"^\[worker 0\] jit_compile: auto -> false: expert parallelism's "
+                     r"all-to-alls run outside XLA$", output, re.M), output[-3000:]
     np.testing.assert_allclose(_losses(workdir), _losses(replicated), rtol=0, atol=1e-5)
     assert len(_losses(workdir)) == STEPS
     a, b = _weights(replicated), _weights(workdir)
@@ -165,14 +168,19 @@ def test_resumes_bitwise(runs, one_shard_data, tmp_path):
 
 def test_another_worker_count_is_refused(runs, tmp_path):
     """The run resumed by one process: refused in one line, its checkpoints left alone."""
-    straight, _ = runs(2)
-    workdir = str(tmp_path / "one")
-    shutil.copytree(straight, workdir)
-    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    with pytest.raises(UserError, match=r"--model.expert_parallel=2 places the experts on 2 "
-                       r"workers, and this run has 1 worker\(s\)"):
-        train(load_experiment(workdir), workdir, log=quiet)
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    assert_resume_refused(runs(2)[0], str(tmp_path / "one"),
+                          r"--model.expert_parallel=2 places the experts on 2 workers, and "
+                          r"this run has 1 worker\(s\)")
+
+
+def test_xla_and_zero_are_refused(one_shard_data, tmp_path):
+    exp = _experiment(one_shard_data, 2)
+    for i, (train_cfg, why) in enumerate((
+            (exp.train.replace(jit_compile="true"), "--train.jit_compile=false"),
+            (exp.train.replace(shard_optimizer="zero1"),
+             "does not combine with --train.shard_optimizer yet"))):
+        with pytest.raises(UserError, match=re.escape(why)):
+            train(dataclasses.replace(exp, train=train_cfg), str(tmp_path / str(i)), log=quiet)
 
 
 def test_config_refuses_what_cannot_split():
