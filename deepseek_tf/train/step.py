@@ -102,8 +102,8 @@ def xla_twin(fn):
 
 
 def make_finish_fn(clip_norm: float, jit_compile: bool):
-    """(all-reduced grads, loss scale, squared norm of other gradients = 0) -> (grads to
-    apply, scaled global norm, finite, clipping coefficient).
+    """(all-reduced grads, loss scale, squared norm of other gradients or None) -> (grads
+    to apply, scaled global norm, finite, clipping coefficient).
 
     Decides the step (skipped on every replica alike when the norm of the all-reduced
     gradients is not finite) and computes the coefficient that clips to `clip_norm`
@@ -111,8 +111,10 @@ def make_finish_fn(clip_norm: float, jit_compile: bool):
     this is one XLA cluster.
     """
 
-    def finish(grads, scale, extra_square=0.0):
-        norm = tf.sqrt(tf.square(tf.linalg.global_norm(grads)) + extra_square)
+    def finish(grads, scale, extra_square=None):
+        norm = tf.linalg.global_norm(grads)
+        if extra_square is not None:
+            norm = tf.sqrt(tf.square(norm) + extra_square)
         finite, coef = decide(norm, scale, clip_norm)
         grads = precision.poison(grads, finite)  # the same decision on every replica
         return grads, norm, finite, coef
@@ -180,7 +182,7 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
         own = [g for g, m in zip(grads, is_mine) if m]  # expert parallel: this worker's
         grads = [g for g, m in zip(grads, is_mine) if not m]
         own_square = ctx.all_reduce(SUM, tf.add_n([tf.reduce_sum(tf.square(g)) for g in own])) \
-            if own else 0.0
+            if own else None
         if sharded is None:
             grads = ctx.all_reduce(SUM, grads)
         else:

@@ -87,3 +87,31 @@ def assert_resume_refused(workdir: str, dst: str, match: str) -> None:
     with pytest.raises(UserError, match=match):
         train(load_experiment(dst), dst, log=lambda *_: None)
     assert sorted(os.listdir(os.path.join(dst, "checkpoints"))) == before
+
+
+def run_weights(workdir: str) -> dict:
+    """{weight path without the model's name: array} of a workdir (`load_workdir`: an
+    expert-parallel run's experts gathered)."""
+    from deepseek_tf.workdir import load_workdir
+
+    model, _ = load_workdir(workdir)
+    return {v.path.split("/", 1)[-1]: v.numpy() for v in model.weights}
+
+
+def train_losses(workdir: str) -> list[float]:
+    """The logged loss of every train step of a workdir."""
+    from deepseek_tf.train.logger import read_log
+
+    return [r["loss"] for r in read_log(workdir) if r["kind"] == "train"]
+
+
+def assert_runs_equal(workdir: str, reference: str, steps: int, atol: float) -> None:
+    """`workdir` trained `steps` steps with `reference`'s losses and final weights, within
+    `atol`."""
+    np.testing.assert_allclose(train_losses(workdir), train_losses(reference), rtol=0,
+                               atol=atol)
+    assert len(train_losses(workdir)) == steps
+    a, b = run_weights(reference), run_weights(workdir)
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=atol, err_msg=k)

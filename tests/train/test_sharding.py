@@ -19,9 +19,10 @@ from deepseek_tf.errors import UserError
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from deepseek_tf.train.sharding import check_ranks
-from deepseek_tf.workdir import load_workdir
 from tests.helpers import tiny
-from tests.helpers.checkpoints import assert_resume_refused, checkpoint_tensors, rewind
+from tests.helpers.checkpoints import (assert_resume_refused, assert_runs_equal,
+                                      checkpoint_tensors, rewind, run_weights,
+                                      train_losses)
 from tests.helpers.launcher import Launcher, train_flags, weights_sha
 
 STEPS = 12
@@ -69,15 +70,6 @@ def runs(one_shard_data, tmp_path_factory):
     return get
 
 
-def _weights(workdir):
-    model, _ = load_workdir(workdir)
-    return {v.path.split("/", 1)[-1]: v.numpy() for v in model.weights}
-
-
-def _losses(workdir):
-    return [r["loss"] for r in read_log(workdir) if r["kind"] == "train"]
-
-
 @pytest.mark.parametrize("mode", ["zero1", "zero2"])
 def test_sharded_run_equals_plain_multiworker(runs, mode):
     """12 steps with accumulation, clipping and a NaN rollback: losses and final weights of
@@ -92,12 +84,7 @@ def test_sharded_run_equals_plain_multiworker(runs, mode):
                          re.M), output[-4000:]
     assert [r["grad_norm"] > 0.5 for r in read_log(plain) if r["kind"] == "train"].count(
         True) >= 6  # clipping engaged
-    np.testing.assert_allclose(_losses(workdir), _losses(plain), rtol=0, atol=1e-6)
-    assert len(_losses(workdir)) == STEPS
-    a, b = _weights(plain), _weights(workdir)
-    assert a.keys() == b.keys() and len(a) > 10
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    assert_runs_equal(workdir, plain, STEPS, atol=1e-6)
 
 
 def _slot_bytes(tensors):
@@ -109,7 +96,7 @@ def test_each_worker_holds_half_of_the_optimizer_state(runs):
     vs each zero2 worker's shard; the sharded run's main checkpoint holds no moments."""
     plain, _, _ = runs("none")
     workdir, _, _ = runs("zero2")
-    numel = sum(v.size for v in _weights(plain).values())
+    numel = sum(v.size for v in run_weights(plain).values())
     full = [t for k, t in checkpoint_tensors(plain).items()
             if k.startswith("optimizer/_variables/") and t.dtype == np.float32]
     assert _slot_bytes(full) == 2 * 4 * numel  # m and v of every weight
@@ -142,7 +129,7 @@ def test_zero2_resumes_bitwise(runs, one_shard_data, tmp_path):
         assert a.keys() == b.keys() and len(a) == 2
         for k in a:
             np.testing.assert_array_equal(b[k], a[k], err_msg=k)
-    assert _losses(workdir) == _losses(straight)
+    assert train_losses(workdir) == train_losses(straight)
 
 
 def test_mixed_float16_overflow_skips_alike(runs):
@@ -154,8 +141,8 @@ def test_mixed_float16_overflow_skips_alike(runs):
             for d in (plain, workdir)]
     assert rows[0] == rows[1]
     assert 0 < rows[0][-1][0] < 6, rows  # some steps skipped, some trained
-    np.testing.assert_allclose(_losses(workdir), _losses(plain), rtol=0, atol=1e-4)
-    a, b = _weights(plain), _weights(workdir)
+    np.testing.assert_allclose(train_losses(workdir), train_losses(plain), rtol=0, atol=1e-4)
+    a, b = run_weights(plain), run_weights(workdir)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-4, err_msg=k)
 
