@@ -17,8 +17,14 @@ they are not all-reduced; the router's and the shared experts' are, as before.
 
 The all-to-alls go through the strategy's collective launcher (`sharding.all_to_all`):
 its group, its instance keys in trace order and its ordering token, so they run in one
-order with the strategy's all-reduces on every worker. Run them outside XLA (TF has no
-XLA kernel for them on CPU).
+order with the strategy's all-reduces on every worker. The trainer runs them outside
+XLA (`--train.jit_compile=true` is refused, auto picks false).
+
+In the trainer (`--model.expert_parallel=W`, train/loop.py): the model is built inside
+`layers/moe.expert_exchange(make_exchange(...))`, so its MoE layers hold their experts as
+plain per-worker variables; `LocalAdamW` updates them with moments of their own (the Keras
+optimizer gets the mirrored variables only); each worker checkpoints its experts and
+moments in `checkpoints/data-worker-<i>/`, and `workdir.load_workdir` gathers them.
 
 Example:
     >>> exchange = ExpertExchange(strategy)            # inside strategy.run:
@@ -33,7 +39,7 @@ import tensorflow as tf
 from deepseek_tf.errors import UserError
 from deepseek_tf.layers.moe import local_variables
 from deepseek_tf.train import precision
-from deepseek_tf.train.sharding import all_to_all
+from deepseek_tf.train.sharding import all_to_all, check_ranks
 from deepseek_tf.train.strategy import is_multi_worker
 
 
@@ -105,6 +111,18 @@ def check_run(model_cfg, strategy, num_workers: int, train_cfg) -> None:
                         f"{num_workers} worker(s) with {strategy.num_replicas_in_sync} "
                         f"replica(s): start exactly {w} workers of one device each (python "
                         f"-m deepseek_tf.launch --num_workers={w}), or set the flag to 1.")
+
+
+def make_exchange(exp, strategy, role, collectives) -> ExpertExchange | None:
+    """The run's `ExpertExchange` (None without expert parallelism), after `check_run`
+    and a check that the collectives' ranks are the worker indices (worker i holds
+    block i of the experts)."""
+    check_run(exp.model, strategy, role.num_workers, exp.train)
+    w = exp.model.expert_parallel
+    if w == 1:
+        return None
+    check_ranks(collectives.gather(role.index), w, "--model.expert_parallel")
+    return ExpertExchange(strategy, role.index, exp.train.collective_timeout)
 
 
 def local_weights(variables) -> list:

@@ -114,12 +114,8 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
     ctx = strategy_lib.input_context(strategy, role)  # this worker's share of the data
     train_ds, eval_ds = objective.datasets(exp, workdir, ctx)
 
-    expert_parallel.check_run(exp.model, strategy, role.num_workers, tcfg)
     ep = exp.model.expert_parallel
-    exchange = expert_parallel.ExpertExchange(strategy, role.index, tcfg.collective_timeout) \
-        if ep > 1 else None
-    if ep > 1:
-        sharding.check_ranks(collectives.gather(role.index), ep, "--model.expert_parallel")
+    exchange = expert_parallel.make_exchange(exp, strategy, role, collectives)
     with strategy.scope():
         with precision.policy_scope(tcfg.precision), expert_exchange(exchange):
             model = DeepSeekCausalLM(exp.model, remat=tcfg.remat, dsa_stage=tcfg.dsa_stage)
