@@ -34,14 +34,19 @@ from tests.helpers.workdirs import FAMILIES
 
 WORKERS = 2
 STEPS = 4
+NAN_AT = 3  # both runs roll back from a NaN at step 3 to ckpt-2 and go on
 TIMEOUT = 300  # seconds for one 2-worker run on a busy 2-core machine
 MOE = FAMILIES["mla_moe"]  # DeepSeek-V3 style: MLA, a dense first layer, 8 experts
 quiet = lambda *_: None  # noqa: E731
 
 
-def _launch(*args, flags=()):
-    launcher = Launcher(f"--num_workers={WORKERS}", f"--timeout={TIMEOUT}", *args, "--",
-                        *flags)
+def _launch(*args, flags=(), nan_at=0):
+    """A 2-worker launcher run; `nan_at`: the trainer's gradients are NaN at that optimizer
+    step (once), which rolls every worker back to the last checkpoint
+    (tests/helpers/nan_train)."""
+    module = ["--module=tests.helpers.nan_train"] if nan_at else []
+    launcher = Launcher(f"--num_workers={WORKERS}", f"--timeout={TIMEOUT}", *module, *args,
+                        "--", *flags, env={"NAN_AT_STEP": str(nan_at)})
     code = launcher.finish(TIMEOUT + 60)
     output = launcher.text()
     assert code == 0, output[-4000:]
@@ -103,17 +108,20 @@ def runs(one_shard_data, tmp_path_factory):
         if ep not in done:
             workdir = str(root / f"ep{ep}")
             done[ep] = workdir, _launch(flags=train_flags(_experiment(one_shard_data, ep),
-                                                          workdir))
+                                                          workdir), nan_at=NAN_AT)
         return done[ep]
 
     return get
 
 
 def test_training_equals_replicated_moe(runs):
-    """4 steps (clipping, the router's bias update on the global load, capacity drops):
-    losses and final weights equal the replicated MoE's within 1e-5."""
+    """4 steps (clipping, the router's bias update on the global load, capacity drops, NaN
+    gradients at step 3 that roll every worker back to its step-2 checkpoint: experts and
+    moments included): losses and final weights equal the replicated MoE's within 1e-5."""
     replicated, _ = runs(1)
     workdir, output = runs(2)
+    for d in (replicated, workdir):
+        assert [r["step"] for r in read_log(d) if r["kind"] == "recovery"] == [2]
     for w in range(WORKERS):
         assert re.search(rf"^\[worker {w}\] expert parallel over 2 workers: this worker holds "
                          rf"6,144 of 12,288 routed-expert weights", output, re.M), output[-3000:]
@@ -144,11 +152,13 @@ def test_each_worker_checkpoints_half_the_experts(runs):
 
 
 def test_resumes_bitwise(runs, one_shard_data, tmp_path):
-    """The run rewound to its step-2 checkpoint and resumed ends bitwise equal: the
-    mirrored weights and each worker's experts."""
+    """The run rewound to its step-2 checkpoint and resumed (its NaN at step 3 and
+    rollback included) ends bitwise equal: the mirrored weights and each worker's
+    experts."""
     straight, output = runs(2)
     workdir = rewind(straight, str(tmp_path / "resumed"), 2)
-    resumed = _launch(flags=train_flags(_experiment(one_shard_data, 2), workdir))
+    resumed = _launch(flags=train_flags(_experiment(one_shard_data, 2), workdir),
+                      nan_at=NAN_AT)
     for w in range(WORKERS):
         assert re.search(rf"^\[worker {w}\] resumed from .*ckpt-2 at step 2$", resumed, re.M)
         assert weights_sha(resumed, w) == weights_sha(output, w)
