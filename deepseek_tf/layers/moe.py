@@ -51,7 +51,8 @@ def local_variables():
     distribution strategy's scope (which would mirror them: one value on every worker,
     initialized from the first): expert-parallel workers each hold experts of their own.
     """
-    from tensorflow.python.ops.resource_variable_ops import ResourceVariable  # noqa: PLC0415
+    # private: a ResourceVariable built directly passes no variable creator
+    from tensorflow.python.ops.resource_variable_ops import ResourceVariable
 
     def plain(next_creator, **kwargs):  # skips the strategy's creator
         del next_creator
