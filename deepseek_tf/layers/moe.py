@@ -281,8 +281,8 @@ class DeepSeekMoE(keras.layers.Layer):
         flat = tf.reshape(x, [-1, self.hidden_size])                       # (N, d)
         dispatch = lambda: dispatch_combine(  # noqa: E731
             flat, route["indices"], route["weights"],
-            self._expert_weight("gate_up_proj", x.dtype),
-            self._expert_weight("down_proj", x.dtype),
+            self._experts("gate_up_proj", x.dtype),
+            self._experts("down_proj", x.dtype),
             expert_capacity(n, self.top_k, self.num_experts, factor), self.activation,
             self.swiglu_limit, self.exchange)
         if self.expert_parallel > 1 and self.exchange is None:
@@ -312,27 +312,21 @@ class DeepSeekMoE(keras.layers.Layer):
         """`gathered_experts` with the aux values of `dispatch_combine` (nothing dropped)."""
         idx = route["indices"]                                             # (N, k)
         y = gathered_experts(flat, route["weights"],
-                             self._expert_rows("gate_up_proj", idx, flat.dtype),
-                             self._expert_rows("down_proj", idx, flat.dtype),
+                             self._experts("gate_up_proj", flat.dtype, idx),
+                             self._experts("down_proj", flat.dtype, idx),
                              self.activation, self.swiglu_limit)
         load = tf.reduce_sum(tf.one_hot(tf.reshape(idx, [-1]), self.num_experts), axis=0)
         return y, load, tf.constant(0.0)                                   # load (E,)
 
-    def _expert_rows(self, name: str, idx, dtype):
-        """The stacked weight `name` of the experts in `idx` (N, k): (N, k, in, out)."""
-        w = tf.gather(getattr(self, name), idx)
+    def _experts(self, name: str, dtype, idx=None):
+        """The stacked expert weight `name` in `dtype` (int8 ones dequantized: q / scale):
+        every expert's (E, in, out), or with `idx` (N, k) those chosen, (N, k, in, out)."""
+        pick = (lambda v: v) if idx is None else (lambda v: tf.gather(v, idx))  # noqa: E731
+        w = pick(getattr(self, name))
         if not self.int8_weights:
             return tf.cast(w, dtype)
-        scale = tf.gather(getattr(self, name + "_scale"), idx)            # (N, k, out)
-        return tf.cast(tf.cast(w, tf.float32) / scale[:, :, None, :], dtype)
-
-    def _expert_weight(self, name: str, dtype):
-        """A stacked expert weight in `dtype` (int8 ones dequantized: q / scale)."""
-        w = getattr(self, name)
-        if not self.int8_weights:
-            return tf.cast(w, dtype)
-        scale = getattr(self, name + "_scale")                            # (E, out)
-        return tf.cast(tf.cast(w, tf.float32) / scale[:, None, :], dtype)
+        scale = pick(getattr(self, name + "_scale"))                      # (..., out)
+        return tf.cast(tf.cast(w, tf.float32) / tf.expand_dims(scale, -2), dtype)
 
     def get_config(self):
         g = self.gate
