@@ -9,7 +9,6 @@ code. We convert the shards (streaming, in parts) and compare.
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from deepseek_tf.generate import Generator
 from tests.convert.test_fp8 import quantized_release
 from tests.convert.test_hf_parity import quiet
 from tests.helpers import tiny
+from tests.helpers.v4_released import release_name
 
 #: Our logits vs transformers on the same dequantized weights.
 TOL = 1e-4
@@ -73,16 +73,6 @@ def test_greedy_tokens_equal_transformers_on_the_dequantized_weights(fp4):
         assert ids.numpy()[0].tolist() == expect.tolist()
 
 
-def _release_name(name: str) -> str:
-    """transformers' save_pretrained name -> DeepSeek's own (the inverse of
-    `hf_v4.from_release_name`, written out here from transformers' V4 renames)."""
-    name = {"model.embed_tokens.weight": "embed.weight",
-            "model.norm.weight": "norm.weight"}.get(name, name)
-    name = re.sub(r"^model\.hc_head\.hc_", "hc_head_", name)
-    name = re.sub(r"^model\.layers\.", "layers.", name)
-    return re.sub(r"\.weight_scale_inv$", ".scale", name)
-
-
 def test_deepseeks_own_v4_tensor_names_convert_to_the_same_model(fp4, tmp_path):
     """DeepSeek's V4 shards name tensors as its reference code does (`embed.weight`,
     `layers.*`, scales `*.scale`): the same weights under those names convert to the
@@ -93,8 +83,8 @@ def test_deepseeks_own_v4_tensor_names_convert_to_the_same_model(fp4, tmp_path):
     index = json.loads((src / INDEX_FILE).read_text())
     for shard in sorted(set(index["weight_map"].values())):
         f = ShardFile(str(src / shard))
-        write_safetensors(str(dst / shard), {_release_name(n): f.load(n) for n in f.names()})
-    weight_map = {_release_name(k): v for k, v in index["weight_map"].items()}
+        write_safetensors(str(dst / shard), {release_name(n): f.load(n) for n in f.names()})
+    weight_map = {release_name(k): v for k, v in index["weight_map"].items()}
     (dst / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
     (dst / "config.json").write_text((src / "config.json").read_text())
     assert "layers.2.ffn.experts.1.w2.scale" in weight_map and "embed.weight" in weight_map

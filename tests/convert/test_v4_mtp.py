@@ -16,7 +16,7 @@ from deepseek_tf.convert import convert_hf
 from deepseek_tf.convert.safetensors_io import SafetensorsDir, write_safetensors
 from deepseek_tf.export import load_workdir
 from deepseek_tf.export.hf import export_hf
-from tests.convert.test_fp4_v4 import _release_name
+from tests.helpers.v4_released import release_name
 from tests.convert.test_hf_parity import ROOT, TOL, _env, quiet
 from tests.helpers import tiny
 
@@ -68,7 +68,7 @@ def test_export_writes_deepseeks_mtp_names_and_they_convert_back(reference, tmp_
     release = tmp_path / "release"
     os.makedirs(release)
     write_safetensors(str(release / "model.safetensors"),
-                      {_release_name(n): theirs.load(n) for n in theirs.names()})
+                      {release_name(n): theirs.load(n) for n in theirs.names()})
     (release / "config.json").write_text((src / "config.json").read_text())
     convert_hf(str(release), str(tmp_path / "wd"), Experiment(data=tiny.data_config()),
                log=quiet)

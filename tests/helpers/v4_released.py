@@ -9,6 +9,7 @@ configs/deepseek-v4-flash.flags and configs/deepseek-v4-pro.flags are these shap
 reads the first num_hidden_layers): 0 = sliding window only, 4 = CSA, 128 = HCA. The
 compressed layers' YaRN is in the legacy `rope_scaling` key.
 """
+import re
 
 _COMMON = {
     "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
@@ -36,3 +37,13 @@ PRO = {**_COMMON, "hidden_size": 7168, "index_topk": 1024, "moe_intermediate_siz
        "n_routed_experts": 384, "num_attention_heads": 128, "num_hidden_layers": 61,
        "o_groups": 16, "q_lora_rank": 1536, "routed_scaling_factor": 2.5,
        "compress_ratios": [128, 128] + [4, 128] * 29 + [4, 0]}
+
+
+def release_name(name: str) -> str:
+    """transformers' save_pretrained name -> DeepSeek's own (the inverse of
+    `hf_v4.from_release_name`, written out here from transformers' V4 renames)."""
+    name = {"model.embed_tokens.weight": "embed.weight",
+            "model.norm.weight": "norm.weight"}.get(name, name)
+    name = re.sub(r"^model\.hc_head\.hc_", "hc_head_", name)
+    name = re.sub(r"^model\.layers\.", "layers.", name)
+    return re.sub(r"\.weight_scale_inv$", ".scale", name)
