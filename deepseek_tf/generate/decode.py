@@ -163,7 +163,9 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
         for multi-token stops (see `normalize_stops`).
       pad_id: fills the output after a row ended.
       absorb: MLA decodes in latent space.
-      jit_compile: compile each decode step with XLA (static-shape MoE buffers); the
+      jit_compile: compile the decode loop with XLA (static-shape MoE buffers): the whole
+        `tf.while_loop` (steps, sampling, stops) as one XLA computation, or with a
+        `streamer` (a Python callback, which XLA cannot hold) each step alone. The
         prefill stays uncompiled (any prompt length, dropless MoE by expert load).
       streamer: optional Python callable `(step, tokens (B,), done (B,))` run by
         `tf.py_function` after each step (not for export); it may return a bool (B,)
@@ -190,7 +192,7 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
 
     def body(i, token, done, count, recent, cache, out):
         emit = tf.where(done, pad_id, token)                                   # (B,)
-        out = out.write(i, emit)
+        out = tf.where(tf.range(max_length)[tf.newaxis] == i, emit[:, tf.newaxis], out)
         count += tf.cast(tf.logical_not(done), tf.int32)
         recent = tf.concat([recent[:, 1:], token[:, tf.newaxis]], axis=1)      # (B, L)
         done = done | (stop_match(recent, table) > 0) | (count >= max_new_tokens)
@@ -207,13 +209,17 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
         token, cache = tf.cond(more, step, lambda: (token, cache))
         return i + 1, token, done, count, recent, cache, out
 
+    def loop(*state):
+        return tf.while_loop(lambda i, tok, done, *_: tf.logical_and(
+            i < limit, tf.logical_not(tf.reduce_all(done))), body, state)
+
+    if jit_compile and streamer is None:  # the whole loop is one XLA computation
+        loop = tf.function(loop, jit_compile=True, autograph=False)
     state = (tf.constant(0), draw(logits[:, -1], 0), tf.zeros([b], tf.bool),
-             tf.zeros([b], tf.int32), tf.fill([b, width], -2), cache, tf.TensorArray(tf.int32, size=0, dynamic_size=True,
-                                                     element_shape=[None]))
-    _, _, _, count, _, _, out = tf.while_loop(
-        lambda i, tok, done, *_: tf.logical_and(i < limit, tf.logical_not(tf.reduce_all(done))),
-        body, state)
-    return tf.transpose(out.stack()), count
+             tf.zeros([b], tf.int32), tf.fill([b, width], -2), cache,
+             tf.fill([b, max_length], pad_id))                                 # out (B, M)
+    steps, _, _, count, _, _, out = loop(*state)
+    return out[:, :steps], count
 
 
 def score_ids(model, input_ids, lengths):

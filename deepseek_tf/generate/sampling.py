@@ -9,8 +9,8 @@ the same seed gives the same text whatever else is in the batch.
     top_p < 1         keep the smallest set whose probability reaches top_p
                       (applied after top-k, as Hugging Face does)
 
-Sampling is the Gumbel-max trick on the filtered logits, with noise from
-`tf.random.stateless_uniform` seeded by (seed, step). A negative seed (the default
+Sampling is the Gumbel-max trick on the filtered logits, with noise from a
+counter-based integer hash of (seed, step, token id) (`_row_noise`). A negative seed (the default
 everywhere) is replaced once per request by `resolve_seeds` with a fresh one drawn in the
 graph, so unseeded requests differ while a given seed stays reproducible.
 
@@ -72,16 +72,28 @@ def filter_logits(logits: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor) -> tf.T
     return tf.where(logits >= threshold[:, tf.newaxis], logits, NEG_INF)
 
 
+def _mix(x: tf.Tensor) -> tf.Tensor:
+    """A 32-bit integer hash (Wellons' "triple32", near-ideal avalanche): uint32 in,
+    uint32 out."""
+    for shift, mult in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+        x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, shift))
+        x = x * tf.constant(mult, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 14))
+
+
 def _row_noise(seed: tf.Tensor, step, vocab) -> tf.Tensor:
-    """Gumbel noise (B, V), row b drawn from (seed[b], step) alone."""
-    step = tf.cast(step, tf.int32)
+    """Gumbel noise (B, V), row b drawn from (seed[b], step) alone.
 
-    def one(row_seed):
-        u = tf.random.stateless_uniform([vocab], seed=tf.stack([row_seed, step]),
-                                        minval=1e-20, maxval=1.0)
-        return -tf.math.log(-tf.math.log(u))
-
-    return tf.map_fn(one, seed, fn_output_signature=tf.float32)
+    Counter-based, from integer hashing: the same bits eagerly, in a graph and inside
+    an XLA computation (TensorFlow's stateless random ops give other numbers under
+    XLA), so a seed gives the same text whether or not the decode loop is compiled."""
+    step = tf.cast(tf.cast(step, tf.int32), tf.uint32)
+    key = _mix(tf.bitwise.bitwise_xor(_mix(tf.cast(seed, tf.uint32)),
+                                      step * tf.constant(0x9E3779B9, tf.uint32)))  # (B,)
+    index = tf.cast(tf.range(vocab), tf.uint32) * tf.constant(0x85EBCA6B, tf.uint32)
+    bits = _mix(tf.bitwise.bitwise_xor(key[:, tf.newaxis], index[tf.newaxis]))    # (B, V)
+    u = (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) * 2.0 ** -24  # (0, 1)
+    return -tf.math.log(-tf.math.log(u))
 
 
 def sample_tokens(logits, temperature, top_k, top_p, seed, step) -> tf.Tensor:
