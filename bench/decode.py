@@ -7,7 +7,9 @@ preset, dense GQA) with the same random weights on every side:
   keras        `Generator` (the one-graph tf.while_loop decode), without and with
                XLA-compiled decode steps (`_xla`)
   saved_model  the exported `generate_ids` signature, loaded back (`_xla`: exported
-               with --jit_compile)
+               with --jit_compile=true, the decode loop one XLA computation); the
+               export's default, --jit_compile=auto, times both at export and keeps the
+               faster: the summary says which it picks here
   hf           transformers' `generate` with its KV cache on our HF export
                (bench/hf_decode.py)
 The method of bench/README.md: each side runs alone in its own fresh process with its
@@ -130,8 +132,18 @@ def prepare(names, max_length, tmp, sides=OURS) -> dict:
                 log=quiet, max_length=max_length, tokenizer=ByteTokenizer(), jit_compile=jit)
         sm = paths[name].get("sm") or paths[name]["sm_xla"]
         info[name] = (model, sum(os.path.getsize(os.path.join(r, f))
-                                 for r, _, fs in os.walk(sm) for f in fs))
+                                 for r, _, fs in os.walk(sm) for f in fs), _default_jit(
+            model, max_length) if {"saved_model", "saved_model_xla"} <= set(sides) else None)
     return paths, info
+
+
+def _default_jit(model, max_length: int) -> str:
+    """What `export` picks by default (`--jit_compile=auto`) for this model on this
+    machine: its own timer's log line."""
+    from deepseek_tf.generate.run import pick_generator
+    lines = []
+    pick_generator(model, max_length, log=lines.append)
+    return lines[-1]
 
 
 def _mla_cache_bytes(cfg: ModelConfig, model) -> tuple[int, int]:
@@ -185,7 +197,7 @@ def main(argv=None):
 def summarize(name, info, results, lengths, ours_sides=OURS):
     """Per model: ms/token and prefill ms per side and position (min / median / max over
     rounds), ratios of medians against transformers, latency growth with the position."""
-    cfg, (model, size) = MODELS[name], info
+    cfg, (model, size, default) = MODELS[name], info
     print(f"\n{name}: {cfg.attention_type}, {cfg.num_hidden_layers} layers, hidden "
           f"{cfg.hidden_size}" + (f", {cfg.n_routed_experts} experts" if cfg.n_routed_experts
                                   else "") + f"; SavedModel {size / 2**20:.1f} MiB")
@@ -204,6 +216,12 @@ def summarize(name, info, results, lengths, ours_sides=OURS):
                            for n in lengths)
         print(f"{side}: transformers / ours decode time (ratio of medians) {ratios}; "
               f"latency at {hi} / at {lo} = {dec[f'{side} pos {hi}'] / dec[f'{side} pos {lo}']:.2f}")
+    if default:  # which of the two SavedModels `export` writes without flags
+        side = "saved_model_xla" if "auto -> true" in default else "saved_model"
+        print(f"the default export (--jit_compile=auto, timed at export): {default}; it is "
+              f"{side}: " + ", ".join(
+                  f"at {n}: {dec[f'hf pos {n}'] / dec[f'{side} pos {n}']:.2f}x" for n in lengths)
+              + " transformers' decode speed")
     if cfg.uses_mla:
         latent, naive = _mla_cache_bytes(cfg, model)
         print(f"MLA cache: {latent} bytes/token (= (kv_lora_rank {cfg.kv_lora_rank} + "

@@ -53,11 +53,13 @@ flags.DEFINE_list("prefill_lengths", ["32"], "tflite/litertlm: one prefill_<N> s
 flags.DEFINE_integer("max_new_tokens", 64, "saved_model: default of the max_new_tokens input "
                      "when a request leaves it out (a server's default; the generate CLI and "
                      "evaluate use 128).", lower_bound=1)
-dflags.define_jit_compile("false", "saved_model: XLA-compile each decode step: true, false, or "
+dflags.define_jit_compile("auto", "saved_model: XLA-compile the decode loop: true, false, or "
                           "auto = time decoding both ways on this machine and keep the faster "
                           "(serve on similar hardware). XLA is several times faster for small "
                           "models; TF Serving must then run with "
-                          "--xla_cpu_compilation_enabled=true (serving/Dockerfile does).")
+                          "--xla_cpu_compilation_enabled=true (serving/Dockerfile does), and "
+                          "the export adds each generating signature without XLA as "
+                          "<name>_no_xla for a server without it.")
 dflags.define_quantize("hf: fp8 = block-scaled FP8 projections as DeepSeek releases V3 "
                        "(quantization_config in config.json). saved_model: int8 stores the "
                        "dense projections and embeddings as int8 weights (Keras quantize); "
@@ -87,7 +89,7 @@ def main(argv):
     if FLAGS.format == "hf":
         options = dict(quantize=FLAGS.quantize, shard_mb=FLAGS.shard_mb)
         if (FLAGS.quantize not in ("none", "fp8") or FLAGS["max_length"].present
-                or FLAGS.jit_compile != "false"):
+                or FLAGS["jit_compile"].present):
             raise UserError("--format=hf takes --quantize=none or fp8 (and --shard_mb); "
                             "--max_length and --jit_compile apply to the other formats.")
     elif FLAGS.format == "saved_model":
@@ -98,7 +100,7 @@ def main(argv):
                        quantize=FLAGS.quantize, jit_compile=FLAGS.jit_compile,
                        group_size=FLAGS.group_size, calibration_data=FLAGS.calibration_data,
                        calibration_samples=FLAGS.calibration_samples)
-    elif FLAGS.jit_compile != "false":
+    elif FLAGS["jit_compile"].present:
         raise UserError("--jit_compile applies to --format=saved_model.")
     elif FLAGS.format in ("tflite", "litertlm"):
         try:

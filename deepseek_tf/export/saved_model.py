@@ -19,6 +19,9 @@ Serving's request batching can merge requests):
     score            input_ids, lengths -> log_probs float32 [B, T] (entry t:
                      log p(ids[t] | ids[:t]); 0 at t = 0 and past the length),
                      total_log_prob float32 [B]
+    *_no_xla         (an export with XLA decoding) serving_default, chat and
+                     generate_ids again, decoding without XLA: the same tokens, for
+                     a model server run without --xla_cpu_compilation_enabled
 
 Generation stops at the run's chat profile (`generate.text.chat_profile`): EOS
 and the template's end-of-turn marker, matched as a token sequence when the
@@ -47,6 +50,9 @@ from deepseek_tf.generate.decode import (IDS_SPECS, SAMPLING_SPECS, SERVING_MAX_
 from deepseek_tf.generate.text import ChatProfile
 from deepseek_tf.quantize import quantize_run
 
+#: With XLA decoding, the generating signatures again without XLA get this suffix.
+NO_XLA_SUFFIX = "_no_xla"
+
 
 def _rows(x, b):
     """A [B] or [1] option as [B] (INVALID_ARGUMENT otherwise)."""
@@ -68,8 +74,9 @@ class ServingModule(tf.Module):
       max_new_tokens: the default of the `max_new_tokens` input.
       profile: the run's `ChatProfile` (template and stops; default: plain text, EOS).
       absorb: MLA decodes in latent space.
-      jit_compile: XLA-compiled decode steps (TF Serving then needs
-        `--xla_cpu_compilation_enabled=true`, as serving/Dockerfile sets).
+      jit_compile: the decode loop compiled with XLA (TF Serving then needs
+        `--xla_cpu_compilation_enabled=true`, as serving/Dockerfile sets); the
+        generating signatures are then also exported without XLA as `<name>_no_xla`.
     """
 
     def __init__(self, model, tok, max_length: int, max_new_tokens: int,
@@ -97,14 +104,14 @@ class ServingModule(tf.Module):
                              temperature=tf.constant([0.0]), top_k=tf.constant([0]),
                              top_p=tf.constant([1.0]), seed=tf.constant([-1]))
 
-    def _generate(self, input_ids, lengths, options):
+    def _generate(self, input_ids, lengths, options, jit: bool):
         b = tf.shape(input_ids)[0]
         rows = [_rows(options[k], b) for k in SAMPLING_SPECS]
         return generate_ids(self.model, input_ids, lengths, *rows, max_length=self.max_length,
                             stop_ids=self.stops, pad_id=self.pad_id, absorb=self.absorb,
-                            jit_compile=self.jit_compile)
+                            jit_compile=jit)
 
-    def generate_ids_fn(self):
+    def generate_ids_fn(self, jit: bool):
         d = self.defaults
 
         def generate_ids_signature(input_ids, lengths, max_new_tokens=d["max_new_tokens"],
@@ -112,7 +119,7 @@ class ServingModule(tf.Module):
                                    top_p=d["top_p"], seed=d["seed"]):
             ids, n = self._generate(input_ids, lengths, dict(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, seed=seed))
+                top_p=top_p, seed=seed), jit)
             return {"output_ids": ids, "output_lengths": n}
 
         return tf.function(generate_ids_signature, autograph=False, input_signature=[
@@ -151,7 +158,7 @@ class ServingModule(tf.Module):
         with tf.control_dependencies([check]):
             return ids.to_tensor(0), tf.identity(lengths)
 
-    def text_fn(self):
+    def text_fn(self, jit: bool):
         d = self.defaults
 
         def text_signature(prompt, max_new_tokens=d["max_new_tokens"],
@@ -160,13 +167,13 @@ class ServingModule(tf.Module):
             dense, lengths = self._prompt_ids(prompt)
             out, n = self._generate(dense, lengths, dict(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, seed=seed))
+                top_p=top_p, seed=seed), jit)
             return {"text": self._text(out, n), "num_tokens": n}
 
         return tf.function(text_signature, autograph=False, input_signature=[
             tf.TensorSpec([None], tf.string, name="prompt"), *SAMPLING_SPECS.values()])
 
-    def chat_fn(self):
+    def chat_fn(self, jit: bool):
         d = self.defaults
 
         def chat_signature(roles, contents, num_messages, max_new_tokens=d["max_new_tokens"],
@@ -175,7 +182,7 @@ class ServingModule(tf.Module):
             dense, lengths = self.renderer(roles, contents, num_messages)
             out, n = self._generate(dense, lengths, dict(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=top_p, seed=seed))
+                top_p=top_p, seed=seed), jit)
             return {"reply": self._text(out, n), "num_tokens": n}
 
         return tf.function(chat_signature, autograph=False, input_signature=[
@@ -183,14 +190,21 @@ class ServingModule(tf.Module):
             tf.TensorSpec([None, None], tf.string, name="contents"),
             tf.TensorSpec([None], tf.int32, name="num_messages"), *SAMPLING_SPECS.values()])
 
-    def signatures(self) -> dict:
-        sigs = {"generate_ids": self.generate_ids_fn(), "score": self.score_fn()}
-        if self.tf_tokenizer is not None:
-            sigs["serving_default"] = self.text_fn()
-        else:
-            sigs["serving_default"] = sigs["generate_ids"]
+    def _generation_signatures(self, jit: bool) -> dict:
+        sigs = {"generate_ids": self.generate_ids_fn(jit)}
+        sigs["serving_default"] = self.text_fn(jit) if self.tf_tokenizer is not None \
+            else sigs["generate_ids"]
         if self.renderer is not None:
-            sigs["chat"] = self.chat_fn()
+            sigs["chat"] = self.chat_fn(jit)
+        return sigs
+
+    def signatures(self) -> dict:
+        """The signatures; with XLA decoding, each generating one again without XLA
+        under `<name>_no_xla`, for a model server that runs without XLA:CPU."""
+        sigs = {**self._generation_signatures(self.jit_compile), "score": self.score_fn()}
+        if self.jit_compile:
+            sigs.update({f"{k}{NO_XLA_SUFFIX}": v
+                         for k, v in self._generation_signatures(False).items()})
         return sigs
 
 
@@ -214,8 +228,9 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
       calibration_data: gptq/awq: a JSONL/text file or a prepared data directory;
         "" = the run's own prepared data (`--data.data_dir` of its config).
       calibration_samples: gptq/awq: windows of the run's sequence length to use.
-      jit_compile: "true" = XLA-compiled decode steps (several times faster for small
-        models; the server must allow XLA: `--xla_cpu_compilation_enabled=true`),
+      jit_compile: "true" = an XLA-compiled decode loop (several times faster for small
+        models; the server must allow XLA: `--xla_cpu_compilation_enabled=true`, or
+        call the `*_no_xla` signatures),
         "false", or "auto" = time decoding both ways on this machine (the export's, so
         serve on similar hardware) and keep the faster; bools are accepted.
     """
@@ -254,6 +269,7 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
     log(f"wrote SavedModel {output} ({size / 2**20:.1f} MiB; cache {max_length} tokens; "
         f"signatures: {', '.join(sorted(signatures))}; chat template {template}, stops "
         f"{[list(s) for s in profile.stops]}"
-        + ("; XLA decode: serve with --xla_cpu_compilation_enabled=true" if jit_compile else "")
+        + (f"; XLA decode: serve with --xla_cpu_compilation_enabled=true, or call the "
+           f"*{NO_XLA_SUFFIX} signatures on a server without it" if jit_compile else "")
         + ")")
     return output

@@ -74,22 +74,34 @@ def test_greedy_tokens_equal_keras_over_32_steps(exported, family):
     assert out["output_ids"].numpy().tolist() == keras_ids.numpy().tolist()
 
 
+def _compiles_with_xla(fn) -> bool:
+    """Whether a loaded signature calls a function marked for XLA compilation."""
+    library = fn.graph.as_graph_def().library.function
+    return any(f.attr["_XlaMustCompile"].b for f in library)
+
+
 def test_xla_export_gives_the_same_tokens_and_runs_in_a_session(tmp_path):
-    """--jit_compile exports XLA decode steps (TF Serving needs
-    --xla_cpu_compilation_enabled=true, as serving/Dockerfile sets); the tokens are the
-    Keras generator's, also through saved_model_cli's session-based loader."""
+    """--jit_compile exports an XLA decode loop (TF Serving needs
+    --xla_cpu_compilation_enabled=true, as serving/Dockerfile sets) and each generating
+    signature again without XLA (`*_no_xla`, for a server without it); the tokens of
+    both are the Keras generator's, also through saved_model_cli's session-based
+    loader. (The model server binary itself does not install here.)"""
     workdir, model = make_workdir(str(tmp_path / "run"), "mla_moe")
     path = str(tmp_path / "sm")
     export(model, model_exp(workdir), "saved_model", path, log=quiet, workdir=workdir,
            max_length=MAX_LENGTH, jit_compile=True)
     keras_ids, _ = Generator(model, MAX_LENGTH, stop_ids=(257,), pad_id=258).generate(
         [PROMPT], [len(PROMPT)], max_new_tokens=24)
-    out = tf.saved_model.load(path).signatures["generate_ids"](
-        input_ids=tf.constant([PROMPT]), lengths=tf.constant([len(PROMPT)]), **_options(1, n=24))
-    assert out["output_ids"].numpy().tolist() == keras_ids.numpy().tolist()
-    run = _saved_model_cli_run(path, tmp_path, PROMPT[:3], 5)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "[5]" in run.stdout
+    sm = tf.saved_model.load(path)
+    assert {"generate_ids_no_xla", "serving_default_no_xla"} <= set(sm.signatures)
+    for name, xla in (("generate_ids", True), ("generate_ids_no_xla", False)):
+        out = sm.signatures[name](input_ids=tf.constant([PROMPT]),
+                                  lengths=tf.constant([len(PROMPT)]), **_options(1, n=24))
+        assert out["output_ids"].numpy().tolist() == keras_ids.numpy().tolist(), name
+        assert _compiles_with_xla(sm.signatures[name]) == xla, name
+        run = _saved_model_cli_run(path, tmp_path, PROMPT[:3], 5, signature=name)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "[5]" in run.stdout
 
 
 def test_text_signature_runs_the_tokenizer_in_the_graph(exported):
@@ -147,8 +159,9 @@ def test_saved_model_cli_shows_batched_signatures_and_runs_one(exported, tmp_pat
     assert "output_lengths" in run.stdout and "[5]" in run.stdout
 
 
-def _saved_model_cli_run(path, tmp_path, prompt, n):
-    """`saved_model_cli run` of generate_ids (a session-based loader, as TF Serving's)."""
+def _saved_model_cli_run(path, tmp_path, prompt, n, signature="generate_ids"):
+    """`saved_model_cli run` of a generate_ids signature (a session-based loader, as TF
+    Serving's)."""
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     feeds = dict(input_ids=np.array([prompt], np.int32), lengths=np.array([len(prompt)], np.int32),
                  max_new_tokens=np.array([n], np.int32), temperature=np.zeros([1], np.float32),
@@ -158,7 +171,7 @@ def _saved_model_cli_run(path, tmp_path, prompt, n):
         np.save(os.path.join(tmp_path, f"{name}.npy"), value)
     inputs = ";".join(f"{n}={os.path.join(tmp_path, n)}.npy" for n in feeds)
     return subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
-                           "generate_ids", "--inputs", inputs], capture_output=True, text=True,
+                           signature, "--inputs", inputs], capture_output=True, text=True,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=300)
 
 

@@ -133,8 +133,11 @@ def test_export_saved_model_cli_and_its_errors(workdir, tmp_path):
     proc = run("deepseek_tf.export", f"--workdir={path}", "--format=saved_model",
                f"--output={out}", "--max_length=48")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (out / "saved_model.pb").exists() and "signatures: generate_ids, score, " \
-        "serving_default" in proc.stdout
+    assert (out / "saved_model.pb").exists() and "jit_compile: auto -> " in proc.stdout
+    xla = "jit_compile: auto -> true" in proc.stdout  # the default: timed on this machine
+    assert ("signatures: generate_ids, generate_ids_no_xla, score, serving_default, "
+            "serving_default_no_xla" if xla else "signatures: generate_ids, score, "
+            "serving_default") in proc.stdout
     again = run("deepseek_tf.export", f"--workdir={path}", "--format=saved_model",
                 f"--output={out}")
     assert again.returncode == 2 and "write a new version directory" in again.stderr
