@@ -282,6 +282,9 @@ def main(argv=None):
     p.add_argument("--system", help="chat: the system message")
     p.add_argument("--ids", help="token ids for generate_ids/score, e.g. 1,2,3 (';' between rows)")
     p.add_argument("--signature", default="serving_default", choices=SIGNATURES)
+    p.add_argument("--no_xla", action="store_true", help="call the generating signature's "
+                   "<name>_no_xla twin (an export with XLA decoding, served by a model server "
+                   "without --xla_cpu_compilation_enabled)")
     p.add_argument("--protocol", default="rest", choices=("rest", "grpc"))
     p.add_argument("--format", default="rows", choices=("rows", "columnar"),
                    help="REST body: 'instances' rows or 'inputs' columns")
@@ -307,7 +310,8 @@ def main(argv=None):
         messages = [parse_message(m) for m in args.message or []]
         inputs = build_inputs(args.signature, prompts=args.prompt, ids=ids, messages=messages,
                               system=args.system, **{k: getattr(args, k) for k in SAMPLING})
-        outputs = predict(inputs, protocol=args.protocol, signature=args.signature,
+        name = args.signature + ("_no_xla" if args.no_xla and args.signature != "score" else "")
+        outputs = predict(inputs, protocol=args.protocol, signature=name,
                           host=args.host, model=args.model, version=args.version,
                           label=args.label, timeout=args.timeout, fmt=args.format,
                           port=args.grpc_port if args.protocol == "grpc" else args.rest_port)

@@ -74,9 +74,10 @@ def build_standin(path, with_defaults):
         S([None, None], tf.int32, "input_ids"), S([None], tf.int32, "lengths")] + SAMPLING_SPECS)
     module.score = tf.function(score, input_signature=[
         S([None, None], tf.int32, "input_ids"), S([None], tf.int32, "lengths")])
+    twins = {"serving_default_no_xla": module.serve} if with_defaults else {}  # version 2
     tf.saved_model.save(module, path, signatures={
         "serving_default": module.serve, "generate_ids": module.generate_ids,
-        "score": module.score})
+        "score": module.score, **twins})
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,13 @@ def test_cli_in_process(served, capsys):
                         "--json", "--format=columnar"]) == 0
     assert json.loads(capsys.readouterr().out) == {"log_probs": [[0.0, -0.5]],
                                                   "total_log_prob": [-0.5]}
+    # --no_xla calls the *_no_xla twin of an XLA export (here only version 2 has one)
+    assert client.main(["--prompt=hi", f"--rest_port={served.rest}", "--max_new_tokens=4",
+                        "--version=2", "--no_xla"]) == 0
+    assert capsys.readouterr().out == "HI\n"
+    assert client.main(["--prompt=hi", f"--rest_port={served.rest}", "--version=1",
+                        "--no_xla"]) == 2
+    assert "serving_default_no_xla" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("protocol", ["rest", "grpc"])
@@ -254,7 +262,7 @@ def test_status_and_metadata(served):
         ("2", "AVAILABLE"), ("1", "AVAILABLE")]
     meta = json.load(urllib.request.urlopen(url + "/labels/canary/metadata", timeout=10))
     sigs = meta["metadata"]["signature_def"]["signatureDef"]
-    assert set(sigs) == {"serving_default", "generate_ids", "score"}
+    assert set(sigs) == {"serving_default", "generate_ids", "score", "serving_default_no_xla"}
     assert set(sigs["serving_default"]["defaults"]) == {
         "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
 
