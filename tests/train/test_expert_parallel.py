@@ -9,7 +9,8 @@ workers through the launcher.
   expert_parallel=2 and replicated (module fixture `runs`, one launcher run each): losses
   and the final weights (the experts gathered from the workers' checkpoints by
   `load_workdir`) equal within 1e-5; each worker checkpoints half the experts; a resume
-  from step 2 ends bitwise equal; one worker, XLA and ZeRO are refused in one line;
+  from step 2 ends bitwise equal; one worker and XLA are refused in one line (ZeRO
+  combines: tests/train/test_expert_parallel_zero.py);
   `init_from` and the Hugging Face export gather every expert.
 """
 
@@ -174,14 +175,11 @@ def test_another_worker_count_is_refused(runs, tmp_path):
                           r"this run has 1 worker\(s\)")
 
 
-def test_xla_and_zero_are_refused(one_shard_data, tmp_path):
+def test_xla_is_refused(one_shard_data, tmp_path):
     exp = _experiment(one_shard_data, 2)
-    for i, (train_cfg, why) in enumerate((
-            (exp.train.replace(jit_compile="true"), "--train.jit_compile=false"),
-            (exp.train.replace(shard_optimizer="zero1"),
-             "does not combine with --train.shard_optimizer yet"))):
-        with pytest.raises(UserError, match=re.escape(why)):
-            train(dataclasses.replace(exp, train=train_cfg), str(tmp_path / str(i)), log=quiet)
+    with pytest.raises(UserError, match=re.escape("--train.jit_compile=false")):
+        train(dataclasses.replace(exp, train=exp.train.replace(jit_compile="true")),
+              str(tmp_path), log=quiet)
 
 
 def test_config_refuses_what_cannot_split():
