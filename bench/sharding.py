@@ -1,7 +1,8 @@
 """ZeRO-1 / ZeRO-2 (`--train.shard_optimizer`) vs plain MultiWorkerMirroredStrategy:
 optimizer and gradient bytes per worker at W = 1, 2, 4 workers, step time at W = 2; and
-expert parallelism (`--model.expert_parallel=2`) vs the replicated MoE: tokens/s and
-routed-expert weights per worker at W = 2.
+expert parallelism (`--model.expert_parallel=W`), alone and with zero2, vs the replicated
+MoE: routed-expert weights, optimizer and gradient bytes per worker at W = 2 and 4,
+tokens/s at W = 2.
 
     python bench/sharding.py                   # W = 1, 2, 4; 2 rounds of the W = 2 timing
     python bench/sharding.py --workers=1,2 --hidden_size=512
@@ -17,8 +18,12 @@ Every run goes through `python -m deepseek_tf.launch --cpus_per_worker=1` (W = 4
 Step time: the chief's logged tokens/s per log interval after the first (tracing), the
 modes taking turns round after round; target ratio <= 1.3x plain at W = 2. Expert
 parallel: the same model with every MLP a DeepSeekMoE of `--experts` routed experts
-(top-2, width hidden / 2, one shared expert), replicated and expert-parallel runs taking
-turns; weights per worker from the log line each run prints.
+(top-2, width hidden / 2, one shared expert); the replicated, expert-parallel and
+expert-parallel + zero2 runs take turns at W = 2 (the other counts: bytes only, 2 steps).
+Per worker: its routed-expert weights (from the log line each run prints), its AdamW
+moments as saved (the replicated weights' in the main checkpoint or its ZeRO shard, and
+its experts' own), and its summed gradients (the replicated weights' as above, plus its
+own experts', which are not all-reduced).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (before TensorFlow)
 
 MODES = ("none", "zero1", "zero2")
+#: the MoE comparison's layouts: name -> (expert parallel, --train.shard_optimizer)
+LAYOUTS = {"replicated": (False, "none"), "expert parallel": (True, "none"),
+           "expert parallel + zero2": (True, "zero2")}
 
 
 def run(workers: int, mode: str, data_dir: str, workdir: str, args, steps: int) -> dict:
@@ -41,44 +49,72 @@ def run(workers: int, mode: str, data_dir: str, workdir: str, args, steps: int) 
 
     out = common.launch_small_run(workers, data_dir, workdir, args, steps,
                                   (f"--train.shard_optimizer={mode}",))
-    params = int(re.search(r"trainable params: ([\d,]+)", out).group(1).replace(",", ""))
-    rates = [r["tokens_per_sec"] for r in read_log(workdir) if r["kind"] == "train"][1:]
-    return {"params": params, "optimizer": optimizer_bytes(workdir, workers, mode, steps),
-            "rates": rates}
+    return {"params": _params(out), "optimizer": optimizer_bytes(workdir, workers, steps),
+            "rates": _rates(workdir)}
 
 
-def expert_run(ep: int, data_dir: str, workdir: str, args, steps: int) -> dict:
-    """One W = 2 launcher run of the MoE model: {"rates", "experts" (routed-expert weights
-    per worker)}."""
+def _params(out: str) -> int:
+    """The trainable parameters a worker holds, from the run's log."""
+    return int(re.search(r"trainable params: ([\d,]+)", out).group(1).replace(",", ""))
+
+
+def _rates(workdir: str) -> list[float]:
+    """The chief's tokens/s per log interval, after the first (tracing)."""
     from deepseek_tf.train.logger import read_log
 
+    return [r["tokens_per_sec"] for r in read_log(workdir) if r["kind"] == "train"][1:]
+
+
+def expert_run(workers: int, layout: str, data_dir: str, workdir: str, args,
+               steps: int) -> dict:
+    """One launcher run of the MoE model in `layout` (LAYOUTS): {"rates", "experts"
+    (routed-expert weights per worker), "replicated" (the other weights), "optimizer"
+    (moment bytes of each worker), "mode"}."""
+    ep, mode = LAYOUTS[layout]
     moe = (f"--model.n_routed_experts={args.experts}", "--model.num_experts_per_tok=2",
            f"--model.moe_intermediate_size={args.hidden_size // 2}",
-           "--model.n_shared_experts=1", f"--model.expert_parallel={ep}")
-    out = common.launch_small_run(2, data_dir, workdir, args, steps, moe)
+           "--model.n_shared_experts=1", f"--model.expert_parallel={workers if ep else 1}",
+           f"--train.shard_optimizer={mode}")
+    out = common.launch_small_run(workers, data_dir, workdir, args, steps, moe)
     held = re.search(r"this worker holds ([\d,]+) of", out)
     total = args.layers * args.experts * 3 * args.hidden_size * (args.hidden_size // 2)
-    return {"rates": [r["tokens_per_sec"] for r in read_log(workdir)
-                      if r["kind"] == "train"][1:],
-            "experts": int(held.group(1).replace(",", "")) if held else total}
+    experts = int(held.group(1).replace(",", "")) if held else total
+    return {"rates": _rates(workdir), "experts": experts, "mode": mode,
+            "replicated": _params(out) - experts,
+            "optimizer": optimizer_bytes(workdir, workers, steps)}
 
 
-def optimizer_bytes(workdir: str, workers: int, mode: str, step: int) -> list[int]:
-    """Bytes of the AdamW moments each worker holds, from the saved checkpoints."""
+def optimizer_bytes(workdir: str, workers: int, step: int) -> list[int]:
+    """Bytes of the AdamW moments each worker holds, from the saved checkpoints: those in
+    the main checkpoint (which every worker holds; none when ZeRO shards them) and those
+    in the worker's own (its ZeRO shard, its experts' moments)."""
     import tensorflow as tf
 
-    def floats(path, prefix):
+    def floats(path, prefixes):
         reader = tf.train.load_checkpoint(path)
         shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
         return sum(dtypes[k].size * max(1, int(tf.TensorShape(s).num_elements()))
                    for k, s in shapes.items()
-                   if k.startswith(prefix) and dtypes[k].is_floating and len(s) > 0)
+                   if k.startswith(prefixes) and dtypes[k].is_floating and len(s) > 0)
 
-    main = os.path.join(workdir, "checkpoints", f"ckpt-{step}")
-    if mode == "none" or workers == 1:
-        return [floats(main, "optimizer/_variables/")] * workers  # every worker: all
-    return [floats(os.path.join(workdir, "checkpoints", f"data-worker-{w}", f"ckpt-{step}"),
-                   "optimizer_shard/") for w in range(workers)]
+    directory = os.path.join(workdir, "checkpoints")
+    shared = floats(os.path.join(directory, f"ckpt-{step}"), ("optimizer/_variables/",))
+    if workers == 1:
+        return [shared]
+    return [shared + floats(os.path.join(directory, f"data-worker-{w}", f"ckpt-{step}"),
+                            ("optimizer_shard/", "experts/m/", "experts/v/"))
+            for w in range(workers)]
+
+
+def moe_bytes(res: dict, workers: int) -> tuple[int, int, int]:
+    """(routed-expert weight, moment, summed-gradient) bytes per worker of an
+    `expert_run`: the summed gradients of the replicated weights (all-reduced, or the
+    zero2 shard) and of its experts (all-reduced with the rest when replicated, its own
+    otherwise)."""
+    from deepseek_tf.train.sharding import summed_gradient_bytes
+
+    grads = summed_gradient_bytes(res["replicated"], workers, res["mode"]) + 4 * res["experts"]
+    return 4 * res["experts"], max(res["optimizer"]), grads
 
 
 def main(argv=None):
@@ -109,7 +145,7 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="sharding-bench-")
     data_dir = os.path.join(tmp, "data")
     results, rates = {}, {m: [] for m in modes}
-    ep_rates, ep_experts = {1: [], 2: []}, {}
+    moe, moe_rates = {}, {name: [] for name in LAYOUTS}
     try:
         prepare(DataConfig(seq_len=args.seq_len, max_samples=40 if args.smoke else 400,
                            val_size=10), data_dir, log=lambda *_: None)
@@ -124,11 +160,14 @@ def main(argv=None):
             for mode in (("none",) if w == 1 else modes):
                 if (w, mode) not in results:
                     results[(w, mode)] = run(w, mode, data_dir, f"{tmp}/w{w}-{mode}", args, 2)
-        for r in range(args.rounds if args.experts else 0):  # expert parallel, in turns
-            for ep in (1, 2):
-                res = expert_run(ep, data_dir, f"{tmp}/moe-ep{ep}-{r}", args, args.steps)
-                ep_rates[ep] += res["rates"]
-                ep_experts[ep] = res["experts"]
+        for r in range(args.rounds if args.experts else 0):  # the MoE layouts, in turns
+            for i, name in enumerate(LAYOUTS):
+                moe[(2, name)] = expert_run(2, name, data_dir, f"{tmp}/moe{i}-{r}", args,
+                                            args.steps)
+                moe_rates[name] += moe[(2, name)]["rates"]
+        for w in (w for w in workers if w > 2 and args.experts):  # bytes only (2 steps)
+            for i, name in enumerate(LAYOUTS):
+                moe[(w, name)] = expert_run(w, name, data_dir, f"{tmp}/moe{i}-w{w}", args, 2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     params = results[(2, "none")]["params"]
@@ -148,14 +187,31 @@ def main(argv=None):
         print(f"{mode} / none step time at W = 2: {none / common.stats(rates[mode])[1]:.2f}x "
               f"(ratio of median tokens/s; target <= 1.3x)")
     if args.experts:
-        print(f"MoE: {args.experts} routed experts per layer, top-2, width "
-              f"{args.hidden_size // 2}, 1 shared; routed-expert weights per worker: "
-              f"replicated {ep_experts[1]:,}, expert parallel {ep_experts[2]:,} "
-              f"({ep_experts[2] / ep_experts[1]:.3f}x)")
-        named = {"replicated": ep_rates[1], "expert_parallel": ep_rates[2]}
-        common.print_stats("W = 2 MoE step", named, "tokens/s per log interval")
-        print(f"expert parallel / replicated tokens/s at W = 2: "
-              f"{common.stats(ep_rates[2])[1] / common.stats(ep_rates[1])[1]:.2f}x "
+        print_moe(args, moe, moe_rates)
+
+
+def print_moe(args, moe: dict, rates: dict) -> None:
+    """The MoE comparison: bytes per worker of each layout and count, W = 2 tokens/s."""
+    held = {name: moe[(2, name)]["experts"] for name in LAYOUTS}
+    ep = held["expert parallel"]
+    print(f"MoE: {args.experts} routed experts per layer, top-2, width "
+          f"{args.hidden_size // 2}, 1 shared; routed-expert weights per worker at W = 2: "
+          f"replicated {held['replicated']:,}, expert parallel {ep:,} "
+          f"({ep / held['replicated']:.3f}x); other weights (replicated everywhere): "
+          f"{moe[(2, 'replicated')]['replicated']:,}")
+    print(f"{'W':>2} {'MoE layout':<24} {'experts MiB':>11} {'moments MiB':>11} "
+          f"{'gradients MiB':>13} {'together':>9} {'x replicated':>12}")
+    for (w, name), res in sorted(moe.items(), key=lambda kv: (kv[0][0],
+                                                              list(LAYOUTS).index(kv[0][1]))):
+        sizes = moe_bytes(res, w)
+        plain = sum(moe_bytes(moe[(w, "replicated")], w))
+        print(f"{w:>2} {name:<24} " + " ".join(
+            f"{b / 2**20:>{n}.3f}" for b, n in zip(sizes, (11, 11, 13))) +
+            f" {sum(sizes) / 2**20:>9.3f} {sum(sizes) / plain:>12.3f}")
+    common.print_stats("W = 2 MoE step", rates, "tokens/s per log interval")
+    for name in list(LAYOUTS)[1:]:
+        print(f"{name} / replicated tokens/s at W = 2: "
+              f"{common.stats(rates[name])[1] / common.stats(rates['replicated'])[1]:.2f}x "
               f"(ratio of medians)")
 
 

@@ -96,8 +96,10 @@ class TrainConfig(_Section):
                                 "then the workers all-gather the weights; zero2 = the same, and "
                                 "the gradients are reduce-scattered, so a worker holds only its "
                                 "1/W of the summed gradients; none = every worker holds and "
-                                "updates everything. A no-op with one worker. Resume with the "
-                                "same number of workers.", choices=("none", "zero1", "zero2"))
+                                "updates everything. With --model.expert_parallel it shards the "
+                                "replicated weights (each worker's experts stay its own). A "
+                                "no-op with one worker. Resume with the same number of "
+                                "workers.", choices=("none", "zero1", "zero2"))
     gpu_memory_growth: bool = knob(True, "Let TensorFlow allocate GPU memory as needed "
                                    "instead of all of it at start (no effect on CPU).",
                                    resumable=True)

@@ -23,8 +23,10 @@ XLA (`--train.jit_compile=true` is refused, auto picks false).
 In the trainer (`--model.expert_parallel=W`, train/loop.py): the model is built inside
 `layers/moe.expert_exchange(make_exchange(...))`, so its MoE layers hold their experts as
 plain per-worker variables; `LocalAdamW` updates them with moments of their own (the Keras
-optimizer gets the mirrored variables only); each worker checkpoints its experts and
-moments in `checkpoints/data-worker-<i>/`, and `workdir.load_workdir` gathers them.
+optimizer gets the mirrored variables only; with `--train.shard_optimizer=zero1|zero2`,
+`sharding.ShardedAdamW` shards those W ways); each worker checkpoints its experts and
+moments (and its ZeRO shard) in `checkpoints/data-worker-<i>/`, and
+`workdir.load_workdir` gathers them.
 
 Example:
     >>> exchange = ExpertExchange(strategy)            # inside strategy.run:
@@ -94,7 +96,7 @@ class ExpertExchange:
 def check_run(model_cfg, strategy, num_workers: int, train_cfg) -> None:
     """Raises UserError where `--model.expert_parallel` cannot run: it needs W =
     the number of MultiWorkerMirroredStrategy workers, one device each, without XLA (its
-    all-to-alls have no XLA kernel) and without --train.shard_optimizer (not combined yet)."""
+    all-to-alls have no XLA kernel)."""
     w = model_cfg.expert_parallel
     if w == 1:
         return
@@ -102,9 +104,6 @@ def check_run(model_cfg, strategy, num_workers: int, train_cfg) -> None:
     if train_cfg.jit_compile == "true":
         raise UserError(f"{flag} exchanges tokens with collectives XLA cannot compile: use "
                         f"--train.jit_compile=false (or auto).")
-    if train_cfg.shard_optimizer != "none":
-        raise UserError(f"{flag} does not combine with --train.shard_optimizer yet: use "
-                        f"--train.shard_optimizer=none.")
     if not is_multi_worker(strategy) or strategy.num_replicas_in_sync != num_workers \
             or num_workers != w:
         raise UserError(f"{flag} places the experts on {w} workers, and this run has "

@@ -121,11 +121,11 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
             model = DeepSeekCausalLM(exp.model, remat=tcfg.remat, dsa_stage=tcfg.dsa_stage)
             finetune.prepare_model(model, exp, log, resuming=ckpt_lib.has_checkpoint(workdir))
             objective.build(model, exp, log)  # e.g. DPO's frozen reference
-        shard = sharding.resolve(tcfg.shard_optimizer, strategy, role.num_workers, exp.optim,
-                                 model.trainable_variables, log)
-        slots = shard == "none"  # else this worker's share is kept by ShardedAdamW
         own = expert_parallel.local_weights(model.trainable_variables) if ep > 1 else []
         mirrored = [v for v in model.trainable_variables if all(v is not o for o in own)]
+        shard = sharding.resolve(tcfg.shard_optimizer, strategy, role.num_workers, exp.optim,
+                                 mirrored, log)
+        slots = shard == "none"  # else this worker's share is kept by ShardedAdamW
         optimizer = precision.wrap_optimizer(
             make_optimizer(exp.optim, exp.decay_steps, model, slots=slots, variables=mirrored),
             tcfg, mirrored if slots else [])
@@ -134,7 +134,8 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
     sharded = None
     if not slots:  # outside the scope: plain variables, one shard per worker
         sharding.check_ranks(collectives.gather(role.index), shard)
-        sharded = sharding.ShardedAdamW(optimizer, model.trainable_variables, strategy, shard,
+        # the mirrored weights: expert parallelism's experts have a LocalAdamW of their own
+        sharded = sharding.ShardedAdamW(optimizer, mirrored, strategy, shard,
                                         role.index, tcfg.collective_timeout)
         log(f"optimizer sharding: {sharded.describe()}")
     experts = expert_parallel.LocalAdamW(optimizer, own) if own else None

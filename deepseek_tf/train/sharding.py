@@ -17,6 +17,8 @@ Each step (train/step.py):
   every worker the whole new weights, assigned to the mirrored variables.
 A skipped step (non-finite gradients, mixed_float16 overflow) keeps weights and moments
 through selects rather than a branch, so every worker runs the same collectives.
+With expert parallelism (train/expert_parallel.py) the trainer gives it the mirrored
+weights only: each worker's routed experts are its own, updated by `LocalAdamW`.
 
 The moments are plain `tf.Variable`s created outside the strategy's scope: one pair per
 worker with contents of its own (a mirrored variable holds one value everywhere). Each

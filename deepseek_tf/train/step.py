@@ -13,6 +13,9 @@ With `--train.shard_optimizer=zero1|zero2` (train/sharding.py) each worker reduc
 gradients to its own shard of them (zero1: all-reduce, then its slice; zero2:
 reduce-scatter), takes the global norm from every worker's shard, updates its shard of
 the weights and all-gathers the rest; the decisions (clipping, skipping) are the same.
+With expert parallelism (`--model.expert_parallel`, train/expert_parallel.py) each
+worker's routed experts keep their gradients and are updated by their worker alone; their
+squares join the global norm, and ZeRO (if on) shards only the mirrored weights.
 
 Models with MoE layers or MTP modules also return side outputs; `aux_losses` adds
 their losses to the micro-batch loss, accumulates their stats (expert load, dropped
@@ -157,7 +160,8 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
     `sharding.ShardedAdamW` (ZeRO-1/2: gradients reduced to this worker's shard, which
     it updates) or None (every replica all-reduces and applies everything). `experts`: an
     `expert_parallel.LocalAdamW` (this worker's own experts: their gradients are not
-    all-reduced, their squares join the global norm) or None.
+    all-reduced, their squares join the global norm) or None. Both may be given: ZeRO
+    then shards the mirrored weights' state only (`sharded` built on them).
     """
     objective = objective or TokenObjective()
     grad_fn = grad_fn or make_grad_fn(model, train_cfg.grad_accum_steps, train_cfg.xla,
@@ -181,22 +185,29 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
             grads = grad_hook(grads, ctx.replica_id_in_sync_group)
         own = [g for g, m in zip(grads, is_mine) if m]  # expert parallel: this worker's
         grads = [g for g, m in zip(grads, is_mine) if not m]
-        own_square = ctx.all_reduce(SUM, tf.add_n([tf.reduce_sum(tf.square(g)) for g in own])) \
-            if own else None
+        # this worker's experts' share of the squared global norm (their gradients stay here)
+        own_square = tf.add_n([tf.reduce_sum(tf.square(g)) for g in own]) if own else None
         if sharded is None:
+            if own:
+                own_square = ctx.all_reduce(SUM, own_square)
             grads = ctx.all_reduce(SUM, grads)
         else:
-            shard = sharded.summed_shard(ctx, grads)  # (S,) of the flat gradients
+            shard = sharded.summed_shard(ctx, grads)  # (S,) of the flat mirrored gradients
         loss = ctx.all_reduce(SUM, loss)
         stats = ctx.all_reduce(SUM, stats)
         if sharded is None:
             grads, scaled_norm, finite, coef = finish(grads, scale, own_square)
-            if experts is not None:  # first: at the optimizer's step count
-                experts.apply(own, coef / scale, finite)
-            apply_scaled(optimizer, grads, replicated, coef)  # skipped if not finite (fp16)
-        else:  # the global norm from every worker's shard
-            scaled_norm = tf.sqrt(ctx.all_reduce(SUM, tf.reduce_sum(tf.square(shard))))
+        else:  # the global norm from every worker's shard (and its experts)
+            square = tf.reduce_sum(tf.square(shard))
+            if own:
+                square += own_square
+            scaled_norm = tf.sqrt(ctx.all_reduce(SUM, square))
             finite, coef = decide(scaled_norm, scale, optim_cfg.clip_norm)
+        if experts is not None:  # first: at the optimizer's step count
+            experts.apply(own, coef / scale, finite)
+        if sharded is None:
+            apply_scaled(optimizer, grads, replicated, coef)  # skipped if not finite (fp16)
+        else:
             sharded.apply(ctx, shard, coef / scale, finite)  # skipped if not finite
         # After the update: e.g. router biases move from the global load (not on a skipped step).
         metrics = objective.step_metrics(model, stats, denom, update=finite)
