@@ -172,8 +172,8 @@ def _alternatives(exp: Experiment, workers: int):
     c, tcfg = exp.model, exp.train
 
     def swap(model=None, train=None):
-        return dataclasses.replace(exp, model=dataclasses.replace(c, **(model or {})),
-                                   train=dataclasses.replace(tcfg, **(train or {})))
+        return dataclasses.replace(exp, model=c.replace(**(model or {})),
+                                   train=tcfg.replace(**(train or {})))
 
     out = []
     if c.n_routed_experts and c.expert_parallel == 1 and tcfg.shard_optimizer == "none":

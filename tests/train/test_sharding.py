@@ -176,3 +176,33 @@ def test_collective_ranks_must_follow_the_worker_indices():
     check_ranks([0, 1, 2], "zero2")
     with pytest.raises(UserError, match=r"an all-gather of the indices gave \[1, 0\]"):
         check_ranks([1, 0], "zero1")
+
+
+def test_memory_estimate_is_what_each_worker_holds(runs):
+    """The memory block at the start (train/memory.py, analytic from the config) against
+    the variables the workers held: parameters (the model's variables), optimizer state
+    (plain: every moment; zero2: worker 0's shard) and summed gradients (as many float32
+    values as the weights, or as a moment shard under zero2); both workers print their
+    peak RSS after step 1."""
+    for mode in ("none", "zero2"):
+        workdir, output, _ = runs(mode)
+        est = next(r for r in read_log(workdir) if r["kind"] == "memory")
+        weights = run_weights(workdir)  # the run's model, rebuilt and restored
+        numel = sum(v.size for v in weights.values())
+        assert est["parameters"] == _slot_bytes(weights.values()) == 4 * numel
+        if mode == "none":
+            moments = [t for k, t in checkpoint_tensors(workdir).items()
+                       if k.startswith("optimizer/_variables/") and t.dtype == np.float32]
+            assert est["gradients"] == 4 * numel
+        else:
+            path = os.path.join(workdir, "checkpoints", "data-worker-0", f"ckpt-{STEPS}")
+            moments = list(checkpoint_tensors(path, ("optimizer_shard/",)).values())
+            assert est["gradients"] == 4 * moments[0].size < 4 * numel
+        assert est["optimizer"] == _slot_bytes(moments)
+        assert est["total"] == sum(est[k] for k in ("parameters", "gradients", "optimizer",
+                                                     "activations"))
+        assert re.search(r"^\[worker 0\] memory per worker \(estimate, alike on each of 2 "
+                         r"workers\):$", output, re.M), output[-3000:]
+        for w in (0, 1):
+            assert re.search(rf"^\[worker {w}\] memory after step 1: peak RSS [\d.]+ [MG]iB",
+                             output, re.M), output[-3000:]
