@@ -273,7 +273,7 @@ class Runner:
         self.eval_step = objective.guard(make_eval_step(state.model, state.strategy, objective))
         self.logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
         cleanup.callback(self.logger.close)
-        memory.log_estimate(self.logger, start, state.memory)
+        self.rss_at_start = memory.log_estimate(self.logger, start, state.memory)
         self.peak_logged = False
         self.recovery = Recovery(state, tcfg, self.logger, workdir)  # rolls back bad steps
         self.best = BestCheckpoint(workdir, state.model, state.step,
@@ -306,6 +306,7 @@ class Runner:
         # A resumed run keeps the choices its first run made for "auto" settings.
         exp = autotune.keep_saved(exp, Experiment.load(config_path)
                                   if os.path.exists(config_path) else None)
+        memory.check_before_start(exp, role.num_workers)  # --train.memory_budget
         if role.is_chief:
             os.makedirs(workdir, exist_ok=True)
             exp.save(config_path)
@@ -350,8 +351,8 @@ class Runner:
         loss, skipped = float(out["loss"]), float(out["skipped"]) > 0
         self.profiler.after(self.step)
         if not self.peak_logged:  # measured, next to the estimate
-            memory.log_peak_rss(self.logger, self.step, state.memory, self.log,
-                                state.role.is_chief)
+            memory.log_peak_rss(self.logger, self.step, state.memory, self.rss_at_start,
+                                self.log, state.role.is_chief)
             self.peak_logged = True
         bad = self.recovery.problem(self.step, loss, skipped)
         if bad:

@@ -45,6 +45,7 @@ from deepseek_tf.config import Experiment
 from deepseek_tf.config.train import parse_bytes
 from deepseek_tf.errors import UserError
 from deepseek_tf.params import count_parameters, routed_expert_params, router_state_params
+from deepseek_tf.train.autotune import resolve_precision
 from deepseek_tf.train.expert_parallel import local_weights
 from deepseek_tf.train.sharding import summed_gradient_bytes
 
@@ -197,6 +198,25 @@ def _alternatives(exp: Experiment, workers: int):
     return out
 
 
+def _together(exp: Experiment, workers: int):
+    """(flags, estimate) of the largest split `_alternatives` tries (expert parallelism
+    for a MoE, else zero2), remat of every block and a batch of 1, at once."""
+    c, tcfg = exp.model, exp.train
+    model, train = {}, {"remat": "block", "batch_size": 1,
+                        "grad_accum_steps": tcfg.grad_accum_steps * tcfg.batch_size}
+    ways = [w for w in (2, 4, 8, 16) if c.n_routed_experts and c.n_routed_experts % w == 0]
+    if ways and c.expert_parallel == 1 and tcfg.shard_optimizer == "none":
+        model["expert_parallel"] = w = ways[-1]
+    else:
+        w = max(workers, 2)
+        train["shard_optimizer"] = "zero2"
+    flags = " ".join(f"--{sec}.{k}={v}" for sec, d in (("model", model), ("train", train))
+                     for k, v in d.items())
+    return (f"{flags} on {w} workers",
+            estimate(dataclasses.replace(exp, model=c.replace(**model),
+                                         train=tcfg.replace(**train)), w))
+
+
 def check_budget(exp: Experiment, workers: int, trainable=None) -> MemoryEstimate:
     """The estimate of one worker (`estimate`); raises UserError, in one line that says
     what would fit, if it exceeds `--train.memory_budget`."""
@@ -213,12 +233,34 @@ def check_budget(exp: Experiment, workers: int, trainable=None) -> MemoryEstimat
         if alt.total <= budget and not any(f.split("=")[0] == flags.split("=")[0]
                                            for f, _ in fits):
             fits.append((flags, alt))
-    what = ("; what would fit: " + "; ".join(f"{f} ({format_bytes(a.total)})" for f, a in fits)
-            if fits else "; no single change of expert_parallel, shard_optimizer, remat or "
-            "batch_size fits: combine them, or use a smaller model")
+    if fits:
+        what = "; what would fit: " + "; ".join(f"{f} ({format_bytes(a.total)})"
+                                                for f, a in fits)
+    else:
+        flags, alt = _together(exp, workers)
+        what = (f"; no single change fits; together: {flags} ({format_bytes(alt.total)})"
+                if alt.total <= budget else
+                f"; not even {flags} ({format_bytes(alt.total)}) fits: use a smaller model "
+                f"or more workers")
     raise UserError(f"--train.memory_budget={budget_text}: one worker needs an estimated "
                     f"{format_bytes(est.total)} ({parts}), more than the budget of "
                     f"{format_bytes(budget)}{what}.")
+
+
+def _all_train(exp: Experiment) -> bool:
+    """True if every weight but the routers' state trains (counted analytically)."""
+    return exp.train.finetuning_type == "full" and exp.train.dsa_stage != "dense_warmup"
+
+
+def check_before_start(exp: Experiment, workers: int) -> None:
+    """`check_budget` before the run writes anything (config.json included, so that the
+    suggested flags can be used in the same workdir), where the estimate needs no built
+    model: full training, with precision "auto" as this machine resolves it. The trainer
+    checks again once the model is built (LoRA and freeze need it)."""
+    if exp.train.memory_budget and _all_train(exp):
+        precision, _ = resolve_precision(exp.train.precision)
+        check_budget(dataclasses.replace(exp, train=exp.train.replace(precision=precision)),
+                     workers)
 
 
 def peak_rss_bytes() -> int:
@@ -230,7 +272,7 @@ def trainable_counts(model, exp: Experiment) -> tuple[int, int] | None:
     """(trainable weights outside the routed experts, trainable routed-expert weights) of
     the whole model where LoRA, freeze or the DSA warm-up chose them (None: full
     training, which `estimate` counts analytically)."""
-    if exp.train.finetuning_type == "full" and exp.train.dsa_stage != "dense_warmup":
+    if _all_train(exp):
         return None
     variables = model.trainable_variables
     own = local_weights(variables) if exp.model.expert_parallel > 1 else []
@@ -239,17 +281,23 @@ def trainable_counts(model, exp: Experiment) -> tuple[int, int] | None:
         exp.model.expert_parallel, routed
 
 
-def log_estimate(logger, step: int, est: MemoryEstimate) -> None:
-    """The estimate's block on the chief's stdout and its bytes in log.jsonl ("memory")."""
-    logger.write_event(step, "memory", est.record(), est.describe())
-
-
-def log_peak_rss(logger, step: int, est: MemoryEstimate, log, is_chief: bool) -> None:
-    """After a step: this worker's peak RSS next to the estimate (every worker prints its
-    own; the chief's goes to log.jsonl too)."""
+def log_estimate(logger, step: int, est: MemoryEstimate) -> int:
+    """The estimate's block on the chief's stdout and its bytes in log.jsonl ("memory");
+    returns this process's peak RSS so far (model built, before the first step)."""
     rss = peak_rss_bytes()
-    line = (f"memory after step {step}: peak RSS {format_bytes(rss)} (measured; TensorFlow "
-            f"itself included) vs estimate {format_bytes(est.total)}")
+    logger.write_event(step, "memory", {**est.record(), "peak_rss": rss}, est.describe())
+    return rss
+
+
+def log_peak_rss(logger, step: int, est: MemoryEstimate, before: int, log,
+                 is_chief: bool) -> None:
+    """After a step: this worker's peak RSS, and how much the step added to what it was
+    before (`before`), next to the estimate (every worker prints its own; the chief's
+    goes to log.jsonl too)."""
+    rss = peak_rss_bytes()
+    line = (f"memory after step {step}: peak RSS {format_bytes(rss)}, "
+            f"{format_bytes(rss - before)} more than before the first step (measured) vs "
+            f"estimate {format_bytes(est.total)}")
     if is_chief:
         logger.write_event(step, "memory", {"peak_rss": rss, "estimate": est.total}, line)
     else:
