@@ -131,7 +131,7 @@ def test_a_worker_killed_mid_run_stops_the_run_and_the_same_command_resumes(one_
     the run within seconds (the chief, waiting in a collective for its peer, is killed
     with the group) with one line naming the dead worker and how to resume; the last
     checkpoint is intact, and the same command resumes from it and finishes."""
-    steps = 20
+    steps = 8
     exp = tiny.experiment(one_shard_data, data={"shuffle_buffer": 0},
                           train={"steps": steps, "batch_size": 2, "log_every": 1,
                                  "eval_every": 0, "checkpoint_every": 2})
