@@ -149,6 +149,8 @@ def estimate(exp: Experiment, workers: int = 1,
     if tcfg.finetuning_type == "lora":  # the adapters are weights of their own
         total += dense_tr + routed_tr
     ep = c.expert_parallel
+    if ep == 1:  # the experts are mirrored like every other weight (and ZeRO shards them)
+        dense_tr, routed_tr = dense_tr + routed_tr, 0
     shard = tcfg.shard_optimizer if workers > 1 else "none"
     wsize = 2 if c.weight_dtype == "bfloat16" else 4
     parameters = wsize * (total - routed + routed // ep)
