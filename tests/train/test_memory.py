@@ -59,3 +59,20 @@ def test_budget_says_what_fits_and_else_everything_together():
                        r"workers"):
         memory.check_budget(_exp(memory_budget="0.1MiB"), 1)
     assert memory.check_budget(_exp(memory_budget="2MiB"), 1).total < 2 * 2**20
+
+
+def test_lora_counts_the_adapters_and_trains_only_them():
+    """LoRA on the tiny MoE, built: parameters = every variable of the model (base and
+    adapters); gradients and moments only for the trainable adapters."""
+    from deepseek_tf.lora import apply_lora
+    from deepseek_tf.model import DeepSeekCausalLM
+
+    exp = _exp(finetuning_type="lora")
+    model = DeepSeekCausalLM(exp.model)
+    apply_lora(model, exp.lora)
+    est = memory.estimate(exp, 1, memory.trainable_counts(model, exp))
+    held = [v for v in model.weights if "seed_generator" not in v.path]
+    trainable = sum(v.shape.num_elements() for v in model.trainable_weights)
+    assert est.parameters == sum(v.numpy().nbytes for v in held)
+    assert (est.gradients, est.optimizer) == (4 * trainable, 8 * trainable)
+    assert 0 < trainable < count_parameters(exp.model)["total"] // 4
