@@ -237,7 +237,9 @@ class Cluster:
                 if all(c is not None for c in codes):
                     break
                 now = time.monotonic()
-                failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+                # A worker killed by a signal first: its peers then fail because it is gone.
+                failed = sorted(((i, c) for i, c in enumerate(codes) if c not in (None, 0)),
+                                key=lambda f: f[1] >= 0)
                 if failed and result == exit_codes.OK:
                     i, result = failed[0]
                     if result == exit_codes.PREEMPTED:
