@@ -5,9 +5,11 @@ Starts N `python -m deepseek_tf.train` processes on 127.0.0.1, each with the
 and prints their output prefixed with `[worker i]`. The workers share one
 process group of their own:
 
-- a worker that fails (any exit code other than 0 or 42) makes the launcher kill
-  the whole group at once: a MultiWorkerMirroredStrategy worker whose peer is
-  gone would otherwise wait for it;
+- a worker that fails or dies (any exit code other than 0 or 42, or a signal such
+  as SIGKILL) makes the launcher kill the whole group at once, with one line that
+  names the worker and says to run the same command again to resume from the last
+  checkpoint: a MultiWorkerMirroredStrategy worker whose peer is gone would
+  otherwise wait for it (up to `--train.collective_timeout`);
 - Ctrl-C, `--timeout`, or the launcher's own death (Linux) kill the group too;
 - SIGTERM to the launcher is forwarded to every worker (a preemption): they save
   a checkpoint at the same step and exit with code 42, and so does the launcher.
@@ -94,6 +96,16 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def failure(index: int, code: int) -> str:
+    """The launcher's line about worker `index` that ended with `code` (not 0 or 42)."""
+    if code == exit_codes.USAGE:  # its own `error:` line says what to fix
+        return f"worker {index} failed with exit code {code}; stopping all workers"
+    how = (f"died (killed by {signal.Signals(-code).name})" if code < 0
+           else f"failed with exit code {code}")
+    return (f"worker {index} {how}; stopping all workers; run the same command again to "
+            f"resume from the last checkpoint")
 
 
 class Cluster:
@@ -225,7 +237,9 @@ class Cluster:
                 if all(c is not None for c in codes):
                     break
                 now = time.monotonic()
-                failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+                # A worker killed by a signal first: its peers then fail because it is gone.
+                failed = sorted(((i, c) for i, c in enumerate(codes) if c not in (None, 0)),
+                                key=lambda f: f[1] >= 0)
                 if failed and result == exit_codes.OK:
                     i, result = failed[0]
                     if result == exit_codes.PREEMPTED:
@@ -233,8 +247,7 @@ class Cluster:
                                      f"{grace:.0f}s for the others to save and exit")
                         grace_deadline = now + grace
                     else:
-                        self.printer(f"[launch] worker {i} failed with exit code {result}; "
-                                     f"stopping all workers")
+                        self.printer(f"[launch] error: {failure(i, result)}")
                         self.kill()
                         break
                 if grace_deadline is not None and now > grace_deadline:

@@ -77,12 +77,27 @@ def mlp_params(c: ModelConfig, layer_idx: int) -> tuple[int, int]:
     if not c.is_moe_layer(layer_idx):
         return 3 * d * c.intermediate_size, 3 * d * c.intermediate_size
     e, k, f = c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size
-    if c.mlp_layer_type(layer_idx) == "hash_moe":  # tid2eid, no bias
-        router = d * e + c.vocab_size * k
-    else:
-        router = d * e + (e if c.topk_method == "noaux_tc" else 0)
+    router = d * e + router_state_params(c, layer_idx)
     shared = 3 * d * f * c.n_shared_experts
-    return router + shared + 3 * d * f * e, router + shared + 3 * d * f * k
+    return router + shared + routed_expert_params(c, layer_idx), router + shared + 3 * d * f * k
+
+
+def routed_expert_params(c: ModelConfig, layer_idx: int) -> int:
+    """The routed experts' weights of block `layer_idx` (gate, up, down of each; 0 in a
+    dense block): what `--model.expert_parallel` splits over the workers."""
+    if not c.is_moe_layer(layer_idx):
+        return 0
+    return 3 * c.hidden_size * c.moe_intermediate_size * c.n_routed_experts
+
+
+def router_state_params(c: ModelConfig, layer_idx: int) -> int:
+    """The router's non-trainable weights in block `layer_idx`: the correction bias
+    (noaux_tc) or V4's hash table tid2eid (one expert id per token and choice)."""
+    if not c.is_moe_layer(layer_idx):
+        return 0
+    if c.mlp_layer_type(layer_idx) == "hash_moe":  # tid2eid, no bias
+        return c.vocab_size * c.num_experts_per_tok
+    return c.n_routed_experts if c.topk_method == "noaux_tc" else 0
 
 
 def block_params(c: ModelConfig, layer_idx: int) -> tuple[int, int]:

@@ -30,7 +30,8 @@ def test_a_failing_worker_stops_every_worker_and_its_children():
     launcher.wait_for(r"child \d+$", count=3)
     assert launcher.finish() == 3
     text = "\n".join(launcher.lines)
-    assert "[launch] worker 1 failed with exit code 3; stopping all workers" in text
+    assert ("[launch] error: worker 1 failed with exit code 3; stopping all workers; run the "
+            "same command again to resume from the last checkpoint") in text
     for i in range(3):
         assert f"[worker {i}] index {i} child" in text
     ports = re.findall(r"\[launch\] worker \d: pid \d+, 127\.0\.0\.1:(\d+)", text)

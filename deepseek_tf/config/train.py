@@ -9,6 +9,22 @@ from deepseek_tf.autojit import JIT_CHOICES, jit_value
 from deepseek_tf.config.base import _Section, _split_list, knob
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int | None:
+    """`text` such as "2GiB", "512 MiB", "1.5GB" or "1000000" in bytes; None if it is
+    not such a size (or not > 0)."""
+    t = text.strip().lower()
+    number = t.rstrip("kmgtib ")
+    try:
+        value = float(number) * _UNITS[t[len(number):].strip()]
+    except (ValueError, KeyError):
+        return None
+    return int(value) if value > 0 else None
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(_Section):
     """AdamW with linear warmup and cosine decay.
@@ -100,6 +116,11 @@ class TrainConfig(_Section):
                                 "replicated weights (each worker's experts stay its own). A "
                                 "no-op with one worker. Resume with the same number of "
                                 "workers.", choices=("none", "zero1", "zero2"))
+    memory_budget: str = knob("", "Refuse to start if the estimated memory of one worker "
+                              "(parameters, gradients, optimizer state, activations; "
+                              "train/memory.py, printed at start) exceeds this, e.g. 2GiB, "
+                              "512MiB, 1.5GB; the error line says which settings would fit. "
+                              "Empty = no check.", resumable=True)
     gpu_memory_growth: bool = knob(True, "Let TensorFlow allocate GPU memory as needed "
                                    "instead of all of it at start (no effect on CPU).",
                                    resumable=True)
@@ -178,6 +199,9 @@ class TrainConfig(_Section):
         r(self.initial_loss_scale >= 1, "--train.initial_loss_scale must be >= 1.")
         r(self.early_stopping_patience >= 0,
           "--train.early_stopping_patience must be >= 0 (0 = off).")
+        r(not self.memory_budget or parse_bytes(self.memory_budget) is not None,
+          f"--train.memory_budget={self.memory_budget!r} must be a size such as 2GiB, "
+          f"512MiB or 1.5GB (or empty = no check).")
         prof = [p.strip() for p in self.profile_steps.split(",")] if self.profile_steps else []
         r(not prof or (len(prof) == 2 and all(p.isdigit() for p in prof)
                        and 1 <= int(prof[0]) <= int(prof[1])),

@@ -7,9 +7,13 @@ its latest checkpoint.
 
 With TF_CONFIG set this process is one worker of a multi-worker run (see
 `python -m deepseek_tf.launch --help` to start several on one machine). SIGTERM
-(preemption) saves a checkpoint on every worker and exits with code 42.
+(preemption) saves a checkpoint on every worker and exits with code 42. A worker
+whose peer is gone (a collective fails, or waits longer than
+`--train.collective_timeout`) prints one `error:` line and exits with code 1.
 """
 
+import os
+import re
 import sys
 
 from deepseek_tf.quiet import quiet_tensorflow
@@ -32,11 +36,30 @@ def main(argv):
     from deepseek_tf.train.loop import train  # imports TensorFlow: after validation
     from deepseek_tf.train.preemption import Preempted
 
+    import tensorflow as tf
+
     try:
         train(exp, workdir)
     except Preempted as e:
         print(f"{e} (exit code {e.exit_code})", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.AbortedError) as e:
+        if not os.environ.get("TF_CONFIG"):
+            raise  # one process: a bug, with its traceback
+        print(f"error: lost a peer worker ({type(e).__name__}: {_cause(e.message)}); stop "
+              f"every worker, then run the same command on each again to resume from the "
+              f"last checkpoint", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _cause(message: str) -> str:
+    """The line of a failed collective's TensorFlow error that says why (its message
+    also lists where the op was defined)."""
+    lines = [l.strip() for l in message.splitlines() if l.strip() and not l[0].isspace()]
+    why = [l for l in lines if re.search(r"(?i)abort|reset|timed? ?out|deadline|unavailable"
+                                         r"|connect", l) and not l.startswith("Detected at")]
+    return (why or lines or ["no message"])[0]
 
 
 def entry():

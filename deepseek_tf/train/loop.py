@@ -40,6 +40,7 @@ from deepseek_tf.train import autotune
 from deepseek_tf.train import checkpoint as ckpt_lib
 from deepseek_tf.train import expert_parallel
 from deepseek_tf.train import finetune
+from deepseek_tf.train import memory
 from deepseek_tf.train import precision
 from deepseek_tf.train import sharding
 from deepseek_tf.train import strategy as strategy_lib
@@ -85,6 +86,8 @@ class RunState:
     sharded: sharding.ShardedAdamW | None = None
     #: `--model.expert_parallel`: this worker's experts and their AdamW, or None
     experts: expert_parallel.LocalAdamW | None = None
+    #: one worker's estimated memory (train/memory.py)
+    memory: memory.MemoryEstimate | None = None
 
 
 def build_state(exp: Experiment, workdir: str, objective: Objective,
@@ -121,6 +124,9 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
             model = DeepSeekCausalLM(exp.model, remat=tcfg.remat, dsa_stage=tcfg.dsa_stage)
             finetune.prepare_model(model, exp, log, resuming=ckpt_lib.has_checkpoint(workdir))
             objective.build(model, exp, log)  # e.g. DPO's frozen reference
+        # --train.memory_budget: refused here, before any optimizer state or checkpoint
+        estimate = memory.check_budget(exp, role.num_workers,
+                                       memory.trainable_counts(model, exp))
         own = expert_parallel.local_weights(model.trainable_variables) if ep > 1 else []
         mirrored = [v for v in model.trainable_variables if all(v is not o for o in own)]
         shard = sharding.resolve(tcfg.shard_optimizer, strategy, role.num_workers, exp.optim,
@@ -152,7 +158,7 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
         shards=sharded.world if sharded else ep)
     return RunState(strategy, model, optimizer, step, rng, train_iter, eval_ds, role,
                     checkpoints, collectives, exp, objective, sharded=sharded,
-                    experts=experts)
+                    experts=experts, memory=estimate)
 
 
 def weights_fingerprint(model: keras.Model, only=None) -> str:
@@ -268,6 +274,8 @@ class Runner:
         self.eval_step = objective.guard(make_eval_step(state.model, state.strategy, objective))
         self.logger = MetricLogger(workdir, tcfg.steps, enabled=role.is_chief)
         cleanup.callback(self.logger.close)
+        self.rss_at_start = memory.log_estimate(self.logger, start, state.memory)
+        self.peak_logged = False
         self.recovery = Recovery(state, tcfg, self.logger, workdir)  # rolls back bad steps
         self.best = BestCheckpoint(workdir, state.model, state.step,
                                    tcfg.early_stopping_patience, role.is_chief)
@@ -299,6 +307,7 @@ class Runner:
         # A resumed run keeps the choices its first run made for "auto" settings.
         exp = autotune.keep_saved(exp, Experiment.load(config_path)
                                   if os.path.exists(config_path) else None)
+        memory.check_before_start(exp, role.num_workers)  # --train.memory_budget
         if role.is_chief:
             os.makedirs(workdir, exist_ok=True)
             exp.save(config_path)
@@ -342,6 +351,10 @@ class Runner:
         self.step += 1
         loss, skipped = float(out["loss"]), float(out["skipped"]) > 0
         self.profiler.after(self.step)
+        if not self.peak_logged:  # measured, next to the estimate
+            memory.log_peak_rss(self.logger, self.step, state.memory, self.rss_at_start,
+                                self.log, state.role.is_chief)
+            self.peak_logged = True
         bad = self.recovery.problem(self.step, loss, skipped)
         if bad:
             self.step = self.recovery.roll_back(self.step, bad)

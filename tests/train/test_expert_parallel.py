@@ -24,6 +24,7 @@ import pytest
 
 from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.train.logger import read_log
+from deepseek_tf.train import memory
 from deepseek_tf.train.loop import train
 from deepseek_tf.workdir import load_experiment, load_workdir
 from tests.helpers import tiny
@@ -37,6 +38,7 @@ WORKERS = 2
 STEPS = 4
 NAN_AT = 3  # both runs roll back from a NaN at step 3 to ckpt-2 and go on
 TIMEOUT = 300  # seconds for one 2-worker run on a busy 2-core machine
+BUDGET = "1.25MiB"  # one worker's estimate: replicated 1.26 MiB, expert_parallel=2 1.17
 MOE = FAMILIES["mla_moe"]  # DeepSeek-V3 style: MLA, a dense first layer, 8 experts
 quiet = lambda *_: None  # noqa: E731
 
@@ -129,8 +131,10 @@ def runs(one_shard_data, tmp_path_factory):
     def get(ep):
         if ep not in done:
             workdir = str(root / f"ep{ep}")
-            done[ep] = workdir, _launch(flags=train_flags(_experiment(one_shard_data, ep),
-                                                          workdir), nan_at=NAN_AT)
+            exp = _experiment(one_shard_data, ep)
+            if ep > 1:  # it fits a budget the replicated model exceeds (tested)
+                exp = dataclasses.replace(exp, train=exp.train.replace(memory_budget=BUDGET))
+            done[ep] = workdir, _launch(flags=train_flags(exp, workdir), nan_at=NAN_AT)
         return done[ep]
 
     return get
@@ -256,3 +260,38 @@ def test_hf_export_gathers_every_expert(runs, tmp_path):
     assert {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(8)} <= b.keys()
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+def test_memory_budget_refuses_replicated_and_expert_parallel_fits(runs, one_shard_data,
+                                                                  tmp_path):
+    """--train.memory_budget: the replicated MoE's estimate exceeds it: refused in one
+    line that names the estimate, the budget and what fits, before any checkpoint; the
+    expert_parallel=2 run of the same model (module fixture) fits it and trains. Its
+    memory block equals what a worker held: the mirrored weights and its half of the
+    experts; gradients and AdamW moments of the trainable ones (the router biases are
+    not trained)."""
+    replicated = _experiment(one_shard_data, 1)
+    exp = dataclasses.replace(replicated, train=replicated.train.replace(memory_budget=BUDGET))
+    workdir = tmp_path / "replicated"
+    with pytest.raises(UserError, match=r"^--train.memory_budget=1.25MiB: one worker needs an "
+                       r"estimated 1.26 MiB \(parameters .*\), more than the budget of 1.25 "
+                       r"MiB; what would fit: --model.expert_parallel=2 on 2 workers"):
+        train(exp, str(workdir), log=quiet)
+    assert not (workdir / "checkpoints").exists()
+    ep_dir, output = runs(2)
+    assert re.search(r"^\[worker 0\] memory per worker \(estimate, alike on each of 2 "
+                     r"workers\):$", output, re.M), output[-3000:]
+    est = next(r for r in read_log(ep_dir) if r["kind"] == "memory")
+    full = run_weights(ep_dir)  # every expert, gathered
+    stacks = sum(v.size for k, v in full.items() if k.endswith(("gate_up_proj", "down_proj")))
+    frozen = sum(v.size for k, v in full.items() if k.endswith("e_score_correction_bias"))
+    held = sum(v.size for v in full.values()) - stacks // WORKERS
+    assert est["parameters"] == 4 * held
+    assert est["gradients"] == 4 * (held - frozen)
+    path = os.path.join(ep_dir, "checkpoints", "data-worker-0", f"ckpt-{STEPS}")
+    moments = [t for k, t in checkpoint_tensors(ep_dir).items()
+               if k.startswith("optimizer/_variables/") and t.dtype == np.float32]
+    moments += [t for k, t in checkpoint_tensors(path, ("experts/",)).items()
+                if k.startswith(("experts/m/", "experts/v/"))]
+    assert est["optimizer"] == sum(t.nbytes for t in moments) == 8 * (held - frozen)
+    assert est["total"] <= 1.25 * 2**20 < memory.estimate(replicated, WORKERS).total

@@ -56,7 +56,9 @@ def test_short_run_learns_and_writes_every_artifact(stdlib_data, tmp_path):
     assert svg.find("{http://www.w3.org/2000/svg}polyline") is not None  # the train curve
     rows = read_log(wd)
     train_keys = {"loss", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "accuracy"}
-    assert train_keys <= set(rows[0])
+    assert train_keys <= set(next(r for r in rows if r["kind"] == "train"))
+    memory = [r for r in rows if r["kind"] == "memory"]  # the estimate, then the peak RSS
+    assert memory[0]["total"] > memory[0]["parameters"] > 0 and memory[1]["peak_rss"] > 0
     assert {"loss", "perplexity", "accuracy"} <= set(next(r for r in rows if r["kind"] == "eval"))
 
 

@@ -10,14 +10,16 @@ union per step is exactly the batch one process reads with the global batch size
 import os
 import re
 import signal
+import time
 
 import numpy as np
+import tensorflow as tf
 
 from deepseek_tf import exit_codes
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
 from tests.helpers import tiny
-from tests.helpers.checkpoints import checkpoint_tensors
+from tests.helpers.checkpoints import checkpoint_tensors, nonfinite_tensors
 from tests.helpers.launcher import Launcher, train_flags, weights_sha
 
 STEPS = 6
@@ -121,3 +123,44 @@ def test_nan_after_a_resume_rolls_every_worker_back_to_the_chiefs_checkpoint(one
     assert [r["step"] for r in rows if r["kind"] == "recovery"] == [2]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+
+
+def test_a_worker_killed_mid_run_stops_the_run_and_the_same_command_resumes(one_shard_data,
+                                                                           tmp_path):
+    """SIGKILL to worker 1 after the first checkpoint (every 2 steps): the launcher stops
+    the run within seconds (the chief, waiting in a collective for its peer, is killed
+    with the group) with one line naming the dead worker and how to resume; the last
+    checkpoint is intact, and the same command resumes from it and finishes."""
+    steps = 8
+    exp = tiny.experiment(one_shard_data, data={"shuffle_buffer": 0},
+                          train={"steps": steps, "batch_size": 2, "log_every": 1,
+                                 "eval_every": 0, "checkpoint_every": 2})
+    workdir = str(tmp_path / "run")
+    command = ["--num_workers=2", f"--timeout={TIMEOUT}", "--", *train_flags(exp, workdir)]
+    first = Launcher(*command)
+    first.wait_for(rf"^\[worker 0\] step +3/{steps}", timeout=TIMEOUT)  # ckpt-2 is saved
+    pid = int(re.search(r"^\[launch\] worker 1: pid (\d+)", first.text(), re.M).group(1))
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    code = first.finish(60)
+    assert time.monotonic() - killed < 30, first.text()[-3000:]
+    output = first.text()
+    assert code == 128 + signal.SIGKILL, output[-3000:]
+    assert re.search(r"^\[launch\] error: worker 1 died \(killed by SIGKILL\); stopping all "
+                     r"workers; run the same command again to resume from the last "
+                     r"checkpoint$", output, re.M), output[-3000:]
+    assert f"[worker 0] step {steps:>6}/{steps}" not in output  # it stopped mid-run
+    last = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    step = int(last.rsplit("-", 1)[1])
+    assert step >= 2 and step % 2 == 0 and not nonfinite_tensors(last)
+    assert len(checkpoint_tensors(last)) > 20  # readable
+
+    second = Launcher(*command)
+    assert second.finish(TIMEOUT) == 0, second.text()[-3000:]
+    resumed = second.text()
+    for w in (0, 1):
+        assert re.search(rf"^\[worker {w}\] resumed from .*ckpt-{step} at step {step}$",
+                         resumed, re.M), resumed[-3000:]
+    assert weights_sha(resumed, 0) == weights_sha(resumed, 1)
+    assert [r["step"] for r in read_log(workdir) if r["kind"] == "train"] == list(
+        range(1, steps + 1))

@@ -6,7 +6,8 @@ MWMS, zero1 and zero2 over 12 steps of the tiny model with 2 accumulation steps 
 clipping that engages, each with NaN gradients at step 8 that roll every worker back to
 its step-6 checkpoint (weights, and with sharding each worker's moments); zero2 resumed
 at step 6 of its own run; a mixed_float16 pair whose first steps overflow (skipped and the
-loss scale halved on both sides alike).
+loss scale halved on both sides alike); a mixed_bfloat16 pair (6 steps). The memory block
+of the plain and zero2 runs is checked against what the workers held.
 """
 
 import os
@@ -176,3 +177,53 @@ def test_collective_ranks_must_follow_the_worker_indices():
     check_ranks([0, 1, 2], "zero2")
     with pytest.raises(UserError, match=r"an all-gather of the indices gave \[1, 0\]"):
         check_ranks([1, 0], "zero1")
+
+
+def test_memory_estimate_is_what_each_worker_holds(runs):
+    """The memory block at the start (train/memory.py, analytic from the config) against
+    the variables the workers held: parameters (the model's variables), optimizer state
+    (plain: every moment; zero2: worker 0's shard) and summed gradients (as many float32
+    values as the weights, or as a moment shard under zero2); both workers print their
+    peak RSS after step 1."""
+    for mode in ("none", "zero2"):
+        workdir, output, _ = runs(mode)
+        est = next(r for r in read_log(workdir) if r["kind"] == "memory")
+        weights = run_weights(workdir)  # the run's model, rebuilt and restored
+        numel = sum(v.size for v in weights.values())
+        assert est["parameters"] == _slot_bytes(weights.values()) == 4 * numel
+        if mode == "none":
+            moments = [t for k, t in checkpoint_tensors(workdir).items()
+                       if k.startswith("optimizer/_variables/") and t.dtype == np.float32]
+            assert est["gradients"] == 4 * numel
+        else:
+            path = os.path.join(workdir, "checkpoints", "data-worker-0", f"ckpt-{STEPS}")
+            moments = list(checkpoint_tensors(path, ("optimizer_shard/",)).values())
+            assert est["gradients"] == 4 * moments[0].size < 4 * numel
+        assert est["optimizer"] == _slot_bytes(moments)
+        assert est["total"] == sum(est[k] for k in ("parameters", "gradients", "optimizer",
+                                                     "activations"))
+        assert re.search(r"^\[worker 0\] memory per worker \(estimate, alike on each of 2 "
+                         r"workers\):$", output, re.M), output[-3000:]
+        for w in (0, 1):
+            assert re.search(rf"^\[worker {w}\] memory after step 1: peak RSS [\d.]+ [MG]iB",
+                             output, re.M), output[-3000:]
+
+
+def test_mixed_bfloat16_zero2_follows_plain(runs):
+    """mixed_bfloat16 (float32 weights and moments, bfloat16 matmuls): zero2's losses and
+    weights over 6 steps follow plain MWMS's within bfloat16's resolution. Both sum the
+    same float32 gradients in another order (all-to-all + local sum vs all-reduce), so
+    the weights differ by float32 rounding (~1e-7); through a bfloat16 cast (8 significant
+    bits) such a difference can flip one rounding, which moves a loss by at most about one
+    bfloat16 step, relative 2^-8 (the loss tolerance), and an AdamW update (~lr = 3e-3 per
+    element) by about that fraction, ~1e-5 per step: the weight tolerance, 1e-4, allows a
+    few such steps and is still 10x below one update, which a wrong shard would change.
+    (Measured here: losses equal, weights within 6e-8.)"""
+    plain, plain_output, _ = runs("none-mixed_bfloat16")
+    workdir, output, _ = runs("zero2-mixed_bfloat16")
+    for text in (plain_output, output):
+        assert re.search(r"^\[worker 0\] stage .*; precision mixed_bfloat16;", text, re.M)
+    np.testing.assert_allclose(train_losses(workdir), train_losses(plain), rtol=2**-8, atol=0)
+    a, b = run_weights(plain), run_weights(workdir)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-4, err_msg=k)
