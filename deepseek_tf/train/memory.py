@@ -204,8 +204,9 @@ def _together(exp: Experiment, workers: int):
     """(flags, estimate) of the largest split `_alternatives` tries (expert parallelism
     for a MoE, and zero2), remat of every block and a batch of 1, at once."""
     c, tcfg = exp.model, exp.train
-    model, train = {}, {"remat": "block", "batch_size": 1, "shard_optimizer": "zero2",
-                        "grad_accum_steps": tcfg.grad_accum_steps * tcfg.batch_size}
+    model, train = {}, {"remat": "block", "batch_size": 1,
+                        "grad_accum_steps": tcfg.grad_accum_steps * tcfg.batch_size,
+                        "shard_optimizer": "zero2"}
     ways = [w for w in (2, 4, 8, 16) if c.n_routed_experts and c.n_routed_experts % w == 0]
     if c.expert_parallel > 1:
         w = c.expert_parallel

@@ -53,7 +53,8 @@ def test_budget_says_what_fits_and_else_everything_together():
                                           r"workers \(1.17 MiB\);", line), line
     with pytest.raises(UserError, match=r"no single change fits; together: "
                        r"--model.expert_parallel=8 --train.remat=block --train.batch_size=1 "
-                       r"--train.grad_accum_steps=2 on 8 workers \([\d.]+ MiB\)"):
+                       r"--train.grad_accum_steps=2 --train.shard_optimizer=zero2 on 8 workers "
+                       r"\([\d.]+ MiB\)"):
         memory.check_budget(_exp(memory_budget="0.9MiB", batch_size=2), 1)
     with pytest.raises(UserError, match=r"not even .* fits: use a smaller model or more "
                        r"workers"):
