@@ -299,6 +299,7 @@ def test_bad_reward_plugins_stop_the_preset_run_with_one_error(demo, tmp_path,
          "--data.val_size=4", "--data.seq_len=64", "--train.steps=4", "--train.batch_size=2",
          "--train.checkpoint_every=1", "--train.log_every=1", "--optim.warmup_steps=0",
          "--grpo.group_size=2", "--grpo.inner_steps=1", "--grpo.max_new_tokens=4",
+         "--grpo.dynamic_sampling=0",
          "--grpo.reward=my_rewards:flaky"],
         capture_output=True, text=True, env=env, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
