@@ -239,7 +239,7 @@ class GRPOObjective(Objective):
         return self.rewards([it[0] for it in items], [r["completion"] for r in results],
                             [it[1] for it in items], [r["num_tokens"] for r in results])
 
-    def _draw(self, model, rollout: int, attempt: int) -> list[tuple]:
+    def _draw(self, model, rollout: int, attempt: int) -> tuple[list[tuple], float, int]:
         """Groups (items, results, total, parts) of the next prompts, each sampled
         group_size times, and the seconds and tokens the generator took."""
         g = self.cfg.group_size
