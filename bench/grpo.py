@@ -91,7 +91,8 @@ def main(argv=None):
               f"({exp.model.num_hidden_layers} x {exp.model.hidden_size}, "
               f"{cfg.finetuning_type}); {cfg.batch_size} prompts x {g.group_size} samples of "
               f"<= {g.max_new_tokens} tokens, seq_len {exp.data.seq_len}, inner_steps "
-              f"{g.inner_steps}; {warmup} warm-up + {steps} timed steps")
+              f"{g.inner_steps}, dynamic_sampling {g.dynamic_sampling}; {warmup} warm-up + "
+              f"{steps} timed steps")
         with contextlib.redirect_stdout(io.StringIO()):  # the trainer's own lines
             runner = Runner.begin(exp, fv["workdir"].value, lambda *_: None, cleanup)
         print(f"XLA: {runner.tcfg.jit_compile}")

@@ -326,6 +326,10 @@ class DPOConfig(_Section):
         return self.loss in ("orpo", "simpo")
 
 
+#: The built-in GRPO rewards (train/rewards.py BUILTIN).
+GRPO_REWARDS = ("exact_match", "format", "length_penalty", "numeric")
+
+
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig(_Section):
     """Group Relative Policy Optimization (`--train.stage=grpo`, train/grpo.py).
@@ -339,6 +343,11 @@ class GRPOConfig(_Section):
 
     group_size: int = knob(8, "Completions sampled per prompt (the group whose rewards are "
                            "normalised into advantages); >= 2.")
+    dynamic_sampling: int = knob(0, "Dynamic sampling (DAPO): groups whose rewards all agree "
+                                 "(no advantage) are set aside and up to N more batches of "
+                                 "prompts are sampled to fill the batch with groups whose "
+                                 "rewards differ (set-aside groups fill what is left); 0 = "
+                                 "off.")
     inner_steps: int = knob(1, "Optimizer steps on each sampled batch (the first scores the "
                             "batch's old log-probs: ratio 1); a new batch is sampled every N "
                             "steps.")
@@ -352,7 +361,8 @@ class GRPOConfig(_Section):
     reward: str = knob("exact_match", "Comma-separated rewards, summed, each NAME or "
                        "NAME*WEIGHT: exact_match (1 if the answer after --grpo.answer_marker "
                        "equals the reference), format (1 if the completion matches "
-                       "--grpo.format_regex), length_penalty (-tokens/max_new_tokens), or a "
+                       "--grpo.format_regex), length_penalty (-tokens/max_new_tokens), numeric "
+                       "(1 / (1 + |answer - reference|) when both are numbers, else 0), or a "
                        "plug-in module:function called with (prompt, completion, reference) "
                        "that returns a number.")
     answer_marker: str = knob("", "exact_match compares the text after the last occurrence of "
@@ -367,6 +377,8 @@ class GRPOConfig(_Section):
         r(self.group_size >= 2, f"--grpo.group_size must be >= 2 (advantages compare the "
           f"completions of a group), got {self.group_size}.")
         r(self.inner_steps >= 1, f"--grpo.inner_steps must be >= 1, got {self.inner_steps}.")
+        r(self.dynamic_sampling >= 0, f"--grpo.dynamic_sampling must be >= 0, got "
+          f"{self.dynamic_sampling}.")
         r(0 < self.clip_eps < 1, f"--grpo.clip_eps must be in (0, 1), got {self.clip_eps}.")
         r(self.kl_coef >= 0, f"--grpo.kl_coef must be >= 0, got {self.kl_coef}.")
         r(self.temperature > 0, f"--grpo.temperature must be > 0 (rollouts sample), got "
@@ -376,10 +388,9 @@ class GRPOConfig(_Section):
         r(bool(self.reward_list), "--grpo.reward is empty: name at least one reward.")
         for part in self.reward_list:
             name, _, weight = part.partition("*")
-            r(name.strip() in ("exact_match", "format", "length_penalty") or
-              (name.count(":") == 1 and all(name.split(":"))),
-              f"--grpo.reward: {name!r} is neither exact_match, format, length_penalty nor "
-              f"a plug-in module:function.")
+            r(name.strip() in GRPO_REWARDS or (name.count(":") == 1 and all(name.split(":"))),
+              f"--grpo.reward: {name!r} is neither {', '.join(GRPO_REWARDS)} nor a plug-in "
+              f"module:function.")
             try:
                 float(weight or 1)
             except ValueError:

@@ -10,7 +10,12 @@ grad_accum_steps prompts, each rendered with the run's chat profile
 use), are sampled `--grpo.group_size` times by the KV-cache `Generator` of the current
 policy (`--grpo.temperature`, `--grpo.top_p`, at most `--grpo.max_new_tokens` tokens,
 stop token included). The rewards (train/rewards.py) score each completion against the
-record's reference; advantages are normalised within each group. The batch's
+record's reference; advantages are normalised within each group. With
+`--grpo.dynamic_sampling=N` (DAPO's dynamic sampling) groups whose rewards all agree,
+which carry no policy gradient, are set aside and up to N more batches of prompts are
+drawn and sampled (seeds of attempt k > 0: a function of (seed, rollout, k)) until the
+batch holds batch_size x grad_accum_steps groups whose rewards differ, in draw order;
+set-aside groups fill any slots left. The batch's
 log-probs under the sampling policy (pi_old) and the reference are scored once, by
 `scoring.score_tokens`, and the batch is written into a buffer of variables that the
 next `inner_steps` optimizer steps read.
@@ -47,7 +52,9 @@ Logged per step: loss, kl (mean k3 per token), clip_fraction (tokens whose ratio
 clipped), and of the latest rollout: reward (mean), reward_std, zero_variance_groups
 (share of groups whose rewards are all equal), rewards/<part> means, rollout_seconds
 (sampling, rewards and scoring; the step's own time is not in it), sample_seconds
-(sampling alone), sample_tokens (generated) and sample_tokens_per_sec (their ratio).
+(sampling alone), sample_tokens (generated), sample_tokens_per_sec (their ratio) and
+sampled_batches (batches of prompts drawn: 1 without dynamic sampling); with dynamic
+sampling also sampled_zero_variance_groups (the share of all drawn groups set aside).
 
 Example:
     >>> exp = Experiment(..., train=TrainConfig(stage="grpo", init_from="runs/sft"))
@@ -96,9 +103,11 @@ def grpo_token_loss(logp, old_logp, ref_logp, adv, clip_eps: float, kl_coef: flo
     return -surrogate + kl_coef * kl, kl, was_clipped
 
 
-def rollout_seeds(seed: int, rollout: int, rows: int) -> np.ndarray:
-    """int32 (rows,) sampling seeds of one rollout: a function of its number alone."""
-    state = np.random.SeedSequence([seed, rollout]).generate_state(rows, np.uint32)
+def rollout_seeds(seed: int, rollout: int, rows: int, attempt: int = 0) -> np.ndarray:
+    """int32 (rows,) sampling seeds of one rollout: a function of its number (and of the
+    dynamic sampling attempt within it) alone."""
+    entropy = [seed, rollout] + ([attempt] if attempt else [])
+    state = np.random.SeedSequence(entropy).generate_state(rows, np.uint32)
     return (state % (2**31 - 1)).astype(np.int32)
 
 
@@ -230,18 +239,55 @@ class GRPOObjective(Objective):
         return self.rewards([it[0] for it in items], [r["completion"] for r in results],
                             [it[1] for it in items], [r["num_tokens"] for r in results])
 
+    def _draw(self, model, rollout: int, attempt: int) -> tuple[list[tuple], float, int]:
+        """Groups (items, results, total, parts) of the next prompts, each sampled
+        group_size times, and the seconds and tokens the generator took."""
+        g = self.cfg.group_size
+        chosen = next(self.buffer.prompts).numpy()
+        items = [self.train_set[i] for i in chosen for _ in range(g)]
+        seeds = rollout_seeds(self.seed, rollout, len(items), attempt)
+        t0 = time.perf_counter()
+        results = self.sample(model, items, seeds, self.cfg.temperature)
+        seconds = time.perf_counter() - t0
+        total, parts = self.score(items, results)
+        groups = [(items[k:k + g], results[k:k + g], total[k:k + g],
+                   {n: v[k:k + g] for n, v in parts.items()}) for k in range(0, len(items), g)]
+        return groups, seconds, sum(r["num_tokens"] for r in results)
+
+    def rollout(self, model, rollout: int) -> tuple[list[tuple], dict]:
+        """The groups of one step's batch and their sampling figures. With
+        `--grpo.dynamic_sampling=N` (DAPO), groups whose rewards all agree are set
+        aside and up to N more batches of prompts are sampled until the batch is full
+        of groups whose rewards differ; set-aside groups fill what is left."""
+        want, kept, spare = self.prompts_per_step, [], []
+        seconds = tokens = batches = 0
+        for attempt in range(1 + self.cfg.dynamic_sampling):
+            groups, s, n = self._draw(model, rollout, attempt)
+            seconds, tokens, batches = seconds + s, tokens + n, batches + 1
+            for grp in groups:
+                varied = not self.cfg.dynamic_sampling or np.ptp(grp[2]) > 0
+                (kept if varied else spare).append(grp)
+            if len(kept) >= want:
+                break
+        sampled_zero = len(spare) / (batches * want) if self.cfg.dynamic_sampling else None
+        stats = {"sample_seconds": seconds, "sample_tokens": tokens,
+                 "sample_tokens_per_sec": tokens / max(seconds, 1e-9),
+                 "sampled_batches": batches}
+        if sampled_zero is not None:
+            stats["sampled_zero_variance_groups"] = sampled_zero
+        return (kept + spare)[:want], stats
+
     def before_step(self, state, step):
         if step % self.cfg.inner_steps:
             return  # the buffer (restored with the checkpoint on resume) holds the batch
         model, g = state.model, self.cfg.group_size
         self._tf_fns(model, state.exp.train.xla)
-        chosen = next(self.buffer.prompts).numpy()
-        items = [self.train_set[i] for i in chosen for _ in range(g)]
-        seeds = rollout_seeds(self.seed, step // self.cfg.inner_steps, len(items))
         t0 = time.perf_counter()
-        results = self.sample(model, items, seeds, self.cfg.temperature)
-        t_sample = time.perf_counter() - t0
-        total, parts = self.score(items, results)
+        groups, sampling = self.rollout(model, step // self.cfg.inner_steps)
+        items = [it for grp in groups for it in grp[0]]
+        results = [r for grp in groups for r in grp[1]]
+        total = np.concatenate([grp[2] for grp in groups])
+        parts = {k: np.concatenate([grp[3][k] for grp in groups]) for k in groups[0][3]}
         adv = advantages(total, g)
         n, t = len(items), self.seq_len
         ids = np.full((n, t), self.tok.pad_id, np.int32)
@@ -260,11 +306,9 @@ class GRPOObjective(Objective):
                            ("adv", adv)):  # (A * rows, ...) -> (A, rows, ...)
             var = getattr(self.buffer, key)
             var.assign(tf.reshape(value, var.shape))
-        generated = sum(r["num_tokens"] for r in results)
         self.buffer.stats.assign(json.dumps({
             **reward_stats(total, parts, g), "rollout_seconds": time.perf_counter() - t0,
-            "sample_seconds": t_sample, "sample_tokens": generated,
-            "sample_tokens_per_sec": generated / max(t_sample, 1e-9)}))
+            **sampling}))
 
     # ------------------------------------------------------------- the step
     def weight(self, batch):

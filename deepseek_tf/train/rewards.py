@@ -9,6 +9,10 @@ sum. Built in:
                   is absent
   format          1.0 if the completion fully matches `--grpo.format_regex`, else 0.0
   length_penalty  -(completion tokens / --grpo.max_new_tokens), in [-1, 0)
+  numeric         1 / (1 + |answer - reference|) when the answer (as exact_match takes
+                  it) and the reference both parse as numbers (Python float), else 0.0:
+                  partial credit that grows as a numeric answer gets closer (1 exact, 1/2
+                  off by one, 1/3 off by two); add it to exact_match for a denser signal
 A plug-in `module:function` (importable from the Python path) is called as
 `function(prompt, completion, reference)` and must return a finite number (bool is not
 one); anything else, or an exception, stops the run with one error naming it.
@@ -67,8 +71,21 @@ def length_penalty(prompt, completion, reference, *, cfg: GRPOConfig,
     return -num_tokens / cfg.max_new_tokens
 
 
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def numeric(prompt, completion, reference, *, cfg: GRPOConfig, num_tokens: int) -> float:
+    answer, ref = _number(extract_answer(completion, cfg.answer_marker)), _number(reference)
+    return 0.0 if answer is None or ref is None else 1.0 / (1.0 + abs(answer - ref))
+
+
 BUILTIN = {"exact_match": exact_match, "format": format_reward,
-           "length_penalty": length_penalty}
+           "length_penalty": length_penalty, "numeric": numeric}
 
 
 def load_plugin(name: str):

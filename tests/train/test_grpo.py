@@ -1,6 +1,7 @@
 """GRPO: loss, advantages and clipping against numpy; runs through the one Runner (LoRA
 with adapters-off reference, MoE with a frozen copy), resume, reward plug-in errors."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,13 +13,14 @@ import pytest
 import tensorflow as tf
 
 from deepseek_tf.config import GRPOConfig
+from deepseek_tf.config.train import GRPO_REWARDS
 from deepseek_tf.data.demo import make_splits
 from deepseek_tf.errors import ConfigError, UserError
 from deepseek_tf.scoring import next_token_scores
 from deepseek_tf.train.grpo import GRPOObjective, grpo_token_loss
 from deepseek_tf.train.logger import read_log
 from deepseek_tf.train.loop import train
-from deepseek_tf.train.rewards import Rewards, advantages, extract_answer
+from deepseek_tf.train.rewards import BUILTIN, Rewards, advantages, extract_answer
 from tests.helpers import tiny
 from tests.helpers.workdirs import make_workdir, random_model
 
@@ -29,6 +31,13 @@ def varied(prompt, completion, reference):
     """A reward plug-in that differs between a random model's samples (so that groups
     have advantages to learn from)."""
     return sum(map(ord, completion)) % 7 / 7.0
+
+
+def varied_arithmetic(prompt, completion, reference):
+    """`varied` for arithmetic prompts, one fixed reward for every answer to the others
+    (so their groups have zero variance)."""
+    arithmetic = prompt.startswith(("Add", "Subtract"))
+    return varied(prompt, completion, reference) if arithmetic else 0.5
 
 
 def _np_log_softmax(x):
@@ -135,6 +144,14 @@ def test_rewards_and_config_validation():
     assert parts == {"exact_match": [1.0], "format": [1.0], "length_penalty": [-0.5]}
     assert total.tolist() == pytest.approx([1.0 + 0.5 - 0.05])
     assert extract_answer("no marker", "<answer>") is None
+    cfg = GRPOConfig(reward="numeric")  # 1 / (1 + |answer - reference|), by hand
+    completions = ["41", " 40 ", "-3.5", "forty", "1e400", "41"]
+    references = ["41", "41", "-1.5", "41", "41", "abc"]
+    _, parts = Rewards(cfg)(["Q"] * 6, completions, references, [2] * 6)
+    assert parts["numeric"].tolist() == pytest.approx([1.0, 0.5, 1 / 3, 0.0, 0.0, 0.0])
+    assert tuple(BUILTIN) == GRPO_REWARDS
+    with pytest.raises(ConfigError, match="dynamic_sampling must be >= 0"):
+        GRPOConfig(dynamic_sampling=-1)
     with pytest.raises(ConfigError, match="group_size must be >= 2"):
         GRPOConfig(group_size=1)
     with pytest.raises(ConfigError, match="neither exact_match"):
@@ -176,7 +193,9 @@ def _exp(src, data, **sections):
 def test_lora_grpo_run_logs_rewards_and_resumes_bitwise(demo):
     root, data = demo
     src, _ = make_workdir(str(root / "src"), "gqa", seed=5)
-    exp = _exp(src, data, grpo={"inner_steps": 2, "temperature": 1.5},
+    exp = _exp(src, data, grpo={"inner_steps": 2, "temperature": 1.5, "dynamic_sampling": 2,
+                                "reward": "exact_match,length_penalty*0.1,"
+                                          "tests.train.test_grpo:varied_arithmetic"},
                train={"steps": 4, "finetuning_type": "lora"})
     logs = []
     full = train(exp, str(root / "full"), log=logs.append)
@@ -184,13 +203,14 @@ def test_lora_grpo_run_logs_rewards_and_resumes_bitwise(demo):
     rows = [r for r in read_log(str(root / "full")) if r["kind"] == "train"]
     assert len(rows) == 4
     for key in ("reward", "reward_std", "zero_variance_groups", "rewards/exact_match",
-                "rewards/length_penalty", "rewards/tests.train.test_grpo:varied", "kl",
+                "rewards/length_penalty", "rewards/tests.train.test_grpo:varied_arithmetic", "kl",
                 "clip_fraction", "rollout_seconds", "sample_tokens_per_sec"):
         assert key in rows[0], key
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at first
     assert rows[0]["clip_fraction"] == 0.0  # ratio 1 at the first inner step
     assert all(np.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)
     assert rows[-1]["kl"] > 0 and rows[0]["grad_norm"] > 0  # the policy moved
+    assert max(r["sampled_batches"] for r in rows) > 1  # dynamic sampling drew more
     assert set(full["eval"]) >= {"loss", "reward", "rewards/exact_match"}
     assert full["eval"]["loss"] == -full["eval"]["reward"]
     # Stop in the middle of a rollout's inner steps (step 3 of 4), then continue.
@@ -199,6 +219,44 @@ def test_lora_grpo_run_logs_rewards_and_resumes_bitwise(demo):
     assert half["step"] == 3
     again = train(exp, str(root / "resumed"), log=quiet)
     assert again["weights_sha256"] == full["weights_sha256"]
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ(demo):
+    """--grpo.dynamic_sampling=3, against the same draws made one by one: the batch is
+    the groups with differing rewards of the successive draws (only arithmetic prompts'
+    rewards vary; the rest are set aside), in draw order, then the set-aside ones; drawing stops once the batch is full or after
+    4 draws. (Resume with dynamic sampling: the LoRA run test above.)"""
+    from types import SimpleNamespace
+
+    from deepseek_tf.train.loop import Runner
+    root, data = demo
+    src, _ = make_workdir(str(root / "src-ds"), "gqa", seed=5)
+    exp = _exp(src, data, grpo={"dynamic_sampling": 3, "group_size": 4,
+                                "reward": "tests.train.test_grpo:varied_arithmetic"},
+               train={"steps": 2, "batch_size": 4, "finetuning_type": "lora"})
+    with contextlib.ExitStack() as cleanup:
+        runner = Runner.begin(exp, str(root / "ds-probe"), quiet, cleanup)
+        obj, model = runner.objective, runner.state.model
+        obj._tf_fns(model, False)
+        groups, stats = obj.rollout(model, 0)
+        # The reference: the same draws again from a fresh prompt order.
+        obj.datasets(exp, None, SimpleNamespace(num_replicas_in_sync=1,
+                                                num_input_pipelines=1))
+        draws = [obj._draw(model, 0, a)[0] for a in range(4)]
+        runner.end()
+    differ = lambda grp: len(set(grp[2].tolist())) > 1  # noqa: E731
+    need = next((k + 1 for k in range(4)
+                 if sum(differ(g) for d in draws[:k + 1] for g in d) >= 4), 4)
+    drawn = [g for d in draws[:need] for g in d]
+    want = ([g for g in drawn if differ(g)] + [g for g in drawn if not differ(g)])[:4]
+    assert stats["sampled_batches"] == need > 1  # groups were set aside and replaced
+    assert stats["sampled_zero_variance_groups"] == sum(not differ(g) for g in drawn) / (
+        4 * need)
+    assert [[it[0] for it in g[0]] for g in groups] == [[it[0] for it in g[0]] for g in want]
+    for got, ref in zip(groups, want):
+        np.testing.assert_array_equal(got[2], ref[2])
+    kept = sum(map(differ, groups))
+    assert kept == min(4, sum(map(differ, drawn))) > sum(map(differ, draws[0]))
 
 
 def test_moe_grpo_run_in_bfloat16_with_a_frozen_reference_copy(demo):
@@ -241,6 +299,7 @@ def test_bad_reward_plugins_stop_the_preset_run_with_one_error(demo, tmp_path,
          "--data.val_size=4", "--data.seq_len=64", "--train.steps=4", "--train.batch_size=2",
          "--train.checkpoint_every=1", "--train.log_every=1", "--optim.warmup_steps=0",
          "--grpo.group_size=2", "--grpo.inner_steps=1", "--grpo.max_new_tokens=4",
+         "--grpo.dynamic_sampling=0",
          "--grpo.reward=my_rewards:flaky"],
         capture_output=True, text=True, env=env, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
