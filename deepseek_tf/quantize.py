@@ -2,7 +2,9 @@
 
 Modes: int8 (per-channel), int4 (round-to-nearest, one scale per `group_size` inputs),
 gptq and awq (4-bit, `group_size`, calibrated with Keras' `GPTQConfig` / `AWQConfig`
-on token sequences walked through the decoder blocks one after the other).
+on token sequences walked through the decoder blocks one after the other; awq's
+per-channel scales and clipping are searched on the layer output by `deepseek_tf.awq`,
+not by Keras' weight-error search).
 
 Kept in float in every mode: MLA's `kv_b_proj` (the absorbed decode folds its kernel
 into the query; it is small), a tied embedding (it doubles as the output head), norms,
@@ -26,6 +28,7 @@ import warnings
 
 import numpy as np
 
+from deepseek_tf.awq import output_error_search
 from deepseek_tf.errors import UserError
 from deepseek_tf.workdir_files import prepared_data_dir
 
@@ -213,8 +216,9 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
             config = (keras.quantizers.GPTQConfig(**options) if mode == "gptq"
                       else keras.quantizers.AWQConfig(**options))
             targets = [x for b in model.blocks for x in b._flatten_layers() if id(x) in inside]
+            search = output_error_search() if mode == "awq" else contextlib.nullcontext()
             try:
-                with _calibration_hooks_reachable(targets):
+                with _calibration_hooks_reachable(targets), search:
                     model.quantize(mode, config=config,  # the walk filters layers again
                                    filters=lambda layer: id(layer) in inside)
             except ValueError as e:
