@@ -10,7 +10,10 @@ no clipping search. The AWQ paper (and llm-awq) choose them on the layer *output
      does worse than it on the calibration batch);
   2. clipping: per output channel and input group, shrink the [min, max] range of
      diag(s) W by ratios in [`MIN_CLIP`, 1] and keep the ratio minimising that group's
-     share of the output error.
+     share of the output error. As in llm-awq, not for the projections whose output
+     meets another in the attention scores (`UNCLIPPED`): their error there is a
+     product, not the layer's output error, and on the fine-tuning demo clipping them
+     costs exact match.
 
 The paper shares one scale between projections reading the same input (q/kv, gate/up)
 because it folds s into the preceding norm; Keras' format keeps `awq_scales` per layer
@@ -35,6 +38,13 @@ GRID = 20
 #: Clipping ratios tried: 1, ..., MIN_CLIP in CLIP_GRID steps.
 MIN_CLIP, CLIP_GRID = 0.5, 20
 MAXQ = 15.0  # 4 bits, unsigned with a zero point, as Keras' AWQ
+
+#: Layers (by name) feeding q.k: scales only, no clipping.
+UNCLIPPED = ("q_proj", "k_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
+
+#: layer path -> the output errors `search` returned for it in the last
+#: `output_error_search` (for tests and benches).
+last_errors: dict = {}
 
 
 def _ranges(w, group_size: int):
@@ -62,7 +72,7 @@ def _output_error(delta, gram):
     return float(np.sum((delta @ gram) * delta))
 
 
-def search(gram, magnitude, kernel, group_size: int):
+def search(gram, magnitude, kernel, group_size: int, clip: bool = True):
     """The output-error AWQ search of one layer.
 
     Args:
@@ -70,6 +80,7 @@ def search(gram, magnitude, kernel, group_size: int):
       magnitude: mean |X| per input channel (in,).
       kernel: the layer's kernel (in, out) float32.
       group_size: inputs per 4-bit scale (-1: the whole input).
+      clip: also search the clipping (else "clipped" = "scaled").
 
     Returns:
       (awq_scales (in,), scaled weights (out, in), kernel_scale (out, groups),
@@ -102,7 +113,7 @@ def search(gram, magnitude, kernel, group_size: int):
     lo, hi = _ranges(scaled, group_size)
     best_err = np.full((out, groups), np.inf)
     best_lo, best_hi = lo, hi
-    for ratio in np.linspace(1.0, MIN_CLIP, CLIP_GRID + 1):
+    for ratio in np.linspace(1.0, MIN_CLIP, CLIP_GRID + 1) if clip else [1.0]:
         scale, zero = _params(lo * ratio, hi * ratio)
         d = (scaled - _fake_quant(scaled, scale, zero, group_size)).reshape(
             out, groups, group_size)                        # (out, G, g)
@@ -131,9 +142,6 @@ def _searching_awq_class():
     class OutputErrorAWQ(AWQ):
         """Sums X^T X and |X| of the calibration inputs; `quantize_layer` runs `search`."""
 
-        #: layer path -> errors of `search`, for tests and logs (the last quantization).
-        errors = {}
-
         def update_activation_magnitudes(self, input_batch):
             x = np.asarray(ops.convert_to_numpy(input_batch), np.float64).reshape(
                 -1, self.rows)                                   # (N, in)
@@ -147,8 +155,9 @@ def _searching_awq_class():
             kernel = ops.convert_to_numpy(self.layer.kernel).reshape(self.rows, self.columns)
             group_size = self.config.group_size
             s, scaled, scale, zero, errors = search(
-                self._gram, self._abs_sum / self.num_samples, kernel, group_size)
-            OutputErrorAWQ.errors[self.original_layer.path] = errors
+                self._gram, self._abs_sum / self.num_samples, kernel, group_size,
+                clip=self.original_layer.name not in UNCLIPPED)
+            last_errors[self.original_layer.path] = errors
             width = scaled.shape[1]
             g_idx = np.arange(width) // (width if group_size == -1 else group_size)
             q = quantize_with_sz_map(scaled, scale, zero, g_idx, MAXQ)    # (out, in)
@@ -171,12 +180,13 @@ def _searching_awq_class():
 
 @contextlib.contextmanager
 def output_error_search():
-    """Within: Keras' `awq` mode quantizes each layer with `search`. Yields the
-    class whose `errors` records each layer's output errors."""
+    """Within: Keras' `awq` mode quantizes each layer with `search` (each layer's
+    output errors land in `last_errors`)."""
     from keras.src.quantizers import awq_core
     keras_awq = awq_core.AWQ
     awq_core.AWQ = _searching_awq_class()
+    last_errors.clear()
     try:
-        yield awq_core.AWQ
+        yield
     finally:
         awq_core.AWQ = keras_awq
