@@ -65,7 +65,7 @@ dflags.define_quantize("hf: fp8 = block-scaled FP8 projections as DeepSeek relea
                        "dense projections and embeddings as int8 weights (Keras quantize); "
                        "int4 = 4-bit round-to-nearest per --group_size; gptq/awq = 4-bit "
                        "calibrated on --calibration_data (Keras GPTQ in activation order; AWQ in "
-                       "Keras' format with its scales and clipping searched on the layer "
+                       "Keras' format with its per-channel scales searched on the layer "
                        "output); kv_b_proj, a tied "
                        "embedding, norms, routers and MoE expert stacks stay float. "
                        "tflite/litertlm: fp16 = float16 weights, int8 = dynamic-range int8 "
