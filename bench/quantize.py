@@ -16,7 +16,9 @@ mode it prints:
   val loss   mean next-token cross-entropy (nats per token) on the run's validation
              split, cut in windows of the run's sequence length (at most 64 windows)
   demo EM    with `--demo_run` (e.g. `make demo`'s LoRA run): exact match of greedy
-             answers to `--demo_data` (`evaluate` with --quantize; first --demo_samples)
+             answers to `--demo_data` (`evaluate` with --quantize; first --demo_samples);
+             gptq/awq: one figure per `--demo_calibration` count of calibration windows
+             (the spread the calibration set makes)
 Figures only; quote them from a quiet machine. `--smoke`: a 2-step model, 2 windows.
 """
 
@@ -109,6 +111,8 @@ def main(argv=None):
     p.add_argument("--demo_run", default="")
     p.add_argument("--demo_data", default=os.path.join("data", "sft-demo", "heldout.jsonl"))
     p.add_argument("--demo_samples", type=int, default=200)
+    p.add_argument("--demo_calibration", default="64,128,256",
+                   help="gptq/awq demo EM: comma-separated calibration window counts")
     a = common.start(p, argv)
     from deepseek_tf.evaluate import evaluate_workdir
     from deepseek_tf.export import export
@@ -123,9 +127,11 @@ def main(argv=None):
         group = 16 if a.smoke else a.group_size
         print(f"model: {workdir if a.workdir else 'configs/tiny.flags trained here'}; "
               f"group size {group}; gptq/awq on {samples} calibration windows")
-        print(f"{'mode':<6} {'MiB':>7} {'x fp32':>7} {'ms/token min/med/max':>21} "
-              f"{'val loss':>9}"
-              + (f" {'demo EM':>8}" if a.demo_run else ""))
+        header = (f"{'mode':<6} {'MiB':>7} {'x fp32':>7} {'ms/token min/med/max':>21} "
+                  f"{'val loss':>9}")
+        if a.demo_run:
+            header += f" {'demo EM':>8} (gptq/awq: {a.demo_calibration} windows)"
+        print(header)
         base = None
         for mode in modes:
             model, exp = load_workdir(workdir)
@@ -142,12 +148,18 @@ def main(argv=None):
             ms = "/".join(f"{v:.2f}" for v in decode_ms(path, new, a.repeats))
             row = f"{mode:<6} {size / 2 ** 20:>7.2f} {size / base:>7.2f} {ms:>21} {loss:>9.4f}"
             if a.demo_run:
-                q = None if mode == "none" else dict(mode=mode, group_size=group,
-                                                     calibration_samples=samples)
-                result = evaluate_workdir(a.demo_run, [a.demo_data], max_samples=a.demo_samples,
-                                          output=os.path.join(tmp, f"eval_{mode}.json"),
-                                          log=quiet, quantize=q)
-                row += f" {result['metrics']['exact_match']:>7.1f}%"
+                counts = ([int(n) for n in a.demo_calibration.split(",")]
+                          if mode in ("gptq", "awq") else [0])
+                scores = []
+                for n in counts:
+                    q = None if mode == "none" else dict(mode=mode, group_size=group,
+                                                         calibration_samples=n or samples)
+                    result = evaluate_workdir(a.demo_run, [a.demo_data],
+                                              max_samples=a.demo_samples, log=quiet,
+                                              output=os.path.join(tmp, f"eval_{mode}.json"),
+                                              quantize=q)
+                    scores.append(f"{result['metrics']['exact_match']:.1f}%")
+                row += f" {'/'.join(scores):>8}"
             print(row)
 
 
