@@ -119,8 +119,8 @@ def _activation_bytes(exp: Experiment) -> tuple[int, str]:
     else:  # mlp
         kept = sum(d + a for a, _ in blocks) + max(m for _, m in blocks)
     logits = 2 * 4 * c.vocab_size * (1 + c.num_nextn_predict_layers)
-    dtype = "bfloat16" if mixed and "float16" not in exp.train.precision else (
-        "float16" if mixed else "float32")
+    dtype = "float16" if exp.train.precision == "mixed_float16" else (
+        "bfloat16" if mixed else "float32")
     note = (f"rough: {exp.train.batch_size} x {t} tokens per micro-batch, {len(blocks)} "
             f"blocks, remat {remat}, {dtype} activations, float32 logits")
     return int(n * (kept * size + logits)), note
