@@ -14,10 +14,11 @@ preset, dense GQA) with the same random weights on every side:
                (bench/hf_decode.py)
 The method of bench/README.md: each side runs alone in its own fresh process with its
 library's defaults (no thread-policy variables); the sides take turns round after round.
-Decode latency per token at prompt lengths 16 and 512 = (time of NEW_TOKENS new tokens
-- time of 1) / (NEW_TOKENS - 1), in a round the fastest of --runs runs each; printed as
-min / median / max over the rounds, with ratios of medians. Both positions use the same
-cache length (the cache is static, so attention cost does not grow with the position).
+Decode latency per token at the prompt lengths of --lengths (16, 128, 512) = (time of
+NEW_TOKENS new tokens - time of 1) / (NEW_TOKENS - 1); prefill = the time of 1 new token.
+In a round the fastest of --runs runs each; printed as min / median / max over the rounds,
+with ratios of medians. Every position uses the same cache length (the cache is static,
+so attention cost does not grow with the position).
 Also prints the MLA cache bytes per token, latent vs the naive path's expanded keys and
 values. Greedy, batch 1.
 """
@@ -164,11 +165,13 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=5, help="timed runs per length and round")
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--models", default="issue3,tiny")
+    p.add_argument("--lengths", default="16,128,512", help="prompt lengths (prefill and the "
+                   "decode position)")
     p.add_argument("--keep", action="store_true", help="keep the exports (to re-run a side)")
     args = common.start(p, argv)
     if common.run_as_side(args, {"ours": ours}):
         return
-    lengths, ours_sides = [16, 512], OURS
+    lengths, ours_sides = [int(n) for n in args.lengths.split(",")], OURS
     if args.smoke:
         args.rounds, args.runs, args.new_tokens, args.models, lengths = 1, 1, 4, "smoke", [8, 32]
         ours_sides = SMOKE_SIDES
@@ -210,7 +213,11 @@ def summarize(name, info, results, lengths, ours_sides=OURS):
         common.print_stats(what, rows, unit, "{:,.2f}")
         med.update({(what, k): statistics.median(v) for k, v in rows.items()})
     dec = {k: v for (what, k), v in med.items() if what == "decode"}
+    pre = {k: v for (what, k), v in med.items() if what == "prefill"}
     lo, hi = lengths[0], lengths[-1]
+    for side in ours_sides:
+        print(f"{side}: prefill time, ours / transformers (ratio of medians) " + ", ".join(
+            f"at {n}: {pre[f'{side} pos {n}'] / pre[f'hf pos {n}']:.2f}" for n in lengths))
     for side in ours_sides:
         ratios = ", ".join(f"at {n}: {dec[f'hf pos {n}'] / dec[f'{side} pos {n}']:.2f}x"
                            for n in lengths)

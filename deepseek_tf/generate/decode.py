@@ -184,8 +184,7 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
     seed = resolve_seeds(seed)
     pad = t - lengths                                                          # (B,)
     table, width = stop_table(stop_ids)
-    logits, cache = model.call_cached(left_align(input_ids, lengths), model.init_cache(
-        b, max_length), 0, pad, absorb=absorb)
+    last, cache = model.prefill(left_align(input_ids, lengths), max_length, pad, absorb=absorb)
     draw = lambda lg, i: sample_tokens(lg, temperature, top_k, top_p, seed, i)  # noqa: E731
     decode = decode_fn or decode_step(model, absorb, jit_compile)
     limit = tf.reduce_max(max_new_tokens)
@@ -215,7 +214,7 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
 
     if jit_compile and streamer is None:  # the whole loop is one XLA computation
         loop = tf.function(loop, jit_compile=True, autograph=False)
-    state = (tf.constant(0), draw(logits[:, -1], 0), tf.zeros([b], tf.bool),
+    state = (tf.constant(0), draw(last, 0), tf.zeros([b], tf.bool),
              tf.zeros([b], tf.int32), tf.fill([b, width], -2), cache,
              tf.fill([b, max_length], pad_id))                                 # out (B, M)
     steps, _, _, count, _, _, out = loop(*state)

@@ -25,12 +25,16 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-def write_slots(cache: tf.Tensor, new: tf.Tensor, slots: tf.Tensor) -> tf.Tensor:
+def write_slots(cache: tf.Tensor | None, new: tf.Tensor, slots: tf.Tensor) -> tf.Tensor:
     """`cache` (B, H, M, D) with slots `slots` (T,) replaced by `new` (B, H, T, D).
 
     A one-hot scatter (ONE_HOT + matmul + SELECT), which runs as builtin ops in
-    TFLite too; every other slot keeps its value exactly.
+    TFLite too; every other slot keeps its value exactly. `cache=None` stands for an
+    empty cache exactly as long as `new` (a prompt's prefill, see
+    `DeepSeekCausalLM.prefill`): `new` is the cache.
     """
+    if cache is None:
+        return new
     onehot = tf.one_hot(slots, tf.shape(cache)[2], dtype=new.dtype)      # (T, M)
     scattered = tf.einsum("bhtd,tm->bhmd", new, onehot)                  # (B, H, M, D)
     hit = tf.reshape(tf.reduce_max(onehot, axis=0) > 0, [1, 1, -1, 1])   # (1, 1, M, 1)

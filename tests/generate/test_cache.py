@@ -109,3 +109,21 @@ def test_cache_masks_exclude_padding_future_and_far_slots():
     assert mask[1, 1].tolist() == [0, 0, 0, 1, 1, 1, 1, 0]
     assert local[0, 0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
     assert local[1, 0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prefill_equals_the_general_cached_call(family):
+    """`prefill` (the prompt attends itself, its keys are the cache, the head runs on
+    the last position) gives the general path's last logits and, in every slot a real
+    token wrote, its cache bitwise; slots after the prompt stay zero."""
+    model = random_model(family)
+    toks, pad, _, _ = _batch()
+    cache = model.init_cache(toks.shape[0], 32)
+    want, want_cache = model.call_cached(toks, cache, 0, pad)
+    got, got_cache = model.prefill(toks, 32, pad)
+    np.testing.assert_allclose(got.numpy(), want[:, -1].numpy(), atol=1e-5, rtol=0)
+    for layer_want, layer_got in zip(want_cache, got_cache):
+        for w, g in zip(layer_want, layer_got):
+            assert g.shape == w.shape
+            for row, p in enumerate(pad):
+                np.testing.assert_array_equal(g[row, :, p:].numpy(), w[row, :, p:].numpy())
