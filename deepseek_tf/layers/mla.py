@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from deepseek_tf.config import RopeScaling
-from deepseek_tf.layers.attention import _dense, attention_probs, masked_softmax
+from deepseek_tf.layers.attention import _dense, attention_probs, grouped_bias, masked_softmax
 from deepseek_tf.layers.indexer import INDEX_CHUNK, LightningIndexer, indexer_kl
 from deepseek_tf.layers.kv_cache import write_slots
 from deepseek_tf.layers.norm import RMSNorm
@@ -185,17 +185,26 @@ class MultiHeadLatentAttention(keras.layers.Layer):
 
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask, local_mask=None):
         """The absorbed path: the key up-projection folded into the query, attention
-        over the latent itself, the value up-projection applied after attention."""
+        over the latent itself, the value up-projection applied after attention.
+
+        One batched matmul per score and context over (B,) with the H heads' queries as
+        rows, [latent, RoPE key] as the keys, and the mask as an additive float32 bias
+        (the form oneDNN fuses; see `attention.grouped_bias`)."""
         b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
+        h, c = self.num_heads, self.kv_lora_rank
         w_uk, w_uv = self._absorbed_weights(q_nope.dtype)            # (c, H, nope|dv)
         q_latent = tf.einsum("bthn,chn->bthc", q_nope, w_uk)         # (B, T, H, c)
-        scores = (tf.einsum("bthc,bsc->bhts", q_latent, latent)
-                  + tf.einsum("bthd,bsd->bhts", q_rope, k_rope))     # (B, H, T, S)
-        probs = attention_probs(scores * self.scale, mask, self.sliding_window,
-                                self.global_weight, self.local_weight, local_mask)
-        context = tf.einsum("bhts,bsc->bthc", tf.cast(probs, latent.dtype), latent)
-        out = tf.einsum("bthc,chd->bthd", context, w_uv)             # (B, T, H, dv)
-        return self.o_proj(tf.reshape(out, [b, t, self.num_heads * self.v_head_dim]))
+        q = tf.transpose(tf.concat([q_latent, q_rope], -1), [0, 2, 1, 3])  # (B, H, T, c + r)
+        q = tf.reshape(q, [b, h * t, c + self.qk_rope_head_dim])     # (B, H·T, c + r)
+        keys = tf.concat([latent, k_rope], -1)                       # (B, S, c + r)
+        scores = tf.cast(tf.matmul(q, keys, transpose_b=True) * self.scale, tf.float32)
+        probs = tf.nn.softmax(scores + grouped_bias(mask, h)[:, 0])  # (B, H·T, S)
+        if self.sliding_window:
+            local = tf.nn.softmax(scores + grouped_bias(local_mask, h)[:, 0])
+            probs = self.global_weight * probs + self.local_weight * local
+        context = tf.matmul(tf.cast(probs, latent.dtype), latent)    # (B, H·T, c)
+        out = tf.einsum("bhtc,chd->bthd", tf.reshape(context, [b, h, t, c]), w_uv)  # (B, T, H, dv)
+        return self.o_proj(tf.reshape(out, [b, t, h * self.v_head_dim]))
 
     def _attend_selected(self, q_nope, q_rope, latent, k_rope, mask, idx, absorb=True,
                          dropout_seed=None, chunk=None):
