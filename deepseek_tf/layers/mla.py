@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from deepseek_tf.config import RopeScaling
-from deepseek_tf.layers.attention import _dense, attention_probs, grouped_bias, masked_softmax
+from deepseek_tf.layers.attention import _dense, attention_probs, masked_softmax
 from deepseek_tf.layers.indexer import INDEX_CHUNK, LightningIndexer, indexer_kl
 from deepseek_tf.layers.kv_cache import write_slots
 from deepseek_tf.layers.norm import RMSNorm
@@ -164,16 +164,23 @@ class MultiHeadLatentAttention(keras.layers.Layer):
 
     def _attend(self, q_nope, q_rope, latent, k_rope, mask, local_mask=None,
                 dropout_seed=None, return_probs=False):
-        """The naive path: expand the latent into per-head keys/values, then attend."""
+        """The naive path: expand the latent into per-head keys/values, then attend
+        (batched matmuls over (B, H); see `attention_probs`). The scores stay a sum of
+        the no-RoPE and RoPE products: one matmul over their concatenation was faster,
+        but under XLA in bfloat16 it gave a training graph and an inference graph of
+        the same weights different bits (DPO's policy and reference)."""
         b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
+        h = self.num_heads
         k_nope, v = self._expand(latent)                             # (B, S, H, nope|dv)
-        scores = (tf.einsum("bthd,bshd->bhts", q_nope, k_nope)
-                  + tf.einsum("bthd,bsd->bhts", q_rope, k_rope))     # (B, H, T, S)
-        probs = attention_probs(scores * self.scale, mask, self.sliding_window,
+        q_nope, k_nope, q_rope, v = (tf.transpose(x, [0, 2, 1, 3])
+                                     for x in (q_nope, k_nope, q_rope, v))  # (B, H, ., .)
+        scores = (tf.matmul(q_nope, k_nope, transpose_b=True)         # (B, H, T, S)
+                  + tf.matmul(q_rope, k_rope[:, None], transpose_b=True)) * self.scale
+        probs = attention_probs(scores, mask, self.sliding_window,
                                 self.global_weight, self.local_weight, local_mask)
         dropped = stateless_dropout(probs, self.attention_dropout, dropout_seed)
-        out = tf.einsum("bhts,bshd->bthd", tf.cast(dropped, v.dtype), v)  # (B, T, H, dv)
-        out = self.o_proj(tf.reshape(out, [b, t, self.num_heads * self.v_head_dim]))
+        out = tf.matmul(tf.cast(dropped, v.dtype), v)                # (B, H, T, dv)
+        out = self.o_proj(tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [b, t, h * self.v_head_dim]))
         return (out, probs) if return_probs else out
 
     def _absorbed_weights(self, dtype):
@@ -185,24 +192,20 @@ class MultiHeadLatentAttention(keras.layers.Layer):
 
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask, local_mask=None):
         """The absorbed path: the key up-projection folded into the query, attention
-        over the latent itself, the value up-projection applied after attention.
-
-        One batched matmul per score and context over (B,) with the H heads' queries as
-        rows, [latent, RoPE key] as the keys, and the mask as an additive float32 bias
-        (the form oneDNN fuses; see `attention.grouped_bias`)."""
+        over the latent itself, the value up-projection applied after attention: one
+        batched matmul per score and context with the H heads' queries as rows and
+        [latent, RoPE key] as the keys (see `attention_probs`)."""
         b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
         h, c = self.num_heads, self.kv_lora_rank
         w_uk, w_uv = self._absorbed_weights(q_nope.dtype)            # (c, H, nope|dv)
         q_latent = tf.einsum("bthn,chn->bthc", q_nope, w_uk)         # (B, T, H, c)
         q = tf.transpose(tf.concat([q_latent, q_rope], -1), [0, 2, 1, 3])  # (B, H, T, c + r)
-        q = tf.reshape(q, [b, h * t, c + self.qk_rope_head_dim])     # (B, H·T, c + r)
-        keys = tf.concat([latent, k_rope], -1)                       # (B, S, c + r)
-        scores = tf.cast(tf.matmul(q, keys, transpose_b=True) * self.scale, tf.float32)
-        probs = tf.nn.softmax(scores + grouped_bias(mask, h)[:, 0])  # (B, H·T, S)
-        if self.sliding_window:
-            local = tf.nn.softmax(scores + grouped_bias(local_mask, h)[:, 0])
-            probs = self.global_weight * probs + self.local_weight * local
-        context = tf.matmul(tf.cast(probs, latent.dtype), latent)    # (B, H·T, c)
+        q = tf.reshape(q, [b, 1, h * t, c + self.qk_rope_head_dim])  # (B, 1, H·T, c + r)
+        keys = tf.concat([latent, k_rope], -1)[:, None]              # (B, 1, S, c + r)
+        scores = tf.matmul(q, keys, transpose_b=True) * self.scale   # (B, 1, H·T, S)
+        probs = attention_probs(scores, mask, self.sliding_window, self.global_weight,
+                                self.local_weight, local_mask, groups=h)
+        context = tf.matmul(tf.cast(probs, latent.dtype), latent[:, None])  # (B, 1, H·T, c)
         out = tf.einsum("bhtc,chd->bthd", tf.reshape(context, [b, h, t, c]), w_uv)  # (B, T, H, dv)
         return self.o_proj(tf.reshape(out, [b, t, h * self.v_head_dim]))
 
