@@ -19,13 +19,20 @@ import tensorflow as tf
 from deepseek_tf.model import token_losses
 
 
-def next_token_scores(logits: tf.Tensor, ids: tf.Tensor,
-                      mask: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+def next_token_scores(logits: tf.Tensor, ids: tf.Tensor, mask: tf.Tensor | None = None,
+                      temperature: float = 1.0) -> tuple[tf.Tensor, tf.Tensor]:
     """(log p(ids[t] | ids[:t]), 1 if the argmax was ids[t]) per token, each (B, T)
-    float32, from the model's `logits` (B, T, V) of `ids` (B, T)."""
+    float32, from the model's `logits` (B, T, V) of `ids` (B, T).
+
+    Args:
+      temperature: the log-probabilities are those of softmax(logits / temperature), the
+        distribution a sampler at that temperature draws from (GRPO scores its samples
+        so); the argmax hits do not depend on it.
+    """
     logits = logits[:, :-1]                                                # (B, T-1, V)
     targets = ids[:, 1:]                                                   # (B, T-1)
-    logp = -token_losses(logits, targets)
+    scaled = logits if temperature == 1.0 else tf.cast(logits, tf.float32) / temperature
+    logp = -token_losses(scaled, targets)
     hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), targets),
                    tf.float32)
     logp, hits = (tf.pad(x, [[0, 0], [1, 0]]) for x in (logp, hits))     # (B, T)
@@ -37,7 +44,8 @@ def next_token_scores(logits: tf.Tensor, ids: tf.Tensor,
 
 def score_tokens(model, ids: tf.Tensor, mask: tf.Tensor | None = None,
                  training: bool = False,
-                 moe_capacity_factor: float | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+                 moe_capacity_factor: float | None = None,
+                 temperature: float = 1.0) -> tuple[tf.Tensor, tf.Tensor]:
     """`next_token_scores` of one forward pass of `model` over `ids` (B, T).
 
     Args:
@@ -47,10 +55,11 @@ def score_tokens(model, ids: tf.Tensor, mask: tf.Tensor | None = None,
       training: the model's training mode (MoE capacity, dropout).
       moe_capacity_factor: overrides the MoE layers' capacity factor (DPO scores with
         `layers.moe.dropless_factor`, so padding and other rows never drop a token).
+      temperature: score under softmax(logits / temperature) (`next_token_scores`).
     """
     logits = model(ids, training=training,
                    moe_capacity_factor=moe_capacity_factor)                # (B, T, V)
-    return next_token_scores(logits, ids, mask)
+    return next_token_scores(logits, ids, mask, temperature)
 
 
 def length_mask(lengths: tf.Tensor, width) -> tf.Tensor:

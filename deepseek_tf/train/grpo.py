@@ -23,7 +23,10 @@ next `inner_steps` optimizer steps read.
 Loss, per completion token t of completion i (ratio r = pi / pi_old, A_i its advantage,
 d = log pi_ref - log pi):
   -min(r A_i, clip(r, 1 - eps, 1 + eps) A_i) + kl_coef (exp(d) - d - 1)
-with the k3 KL estimator (unbiased, positive; DeepSeekMath eq. 4). Token-level
+with the k3 KL estimator (unbiased, positive; DeepSeekMath eq. 4). pi, pi_old and
+pi_ref are all scored at the sampling temperature, softmax(logits / --grpo.temperature),
+the distribution the samples were drawn from (as TRL's GRPOTrainer does; top-p is not
+taken into account there either). Token-level
 averaging: the sum over every completion token of the step divided by their number
 (all prompts, all micro-batches), as DAPO and TRL's "dapo" loss do. At the first
 inner step r = 1 (pi_old is the current policy, scored in the same mode).
@@ -214,7 +217,9 @@ class GRPOObjective(Objective):
         if hasattr(self, "_score"):
             return
         factor = dropless_factor(model.config, False)
-        score = lambda m, ids, mask: score_tokens(m, ids, mask, False, factor)[0]  # noqa: E731
+        temp = self.cfg.temperature
+        score = lambda m, ids, mask: score_tokens(m, ids, mask, False, factor,  # noqa: E731
+                                                  temp)[0]
         self._score = tf.function(lambda ids, mask: score(model, ids, mask), autograph=False)
         ref = self.ref_model or model
         self._score_ref = tf.function(lambda ids, mask: score(ref, ids, mask), autograph=False)
@@ -317,7 +322,8 @@ class GRPOObjective(Objective):
     def forward(self, model, batch, training, seed=None, xla=False):
         mask = batch["mask"]
         logp, _ = score_tokens(model, batch["ids"], mask, training=False,
-                               moe_capacity_factor=dropless_factor(model.config, xla))
+                               moe_capacity_factor=dropless_factor(model.config, xla),
+                               temperature=self.cfg.temperature)
         loss, kl, clipped = grpo_token_loss(logp, batch["old"], batch["ref"], batch["adv"],
                                             self.cfg.clip_eps, self.cfg.kl_coef)
         stats = {"kl": tf.reduce_sum(kl * mask), "clip_fraction": tf.reduce_sum(clipped * mask)}

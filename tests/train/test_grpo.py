@@ -57,7 +57,8 @@ def _np_grpo(logp, old, ref, rewards, group, eps, beta, mask):
     return adv, (per_token * mask).sum() / mask.sum()
 
 
-def test_loss_and_advantages_equal_a_numpy_reference():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_loss_and_advantages_equal_a_numpy_reference(temperature):
     rng = np.random.default_rng(0)
     n, t, v, group = 6, 7, 11, 3
     logits = rng.normal(size=(n, t, v)).astype(np.float32)
@@ -68,7 +69,7 @@ def test_loss_and_advantages_equal_a_numpy_reference():
     rewards = np.array([1.0, 0.0, 0.5, 2.0, 2.0, 2.0], np.float32)  # 2nd group: all equal
     old = (_np_log_softmax(logits) + rng.normal(scale=0.3, size=(n, t, v)))
     ref = rng.normal(scale=0.5, size=(n, t)).astype(np.float32) - 2.0
-    lp_all = _np_log_softmax(logits.astype(np.float64))
+    lp_all = _np_log_softmax(logits.astype(np.float64) / temperature)  # the sampled law
     logp = np.zeros((n, t))
     logp[:, 1:] = np.take_along_axis(lp_all[:, :-1], ids[:, 1:, None], -1)[..., 0]
     old_lp = np.zeros((n, t))
@@ -78,7 +79,8 @@ def test_loss_and_advantages_equal_a_numpy_reference():
     adv = advantages(rewards, group)
     np.testing.assert_allclose(adv, want_adv, rtol=1e-6, atol=1e-7)
     assert np.all(adv[3:] == 0)
-    tf_logp, _ = next_token_scores(tf.constant(logits), tf.constant(ids), tf.constant(mask))
+    tf_logp, _ = next_token_scores(tf.constant(logits), tf.constant(ids), tf.constant(mask),
+                                   temperature)
     per_token, _, _ = grpo_token_loss(tf_logp, tf.constant(old_lp * mask, tf.float32),
                                       tf.constant(ref * mask), tf.constant(adv), 0.2, 0.05)
     loss = float(tf.reduce_sum(per_token * mask) / mask.sum())
@@ -134,6 +136,29 @@ def test_equal_rewards_leave_only_the_kl_gradient():
     for g, w in zip(with_kl, want):
         np.testing.assert_allclose(g.numpy(), tf.convert_to_tensor(w).numpy(), rtol=1e-5,
                                    atol=1e-8)
+
+
+def test_the_step_scores_the_policy_at_the_sampling_temperature():
+    """forward's log-probs are those of softmax(logits / T), the law the rollout sampled
+    from (as old and ref are scored): with zero advantages its loss is the k3 KL alone,
+    here against numpy on the model's logits."""
+    model = random_model("gqa", seed=2)
+    obj = GRPOObjective()
+    obj.cfg = GRPOConfig(group_size=2, kl_coef=0.1, temperature=0.6)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 256, size=(2, 8)).astype(np.int32)
+    mask = np.tile((np.arange(8) >= 3).astype(np.float32), (2, 1))
+    ref = (rng.normal(scale=0.2, size=(2, 8)) - 4.0).astype(np.float32) * mask
+    batch = {"ids": tf.constant(ids), "mask": tf.constant(mask), "old": tf.constant(ref),
+             "ref": tf.constant(ref), "adv": tf.zeros([2])}
+    loss, _, stats = obj.forward(model, batch, False)
+    lp_all = _np_log_softmax(model(ids).numpy().astype(np.float64) / 0.6)
+    logp = np.zeros((2, 8))
+    logp[:, 1:] = np.take_along_axis(lp_all[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    d = ref - logp * mask
+    kl = (np.exp(d) - d - 1) * mask
+    assert float(stats["kl"]) == pytest.approx(kl.sum(), rel=1e-5)
+    assert float(loss) == pytest.approx(0.1 * kl.sum(), rel=1e-5)
 
 
 def test_rewards_and_config_validation():
