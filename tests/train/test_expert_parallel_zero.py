@@ -139,5 +139,5 @@ def test_zero2_resumes_bitwise(runs, one_shard_data, tmp_path):
 def test_one_process_is_refused(runs, tmp_path):
     """The combined run resumed by one process: refused in one line, checkpoints kept."""
     assert_resume_refused(runs("zero2")[0], str(tmp_path / "one"),
-                          r"--model.expert_parallel=2 places the experts on 2 workers, and "
+                          r"--model.expert_parallel=2 places the experts on groups of 2 workers, and "
                           r"this run has 1 worker\(s\)")
