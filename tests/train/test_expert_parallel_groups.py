@@ -7,17 +7,17 @@ MultiWorkerMirroredStrategy on 4 workers), expert_parallel=2, and expert_paralle
 zero2; a tiny DeepSeek-V3-style model, 4 steps of 2 accumulation micro-batches with
 clipping that engages and capacity drops. Losses, logged gradient norms and the final
 weights (experts gathered by `load_workdir`) equal the replicated run's within 1e-5;
-replicas hold the same experts; a worker count W does not divide is refused in one line.
+replicas hold the same experts; the zero2 run resumed from its step-2 checkpoint ends
+bitwise equal; a worker count W does not divide is refused in one line.
 """
 
 import re
 
-import numpy as np
 import pytest
 
-from deepseek_tf.train.logger import read_log
 from tests.helpers import tiny
-from tests.helpers.checkpoints import assert_resume_refused, assert_runs_equal
+from tests.helpers.checkpoints import (assert_clipped_runs_equal, assert_resume_refused,
+                                      assert_worker_states_equal, rewind, train_losses)
 from tests.helpers.launcher import Launcher, train_flags, weights_sha
 from tests.helpers.workdirs import FAMILIES
 
@@ -32,7 +32,7 @@ def _experiment(data_dir, ways, shard="none"):
                            model={**FAMILIES["mla_moe"], "expert_parallel": ways},
                            train={"steps": STEPS, "batch_size": 2, "grad_accum_steps": 2,
                                   "log_every": 1, "eval_every": STEPS,
-                                  "checkpoint_every": STEPS, "jit_compile": "false",
+                                  "checkpoint_every": 2, "jit_compile": "false",
                                   "shard_optimizer": shard})
 
 
@@ -78,11 +78,7 @@ def test_two_groups_equal_replicated_moe(runs, shard):
     assert all(len(o) == 1 for o in own), output[-3000:]
     assert own[0] == own[2] != own[1] == own[3]  # replicas agree, the halves differ
     assert re.search(r"moe max/mean load [\d.]+, dropped [1-9]", output)  # drops happen
-    norms = [[r["grad_norm"] for r in read_log(d) if r["kind"] == "train"]
-             for d in (replicated, workdir)]
-    assert sum(n > 0.5 for n in norms[0]) >= 2, norms  # clipping engaged
-    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)
-    assert_runs_equal(workdir, replicated, STEPS, atol=1e-5)
+    assert_clipped_runs_equal(workdir, replicated, STEPS, 1e-5, clipped=2)
 
 
 def test_worker_count_ways_do_not_divide_is_refused(runs, tmp_path):
@@ -91,3 +87,18 @@ def test_worker_count_ways_do_not_divide_is_refused(runs, tmp_path):
     assert_resume_refused(runs(WAYS)[0], str(tmp_path / "one"),
                           r"--model.expert_parallel=2 places the experts on groups of 2 "
                           r"workers, and this run has 1 worker\(s\)")
+
+
+def test_resumes_bitwise(runs, one_shard_data, tmp_path):
+    """The W = 2 + zero2 run rewound to step 2 and resumed on 4 workers ends bitwise equal:
+    mirrored weights, each worker's experts, their moments and its ZeRO shard."""
+    straight, output = runs(WAYS, "zero2")
+    workdir = rewind(straight, str(tmp_path / "resumed"), 2)
+    resumed = _launch(_experiment(one_shard_data, WAYS, "zero2"), workdir)
+    for w in range(WORKERS):
+        assert re.search(rf"^\[worker {w}\] resumed from .*ckpt-2 at step 2$", resumed, re.M)
+        assert weights_sha(resumed, w) == weights_sha(output, w)
+        own = OWN.format(w)
+        assert re.findall(own, resumed, re.M) == re.findall(own, output, re.M) != []
+    assert_worker_states_equal(workdir, straight, WORKERS, STEPS)
+    assert train_losses(workdir) == train_losses(straight)
