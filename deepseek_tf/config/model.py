@@ -210,9 +210,11 @@ class ModelConfig(_Section):
                                             "dropless.", resumable=True)
     expert_parallel: int = knob(1, "MoE expert parallelism: W > 1 splits each MoE layer's "
                                 "routed experts over W MultiWorkerMirroredStrategy workers "
-                                "(W = the worker count; each holds n_routed_experts / W) and "
-                                "moves tokens to them by all-to-all; 1 = every worker holds "
-                                "every expert.")
+                                "(W divides the worker count and n_routed_experts; each worker "
+                                "holds n_routed_experts / W, and the workers holding the same "
+                                "experts are their data-parallel replicas) and moves tokens to "
+                                "them by all-to-all within groups of W workers; 1 = every "
+                                "worker holds every expert.")
     aux_loss_alpha: float = knob(0.0, "Weight of the sequence-wise expert balance loss "
                                  "(DeepSeek-V3: 1e-4).", resumable=True)
     router_z_loss_coef: float = knob(0.0, "Weight of the router z-loss "

@@ -144,7 +144,7 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
         sharded = sharding.ShardedAdamW(optimizer, mirrored, strategy, shard,
                                         role.index, tcfg.collective_timeout)
         log(f"optimizer sharding: {sharded.describe()}")
-    experts = expert_parallel.LocalAdamW(optimizer, own) if own else None
+    experts = expert_parallel.LocalAdamW(optimizer, own, exchange) if own else None
     if experts:
         log(experts.describe(ep))
     worker_objects = {"optimizer_shard": sharded.slots} if sharded else {}
@@ -155,7 +155,7 @@ def build_state(exp: Experiment, workdir: str, objective: Objective,
         workdir, {"model": model, "optimizer": optimizer, "step": step, "rng": rng},
         train_iter, role, tcfg.keep_checkpoints, barrier=collectives.barrier,
         worker_objects=worker_objects or None,
-        shards=sharded.world if sharded else ep)
+        shards=sharded.world if sharded else (role.num_workers if ep > 1 else 1))
     return RunState(strategy, model, optimizer, step, rng, train_iter, eval_ds, role,
                     checkpoints, collectives, exp, objective, sharded=sharded,
                     experts=experts, memory=estimate)

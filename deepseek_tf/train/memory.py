@@ -5,7 +5,8 @@ The estimate (`estimate`) counts, for one worker:
 - parameters: every weight of the model (the analytic count of `deepseek_tf.params`,
   MTP modules included) in `--model.weight_dtype`; mixed precision keeps float32 master
   weights, so it changes nothing here. With `--model.expert_parallel=W` a worker holds
-  1/W of the routed experts.
+  1/W of the routed experts (W divides the worker count: the workers holding the same
+  experts are replicas of them; their gradients are summed in place).
 - gradients: 4 bytes per trainable weight (float32, as the weights; LoRA / freeze: only
   the trainable ones); with `--train.shard_optimizer=zero2` a worker keeps 1/W of the
   summed gradients (`sharding.summed_gradient_bytes`), with expert parallelism 1/W of
@@ -170,6 +171,12 @@ def estimate(exp: Experiment, workers: int = 1,
     return MemoryEstimate(parameters, gradients, optimizer, activations, workers, notes)
 
 
+def _run_on(ways: int, workers: int) -> int:
+    """The worker count a suggestion names: this run's if `ways` divides it, else `ways`
+    (expert parallelism and ZeRO need W | workers)."""
+    return workers if workers >= ways and workers % ways == 0 else ways
+
+
 def _alternatives(exp: Experiment, workers: int):
     """(flags, estimate) of settings that lower the estimate, each one change alone."""
     c, tcfg = exp.model, exp.train
@@ -182,10 +189,11 @@ def _alternatives(exp: Experiment, workers: int):
     if c.n_routed_experts and c.expert_parallel == 1 and tcfg.shard_optimizer == "none":
         for w in (2, 4, 8, 16):
             if c.n_routed_experts % w == 0:
-                out.append((f"--model.expert_parallel={w} on {w} workers",
-                            estimate(swap(model={"expert_parallel": w}), w)))
-    if tcfg.shard_optimizer != "zero2":  # with expert parallelism: its W workers
-        w = c.expert_parallel if c.expert_parallel > 1 else max(workers, 2)
+                n = _run_on(w, workers)
+                out.append((f"--model.expert_parallel={w} on {n} workers",
+                            estimate(swap(model={"expert_parallel": w}), n)))
+    if tcfg.shard_optimizer != "zero2":  # with expert parallelism: a multiple of W workers
+        w = _run_on(c.expert_parallel, max(workers, 2))
         out.append((f"--train.shard_optimizer=zero2 on {w} workers",
                     estimate(swap(train={"shard_optimizer": "zero2"}), w)))
     if tcfg.remat != "block":
@@ -209,9 +217,10 @@ def _together(exp: Experiment, workers: int):
                         "shard_optimizer": "zero2"}
     ways = [w for w in (2, 4, 8, 16) if c.n_routed_experts and c.n_routed_experts % w == 0]
     if c.expert_parallel > 1:
-        w = c.expert_parallel
+        w = _run_on(c.expert_parallel, workers)
     elif ways:
-        model["expert_parallel"] = w = ways[-1]
+        model["expert_parallel"] = ways[-1]
+        w = _run_on(ways[-1], workers)
     else:
         w = max(workers, 2)
     flags = " ".join(f"--{sec}.{k}={v}" for sec, d in (("model", model), ("train", train))

@@ -104,19 +104,39 @@ def _launcher(strategy):
     return strategy.extended._cross_device_ops._launchers[0]  # pylint: disable=protected-access
 
 
-def _collective_args(strategy) -> dict:
+#: first group key of the worker sub-groups (`Group`): far above the keys
+#: MultiWorkerMirroredStrategy's CollectiveKeys hands out (1, 2, ... per device set)
+SUBGROUP_KEY_BASE = 1 << 20
+
+
+class Group:
+    """A sub-group of the workers for collectives beside the strategy's own: its size and
+    a group key that no other group of the run uses (`SUBGROUP_KEY_BASE` + `index`).
+
+    Args:
+      size: the number of workers in the group.
+      index: which group of the run (distinct per group; the same on every member).
+    """
+
+    def __init__(self, size: int, index: int):
+        self.size, self.key = size, SUBGROUP_KEY_BASE + index
+
+
+def _collective_args(strategy, group: Group | None = None) -> dict:
     """group_size, group_key, instance_key and ordering_token of the next collective op of
-    the strategy's launcher: its group, the next of its instance keys (taken at trace
-    time, in one order on every worker) and its ordering token (the op runs in program
-    order with the strategy's own all-reduces)."""
+    the strategy's launcher: its group (or `group`), the next of its instance keys (taken
+    at trace time, in one order on every worker) and its ordering token (the op runs in
+    program order with the strategy's own all-reduces)."""
     launcher = _launcher(strategy)
     token = launcher._get_ordering_token()
-    return {"group_size": strategy.num_replicas_in_sync, "group_key": launcher._group_key,
+    size, key = ((strategy.num_replicas_in_sync, launcher._group_key) if group is None
+                 else (group.size, group.key))
+    return {"group_size": size, "group_key": key,
             "instance_key": launcher._next_instance_key(),
             "ordering_token": [] if token is None else [token]}
 
 
-def all_to_all(strategy, x, timeout: float = 0.0) -> tf.Tensor:
+def all_to_all(strategy, x, timeout: float = 0.0, group: Group | None = None) -> tf.Tensor:
     """All-to-all over the workers of a MultiWorkerMirroredStrategy (one device each), in
     its replica context: `x` (W * R, ...) is cut into W blocks of R rows along axis 0;
     block j goes to worker j, and block i of the result (same shape) came from worker i.
@@ -126,13 +146,29 @@ def all_to_all(strategy, x, timeout: float = 0.0) -> tf.Tensor:
       strategy: the run's MultiWorkerMirroredStrategy.
       x: the tensor to exchange; its first dimension a multiple of the worker count.
       timeout: seconds the op waits for its peers (0 = forever).
+      group: a sub-group of the workers (W = its size, j = the rank in it), or None: all.
     """
-    rows = tf.reshape(x, [strategy.num_replicas_in_sync, -1])  # the op's first dim is W
+    size = strategy.num_replicas_in_sync if group is None else group.size
+    rows = tf.reshape(x, [size, -1])  # the op's first dim is W
     with tf.device(_launcher(strategy)._device):
         rows = tf.raw_ops.CollectiveAllToAllV2(
-            input=rows, **_collective_args(strategy), communication_hint="auto",
+            input=rows, **_collective_args(strategy, group), communication_hint="auto",
             timeout_seconds=timeout)
     return tf.reshape(rows, tf.shape(x))
+
+
+def group_sum(strategy, tensors: list, group: Group, timeout: float = 0.0) -> list:
+    """The sum of `tensors` (float32) over the workers of `group`, in the replica context
+    of the run's MultiWorkerMirroredStrategy (one all-reduce of them laid end to end)."""
+    if group.size == 1 or not tensors:
+        return list(tensors)
+    sizes = [t.shape.num_elements() for t in tensors]
+    flat = tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
+    with tf.device(_launcher(strategy)._device):
+        flat = tf.raw_ops.CollectiveReduceV2(
+            input=flat, **_collective_args(strategy, group), merge_op="Add", final_op="Id",
+            communication_hint="auto", timeout_seconds=timeout)
+    return [tf.reshape(x, t.shape) for x, t in zip(tf.split(flat, sizes), tensors)]
 
 
 class ShardedAdamW:

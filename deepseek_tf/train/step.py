@@ -185,8 +185,13 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, train_cf
             grads = grad_hook(grads, ctx.replica_id_in_sync_group)
         own = [g for g, m in zip(grads, is_mine) if m]  # expert parallel: this worker's
         grads = [g for g, m in zip(grads, is_mine) if not m]
-        # this worker's experts' share of the squared global norm (their gradients stay here)
+        if own:  # summed over the workers holding the same experts (if any)
+            own = experts.sum_replicas(own)
+        # this worker's experts' share of the squared global norm (their gradients stay
+        # here); each block of experts counted once: 1 / replicas from each holder
         own_square = tf.add_n([tf.reduce_sum(tf.square(g)) for g in own]) if own else None
+        if own and experts.replicas > 1:
+            own_square /= experts.replicas
         if sharded is None:
             if own:
                 own_square = ctx.all_reduce(SUM, own_square)

@@ -21,6 +21,31 @@ def checkpoint_tensors(workdir_or_path: str, prefixes=("model/", "optimizer/")) 
             if k.startswith(prefixes)}
 
 
+def assert_worker_states_equal(workdir: str, reference: str, workers: int, step: int) -> None:
+    """Each worker's own checkpoint of `step` (its experts, their moments, its ZeRO shard)
+    in `workdir` equals `reference`'s bitwise."""
+    for w in range(workers):
+        path = f"checkpoints/data-worker-{w}/ckpt-{step}"
+        a, b = (checkpoint_tensors(os.path.join(d, path), ("experts/", "optimizer_shard/"))
+                for d in (reference, workdir))
+        assert a.keys() == b.keys() and len(a) > 2
+        for k in a:
+            np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+
+
+def assert_clipped_runs_equal(workdir: str, reference: str, steps: int, tol: float,
+                              clipped: int, clip_norm: float = 0.5) -> None:
+    """`assert_runs_equal` within `tol`, the logged gradient norms too (relatively), and
+    clipping engaged in at least `clipped` of the reference's steps."""
+    from deepseek_tf.train.logger import read_log
+
+    norms = [[r["grad_norm"] for r in read_log(d) if r["kind"] == "train"]
+             for d in (reference, workdir)]
+    assert sum(n > clip_norm for n in norms[0]) >= clipped, norms
+    np.testing.assert_allclose(norms[1], norms[0], rtol=tol)
+    assert_runs_equal(workdir, reference, steps, atol=tol)
+
+
 def all_checkpoints(workdir: str) -> list[str]:
     """Every checkpoint path of a workdir (main and per-worker data directories)."""
     out = []

@@ -196,7 +196,7 @@ def test_resumes_bitwise(runs, one_shard_data, tmp_path):
 def test_another_worker_count_is_refused(runs, tmp_path):
     """The run resumed by one process: refused in one line, its checkpoints left alone."""
     assert_resume_refused(runs(2)[0], str(tmp_path / "one"),
-                          r"--model.expert_parallel=2 places the experts on 2 workers, and "
+                          r"--model.expert_parallel=2 places the experts on groups of 2 workers, and "
                           r"this run has 1 worker\(s\)")
 
 

@@ -77,3 +77,14 @@ def test_lora_counts_the_adapters_and_trains_only_them():
     assert est.parameters == sum(v.numpy().nbytes for v in held)
     assert (est.gradients, est.optimizer) == (4 * trainable, 8 * trainable)
     assert 0 < trainable < count_parameters(exp.model)["total"] // 4
+
+
+def test_expert_parallel_groups_hold_one_shard_each():
+    """expert_parallel=2 on 4 workers (two groups, each shard on 2 workers): a worker holds
+    what it holds on 2 workers; a budget names the run's own 4 workers when 2 divides them."""
+    exp = tiny.experiment("/nonexistent", model={**FAMILIES["mla_moe"], "expert_parallel": 2},
+                          train={"batch_size": 2})
+    assert memory.estimate(exp, 4).total == memory.estimate(exp, 2).total
+    with pytest.raises(UserError, match=r"what would fit: --model.expert_parallel=2 on 4 "
+                       r"workers \(1.17 MiB\);"):
+        memory.check_budget(_exp(memory_budget="1.2MiB"), 4)
