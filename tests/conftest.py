@@ -35,7 +35,8 @@ from tests.helpers import tiny  # noqa: E402
 HEAVY_FIRST = (
     "train/test_presets_multiworker.py", "train/test_precision_families.py",
     "export/test_saved_model.py", "train/test_multiworker.py", "train/test_sharding.py", "train/test_expert_parallel_zero.py",
-    "train/test_expert_parallel.py", "bench/test_smoke_sides.py",
+    "train/test_expert_parallel.py", "train/test_expert_parallel_groups.py",
+    "bench/test_smoke_sides.py",
     "convert/test_v32_parity.py", "train/test_dpo.py", "export/test_tflite.py",
     "generate/test_cli.py", "convert/test_hf_parity.py", "train/test_grpo.py",
     "train/test_grpo_runs.py", "generate/test_decode.py", "bench/test_smoke.py",
