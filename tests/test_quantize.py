@@ -99,6 +99,7 @@ def test_gptq_beats_round_to_nearest_and_the_awq_saved_model_is_close(trained_de
     assert kl["awq"] < 0.95 * kl["int4"], kl
     searched = {x.path for b in model.blocks for x in b._flatten_layers()
                 if getattr(x, "quantization_mode", None) == "awq"}
+    assert model.lm_head.quantization_mode == "int8" == model.embed_tokens.quantization_mode
     assert searched and set(last_errors) == searched, (searched, last_errors)
     for path, errors in last_errors.items():
         assert errors["clipped"] <= errors["scaled"] <= errors["rtn"], (path, errors)
@@ -124,11 +125,19 @@ def test_quantizing_the_default_run_calibrates_on_its_workdir_data(trained_dense
     os.makedirs(workdir)
     os.symlink(exp.data.data_dir, os.path.join(workdir, "data"))
     model, _ = load_workdir(trained_dense_run)
+    head, embedding = model.lm_head.kernel.numpy(), model.embed_tokens.embeddings.numpy()
     logged = []
     quantize_run(model, moved, load_run_tokenizer(trained_dense_run, exp), "gptq", 32,
-                 calibration_samples=2, log=logged.append, workdir=workdir)
+                 calibration_samples=2, log=logged.append, workdir=workdir, head="none")
     assert logged == ["quantized weights: gptq, group size 32, calibrated on 2 windows of "
                       f"{exp.data.seq_len} tokens"]
+    modes = {x.quantization_mode for b in model.blocks for x in b._flatten_layers()
+             if hasattr(x, "kernel")}
+    assert modes == {"gptq"}, modes               # --quantize_head=none: outside stays float
+    assert getattr(model.lm_head, "quantization_mode", None) is None
+    assert getattr(model.embed_tokens, "quantization_mode", None) is None
+    np.testing.assert_array_equal(model.lm_head.kernel.numpy(), head)
+    np.testing.assert_array_equal(model.embed_tokens.embeddings.numpy(), embedding)
     with pytest.raises(UserError, match=r"found no prepared data of the run \(none at "):
         quantize_run(model, moved, None, "awq", 32, workdir=str(tmp_path / "gone"))
 
@@ -138,6 +147,8 @@ def test_bad_group_size_and_missing_calibration_data_are_refused(tmp_path):
     exp, tok = load_experiment(workdir), load_run_tokenizer(workdir, load_experiment(workdir))
     with pytest.raises(UserError, match="--group_size=48 does not divide the input width"):
         quantize_run(model, exp, tok, "int4", 48)
+    with pytest.raises(UserError, match="--quantize_head='fp8': one of none, int8, int4"):
+        quantize_run(model, exp, tok, "int4", 16, head="fp8")
     wide, wide_model = make_workdir(str(tmp_path / "wide"), "gqa", intermediate_size=160)
     with pytest.raises(UserError, match="--group_size=-1: Keras' GPTQ makes one scale per "
                                         "128 inputs, not per channel, and layer .*down_proj "
