@@ -15,7 +15,7 @@ routers and the stacked MoE expert weights (our own (E, D, F) variables, not Ker
 Dense layers; Keras has no quantizer for them). GPTQ/AWQ calibrate the projections
 inside the decoder blocks. The untied output head and the embedding, outside the
 blocks, get `head` in the 4-bit modes: int8 per channel by default (with plain int4
-there the fine-tuning demo lost 2 to 4 points under GPTQ/AWQ, with int8 none), float
+there the fine-tuning demo lost 1.5 to 4 points under GPTQ/AWQ, with int8 at most 1), float
 (`none`, what AutoGPTQ, AutoAWQ and llm-compressor do: they quantize only the
 projections inside the blocks) or int4.
 
