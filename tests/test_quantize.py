@@ -28,8 +28,8 @@ def _variables_size(path):
 
 
 def test_int4_saved_model_is_under_a_fifth_and_runs_in_saved_model_cli(tmp_path):
-    """A dense model (every projection and the untied embedding and head quantized,
-    group size 128): variables <= 0.2x float32; `saved_model_cli run` (a session loader,
+    """A dense model (every projection in int4 with group size 128, the untied embedding
+    and head in int8, the default --quantize_head): variables <= 0.2x float32; `saved_model_cli run` (a session loader,
     as TF Serving's) decodes. Its weights are random N(0, 0.2) (no outliers, large
     logits), so the log-prob tolerance is checked on a trained run below."""
     size = dict(hidden_size=128, intermediate_size=256)
