@@ -18,7 +18,8 @@ mode it prints:
   demo EM    with `--demo_run` (e.g. `make demo`'s LoRA run): exact match of greedy
              answers to `--demo_data` (`evaluate` with --quantize; first --demo_samples);
              gptq/awq: one figure per `--demo_calibration` count of calibration windows
-             (the spread the calibration set makes)
+             (capped at the windows the demo run's data holds: `make demo`'s has 47, so
+             there the figures show run-to-run spread, not the calibration set's)
 4-bit modes keep the untied output head and the embedding in `--quantize_head`
 (none = float, int8, int4; export's default).
 Figures only; quote them from a quiet machine. `--smoke`: a 2-step model, 2 windows.
