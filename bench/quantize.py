@@ -1,6 +1,6 @@
 """Weight quantization: size, decode speed and quality for none / int8 / int4 / gptq / awq.
 
-    python bench/quantize.py [--workdir=runs/tiny] [--group_size=32]
+    python bench/quantize.py [--workdir=runs/tiny] [--group_size=32] [--quantize_head=int8]
                              [--demo_run=runs/sft-lora-tiny
                               --demo_data=data/sft-demo/heldout.jsonl] [--smoke]
 
@@ -18,7 +18,10 @@ mode it prints:
   demo EM    with `--demo_run` (e.g. `make demo`'s LoRA run): exact match of greedy
              answers to `--demo_data` (`evaluate` with --quantize; first --demo_samples);
              gptq/awq: one figure per `--demo_calibration` count of calibration windows
-             (the spread the calibration set makes)
+             (capped at the windows the demo run's data holds: `make demo`'s has 47, so
+             there the figures show run-to-run spread, not the calibration set's)
+4-bit modes keep the untied output head and the embedding in `--quantize_head`
+(none = float, int8, int4; export's default).
 Figures only; quote them from a quiet machine. `--smoke`: a 2-step model, 2 windows.
 """
 
@@ -32,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (before TensorFlow)
 
 MODES = ("none", "int8", "int4", "gptq", "awq")
+from deepseek_tf.quantize import HEAD_DEFAULT, HEAD_MODES  # noqa: E402
 
 
 def trained_run(path: str, steps: int, smoke: bool) -> str:
@@ -106,6 +110,7 @@ def main(argv=None):
     p.add_argument("--train_steps", type=int, default=300)
     p.add_argument("--group_size", type=int, default=32)
     p.add_argument("--calibration_samples", type=int, default=128)
+    p.add_argument("--quantize_head", choices=HEAD_MODES, default=HEAD_DEFAULT)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--demo_run", default="")
@@ -126,7 +131,8 @@ def main(argv=None):
         workdir = a.workdir or trained_run(tmp, 2 if a.smoke else a.train_steps, a.smoke)
         group = 16 if a.smoke else a.group_size
         print(f"model: {workdir if a.workdir else 'configs/tiny.flags trained here'}; "
-              f"group size {group}; gptq/awq on {samples} calibration windows")
+              f"group size {group}; gptq/awq on {samples} calibration windows; "
+              f"head and embedding of the 4-bit modes: {a.quantize_head}")
         header = (f"{'mode':<6} {'MiB':>7} {'x fp32':>7} {'ms/token min/med/max':>21} "
                   f"{'val loss':>9}")
         if a.demo_run:
@@ -137,7 +143,7 @@ def main(argv=None):
             model, exp = load_workdir(workdir)
             tok = load_run_tokenizer(workdir, exp)
             model = quantize_run(model, exp, tok, mode, group, calibration_samples=samples,
-                         workdir=workdir)
+                                 workdir=workdir, head=a.quantize_head)
             loss = validation_loss(model, exp, windows, workdir)
             path = os.path.join(tmp, f"sm_{mode}")
             export(model, exp, "saved_model", path, log=quiet, workdir=workdir,
@@ -153,7 +159,8 @@ def main(argv=None):
                 scores = []
                 for n in counts:
                     q = None if mode == "none" else dict(mode=mode, group_size=group,
-                                                         calibration_samples=n or samples)
+                                                         calibration_samples=n or samples,
+                                                         head=a.quantize_head)
                     result = evaluate_workdir(a.demo_run, [a.demo_data],
                                               max_samples=a.demo_samples, log=quiet,
                                               output=os.path.join(tmp, f"eval_{mode}.json"),

@@ -88,7 +88,7 @@ def define_jit_compile(default: str, help_text: str,
 def define_quantize(help_text: str = "", choices=None) -> None:
     """`--quantize` (default: the modes of `deepseek_tf.quantize`) with `--group_size`,
     `--calibration_data` and `--calibration_samples` of export, generate and evaluate."""
-    from deepseek_tf.quantize import MODES
+    from deepseek_tf.quantize import HEAD_DEFAULT, HEAD_MODES, MODES
 
     caller = sys._getframe(1).f_globals.get("__name__", "")
     module = sys.argv[0] if caller == "__main__" else caller
@@ -108,6 +108,10 @@ def define_quantize(help_text: str = "", choices=None) -> None:
     flags.DEFINE_integer("calibration_samples", 256, "gptq/awq: calibration windows (each "
                          "the run's --data.seq_len tokens).", lower_bound=1,
                          module_name=module)
+    flags.DEFINE_enum("quantize_head", HEAD_DEFAULT, list(HEAD_MODES), "int4/gptq/awq: the "
+                      "untied output head and the embedding, outside the decoder blocks: "
+                      "none = float (as AutoGPTQ, AutoAWQ and llm-compressor leave them), "
+                      "int8 per channel, or int4 like the blocks.", module_name=module)
 
 
 def quantize_options(flag_values=FLAGS) -> dict | None:
@@ -116,7 +120,8 @@ def quantize_options(flag_values=FLAGS) -> dict | None:
         return None
     return dict(mode=flag_values.quantize, group_size=flag_values.group_size,
                 calibration_data=flag_values.calibration_data,
-                calibration_samples=flag_values.calibration_samples)
+                calibration_samples=flag_values.calibration_samples,
+                head=flag_values.quantize_head)
 
 
 def _section_values(flag_values, section: str, only_present: bool) -> dict:

@@ -13,8 +13,11 @@ Kept in float in every mode: MLA's `kv_b_proj` (the absorbed decode folds its ke
 into the query; it is small), a tied embedding (it doubles as the output head), norms,
 routers and the stacked MoE expert weights (our own (E, D, F) variables, not Keras
 Dense layers; Keras has no quantizer for them). GPTQ/AWQ calibrate the projections
-inside the decoder blocks; the untied output head and the embedding, outside the
-blocks, get plain int4 there.
+inside the decoder blocks. The untied output head and the embedding, outside the
+blocks, get `head` in the 4-bit modes: int8 per channel by default (with plain int4
+there the fine-tuning demo lost 1.5 to 4 points under GPTQ/AWQ, with int8 at most 1), float
+(`none`, what AutoGPTQ, AutoAWQ and llm-compressor do: they quantize only the
+projections inside the blocks) or int4.
 
 `quantize_run` is the entry point of export, generate and evaluate (`--quantize`).
 
@@ -36,6 +39,10 @@ from deepseek_tf.errors import UserError
 from deepseek_tf.workdir_files import prepared_data_dir
 
 MODES = ("none", "int8", "int4", "gptq", "awq")
+#: What the 4-bit modes do with the layers outside the decoder blocks (the untied output
+#: head and the embedding): int4 like the blocks, int8 per channel, or none (float).
+HEAD_MODES = ("none", "int8", "int4")
+HEAD_DEFAULT = "int8"
 
 
 def _kept(model):
@@ -179,7 +186,7 @@ def calibration_windows(path: str, tok, seq_len: int, count: int = 256) -> np.nd
 
 
 def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
-                     tokenizer=None) -> None:
+                     tokenizer=None, head: str = HEAD_DEFAULT) -> None:
     """Quantizes `model`'s weights in place with Keras (see the module docstring).
 
     Args:
@@ -189,6 +196,8 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
       calibration: gptq/awq: int32 token windows (N, T), e.g. `calibration_windows`.
       tokenizer: passed on to Keras' configs, which insist on one; they never call it on
         token windows (None: an identity stand-in).
+      head: 4-bit modes: what the layers outside the decoder blocks (the untied output
+        head, the embedding) get, one of `HEAD_MODES`.
     """
     import keras
     if mode not in MODES:
@@ -200,6 +209,8 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
                         f"(a JSONL/text file or a prepared data dir) or train on prepared data.")
     if group_size == 0 or group_size < -1:
         raise UserError(f"--group_size={group_size}: a positive integer or -1.")
+    if head not in HEAD_MODES:
+        raise UserError(f"--quantize_head={head!r}: one of {', '.join(HEAD_MODES)}.")
     wanted = _kept(model)
     if mode != "int8":
         _check_group_size(model, wanted, mode, group_size)
@@ -208,11 +219,11 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
         if mode == "int8":
             model.quantize("int8", filters=wanted)
             return
+        inside = {id(x) for b in model.blocks for x in b._flatten_layers() if wanted(x)}
         if mode in ("gptq", "awq"):
             windows = np.asarray(calibration, np.int32)
             blocks = _calibration_blocks(model)
             structure = {"pre_block_layers": [model.embed_tokens], "sequential_blocks": blocks}
-            inside = {id(x) for b in model.blocks for x in b._flatten_layers() if wanted(x)}
             options = dict(dataset=list(windows), tokenizer=tokenizer or _TokenIds(), weight_bits=4,
                            num_samples=len(windows), sequence_length=windows.shape[1],
                            group_size=group_size, quantization_layer_structure=structure)
@@ -227,15 +238,20 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
             except ValueError as e:
                 raise UserError(f"--quantize={mode}: Keras refused: {e}") from None
         int4 = keras.quantizers.Int4QuantizationConfig(block_size=group_size)
-        try:  # plain int4; after gptq/awq: the head and embedding outside the blocks
-            model.quantize("int4", config=int4, filters=wanted)
+        try:  # plain int4 inside the blocks (after gptq/awq: nothing left there) ...
+            model.quantize("int4", config=int4,
+                           filters=lambda layer: id(layer) in inside and wanted(layer))
+            if head == "int8":  # ... then the head and embedding outside them
+                model.quantize("int8", filters=wanted)
+            elif head == "int4":
+                model.quantize("int4", config=int4, filters=wanted)
         except ValueError as e:
             raise UserError(f"--quantize={mode}: Keras refused: {e}") from None
 
 
 def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_data: str = "",
                  calibration_samples: int = 256, seq_len: int = 0, log=None,
-                 workdir: str = "") -> object:
+                 workdir: str = "", head: str = HEAD_DEFAULT) -> object:
     """`quantize_weights` for a loaded run; returns the quantized model: `model` itself,
     or for a LoRA run its adapters merged first (as export does), so that generate and
     evaluate score what the export serves. gptq/awq calibrate on `calibration_data` or,
@@ -251,6 +267,7 @@ def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_
       seq_len: tokens per window (0 = the run's `--data.seq_len`).
       log: gets one line on what was quantized.
       workdir: the run's directory (finds its default prepared data).
+      head: 4-bit modes: the untied output head and the embedding, one of `HEAD_MODES`.
     """
     if mode == "none":
         return model
@@ -267,7 +284,7 @@ def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_
                             f"data of the run{where}: pass --calibration_data=FILE_OR_DIR.")
         windows = calibration_windows(source, tok, seq_len or exp.data.seq_len,
                                       calibration_samples)
-    quantize_weights(model, mode, group_size, windows, tok)
+    quantize_weights(model, mode, group_size, windows, tok, head)
     if log and mode != "none":
         log(f"quantized weights: {mode}" + (f", group size {group_size}" if mode != "int8"
                                            else "")

@@ -28,8 +28,8 @@ def _variables_size(path):
 
 
 def test_int4_saved_model_is_under_a_fifth_and_runs_in_saved_model_cli(tmp_path):
-    """A dense model (every projection and the untied embedding and head quantized,
-    group size 128): variables <= 0.2x float32; `saved_model_cli run` (a session loader,
+    """A dense model (every projection in int4 with group size 128, the untied embedding
+    and head in int8, the default --quantize_head): variables <= 0.2x float32; `saved_model_cli run` (a session loader,
     as TF Serving's) decodes. Its weights are random N(0, 0.2) (no outliers, large
     logits), so the log-prob tolerance is checked on a trained run below."""
     size = dict(hidden_size=128, intermediate_size=256)
@@ -75,8 +75,9 @@ def test_gptq_beats_round_to_nearest_and_the_awq_saved_model_is_close(trained_de
     32): GPTQ's and AWQ's next-token distributions stay closer to float's (mean KL) than
     plain int4 round-to-nearest's, and AWQ's scale search lowered every layer's output
     error on the calibration inputs below round-to-nearest's (alpha = 0) or kept it
-    there. Measured here: int4 0.00210, GPTQ 0.00154, AWQ 0.00183 (Keras' own AWQ
-    search: 0.00214). The AWQ SavedModel scores as the quantized model in memory, within
+    there. Measured here (head and embedding in int8, the default): int4 0.00043, GPTQ
+    0.00019, AWQ 0.00026 (in int4: 0.00210, 0.00154, 0.00183; Keras' own AWQ search:
+    0.00214). The AWQ SavedModel scores as the quantized model in memory, within
     0.25 nats of float per token."""
     exp = load_experiment(trained_dense_run)
     ids = _validation_windows(exp.data.data_dir)
@@ -99,6 +100,7 @@ def test_gptq_beats_round_to_nearest_and_the_awq_saved_model_is_close(trained_de
     assert kl["awq"] < 0.95 * kl["int4"], kl
     searched = {x.path for b in model.blocks for x in b._flatten_layers()
                 if getattr(x, "quantization_mode", None) == "awq"}
+    assert model.lm_head.quantization_mode == "int8" == model.embed_tokens.quantization_mode
     assert searched and set(last_errors) == searched, (searched, last_errors)
     for path, errors in last_errors.items():
         assert errors["clipped"] <= errors["scaled"] <= errors["rtn"], (path, errors)
@@ -124,11 +126,19 @@ def test_quantizing_the_default_run_calibrates_on_its_workdir_data(trained_dense
     os.makedirs(workdir)
     os.symlink(exp.data.data_dir, os.path.join(workdir, "data"))
     model, _ = load_workdir(trained_dense_run)
+    head, embedding = model.lm_head.kernel.numpy(), model.embed_tokens.embeddings.numpy()
     logged = []
     quantize_run(model, moved, load_run_tokenizer(trained_dense_run, exp), "gptq", 32,
-                 calibration_samples=2, log=logged.append, workdir=workdir)
+                 calibration_samples=2, log=logged.append, workdir=workdir, head="none")
     assert logged == ["quantized weights: gptq, group size 32, calibrated on 2 windows of "
                       f"{exp.data.seq_len} tokens"]
+    modes = {x.quantization_mode for b in model.blocks for x in b._flatten_layers()
+             if hasattr(x, "kernel")}
+    assert modes == {"gptq"}, modes               # --quantize_head=none: outside stays float
+    assert getattr(model.lm_head, "quantization_mode", None) is None
+    assert getattr(model.embed_tokens, "quantization_mode", None) is None
+    np.testing.assert_array_equal(model.lm_head.kernel.numpy(), head)
+    np.testing.assert_array_equal(model.embed_tokens.embeddings.numpy(), embedding)
     with pytest.raises(UserError, match=r"found no prepared data of the run \(none at "):
         quantize_run(model, moved, None, "awq", 32, workdir=str(tmp_path / "gone"))
 
@@ -138,6 +148,8 @@ def test_bad_group_size_and_missing_calibration_data_are_refused(tmp_path):
     exp, tok = load_experiment(workdir), load_run_tokenizer(workdir, load_experiment(workdir))
     with pytest.raises(UserError, match="--group_size=48 does not divide the input width"):
         quantize_run(model, exp, tok, "int4", 48)
+    with pytest.raises(UserError, match="--quantize_head='fp8': one of none, int8, int4"):
+        quantize_run(model, exp, tok, "int4", 16, head="fp8")
     wide, wide_model = make_workdir(str(tmp_path / "wide"), "gqa", intermediate_size=160)
     with pytest.raises(UserError, match="--group_size=-1: Keras' GPTQ makes one scale per "
                                         "128 inputs, not per channel, and layer .*down_proj "

@@ -101,7 +101,8 @@ def main(argv):
         options = dict(max_length=FLAGS.max_length, max_new_tokens=FLAGS.max_new_tokens,
                        quantize=FLAGS.quantize, jit_compile=FLAGS.jit_compile,
                        group_size=FLAGS.group_size, calibration_data=FLAGS.calibration_data,
-                       calibration_samples=FLAGS.calibration_samples)
+                       calibration_samples=FLAGS.calibration_samples,
+                       quantize_head=FLAGS.quantize_head)
     elif FLAGS["jit_compile"].present:
         raise UserError("--jit_compile applies to --format=saved_model.")
     elif FLAGS.format in ("tflite", "litertlm"):

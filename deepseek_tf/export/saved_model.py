@@ -48,7 +48,7 @@ from deepseek_tf.errors import UserError
 from deepseek_tf.generate.decode import (IDS_SPECS, SAMPLING_SPECS, SERVING_MAX_NEW_TOKENS,
                                          generate_ids, score_ids, stop_suffix)
 from deepseek_tf.generate.text import ChatProfile
-from deepseek_tf.quantize import quantize_run
+from deepseek_tf.quantize import HEAD_DEFAULT, quantize_run
 
 #: With XLA decoding, the generating signatures again without XLA get this suffix.
 NO_XLA_SUFFIX = "_no_xla"
@@ -212,7 +212,7 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
                        max_length: int = 0, max_new_tokens: int = SERVING_MAX_NEW_TOKENS,
                        quantize: str = "none", jit_compile="false", tokenizer=None,
                        group_size: int = 128, calibration_data: str = "",
-                       calibration_samples: int = 256) -> str:
+                       calibration_samples: int = 256, quantize_head: str = HEAD_DEFAULT) -> str:
     """Writes the SavedModel to `output` (e.g. MODEL_BASE/NAME/VERSION).
 
     Args:
@@ -228,6 +228,8 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
       calibration_data: gptq/awq: a JSONL/text file or a prepared data directory;
         "" = the run's own prepared data (`--data.data_dir` of its config).
       calibration_samples: gptq/awq: windows of the run's sequence length to use.
+      quantize_head: 4-bit modes: the untied output head and the embedding, "none"
+        (float), "int8" or "int4" (`deepseek_tf.quantize.HEAD_MODES`).
       jit_compile: "true" = an XLA-compiled decode loop (several times faster for small
         models; the server must allow XLA: `--xla_cpu_compilation_enabled=true`, or
         call the `*_no_xla` signatures),
@@ -247,7 +249,7 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
     tok = tokenizer or load_run_tokenizer(workdir, exp)
     model = quantize_run(model, exp, tok, quantize, group_size, calibration_data,
                          calibration_samples, min(exp.data.seq_len, max_length),
-                         workdir=workdir or "")
+                         workdir=workdir or "", head=quantize_head)
     profile = chat_profile(exp, tok)
     jit = jit_value(jit_compile)
     if jit == "auto":
