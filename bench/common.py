@@ -63,9 +63,15 @@ SMOKE = ISSUE3.replace(hidden_size=64, num_hidden_layers=1, first_k_dense_replac
 SMOKE_BATCH, SMOKE_SEQ = 2, 32
 
 
-def bench_config(smoke: bool) -> tuple[ModelConfig, int, int]:
-    """(model config, batch, sequence length) of the issue-3 benchmark, or of `--smoke`."""
-    return (SMOKE, SMOKE_BATCH, SMOKE_SEQ) if smoke else (ISSUE3, BATCH, SEQ)
+CONFIGS = ("issue3", "matmul")
+
+
+def bench_config(smoke: bool, name: str = "issue3") -> tuple[ModelConfig, int, int]:
+    """(model config, batch, sequence length) of the benchmark `name` (one of `CONFIGS`),
+    or of `--smoke` whatever the name."""
+    if smoke:
+        return SMOKE, SMOKE_BATCH, SMOKE_SEQ
+    return (MATMUL, MATMUL_BATCH, MATMUL_SEQ) if name == "matmul" else (ISSUE3, BATCH, SEQ)
 
 
 # ---- the console ----

@@ -1,8 +1,11 @@
 """Our train step against transformers' DeepseekV3ForCausalLM, same model and batch.
 
-    python bench/compare_hf.py [--rounds=3] [--steps=4] [--precisions=float32,mixed_bfloat16]
+    python bench/compare_hf.py [--config=issue3|matmul] [--rounds=3] [--steps=4]
+                               [--precisions=float32,mixed_bfloat16]
 
-The issue-3 config (bench/common.py: MLA + 16 routed experts, 8 x 256 tokens). The
+`--config` (bench/common.py): issue3 (MLA + 16 routed experts of width 128, hidden 256,
+8 x 256 tokens) or matmul (the same layout at hidden 1024 with experts of width 1024,
+4 x 512 tokens: matmul-bound). The
 method of bench/README.md: each side runs alone in its own fresh process with its
 library's defaults (no thread-policy variables), the sides take turns round after round
 (ours, transformers, ours, ...), and each prints min / median / max tokens/s over the
@@ -35,7 +38,7 @@ def ours(spec: dict) -> dict:
     """Our side: seconds per step of every setting, and the trainer's auto choice."""
     import numpy as np
     import tensorflow as tf
-    cfg, batch, seq = common.bench_config(spec["smoke"])
+    cfg, batch, seq = common.bench_config(spec["smoke"], spec["config"])
     b = dict(np.load(spec["batch"]))
     it = iter(tf.data.Dataset.from_tensors(b).repeat())
     seconds = {}
@@ -54,6 +57,8 @@ def ours(spec: dict) -> dict:
 
 def main(argv=None):
     p = common.parser(__doc__)
+    p.add_argument("--config", choices=common.CONFIGS, default="issue3",
+                   help="issue3 or matmul (bench/common.py)")
     p.add_argument("--rounds", type=int, default=3, help="turns of each side")
     p.add_argument("--steps", type=int, default=4, help="timed steps per setting and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile)")
@@ -71,14 +76,14 @@ def main(argv=None):
     import numpy as np
     from deepseek_tf.convert.hf_config import hf_config_from_model
 
-    cfg, batch, seq = common.bench_config(args.smoke)
+    cfg, batch, seq = common.bench_config(args.smoke, args.config)
     hf_cfg = hf_config_from_model(cfg.replace(rope_interleave=True))  # V3 export layout
     hf_cfg.update(dtype="float32", aux_loss_alpha=0.0, num_nextn_predict_layers=0)
     tmp = tempfile.mkdtemp(prefix="compare-hf-")
     b = common.random_batch(batch, seq, cfg.vocab_size)  # the same batch for both sides
     np.savez(os.path.join(tmp, "batch.npz"), **b)
     np.savez(os.path.join(tmp, "batch_hf.npz"), inputs=b["inputs"][0], targets=b["targets"][0])
-    spec = {"smoke": args.smoke, "steps": args.steps, "warmup": args.warmup,
+    spec = {"smoke": args.smoke, "config": args.config, "steps": args.steps, "warmup": args.warmup,
             "precisions": args.precisions.split(","), "jit": jit, "hf_config": hf_cfg}
     ours_spec = dict(spec, batch=os.path.join(tmp, "batch.npz"), auto=False)
     specs = {"ours": ours_spec, "ours_last": dict(ours_spec, auto=True),  # + the auto choice
@@ -92,7 +97,7 @@ def main(argv=None):
              "transformers": [os.path.join(HERE, "hf_train.py"),
                               f"--spec={tmp}/transformers.json"]}
     tokens = batch * seq
-    print(f"config: {'smoke' if args.smoke else 'issue-3 benchmark'} (bench/common.py), batch "
+    print(f"config: {'smoke' if args.smoke else args.config} (bench/common.py), batch "
           f"{batch} x {seq} = {tokens:,} tokens; {args.steps} timed steps per setting and round "
           f"after {args.warmup} warm-up")
     common.print_sides({"deepseek_tf": sides["deepseek_tf"](0),

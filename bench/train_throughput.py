@@ -32,16 +32,13 @@ COMPUTE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": 
 
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--config", choices=("issue3", "matmul"), default="issue3")
+    p.add_argument("--config", choices=common.CONFIGS, default="issue3")
     p.add_argument("--steps", type=int, default=8, help="timed steps per mode")
     p.add_argument("--precisions", default="float32,mixed_bfloat16")
     args = common.start(p, argv)
     if args.smoke:
         args.steps = 1
-    if args.config == "matmul" and not args.smoke:
-        cfg, batch, seq = common.MATMUL, common.MATMUL_BATCH, common.MATMUL_SEQ
-    else:
-        cfg, batch, seq = common.bench_config(args.smoke)
+    cfg, batch, seq = common.bench_config(args.smoke, args.config)
     precisions = args.precisions.split(",")
     params = count_parameters(cfg)
     fpt = flops_per_token(cfg, seq)
