@@ -1,6 +1,8 @@
 """Config validation, dict round trip, flags and flagfiles, workdir reconciliation."""
 
 import dataclasses
+import glob
+import os
 
 import pytest
 from absl import flags
@@ -115,6 +117,26 @@ def test_every_field_has_a_flag_with_help():
         name = f"{section}.{f.name}"
         assert name in fv, name
         assert fv[name].help and fv[name].default == f.default
+
+
+PRESETS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "configs", "*.flags")))
+
+
+@pytest.fixture(scope="module")
+def preset_flags():
+    return _fresh_flags()  # defined once (~0.5 s); reset to the defaults before each parse
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=os.path.basename)
+def test_every_preset_parses_into_a_valid_experiment(preset_flags, preset):
+    """Each shipped flagfile uses only defined flags, with values the configs accept,
+    and names its own workdir."""
+    fv = preset_flags
+    fv.unparse_flags()
+    fv(["prog", f"--flagfile={preset}"])
+    dflags.experiment_from_flags(fv)  # validates every section; raises ConfigError
+    assert fv.workdir, f"{preset} sets no --workdir"
 
 
 def test_flags_and_flagfile_round_trip(tmp_path):
