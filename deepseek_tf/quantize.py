@@ -1,7 +1,8 @@
 """Keras' own weight quantization of a loaded model for the SavedModel export.
 
-Modes: int8 (per-channel), int4 (round-to-nearest, one scale per `group_size` inputs),
-gptq and awq (4-bit, `group_size`, calibrated with Keras' `GPTQConfig` / `AWQConfig`
+Modes: int8 (per-channel), int4 (round-to-nearest, one scale per `group_size` inputs;
+where `group_size` does not divide a layer's input width, its last group is narrower),
+gptq and awq (4-bit, the same groups, calibrated with Keras' `GPTQConfig` / `AWQConfig`
 on token sequences walked through the decoder blocks one after the other; awq's
 per-channel scales are searched on the layer output by `deepseek_tf.awq`,
 not by Keras' weight-error search).
@@ -62,23 +63,22 @@ GPTQ_BLOCK = 128
 
 
 def _check_group_size(model, wanted, mode: str, group_size: int) -> None:
-    """Every 4-bit layer's input width must be a multiple of `group_size`; GPTQ with one
-    scale per channel (-1) only takes inputs up to `GPTQ_BLOCK` wide."""
+    """GPTQ with one scale per channel (-1) only takes inputs up to `GPTQ_BLOCK` wide.
+    Any positive group size suits every width: Keras makes ceil(width / group_size)
+    groups, the last one narrower where `group_size` does not divide the width."""
     import keras
+    if mode != "gptq" or group_size != -1:
+        return
     for layer in model._flatten_layers():
         if not wanted(layer) or not isinstance(layer, (keras.layers.Dense,
                                                         keras.layers.EinsumDense)):
             continue
         width = int(layer.kernel.shape[0])
-        if group_size == -1 and mode == "gptq" and width > GPTQ_BLOCK:
+        if width > GPTQ_BLOCK:
             raise UserError(f"--quantize=gptq --group_size=-1: Keras' GPTQ makes one scale "
                             f"per {GPTQ_BLOCK} inputs, not per channel, and layer "
-                            f"{layer.path} has {width}; give a group size that divides "
-                            f"the input widths (e.g. 32 or 128).")
-        if group_size > 0 and width % group_size:
-            raise UserError(f"--group_size={group_size} does not divide the input width "
-                            f"{width} of layer {layer.path}; pick a divisor (e.g. 32) or -1 "
-                            f"(one scale per output channel).")
+                            f"{layer.path} has {width}; give a positive group size "
+                            f"(e.g. 128 or 32).")
 
 
 def _calibration_blocks(model) -> list:
