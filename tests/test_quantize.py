@@ -19,6 +19,7 @@ from deepseek_tf.workdir import load_experiment, load_run_tokenizer, load_workdi
 from tests.export.test_saved_model import MAX_LENGTH, PROMPT, _saved_model_cli_run
 from tests.helpers import tiny
 from tests.helpers.corpora import read_split
+from tests.helpers.quantized import dequantized
 from tests.helpers.workdirs import make_workdir
 
 quiet = lambda *_: None  # noqa: E731
@@ -173,42 +174,15 @@ def test_bad_group_size_and_missing_calibration_data_are_refused(tmp_path):
         quantize_run(model, exp, tok, "awq", 16, calibration_data=str(short))
 
 
-def _nibbles(packed, axis, signed):
-    """Keras' 4-bit packing undone in numpy: byte k along `axis` holds values 2k (low
-    nibble) and 2k + 1 (high nibble); signed: two's complement in [-8, 7]."""
-    p = np.asarray(packed).astype(np.uint8)
-    low, high = (p & 15).astype(np.int64), (p >> 4).astype(np.int64)
-    if signed:
-        low, high = np.where(low > 7, low - 16, low), np.where(high > 7, high - 16, high)
-    shape = list(p.shape)
-    shape[axis] *= 2
-    return np.stack([low, high], axis + 1).reshape(shape)
-
-
-def _dequantized(layer):
-    """The float kernel (in, out) that a 4-bit Dense layer's stored variables encode,
-    rebuilt in numpy, with each input's group scale (in, out)."""
-    g_idx, units = layer.g_idx.numpy().astype(np.int64), layer.units     # (in,)
-    if layer.quantization_mode == "int4":          # q (in, out), scale/zero (groups, out)
-        q = _nibbles(layer._kernel.numpy(), 1, signed=True)[:, :units]
-        scale, zero = layer.kernel_scale.numpy()[g_idx], layer.kernel_zero.numpy()[g_idx]
-        return (q - zero) * scale, scale
-    q = _nibbles(layer.quantized_kernel.numpy(), 0, signed=False)[:units].T   # (in, out)
-    scale = layer.kernel_scale.numpy()[:, g_idx].T              # (out, groups) -> (in, out)
-    w = (q - layer.kernel_zero.numpy()[:, g_idx].T) * scale
-    if layer.quantization_mode == "awq":
-        w = w / layer.awq_scales.numpy()[:, None]
-    return w, scale
-
-
 def test_a_group_size_that_does_not_divide_the_widths_quantizes_like_numpy(tmp_path):
     """Group size 32 on a model 48 wide with an MLP of 80 (every projection's last group
     is narrower: 16 inputs): int4, gptq and awq make ceil(width / 32) groups, each of 32
     inputs but one of width % 32, and every projection's output is x times the kernel
     rebuilt in numpy from its stored 4-bit values, group scales and zero points.
     Round-to-nearest is within half a group scale of the float weight (int4 on W, awq on
-    W diag(s)); gptq moves weights to compensate errors, so it is not. (The export of
-    a narrower last group: the saved_model_cli test above.)"""
+    W diag(s)); gptq moves weights to compensate errors, so it is not. gptq and awq
+    calibrate on exactly the windows given, in order. (The export of a narrower last
+    group: the saved_model_cli test above.)"""
     workdir, _ = make_workdir(str(tmp_path / "run"), "gqa", hidden_size=48,
                               intermediate_size=80, num_hidden_layers=1)
     tok = load_run_tokenizer(workdir, load_experiment(workdir))
@@ -218,13 +192,19 @@ def test_a_group_size_that_does_not_divide_the_widths_quantizes_like_numpy(tmp_p
         model, _ = load_workdir(workdir)
         floats = {layer.path: layer.kernel.numpy() for b in model.blocks
                   for layer in b._flatten_layers() if isinstance(layer, keras.layers.Dense)}
+        embedded = []                  # what Keras' calibration walk embeds: the windows
+        object.__setattr__(model.embed_tokens, "call", lambda ids, _call=model.embed_tokens.call:
+                           embedded.append(np.asarray(ids)) or _call(ids))
         quantize_weights(model, mode, 32, windows, tok, head="none")
+        object.__delattr__(model.embed_tokens, "call")
+        if mode != "int4":
+            np.testing.assert_array_equal(np.concatenate(embedded), windows)
         for b in model.blocks:
             for layer in b._flatten_layers():
                 if not isinstance(layer, keras.layers.Dense):
                     continue
                 assert layer.quantization_mode == mode, layer.path
-                w, scale = _dequantized(layer)
+                w, scale = dequantized(layer)
                 width = w.shape[0]
                 groups = np.bincount(layer.g_idx.numpy().astype(np.int64))
                 assert sorted(groups) == sorted([32] * (width // 32) + [width % 32]), groups
