@@ -86,9 +86,9 @@ def test_gptq_beats_round_to_nearest_and_the_awq_saved_model_is_close(trained_de
     plain int4 round-to-nearest's, and AWQ's scale search lowered every layer's output
     error on the calibration inputs below round-to-nearest's (alpha = 0) or kept it
     there. Measured here (head and embedding in int8, the default): int4 0.00043, GPTQ
-    0.00019, AWQ 0.00026 (in int4: 0.00210, 0.00154, 0.00183; Keras' own AWQ search:
-    0.00214). The AWQ SavedModel scores as the quantized model in memory, within
-    0.25 nats of float per token."""
+    0.00006, AWQ 0.00027 (GPTQ with Keras 3.15's own error feedback: 0.00019). The AWQ
+    SavedModel scores as the quantized model in memory, within 0.25 nats of float per
+    token."""
     exp = load_experiment(trained_dense_run)
     ids = _validation_windows(exp.data.data_dir)
     kl = {}
@@ -106,7 +106,7 @@ def test_gptq_beats_round_to_nearest_and_the_awq_saved_model_is_close(trained_de
     print(kl)
     quantized = score_tokens(model, tf.constant([PROMPT]))[0].numpy()     # awq, in memory
     assert kl["int4"] > 0, kl
-    assert kl["gptq"] < 0.95 * kl["int4"], kl
+    assert kl["gptq"] < 0.5 * kl["int4"], kl
     assert kl["awq"] < 0.95 * kl["int4"], kl
     searched = {x.path for b in model.blocks for x in b._flatten_layers()
                 if getattr(x, "quantization_mode", None) == "awq"}
