@@ -39,8 +39,8 @@ import warnings
 import numpy as np
 
 from deepseek_tf.awq import output_error_search
-from deepseek_tf.gptq import cholesky_updates
 from deepseek_tf.errors import UserError
+from deepseek_tf.gptq import cholesky_updates
 from deepseek_tf.workdir_files import prepared_data_dir
 
 MODES = ("none", "int8", "int4", "gptq", "awq")
