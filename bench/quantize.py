@@ -84,8 +84,8 @@ def validation_losses(model, exp, windows: int, workdir: str):
     t = exp.data.seq_len
     n = min(windows, flat.size // t)
     ids = tf.constant(flat[:n * t].reshape(n, t).astype(np.int32))
-    log_probs, _ = score_tokens(model, ids)                          # (N, T - 1)
-    return -tf.reduce_mean(log_probs, -1).numpy()
+    log_probs, _ = score_tokens(model, ids)                # (N, T), 0 at the first token
+    return -tf.reduce_mean(log_probs[:, 1:], -1).numpy()
 
 
 def decode_ms(path: str, new: int, repeats: int) -> tuple[float, float, float]:
