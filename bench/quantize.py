@@ -1,6 +1,6 @@
 """Weight quantization: size, decode speed and quality for none / int8 / int4 / gptq / awq.
 
-    python bench/quantize.py [--workdir=runs/tiny] [--group_size=32] [--quantize_head=int8]
+    python bench/quantize.py [--workdir=runs/tiny] [--group_size=128] [--quantize_head=int8]
                              [--demo_run=runs/sft-lora-tiny
                               --demo_data=data/sft-demo/heldout.jsonl] [--smoke]
 
@@ -15,11 +15,14 @@ mode it prints:
              median / max over --repeats rounds
   val loss   mean next-token cross-entropy (nats per token) on the run's validation
              split, cut in windows of the run's sequence length (at most 64 windows)
+  vs int4    gptq/awq: their val loss minus int4's, mean over the windows +- its
+             standard error (window by window, so the noise of 64 windows shows)
   demo EM    with `--demo_run` (e.g. `make demo`'s LoRA run): exact match of greedy
              answers to `--demo_data` (`evaluate` with --quantize; first --demo_samples);
              gptq/awq: one figure per `--demo_calibration` count of calibration windows
-             (capped at the windows the demo run's data holds: `make demo`'s has 47, so
-             there the figures show run-to-run spread, not the calibration set's)
+             (the first N of the demo run's data; capped at what it holds: `make demo`'s
+             has 47 windows of 256 tokens). The calibration is deterministic: the same
+             count gives the same figure in every run.
 4-bit modes keep the untied output head and the embedding in `--quantize_head`
 (none = float, int8, int4; export's default).
 Figures only; quote them from a quiet machine. `--smoke`: a 2-step model, 2 windows.
@@ -63,8 +66,9 @@ def trained_run(path: str, steps: int, smoke: bool) -> str:
     return run
 
 
-def validation_loss(model, exp, windows: int, workdir: str) -> float:
-    """Mean next-token NLL over the validation split of the run's prepared data."""
+def validation_losses(model, exp, windows: int, workdir: str):
+    """Mean next-token NLL of each window (N,) of the validation split of the run's
+    prepared data (windows of the run's sequence length, at most `windows`)."""
     import numpy as np
     import tensorflow as tf
 
@@ -80,8 +84,8 @@ def validation_loss(model, exp, windows: int, workdir: str) -> float:
     t = exp.data.seq_len
     n = min(windows, flat.size // t)
     ids = tf.constant(flat[:n * t].reshape(n, t).astype(np.int32))
-    log_probs, _ = score_tokens(model, ids)
-    return float(-tf.reduce_sum(log_probs) / (n * (t - 1)))
+    log_probs, _ = score_tokens(model, ids)                # (N, T), 0 at the first token
+    return -tf.reduce_mean(log_probs[:, 1:], -1).numpy()
 
 
 def decode_ms(path: str, new: int, repeats: int) -> tuple[float, float, float]:
@@ -108,7 +112,7 @@ def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--workdir", default="", help="a trained run (default: train one here)")
     p.add_argument("--train_steps", type=int, default=300)
-    p.add_argument("--group_size", type=int, default=32)
+    p.add_argument("--group_size", type=int, default=128)
     p.add_argument("--calibration_samples", type=int, default=128)
     p.add_argument("--quantize_head", choices=HEAD_MODES, default=HEAD_DEFAULT)
     p.add_argument("--new_tokens", type=int, default=32)
@@ -116,7 +120,7 @@ def main(argv=None):
     p.add_argument("--demo_run", default="")
     p.add_argument("--demo_data", default=os.path.join("data", "sft-demo", "heldout.jsonl"))
     p.add_argument("--demo_samples", type=int, default=200)
-    p.add_argument("--demo_calibration", default="64,128,256",
+    p.add_argument("--demo_calibration", default="16,32,256",
                    help="gptq/awq demo EM: comma-separated calibration window counts")
     a = common.start(p, argv)
     from deepseek_tf.evaluate import evaluate_workdir
@@ -129,22 +133,27 @@ def main(argv=None):
     samples, windows, new = (2, 2, 3) if a.smoke else (a.calibration_samples, 64, a.new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = a.workdir or trained_run(tmp, 2 if a.smoke else a.train_steps, a.smoke)
-        group = 16 if a.smoke else a.group_size
+        group = 24 if a.smoke else a.group_size      # smoke: 32 wide, a narrower last group
         print(f"model: {workdir if a.workdir else 'configs/tiny.flags trained here'}; "
               f"group size {group}; gptq/awq on {samples} calibration windows; "
               f"head and embedding of the 4-bit modes: {a.quantize_head}")
         header = (f"{'mode':<6} {'MiB':>7} {'x fp32':>7} {'ms/token min/med/max':>21} "
-                  f"{'val loss':>9}")
+                  f"{'val loss':>9} {'vs int4':>17}")
         if a.demo_run:
             header += f" {'demo EM':>8} (gptq/awq: {a.demo_calibration} windows)"
         print(header)
-        base = None
+        base = rtn = None
         for mode in modes:
             model, exp = load_workdir(workdir)
             tok = load_run_tokenizer(workdir, exp)
             model = quantize_run(model, exp, tok, mode, group, calibration_samples=samples,
                                  workdir=workdir, head=a.quantize_head)
-            loss = validation_loss(model, exp, windows, workdir)
+            losses = validation_losses(model, exp, windows, workdir)
+            rtn = losses if mode == "int4" else rtn
+            diff = ""
+            if mode in ("gptq", "awq") and rtn is not None:
+                d = losses - rtn
+                diff = f"{d.mean():+.4f} +- {d.std(ddof=1) / len(d) ** 0.5:.4f}"
             path = os.path.join(tmp, f"sm_{mode}")
             export(model, exp, "saved_model", path, log=quiet, workdir=workdir,
                    max_length=64)          # already quantized in memory
@@ -152,7 +161,8 @@ def main(argv=None):
                                                 "variables.data-00000-of-00001"))
             base = base or size
             ms = "/".join(f"{v:.2f}" for v in decode_ms(path, new, a.repeats))
-            row = f"{mode:<6} {size / 2 ** 20:>7.2f} {size / base:>7.2f} {ms:>21} {loss:>9.4f}"
+            row = (f"{mode:<6} {size / 2 ** 20:>7.2f} {size / base:>7.2f} {ms:>21} "
+                   f"{losses.mean():>9.4f} {diff:>17}")
             if a.demo_run:
                 counts = ([int(n) for n in a.demo_calibration.split(",")]
                           if mode in ("gptq", "awq") else [0])
@@ -167,7 +177,7 @@ def main(argv=None):
                                               quantize=q)
                     scores.append(f"{result['metrics']['exact_match']:.1f}%")
                 row += f" {'/'.join(scores):>8}"
-            print(row)
+            print(row.rstrip())
 
 
 if __name__ == "__main__":

@@ -49,10 +49,19 @@ UNCLIPPED = ("q_proj", "k_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
 last_errors: dict = {}
 
 
+def _grouped(w, group_size: int):
+    """`w` (out, in) cut in groups of `group_size` inputs, (out, groups, group_size); a
+    last group narrower than the others (Keras' ceil(in / group_size) groups) is padded
+    with zeros, which change no range below (0 is in every one) and quantize to 0."""
+    out, width = w.shape
+    groups = -(-width // group_size)
+    return np.pad(w, [(0, 0), (0, groups * group_size - width)]).reshape(
+        out, groups, group_size)
+
+
 def _ranges(w, group_size: int):
     """Per (output, group) min and max of `w` (out, in), 0 included: (out, groups) each."""
-    out, width = w.shape
-    g = w.reshape(out, width // group_size, group_size)
+    g = _grouped(w, group_size)
     return np.minimum(g.min(-1), 0.0), np.maximum(g.max(-1), 0.0)
 
 
@@ -65,7 +74,7 @@ def _params(lo, hi):
 
 def _fake_quant(w, scale, zero, group_size: int):
     """Quantize-dequantize `w` (out, in) with per (out, group) `scale`, `zero`."""
-    s, z = (np.repeat(a, group_size, axis=1) for a in (scale, zero))
+    s, z = (np.repeat(a, group_size, axis=1)[:, :w.shape[1]] for a in (scale, zero))
     return (np.clip(np.round(w / s + z), 0, MAXQ) - z) * s
 
 
@@ -107,18 +116,19 @@ def search(gram, magnitude, kernel, group_size: int, clip: bool = True):
             best = (err, s)
     errors["scaled"], s = best
     scaled = w * s
-    gram_s = gram / np.outer(s, s)                           # of X / s
-    out, groups = w.shape[0], width // group_size
+    lo, hi = _ranges(scaled, group_size)
+    out, groups = lo.shape
+    pad = groups * group_size - width                        # the last group's padding
+    gram_s = np.pad(gram / np.outer(s, s), [(0, pad), (0, pad)])   # of X / s
     blocks = np.stack([gram_s[g * group_size:(g + 1) * group_size,
                               g * group_size:(g + 1) * group_size]
                        for g in range(groups)])             # (G, g, g)
-    lo, hi = _ranges(scaled, group_size)
     best_err = np.full((out, groups), np.inf)
     best_lo, best_hi = lo, hi
     for ratio in np.linspace(1.0, MIN_CLIP, CLIP_GRID + 1) if clip else [1.0]:
         scale, zero = _params(lo * ratio, hi * ratio)
-        d = (scaled - _fake_quant(scaled, scale, zero, group_size)).reshape(
-            out, groups, group_size)                        # (out, G, g)
+        d = _grouped(scaled - _fake_quant(scaled, scale, zero, group_size),
+                     group_size)                            # (out, G, g)
         err = np.einsum("ogi,gij,ogj->og", d, blocks, d)
         better = err < best_err
         best_err = np.where(better, err, best_err)

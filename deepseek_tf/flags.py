@@ -99,9 +99,10 @@ def define_quantize(help_text: str = "", choices=None) -> None:
         "scales searched on the layer output); kv_b_proj, a tied "
         "embedding, norms, routers and MoE expert stacks stay float."), module_name=module)
     flags.DEFINE_integer("group_size", 128, "int4/gptq/awq: input channels per 4-bit scale; "
-                         "must divide each quantized layer's input width (configs/tiny.flags: "
-                         "32); -1 = one scale per output channel (gptq: only for inputs up to "
-                         "128 wide).", lower_bound=-1, module_name=module)
+                         "a layer whose input width it does not divide gets a narrower last "
+                         "group (tflite/litertlm int4 needs a divisor); -1 = one scale per "
+                         "output channel (gptq: only for inputs up to 128 wide).",
+                         lower_bound=-1, module_name=module)
     flags.DEFINE_string("calibration_data", "", "gptq/awq: a JSONL/text file or a prepared "
                         "data directory to calibrate on; empty = the run's own prepared data "
                         "(its --data.data_dir, else WORKDIR/data).", module_name=module)

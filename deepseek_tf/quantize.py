@@ -1,13 +1,17 @@
 """Keras' own weight quantization of a loaded model for the SavedModel export.
 
-Modes: int8 (per-channel), int4 (round-to-nearest, one scale per `group_size` inputs),
-gptq and awq (4-bit, `group_size`, calibrated with Keras' `GPTQConfig` / `AWQConfig`
+Modes: int8 (per-channel), int4 (round-to-nearest, one scale per `group_size` inputs;
+where `group_size` does not divide a layer's input width, its last group is narrower),
+gptq and awq (4-bit, the same groups, calibrated with Keras' `GPTQConfig` / `AWQConfig`
 on token sequences walked through the decoder blocks one after the other; awq's
 per-channel scales are searched on the layer output by `deepseek_tf.awq`,
 not by Keras' weight-error search).
 GPTQ quantizes the columns in activation order (largest Hessian diagonal first; on the
 fine-tuning demo it is as good or better than Keras' default order and varies less
-with the calibration set), with Keras' damping (0.01 of the mean diagonal).
+with the calibration set), with Keras' damping (0.01 of the mean diagonal) and the
+GPTQ paper's error feedback (`deepseek_tf.gptq`; Keras 3.15's is right for the first
+column only). Both calibrate on exactly the windows given (Keras re-cuts them at an
+offset that changes from process to process).
 
 Kept in float in every mode: MLA's `kv_b_proj` (the absorbed decode folds its kernel
 into the query; it is small), a tied embedding (it doubles as the output head), norms,
@@ -36,6 +40,7 @@ import numpy as np
 
 from deepseek_tf.awq import output_error_search
 from deepseek_tf.errors import UserError
+from deepseek_tf.gptq import cholesky_updates
 from deepseek_tf.workdir_files import prepared_data_dir
 
 MODES = ("none", "int8", "int4", "gptq", "awq")
@@ -62,23 +67,22 @@ GPTQ_BLOCK = 128
 
 
 def _check_group_size(model, wanted, mode: str, group_size: int) -> None:
-    """Every 4-bit layer's input width must be a multiple of `group_size`; GPTQ with one
-    scale per channel (-1) only takes inputs up to `GPTQ_BLOCK` wide."""
+    """GPTQ with one scale per channel (-1) only takes inputs up to `GPTQ_BLOCK` wide.
+    Any positive group size suits every width: Keras makes ceil(width / group_size)
+    groups, the last one narrower where `group_size` does not divide the width."""
     import keras
+    if mode != "gptq" or group_size != -1:
+        return
     for layer in model._flatten_layers():
         if not wanted(layer) or not isinstance(layer, (keras.layers.Dense,
                                                         keras.layers.EinsumDense)):
             continue
         width = int(layer.kernel.shape[0])
-        if group_size == -1 and mode == "gptq" and width > GPTQ_BLOCK:
+        if width > GPTQ_BLOCK:
             raise UserError(f"--quantize=gptq --group_size=-1: Keras' GPTQ makes one scale "
                             f"per {GPTQ_BLOCK} inputs, not per channel, and layer "
-                            f"{layer.path} has {width}; give a group size that divides "
-                            f"the input widths (e.g. 32 or 128).")
-        if group_size > 0 and width % group_size:
-            raise UserError(f"--group_size={group_size} does not divide the input width "
-                            f"{width} of layer {layer.path}; pick a divisor (e.g. 32) or -1 "
-                            f"(one scale per output channel).")
+                            f"{layer.path} has {width}; give a positive group size "
+                            f"(e.g. 128 or 32).")
 
 
 def _calibration_blocks(model) -> list:
@@ -122,6 +126,24 @@ def _calibration_hooks_reachable(layers):
     finally:
         for layer in layers:
             object.__delattr__(layer, "quantized_call")
+
+
+@contextlib.contextmanager
+def _windows_as_given():
+    """Keras 3.15's GPTQ/AWQ cut their calibration windows anew from the concatenated
+    dataset at an offset drawn from `hash(("gptq-calib", seed))`, which differs from
+    process to process (Python's string hashing is salted): the same command calibrated
+    on different windows each run. Within: both take the given (N, T) windows as they are."""
+    from keras.src.quantizers import awq_core, gptq_core
+
+    def given(tokenizer, sequence_length, dataset, num_samples=128, **_):
+        return np.asarray(dataset, np.int32)[:num_samples, None, :]   # (N, 1, T)
+    kept = gptq_core.get_dataloader, awq_core.get_dataloader
+    gptq_core.get_dataloader = awq_core.get_dataloader = given
+    try:
+        yield
+    finally:
+        gptq_core.get_dataloader, awq_core.get_dataloader = kept
 
 
 @contextlib.contextmanager
@@ -230,9 +252,9 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
             config = (keras.quantizers.GPTQConfig(**options, activation_order=True)
                       if mode == "gptq" else keras.quantizers.AWQConfig(**options))
             targets = [x for b in model.blocks for x in b._flatten_layers() if id(x) in inside]
-            search = output_error_search() if mode == "awq" else contextlib.nullcontext()
+            search = output_error_search() if mode == "awq" else cholesky_updates()
             try:
-                with _calibration_hooks_reachable(targets), search:
+                with _calibration_hooks_reachable(targets), _windows_as_given(), search:
                     model.quantize(mode, config=config,  # the walk filters layers again
                                    filters=lambda layer: id(layer) in inside)
             except ValueError as e:

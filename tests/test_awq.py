@@ -1,6 +1,7 @@
 """The output-error AWQ search against Keras' own 4-bit quantizer."""
 
 import numpy as np
+import pytest
 from keras.src.quantizers.quantizers import (compute_quantization_parameters,
                                              dequantize_with_sz_map, quantize_with_sz_map)
 
@@ -14,24 +15,27 @@ def _keras_dequantized(w, scale, zero, group_size):
     return np.asarray(dequantize_with_sz_map(q, scale, zero, g_idx))
 
 
-def test_the_search_beats_round_to_nearest_on_the_output_with_keras_own_rounding():
+@pytest.mark.parametrize("group_size", [32, 24])      # 24: groups of 24, 24 and 16
+def test_the_search_beats_round_to_nearest_on_the_output_with_keras_own_rounding(group_size):
     """Inputs with a few large channels (what AWQ protects): the output error of the
     chosen scales is below plain round-to-nearest's, clipping lowers it further, and
-    each error is what Keras' own quantize/dequantize of the returned variables gives."""
+    each error is what Keras' own quantize/dequantize of the returned variables gives,
+    also where the group size does not divide the width (Keras' last group is then
+    narrower)."""
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (512, 64)) * np.where(np.arange(64) % 16 == 3, 20.0, 1.0)  # (N, in)
     kernel = rng.normal(0, 0.1, (64, 24))                                   # (in, out)
     gram = x.T @ x
-    s, scaled, scale, zero, errors = search(gram, np.abs(x).mean(0), kernel, 32)
+    s, scaled, scale, zero, errors = search(gram, np.abs(x).mean(0), kernel, group_size)
 
     def output_error(dequantized):
         return float(np.sum((x @ (kernel - dequantized.T)) ** 2))
     keras_scale, keras_zero, _ = compute_quantization_parameters(
-        kernel.T.astype(np.float32), bits=4, per_channel=True, group_size=32)
-    rtn = _keras_dequantized(kernel.T.astype(np.float32), keras_scale, keras_zero, 32)
+        kernel.T.astype(np.float32), bits=4, per_channel=True, group_size=group_size)
+    rtn = _keras_dequantized(kernel.T.astype(np.float32), keras_scale, keras_zero, group_size)
     np.testing.assert_allclose(errors["rtn"], output_error(rtn), rtol=1e-4)
     np.testing.assert_allclose(scaled, kernel.T * s, rtol=1e-5)
-    chosen = _keras_dequantized(scaled, scale, zero, 32) / s                # (out, in)
+    chosen = _keras_dequantized(scaled, scale, zero, group_size) / s        # (out, in)
     np.testing.assert_allclose(errors["clipped"], output_error(chosen), rtol=1e-4)
     assert errors["clipped"] <= errors["scaled"] < 0.9 * errors["rtn"], errors
     assert s[3] > s[4], s                           # the large channels are scaled up

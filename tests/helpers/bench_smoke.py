@@ -56,10 +56,11 @@ RESULTS = {
              r"^sampling \(s\) +[\d.]+ +[\d.]+ +[\d.]+$",
              r"^tokens/s +[\d,]+ +[\d,]+ +[\d,]+$",
              r"^rollout share of step time: \d+%; median generator [\d,]+ tokens/s$"],
-    "quantize": [r"^mode +MiB +x fp32 +ms/token min/med/max +val loss$",
+    "quantize": [r"^mode +MiB +x fp32 +ms/token min/med/max +val loss +vs int4$",
                  r"^none +[\d.]+ +1\.00 +(-?[\d.]+/){2}-?[\d.]+ +[\d.]+$",
                  r"^int4 +[\d.]+ +0\.\d+ +(-?[\d.]+/){2}-?[\d.]+ +[\d.]+$",
-                 r"^awq +[\d.]+ +0\.\d+ +(-?[\d.]+/){2}-?[\d.]+ +[\d.]+$"],
+                 r"^awq +[\d.]+ +0\.\d+ +(-?[\d.]+/){2}-?[\d.]+ +[\d.]+ +[+-][\d.]+ \+- "
+                 r"[\d.]+$"],
     "moe_decode": [r"^E=8: top-2, expert width 96, ",
                    r"^decode at T=16 \(XLA off\) +min +median +max +ms/token",
                    r"^XLA off: E=8 / E=4 decode time [\d.]+x \(target <= 1.2\)$",
