@@ -17,6 +17,9 @@ mode it prints:
              split, cut in windows of the run's sequence length (at most 64 windows)
   vs int4    gptq/awq: their val loss minus int4's, mean over the windows +- its
              standard error (window by window, so the noise of 64 windows shows)
+  KL         mean KL(float || mode) of the next-token distributions on those windows
+             (nats per token): what GPTQ and AWQ minimise, and finer than the loss,
+             whose differences at this size are as large as the rounding's noise
   demo EM    with `--demo_run` (e.g. `make demo`'s LoRA run): exact match of greedy
              answers to `--demo_data` (`evaluate` with --quantize; first --demo_samples);
              gptq/awq: one figure per `--demo_calibration` count of calibration windows
@@ -66,15 +69,14 @@ def trained_run(path: str, steps: int, smoke: bool) -> str:
     return run
 
 
-def validation_losses(model, exp, windows: int, workdir: str):
-    """Mean next-token NLL of each window (N,) of the validation split of the run's
-    prepared data (windows of the run's sequence length, at most `windows`)."""
+def validation_windows(exp, windows: int, workdir: str):
+    """The run's validation split cut in windows of its sequence length, at most
+    `windows` of them: (N, T) int32."""
     import numpy as np
     import tensorflow as tf
 
     from deepseek_tf.data.pipeline import documents
     from deepseek_tf.data.shards import read_metadata, shard_paths
-    from deepseek_tf.scoring import score_tokens
     from deepseek_tf.workdir_files import prepared_data_dir
     data_dir = prepared_data_dir(exp.data.data_dir, workdir)
     meta = read_metadata(data_dir)
@@ -83,9 +85,27 @@ def validation_losses(model, exp, windows: int, workdir: str):
     flat = np.concatenate([t.numpy() for t, _ in docs])
     t = exp.data.seq_len
     n = min(windows, flat.size // t)
-    ids = tf.constant(flat[:n * t].reshape(n, t).astype(np.int32))
+    return tf.constant(flat[:n * t].reshape(n, t).astype(np.int32))
+
+
+def validation_losses(model, ids):
+    """Mean next-token NLL of each window of `ids` (N, T): (N,)."""
+    import tensorflow as tf
+
+    from deepseek_tf.scoring import score_tokens
     log_probs, _ = score_tokens(model, ids)                # (N, T), 0 at the first token
     return -tf.reduce_mean(log_probs[:, 1:], -1).numpy()
+
+
+def kl_to(reference, model, ids, chunk: int = 8) -> float:
+    """Mean KL(reference || model) of the next-token distributions over `ids` (N, T)."""
+    import tensorflow as tf
+    total = 0.0
+    for i in range(0, int(ids.shape[0]), chunk):
+        p, q = (tf.nn.log_softmax(tf.cast(m(ids[i:i + chunk]), tf.float32))
+                for m in (reference, model))                        # (n, T, V)
+        total += float(tf.reduce_sum(tf.exp(p) * (p - q)))
+    return total / float(ids.shape[0] * ids.shape[1])
 
 
 def decode_ms(path: str, new: int, repeats: int) -> tuple[float, float, float]:
@@ -138,17 +158,20 @@ def main(argv=None):
               f"group size {group}; gptq/awq on {samples} calibration windows; "
               f"head and embedding of the 4-bit modes: {a.quantize_head}")
         header = (f"{'mode':<6} {'MiB':>7} {'x fp32':>7} {'ms/token min/med/max':>21} "
-                  f"{'val loss':>9} {'vs int4':>17}")
+                  f"{'val loss':>9} {'vs int4':>17} {'KL':>9}")
         if a.demo_run:
             header += f" {'demo EM':>8} (gptq/awq: {a.demo_calibration} windows)"
         print(header)
-        base = rtn = None
+        base = rtn = reference = None
         for mode in modes:
             model, exp = load_workdir(workdir)
             tok = load_run_tokenizer(workdir, exp)
             model = quantize_run(model, exp, tok, mode, group, calibration_samples=samples,
                                  workdir=workdir, head=a.quantize_head)
-            losses = validation_losses(model, exp, windows, workdir)
+            ids = validation_windows(exp, windows, workdir)
+            losses = validation_losses(model, ids)
+            reference = model if reference is None else reference   # "none" comes first
+            kl = kl_to(reference, model, ids)
             rtn = losses if mode == "int4" else rtn
             diff = ""
             if mode in ("gptq", "awq") and rtn is not None:
@@ -162,7 +185,7 @@ def main(argv=None):
             base = base or size
             ms = "/".join(f"{v:.2f}" for v in decode_ms(path, new, a.repeats))
             row = (f"{mode:<6} {size / 2 ** 20:>7.2f} {size / base:>7.2f} {ms:>21} "
-                   f"{losses.mean():>9.4f} {diff:>17}")
+                   f"{losses.mean():>9.4f} {diff:>17} {kl:>9.2e}")
             if a.demo_run:
                 counts = ([int(n) for n in a.demo_calibration.split(",")]
                           if mode in ("gptq", "awq") else [0])

@@ -97,8 +97,11 @@ def _calibration_blocks(model) -> list:
         def __init__(self, inner):
             super().__init__(name=f"calibrate_{inner.name}")
             self.inner = inner
+            self.recorded = []        # its inputs, until the AWQ search takes them
 
         def call(self, x):                                      # (1, T, D)
+            if self.recorded is not None:
+                self.recorded.append(x)
             b, t = tf.shape(x)[0], tf.shape(x)[1]
             positions = tf.broadcast_to(tf.range(t, dtype=tf.int32), [b, t])
             mask = attention_mask(tf.ones([b, t], tf.int32))   # (B, 1, T, T)
@@ -252,7 +255,7 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
             config = (keras.quantizers.GPTQConfig(**options, activation_order=True)
                       if mode == "gptq" else keras.quantizers.AWQConfig(**options))
             targets = [x for b in model.blocks for x in b._flatten_layers() if id(x) in inside]
-            search = output_error_search() if mode == "awq" else cholesky_updates()
+            search = output_error_search(blocks) if mode == "awq" else cholesky_updates()
             try:
                 with _calibration_hooks_reachable(targets), _windows_as_given(), search:
                     model.quantize(mode, config=config,  # the walk filters layers again

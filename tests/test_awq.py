@@ -39,3 +39,34 @@ def test_the_search_beats_round_to_nearest_on_the_output_with_keras_own_rounding
     np.testing.assert_allclose(errors["clipped"], output_error(chosen), rtol=1e-4)
     assert errors["clipped"] <= errors["scaled"] < 0.9 * errors["rtn"], errors
     assert s[3] > s[4], s                           # the large channels are scaled up
+
+
+def test_the_block_search_shares_one_scale_and_lowers_the_block_output_error():
+    """Two projections reading one input (gate/up) inside a small SwiGLU block: the
+    shared scales of `block_search` give the block-output error it reports (recomputed
+    here with numpy from the fake-quantized kernels), below alpha = 0's, and they
+    protect the large input channels."""
+    import tensorflow as tf
+
+    from deepseek_tf.awq import block_search, fake_quantized
+    rng = np.random.default_rng(0)
+    big = np.where(np.arange(32) % 8 == 5, 10.0, 1.0)
+    x = (rng.normal(0, 1, (4, 16, 32)) * big).astype(np.float32)          # (N, T, D)
+    gate, up = (tf.Variable(rng.normal(0, 0.2, (32, 48)).astype(np.float32)) for _ in "gu")
+    down = rng.normal(0, 0.2, (48, 32)).astype(np.float32)
+
+    def swiglu(h, g, u):
+        a = h @ g
+        return h + (a / (1 + np.exp(-a))) * (h @ u) @ down
+
+    def block(h):
+        return swiglu(np.asarray(h, np.float64), gate.numpy(), up.numpy())
+    floats = gate.numpy(), up.numpy()
+    s, errors = block_search(block, list(x[:, None]), [(gate, 32), (up, 32)],
+                             np.abs(x).reshape(-1, 32).mean(0), 16, tokens=32)
+    np.testing.assert_array_equal(gate.numpy(), floats[0])        # the kernels restored
+    quantized = swiglu(x, *(fake_quantized(k, s, 16) for k in floats))
+    np.testing.assert_allclose(errors["block"], np.sum((quantized - swiglu(x, *floats)) ** 2),
+                               rtol=1e-4)
+    assert errors["block"] < 0.9 * errors["block_rtn"], errors
+    assert s[5] > s[4], s
