@@ -162,13 +162,13 @@ def main(argv=None):
         if a.demo_run:
             header += f" {'demo EM':>8} (gptq/awq: {a.demo_calibration} windows)"
         print(header)
-        base = rtn = reference = None
+        base = rtn = reference = ids = None
         for mode in modes:
             model, exp = load_workdir(workdir)
             tok = load_run_tokenizer(workdir, exp)
             model = quantize_run(model, exp, tok, mode, group, calibration_samples=samples,
                                  workdir=workdir, head=a.quantize_head)
-            ids = validation_windows(exp, windows, workdir)
+            ids = validation_windows(exp, windows, workdir) if ids is None else ids
             losses = validation_losses(model, ids)
             reference = model if reference is None else reference   # "none" comes first
             kl = kl_to(reference, model, ids)

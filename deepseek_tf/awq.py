@@ -8,8 +8,9 @@ no clipping search. The AWQ paper (and llm-awq, AutoAWQ) choose them on the outp
      [0, 1] (alpha = 0 is plain round-to-nearest, so the search never does worse than
      it on the calibration batch), chosen by `block_search` on the *decoder block's*
      output with the rest of the block in float; projections that read the same input
-     (q/k/v after the input norm, gate/up after the post-attention norm) share one: a layer's own output error misses how its error spreads through q.k^T and
-     softmax or SiLU(gate) * up. On the tiny preset, one alpha per layer chosen on the
+     (q/k/v after the input norm, gate/up after the post-attention norm) share one: a
+     layer's own output error misses how its error spreads through q.k^T and softmax
+     or SiLU(gate) * up. On the tiny preset, one alpha per layer chosen on the
      layer's own output raised the validation loss 0.0037 above int4's; the shared
      block search ends level with it (README "4-bit weights").
   2. clipping (off: `CLIP`): per output channel and input group, shrink the [min, max]
@@ -209,7 +210,6 @@ def _searching_awq_class(block_of):
     `block_of` (id(layer) -> its calibration block, which keeps its inputs in
     `recorded`) get their scales from `block_search` over the projections of that
     block that read the same input."""
-    """Keras' per-layer AWQ quantizer with `search` in place of its own."""
     from keras import ops
     from keras.src import quantizers
     from keras.src.quantizers.awq import AWQ
@@ -285,11 +285,14 @@ def _searching_awq_class(block_of):
 def output_error_search(blocks=()):
     """Within: Keras' `awq` mode quantizes each layer with `search` (each layer's
     output errors land in `last_errors`); the layers inside `blocks` (Keras' walk's
-    sequential blocks, each with `inner` the decoder block and `recorded` a list that
-    collects its calibration inputs) take their scales from `block_search`."""
+    sequential blocks, each with `inner` the decoder block and `recorded`, set to a
+    list here, collecting its inputs while not None) take their scales from
+    `block_search`."""
     from keras.src.quantizers import awq_core
     keras_awq = awq_core.AWQ
     block_of = {id(x): b for b in blocks for x in b.inner._flatten_layers()}
+    for b in blocks:
+        b.recorded = []                  # until its search takes them
     awq_core.AWQ = _searching_awq_class(block_of)
     last_errors.clear()
     try:

@@ -97,7 +97,7 @@ def _calibration_blocks(model) -> list:
         def __init__(self, inner):
             super().__init__(name=f"calibrate_{inner.name}")
             self.inner = inner
-            self.recorded = []        # its inputs, until the AWQ search takes them
+            self.recorded = None      # a list: its inputs (AWQ's block search)
 
         def call(self, x):                                      # (1, T, D)
             if self.recorded is not None:
