@@ -96,7 +96,7 @@ def define_quantize(help_text: str = "", choices=None) -> None:
         "Quantize the loaded weights in memory first with Keras, as export "
         "--format=saved_model does: int8, int4 (4-bit round-to-nearest per --group_size), "
         "gptq or awq (4-bit, calibrated on --calibration_data; awq's per-channel "
-        "scales searched on the layer output); kv_b_proj, a tied "
+        "scales searched on each decoder block's output); kv_b_proj, a tied "
         "embedding, norms, routers and MoE expert stacks stay float."), module_name=module)
     flags.DEFINE_integer("group_size", 128, "int4/gptq/awq: input channels per 4-bit scale; "
                          "a layer whose input width it does not divide gets a narrower last "

@@ -4,7 +4,7 @@ Modes: int8 (per-channel), int4 (round-to-nearest, one scale per `group_size` in
 where `group_size` does not divide a layer's input width, its last group is narrower),
 gptq and awq (4-bit, the same groups, calibrated with Keras' `GPTQConfig` / `AWQConfig`
 on token sequences walked through the decoder blocks one after the other; awq's
-per-channel scales are searched on the layer output by `deepseek_tf.awq`,
+per-channel scales are searched on each decoder block's output by `deepseek_tf.awq`,
 not by Keras' weight-error search).
 GPTQ quantizes the columns in activation order (largest Hessian diagonal first; on the
 fine-tuning demo it is as good or better than Keras' default order and varies less
