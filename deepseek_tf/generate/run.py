@@ -86,12 +86,15 @@ def pick_prefill(gen: Generator, log=print) -> int:
     plain = tf.function(lambda ids, pad: gen.model.prefill(ids, gen.max_length, pad,
                                                            absorb=gen.absorb),
                         autograph=False)
-    chosen = 0
+    chosen, rng = 0, np.random.default_rng(0)
     for width in widths:
-        ids, pad = tf.ones([1, width], tf.int32), tf.zeros([1], tf.int32)
+        # Varied tokens: a prompt of one repeated token sends every token to the same
+        # experts, which makes a MoE's uncompiled (by expert load) prefill look slower.
+        ids = tf.constant(rng.integers(0, gen.model.config.vocab_size, (1, width)), tf.int32)
+        pad = tf.zeros([1], tf.int32)
         fns = {"xla": lambda: gen._prefill(ids, pad)[0].numpy(),
                "no_xla": lambda: plain(ids, pad)[0].numpy()}
-        use, why = choose_xla(median_times(fns, rounds=3), f"prefill of {width} tokens")
+        use, why = choose_xla(median_times(fns, rounds=5), f"prefill of {width} tokens")
         log(f"prefill: {why}")
         if not use:
             break
