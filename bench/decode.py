@@ -7,9 +7,10 @@ preset, dense GQA) with the same random weights on every side:
   keras        `Generator` (the one-graph tf.while_loop decode), without and with
                XLA-compiled decode steps (`_xla`)
   saved_model  the exported `generate_ids` signature, loaded back (`_xla`: exported
-               with --jit_compile=true, the decode loop one XLA computation); the
-               export's default, --jit_compile=auto, times both at export and keeps the
-               faster: the summary says which it picks here
+               with --jit_compile=true, the decode loop one XLA computation, and the
+               prefill XLA-compiled up to the prompt width the export's timer picks);
+               the export's default, --jit_compile=auto, times both at export and keeps
+               the faster: the summary says which it picks here
   hf           transformers' `generate` with its KV cache on our HF export
                (bench/hf_decode.py)
 The method of bench/README.md: each side runs alone in its own fresh process with its
@@ -125,26 +126,30 @@ def prepare(names, max_length, tmp, sides=OURS) -> dict:
         paths[name] = {"weights": tf.train.Checkpoint(model=model).save(f"{d}/weights"),
                        "hf": export_hf(model, Experiment(model=MODELS[name]), f"{d}/hf",
                                        log=quiet)}
+        default, prefill_jit = (_default_jit(model, max_length)
+                                if {"saved_model", "saved_model_xla"} <= set(sides)
+                                else (None, 0))
         for jit in (False, True):
             if "saved_model" + ("_xla" if jit else "") not in sides:
                 continue
             paths[name]["sm" + ("_xla" if jit else "")] = export_saved_model(
                 model, Experiment(model=MODELS[name]), f"{d}/sm{'_xla' if jit else ''}",
-                log=quiet, max_length=max_length, tokenizer=ByteTokenizer(), jit_compile=jit)
+                log=quiet, max_length=max_length, tokenizer=ByteTokenizer(), jit_compile=jit,
+                prefill_jit=prefill_jit)
         sm = paths[name].get("sm") or paths[name]["sm_xla"]
         info[name] = (model, sum(os.path.getsize(os.path.join(r, f))
-                                 for r, _, fs in os.walk(sm) for f in fs), _default_jit(
-            model, max_length) if {"saved_model", "saved_model_xla"} <= set(sides) else None)
+                                 for r, _, fs in os.walk(sm) for f in fs), default)
     return paths, info
 
 
-def _default_jit(model, max_length: int) -> str:
+def _default_jit(model, max_length: int) -> tuple[str, int]:
     """What `export` picks by default (`--jit_compile=auto`) for this model on this
-    machine: its own timer's log line."""
+    machine: (its own timer's log lines, the prefill's XLA width); the XLA SavedModel is
+    exported with that prefill, so that it is the default export when XLA decodes."""
     from deepseek_tf.generate.run import pick_generator
     lines = []
-    pick_generator(model, max_length, log=lines.append)
-    return lines[-1]
+    gen = pick_generator(model, max_length, log=lines.append)
+    return "; ".join(lines), gen.prefill_jit
 
 
 def _mla_cache_bytes(cfg: ModelConfig, model) -> tuple[int, int]:
@@ -224,7 +229,7 @@ def summarize(name, info, results, lengths, ours_sides=OURS):
         print(f"{side}: transformers / ours decode time (ratio of medians) {ratios}; "
               f"latency at {hi} / at {lo} = {dec[f'{side} pos {hi}'] / dec[f'{side} pos {lo}']:.2f}")
     if default:  # which of the two SavedModels `export` writes without flags
-        side = "saved_model_xla" if "auto -> true" in default else "saved_model"
+        side = "saved_model_xla" if "jit_compile: auto -> true" in default else "saved_model"
         print(f"the default export (--jit_compile=auto, timed at export): {default}; it is "
               f"{side}: " + ", ".join(
                   f"at {n}: {dec[f'hf pos {n}'] / dec[f'{side} pos {n}']:.2f}x" for n in lengths)

@@ -246,7 +246,7 @@ class DeepSeekCausalLM(keras.Model):
             x = self.hc_head(x)
         return self.head(self.norm(x)), tuple(new_cache)
 
-    def prefill(self, inputs, max_length: int, pad=None, absorb=True):
+    def prefill(self, inputs, max_length: int, pad=None, absorb=True, static_moe=False):
         """A prompt's prefill into an empty cache of `max_length` slots.
 
         Same results as `call_cached(inputs, init_cache(B, max_length), 0, pad)` (equal
@@ -259,7 +259,7 @@ class DeepSeekCausalLM(keras.Model):
           inputs: int32 (B, T) left-padded prompts, T <= max_length.
           max_length: M, the cache length.
           pad: int32 (B,) left-padding per row (see `call_cached`).
-          absorb: as in `call_cached`.
+          absorb, static_moe: as in `call_cached` (static_moe: for an XLA prefill).
 
         Returns (float32 logits of the last position (B, vocab_size), the cache).
 
@@ -271,10 +271,12 @@ class DeepSeekCausalLM(keras.Model):
         cfg = self.config
         if cfg.attention_type == "v4" or cfg.use_dsa:  # caches that are not slot lists
             logits, cache = self.call_cached(inputs, self.init_cache(b, max_length), 0, pad,
-                                             absorb=absorb, last_only=True)
+                                             absorb=absorb, static_moe=static_moe,
+                                             last_only=True)
             return logits[:, -1], cache
         empty = tuple((None,) * len(block.self_attn.cache_shape(1, 1)) for block in self.blocks)
-        logits, cache = self.call_cached(inputs, empty, 0, pad, absorb=absorb, last_only=True)
+        logits, cache = self.call_cached(inputs, empty, 0, pad, absorb=absorb,
+                                         static_moe=static_moe, last_only=True)
         grow = [[0, 0], [0, 0], [0, max_length - t], [0, 0]]      # (B, H, T, W) -> (B, H, M, W)
         static = max_length if isinstance(max_length, int) else None  # keeps M static
 

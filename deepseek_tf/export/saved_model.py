@@ -77,12 +77,16 @@ class ServingModule(tf.Module):
       jit_compile: the decode loop compiled with XLA (TF Serving then needs
         `--xla_cpu_compilation_enabled=true`, as serving/Dockerfile sets); the
         generating signatures are then also exported without XLA as `<name>_no_xla`.
+      prefill_jit: with `jit_compile`, the widest prompt prefilled with XLA (0 = none;
+        see `generate_ids`).
     """
 
     def __init__(self, model, tok, max_length: int, max_new_tokens: int,
-                 profile: ChatProfile | None = None, absorb=True, jit_compile=False):
+                 profile: ChatProfile | None = None, absorb=True, jit_compile=False,
+                 prefill_jit: int = 0):
         super().__init__()
         self.jit_compile = bool(jit_compile)
+        self.prefill_jit = int(prefill_jit) if self.jit_compile else 0
         self.model = model
         # The tf.Variables themselves, not Keras' wrappers: with only those tracked, a
         # session-based loader (TF Serving, saved_model_cli run) finds no restored value.
@@ -109,7 +113,7 @@ class ServingModule(tf.Module):
         rows = [_rows(options[k], b) for k in SAMPLING_SPECS]
         return generate_ids(self.model, input_ids, lengths, *rows, max_length=self.max_length,
                             stop_ids=self.stops, pad_id=self.pad_id, absorb=self.absorb,
-                            jit_compile=jit)
+                            jit_compile=jit, prefill_jit=self.prefill_jit if jit else 0)
 
     def generate_ids_fn(self, jit: bool):
         d = self.defaults
@@ -212,7 +216,8 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
                        max_length: int = 0, max_new_tokens: int = SERVING_MAX_NEW_TOKENS,
                        quantize: str = "none", jit_compile="false", tokenizer=None,
                        group_size: int = 128, calibration_data: str = "",
-                       calibration_samples: int = 256, quantize_head: str = HEAD_DEFAULT) -> str:
+                       calibration_samples: int = 256, quantize_head: str = HEAD_DEFAULT,
+                       prefill_jit: int = 0) -> str:
     """Writes the SavedModel to `output` (e.g. MODEL_BASE/NAME/VERSION).
 
     Args:
@@ -234,7 +239,10 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
         models; the server must allow XLA: `--xla_cpu_compilation_enabled=true`, or
         call the `*_no_xla` signatures),
         "false", or "auto" = time decoding both ways on this machine (the export's, so
-        serve on similar hardware) and keep the faster; bools are accepted.
+        serve on similar hardware) and keep the faster, then the same for the prefill
+        (`pick_prefill`); bools are accepted.
+      prefill_jit: with jit_compile "true": the widest prompt prefilled with XLA (0 =
+        none; see `generate_ids`); "auto" picks it.
     """
     from deepseek_tf.autojit import jit_value
     from deepseek_tf.generate.text import chat_profile
@@ -254,11 +262,11 @@ def export_saved_model(model, exp, output: str, log=print, workdir: str | None =
     jit = jit_value(jit_compile)
     if jit == "auto":
         from deepseek_tf.generate.run import pick_generator
-        jit = "true" if pick_generator(model, max_length, profile.stops, tok.pad_id,
-                                       log=log).jit_compile else "false"
+        picked = pick_generator(model, max_length, profile.stops, tok.pad_id, log=log)
+        jit, prefill_jit = ("true" if picked.jit_compile else "false"), picked.prefill_jit
     jit_compile = jit == "true"
     module = ServingModule(model, tok, max_length, max_new_tokens, profile,
-                           jit_compile=jit_compile)
+                           jit_compile=jit_compile, prefill_jit=prefill_jit)
     if module.tf_tokenizer is None:
         log(f"note: the {tok.name} tokenizer cannot run inside a TensorFlow graph, so "
             f"serving_default takes token ids (same as generate_ids) and there is no chat "

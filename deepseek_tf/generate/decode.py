@@ -148,9 +148,57 @@ def decode_step(model, absorb=True, jit_compile=False):
     return tf.function(step, jit_compile=True, autograph=False) if jit_compile else step
 
 
+def prefill_widths(max_length: int, up_to: int | None = None) -> np.ndarray:
+    """int32 prompt widths a compiled prefill is built for: the powers of two from 16 that
+    leave a cache slot for a new token (and are <= `up_to`). A prompt is left-padded up
+    to the next one, so XLA compiles at most one shape per width."""
+    top = max_length - 1 if up_to is None else min(max_length - 1, up_to)
+    return np.array([w for w in (2 ** k for k in range(4, 31)) if w <= top], np.int32)
+
+
+def prefill_step(model, max_length: int, absorb=True):
+    """`(ids (B, W), pad) -> (last logits, cache)`: the prefill XLA-compiled, once per
+    width W (static MoE buffers: every expert sees every prompt token, dropless)."""
+    def prefill(ids, pad):
+        return model.prefill(ids, max_length, pad, absorb=absorb, static_moe=True)
+    return tf.function(prefill, jit_compile=True, autograph=False)
+
+
+def bucketed_prefill(model, ids, pad, limit, max_length: int, absorb=True, prefill_fn=None,
+                     up_to: int = 0):
+    """(last logits (B, V), cache, width, pad) of left-aligned prompts `ids` (B, T).
+
+    With `prefill_fn` (`prefill_step`), the prompts are left-padded to the next of
+    `prefill_widths(max_length, up_to)` and prefilled by it when there is one and it
+    still leaves `limit` new tokens room in the cache; otherwise (and without it)
+    `model.prefill` runs at width T. Either way each row's tokens keep their positions
+    (slot - pad), so decoding goes on from slot `width` with the returned `pad`.
+    """
+    t = tf.shape(ids)[1]
+    widths = prefill_widths(max_length, up_to)
+
+    def plain():
+        last, cache = model.prefill(ids, max_length, pad, absorb=absorb)
+        return last, cache, t, pad
+
+    if prefill_fn is None or widths.size == 0:
+        return plain()
+    width = tf.gather(widths, tf.minimum(tf.searchsorted(widths, t[tf.newaxis])[0],
+                                         widths.size - 1))
+    fits = tf.logical_and(t <= width, width + limit <= max_length)
+
+    def compiled():
+        extra = width - t
+        last, cache = prefill_fn(tf.pad(ids, [[0, 0], [extra, 0]]), pad + extra)
+        return last, cache, width, pad + extra
+
+    return tf.cond(fits, compiled, plain)
+
+
 def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, top_p,
                  seed, *, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True,
-                 jit_compile=False, streamer=None, decode_fn=None):
+                 jit_compile=False, streamer=None, decode_fn=None, prefill_fn=None,
+                 prefill_jit: int = 0):
     """Generates after each prompt; returns (ids (B, N) right-padded, lengths (B,)).
 
     Args:
@@ -165,13 +213,17 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
       absorb: MLA decodes in latent space.
       jit_compile: compile the decode loop with XLA (static-shape MoE buffers): the whole
         `tf.while_loop` (steps, sampling, stops) as one XLA computation, or with a
-        `streamer` (a Python callback, which XLA cannot hold) each step alone. The
-        prefill stays uncompiled (any prompt length, dropless MoE by expert load).
+        `streamer` (a Python callback, which XLA cannot hold) each step alone.
       streamer: optional Python callable `(step, tokens (B,), done (B,))` run by
         `tf.py_function` after each step (not for export); it may return a bool (B,)
         array of rows to end now (a server's cancelled requests), or None.
       decode_fn: the decode step `(tokens, cache, start, pad) -> (logits, cache)` to use
         (a `Generator` passes one compiled function, so XLA compiles it once).
+      prefill_jit: the widest prompt (rounded up to a power of two from 16) to prefill
+        with XLA (`bucketed_prefill`, with `prefill_fn` or a `prefill_step` of its own);
+        0 = none: the uncompiled prefill at the prompt's own width (dropless MoE by
+        expert load), which wins on long prompts (larger matmuls are faster in oneDNN
+        than in XLA's CPU kernels here).
     """
     input_ids = tf.convert_to_tensor(input_ids, tf.int32)
     b, t = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
@@ -182,12 +234,15 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
             tf.identity(x) for x in (input_ids, lengths, max_new_tokens, temperature, top_k,
                                      top_p, seed))
     seed = resolve_seeds(seed)
-    pad = t - lengths                                                          # (B,)
     table, width = stop_table(stop_ids)
-    last, cache = model.prefill(left_align(input_ids, lengths), max_length, pad, absorb=absorb)
+    limit = tf.reduce_max(max_new_tokens)
+    if prefill_jit and prefill_fn is None:
+        prefill_fn = prefill_step(model, max_length, absorb)
+    last, cache, t, pad = bucketed_prefill(model, left_align(input_ids, lengths), t - lengths,
+                                           limit, max_length, absorb,
+                                           prefill_fn if prefill_jit else None, prefill_jit)
     draw = lambda lg, i: sample_tokens(lg, temperature, top_k, top_p, seed, i)  # noqa: E731
     decode = decode_fn or decode_step(model, absorb, jit_compile)
-    limit = tf.reduce_max(max_new_tokens)
 
     def body(i, token, done, count, recent, cache, out):
         emit = tf.where(done, pad_id, token)                                   # (B,)
@@ -242,6 +297,8 @@ class Generator(tf.Module):
       pad_id: output padding.
       absorb: MLA decodes in latent space (False: the naive reference path).
       jit_compile: XLA-compile each decode step (see `generate_ids`).
+      prefill_jit: the widest prompt to prefill with XLA (0 = none; see
+        `generate_ids`); an attribute `pick_generator` may change.
 
     Example:
         >>> gen = Generator(model, max_length=64, stop_ids=(257,), pad_id=258)
@@ -249,23 +306,27 @@ class Generator(tf.Module):
     """
 
     def __init__(self, model, max_length: int, stop_ids=(), pad_id: int = 0, absorb=True,
-                 jit_compile=False):
+                 jit_compile=False, prefill_jit: int = 0):
         super().__init__()
         self.model, self.max_length = model, int(max_length)
         self.stop_ids, self.pad_id, self.absorb = normalize_stops(stop_ids), pad_id, absorb
-        self.jit_compile = bool(jit_compile)
+        self.jit_compile, self.prefill_jit = bool(jit_compile), int(prefill_jit)
         self._decode = decode_step(model, absorb, self.jit_compile)  # shared by every trace
+        self._prefill = prefill_step(model, self.max_length, absorb)  # if prefill_jit
         self._compiled = {}
 
     def _fn(self, streamer=None):
-        key = id(streamer)
+        key = (id(streamer), self.prefill_jit)
         if key not in self._compiled:
+            prefill, up_to = self._prefill, self.prefill_jit
+
             def fn(input_ids, lengths, max_new_tokens, temperature, top_k, top_p, seed):
                 return generate_ids(self.model, input_ids, lengths, max_new_tokens, temperature,
                                     top_k, top_p, seed, max_length=self.max_length,
                                     stop_ids=self.stop_ids, pad_id=self.pad_id,
                                     absorb=self.absorb, jit_compile=self.jit_compile,
-                                    streamer=streamer, decode_fn=self._decode)
+                                    streamer=streamer, decode_fn=self._decode,
+                                    prefill_fn=prefill, prefill_jit=up_to)
             self._compiled[key] = tf.function(
                 fn, autograph=False,
                 input_signature=[*IDS_SPECS.values(), *SAMPLING_SPECS.values()])

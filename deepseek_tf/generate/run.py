@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from deepseek_tf.errors import UserError
-from deepseek_tf.generate.decode import Generator
+from deepseek_tf.generate.decode import Generator, prefill_widths
 from deepseek_tf.generate.text import cut_at_stop, strip_special
 
 
@@ -62,7 +62,48 @@ def pick_generator(model, max_length: int, stop_ids=(), pad_id: int = 0, absorb=
     use, why = choose_xla(median_times({name: run(name) for name in gens}, rounds=2),
                           "decode", per=steps)
     log(f"jit_compile: auto -> {'true' if use else 'false'}: {why} per token")
-    return gens["xla" if use else "no_xla"]
+    gen = gens["xla" if use else "no_xla"]
+    if use:  # an XLA prefill only beside an XLA decode (a server then needs XLA anyway)
+        gen.prefill_jit = pick_prefill(gen, log)
+    return gen
+
+
+#: Prompt widths `pick_prefill` times (those the cache holds).
+PREFILL_PROBES = (128, 512)
+
+
+def pick_prefill(gen: Generator, log=print) -> int:
+    """The widest prompt `gen` should prefill with XLA (`Generator.prefill_jit`; 0 =
+    none), timed on this machine: the prefill alone, with and without XLA, at each of
+    `PREFILL_PROBES` the cache holds, widest last, while XLA stays faster. XLA wins on
+    short prompts (fewer, fused kernels) and can lose on long ones (oneDNN's larger
+    matmuls; static MoE buffers give every expert every token); if it wins at the
+    widest probe it is used for every width. The probe's compilations are the real
+    run's (the same compiled prefill)."""
+    from deepseek_tf.autojit import choose_xla, median_times
+
+    widths = [w for w in PREFILL_PROBES if w in prefill_widths(gen.max_length)]
+    plain = tf.function(lambda ids, pad: gen.model.prefill(ids, gen.max_length, pad,
+                                                           absorb=gen.absorb),
+                        autograph=False)
+    chosen, rng = 0, np.random.default_rng(0)
+    for width in widths:
+        # Varied tokens: a prompt of one repeated token sends every token to the same
+        # experts, which makes a MoE's uncompiled (by expert load) prefill look slower.
+        ids = tf.constant(rng.integers(0, gen.model.config.vocab_size, (1, width)), tf.int32)
+        pad = tf.zeros([1], tf.int32)
+        fns = {"xla": lambda: gen._prefill(ids, pad)[0].numpy(),
+               "no_xla": lambda: plain(ids, pad)[0].numpy()}
+        use, why = choose_xla(median_times(fns, rounds=5), f"prefill of {width} tokens")
+        log(f"prefill: {why}")
+        if not use:
+            break
+        chosen = width
+    if widths and chosen == widths[-1]:
+        chosen = gen.max_length
+    log(f"prefill: auto -> XLA for prompts of up to {min(chosen, gen.max_length - 1)} tokens"
+        if chosen else "prefill: auto -> no XLA")
+    return chosen
 
 
 def run_batches(model, tok, prompts: list, max_length: int, stop_ids=(), stop_strings=(),

@@ -74,22 +74,30 @@ def test_greedy_tokens_equal_keras_over_32_steps(exported, family):
     assert out["output_ids"].numpy().tolist() == keras_ids.numpy().tolist()
 
 
+def _xla_functions(fn) -> list[str]:
+    """The names of the functions marked for XLA compilation in a loaded signature."""
+    library = fn.graph.as_graph_def().library.function
+    return [f.signature.name for f in library if f.attr["_XlaMustCompile"].b]
+
+
 def _compiles_with_xla(fn) -> bool:
     """Whether a loaded signature calls a function marked for XLA compilation."""
-    library = fn.graph.as_graph_def().library.function
-    return any(f.attr["_XlaMustCompile"].b for f in library)
+    return bool(_xla_functions(fn))
 
 
-def test_xla_export_gives_the_same_tokens_and_runs_in_a_session(tmp_path):
+@pytest.mark.parametrize("prefill_jit", [0, MAX_LENGTH])
+def test_xla_export_gives_the_same_tokens_and_runs_in_a_session(tmp_path, prefill_jit):
     """--jit_compile exports an XLA decode loop (TF Serving needs
     --xla_cpu_compilation_enabled=true, as serving/Dockerfile sets) and each generating
-    signature again without XLA (`*_no_xla`, for a server without it); the tokens of
-    both are the Keras generator's, also through saved_model_cli's session-based
-    loader. (The model server binary itself does not install here.)"""
+    signature again without XLA (`*_no_xla`, for a server without it); with
+    `prefill_jit` (what `auto` may pick) the prefill is a second XLA function, at the
+    prompt's bucketed width. The tokens of both are the Keras generator's, also through
+    saved_model_cli's session-based loader. (The model server binary itself does not
+    install here.)"""
     workdir, model = make_workdir(str(tmp_path / "run"), "mla_moe")
     path = str(tmp_path / "sm")
     export(model, model_exp(workdir), "saved_model", path, log=quiet, workdir=workdir,
-           max_length=MAX_LENGTH, jit_compile=True)
+           max_length=MAX_LENGTH, jit_compile=True, prefill_jit=prefill_jit)
     keras_ids, _ = Generator(model, MAX_LENGTH, stop_ids=(257,), pad_id=258).generate(
         [PROMPT], [len(PROMPT)], max_new_tokens=24)
     sm = tf.saved_model.load(path)
@@ -98,7 +106,9 @@ def test_xla_export_gives_the_same_tokens_and_runs_in_a_session(tmp_path):
         out = sm.signatures[name](input_ids=tf.constant([PROMPT]),
                                   lengths=tf.constant([len(PROMPT)]), **_options(1, n=24))
         assert out["output_ids"].numpy().tolist() == keras_ids.numpy().tolist(), name
-        assert _compiles_with_xla(sm.signatures[name]) == xla, name
+        compiled = _xla_functions(sm.signatures[name])
+        assert bool(compiled) == xla, (name, compiled)
+        assert any("prefill" in f for f in compiled) == (xla and bool(prefill_jit)), compiled
         run = _saved_model_cli_run(path, tmp_path, PROMPT[:3], 5, signature=name)
         assert run.returncode == 0, run.stderr[-2000:]
         assert "[5]" in run.stdout

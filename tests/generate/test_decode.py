@@ -60,6 +60,50 @@ def test_xla_decode_steps_give_the_same_tokens(family):
     np.testing.assert_array_equal(n.numpy(), m.numpy())
 
 
+@pytest.mark.parametrize("family", ["gqa", "mla_moe", "mla_dsa", "v4"])
+def test_xla_prefill_at_bucketed_widths_gives_the_same_tokens(family):
+    """An XLA prefill left-pads the prompts to the next power of two from 16 (here 7 ->
+    16: 9 more padding slots per row) and gives the uncompiled prefill's last logits and
+    then the same tokens, greedy and sampled; when that width leaves too little room for
+    the new tokens, the uncompiled prefill runs at the prompt's own width."""
+    from deepseek_tf.generate.decode import bucketed_prefill, left_align, prefill_step
+
+    model = random_model(family)
+    ids, lengths = _pad(PROMPTS)
+    aligned, pad = left_align(tf.constant(ids), tf.constant(lengths)), 7 - lengths
+    want, _ = model.prefill(aligned, 48, pad)
+    got, _, width, pad16 = bucketed_prefill(model, aligned, pad, 20, 48,
+                                            prefill_fn=prefill_step(model, 48), up_to=64)
+    assert int(width) == 16 and pad16.numpy().tolist() == (pad + 9).tolist()
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5)
+    _, _, width, _ = bucketed_prefill(model, aligned, pad, 33, 48,     # 16 + 33 > 48
+                                      prefill_fn=prefill_step(model, 48), up_to=64)
+    assert int(width) == 7
+    kw = dict(max_new_tokens=[20, 12, 16], temperature=[0.0, 1.0, 0.7], seed=[1, 2, 3])
+    plain, n = Generator(model, 48).generate(ids, lengths, **kw)
+    xla, m = Generator(model, 48, jit_compile=True, prefill_jit=64).generate(ids, lengths,
+                                                                             **kw)
+    np.testing.assert_array_equal(plain.numpy(), xla.numpy())
+    np.testing.assert_array_equal(n.numpy(), m.numpy())
+
+
+def test_auto_times_the_prefill_and_keeps_what_it_measured(gqa):
+    """`pick_prefill` times the prefill of 128 tokens (the only probe a 200-token cache
+    holds) with and without XLA and keeps the faster: XLA for every width if it won
+    there, none otherwise."""
+    from deepseek_tf.generate.run import pick_prefill
+
+    logs = []
+    chosen = pick_prefill(Generator(gqa, 200, jit_compile=True), log=logs.append)
+    found = re.match(r"prefill: prefill of 128 tokens [\d.]+ ms with XLA vs [\d.]+ ms "
+                     r"without \(([\d.]+)x\)$", logs[0])
+    assert found, logs
+    faster = float(found.group(1)) >= 1.0
+    assert chosen == (200 if faster else 0), (chosen, logs)
+    assert logs[1] == ("prefill: auto -> XLA for prompts of up to 199 tokens" if faster
+                       else "prefill: auto -> no XLA"), logs
+
+
 def test_batch_of_different_lengths_gives_each_prompt_its_own_result(gen):
     kw = dict(max_new_tokens=[12, 9, 12], temperature=[0.0, 0.9, 1.3], top_k=[0, 20, 0],
               top_p=[1.0, 1.0, 0.8], seed=[1, 2, 3])
