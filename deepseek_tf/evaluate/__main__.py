@@ -41,7 +41,8 @@ flags.DEFINE_enum("normalize", "none", ["none", "tokens"], "classify: compare la
                   "their summed log-likelihood (none) or its mean per label token (tokens: "
                   "labels of different lengths on an equal footing).")
 dflags.define_jit_compile("auto", "generate: XLA-compile each decode step: true, false, or "
-                          "auto = time a few steps both ways on this machine first.")
+                          "auto = time a few steps both ways on this machine first (and, "
+                          "with XLA, the prefill at 128 and 512 prompt tokens).")
 flags.DEFINE_string("output", "", "Results file (default <workdir>/eval/<task>-<name>.json).")
 flags.DEFINE_string("checkpoint", "", "A checkpoint path instead of the latest.")
 dflags.define_quantize()

@@ -54,7 +54,8 @@ flags.DEFINE_integer("max_new_tokens", 64, "saved_model: default of the max_new_
                      "when a request leaves it out (a server's default; the generate CLI and "
                      "evaluate use 128).", lower_bound=1)
 dflags.define_jit_compile("auto", "saved_model: XLA-compile the decode loop: true, false, or "
-                          "auto = time decoding both ways on this machine and keep the faster "
+                          "auto = time decoding both ways on this machine and keep the "
+                          "faster, then with XLA the prefill at 128 and 512 prompt tokens "
                           "(serve on similar hardware). XLA is several times faster for small "
                           "models; TF Serving must then run with "
                           "--xla_cpu_compilation_enabled=true (serving/Dockerfile does), and "

@@ -65,7 +65,8 @@ flags.DEFINE_integer("max_length", 0, "Cache length (prompt + new tokens); 0 = j
 dflags.define_quantize()
 dflags.define_jit_compile("auto", "Compile each decode step with XLA: true, false, or auto "
                           "= time a few steps both ways on this machine first and keep the "
-                          "faster.")
+                          "faster (with XLA, then the same for the prefill at 128 and 512 "
+                          "prompt tokens).")
 flags.DEFINE_string("tflite", None, "Generate with this .tflite file (export --format=tflite) "
                     "through ai-edge-litert instead of the TensorFlow model.")
 flags.DEFINE_integer("num_threads", 0, "--tflite: interpreter threads (0 = its default).",
