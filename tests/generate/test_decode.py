@@ -81,8 +81,8 @@ def test_xla_prefill_at_bucketed_widths_gives_the_same_tokens(family):
     assert int(width) == 7
     kw = dict(max_new_tokens=[20, 12, 16], temperature=[0.0, 1.0, 0.7], seed=[1, 2, 3])
     plain, n = Generator(model, 48).generate(ids, lengths, **kw)
-    xla, m = Generator(model, 48, jit_compile=True, prefill_jit=64).generate(ids, lengths,
-                                                                             **kw)
+    # Only the prefill compiled: the XLA decode loop has its own test above.
+    xla, m = Generator(model, 48, prefill_jit=64).generate(ids, lengths, **kw)
     np.testing.assert_array_equal(plain.numpy(), xla.numpy())
     np.testing.assert_array_equal(n.numpy(), m.numpy())
 
