@@ -239,8 +239,7 @@ def generate_ids(model, input_ids, lengths, max_new_tokens, temperature, top_k, 
     if prefill_jit and prefill_fn is None:
         prefill_fn = prefill_step(model, max_length, absorb)
     last, cache, t, pad = bucketed_prefill(model, left_align(input_ids, lengths), t - lengths,
-                                           limit, max_length, absorb,
-                                           prefill_fn if prefill_jit else None, prefill_jit)
+                                           limit, max_length, absorb, prefill_fn, prefill_jit)
     draw = lambda lg, i: sample_tokens(lg, temperature, top_k, top_p, seed, i)  # noqa: E731
     decode = decode_fn or decode_step(model, absorb, jit_compile)
 

@@ -102,7 +102,9 @@ def pick_prefill(gen: Generator, log=print) -> int:
     if widths and chosen == widths[-1]:
         chosen = gen.max_length
     log(f"prefill: auto -> XLA for prompts of up to {min(chosen, gen.max_length - 1)} tokens"
-        if chosen else "prefill: auto -> no XLA")
+        if chosen else "prefill: auto -> no XLA" + (
+            "" if widths else f": a cache of {gen.max_length} tokens holds no probe of "
+                              f"{PREFILL_PROBES[0]}"))
     return chosen
 
 
