@@ -31,11 +31,21 @@ def unweighted_rms_norm(x: tf.Tensor, eps: float) -> tf.Tensor:
 
 def sinkhorn(m: tf.Tensor, iters: int, eps: float) -> tf.Tensor:
     """Alternately normalises the columns and rows of positive (..., N, N) matrices
-    (columns first and last, `iters` column passes): nearly doubly stochastic."""
+    (columns first and last, `iters` column passes): nearly doubly stochastic.
+
+    The passes run in a `tf.while_loop` (fixed trip count, so XLA and the gradient can
+    stack them) rather than unrolled: the same ops in the same order, but a graph ~20x
+    smaller here. Unrolled, the 20 passes were half of V4-tiny's XLA compile of the
+    train step's forward + backward (44 -> 24 s) and 3 s of its tracing, at the same
+    step time (16 x 256: 789 vs 791 ms without XLA) and decode speed."""
     m = m / (tf.reduce_sum(m, -2, keepdims=True) + eps)
-    for _ in range(iters - 1):
+
+    def rows_then_columns(i, m):
         m = m / (tf.reduce_sum(m, -1, keepdims=True) + eps)
-        m = m / (tf.reduce_sum(m, -2, keepdims=True) + eps)
+        return i + 1, m / (tf.reduce_sum(m, -2, keepdims=True) + eps)
+
+    _, m = tf.while_loop(lambda i, _: i < iters - 1, rows_then_columns, (tf.constant(0), m),
+                         maximum_iterations=max(iters - 1, 0))
     return m
 
 
