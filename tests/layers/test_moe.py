@@ -237,13 +237,42 @@ def test_moe_gradient_has_no_data_dependent_where():
             loss = tf.reduce_sum(moe(x, training=True) ** 2)
         return tape.gradient(loss, [x] + moe.trainable_variables)
 
-    ops = {op.type for op in grads.get_concrete_function().graph.get_operations()}
-    assert "Where" not in ops and "UnsortedSegmentSum" in ops
+    graph_ops = grads.get_concrete_function().graph.get_operations()
+    assert "Where" not in {op.type for op in graph_ops}
+    # the dispatch gathers' gradients are gathers too (`padded_gather`), not scatters
+    # (the router's top-k gather keeps TensorFlow's: (N, k) scores, cheap)
+    scatters = [op.name for op in graph_ops
+                if op.type == "UnsortedSegmentSum" and "gradient" in op.name]
+    assert len(scatters) == 1 and "/gate" in scatters[0], scatters
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_padded_gather_gradient_equals_the_gathers_scatter(dtype):
+    """The inverse-map gradient of both dispatch gathers (token -> k slots, summed;
+    slot -> pair) equals TensorFlow's own gather gradient bit for bit at top-2."""
+    from deepseek_tf.layers.moe import padded_gather
+    n, k, slots = 6, 2, 16
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(n, 3)), dtype)
+    # slot of each (choice, token) pair, choice-major; 16 = dropped
+    slot = tf.constant([0, 5, 9, 16, 2, 12, 3, 7, 16, 10, 1, 15], tf.int32)
+    index_map = np.full(slots, n)
+    index_map[[s for s in slot.numpy() if s < slots]] = [
+        j % n for j, s in enumerate(slot.numpy()) if s < slots]
+    index_map = tf.constant(index_map, tf.int32)
+    g = tf.constant(rng.normal(size=(slots, 3)), dtype)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours = padded_gather(x, index_map, slot, k)
+        theirs = tf.gather(tf.pad(x, [[0, 1], [0, 0]]), index_map)
+    np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    np.testing.assert_array_equal(tape.gradient(ours, x, output_gradients=g).numpy(),
+                                  tape.gradient(theirs, x, output_gradients=g).numpy())
 
 
 def test_dispatch_gradients_match_dense_einsum():
     rng = np.random.default_rng(4)
-    x = tf.constant(rng.normal(size=(10, 6)).astype(np.float32))
+    x = tf.Variable(rng.normal(size=(10, 6)).astype(np.float32))
     idx = tf.constant(rng.integers(0, 4, size=(10, 2)).astype(np.int32))
     idx = tf.where(idx[:, :1] == idx[:, 1:], tf.stack([idx[:, 0], (idx[:, 0] + 1) % 4], 1), idx)
     w = tf.constant(rng.uniform(size=(10, 2)).astype(np.float32))
@@ -260,7 +289,7 @@ def test_dispatch_gradients_match_dense_einsum():
     for fn in (lambda: dispatch_combine(x, idx, w, gu, dn, None)[0], dense):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(fn() ** 2)
-        g = tape.gradient(loss, [gu, dn])
+        g = tape.gradient(loss, [x, gu, dn])
         if fn is dense:
             for a, b in zip(g, first):
                 np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
