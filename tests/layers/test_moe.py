@@ -248,8 +248,9 @@ def test_moe_gradient_has_no_data_dependent_where():
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
 def test_padded_gather_gradient_equals_the_gathers_scatter(dtype):
-    """The inverse-map gradient of both dispatch gathers (token -> k slots, summed;
-    slot -> pair) equals TensorFlow's own gather gradient bit for bit at top-2."""
+    """The inverse-map gradient of the token -> k slots gather (the k blocks summed)
+    equals TensorFlow's own gather gradient bit for bit at top-2. The slot -> pair
+    gather is checked with the whole dispatch against a dense reference below."""
     from deepseek_tf.layers.moe import padded_gather
     n, k, slots = 6, 2, 16
     rng = np.random.default_rng(5)
