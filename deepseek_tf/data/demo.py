@@ -134,7 +134,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("output_dir", "data/sft-demo", "Directory for train.jsonl and "
                         "heldout.jsonl.")
     flags.DEFINE_integer("num_train", 12000, "Training records.", lower_bound=1)
-    flags.DEFINE_integer("num_heldout", 200, "Held-out records (questions never in train).",
-                         lower_bound=1)
+    flags.DEFINE_integer("num_heldout", 200, "Held-out records (questions never in train). "
+                         "More leaves train.jsonl as it is and extends heldout.jsonl "
+                         "(its first records are the smaller count's).", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
     dflags.run(main)

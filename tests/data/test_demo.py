@@ -34,6 +34,16 @@ def test_splits_are_exact_disjoint_and_balanced():
     assert make_splits(50, 10, seed=3) == make_splits(50, 10, seed=3)
 
 
+def test_a_larger_heldout_keeps_the_training_set_and_extends_the_heldout():
+    """More held-out questions (e.g. `--num_heldout=1200` for a finer exact match of a
+    `make demo` run) leave the training records as they were and keep the default
+    held-out set as their first records, so a run trained on the default files is
+    scored on questions it never saw."""
+    train, held = make_splits(num_train=300, num_heldout=20, seed=0)
+    more_train, more_held = make_splits(num_train=300, num_heldout=120, seed=0)
+    assert more_train == train and more_held[:20] == held and len(more_held) == 120
+
+
 def test_pairs_reject_a_wrong_answer():
     train, _ = make_splits(num_train=200, num_heldout=1)
     for p in make_pairs(train):
