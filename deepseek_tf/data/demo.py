@@ -121,8 +121,14 @@ def write_demo(output_dir: str, num_train: int = 12000, num_heldout: int = 200,
 def main(argv):
     from absl import flags
 
+    from deepseek_tf.errors import UserError
+
     FLAGS = flags.FLAGS
-    paths = write_demo(FLAGS.output_dir, FLAGS.num_train, FLAGS.num_heldout, FLAGS.seed)
+    try:
+        paths = write_demo(FLAGS.output_dir, FLAGS.num_train, FLAGS.num_heldout, FLAGS.seed)
+    except OSError as e:
+        raise UserError(f"cannot write the demo data into --output_dir={FLAGS.output_dir}: "
+                        f"{e.strerror}; pass a writable directory.") from e
     print(f"wrote {FLAGS.num_train} training records to {paths[0]} and "
           f"{FLAGS.num_heldout} held-out records to {paths[1]}")
 

@@ -59,3 +59,14 @@ def test_cli_writes_the_files(tmp_path):
     assert len(rows) == 8 and set(rows[0]) == {"instruction", "input", "output"}
     assert (tmp_path / "pairs.jsonl").exists()
     assert write_demo(str(tmp_path / "again"), 8, 2)[0].endswith("train.jsonl")
+
+
+def test_cli_refuses_an_unwritable_output_dir_in_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me\n")
+    out = subprocess.run([sys.executable, "-m", "deepseek_tf.data.demo",
+                          f"--output_dir={blocker / 'demo'}", "--num_train=4", "--num_heldout=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "--output_dir=" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert blocker.read_text() == "keep me\n"
