@@ -104,8 +104,10 @@ def define_quantize(help_text: str = "", choices=None) -> None:
                          "output channel (gptq: only for inputs up to 128 wide).",
                          lower_bound=-1, module_name=module)
     flags.DEFINE_string("calibration_data", "", "gptq/awq: a JSONL/text file or a prepared "
-                        "data directory to calibrate on; empty = the run's own prepared data "
-                        "(its --data.data_dir, else WORKDIR/data).", module_name=module)
+                        "data directory to calibrate on (JSONL: each record's text, or an "
+                        "alpaca/sharegpt/prompt record in the run's --data.template); empty = "
+                        "the run's own prepared data (its --data.data_dir, else "
+                        "WORKDIR/data).", module_name=module)
     flags.DEFINE_integer("calibration_samples", 256, "gptq/awq: calibration windows (each "
                          "the run's --data.seq_len tokens).", lower_bound=1,
                          module_name=module)

@@ -169,16 +169,47 @@ class _TokenIds:
         return np.asarray(ids, np.int32)
 
 
-def calibration_windows(path: str, tok, seq_len: int, count: int = 256) -> np.ndarray:
+def _record_ids(record: dict, i: int, tok, template: str) -> np.ndarray:
+    """int32 ids of one JSONL calibration record: its "text", or an instruction record
+    (alpaca `instruction` + `input` -> `output`, sharegpt `conversations` / `messages`,
+    `prompt` -> `output`/`response`) rendered by the chat `template` as SFT renders it,
+    so that the calibration sees what the fine-tuned model saw."""
+    from deepseek_tf.data import sft
+    from deepseek_tf.data.templates import TEMPLATES
+    if isinstance(record.get("text"), str):
+        return np.asarray(tok.encode(record["text"]), np.int32)
+    try:
+        if "conversations" in record or "messages" in record:
+            conv = sft.parse_record(record, "sharegpt")
+        elif "instruction" in record:
+            conv = sft.parse_record(record, "alpaca")
+        elif "prompt" in record:
+            answer = next((record[k] for k in ("output", "response", "answer")
+                           if isinstance(record.get(k), str)), "")
+            conv = sft.Conversation("", "", (("user", str(record["prompt"])),
+                                             ("assistant", answer)))
+        else:
+            raise sft.BadSample("no text, instruction, prompt or conversations field")
+        encoded = sft.encode(conv, TEMPLATES[template], tok, cutoff_len=1 << 30,
+                             train_on_prompt=True)
+        return encoded[0] if encoded else np.zeros([0], np.int32)
+    except sft.BadSample as e:
+        raise UserError(f"--calibration_data: record {i + 1}: {e}.") from None
+
+
+def calibration_windows(path: str, tok, seq_len: int, count: int = 256,
+                        template: str = "deepseek3") -> np.ndarray:
     """Token windows (count, seq_len) int32 for GPTQ/AWQ calibration.
 
     Args:
       path: a prepared data directory (its train split, so that validation stays
-        unseen; else validation), a JSONL file
-        (each record's "text", or its prompt + response) or a plain text file.
+        unseen; else validation), a JSONL file (each record's "text", or an
+        instruction record rendered with `template`, see `_record_ids`) or a plain
+        text file.
       tok: the run's tokenizer (for files).
       seq_len: tokens per window.
       count: at most this many windows.
+      template: the chat template of instruction records (the run's `--data.template`).
     """
     if not path or not os.path.exists(path):
         raise UserError(f"--calibration_data={path!r}: no such file or directory; give a "
@@ -195,13 +226,19 @@ def calibration_windows(path: str, tok, seq_len: int, count: int = 256) -> np.nd
     else:
         with open(path, encoding="utf-8") as f:
             lines = [line for line in f if line.strip()]
-        for line in lines[:4 * count]:
-            text = line
-            if path.endswith(".jsonl"):
-                rec = json.loads(line)
-                text = rec.get("text") or " ".join(str(rec.get(k, "")) for k in (
-                    "prompt", "instruction", "response", "output"))
-            pieces.append(np.asarray(tok.encode(text), np.int32))
+        for i, line in enumerate(lines[:4 * count]):
+            if not path.endswith(".jsonl"):
+                pieces.append(np.asarray(tok.encode(line), np.int32))
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--calibration_data={path}: invalid JSON at line "
+                                f"{i + 1}: {e.msg}.") from None
+            if not isinstance(record, dict):
+                raise UserError(f"--calibration_data={path}: line {i + 1} is not a JSON "
+                                f"object.")
+            pieces.append(_record_ids(record, i, tok, template))
     flat = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
     n = min(count, flat.size // seq_len)
     if n < 1:
@@ -308,7 +345,7 @@ def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_
             raise UserError(f"--quantize={mode} needs calibration data and found no prepared "
                             f"data of the run{where}: pass --calibration_data=FILE_OR_DIR.")
         windows = calibration_windows(source, tok, seq_len or exp.data.seq_len,
-                                      calibration_samples)
+                                      calibration_samples, exp.data.template)
     quantize_weights(model, mode, group_size, windows, tok, head)
     if log and mode != "none":
         log(f"quantized weights: {mode}" + (f", group size {group_size}" if mode != "int8"

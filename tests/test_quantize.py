@@ -2,6 +2,7 @@
 float, saved_model_cli, GPTQ/AWQ against round-to-nearest, bad input."""
 
 import dataclasses
+import json
 import os
 
 import keras
@@ -190,6 +191,42 @@ def test_bad_group_size_and_missing_calibration_data_are_refused(tmp_path):
     short.write_text("hi\n")
     with pytest.raises(UserError, match="fewer than one window"):
         quantize_run(model, exp, tok, "awq", 16, calibration_data=str(short))
+
+
+def test_instruction_records_calibrate_as_the_fine_tuning_saw_them(tmp_path):
+    """A JSONL calibration file of alpaca / sharegpt / prompt records: each window holds
+    the record rendered by the chat template, as `prepare` renders SFT samples (the
+    alpaca `input` included, the template's markers around it), not its fields' text
+    joined; a record of no known kind, or not an object, is one clear error."""
+    from deepseek_tf.data import sft
+    from deepseek_tf.data.templates import TEMPLATES
+    from deepseek_tf.data.tokenizer import ByteTokenizer
+    from deepseek_tf.quantize import calibration_windows
+    tok = ByteTokenizer()
+    alpaca = {"instruction": "Add the numbers.", "input": "18 + 2", "output": "20"}
+    chat = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in
+                              [alpaca, chat, {"prompt": "Say a", "output": "a"}]) + "\n")
+    template = TEMPLATES["chatml"]
+    expected = np.concatenate([
+        sft.encode(sft.parse_record(alpaca, "alpaca"), template, tok, 1 << 30)[0],
+        sft.encode(sft.parse_record(chat, "sharegpt"), template, tok, 1 << 30)[0],
+        sft.encode(sft.Conversation("", "", (("user", "Say a"), ("assistant", "a"))),
+                   template, tok, 1 << 30)[0]])
+    windows = calibration_windows(str(path), tok, 8, 1000, "chatml")
+    n = len(expected) // 8
+    np.testing.assert_array_equal(windows, expected[:n * 8].reshape(n, 8))
+    text = tok.decode(windows.reshape(-1).tolist())
+    assert "Add the numbers.\n18 + 2" in text and "<|im_start|>assistant" in text
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(alpaca) + "\n" + json.dumps({"question": "?"}) + "\n")
+    with pytest.raises(UserError, match="record 2: no text, instruction, prompt or "
+                                        "conversations field"):
+        calibration_windows(str(bad), tok, 8, 10, "chatml")
+    bad.write_text("[1, 2]\n")
+    with pytest.raises(UserError, match="line 1 is not a JSON object"):
+        calibration_windows(str(bad), tok, 8, 10, "chatml")
 
 
 def test_a_group_size_that_does_not_divide_the_widths_quantizes_like_numpy(tmp_path):
