@@ -143,6 +143,10 @@ def main(argv=None):
     p.add_argument("--demo_calibration", default="16,32,256",
                    help="gptq/awq demo EM: comma-separated calibration window counts")
     a = common.start(p, argv)
+    for flag, path in (("--workdir", a.workdir), ("--demo_run", a.demo_run),
+                       ("--demo_data", a.demo_data if a.demo_run else "")):
+        if path and not os.path.exists(path):
+            p.error(f"{flag}={path}: no such file or directory")
     from deepseek_tf.evaluate import evaluate_workdir
     from deepseek_tf.export import export
     from deepseek_tf.quantize import quantize_run
