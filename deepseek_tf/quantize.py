@@ -172,9 +172,11 @@ class _TokenIds:
 def _record_ids(record: dict, i: int, tok, template: str) -> np.ndarray:
     """int32 ids of one JSONL calibration record: its "text", or an instruction record
     (alpaca `instruction` + `input` -> `output`, sharegpt `conversations` / `messages`,
-    `prompt` -> `output`/`response`) rendered by the chat `template` as SFT renders it,
-    so that the calibration sees what the fine-tuned model saw."""
+    `prompt` -> its answer under `REFERENCE_KEYS`, if any) rendered by the chat
+    `template` as SFT renders it, so that the calibration sees what the fine-tuned model
+    saw."""
     from deepseek_tf.data import sft
+    from deepseek_tf.data.records import REFERENCE_KEYS
     from deepseek_tf.data.templates import TEMPLATES
     if isinstance(record.get("text"), str):
         return np.asarray(tok.encode(record["text"]), np.int32)
@@ -184,7 +186,7 @@ def _record_ids(record: dict, i: int, tok, template: str) -> np.ndarray:
         elif "instruction" in record:
             conv = sft.parse_record(record, "alpaca")
         elif "prompt" in record:
-            answer = next((record[k] for k in ("output", "response", "answer")
+            answer = next((record[k] for k in REFERENCE_KEYS
                            if isinstance(record.get(k), str)), "")
             conv = sft.Conversation("", "", (("user", str(record["prompt"])),
                                              ("assistant", answer)))
