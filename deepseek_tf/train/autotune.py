@@ -18,7 +18,9 @@ them in config.json (`jit_compile`, `precision`, `auto_decisions`); a resumed ru
 them back and decides nothing again. With several workers the chief times (inside the
 strategy, where the train step runs: mirrored variables can only be read in a replica
 context; the timed forward+backward has no collectives) while the others wait, and its
-decision is broadcast to all, so every worker compiles the same way.
+decision is broadcast to all, so every worker compiles the same way; where the train
+step reuses the timed function, every worker traces and compiles it both ways at the
+same time first (`resolve_jit_compile`).
 
 Example:
     >>> precision, why = resolve_precision("auto")
@@ -27,6 +29,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -108,17 +112,17 @@ def random_batch(vocab_size: int, accum: int, batch: int, seq: int, seed: int = 
     return {k: tf.constant(v) for k, v in b.items()}
 
 
-def time_grad_fn(model, tcfg, seq_len: int, strategy=None, rounds: int = 3,
-                 objective=None, built: dict | None = None) -> dict[str, float]:
-    """{"xla": s, "no_xla": s}: median seconds of the step's forward + backward, each mode
-    warmed up (traced / compiled) and then timed in alternating rounds.
+def grad_norm_fns(model, tcfg, seq_len: int, strategy=None, objective=None,
+                  built: dict | None = None) -> dict[str, Callable[[], float]]:
+    """{"no_xla": fn, "xla": fn}: the step's forward + backward without and with XLA, each
+    a callable running it on a random batch of the run's shape (`grad_norm_fn`).
 
     The forward + backward runs inside `strategy.run` (the default strategy if None), as
     in the train step: distributed (mirrored) variables can only be read in a replica
-    context. It has no collectives, so each worker times its own copy. With `built` (a
+    context. It has no collectives, so each worker runs its own copy. With `built` (a
     dict), the two grad functions are left in it keyed by `jit` (True / False): the
     train step may call the chosen one, whose trace and XLA compilation are then done
-    (`objective` must be the run's token objective for that; None times the token
+    (`objective` must be the run's token objective for that; None runs the token
     cross entropy).
     """
     import tensorflow as tf
@@ -132,8 +136,8 @@ def time_grad_fn(model, tcfg, seq_len: int, strategy=None, rounds: int = 3,
     fns = {False: plain, True: xla_twin(plain)}  # one trace of the model for both
     if built is not None:
         built.update(fns)
-    return median_times({"no_xla": grad_norm_fn(fns[False], tcfg, batch, strategy),
-                         "xla": grad_norm_fn(fns[True], tcfg, batch, strategy)}, rounds)
+    return {"no_xla": grad_norm_fn(fns[False], tcfg, batch, strategy),
+            "xla": grad_norm_fn(fns[True], tcfg, batch, strategy)}
 
 
 def grad_norm_fn(grad_fn, tcfg, batch, strategy):
@@ -163,7 +167,8 @@ def grad_norm_fn(grad_fn, tcfg, batch, strategy):
 
 
 def choose_jit(times: dict[str, float], margin: float = 1.0) -> tuple[bool, str]:
-    """(use XLA, reason) from `time_grad_fn`'s medians: XLA if at least `margin`x faster."""
+    """(use XLA, reason) from the medians of `grad_norm_fns`' callables (`median_times`):
+    XLA if at least `margin`x faster."""
     return choose_xla(times, "forward+backward", margin)
 
 
@@ -172,22 +177,39 @@ def resolve_jit_compile(exp, model, agree=lambda v: v, log=print, strategy=None,
                         built: dict | None = None) -> tuple[str, str]:
     """("true"/"false", reason) for `exp.train.jit_compile` ("auto" is measured with
     `model` inside `strategy`); `agree(int) -> int` gives every worker the chief's answer.
-    Only the worker with `measure` (the chief) times; the others wait in `agree` and
-    compile nothing for the timing (with W workers on one machine, W timings would
-    share its cores and take W times the CPU for one decision). `objective`, `built`: as
-    in `time_grad_fn`."""
+
+    Only the worker with `measure` (the chief) times; the others wait in `agree`. With
+    `built` (the train step will reuse the grad function chosen, see `grad_norm_fns`),
+    every worker first traces and XLA-compiles both ways at once, then all meet in
+    `agree` before the chief's timed rounds, which so run alone: after the decision each
+    worker's chosen function is ready. (Before, the other workers traced and compiled
+    the chosen one only after the chief's timing, while the chief waited for them at
+    the first step's all-reduce: V4-tiny's 2-worker start took the two one after the
+    other, ~55 s each.) Without `built` the others compile nothing for the timing (with
+    W workers on one machine, W warm-ups they would not use would share its cores).
+    `objective`: as in `grad_norm_fns`.
+    """
     value = exp.train.jit_compile
     if value != "auto":
         return value, f"{value} (given)"
     if exp.model.n_routed_experts and exp.model.capacity_factor <= 0:
         return "false", "auto -> false: dropless MoE has data-dependent shapes (no XLA)"
+    fns, warmup = None, 2
+    if built is not None:
+        log("jit_compile=auto: tracing and compiling the step's forward+backward with and "
+            "without XLA ...")
+        fns = grad_norm_fns(model, exp.train, exp.data.seq_len, strategy, objective, built)
+        for fn in fns.values():
+            fn()
+        agree(0)                  # every worker has compiled: the chief times alone
+        warmup = 1
     if not measure:
         log("jit_compile=auto: waiting for the chief's timing ...")
         choice = "true" if agree(0) else "false"
         return choice, f"auto -> {choice}: the chief's timing"
     log("jit_compile=auto: timing the step's forward+backward with and without XLA ...")
-    use, why = choose_jit(time_grad_fn(model, exp.train, exp.data.seq_len, strategy,
-                                       objective=objective, built=built))
+    fns = fns or grad_norm_fns(model, exp.train, exp.data.seq_len, strategy, objective)
+    use, why = choose_jit(median_times(fns, warmup=warmup))
     agree(int(use))
     choice = "true" if use else "false"
     return choice, f"auto -> {choice}: {why}"

@@ -112,7 +112,7 @@ def test_resumed_auto_run_keeps_the_saved_choice(stdlib_data, tmp_path, monkeypa
     def no_second_decision(*a, **k):
         raise AssertionError("a resumed run decided again")
 
-    monkeypatch.setattr(autotune, "time_grad_fn", no_second_decision)
+    monkeypatch.setattr(autotune, "grad_norm_fns", no_second_decision)
     monkeypatch.setattr(autotune, "resolve_precision", no_second_decision)
     msgs = []
     result = train(tiny.experiment(data_dir, train={**auto, "steps": 3}), str(tmp_path),

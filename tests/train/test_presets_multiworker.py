@@ -38,8 +38,10 @@ def _launch(preset, workdir, *flags):
     return output
 
 
-def _check_resolved(workdir, output, precision_auto=True):
-    """config.json holds the resolved choices (once), and both workers took the chief's."""
+def _check_resolved(workdir, output, precision_auto=True, warm=True):
+    """config.json holds the resolved choices (once), and both workers took the chief's;
+    with `warm` (the train step reuses the timed grad function), both workers traced and
+    compiled it both ways before the chief timed alone."""
     with open(os.path.join(workdir, "config.json")) as f:
         train_cfg = json.load(f)["train"]
     assert train_cfg["jit_compile"] in ("true", "false"), train_cfg
@@ -54,6 +56,9 @@ def _check_resolved(workdir, output, precision_auto=True):
                          rf"2 replicas.*"
                          rf"precision {train_cfg['precision']}; XLA {train_cfg['jit_compile']}",
                          output, re.M), output[-4000:]
+        assert bool(re.search(rf"^\[worker {w}\] jit_compile=auto: tracing and compiling",
+                              output, re.M)) == warm, output[-4000:]
+    assert len(re.findall(r"^\[worker \d\] jit_compile=auto: timing", output, re.M)) == 1
     shas = [re.findall(rf"^\[worker {w}\] weights sha256: (\w+)$", output, re.M) for w in (0, 1)]
     assert len(shas[0]) == 1 and shas[0] == shas[1], output[-4000:]
     return train_cfg
@@ -134,6 +139,6 @@ def test_distill_tiny_preset_on_two_workers(tiny_run, tmp_path):
     teacher, _ = tiny_run
     workdir = str(tmp_path / "run")
     output = _launch("distill-tiny.flags", workdir, f"--distill.teacher={teacher}")
-    _check_resolved(workdir, output)
+    _check_resolved(workdir, output, warm=False)  # the timing's token loss is not its own
     rows = [r for r in read_log(workdir) if r["kind"] == "train"]
     assert len(rows) == 2 and all(r["kl_forward"] > 0 and r["lm_loss"] > 0 for r in rows), rows
