@@ -3,7 +3,8 @@
 Modes: int8 (per-channel), int4 (round-to-nearest, one scale per `group_size` inputs;
 where `group_size` does not divide a layer's input width, its last group is narrower),
 gptq and awq (4-bit, the same groups, calibrated with Keras' `GPTQConfig` / `AWQConfig`
-on token sequences walked through the decoder blocks one after the other; awq's
+on token windows walked through the decoder blocks one after the other, packed as
+training packs them (each document attends only to itself, from position 0); awq's
 per-channel scales are searched on each decoder block's output by `deepseek_tf.awq`,
 not by Keras' weight-error search).
 GPTQ quantizes the columns in activation order (largest Hessian diagonal first; on the
@@ -32,13 +33,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 
 import numpy as np
 
 from deepseek_tf.awq import output_error_search
+from deepseek_tf.calibration import as_windows, calibration_windows
 from deepseek_tf.errors import UserError
 from deepseek_tf.gptq import cholesky_updates
 from deepseek_tf.workdir_files import prepared_data_dir
@@ -85,13 +86,34 @@ def _check_group_size(model, wanted, mode: str, group_size: int) -> None:
                             f"(e.g. 128 or 32).")
 
 
-def _calibration_blocks(model) -> list:
-    """The decoder blocks called the way Keras' GPTQ/AWQ walk calls one: hidden states
-    in, hidden states out (causal mask and positions 0..T-1 built here)."""
+#: Channels appended to the hidden states of Keras' calibration walk: segment id, position.
+EXTRA = 2
+
+
+def _calibration_layers(model) -> tuple:
+    """(embedding, blocks): the layers Keras' GPTQ/AWQ walk calls, one window at a time.
+
+    As in training, a window holds several documents, each attending only to itself
+    with positions restarting at 0 (data/pipeline.py's packing); the walk passes one
+    tensor from layer to layer, so the embedding takes a (3, T) window (tokens, segment
+    ids, positions) and appends the last two to its (1, T, D) output as float channels,
+    and each block, (1, T, D + 2) in and out, builds its mask and positions from them.
+    (Before, every window was one causal stream from position 0: a document saw the
+    ones before it, which neither training nor generation ever shows the model.)"""
     import keras
     import tensorflow as tf
 
     from deepseek_tf.layers.attention import attention_mask
+
+    class CalibrationEmbedding(keras.layers.Layer):
+        def __init__(self, inner):
+            super().__init__(name="calibrate_embedding")
+            self.inner = inner
+
+        def call(self, window):                                 # (3, T) int32
+            x = tf.cast(self.inner(window[:1]), tf.float32)     # (1, T, D)
+            extra = tf.cast(tf.transpose(window[1:])[None], tf.float32)   # (1, T, 2)
+            return tf.concat([x, extra], -1)
 
     class CalibrationBlock(keras.layers.Layer):
         def __init__(self, inner):
@@ -99,15 +121,20 @@ def _calibration_blocks(model) -> list:
             self.inner = inner
             self.recorded = None      # a list: its inputs (AWQ's block search)
 
-        def call(self, x):                                      # (1, T, D)
+        def hidden(self, x):
+            """(B, T, D + 2) -> the decoder block's float32 output (B, T, D)."""
+            segments = tf.cast(x[..., -EXTRA], tf.int32)        # (B, T)
+            positions = tf.cast(x[..., -EXTRA + 1], tf.int32)   # (B, T)
+            h = tf.cast(x[..., :-EXTRA], self.inner.compute_dtype)
+            out = self.inner(h, positions=positions, attention_mask=attention_mask(segments))
+            return tf.cast(out, tf.float32)
+
+        def call(self, x):                                      # (B, T, D + 2)
             if self.recorded is not None:
                 self.recorded.append(x)
-            b, t = tf.shape(x)[0], tf.shape(x)[1]
-            positions = tf.broadcast_to(tf.range(t, dtype=tf.int32), [b, t])
-            mask = attention_mask(tf.ones([b, t], tf.int32))   # (B, 1, T, T)
-            return self.inner(x, positions=positions, attention_mask=mask)
+            return tf.concat([self.hidden(x), x[..., -EXTRA:]], -1)
 
-    return [CalibrationBlock(b) for b in model.blocks]
+    return CalibrationEmbedding(model.embed_tokens), [CalibrationBlock(b) for b in model.blocks]
 
 
 @contextlib.contextmanager
@@ -136,11 +163,11 @@ def _windows_as_given():
     """Keras 3.15's GPTQ/AWQ cut their calibration windows anew from the concatenated
     dataset at an offset drawn from `hash(("gptq-calib", seed))`, which differs from
     process to process (Python's string hashing is salted): the same command calibrated
-    on different windows each run. Within: both take the given (N, T) windows as they are."""
+    on different windows each run. Within: both take the given windows as they are."""
     from keras.src.quantizers import awq_core, gptq_core
 
     def given(tokenizer, sequence_length, dataset, num_samples=128, **_):
-        return np.asarray(dataset, np.int32)[:num_samples, None, :]   # (N, 1, T)
+        return np.asarray(dataset, np.int32)[:num_samples]    # (N, 3, T), see Windows
     kept = gptq_core.get_dataloader, awq_core.get_dataloader
     gptq_core.get_dataloader = awq_core.get_dataloader = given
     try:
@@ -169,86 +196,6 @@ class _TokenIds:
         return np.asarray(ids, np.int32)
 
 
-def _record_ids(record: dict, i: int, tok, template: str) -> np.ndarray:
-    """int32 ids of one JSONL calibration record: its "text", or an instruction record
-    (alpaca `instruction` + `input` -> `output`, sharegpt `conversations` / `messages`,
-    `prompt` -> its answer under `REFERENCE_KEYS`, if any) rendered by the chat
-    `template` as SFT renders it, so that the calibration sees what the fine-tuned model
-    saw."""
-    from deepseek_tf.data import sft
-    from deepseek_tf.data.records import REFERENCE_KEYS
-    from deepseek_tf.data.templates import TEMPLATES
-    if isinstance(record.get("text"), str):
-        return np.asarray(tok.encode(record["text"]), np.int32)
-    try:
-        if "conversations" in record or "messages" in record:
-            conv = sft.parse_record(record, "sharegpt")
-        elif "instruction" in record:
-            conv = sft.parse_record(record, "alpaca")
-        elif "prompt" in record:
-            answer = next((record[k] for k in REFERENCE_KEYS
-                           if isinstance(record.get(k), str)), "")
-            conv = sft.Conversation("", "", (("user", str(record["prompt"])),
-                                             ("assistant", answer)))
-        else:
-            raise sft.BadSample("no text, instruction, prompt or conversations field")
-        encoded = sft.encode(conv, TEMPLATES[template], tok, cutoff_len=1 << 30,
-                             train_on_prompt=True)
-        return encoded[0] if encoded else np.zeros([0], np.int32)
-    except sft.BadSample as e:
-        raise UserError(f"--calibration_data: record {i + 1}: {e}.") from None
-
-
-def calibration_windows(path: str, tok, seq_len: int, count: int = 256,
-                        template: str = "deepseek3") -> np.ndarray:
-    """Token windows (count, seq_len) int32 for GPTQ/AWQ calibration.
-
-    Args:
-      path: a prepared data directory (its train split, so that validation stays
-        unseen; else validation), a JSONL file (each record's "text", or an
-        instruction record rendered with `template`, see `_record_ids`) or a plain
-        text file.
-      tok: the run's tokenizer (for files).
-      seq_len: tokens per window.
-      count: at most this many windows.
-      template: the chat template of instruction records (the run's `--data.template`).
-    """
-    if not path or not os.path.exists(path):
-        raise UserError(f"--calibration_data={path!r}: no such file or directory; give a "
-                        f"JSONL/text file or a prepared data directory.")
-    pieces = []
-    if os.path.isdir(path):
-        from deepseek_tf.data.pipeline import documents
-        from deepseek_tf.data.shards import read_metadata, shard_paths
-        meta = read_metadata(path)
-        paths = shard_paths(path, meta, "train") or shard_paths(path, meta, "validation")
-        for tokens, _ in documents(paths, meta["token_dtype"], shuffle_seed=None,
-                                   cycle_length=1, repeat=False).take(4 * count):
-            pieces.append(tokens.numpy())
-    else:
-        with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-        for i, line in enumerate(lines[:4 * count]):
-            if not path.endswith(".jsonl"):
-                pieces.append(np.asarray(tok.encode(line), np.int32))
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"--calibration_data={path}: invalid JSON at line "
-                                f"{i + 1}: {e.msg}.") from None
-            if not isinstance(record, dict):
-                raise UserError(f"--calibration_data={path}: line {i + 1} is not a JSON "
-                                f"object.")
-            pieces.append(_record_ids(record, i, tok, template))
-    flat = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
-    n = min(count, flat.size // seq_len)
-    if n < 1:
-        raise UserError(f"--calibration_data={path}: {flat.size} tokens, fewer than one "
-                        f"window of {seq_len}; give more text.")
-    return flat[:n * seq_len].reshape(n, seq_len).astype(np.int32)
-
-
 def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
                      tokenizer=None, head: str = HEAD_DEFAULT) -> None:
     """Quantizes `model`'s weights in place with Keras (see the module docstring).
@@ -257,7 +204,8 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
       model: a built `DeepSeekCausalLM`.
       mode: one of `MODES`.
       group_size: 4-bit modes: inputs per scale (-1 = one scale per output channel).
-      calibration: gptq/awq: int32 token windows (N, T), e.g. `calibration_windows`.
+      calibration: gptq/awq: `Windows` (`calibration_windows`), or int32 token windows
+        (N, T), each one document.
       tokenizer: passed on to Keras' configs, which insist on one; they never call it on
         token windows (None: an identity stand-in).
       head: 4-bit modes: what the layers outside the decoder blocks (the untied output
@@ -268,7 +216,8 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
         raise UserError(f"--quantize={mode!r}: the SavedModel takes {', '.join(MODES)}.")
     if mode == "none":
         return
-    if mode in ("gptq", "awq") and (calibration is None or len(calibration) == 0):
+    if mode in ("gptq", "awq") and (calibration is None or
+                                    len(as_windows(calibration).tokens) == 0):
         raise UserError(f"--quantize={mode} needs calibration data: pass --calibration_data "
                         f"(a JSONL/text file or a prepared data dir) or train on prepared data.")
     if group_size == 0 or group_size < -1:
@@ -285,11 +234,11 @@ def quantize_weights(model, mode: str, group_size: int = 128, calibration=None,
             return
         inside = {id(x) for b in model.blocks for x in b._flatten_layers() if wanted(x)}
         if mode in ("gptq", "awq"):
-            windows = np.asarray(calibration, np.int32)
-            blocks = _calibration_blocks(model)
-            structure = {"pre_block_layers": [model.embed_tokens], "sequential_blocks": blocks}
+            windows = np.stack(as_windows(calibration), 1)          # (N, 3, T)
+            embedding, blocks = _calibration_layers(model)
+            structure = {"pre_block_layers": [embedding], "sequential_blocks": blocks}
             options = dict(dataset=list(windows), tokenizer=tokenizer or _TokenIds(), weight_bits=4,
-                           num_samples=len(windows), sequence_length=windows.shape[1],
+                           num_samples=len(windows), sequence_length=windows.shape[2],
                            group_size=group_size, quantization_layer_structure=structure)
             config = (keras.quantizers.GPTQConfig(**options, activation_order=True)
                       if mode == "gptq" else keras.quantizers.AWQConfig(**options))
@@ -352,6 +301,7 @@ def quantize_run(model, exp, tok, mode: str, group_size: int = 128, calibration_
     if log and mode != "none":
         log(f"quantized weights: {mode}" + (f", group size {group_size}" if mode != "int8"
                                            else "")
-            + (f", calibrated on {len(windows)} windows of {windows.shape[1]} tokens"
+            + (f", calibrated on {len(windows.tokens)} windows of {windows.tokens.shape[1]} "
+               f"tokens"
                if windows is not None else ""))
     return model

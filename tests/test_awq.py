@@ -44,8 +44,9 @@ def test_the_search_beats_round_to_nearest_on_the_output_with_keras_own_rounding
 def test_the_block_search_shares_one_scale_and_lowers_the_block_output_error():
     """Two projections reading one input (gate/up) inside a small SwiGLU block: the
     shared scales of `block_search` give the block-output error it reports (recomputed
-    here with numpy from the fake-quantized kernels), below alpha = 0's, and they
-    protect the large input channels."""
+    here with numpy from the fake-quantized kernels: each token's squared error over the
+    mean square of its float output, summed), below alpha = 0's, and they protect the
+    large input channels."""
     import tensorflow as tf
 
     from deepseek_tf.awq import block_search, fake_quantized
@@ -66,7 +67,8 @@ def test_the_block_search_shares_one_scale_and_lowers_the_block_output_error():
                              np.abs(x).reshape(-1, 32).mean(0), 16, tokens=32)
     np.testing.assert_array_equal(gate.numpy(), floats[0])        # the kernels restored
     quantized = swiglu(x, *(fake_quantized(k, s, 16) for k in floats))
-    np.testing.assert_allclose(errors["block"], np.sum((quantized - swiglu(x, *floats)) ** 2),
-                               rtol=1e-4)
+    reference = swiglu(x, *floats)                                     # (N, T, D)
+    relative = (quantized - reference) ** 2 / np.mean(reference ** 2, -1, keepdims=True)
+    np.testing.assert_allclose(errors["block"], np.sum(relative), rtol=1e-4)
     assert errors["block"] < 0.9 * errors["block_rtn"], errors
     assert s[5] > s[4], s

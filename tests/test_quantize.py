@@ -92,8 +92,10 @@ def test_gptq_and_awq_beat_round_to_nearest_and_the_awq_saved_model_is_close(tra
     2026-12-04): validation loss float 2.58799, int4 2.58894, GPTQ 2.58830 (-0.00064 +-
     0.00009 standard error against int4), AWQ 2.58790 (-0.00103 +- 0.00011); KL int4
     0.00028, GPTQ 0.00006, AWQ 0.00018 (each layer's own alpha chosen on its own output:
-    0.00022; GPTQ with Keras 3.15's own error feedback, on another machine: 0.00019). The
-    AWQ SavedModel scores as the quantized model in memory, within 0.25 nats of float per
+    0.00022; GPTQ with Keras 3.15's own error feedback, on another machine: 0.00019).
+    With the packed calibration windows and AWQ's relative block error (Intel Xeon with
+    AMX, 2026-12-05): loss float 2.58532, int4 2.58658, GPTQ 2.58527, AWQ 2.58471; KL
+    int4 0.00043, GPTQ 0.00006, AWQ 0.00028. The AWQ SavedModel scores as the quantized model in memory, within 0.25 nats of float per
     token."""
     exp = load_experiment(trained_dense_run)
     ids = _validation_windows(exp.data.data_dir)
@@ -201,7 +203,7 @@ def test_instruction_records_calibrate_as_the_fine_tuning_saw_them(tmp_path):
     from deepseek_tf.data import sft
     from deepseek_tf.data.templates import TEMPLATES
     from deepseek_tf.data.tokenizer import ByteTokenizer
-    from deepseek_tf.quantize import calibration_windows
+    from deepseek_tf.calibration import calibration_windows
     tok = ByteTokenizer()
     alpaca = {"instruction": "Add the numbers.", "input": "18 + 2", "output": "20"}
     chat = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
@@ -216,17 +218,58 @@ def test_instruction_records_calibrate_as_the_fine_tuning_saw_them(tmp_path):
                    template, tok, 1 << 30)[0]])
     windows = calibration_windows(str(path), tok, 8, 1000, "chatml")
     n = len(expected) // 8
-    np.testing.assert_array_equal(windows, expected[:n * 8].reshape(n, 8))
-    text = tok.decode(windows.reshape(-1).tolist())
+    np.testing.assert_array_equal(windows.tokens, expected[:n * 8].reshape(n, 8))
+    text = tok.decode(windows.tokens.reshape(-1).tolist())
     assert "Add the numbers.\n18 + 2" in text and "<|im_start|>assistant" in text
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(alpaca) + "\n" + json.dumps({"question": "?"}) + "\n")
+    # Packed as training packs: a record starts a new segment at position 0; a window
+    # starts one too (the rest of a record cut there counts from 0).
+    starts = set(np.cumsum([0] + [len(sft.encode(c, template, tok, 1 << 30)[0]) for c in (
+        sft.parse_record(alpaca, "alpaca"), sft.parse_record(chat, "sharegpt"))]))
+    for i in range(n):
+        assert windows.segment_ids[i, 0] == 1 and windows.positions[i, 0] == 0
+        for j in range(1, 8):
+            new_doc = i * 8 + j in starts
+            assert windows.segment_ids[i, j] == windows.segment_ids[i, j - 1] + new_doc
+            assert windows.positions[i, j] == (0 if new_doc else windows.positions[i, j - 1] + 1)
     with pytest.raises(UserError, match="record 2: no text, instruction, prompt or "
                                         "conversations field"):
         calibration_windows(str(bad), tok, 8, 10, "chatml")
     bad.write_text("[1, 2]\n")
     with pytest.raises(UserError, match="line 1 is not a JSON object"):
         calibration_windows(str(bad), tok, 8, 10, "chatml")
+
+
+@pytest.mark.parametrize("family", ["gqa", "mla_moe"])
+def test_the_calibration_walk_sees_each_document_alone_as_the_model_does(tmp_path, family):
+    """The layers Keras' GPTQ/AWQ walk calls (embedding, then each block on the previous
+    one's output) give, on a window of several documents, the model's own hidden states
+    for those documents packed with their segment ids and positions: a document attends
+    only to itself, from position 0, as in training and generation."""
+    from deepseek_tf.calibration import Windows
+    from deepseek_tf.quantize import _calibration_layers
+    workdir, _ = make_workdir(str(tmp_path / "run"), family)
+    model, _ = load_workdir(workdir)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (2, 24)).astype(np.int32)
+    segments = np.array([[1] * 5 + [2] * 11 + [3] * 8, [1] * 24], np.int32)
+    positions = np.array([list(range(5)) + list(range(11)) + list(range(8)),
+                          list(range(3, 27))], np.int32)
+    embedding, blocks = _calibration_layers(model)
+    outputs = []
+    for i in range(2):
+        x = embedding(tf.constant(np.stack(Windows(tokens, segments, positions), 1)[i]))
+        for block in blocks:
+            x = block(x)                                              # (1, T, D + 2)
+        np.testing.assert_array_equal(x[0, :, -2:], np.stack([segments[i], positions[i]], -1))
+        outputs.append(model.head(model.norm(x[..., :-2])))
+    for i in range(2):                      # one window a call, as the walk (MoE capacity)
+        expected = model(tokens[i:i + 1], segment_ids=segments[i:i + 1],
+                         positions=positions[i:i + 1])
+        np.testing.assert_allclose(outputs[i], expected, atol=1e-4, rtol=1e-4)
+    alone = model(tokens[:1, 5:16], positions=positions[:1, 5:16])   # document 2 by itself
+    np.testing.assert_allclose(outputs[0][:, 5:16], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_a_group_size_that_does_not_divide_the_widths_quantizes_like_numpy(tmp_path):
