@@ -43,21 +43,23 @@ def as_windows(calibration) -> Windows:
 
 
 def _cut(pieces: list, seq_len: int, count: int, path: str) -> Windows:
-    """The documents `pieces` (int arrays) one after the other, cut into at most `count`
-    windows of `seq_len`: the first document of a window is the rest of one cut there
-    (its positions from 0 at the window's start, as in training)."""
-    pieces = [np.asarray(p, np.int32).reshape(-1) for p in pieces] or [np.zeros([0], np.int32)]
-    flat = np.concatenate(pieces)
-    n = min(count, flat.size // seq_len)
-    if n < 1:
-        raise UserError(f"--calibration_data={path}: {flat.size} tokens, fewer than one "
-                        f"window of {seq_len}; give more text.")
-    doc = np.concatenate([np.full(p.size, i, np.int32) for i, p in enumerate(pieces)])
-    pos = np.concatenate([np.arange(p.size, dtype=np.int32) for p in pieces])
-    tokens, doc, pos = (a[:n * seq_len].reshape(n, seq_len) for a in (flat, doc, pos))
-    first = doc == doc[:, :1]
-    return Windows(tokens, (doc - doc[:, :1] + 1).astype(np.int32),
-                   np.where(first, pos - pos[:, :1], pos).astype(np.int32))
+    """The documents `pieces` (int arrays) packed by training's own `pipeline.pack`, at
+    most `count` windows of `seq_len` (the first `seq_len` tokens of each of its windows,
+    which overlap by the one token a shifted target needs)."""
+    import tensorflow as tf
+
+    from deepseek_tf.data.pipeline import pack
+    pieces = [np.asarray(p, np.int32).reshape(-1) for p in pieces]
+    docs = tf.data.Dataset.from_generator(
+        lambda: ((p, np.ones_like(p)) for p in pieces),
+        output_signature=(tf.TensorSpec([None], tf.int32),) * 2)
+    got = [[w[k][:seq_len] for k in ("tokens", "segment_ids", "positions")]
+           for w in pack(docs, seq_len).take(count).as_numpy_iterator()]
+    if not got:
+        total = sum(p.size for p in pieces)
+        raise UserError(f"--calibration_data={path}: {total} tokens, fewer than one "
+                        f"window of {seq_len} (+1); give more text.")
+    return Windows(*(np.stack(a).astype(np.int32) for a in zip(*got)))
 
 
 def _record_ids(record: dict, i: int, tok, template: str) -> np.ndarray:
@@ -108,7 +110,7 @@ def calibration_windows(path: str, tok, seq_len: int, count: int = 256,
     if not path or not os.path.exists(path):
         raise UserError(f"--calibration_data={path!r}: no such file or directory; give a "
                         f"JSONL/text file or a prepared data directory.")
-    pieces = []
+    pieces = []  # int32 token arrays, one per document
     if os.path.isdir(path):
         from deepseek_tf.data.pipeline import documents
         from deepseek_tf.data.shards import read_metadata, shard_paths

@@ -217,7 +217,7 @@ def test_instruction_records_calibrate_as_the_fine_tuning_saw_them(tmp_path):
         sft.encode(sft.Conversation("", "", (("user", "Say a"), ("assistant", "a"))),
                    template, tok, 1 << 30)[0]])
     windows = calibration_windows(str(path), tok, 8, 1000, "chatml")
-    n = len(expected) // 8
+    n = (len(expected) - 1) // 8  # training's windows: 8 tokens and the next one's target
     np.testing.assert_array_equal(windows.tokens, expected[:n * 8].reshape(n, 8))
     text = tok.decode(windows.tokens.reshape(-1).tolist())
     assert "Add the numbers.\n18 + 2" in text and "<|im_start|>assistant" in text
