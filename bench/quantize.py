@@ -24,7 +24,7 @@ mode it prints:
              answers to `--demo_data` (`evaluate` with --quantize; first --demo_samples);
              gptq/awq: one figure per `--demo_calibration` count of calibration windows
              (the first N of the demo run's data; capped at what it holds: `make demo`'s
-             has 47 windows of 256 tokens). The calibration is deterministic: the same
+             has 190 windows of 256 tokens). The calibration is deterministic: the same
              count gives the same figure in every run.
 4-bit modes keep the untied output head and the embedding in `--quantize_head`
 (none = float, int8, int4; export's default).
