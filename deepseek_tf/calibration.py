@@ -36,7 +36,8 @@ def as_windows(calibration) -> Windows:
     """`calibration` as `Windows`: itself, or (N, T) token ids, each window one document."""
     if isinstance(calibration, Windows):
         return calibration
-    tokens = np.asarray(calibration, np.int32).reshape(len(calibration), -1)
+    tokens = np.asarray(calibration, np.int32)
+    tokens = tokens.reshape(len(tokens), -1) if tokens.size else np.zeros([0, 0], np.int32)
     return Windows(tokens, np.ones_like(tokens),
                    np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32),
                                    tokens.shape).copy())
