@@ -59,7 +59,7 @@ def _cut(pieces: list, seq_len: int, count: int, path: str) -> Windows:
     if not got:
         total = sum(p.size for p in pieces)
         raise UserError(f"--calibration_data={path}: {total} tokens, fewer than one "
-                        f"window of {seq_len} (+1); give more text.")
+                        f"window of {seq_len} and the token after it ({seq_len + 1}); give more text.")
     return Windows(*(np.stack(a).astype(np.int32) for a in zip(*got)))
 
 
