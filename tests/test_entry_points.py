@@ -19,7 +19,8 @@ NOISE = re.compile(r"cuInit|oneDNN|cpu_feature_guard|W0000|I0000|op_level_cost_e
                    r"MLIR V1 optimization pass|Compiled cluster|cuda_platform")
 MODULES = ["train", "generate", "evaluate", "export", "convert", "params", "prepare", "launch",
            "data.demo", "serve"]
-TOOLS = ["merge_lora", "compare_runs", "inspect_checkpoint", "profile_summary"]
+TOOLS = ["merge_lora", "compare_runs", "inspect_checkpoint", "inspect_hf_checkpoint",
+         "profile_summary"]
 
 
 def _run(args, cwd=ROOT):
@@ -42,6 +43,14 @@ def test_help_is_quiet(entry):
         assert "a file for tflite and litertlm" in " ".join(proc.stdout.split())
     if entry in ("generate", "evaluate", "export", "serve"):  # one --jit_compile type everywhere
         assert "<auto|true|false>" in proc.stdout
+
+
+def test_every_tool_is_listed():
+    """A new module in deepseek_tf/tools is a user command: it joins TOOLS (and so the
+    --help check above)."""
+    tools = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "deepseek_tf", "tools"))
+                   if f.endswith(".py") and f != "__init__.py")
+    assert tools == sorted(TOOLS)
 
 
 @pytest.fixture(scope="module")
