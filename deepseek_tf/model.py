@@ -253,13 +253,22 @@ class DeepSeekCausalLM(keras.Model):
         bits in the tests), at less cost: the tokens attend each other (T x T scores,
         not T x M) and are the cache, padded to M afterwards, instead of a one-hot
         write into M slots; the output head runs on the last position only (what
-        generation needs). V4 attention and the V3.2 indexer take the general path.
+        generation needs). MLA expands the T prompt latents into per-head keys and values
+        (as transformers does) instead of attending in latent space: T x T scores cost
+        H (nope + rope) multiply-adds each that way against H (kv_lora_rank + rope)
+        absorbed (issue-3: 48 vs 80; DeepSeek-V3: 192 vs 576). Measured on a 2-core AMD
+        EPYC: the issue-3 config's prefill 4 / 8 / 11% faster at 16 / 128 / 512 tokens;
+        with DeepSeek-V3's attention shapes (16 heads) 21 / 34% at 128 / 512. Its
+        logits differ from the absorbed path's by rounding (~1e-6); the cache holds the
+        same latents. V4 attention and the V3.2 indexer take
+        the general path (with `absorb`).
 
         Args:
           inputs: int32 (B, T) left-padded prompts, T <= max_length.
           max_length: M, the cache length.
           pad: int32 (B,) left-padding per row (see `call_cached`).
-          absorb, static_moe: as in `call_cached` (static_moe: for an XLA prefill).
+          absorb: as in `call_cached`, for the general path (V4, DSA) only.
+          static_moe: as in `call_cached` (for an XLA prefill).
 
         Returns (float32 logits of the last position (B, vocab_size), the cache).
 
@@ -275,7 +284,7 @@ class DeepSeekCausalLM(keras.Model):
                                              last_only=True)
             return logits[:, -1], cache
         empty = tuple((None,) * len(block.self_attn.cache_shape(1, 1)) for block in self.blocks)
-        logits, cache = self.call_cached(inputs, empty, 0, pad, absorb=absorb,
+        logits, cache = self.call_cached(inputs, empty, 0, pad, absorb=False,
                                          static_moe=static_moe, last_only=True)
         grow = [[0, 0], [0, 0], [0, max_length - t], [0, 0]]      # (B, H, T, W) -> (B, H, M, W)
         static = max_length if isinstance(max_length, int) else None  # keeps M static

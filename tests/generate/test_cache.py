@@ -114,14 +114,20 @@ def test_cache_masks_exclude_padding_future_and_far_slots():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_prefill_equals_the_general_cached_call(family):
     """`prefill` (the prompt attends itself, its keys are the cache, the head runs on
-    the last position) gives the general path's last logits and, in every slot a real
-    token wrote, its cache bitwise; slots after the prompt stay zero."""
+    the last position; MLA with keys and values expanded from the latents) gives the
+    general path's last logits (expanded: `absorb=False`; V4 and DSA prefill through
+    the general path itself) and, in every slot a real
+    token wrote, its cache bitwise; slots after the prompt stay zero. The absorbed
+    general path (the decode's) gives the same logits within rounding."""
     model = random_model(family)
     toks, pad, _, _ = _batch()
     cache = model.init_cache(toks.shape[0], 32)
-    want, want_cache = model.call_cached(toks, cache, 0, pad)
+    general = model.config.attention_type == "v4" or model.config.use_dsa  # absorbed there
+    want, want_cache = model.call_cached(toks, cache, 0, pad, absorb=general)
+    absorbed, _ = model.call_cached(toks, cache, 0, pad)
     got, got_cache = model.prefill(toks, 32, pad)
     np.testing.assert_allclose(got.numpy(), want[:, -1].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.numpy(), absorbed[:, -1].numpy(), atol=1e-5, rtol=0)
     for layer_want, layer_got in zip(want_cache, got_cache):
         for w, g in zip(layer_want, layer_got):
             assert g.shape == w.shape
