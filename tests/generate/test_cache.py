@@ -116,9 +116,9 @@ def test_prefill_equals_the_general_cached_call(family):
     """`prefill` (the prompt attends itself, its keys are the cache, the head runs on
     the last position; MLA with keys and values expanded from the latents) gives the
     general path's last logits (expanded: `absorb=False`; V4 and DSA prefill through
-    the general path itself) and, in every slot a real
-    token wrote, its cache bitwise; slots after the prompt stay zero. The absorbed
-    general path (the decode's) gives the same logits within rounding."""
+    the general path itself) and, in every slot a real token wrote, its cache bitwise;
+    slots after the prompt stay zero. The absorbed general path (the decode's) gives
+    the same logits within rounding."""
     model = random_model(family)
     toks, pad, _, _ = _batch()
     cache = model.init_cache(toks.shape[0], 32)
