@@ -111,7 +111,11 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def start(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parses `argv` and prints the machine line."""
+    """Parses `argv` and prints the machine line. TensorFlow's absl log lines (XLA's
+    "Compiled cluster using XLA!") are silenced like the commands' (`quiet_tensorflow`);
+    the transformers sides never call this, so torch processes never load TensorFlow."""
+    from deepseek_tf.quiet import quiet_tensorflow
+    quiet_tensorflow()
     args = p.parse_args(argv)
     print(machine_line(), flush=True)
     return args

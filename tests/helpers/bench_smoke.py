@@ -74,9 +74,11 @@ RESULTS = {
 # The benches whose smoke runs start TensorFlow or torch processes of their own.
 SIDES = ("remat_memory", "mwms_scaling", "sharding", "compare_hf", "decode")
 IN_PROCESS = tuple(sorted(set(RESULTS) - set(SIDES)))
-# What TensorFlow prints at start-up unless TF_CPP_MIN_LOG_LEVEL silences it.
+# What TensorFlow prints at start-up unless TF_CPP_MIN_LOG_LEVEL silences it, and the
+# absl log lines (XLA's) unless absl's own minimum level is raised too (`quiet_tensorflow`).
 START_UP = ("cuInit", "cuda drivers", "cpu_feature_guard", "oneDNN custom operations",
-            "XLA service", "StreamExecutor device")
+            "XLA service", "StreamExecutor device", "Compiled cluster using XLA",
+            "absl::InitializeLog")
 
 
 def run_smoke(names) -> tuple[dict, str]:
