@@ -250,18 +250,17 @@ class DeepSeekCausalLM(keras.Model):
         """A prompt's prefill into an empty cache of `max_length` slots.
 
         Same results as `call_cached(inputs, init_cache(B, max_length), 0, pad)` (with
-        `absorb=False` for MLA; equal bits in the tests), at less cost: the tokens attend each other (T x T scores,
-        not T x M) and are the cache, padded to M afterwards, instead of a one-hot
-        write into M slots; the output head runs on the last position only (what
-        generation needs). MLA expands the T prompt latents into per-head keys and values
-        (as transformers does) instead of attending in latent space: T x T scores cost
-        H (nope + rope) multiply-adds each that way against H (kv_lora_rank + rope)
+        `absorb=False` for MLA; equal bits in the tests), at less cost: the tokens attend
+        each other (T x T scores, not T x M) and are the cache, padded to M afterwards,
+        instead of a one-hot write into M slots; the output head runs on the last position
+        only (what generation needs). MLA expands the T prompt latents into per-head keys
+        and values (as transformers does) instead of attending in latent space: T x T scores
+        cost H (nope + rope) multiply-adds each that way against H (kv_lora_rank + rope)
         absorbed (issue-3: 48 vs 80; DeepSeek-V3: 192 vs 576). Measured on a 2-core AMD
-        EPYC: the issue-3 config's prefill 4 / 8 / 11% faster at 16 / 128 / 512 tokens;
-        with DeepSeek-V3's attention shapes (16 heads) 21 / 34% at 128 / 512. Its
-        logits differ from the absorbed path's by rounding (~1e-6); the cache holds the
-        same latents. V4 attention and the V3.2 indexer take the general path (with
-        `absorb`).
+        EPYC: the issue-3 config's prefill 4 / 8 / 11% faster at 16 / 128 / 512 tokens; with
+        DeepSeek-V3's attention shapes (16 heads) 21 / 34% at 128 / 512. Its logits differ
+        from the absorbed path's by rounding (~1e-6); the cache holds the same latents. V4
+        attention and the V3.2 indexer take the general path (with `absorb`).
 
         Args:
           inputs: int32 (B, T) left-padded prompts, T <= max_length.
