@@ -202,8 +202,13 @@ def reference_spec(doc: str, argv=None) -> dict:
     """The spec of a reference-side script (`--spec=FILE`, written by its bench)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--spec", required=True, help="written by the bench, which prints the path")
-    with open(p.parse_args(argv).spec) as f:
-        return json.load(f)
+    path = p.parse_args(argv).spec
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # one line and exit 2, as argparse's own errors
+        p.error(f"cannot read the spec {path}: {e}. Run the bench with --keep to keep "
+                f"its spec files, then pass one of them.")
 
 
 def launch_small_run(num_workers: int, data_dir: str, workdir: str, args, steps: int,

@@ -51,3 +51,19 @@ def test_stats_and_timing():
     calls = []
     times = common.time_calls(lambda: calls.append(1), 3, warmup=2)
     assert len(times) == 3 and len(calls) == 5 and min(times) >= 0
+
+
+def test_a_reference_side_refuses_a_bad_spec_in_one_line(tmp_path, capsys):
+    """hf_train.py / hf_decode.py run by hand: a missing or broken spec file is argparse's
+    one-line error (exit 2), not a traceback."""
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for path in (str(tmp_path / "missing.json"), str(bad)):
+        with pytest.raises(SystemExit) as e:
+            common.reference_spec("doc", [f"--spec={path}"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"cannot read the spec {path}" in err and "--keep" in err, err
+    good = tmp_path / "good.json"
+    good.write_text('{"steps": 2}')
+    assert common.reference_spec("doc", [f"--spec={good}"]) == {"steps": 2}
