@@ -24,6 +24,10 @@ Example:
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m deepseek_tf.data.prepare`: before TensorFlow loads
+    raise SystemExit("deepseek_tf.data.prepare is a library module; the command is "
+                     "`python -m deepseek_tf.prepare` (--help lists its flags).")
+
 import array
 import collections
 import glob
