@@ -15,7 +15,8 @@ backward, clipping, AdamW, router bias update) in every `--precisions` x XLA off
 `mixed_float16` is left out by default: without XLA a CPU runs float16 matmuls on a
 slow path (~80x slower); add it on GPUs or to see that.
 Theirs (bench/hf_train.py): torch forward, cross entropy, backward, clipping, torch
-AdamW, in float32 and with bfloat16 autocast.
+AdamW, in float32 and with bfloat16 autocast, each eager and with the model under
+`torch.compile` (`--smoke`: float32 compiled only, besides the eager two).
 Also prints the ratio of the best medians and what the trainer's `auto` settings pick.
 torch and transformers are test extras (`pip install -e .[parity]`, BUILD.md).
 """
@@ -32,6 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (before TensorFlow)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# transformers' settings in --smoke (hf_train.SETTINGS): one compile of the tiny model
+# (~25 s on 2 cores) checks the torch.compile path.
+SMOKE_HF = ["float32", "bf16 autocast", "float32 + torch.compile"]
 
 
 def ours(spec: dict) -> dict:
@@ -87,7 +91,8 @@ def main(argv=None):
             "precisions": args.precisions.split(","), "jit": jit, "hf_config": hf_cfg}
     ours_spec = dict(spec, batch=os.path.join(tmp, "batch.npz"), auto=False)
     specs = {"ours": ours_spec, "ours_last": dict(ours_spec, auto=True),  # + the auto choice
-             "transformers": dict(spec, batch=os.path.join(tmp, "batch_hf.npz"))}
+             "transformers": dict(spec, batch=os.path.join(tmp, "batch_hf.npz"),
+                                  settings=SMOKE_HF if args.smoke else None)}
     for name, s in specs.items():
         with open(os.path.join(tmp, f"{name}.json"), "w") as f:
             json.dump(s, f)

@@ -3,11 +3,13 @@
     python bench/hf_train.py --spec=SPEC.json     # prints `RESULT <json>`
 
 SPEC (written by compare_hf.py, which prints this command) holds the HF config, the
-path of the batch (.npz: inputs, targets) and the step counts. One model and torch
-AdamW; per setting (float32, bfloat16 autocast): warm-up steps, then timed steps of
-forward, cross entropy, backward, clipping and the update. torch runs with its defaults
-(threads, OpenMP waiting): run it alone, by hand, to check what the bench reports.
-Never imports TensorFlow.
+path of the batch (.npz: inputs, targets), the step counts and the settings to run (all
+of `SETTINGS` if absent). One model and torch AdamW; per setting (float32, bfloat16
+autocast, each also with the model under `torch.compile`, inductor's defaults: its first
+warm-up step compiles): warm-up steps, then timed steps of forward, cross entropy,
+backward, clipping and the update. torch runs with its defaults (threads, OpenMP
+waiting): run it alone, by hand, to check what the bench reports. Never imports
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import reference_spec, report, time_calls  # noqa: E402
 
-SETTINGS = {"float32": False, "bf16 autocast": True}
+# name -> (bfloat16 autocast, torch.compile)
+SETTINGS = {"float32": (False, False), "bf16 autocast": (True, False),
+            "float32 + torch.compile": (False, True),
+            "bf16 autocast + torch.compile": (True, True)}
 
 
 def main(argv=None):
@@ -38,17 +43,20 @@ def main(argv=None):
     inputs = torch.from_numpy(batch["inputs"]).long()
     targets = torch.from_numpy(batch["targets"]).long()
 
-    def step(bf16: bool) -> None:
+    compiled = torch.compile(model)  # compiles at its first call (per autocast state)
+
+    def step(bf16: bool, compile_: bool) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=inputs).logits
+            logits = (compiled if compile_ else model)(input_ids=inputs).logits
         loss = F.cross_entropy(logits.float().reshape(-1, hf["vocab_size"]), targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = {name: time_calls(lambda: step(bf16), spec["steps"], spec["warmup"])
-               for name, bf16 in SETTINGS.items()}
+    names = spec.get("settings") or list(SETTINGS)
+    seconds = {name: time_calls(lambda: step(*SETTINGS[name]), spec["steps"], spec["warmup"])
+               for name in names}
     report({"seconds": seconds, "threads": torch.get_num_threads(),
             "version": f"torch {torch.__version__}, transformers {transformers.__version__}, "
                        f"{sum(p.numel() for p in model.parameters()):,} parameters"})

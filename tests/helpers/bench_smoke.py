@@ -36,6 +36,7 @@ RESULTS = {
              r"^TFLite int8 \(LiteRT-LM engine\) +[\d,]+", r"^targets: int8 decode"],
     "compare_hf": [r"^transformers: torch .*, 2 threads$|^transformers: torch .* threads$",
                    r"^transformers bf16 autocast +[\d,]+ +[\d,]+ +[\d,]+$",
+                   r"^transformers float32 \+ torch.compile +[\d,]+ +[\d,]+ +[\d,]+$",
                    r"^deepseek_tf float32 +[\d,]+",
                    r"^best medians: deepseek_tf [\d,]+ tokens/s \(.*\), transformers [\d,]+ "
                    r"tokens/s \(.*\): ratio [\d.]+x$", r"^the trainer's auto settings here: "],
