@@ -53,13 +53,13 @@ def test_every_tool_is_listed():
     assert tools == sorted(TOOLS)
 
 
-
 def test_the_library_prepare_module_points_to_the_command():
     """`python -m deepseek_tf.data.prepare` (the library behind `deepseek_tf.prepare`) says
     which command to run and fails, instead of exiting 0 having done nothing."""
     proc = _run(["-m", "deepseek_tf.data.prepare", "--data.inputs=x"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "`python -m deepseek_tf.prepare`" in proc.stderr and not proc.stdout
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
