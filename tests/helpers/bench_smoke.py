@@ -69,7 +69,9 @@ RESULTS = {
     "batch_decode": [r"^batch 2 +[\d,]+ +[\d,]+ +[\d,]+$",
                      r"^batch curve \(median / batch 1's\): 1: 1\.00x, 2: [\d.]+x$"],
     "decode": [r"^hf pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
-               r"^saved_model_xla pos 8 ", r"^keras: transformers / ours decode time "
+               r"^hf_compiled pos 32 +-?[\d,.]+ +-?[\d,.]+ +-?[\d,.]+$",
+               r"^transformers' faster decode: at 8: hf(_compiled)?, at 32: hf(_compiled)?$",
+               r"^saved_model_xla pos 8 ", r"^keras: transformers' best / ours decode time "
                r"\(ratio of medians\) at 8: -?[\d.]+x, at 32: -?[\d.]+x"],
 }
 # The benches whose smoke runs start TensorFlow or torch processes of their own.
