@@ -198,17 +198,24 @@ def run_as_side(args: argparse.Namespace, sides: dict) -> bool:
     return True
 
 
-def reference_spec(doc: str, argv=None) -> dict:
-    """The spec of a reference-side script (`--spec=FILE`, written by its bench)."""
+def reference_spec(doc: str, argv=None, settings=()) -> dict:
+    """The spec of a reference-side script (`--spec=FILE`, written by its bench); the
+    names in its "settings" must be among `settings` (the script's own)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--spec", required=True, help="written by the bench, which prints the path")
     path = p.parse_args(argv).spec
     try:
         with open(path) as f:
-            return json.load(f)
+            spec = json.load(f)
     except (OSError, ValueError) as e:  # one line and exit 2, as argparse's own errors
         p.error(f"cannot read the spec {path}: {e}. Run the bench with --keep to keep "
                 f"its spec files, then pass one of them.")
+    unknown = [s for s in spec.get("settings") or () if s not in settings]
+    if unknown:
+        p.error(f"the spec {path} names settings this script does not have: "
+                f"{', '.join(map(repr, unknown))}; it has {', '.join(map(repr, settings))} "
+                f"(or leave \"settings\" out to run them all)")
+    return spec
 
 
 def launch_small_run(num_workers: int, data_dir: str, workdir: str, args, steps: int,

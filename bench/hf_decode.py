@@ -51,7 +51,7 @@ def _generate(model, setting: str, max_length: int):
 
 
 def main(argv=None):
-    spec = reference_spec(__doc__, argv)
+    spec = reference_spec(__doc__, argv, SETTINGS)
 
     import torch
     import transformers

@@ -27,7 +27,7 @@ SETTINGS = {"float32": (False, False), "bf16 autocast": (True, False),
 
 
 def main(argv=None):
-    spec = reference_spec(__doc__, argv)
+    spec = reference_spec(__doc__, argv, SETTINGS)
 
     import numpy as np
     import torch

@@ -67,3 +67,11 @@ def test_a_reference_side_refuses_a_bad_spec_in_one_line(tmp_path, capsys):
     good = tmp_path / "good.json"
     good.write_text('{"steps": 2}')
     assert common.reference_spec("doc", [f"--spec={good}"]) == {"steps": 2}
+    edited = tmp_path / "edited.json"  # a setting the script does not have, by hand
+    edited.write_text('{"settings": ["float32", "fp8"]}')
+    with pytest.raises(SystemExit) as e:
+        common.reference_spec("doc", [f"--spec={edited}"], ("float32", "bf16 autocast"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "settings this script does not have: 'fp8'; it has 'float32'" in err, err
+    assert common.reference_spec("doc", [f"--spec={edited}"], ("fp8", "float32"))
