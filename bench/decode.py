@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (before TensorFlow)
 
 from deepseek_tf.config import ModelConfig  # noqa: E402
+from hf_decode import SETTINGS as HF_SIDES  # noqa: E402  (the smoke runs both)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {
@@ -49,7 +50,6 @@ MODELS = {
 OURS = ("keras", "keras_xla", "saved_model", "saved_model_xla")
 # `--smoke`: each of our decode paths once, XLA once; a one-layer tiny model.
 SMOKE_SIDES = ("keras", "saved_model_xla")
-HF_SIDES = ("hf", "hf_compiled")  # hf_decode.SETTINGS; the smoke runs both
 MODELS["smoke"] = MODELS["tiny"].replace(num_hidden_layers=1)
 
 

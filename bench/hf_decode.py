@@ -34,17 +34,19 @@ def _generate(model, setting: str, max_length: int):
     import torch
     from transformers import StaticCache
 
-    kwargs = {}
+    cache = (StaticCache(config=model.config, max_cache_len=max_length)
+             if setting == "hf_compiled" else None)
 
     def call(ids, n):
-        if kwargs:
-            kwargs["past_key_values"].reset()
+        kwargs = {}
+        if cache is not None:
+            cache.reset()
+            kwargs["past_key_values"] = cache
         with torch.no_grad():
             return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                   pad_token_id=0, use_cache=True, **kwargs)
 
-    if setting == "hf_compiled":
-        kwargs["past_key_values"] = StaticCache(config=model.config, max_cache_len=max_length)
+    if cache is not None:
         call(torch.zeros((1, 1), dtype=torch.long), 1)  # allocates the cache, eagerly: a
         model.forward = torch.compile(model.forward)  # graph of the empty cache is not reused
     return call
