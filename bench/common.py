@@ -210,6 +210,9 @@ def reference_spec(doc: str, argv=None, settings=()) -> dict:
     except (OSError, ValueError) as e:  # one line and exit 2, as argparse's own errors
         p.error(f"cannot read the spec {path}: {e}. Run the bench with --keep to keep "
                 f"its spec files, then pass one of them.")
+    if not isinstance(spec, dict):
+        p.error(f"the spec {path} is not a JSON object (a bench writes one; pass a file it "
+                f"kept with --keep).")
     unknown = [s for s in spec.get("settings") or () if s not in settings]
     if unknown:
         p.error(f"the spec {path} names settings this script does not have: "

@@ -75,3 +75,9 @@ def test_a_reference_side_refuses_a_bad_spec_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "settings this script does not have: 'fp8'; it has 'float32'" in err, err
     assert common.reference_spec("doc", [f"--spec={edited}"], ("fp8", "float32"))
+    listed = tmp_path / "list.json"  # valid JSON, but not a spec
+    listed.write_text("[1, 2]")
+    with pytest.raises(SystemExit) as e:
+        common.reference_spec("doc", [f"--spec={listed}"], ("float32",))
+    assert e.value.code == 2
+    assert "is not a JSON object" in capsys.readouterr().err.strip().splitlines()[-1]
