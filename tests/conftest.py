@@ -2,7 +2,9 @@
 
 import gc
 import os
+import shutil
 import sys
+import tempfile
 
 # TensorFlow's C++ log: errors too (level 2 still printed "failed call to cuInit" from
 # each pytest-xdist worker into `make test`'s output). Tests of what users see remove
@@ -17,6 +19,17 @@ os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# XLA's persistent compilation cache, on as in the commands (deepseek_tf/xla_cache.py),
+# in one fresh directory per test run that pytest-xdist's workers and every process a
+# test starts inherit: a run starts cold, as CI's does, and leaves nothing behind.
+_OWN_XLA_CACHE = None
+if "DEEPSEEK_TF_XLA_CACHE" not in os.environ:
+    _OWN_XLA_CACHE = os.environ["DEEPSEEK_TF_XLA_CACHE"] = tempfile.mkdtemp(
+        prefix="deepseek_tf_xla_")
+from deepseek_tf.xla_cache import enable_xla_cache  # noqa: E402
+
+enable_xla_cache()
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -48,6 +61,11 @@ HEAVY_FIRST = (
     "export/test_litertlm.py",
     "train/test_loop.py", "test_chat_flows.py", "export/test_chat.py", "train/test_cli.py",
     "test_entry_points.py", "train/test_precision.py")
+
+
+def pytest_unconfigure(config):
+    if _OWN_XLA_CACHE and not hasattr(config, "workerinput"):  # the run's first process
+        shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

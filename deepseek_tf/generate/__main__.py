@@ -28,6 +28,10 @@ from deepseek_tf.quiet import quiet_tensorflow  # noqa: E402
 
 quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
+from deepseek_tf.xla_cache import enable_xla_cache  # noqa: E402
+
+enable_xla_cache()  # XLA programs compiled once per machine (README, "Performance")
+
 from absl import flags  # noqa: E402
 
 from deepseek_tf import flags as dflags  # noqa: E402

@@ -20,6 +20,10 @@ from deepseek_tf.quiet import quiet_tensorflow
 
 quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
+from deepseek_tf.xla_cache import enable_xla_cache  # noqa: E402
+
+enable_xla_cache()  # XLA programs compiled once per machine (README, "Performance")
+
 from absl import flags  # noqa: E402
 
 from deepseek_tf import exit_codes  # noqa: E402
