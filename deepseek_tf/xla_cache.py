@@ -37,15 +37,29 @@ MAX_BYTES = 2 << 30
 _STALE_TMP_SECONDS = 3600
 
 
-def machine_key(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """`tf<version>-<12 hex digits>`: TensorFlow's version and a hash of the CPU model, its
-    flags and `XLA_FLAGS` (without importing TensorFlow)."""
+#: The distributions TensorFlow is installed as (the first one found gives the version).
+_TF_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tf-nightly")
+
+
+def tensorflow_version() -> str | None:
+    """The installed TensorFlow's version, read without importing it (None if unknown)."""
     from importlib import metadata
 
-    try:
-        version = metadata.version("tensorflow")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
+    for name in _TF_DISTRIBUTIONS:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def machine_key(cpuinfo: str = "/proc/cpuinfo", xla_flags: str = "") -> str | None:
+    """`tf<version>-<12 hex digits>`: TensorFlow's version and a hash of the CPU model, its
+    flags and `xla_flags` (XLA's own options); None when TensorFlow's version is unknown
+    (a program another version compiled must not be loaded)."""
+    version = tensorflow_version()
+    if version is None:
+        return None
     cpu = [platform.machine(), platform.processor()]
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
@@ -54,19 +68,23 @@ def machine_key(cpuinfo: str = "/proc/cpuinfo") -> str:
                                                                 "Features", "CPU part")]
     except OSError:
         pass
-    cpu.append(os.environ.get("XLA_FLAGS", ""))
+    cpu.append(xla_flags)
     return f"tf{version}-" + hashlib.sha256("\n".join(cpu).encode()).hexdigest()[:12]
 
 
 def cache_dir(env=None) -> str | None:
-    """The directory this machine's entries go to, or None when disabled."""
+    """The directory this machine's entries go to, or None when disabled (or TensorFlow's
+    version is unknown)."""
     env = os.environ if env is None else env
     value = env.get(ENV, "").strip()
     if value.lower() in OFF:
         return None
+    key = machine_key(xla_flags=env.get("XLA_FLAGS", ""))
+    if key is None:
+        return None
     base = value or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                                  "deepseek_tf", "xla")
-    return os.path.join(os.path.abspath(base), machine_key())
+    return os.path.join(os.path.abspath(base), key)
 
 
 def framing_ok(path: str) -> bool:

@@ -26,6 +26,9 @@ def test_the_directory_is_per_tensorflow_version_and_cpu(tmp_path):
     other = tmp_path / "cpuinfo"
     other.write_text("model name\t: Some CPU\nflags\t\t: fpu sse2 avx2\n")
     assert xla_cache.machine_key(str(other)) != xla_cache.machine_key(str(tmp_path / "none"))
+    assert xla_cache.machine_key(xla_flags="--xla_cpu_use_thunk_runtime=false") != key
+    assert xla_cache.cache_dir({"DEEPSEEK_TF_XLA_CACHE": str(tmp_path),
+                                "XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false"}) != str(tmp_path / key)
 
 
 def test_enable_sets_tf_xla_flags_unless_off_or_set_by_the_user(tmp_path):
@@ -37,6 +40,13 @@ def test_enable_sets_tf_xla_flags_unless_off_or_set_by_the_user(tmp_path):
     assert xla_cache.enable_xla_cache(own) is None and own["TF_XLA_FLAGS"].endswith("/elsewhere")
     off = {"DEEPSEEK_TF_XLA_CACHE": "off"}
     assert xla_cache.enable_xla_cache(off) is None and "TF_XLA_FLAGS" not in off
+
+
+def test_an_unknown_tensorflow_version_turns_the_cache_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(xla_cache, "_TF_DISTRIBUTIONS", ("no-such-distribution",))
+    env = {"DEEPSEEK_TF_XLA_CACHE": str(tmp_path)}
+    assert xla_cache.cache_dir(env) is None and xla_cache.enable_xla_cache(env) is None
+    assert "TF_XLA_FLAGS" not in env and not os.listdir(tmp_path)
 
 
 def _message(fields) -> bytes:
