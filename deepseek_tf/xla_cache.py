@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
+import tempfile
 import time
 
 ENV = "DEEPSEEK_TF_XLA_CACHE"
@@ -160,19 +162,26 @@ def tidy(directory: str, max_bytes: int = MAX_BYTES, now: float | None = None) -
 def enable_xla_cache(env=None) -> str | None:
     """Points TensorFlow's XLA persistent cache at this machine's directory (see the
     module docstring); call before TensorFlow's first XLA compile. Returns the directory,
-    or None when disabled, set by the user already, or not writable (then runs compile
-    as before)."""
+    or None when disabled, set by the user already, or unusable (then runs compile as
+    before; a `DEEPSEEK_TF_XLA_CACHE` directory that cannot be used is named in one
+    warning line on stderr)."""
     env = os.environ if env is None else env
     flags = env.get("TF_XLA_FLAGS", "")
     if FLAG in flags:
         return None
     directory = cache_dir(env)
-    if directory is None or any(c.isspace() for c in directory):
-        return None  # TF_XLA_FLAGS is split at whitespace
+    if directory is None:
+        return None
     try:
+        if any(c.isspace() for c in directory):
+            raise OSError("a path with whitespace cannot go into TF_XLA_FLAGS")
         os.makedirs(directory, exist_ok=True)
+        os.remove(tempfile.mkstemp(dir=directory, suffix=".tmp")[1])  # writable?
         tidy(directory)
-    except OSError:
+    except OSError as err:
+        if env.get(ENV, "").strip():
+            print(f"warning: {ENV}: cannot use {directory} ({err}); compiling without the "
+                  f"XLA cache (give a writable directory, or {ENV}=off)", file=sys.stderr)
         return None
     env["TF_XLA_FLAGS"] = f"{flags} {FLAG}={directory}".strip()
     return directory

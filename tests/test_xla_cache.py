@@ -49,6 +49,17 @@ def test_an_unknown_tensorflow_version_turns_the_cache_off(tmp_path, monkeypatch
     assert "TF_XLA_FLAGS" not in env and not os.listdir(tmp_path)
 
 
+def test_an_unusable_directory_is_named_in_one_warning_and_the_run_goes_on(tmp_path,
+                                                                           capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {"DEEPSEEK_TF_XLA_CACHE": str(blocker / "xla")}
+    assert xla_cache.enable_xla_cache(env) is None and "TF_XLA_FLAGS" not in env
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: DEEPSEEK_TF_XLA_CACHE: cannot use ")
+    assert str(blocker) in err and "DEEPSEEK_TF_XLA_CACHE=off" in err
+
+
 def _message(fields) -> bytes:
     """A protobuf message of length-delimited fields {number: bytes}."""
     out = b""
