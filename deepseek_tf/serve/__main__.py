@@ -23,7 +23,7 @@ quiet_tensorflow()  # TF start-up and grappler/XLA log noise off (README)
 
 from deepseek_tf.xla_cache import enable_xla_cache  # noqa: E402
 
-enable_xla_cache()  # XLA programs compiled once per machine (README, "Performance")
+enable_xla_cache()  # XLA programs compiled once per machine (README, "Generating text")
 
 from absl import flags  # noqa: E402
 
