@@ -5,7 +5,8 @@ Whether XLA makes a step faster depends on the machine and the model, so `auto` 
 it: `median_times` runs each candidate (already built) a few times to trace and compile,
 then times them in alternating rounds; `choose_xla` keeps the faster. The train step
 (`train/autotune.py`) and the decode loop (`generate/run.py`) both decide this way.
-A leaf module: it imports nothing from the package.
+`cpu_flags` reads the machine's CPU feature flags (for `precision=auto` and the XLA
+cache's directory). A leaf module: it imports nothing from the package.
 
 Example:
     >>> jit_value(True), jit_value("AUTO")
@@ -33,6 +34,18 @@ def jit_value(value) -> str:
     if text not in JIT_CHOICES:
         raise ValueError(f"jit_compile={value!r}: choose one of {', '.join(JIT_CHOICES)}.")
     return text
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags of this machine (empty where /proc/cpuinfo is absent)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def median_times(fns: dict[str, Callable[[], object]], rounds: int = 3,

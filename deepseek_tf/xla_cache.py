@@ -1,4 +1,5 @@
-"""XLA's persistent compilation cache for the command-line entry points (a leaf module).
+"""XLA's persistent compilation cache for the command-line entry points (imports only the
+leaf `deepseek_tf.autojit`).
 
 TensorFlow can save every XLA program it compiles (`TF_XLA_FLAGS=
 --tf_xla_persistent_cache_directory=DIR`) and load it in a later process instead of
@@ -7,7 +8,7 @@ stored program is equal. `enable_xla_cache()` turns that on, before TensorFlow's
 XLA compile, in a directory per TensorFlow version and CPU (XLA compiles for the
 machine's instruction set, and the cache key does not say which):
 `$DEEPSEEK_TF_XLA_CACHE` or `~/.cache/deepseek_tf/xla` (`$XDG_CACHE_HOME` if set),
-then `tf<version>-<hash of the CPU model and flags and XLA_FLAGS>`. A second run of the
+then `tf<version>-<hash of the CPU's feature flags and XLA_FLAGS>`. A second run of the
 same model and shapes on the same machine so skips `--jit_compile=auto`'s XLA compile,
 an XLA train step's and the XLA decode loop's (V4-tiny's train start: ~20 s less).
 
@@ -30,6 +31,8 @@ import platform
 import sys
 import tempfile
 import time
+
+from deepseek_tf.autojit import cpu_flags
 
 ENV = "DEEPSEEK_TF_XLA_CACHE"
 FLAG = "--tf_xla_persistent_cache_directory"
@@ -56,21 +59,14 @@ def tensorflow_version() -> str | None:
 
 
 def machine_key(cpuinfo: str = "/proc/cpuinfo", xla_flags: str = "") -> str | None:
-    """`tf<version>-<12 hex digits>`: TensorFlow's version and a hash of the CPU model, its
-    flags and `xla_flags` (XLA's own options); None when TensorFlow's version is unknown
-    (a program another version compiled must not be loaded)."""
+    """`tf<version>-<12 hex digits>`: TensorFlow's version and a hash of the CPU
+    architecture, its feature flags (the instruction sets XLA compiles for) and
+    `xla_flags` (XLA's own options); None when TensorFlow's version is unknown (a
+    program another version compiled must not be loaded)."""
     version = tensorflow_version()
     if version is None:
         return None
-    cpu = [platform.machine(), platform.processor()]
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            lines = f.read().split("\n\n")[0].splitlines()
-        cpu += [l for l in lines if l.split(":")[0].strip() in ("model name", "flags",
-                                                                "Features", "CPU part")]
-    except OSError:
-        pass
-    cpu.append(xla_flags)
+    cpu = [platform.machine(), " ".join(sorted(cpu_flags(cpuinfo))), xla_flags]
     return f"tf{version}-" + hashlib.sha256("\n".join(cpu).encode()).hexdigest()[:12]
 
 

@@ -34,22 +34,10 @@ from typing import Callable
 
 import numpy as np
 
-from deepseek_tf.autojit import choose_xla, median_times
+from deepseek_tf.autojit import choose_xla, cpu_flags, median_times  # noqa: F401
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU feature flags of this machine (empty where /proc/cpuinfo is absent)."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def gpu_compute_capabilities() -> list[tuple[int, int]]:
